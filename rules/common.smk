@@ -1,0 +1,69 @@
+# Everything that is not a rule: config validation, names, input functions.
+import json
+import re
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from attnlab.workflow import model_key, module_sources, pct, sparsity
+
+
+def validate_config(cfg):
+    """Validate against the schema (filling defaults); a bad value stops with one line."""
+    try:
+        validate(cfg, schema="../schemas/config.schema.yaml")
+    except WorkflowError as e:
+        cause = e.__cause__ or e.__context__ or e
+        where = ".".join(str(p) for p in getattr(cause, "absolute_path", [])) or "config"
+        msg = getattr(cause, "message", str(e).splitlines()[-1])
+        sys.exit(f"attnlab: config error at {where}: {msg}")
+
+
+validate_config(config)
+
+MODELS = {model_key(m): m for m in config["models"]}
+NIAH = config["niah"]
+
+
+wildcard_constraints:
+    model="|".join(map(re.escape, MODELS)) if MODELS else "[^/]+",
+    policy="[a-z0-9_]+",
+    pct=r"\d+(\.\d+)?",
+
+
+def model_name(wildcards):
+    return MODELS[wildcards.model]
+
+
+def niah_runs():
+    """(policy, pct) of every scoring job: full once, then each policy at each sparsity."""
+    runs = [("full", "0")]
+    runs += [(p, pct(s)) for p in NIAH["policies"] for s in NIAH["sparsities"]]
+    return runs
+
+
+def niah_score_files(wildcards=None):
+    return [
+        f"results/niah/{m}/{p}_{q}.parquet" for m in MODELS for p, q in niah_runs()
+    ]
+
+
+def niah_sources(wildcards):
+    """Package modules a scoring job runs: editing one re-runs just the jobs that use it."""
+    return module_sources(
+        "niah", "sparse", "models", f"policies.{wildcards.policy}", root=workflow.basedir
+    )
+
+
+def policy_params(wildcards):
+    return json.dumps(config["policies"].get(wildcards.policy, {}), sort_keys=True)
+
+
+def target_sparsity(wildcards):
+    return sparsity(wildcards.pct)
+
+
+def all_targets():
+    figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
+    return figs + ["figs/niah_summary.png"]

@@ -1,0 +1,161 @@
+"""Command line: every pipeline stage as ``attnlab <stage> ...``, so rules stay thin.
+
+Bad input ends with one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from attnlab.errors import UserError
+
+
+def _model_info(a) -> None:
+    from attnlab import models
+
+    _, _, info = models.load(a.model)
+    _write_json(asdict(info), a.out)
+
+
+def _write_json(obj, out: str) -> None:
+    from pathlib import Path
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _niah_prompts(a) -> None:
+    from transformers import AutoTokenizer
+
+    from attnlab import models, niah, tables
+
+    info = json.loads(open(a.model_info).read())
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(a.model))
+    prompts = niah.make_prompts(tokenizer, a.lengths, a.depths, a.samples, a.seed,
+                                info["max_positions"])
+    rows = [dict(p.__dict__, model=a.model, haystack=a.haystack) for p in prompts]
+    tables.write(rows, a.out, meta={"model": a.model, "seed": a.seed, "haystack": a.haystack})
+
+
+def _niah_score(a) -> None:
+    import torch
+
+    from attnlab import models, niah, policies, sparse, tables
+
+    torch.set_num_threads(a.threads)
+    policy = policies.make(a.policy, **json.loads(a.policy_params))
+    prompts = [niah.Prompt(**{k: r[k] for k in niah.Prompt.__dataclass_fields__})
+               for r in tables.read(a.prompts).iter_rows(named=True)]
+    pmeta = tables.meta(a.prompts)
+    model, tokenizer, _ = models.load(a.model)
+    sparse.install(model)
+    sparsity = 0.0 if a.policy == "full" else a.sparsity
+    rows = niah.score_niah(model, tokenizer, prompts, policy, sparsity, a.max_new_tokens,
+                           a.seed, desc=f"{a.model} {a.policy} {sparsity:g}")
+    params = json.dumps(policy.params(), sort_keys=True)
+    for r in rows:
+        r.update(model=a.model, policy=a.policy, target_sparsity=sparsity,
+                 feasible=r["achieved_sparsity"] >= sparsity - a.tolerance,
+                 policy_params=params, haystack=pmeta.get("haystack"))
+    tables.write(rows, a.out, meta={**pmeta, "policy": a.policy, "params": policy.params(),
+                                    "target_sparsity": sparsity, "tolerance": a.tolerance})
+
+
+def _niah_table(a) -> None:
+    import polars as pl
+
+    from attnlab import tables
+
+    df = pl.concat([tables.read(p) for p in a.inputs], how="diagonal_relaxed")
+    tables.write(df.to_arrow(), a.out, meta=tables.meta(a.inputs[0]) | {"inputs": a.inputs})
+
+
+def _plot(a) -> None:
+    from attnlab.plots import niah as niah_plots
+
+    if a.figure == "niah-heatmap":
+        niah_plots.plot_heatmap(a.table, a.sparsity, a.out)
+    else:
+        niah_plots.plot_summary(a.table, a.out)
+
+
+def _bench(a, rest: list[str]) -> None:
+    from attnlab import bench
+
+    bench.main([a.what, *rest])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("model-info", help="load a model once (builds the cache), write its geometry")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_model_info)
+
+    s = sub.add_parser("niah-prompts", help="passkey prompts for one model's tokenizer")
+    s.add_argument("--model", required=True)
+    s.add_argument("--model-info", required=True)
+    s.add_argument("--lengths", type=int, nargs="+", required=True)
+    s.add_argument("--depths", type=float, nargs="+", required=True)
+    s.add_argument("--samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--haystack", default="noise", choices=["noise"])
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_niah_prompts)
+
+    s = sub.add_parser("niah-score", help="score prompts under one policy and sparsity")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompts", required=True)
+    s.add_argument("--policy", required=True)
+    s.add_argument("--policy-params", default="{}")
+    s.add_argument("--sparsity", type=float, default=0.0)
+    s.add_argument("--tolerance", type=float, default=0.005)
+    s.add_argument("--max-new-tokens", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_niah_score)
+
+    s = sub.add_parser("niah-table", help="concatenate NIAH score tables")
+    s.add_argument("--out", required=True)
+    s.add_argument("inputs", nargs="+")
+    s.set_defaults(func=_niah_table)
+
+    s = sub.add_parser("plot", help="render a figure from a table")
+    s.add_argument("figure", choices=["niah-heatmap", "niah-summary"])
+    s.add_argument("--table", required=True)
+    s.add_argument("--sparsity", type=float, default=0.99)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_plot)
+
+    s = sub.add_parser("bench", help="benchmarks (python -m attnlab.bench ...)")
+    s.add_argument("what", choices=["kernels"])
+    s.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = parser().parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "bench":
+            args.func(args, rest)
+        else:
+            args.func(args)
+    except UserError as e:
+        print(f"attnlab: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Sparse-attention policies: one module each, one registry line each."""
+
+from __future__ import annotations
+
+from attnlab.errors import UserError
+from attnlab.policies.base import Policy, ScoreContext, keep_mask
+from attnlab.policies.cab import CAB
+from attnlab.policies.coarse_magnitude import CoarseMagnitude
+from attnlab.policies.full import Full
+from attnlab.policies.h2o import H2O
+from attnlab.policies.random_block import RandomBlock
+from attnlab.policies.streamingllm import StreamingLLM
+from attnlab.policies.topk import TopK
+
+REGISTRY: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (Full, TopK, H2O, StreamingLLM, CAB, CoarseMagnitude, RandomBlock)
+}
+
+
+def make(name: str, **params) -> Policy:
+    """Build a policy by registry name with the given hyper-parameters."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown policy {name!r}; known: {', '.join(REGISTRY)}")
+    try:
+        return REGISTRY[name](**params)
+    except TypeError as e:
+        raise UserError(f"policy {name!r}: {e}") from e
+
+
+__all__ = ["REGISTRY", "Policy", "ScoreContext", "keep_mask", "make"]

@@ -1,0 +1,186 @@
+"""What every sparse-attention policy shares: the scoring context, selection, accounting.
+
+A policy only ranks keys. Token-level policies return a score per (query row, key);
+block-level policies a score per (query row, key block). Must-keep entries score +inf.
+This module turns scores into a keep-mask under the per-row budget, so no policy
+re-implements selection: a row that sees t keys keeps at most ``budget(t)`` of them,
+``budget(t) = max(1, round((1 - s) t))``, plus whatever its policy marks must-keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+
+INF = float("inf")
+
+
+def row_budget(n_visible: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keys a row may keep: max(1, round((1 - sparsity) * n_visible)); n_visible (..., Tq)."""
+    return torch.clamp(torch.round((1.0 - sparsity) * n_visible.float()), min=1).long()
+
+
+@dataclass
+class LayerHistory:
+    """What one layer remembers between calls (prefill, then each decode step)."""
+
+    q: torch.Tensor | None = None  # (B, H, Tp, D) earlier query rows
+    received: torch.Tensor | None = None  # (B, H, Tp) attention each key received so far
+
+
+@dataclass
+class ScoreContext:
+    """Everything a policy may use to score keys for a batch of query rows.
+
+    q: (B, H, Tq, D) query rows after RoPE; k: (B, H, Tk, D) keys expanded to the query
+    heads; visible: (B, 1 or H, Tq, Tk) bool, what the model's own mask lets each row see
+    (causality, sliding windows); q_pos: (Tq,) absolute positions; budget: (B, 1 or H, Tq)
+    keys each row may keep; scaling: the model's softmax scale; layer: layer index.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    visible: torch.Tensor
+    q_pos: torch.Tensor
+    budget: torch.Tensor
+    scaling: float
+    layer: int
+    seed: int = 0
+    history: LayerHistory = field(default_factory=LayerHistory)
+
+    @cached_property
+    def scores(self) -> torch.Tensor:
+        """Scaled dot products, -inf where not visible: (B, H, Tq, Tk) float32."""
+        s = torch.einsum("bhqd,bhkd->bhqk", self.q.float(), self.k.float()) * self.scaling
+        return torch.where(self.visible, s, -INF)
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """Full-attention weights of the rows: (B, H, Tq, Tk)."""
+        return torch.softmax(self.scores, dim=-1)
+
+    @cached_property
+    def received(self) -> torch.Tensor:
+        """Attention each key has received from every query up to each row, inclusive.
+
+        (B, H, Tq, Tk): the history's running total plus a cumulative sum over the rows.
+        """
+        probs = self.probs
+        acc = torch.empty_like(probs)
+        total = torch.zeros(probs.shape[:-2] + probs.shape[-1:], device=probs.device)
+        prev = self.history.received
+        if prev is not None:
+            total[..., : prev.shape[-1]] = prev
+        for i in range(0, probs.shape[-2], 64):  # row chunks: a strided cumsum is slow on CPU
+            chunk = probs[..., i : i + 64, :].cumsum(dim=-2) + total.unsqueeze(-2)
+            acc[..., i : i + 64, :] = chunk
+            total = chunk[..., -1, :]
+        return acc
+
+    @cached_property
+    def q_all(self) -> torch.Tensor:
+        """Every query row so far, earlier ones first: (B, H, Tp + Tq, D)."""
+        prev = self.history.q
+        return self.q if prev is None else torch.cat([prev, self.q], dim=-2)
+
+    @property
+    def key_pos(self) -> torch.Tensor:
+        return torch.arange(self.k.shape[-2], device=self.k.device)
+
+
+@dataclass
+class Policy:
+    """Base of all policies. Subclasses set ``name``, ``level`` and implement ``score``."""
+
+    name: ClassVar[str] = "base"
+    level: ClassVar[str] = "token"  # "token" or "block"
+    needs_received: ClassVar[bool] = False  # keep a running total of received attention
+    needs_query_history: ClassVar[bool] = False  # keep earlier query rows
+    block_size: int = 64
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor | None:
+        """(B, H, Tq, Tk) token scores, (B, H, Tq, Mk) block scores, or None to keep all."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        """Hyper-parameters as plain values, for result tables."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def select_tokens(score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Keep, per row, the ``budget`` best visible keys and every +inf key.
+
+    score: (B, H, Tq, Tk); visible: broadcastable bool; budget: (B, 1 or H, Tq) long.
+    Returns a (B, H, Tq, Tk) bool keep-mask.
+    """
+    s = torch.where(visible, score.float(), -INF)
+    n_inf = int((s == INF).sum(-1).max())
+    kk = min(max(int(budget.max()), n_inf), s.shape[-1])
+    top_val, top_idx = s.topk(kk, dim=-1)  # (B, H, Tq, kk)
+    rank = torch.arange(kk, device=s.device)
+    keep_top = (rank < budget.unsqueeze(-1)) | (top_val == INF)
+    keep_top &= top_val > -INF
+    mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    return mask.scatter_(-1, top_idx, keep_top)
+
+
+def select_blocks(
+    score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Keep, per row, key blocks in score order while their visible keys fit the budget.
+
+    score: (B, H, Tq, Mk) with +inf for must-keep blocks; visible: (B, 1 or H, Tq, Tk)
+    bool; budget: (B, 1 or H, Tq). The best visible block is always kept, so no row is
+    left empty; must-keep blocks are kept whatever the budget. Returns a (B, H, Tq, Tk)
+    bool keep-mask at token resolution, inside ``visible``.
+    """
+    b, h, tq, mk = score.shape
+    tk = visible.shape[-1]
+    pad = mk * block_size - tk
+    vis = torch.nn.functional.pad(visible, (0, pad)) if pad else visible
+    count = vis.view(*vis.shape[:-1], mk, block_size).sum(-1)  # (B, 1|H, Tq, Mk)
+    s = score.float().masked_fill(count == 0, -INF)
+    order = s.argsort(dim=-1, descending=True, stable=True)  # (B, H, Tq, Mk)
+    s_sorted = s.gather(-1, order)
+    c_sorted = count.expand(b, h, tq, mk).gather(-1, order)
+    fits = c_sorted.cumsum(-1) <= budget.unsqueeze(-1)
+    first = torch.zeros_like(fits)
+    first[..., 0] = True
+    keep_sorted = (fits | first | (s_sorted == INF)) & (s_sorted > -INF)
+    keep_blocks = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    keep = keep_blocks.repeat_interleave(block_size, dim=-1)[..., :tk]
+    return keep & visible
+
+
+def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
+    """The policy's keep-mask for the context's rows: (B, H, Tq, Tk) bool."""
+    score = policy.score(ctx)
+    if score is None:
+        return ctx.visible.expand(*ctx.q.shape[:2], *ctx.visible.shape[-2:])
+    if policy.level == "block":
+        return select_blocks(score, ctx.visible, ctx.budget, policy.block_size)
+    return select_tokens(score, ctx.visible, ctx.budget)
+
+
+def rows_blocks(q_pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Query block of each row: (Tq,) long."""
+    return torch.div(q_pos, block_size, rounding_mode="floor")
+
+
+def must_keep_blocks(score: torch.Tensor, q_pos: torch.Tensor, policy: Policy) -> torch.Tensor:
+    """Set +inf on the query's own block and block 0 where the policy asks for them.
+
+    score: (B, H, Tq, Mk) block scores of the rows at positions q_pos.
+    """
+    mk = score.shape[-1]
+    own = rows_blocks(q_pos, policy.block_size).unsqueeze(-1)  # (Tq, 1)
+    blocks = torch.arange(mk, device=score.device)
+    must = torch.zeros(own.shape[0], mk, dtype=torch.bool, device=score.device)
+    if policy.keep_diagonal:
+        must |= blocks == own
+    if policy.sink_block:
+        must |= blocks == 0
+    return score.masked_fill(must, INF)

@@ -1,0 +1,17 @@
+"""Full attention: the reference every sparse policy is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attnlab.policies.base import Policy, ScoreContext
+
+
+@dataclass
+class Full(Policy):
+    """Keeps every key the model itself lets a query see (sparsity 0)."""
+
+    name = "full"
+
+    def score(self, ctx: ScoreContext) -> None:
+        return None

@@ -1,0 +1,27 @@
+"""H2O: heavy hitters plus a recent window (Zhang et al., 2023, arXiv:2306.14048)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.policies.base import INF, Policy, ScoreContext
+
+
+@dataclass
+class H2O(Policy):
+    """Heavy-Hitter Oracle: keeps the keys that have received the most attention so far,
+    plus the most recent keys. The accumulated attention is that of full attention over
+    all queries up to the current one (the masked-simulation form of the paper's cache).
+    """
+
+    name = "h2o"
+    needs_received = True
+    recent_ratio: float = 0.5
+    """Share of each row's budget given to the most recent keys."""
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        recent = torch.ceil(self.recent_ratio * ctx.budget.float()).unsqueeze(-1)  # (B,1|H,Tq,1)
+        age = ctx.q_pos.unsqueeze(-1) - ctx.key_pos  # (Tq, Tk)
+        return torch.where((age >= 0) & (age < recent), INF, ctx.received)  # (B, H, Tq, Tk)

@@ -1,0 +1,23 @@
+"""Per-query top-k oracle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.policies.base import Policy, ScoreContext
+
+
+@dataclass
+class TopK(Policy):
+    """Oracle that keeps, for each query, the keys with the largest attention scores.
+
+    It needs the full score row, so it is an upper bound on what a score-based policy
+    can keep, not a practical method (the research plan calls it H2O).
+    """
+
+    name = "topk"
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return ctx.scores  # (B, H, Tq, Tk)

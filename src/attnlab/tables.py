@@ -1,0 +1,51 @@
+"""Parquet tables: written atomically with pyarrow (zstd), read with polars."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from attnlab.errors import UserError
+
+META_KEY = b"attnlab"
+
+
+def write(rows: list[dict] | pa.Table, path: str | Path, meta: dict | None = None) -> None:
+    """Write rows to ``path`` as Parquet; ``meta`` (JSON-able) goes into the file metadata.
+
+    The file appears under its name only when complete: a killed job leaves a ``.tmp``
+    file that no rule takes as an output.
+    """
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    if meta is not None:
+        md = dict(table.schema.metadata or {})
+        md[META_KEY] = json.dumps(meta, sort_keys=True).encode()
+        table = table.replace_schema_metadata(md)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a table; a missing, truncated or foreign file raises a one-line UserError."""
+    try:
+        df = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise UserError(f"cannot read table {path}: {str(e).splitlines()[0]}") from e
+    missing = [c for c in columns or [] if c not in df.columns]
+    if missing:
+        raise UserError(f"table {path} lacks columns {missing}: written by an older version?")
+    return df
+
+
+def meta(path: str | Path) -> dict:
+    """The metadata that :func:`write` stored with a table."""
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md[META_KEY]) if META_KEY in md else {}

@@ -1,0 +1,147 @@
+"""Selection under a budget and each policy's choice, on hand-made cases with known answers."""
+
+import pytest
+import torch
+
+from attnlab import policies
+from attnlab.kernels.reference import coarsen_max_l2, coarse_adjacency, forman_ricci
+from attnlab.policies.base import (
+    INF,
+    LayerHistory,
+    ScoreContext,
+    keep_mask,
+    row_budget,
+    select_blocks,
+    select_tokens,
+)
+
+
+def causal(tq, tk):
+    q_pos = torch.arange(tk - tq, tk).unsqueeze(-1)
+    return (torch.arange(tk) <= q_pos)[None, None]  # (1, 1, Tq, Tk)
+
+
+def context(q, k, sparsity, history=None, seed=0):
+    tq, tk = q.shape[-2], k.shape[-2]
+    vis = causal(tq, tk)
+    return ScoreContext(q=q, k=k, visible=vis, q_pos=torch.arange(tk - tq, tk),
+                        budget=row_budget(vis.sum(-1), sparsity), scaling=q.shape[-1] ** -0.5,
+                        layer=0, seed=seed, history=history or LayerHistory())
+
+
+def test_row_budget_rounds_and_keeps_at_least_one():
+    assert row_budget(torch.tensor([1, 10, 100, 1000]), 0.9).tolist() == [1, 1, 10, 100]
+    assert row_budget(torch.tensor([1000]), 0.99).tolist() == [10]
+
+
+def test_select_tokens_keeps_best_within_budget_and_every_inf():
+    score = torch.tensor([[[[5.0, 1.0, 4.0, 3.0, 2.0], [INF, 1.0, INF, INF, 9.0]]]])
+    vis = torch.ones(1, 1, 2, 5, dtype=torch.bool)
+    vis[..., 4] = False  # the best score of row 1 is not visible
+    keep = select_tokens(score, vis, torch.tensor([[[2, 1]]]))
+    assert keep[0, 0, 0].tolist() == [True, False, True, False, False]
+    assert keep[0, 0, 1].tolist() == [True, False, True, True, False]  # 3 must-keeps > budget 1
+
+
+def test_select_blocks_fills_budget_in_score_order():
+    # One row at position 11 sees 12 keys in blocks of 4: [0-3], [4-7], [8-11].
+    vis = causal(1, 12)
+    score = torch.tensor([[[[0.0, 2.0, 1.0]]]])
+    keep = select_blocks(score, vis, torch.tensor([[[8]]]), block_size=4)
+    assert keep[0, 0, 0].tolist() == [False] * 4 + [True] * 8
+    keep = select_blocks(score, vis, torch.tensor([[[3]]]), block_size=4)  # nothing fits
+    assert keep[0, 0, 0].tolist() == [False] * 4 + [True] * 4 + [False] * 4  # best block only
+    must = torch.tensor([[[[INF, 2.0, 1.0]]]])
+    keep = select_blocks(must, vis, torch.tensor([[[4]]]), block_size=4)
+    assert keep[0, 0, 0].tolist() == [True] * 4 + [False] * 8
+
+
+def test_streamingllm_keeps_sinks_and_recent_window():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8)
+    keep = keep_mask(policies.make("streamingllm", n_sink=4), context(q, k, 0.9))
+    row = keep[0, 1, 99]  # sees 100 keys, budget 10: 4 sinks + the 6 most recent
+    assert row.nonzero().flatten().tolist() == [0, 1, 2, 3, 94, 95, 96, 97, 98, 99]
+
+
+def test_topk_keeps_largest_scores():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16)
+    ctx = context(q, k, 0.75)
+    keep = keep_mask(policies.make("topk"), ctx)
+    row = ctx.scores[0, 0, 63]
+    assert set(keep[0, 0, 63].nonzero().flatten().tolist()) == set(row.topk(16).indices.tolist())
+
+
+def test_h2o_keeps_heavy_hitter_and_recent_keys():
+    # Key 5 aligns with every query: it accumulates the most attention.
+    q = torch.ones(1, 1, 40, 4)
+    k = torch.zeros(1, 1, 40, 4)
+    k[0, 0, 5] = 3.0
+    keep = keep_mask(policies.make("h2o", recent_ratio=0.5), context(q, k, 0.9))
+    row = keep[0, 0, 39]  # budget 4: 2 recent + 2 heaviest
+    assert row[5] and row[38] and row[39]
+    assert int(row.sum()) == 4
+
+
+def test_h2o_decode_history_matches_prefill():
+    torch.manual_seed(2)
+    q, k = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    full = keep_mask(policies.make("h2o"), context(q, k, 0.8))
+    ctx = context(q[..., :29, :], k[..., :29, :], 0.8)
+    ctx.received  # noqa: B018 - computed as the runner does after a prefill
+    history = LayerHistory(received=ctx.received[..., -1, :])
+    step = keep_mask(policies.make("h2o"), context(q[..., 29:, :], k, 0.8, history))
+    assert torch.equal(step[..., 0, :], full[..., 29, :])
+
+
+def test_forman_ricci_matches_definition_loops():
+    torch.manual_seed(3)
+    a = torch.rand(1, 1, 5, 5).tril()
+    f = forman_ricci(a, "directed")[0, 0]
+    m = a[0, 0]
+    for i in range(5):
+        for j in range(5):
+            tri = sum(m[i, x] * m[x, j] for x in range(5))
+            want = 4 * m[i, j] - m[i, :].sum() - m[:, j].sum() + 3 * tri
+            assert f[i, j].item() == pytest.approx(want.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name,lam", [("cab", 1.0), ("coarse_magnitude", 0.0)])
+def test_cab_ranks_blocks_by_curvature_or_magnitude(name, lam):
+    torch.manual_seed(4)
+    bs, n = 4, 32
+    q, k = torch.randn(1, 1, n, 8), torch.randn(1, 1, n, 8)
+    policy = policies.make(name, block_size=bs, keep_diagonal=False, sink_block=False)
+    ctx = context(q, k, 0.75)
+    score = policy.score(ctx)  # (1, 1, N, M)
+    a = coarse_adjacency(coarsen_max_l2(q, bs), coarsen_max_l2(k, bs), ctx.scaling)
+    signal = -forman_ricci(a)[0, 0, 7] if lam == 1.0 else a[0, 0, 7]  # last query block
+    assert torch.equal(score[0, 0, -1].argsort(descending=True), signal.argsort(descending=True))
+
+
+def test_cab_keeps_must_keep_blocks():
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    keep = keep_mask(policies.make("cab", block_size=8), context(q, k, 0.99))
+    assert keep[..., 63, 0:8].all() and keep[..., 63, 56:64].all()
+    assert int(keep[0, 0, 63].sum()) == 16  # the budget (1 key) admits nothing else
+
+
+def test_random_block_is_seeded_and_same_for_prefill_and_decode():
+    torch.manual_seed(6)
+    q, k = torch.randn(1, 1, 48, 8), torch.randn(1, 1, 48, 8)
+    policy = policies.make("random_block", block_size=8, keep_diagonal=False, sink_block=False)
+    a = keep_mask(policy, context(q, k, 0.5, seed=1))
+    b = keep_mask(policy, context(q, k, 0.5, seed=1))
+    c = keep_mask(policy, context(q, k, 0.5, seed=2))
+    step = keep_mask(policy, context(q[..., 47:, :], k, 0.5, seed=1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(step[..., 0, :], a[..., 47, :])
+
+
+def test_unknown_policy_is_a_user_error():
+    from attnlab.errors import UserError
+
+    with pytest.raises(UserError, match="unknown policy 'nope'"):
+        policies.make("nope")
