@@ -15,7 +15,9 @@ def validate_config(cfg):
         validate(cfg, schema="../schemas/config.schema.yaml")
     except WorkflowError as e:
         cause = e.__cause__ or e.__context__ or e
-        where = ".".join(str(p) for p in getattr(cause, "absolute_path", [])) or "config"
+        where = (
+            ".".join(str(p) for p in getattr(cause, "absolute_path", [])) or "config"
+        )
         msg = getattr(cause, "message", str(e).splitlines()[-1])
         sys.exit(f"attnlab: config error at {where}: {msg}")
 
@@ -44,15 +46,17 @@ def niah_runs():
 
 
 def niah_score_files(wildcards=None):
-    return [
-        f"results/niah/{m}/{p}_{q}.parquet" for m in MODELS for p, q in niah_runs()
-    ]
+    return [f"results/niah/{m}/{p}_{q}.parquet" for m in MODELS for p, q in niah_runs()]
 
 
 def niah_sources(wildcards):
     """Package modules a scoring job runs: editing one re-runs just the jobs that use it."""
     return module_sources(
-        "niah", "sparse", "models", f"policies.{wildcards.policy}", root=workflow.basedir
+        "niah",
+        "sparse",
+        "models",
+        f"policies.{wildcards.policy}",
+        root=workflow.basedir,
     )
 
 

@@ -2,35 +2,39 @@
 
 
 rule niah_heatmap:
+    input:
+        table="results/niah/niah.parquet",
+        code=module_sources("plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/niah_heatmap_{pct}.png",
             caption="../report/niah_heatmap.rst",
             category="Needle in a haystack",
         ),
-    input:
-        table="results/niah/niah.parquet",
-        code=module_sources("plots.niah", root=workflow.basedir),
-    params:
-        sparsity=target_sparsity,
     log:
         "logs/figures/niah_heatmap_{pct}.log",
+    conda:
+        "../envs/attnlab.yaml"
+    params:
+        sparsity=target_sparsity,
     shell:
         "attnlab plot niah-heatmap --table {input.table} --sparsity {params.sparsity}"
         " --out {output} 2> {log}"
 
 
 rule niah_summary:
+    input:
+        table="results/niah/niah.parquet",
+        code=module_sources("plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/niah_summary.png",
             caption="../report/niah_summary.rst",
             category="Needle in a haystack",
         ),
-    input:
-        table="results/niah/niah.parquet",
-        code=module_sources("plots.niah", root=workflow.basedir),
     log:
         "logs/figures/niah_summary.log",
+    conda:
+        "../envs/attnlab.yaml"
     shell:
         "attnlab plot niah-summary --table {input.table} --out {output} 2> {log}"

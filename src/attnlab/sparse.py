@@ -21,7 +21,9 @@ from attnlab.kernels.reference import expand_kv
 from attnlab.policies.base import LayerHistory, Policy, ScoreContext, keep_mask, row_budget
 
 IMPLEMENTATION = "attnlab"
-_ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar("sparse_run", default=None)
+_ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
+    "sparse_run", default=None
+)
 
 
 @dataclass
@@ -56,19 +58,33 @@ class SparseRun:
 
     @property
     def needle_kept(self) -> float:
-        """Share of (layer, head) pairs whose last prompt query keeps a watched key."""
+        """Share of (layer, head) pairs whose last prompt query keeps a watched key, among
+        the layers whose own mask lets that query see it."""
         return sum(self.watch_kept) / len(self.watch_kept) if self.watch_kept else float("nan")
 
-    def mask(self, layer: int, q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor,
-             scaling: float, scores: torch.Tensor) -> torch.Tensor:
+    def mask(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        visible: torch.Tensor,
+        scaling: float,
+        scores: torch.Tensor,
+    ) -> torch.Tensor:
         """Keep-mask for one layer call; q: (B, H, Tq, D), k: (B, H, Tk, D) -> (B, H, Tq, Tk)."""
         tq, tk = q.shape[-2], k.shape[-2]
         q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
         history = self.histories.setdefault(layer, LayerHistory())
         ctx = ScoreContext(
-            q=q, k=k, visible=visible, q_pos=q_pos,
+            q=q,
+            k=k,
+            visible=visible,
+            q_pos=q_pos,
             budget=row_budget(visible.sum(-1), self.sparsity),  # (B, 1, Tq)
-            scaling=scaling, layer=layer, seed=self.seed, history=history,
+            scaling=scaling,
+            layer=layer,
+            seed=self.seed,
+            history=history,
         )
         ctx.__dict__["scores"] = scores  # already computed for the attention itself
         keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
@@ -86,8 +102,11 @@ class SparseRun:
         """
         self.kept += int(keep.sum())
         self.visible += int(visible.sum()) * keep.shape[1]
-        if self.watch and keep.shape[-2] > 1:  # prefill: the last prompt row answers
-            hit = keep[:, :, -1, list(self.watch)].any(-1).float()  # (B, H)
+        watch = list(self.watch)
+        # At prefill the last prompt row answers; layers whose own window hides the needle
+        # (sliding-window layers) have nothing a policy could keep and are not counted.
+        if watch and keep.shape[-2] > 1 and visible[:, :, -1, watch].any():
+            hit = keep[:, :, -1, watch].any(-1).float()  # (B, H)
             self.watch_kept.extend(hit.flatten().tolist())
 
 

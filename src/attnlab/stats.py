@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def bootstrap_ci(values, n_resamples: int = 2000, level: float = 0.95, seed: int = 0,
-                 stat=np.mean) -> tuple[float, float]:
+def bootstrap_ci(
+    values, n_resamples: int = 2000, level: float = 0.95, seed: int = 0, stat=np.mean
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``stat`` over ``values`` (1-D), deterministic in seed.
 
     A sample of one value, or of identical values, gives the degenerate interval (v, v).

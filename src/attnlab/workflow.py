@@ -55,6 +55,8 @@ def module_sources(*modules: str, root: str | Path | None = None) -> list[str]:
             todo.extend(f for f in found if f is not None)
     out = sorted(seen)
     if root is not None:
-        out = [p.relative_to(Path(root).resolve()) if p.is_relative_to(Path(root).resolve())
-               else p for p in out]
+        out = [
+            p.relative_to(Path(root).resolve()) if p.is_relative_to(Path(root).resolve()) else p
+            for p in out
+        ]
     return [str(p) for p in out]

@@ -36,27 +36,51 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
     policies = ["full"] + [p for p in df["policy"].unique(maintain_order=True) if p != "full"]
     lengths = sorted(df["length"].unique().to_list())
     depths = sorted(df["depth"].unique().to_list())
-    sel = df.filter((pl.col("policy") == "full") | (pl.col("target_sparsity") - sparsity).abs().lt(1e-9))
-    fig, axes = plt.subplots(len(models), len(policies), squeeze=False,
-                             figsize=(2.6 * len(policies) + 1, 2.4 * len(models) + 0.8))
+    sel = df.filter(
+        (pl.col("policy") == "full") | (pl.col("target_sparsity") - sparsity).abs().lt(1e-9)
+    )
+    fig, axes = plt.subplots(
+        len(models),
+        len(policies),
+        squeeze=False,
+        figsize=(2.6 * len(policies) + 1, 2.4 * len(models) + 0.8),
+    )
     cmap = plt.get_cmap("viridis")
     n_per_cell = 0
     for r, model in enumerate(models):
         for c, policy in enumerate(policies):
             ax = axes[r][c]
-            cell = (sel.filter((pl.col("model") == model) & (pl.col("policy") == policy))
-                    .group_by("length", "depth")
-                    .agg(pl.col("correct").mean().alias("acc"), pl.col("feasible").all(), pl.len()))
+            cell = (
+                sel.filter((pl.col("model") == model) & (pl.col("policy") == policy))
+                .group_by("length", "depth")
+                .agg(pl.col("correct").mean().alias("acc"), pl.col("feasible").all(), pl.len())
+            )
             grid = np.full((len(depths), len(lengths)), np.nan)
             for row in cell.iter_rows(named=True):
                 i, j = depths.index(row["depth"]), lengths.index(row["length"])
                 grid[i, j] = row["acc"]
                 n_per_cell = max(n_per_cell, row["len"])
                 if not row["feasible"]:
-                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
-                                           edgecolor="0.85", linewidth=0))
-                ax.text(j, i, f"{row['acc']:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if row["acc"] > 0.5 else "white")
+                    ax.add_patch(
+                        Rectangle(
+                            (j - 0.5, i - 0.5),
+                            1,
+                            1,
+                            fill=False,
+                            hatch="///",
+                            edgecolor="0.85",
+                            linewidth=0,
+                        )
+                    )
+                ax.text(
+                    j,
+                    i,
+                    f"{row['acc']:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if row["acc"] > 0.5 else "white",
+                )
             im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, origin="upper", aspect="auto")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
@@ -68,8 +92,11 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
             if r == 0:
                 ax.set_title(title, fontsize=9)
     haystack = meta.get("haystack", "?")
-    fig.suptitle(f"Passkey retrieval, target sparsity {sparsity:.0%} (haystack: {haystack}; "
-                 f"n = {n_per_cell} per cell; hatched = target not reached)", fontsize=10)
+    fig.suptitle(
+        f"Passkey retrieval, target sparsity {sparsity:.0%} (haystack: {haystack}; "
+        f"n = {n_per_cell} per cell; hatched = target not reached)",
+        fontsize=10,
+    )
     fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
     _save(fig, out)
 
@@ -91,8 +118,12 @@ def plot_summary(table: str | Path, out: str | Path, seed: int = 0) -> None:
             ax.axhline(full.mean(), color="0.3", linestyle="--", label=f"full (n={full.size})")
             ax.axhspan(lo, hi, color="0.8", alpha=0.5)
         for policy in [p for p in d["policy"].unique(maintain_order=True) if p != "full"]:
-            pts = (d.filter(pl.col("policy") == policy).group_by("target_sparsity")
-                   .agg(pl.col("correct"), pl.col("feasible").all()).sort("target_sparsity"))
+            pts = (
+                d.filter(pl.col("policy") == policy)
+                .group_by("target_sparsity")
+                .agg(pl.col("correct"), pl.col("feasible").all())
+                .sort("target_sparsity")
+            )
             xs, ys, los, his = [], [], [], []
             for row in pts.iter_rows(named=True):
                 vals = np.asarray(row["correct"], dtype=float)
@@ -103,13 +134,21 @@ def plot_summary(table: str | Path, out: str | Path, seed: int = 0) -> None:
                 his.append(hi - vals.mean())
             line = ax.errorbar(xs, ys, yerr=[los, his], marker="o", capsize=3, label=policy)
             hollow = [i for i, f in enumerate(pts["feasible"]) if not f]
-            ax.scatter([xs[i] for i in hollow], [ys[i] for i in hollow], s=60, zorder=3,
-                       facecolor="white", edgecolor=line[0].get_color())
+            ax.scatter(
+                [xs[i] for i in hollow],
+                [ys[i] for i in hollow],
+                s=60,
+                zorder=3,
+                facecolor="white",
+                edgecolor=line[0].get_color(),
+            )
         ax.set_xlabel("target sparsity")
         ax.set_ylabel("retrieval accuracy")
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{model} (n = {full.size} prompts per point)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("Passkey retrieval against sparsity, bootstrap 95% intervals "
-                 "(hollow = target not reached)", fontsize=10)
+    fig.suptitle(
+        "Passkey retrieval against sparsity, bootstrap 95% intervals (hollow = target not reached)",
+        fontsize=10,
+    )
     _save(fig, out)

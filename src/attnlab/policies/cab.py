@@ -41,4 +41,3 @@ class CAB(Policy):
         )  # (B, H, M, M)
         score = blocks[:, :, rows_blocks(ctx.q_pos, self.block_size), :]  # (B, H, Tq, M)
         return must_keep_blocks(score, ctx.q_pos, self)
-

@@ -34,4 +34,3 @@ class RandomBlock(Policy):
         table = torch.rand(b, h, m, m, generator=gen)  # (B, H, Mq, Mk), same for any call
         score = table[:, :, rows_blocks(ctx.q_pos, self.block_size).cpu(), :mk]
         return must_keep_blocks(score.to(ctx.q.device), ctx.q_pos, self)
-

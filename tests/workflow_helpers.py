@@ -1,0 +1,47 @@
+"""Run the real Snakemake on a copy of the workflow in a temporary directory."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "rules", "schemas", "report", "profiles", "workflow_config.yaml"]
+
+
+def copy_workflow(dest: Path, config: dict | None = None) -> Path:
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    if config is not None:
+        (dest / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``snakemake`` from this interpreter's environment, run in ``workdir``."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [str(Path(sys.executable).parent / "snakemake"), *args]
+    if (workdir / "tiny.yaml").exists():
+        cmd += ["--configfile", "tiny.yaml"]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from a dry run's 'Job stats' table; empty when nothing to do."""
+    lines = proc.stdout.splitlines()
+    if "Job stats:" not in lines:
+        return {}
+    jobs = {}
+    for line in lines[lines.index("Job stats:") + 3 :]:
+        name, *count = line.split()
+        if name == "total":
+            break
+        jobs[name] = int(count[0])
+    return jobs
