@@ -14,6 +14,7 @@ report: "report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/niah.smk"
 include: "rules/figures.smk"
+include: "rules/bench.smk"
 
 
 rule all:

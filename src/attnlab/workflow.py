@@ -5,11 +5,10 @@ Nothing here imports torch, so Snakemake starts fast.
 
 from __future__ import annotations
 
-import re
+import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-_IMPORT = re.compile(r"^\s*from attnlab((?:\.\w+)*) import ([\w, ]+)", re.M)
 
 
 def pct(sparsity: float) -> str:
@@ -34,6 +33,24 @@ def _module_path(dotted: str) -> Path | None:
     return None
 
 
+def _imported_modules(path: Path) -> list[Path]:
+    """attnlab modules that a source file imports (``from attnlab.x import y`` may name a
+    submodule y or an object of module x)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "attnlab":
+            pkg = node.module.removeprefix("attnlab").lstrip(".")
+            subs = [_module_path(f"{pkg}.{a.name}".lstrip(".")) for a in node.names]
+            found += [m for m in subs if m is not None] or [_module_path(pkg)]
+        elif isinstance(node, ast.Import):
+            found += [
+                _module_path(a.name.removeprefix("attnlab").lstrip("."))
+                for a in node.names
+                if a.name.split(".")[0] == "attnlab"
+            ]
+    return [m for m in found if m is not None]
+
+
 def module_sources(*modules: str, root: str | Path | None = None) -> list[str]:
     """Source files of package modules and every attnlab module they import, transitively.
 
@@ -45,18 +62,11 @@ def module_sources(*modules: str, root: str | Path | None = None) -> list[str]:
     todo = [p for p in (_module_path(m) for m in modules) if p is not None]
     while todo:
         path = todo.pop()
-        if path in seen:
-            continue
-        seen[path] = None
-        for pkg, names in _IMPORT.findall(path.read_text()):
-            pkg = pkg.lstrip(".")
-            found = [_module_path(f"{pkg}.{n.strip()}".lstrip(".")) for n in names.split(",")]
-            found = [f for f in found if f is not None] or [_module_path(pkg)]
-            todo.extend(f for f in found if f is not None)
+        if path not in seen:
+            seen[path] = None
+            todo.extend(_imported_modules(path))
     out = sorted(seen)
     if root is not None:
-        out = [
-            p.relative_to(Path(root).resolve()) if p.is_relative_to(Path(root).resolve()) else p
-            for p in out
-        ]
+        base = Path(root).resolve()
+        out = [p.relative_to(base) if p.is_relative_to(base) else p for p in out]
     return [str(p) for p in out]

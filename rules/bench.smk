@@ -1,0 +1,25 @@
+# Kernel benchmark: CAB's Triton predictor and flex block-sparse attention against dense
+# attention (SDPA flash, SDPA cuDNN, flex causal). On a machine without CUDA the command
+# runs its small CPU variant instead.
+
+
+rule bench_kernels:
+    input:
+        code=module_sources("bench", "plots.kernels", root=workflow.basedir),
+    output:
+        table="results/bench/kernels.parquet",
+        csv="results/bench/kernels.csv",
+        fig="figs/kernel_speed.png",
+    log:
+        "logs/bench/kernels.log",
+    benchmark:
+        "benchmarks/bench/kernels.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        out_dir=subpath(output.table, parent=True),
+    shell:
+        "python -m attnlab.bench kernels --out {params.out_dir} --fig {output.fig} > {log} 2>&1"

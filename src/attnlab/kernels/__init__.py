@@ -1,0 +1,30 @@
+"""Curvature-masking kernels: plain-PyTorch references and their Triton versions.
+
+``reference`` holds the definitions (and runs anywhere); ``coarsen``, ``curvature``,
+``select`` and ``cab`` hold the Triton kernels, which need a CUDA GPU or
+``TRITON_INTERPRET=1`` set before they are first imported. The Triton names below load
+on first use, so importing the references never imports Triton.
+"""
+
+from importlib import import_module
+
+_LAZY = {
+    "coarsen_max_l2": "coarsen",
+    "coarse_adjacency": "curvature",
+    "adjacency_and_degrees": "curvature",
+    "forman_ricci": "curvature",
+    "forman_ricci_from_degrees": "curvature",
+    "BlockSelection": "select",
+    "score_and_select": "select",
+    "select_blocks": "select",
+    "select_blocks_grouped": "select",
+    "cab_select": "cab",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

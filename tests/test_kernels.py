@@ -1,0 +1,224 @@
+"""The Triton curvature kernels equal their PyTorch references.
+
+On a machine without a GPU the kernels run in Triton's interpreter, which must be switched
+on before the kernel modules are first imported; shapes stay tiny because the interpreter
+runs every program in Python. With TRITON_INTERPRET=0 and a GPU the same tests run on it.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from attnlab.kernels import reference as ref  # noqa: E402
+from attnlab.kernels.cab import cab_select  # noqa: E402
+from attnlab.kernels.coarsen import coarsen_max_l2  # noqa: E402
+from attnlab.kernels.curvature import coarse_adjacency, forman_ricci  # noqa: E402
+from attnlab.kernels.select import (  # noqa: E402
+    score_and_select,
+    select_blocks,
+    select_blocks_grouped,
+)
+
+ON_GPU = os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# float32 throughout on the CPU; on the GPU the kernels' default tf32 A @ A is looser
+F_TOL = dict(rtol=2e-2, atol=2e-2) if ON_GPU else dict(rtol=1e-5, atol=1e-5)
+
+
+def _rand(*shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def _causal(m):
+    return torch.ones(m, m, dtype=torch.bool, device=DEVICE).tril()
+
+
+@pytest.mark.parametrize("n, block_size", [(64, 16), (45, 8), (7, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coarsen_picks_the_largest_norm_token_of_each_block(n, block_size, dtype):
+    x = _rand(2, 3, n, 12, seed=n, dtype=dtype)
+    assert torch.equal(coarsen_max_l2(x, block_size), ref.coarsen_max_l2(x, block_size))
+
+
+def test_coarsen_ties_go_to_the_earliest_token():
+    x = _rand(1, 1, 16, 4, seed=1)
+    x[0, 0, 9] = x[0, 0, 3] = 10.0  # block 0 (tokens 0..7) ties on 3, block 1 on 9 alone
+    x[0, 0, 12] = 10.0  # block 1 ties 9 and 12
+    out = coarsen_max_l2(x, 8)
+    assert torch.equal(out[0, 0, 0], x[0, 0, 3]) and torch.equal(out[0, 0, 1], x[0, 0, 9])
+    assert torch.equal(out, ref.coarsen_max_l2(x, 8))
+
+
+def test_coarsen_reads_strided_inputs():
+    x = _rand(1, 20, 2, 8, seed=2).transpose(1, 2)  # (B, H, N, D) view of a (B, N, H, D) tensor
+    assert torch.equal(coarsen_max_l2(x, 4), ref.coarsen_max_l2(x, 4))
+
+
+@pytest.mark.parametrize("adjacency", ["softmax", "scores"])
+@pytest.mark.parametrize("q_offset, mq", [(0, 9), (3, 6)])
+def test_adjacency_matches_reference_with_gqa(adjacency, q_offset, mq):
+    qc = _rand(1, 4, mq, 16, seed=3)
+    kc = _rand(1, 2, 9, 16, seed=4)  # two query heads per key head
+    a = coarse_adjacency(qc, kc, 0.25, adjacency, q_offset)
+    torch.testing.assert_close(a, ref.coarse_adjacency(qc, kc, 0.25, adjacency, q_offset), **F_TOL)
+
+
+@pytest.mark.parametrize("graph", ["directed", "symmetric"])
+@pytest.mark.parametrize("m", [5, 21])
+def test_forman_ricci_matches_reference(graph, m):
+    qc = _rand(1, 2, m, 8, seed=m)
+    a = ref.coarse_adjacency(qc, qc, 0.5, "softmax")
+    torch.testing.assert_close(forman_ricci(a, graph), ref.forman_ricci(a, graph), **F_TOL)
+
+
+def _forman_by_definition(a, graph):
+    """F(i, j) = 4 w_ij - deg(i) - deg(j) + 3 sum_k w_ik w_kj, by loops over a small graph."""
+    m = len(a)
+    if graph == "symmetric":
+        w = [[0.0 if i == j else (a[i][j] + a[j][i]) / 2 for j in range(m)] for i in range(m)]
+        deg_i = deg_j = [sum(w[i]) for i in range(m)]
+    else:
+        w = a
+        deg_i = [sum(w[i][k] for k in range(m)) for i in range(m)]  # out-degree
+        deg_j = [sum(w[k][j] for k in range(m)) for j in range(m)]  # in-degree
+    ww = [[sum(w[i][k] * w[k][j] for k in range(m)) for j in range(m)] for i in range(m)]
+    return [[4 * w[i][j] - deg_i[i] - deg_j[j] + 3 * ww[i][j] for j in range(m)] for i in range(m)]
+
+
+@pytest.mark.parametrize("graph", ["directed", "symmetric"])
+def test_forman_ricci_of_a_small_graph_follows_the_definition(graph):
+    # a path 0 - 1 - 2 with a bridge 2 - 3 to a pendant, and self-loops on the diagonal
+    a = [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.6, 0.4, 0.0, 0.0],
+        [0.1, 0.7, 0.2, 0.0],
+        [0.0, 0.0, 0.9, 0.1],
+    ]
+    expected = torch.tensor(_forman_by_definition(a, graph), device=DEVICE)
+    f = forman_ricci(torch.tensor(a, device=DEVICE)[None, None], graph)[0, 0]
+    torch.testing.assert_close(f, expected, **F_TOL)
+
+
+def _scores(m, seed):
+    s = _rand(1, 2, m, m, seed=seed)
+    s[..., 4] = s[..., 2]  # ties between key blocks
+    return s.masked_fill(~_causal(m), float("-inf"))
+
+
+@pytest.mark.parametrize("with_must_keep", [False, True])
+def test_select_blocks_matches_reference_with_ties(with_must_keep):
+    m = 13
+    s = _scores(m, seed=5)
+    keep = torch.tensor([0, 1, 2, 3, 3, 4, 20, 2, 5, 0, 6, 1, 13], device=DEVICE)
+    must = None
+    if with_must_keep:
+        must = torch.eye(m, dtype=torch.bool, device=DEVICE)
+        must[:, 0] = True
+    assert torch.equal(select_blocks(s, keep, must), ref.select_blocks(s, keep, must))
+
+
+@pytest.mark.parametrize("q_group", [1, 2, 3])
+def test_grouped_selection_pools_query_rows_by_max(q_group):
+    m = 11
+    s = _scores(m, seed=6)
+    mg = -(-m // q_group)
+    keep = torch.arange(mg, device=DEVICE) % 4 + 1
+    must = torch.zeros(mg, m, dtype=torch.bool, device=DEVICE)
+    must[:, 0] = True
+    out = select_blocks_grouped(s, keep, q_group, must)
+    assert torch.equal(out, ref.select_blocks_grouped(s, keep, q_group, must))
+    if q_group == 1:
+        assert torch.equal(out, ref.select_blocks(s, keep, must))
+
+
+def _dense_from_lists(sel):
+    b, h, mg, m = sel.full_idx.shape
+    dense = torch.zeros(b, h, mg, m, dtype=torch.bool)
+    for num, idx in ((sel.full_num, sel.full_idx), (sel.partial_num, sel.partial_idx)):
+        for bi in range(b):
+            for hi in range(h):
+                for g in range(mg):
+                    kept = idx[bi, hi, g, : num[bi, hi, g]].long().cpu()
+                    assert torch.all(kept[1:] > kept[:-1]), "block lists must ascend"
+                    dense[bi, hi, g, kept] = True
+    return dense.to(sel.mask.device)
+
+
+@pytest.mark.parametrize(
+    "lam, adjacency, graph",
+    [(1.0, "softmax", "directed"), (0.5, "scores", "symmetric"), (0.0, "softmax", "directed")],
+)
+def test_cab_select_matches_reference_scores_and_selection(lam, adjacency, graph):
+    n, block_size, q_group = 83, 8, 2  # ragged last block, odd number of blocks
+    q = _rand(1, 2, n, 16, seed=7)
+    k = _rand(1, 1, n, 16, seed=8)  # GQA
+    m = -(-n // block_size)
+    mg = -(-m // q_group)
+    keep = torch.full((mg,), 3, device=DEVICE)
+    must = torch.zeros(mg, m, dtype=torch.bool, device=DEVICE)
+    must[:, 0] = True
+    sel = cab_select(
+        q,
+        k,
+        block_size,
+        0.25,
+        keep,
+        lam=lam,
+        adjacency=adjacency,
+        graph=graph,
+        must_keep=must,
+        q_group=q_group,
+        write_score=True,
+        write_mask=True,
+    )
+    expected = ref.cab_block_scores(q, k, block_size, 0.25, lam, adjacency, graph)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(sel.score), finite)
+    torch.testing.assert_close(sel.score[finite], expected[finite], **F_TOL)
+    # the selection is exact on the kernel's own scores
+    assert torch.equal(sel.mask, ref.select_blocks_grouped(sel.score, keep, q_group, must))
+    assert torch.equal(_dense_from_lists(sel), sel.mask)
+    for g in range(mg):  # partial blocks are the ones that reach the diagonal
+        part = sel.partial_idx[0, 0, g, : sel.partial_num[0, 0, g]]
+        assert bool((part >= g * q_group).all())
+
+
+def test_cab_select_with_tiles_smaller_than_the_graph():
+    # strips of 16 rows zero-fill only up to the 32-wide curvature tile: exercise that edge
+    n, block_size = 150, 4
+    q = _rand(1, 1, n, 16, seed=9)
+    k = _rand(1, 1, n, 16, seed=10)
+    m = -(-n // block_size)
+    sel = cab_select(
+        q, k, block_size, 0.25, torch.full((m,), 7, device=DEVICE), write_score=True,
+        write_mask=True, write_indices=False, adjacency_blocks=(16, 16), curvature_block=32,
+    )  # fmt: skip
+    expected = ref.cab_block_scores(q, k, block_size, 0.25)
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(sel.score[finite], expected[finite], **F_TOL)
+    assert torch.equal(sel.mask, ref.select_blocks(sel.score, torch.full((m,), 7, device=DEVICE)))
+
+
+def test_fused_select_launched_in_bands_by_row_length():
+    m, q_group = 37, 2  # groups of 2 rows in bands of 16, 32 and 64 columns
+    qc = _rand(1, 2, m, 8, seed=11)
+    a = ref.coarse_adjacency(qc, qc, 0.5, "softmax")
+    f = ref.forman_ricci(a)
+    mg = -(-m // q_group)
+    keep = torch.arange(mg, device=DEVICE) % 5 + 2
+    must = torch.zeros(mg, m, dtype=torch.bool, device=DEVICE)
+    must[:, 0] = True
+    sel = score_and_select(
+        f, keep, a=a, lam=0.5, must_keep=must, q_group=q_group, write_score=True,
+        write_mask=True, write_indices=True, band_floor=16,
+    )  # fmt: skip
+    expected = ref.cab_block_scores(qc, qc, 1, 0.5, lam=0.5)  # block 1: qc is its own coarsening
+    torch.testing.assert_close(sel.score, expected, **F_TOL)
+    assert torch.equal(sel.mask, ref.select_blocks_grouped(sel.score, keep, q_group, must))
+    assert torch.equal(_dense_from_lists(sel), sel.mask)
