@@ -54,3 +54,34 @@ def test_sparse_run_reaches_its_target_and_changes_the_output(smollm2):
     assert 0.895 <= run.achieved_sparsity <= 0.905
     assert len(run.watch_kept) == info.n_layers * info.n_heads
     assert not torch.allclose(out, dense, atol=1e-3)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["cab", "random_block"])
+def test_flex_prefill_matches_masked_attention_with_the_same_mask(name, device):
+    """The FlexAttention path equals a masked softmax over the selection it makes, and
+    that selection is the masked path's choice for the last row of each query block."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 100, 16, generator=g).to(device) for h in (4, 2, 2))  # GQA
+    module = SimpleNamespace(layer_idx=0, head_dim=16)
+    policy = policies.make(name, block_size=16)
+    run = sparse.SparseRun(policy, 0.7, backend="flex")
+    with run:
+        out, _ = sparse.attention_forward(module, q, k, v, None, scaling=0.25)
+    keep, visible = sparse.SparseRun(policy, 0.7).block_mask(0, q, k.repeat_interleave(2, 1), 0.25)
+    tokens = keep.repeat_interleave(16, -2).repeat_interleave(16, -1)[..., :100, :100] & visible
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kk.transpose(-1, -2) * 0.25).masked_fill(~tokens, float("-inf"))
+    expected = (torch.softmax(scores, -1) @ vv).transpose(1, 2)
+    tol = 1e-5 if device == "cpu" else 2e-3  # compiled flex on the GPU may use TF32
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    assert 0.5 < run.achieved_sparsity < 0.75
+    raw = torch.where(visible, q @ kk.transpose(-1, -2) * 0.25, float("-inf"))
+    rows = sparse.SparseRun(policy, 0.7).mask(0, q, kk, visible, 0.25, raw)  # (1, 4, T, T)
+    ends = [*range(15, 100, 16), 99]
+    assert torch.equal(rows[..., ends, :], tokens[..., ends, :])

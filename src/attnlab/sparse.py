@@ -7,6 +7,12 @@ reads the active :class:`SparseRun` (a context manager). With no run active, or 
 budget, applies it on top of the model's own mask (causality, sliding windows), and
 counts kept and visible (query, key) pairs so the achieved sparsity is measured, not
 assumed. Grouped-query attention is handled by expanding key/value heads.
+
+On CUDA, the causal prefill of a block-level policy (CAB and its ablations) runs through
+FlexAttention's block-sparse kernel instead of a masked softmax: the selection is then
+made per query block (each block takes its last row's choice and budget), the
+granularity a BlockMask can express. Decode steps, token-level policies and layers with
+sliding windows take the masked path.
 """
 
 from __future__ import annotations
@@ -18,7 +24,15 @@ from dataclasses import dataclass, field
 import torch
 
 from attnlab.kernels.reference import expand_kv
-from attnlab.policies.base import LayerHistory, Policy, ScoreContext, keep_mask, row_budget
+from attnlab.policies.base import (
+    LayerHistory,
+    Policy,
+    ScoreContext,
+    block_counts,
+    block_keep,
+    keep_mask,
+    row_budget,
+)
 
 IMPLEMENTATION = "attnlab"
 _ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
@@ -40,6 +54,7 @@ class SparseRun:
     watch: Sequence[int] = ()
     kept: int = 0
     visible: int = 0
+    backend: str = "auto"  # "auto": FlexAttention on CUDA; "eager"; or "flex" anywhere
     watch_kept: list[float] = field(default_factory=list)
     histories: dict[int, LayerHistory] = field(default_factory=dict)
     _token: contextvars.Token | None = None
@@ -62,6 +77,26 @@ class SparseRun:
         the layers whose own mask lets that query see it."""
         return sum(self.watch_kept) / len(self.watch_kept) if self.watch_kept else float("nan")
 
+    def _context(self, layer, q, k, visible, scaling) -> ScoreContext:
+        tq, tk = q.shape[-2], k.shape[-2]
+        return ScoreContext(
+            q=q,
+            k=k,
+            visible=visible,
+            q_pos=torch.arange(tk - tq, tk, device=q.device),  # the cache holds every key
+            budget=row_budget(visible.sum(-1), self.sparsity),  # (B, 1, Tq)
+            scaling=scaling,
+            layer=layer,
+            seed=self.seed,
+            history=self.histories.setdefault(layer, LayerHistory()),
+        )
+
+    def _remember(self, ctx: ScoreContext) -> None:
+        if self.policy.needs_query_history:
+            ctx.history.q = ctx.q_all
+        if self.policy.needs_received:
+            ctx.history.received = ctx.received[..., -1, :]  # (B, H, Tk) totals so far
+
     def mask(
         self,
         layer: int,
@@ -72,28 +107,49 @@ class SparseRun:
         scores: torch.Tensor,
     ) -> torch.Tensor:
         """Keep-mask for one layer call; q: (B, H, Tq, D), k: (B, H, Tk, D) -> (B, H, Tq, Tk)."""
-        tq, tk = q.shape[-2], k.shape[-2]
-        q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
-        history = self.histories.setdefault(layer, LayerHistory())
-        ctx = ScoreContext(
-            q=q,
-            k=k,
-            visible=visible,
-            q_pos=q_pos,
-            budget=row_budget(visible.sum(-1), self.sparsity),  # (B, 1, Tq)
-            scaling=scaling,
-            layer=layer,
-            seed=self.seed,
-            history=history,
-        )
+        ctx = self._context(layer, q, k, visible, scaling)
         ctx.__dict__["scores"] = scores  # already computed for the attention itself
         keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
-        if self.policy.needs_query_history:
-            history.q = ctx.q_all
-        if self.policy.needs_received:
-            history.received = ctx.received[..., -1, :]  # (B, H, Tk) totals so far
+        self._remember(ctx)
         self.account(keep, visible)
         return keep
+
+    def uses_flex(self, query: torch.Tensor, tq: int, tk: int) -> bool:
+        """Whether a call runs through FlexAttention: a block policy's causal prefill, on
+        CUDA (``backend="auto"``) or wherever ``backend="flex"`` asks for it."""
+        wanted = self.backend == "flex" or (self.backend == "auto" and query.is_cuda)
+        return wanted and self.policy.level == "block" and tq == tk
+
+    def block_mask(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float):
+        """Block selection of a causal prefill at query-block granularity, for FlexAttention.
+
+        Each query block uses the selection and budget of its last row. q: (B, H, T, D),
+        k: (B, H, T, D). Returns ``(keep, visible)``: (B, H, Mq, Mk) bool blocks and the
+        (1, 1, T, T) causal mask.
+        """
+        t, bs = q.shape[-2], self.policy.block_size
+        visible = visible_mask(None, t, t, q.device)
+        ctx = self._context(layer, q, k, visible, scaling)
+        score = self.policy.score(ctx)  # (B, H, T, Mk)
+        ends = torch.arange(bs - 1, t + bs - 1, bs, device=q.device).clamp(max=t - 1)
+        keep = block_keep(
+            score[..., ends, :], block_counts(visible[..., ends, :], bs), ctx.budget[..., ends]
+        )  # (B, H, Mq, Mk)
+        self._remember(ctx)
+        return keep, visible
+
+    def flex_attention(self, layer, query, key, value, scaling) -> torch.Tensor:
+        """Prefill under a block policy through FlexAttention's block-sparse kernel.
+
+        query: (B, H, T, D); key, value: (B, Hkv, T, D). Returns (B, H, T, D).
+        """
+        from attnlab.flex import flex_block_sparse_attention
+
+        t, bs = query.shape[-2], self.policy.block_size
+        keep, visible = self.block_mask(layer, query, expand_kv(key, query.shape[1]), scaling)
+        tokens = keep.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :t, :t]
+        self.account(tokens & visible, visible)
+        return flex_block_sparse_attention(query, key, value, keep, bs, scaling)
 
     def account(self, keep: torch.Tensor, visible: torch.Tensor) -> None:
         """Count kept and visible pairs; at prefill, note whether the last row keeps the needle.
@@ -120,6 +176,13 @@ def visible_mask(attention_mask: torch.Tensor | None, tq: int, tk: int, device) 
     return attention_mask[..., :tk] > torch.finfo(attention_mask.dtype).min / 2
 
 
+def _causal(attention_mask: torch.Tensor | None, t: int) -> bool:
+    """Whether the model's own mask is plain causal (no window, no padding) over t tokens."""
+    return attention_mask is None or int(visible_mask(attention_mask, t, t, "cpu").sum()) == (
+        attention_mask.shape[0] * t * (t + 1) // 2
+    )
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -138,6 +201,14 @@ def attention_forward(
     run = _ACTIVE.get()
     h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
     scaling = module.head_dim**-0.5 if scaling is None else scaling
+    if (
+        run is not None
+        and softcap is None
+        and run.uses_flex(query, tq, tk)
+        and _causal(attention_mask, tq)
+    ):
+        out = run.flex_attention(module.layer_idx, query, key, value, scaling)
+        return out.transpose(1, 2).contiguous(), None
     k = expand_kv(key, h)  # (B, H, Tk, D)
     v = expand_kv(value, h)
     scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)

@@ -127,32 +127,37 @@ def select_tokens(score: torch.Tensor, visible: torch.Tensor, budget: torch.Tens
     return mask.scatter_(-1, top_idx, keep_top)
 
 
-def select_blocks(
-    score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor, block_size: int
-) -> torch.Tensor:
+def block_counts(visible: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Visible keys per key block: (B, 1|H, Tq, Tk) bool -> (B, 1|H, Tq, Mk) long."""
+    mk = -(-visible.shape[-1] // block_size)
+    pad = mk * block_size - visible.shape[-1]
+    vis = torch.nn.functional.pad(visible, (0, pad)) if pad else visible
+    return vis.view(*vis.shape[:-1], mk, block_size).sum(-1)
+
+
+def block_keep(score: torch.Tensor, count: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """Keep, per row, key blocks in score order while their visible keys fit the budget.
 
-    score: (B, H, Tq, Mk) with +inf for must-keep blocks; visible: (B, 1 or H, Tq, Tk)
-    bool; budget: (B, 1 or H, Tq). The best visible block is always kept, so no row is
-    left empty; must-keep blocks are kept whatever the budget. Returns a (B, H, Tq, Tk)
-    bool keep-mask at token resolution, inside ``visible``.
+    score: (B, H, Tq, Mk) with +inf for must-keep blocks; count: (B, 1|H, Tq, Mk) visible
+    keys per block; budget: (B, 1|H, Tq). The best visible block is always kept, so no row
+    is left empty; must-keep blocks are kept whatever the budget. Returns (B, H, Tq, Mk).
     """
-    b, h, tq, mk = score.shape
-    tk = visible.shape[-1]
-    pad = mk * block_size - tk
-    vis = torch.nn.functional.pad(visible, (0, pad)) if pad else visible
-    count = vis.view(*vis.shape[:-1], mk, block_size).sum(-1)  # (B, 1|H, Tq, Mk)
     s = score.float().masked_fill(count == 0, -INF)
     order = s.argsort(dim=-1, descending=True, stable=True)  # (B, H, Tq, Mk)
     s_sorted = s.gather(-1, order)
-    c_sorted = count.expand(b, h, tq, mk).gather(-1, order)
+    c_sorted = count.expand_as(s).gather(-1, order)
     fits = c_sorted.cumsum(-1) <= budget.unsqueeze(-1)
-    first = torch.zeros_like(fits)
-    first[..., 0] = True
-    keep_sorted = (fits | first | (s_sorted == INF)) & (s_sorted > -INF)
-    keep_blocks = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    keep = keep_blocks.repeat_interleave(block_size, dim=-1)[..., :tk]
-    return keep & visible
+    fits[..., 0] = True
+    keep_sorted = (fits | (s_sorted == INF)) & (s_sorted > -INF)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def select_blocks(
+    score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """:func:`block_keep` at token resolution: a (B, H, Tq, Tk) bool mask inside ``visible``."""
+    keep = block_keep(score, block_counts(visible, block_size), budget)
+    return keep.repeat_interleave(block_size, dim=-1)[..., : visible.shape[-1]] & visible
 
 
 def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
