@@ -110,12 +110,6 @@ def _plot(a) -> None:
         niah_plots.plot_summary(a.table, a.out)
 
 
-def _bench(a, rest: list[str]) -> None:
-    from attnlab import bench
-
-    bench.main([a.what, *rest])
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,21 +157,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_plot)
 
-    s = sub.add_parser("bench", help="benchmarks (python -m attnlab.bench ...)")
-    s.add_argument("what", choices=["kernels"])
-    s.set_defaults(func=_bench)
+    sub.add_parser("bench", add_help=False, help="benchmarks: attnlab bench kernels --help")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = parser().parse_known_args(argv)
-    if rest and args.command != "bench":
-        parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        if args.command == "bench":
-            args.func(args, rest)
-        else:
-            args.func(args)
+        if argv[:1] == ["bench"]:  # the benchmarks parse their own arguments
+            from attnlab import bench
+
+            bench.main(argv[1:])
+            return 0
+        args = parser().parse_args(argv)
+        args.func(args)
     except UserError as e:
         print(f"attnlab: error: {e}", file=sys.stderr)
         return 1
