@@ -12,6 +12,7 @@ report: "report/workflow.rst"
 
 
 include: "rules/common.smk"
+include: "rules/corpus.smk"
 include: "rules/niah.smk"
 include: "rules/figures.smk"
 include: "rules/bench.smk"

@@ -2,6 +2,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -26,12 +27,18 @@ validate_config(config)
 
 MODELS = {model_key(m): m for m in config["models"]}
 NIAH = config["niah"]
+CORPUS = config["corpus"]
 
 
 wildcard_constraints:
     model="|".join(map(re.escape, MODELS)) if MODELS else "[^/]+",
     policy="[a-z0-9_]+",
     pct=r"\d+(\.\d+)?",
+
+
+def corpus_local_source(wildcards):
+    """The corpus files when the source is local, so that editing them re-shards."""
+    return [CORPUS["source"]] if Path(CORPUS["source"]).exists() else []
 
 
 def model_name(wildcards):

@@ -9,7 +9,15 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "rules", "schemas", "report", "profiles", "workflow_config.yaml"]
+WORKFLOW_FILES = [
+    "Snakefile",
+    "rules",
+    "schemas",
+    "report",
+    "profiles",
+    "envs",
+    "workflow_config.yaml",
+]
 
 
 def copy_workflow(dest: Path, config: dict | None = None) -> Path:

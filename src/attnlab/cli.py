@@ -44,6 +44,31 @@ def _niah_prompts(a) -> None:
     tables.write(rows, a.out, meta={"model": a.model, "seed": a.seed, "haystack": a.haystack})
 
 
+def _corpus_shard(a) -> None:
+    from transformers import AutoTokenizer
+
+    from attnlab import corpus, models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(a.model))
+    records = corpus.read_records(a.source, a.split)
+    chunks, counts = corpus.chunk_documents(
+        records, tokenizer, a.chunk_len, a.keep_sets, a.max_chunks
+    )
+    pad = tokenizer.pad_token_id
+    pad = None if pad in (tokenizer.eos_token_id, tokenizer.bos_token_id) else pad
+    meta = {
+        "model": a.model,
+        "source": a.source,
+        "split": a.split,
+        "keep_sets": sorted(a.keep_sets),
+        "max_chunks": a.max_chunks,
+        **counts,
+    }
+    corpus.write_shards(
+        chunks, a.shards, a.manifest, a.chunk_len, len(tokenizer), pad, a.shard_size, meta
+    )
+
+
 def _niah_score(a) -> None:
     import torch
 
@@ -131,6 +156,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--haystack", default="noise", choices=["noise"])
     s.add_argument("--out", required=True)
     s.set_defaults(func=_niah_prompts)
+
+    s = sub.add_parser("corpus-shard", help="filter, tokenize and chunk a corpus into shards")
+    s.add_argument("--model", required=True)
+    s.add_argument("--source", required=True, help="local jsonl/parquet path or HF dataset id")
+    s.add_argument("--split", default="train")
+    s.add_argument("--keep-sets", nargs="+", required=True)
+    s.add_argument("--chunk-len", type=int, default=512)
+    s.add_argument("--max-chunks", type=int)
+    s.add_argument("--shard-size", type=int, default=64)
+    s.add_argument("--shards", required=True, help="directory of the shards")
+    s.add_argument("--manifest", required=True)
+    s.set_defaults(func=_corpus_shard)
 
     s = sub.add_parser("niah-score", help="score prompts under one policy and sparsity")
     s.add_argument("--model", required=True)
