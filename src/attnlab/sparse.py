@@ -38,6 +38,26 @@ IMPLEMENTATION = "attnlab"
 _ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
     "sparse_run", default=None
 )
+# Called as observer(layer, query, probs) with the weights each eager call used.
+_OBSERVER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "attention_observer", default=None
+)
+
+
+class observe:
+    """Context manager: pass every layer's attention weights to ``fn(layer, query, probs)``
+    (query (B, H, Tq, D) after RoPE; probs (B, H, Tq, Tk) float32), one layer at a time,
+    so nothing is kept unless ``fn`` keeps it. Observed calls take the eager path."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __enter__(self) -> observe:
+        self._token = _OBSERVER.set(self.fn)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _OBSERVER.reset(self._token)
 
 
 @dataclass
@@ -205,6 +225,7 @@ def attention_forward(
         run is not None
         and softcap is None
         and run.uses_flex(query, tq, tk)
+        and _OBSERVER.get() is None
         and _causal(attention_mask, tq)
     ):
         out = run.flex_attention(module.layer_idx, query, key, value, scaling)
@@ -221,8 +242,11 @@ def attention_forward(
         scores = torch.where(keep, scores, float("-inf"))
     elif run is not None:
         run.account(visible.expand(-1, h, -1, -1), visible)
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, v)  # (B, H, Tq, D)
+    probs = torch.softmax(scores, dim=-1)
+    observer = _OBSERVER.get()
+    if observer is not None:
+        observer(module.layer_idx, query, probs)
+    out = torch.matmul(probs.to(value.dtype), v)  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None
 
 
