@@ -7,6 +7,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Triton kernels run in its interpreter on the CPU; it must be set before they are imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
+import pydoc_data.topics  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -29,3 +32,37 @@ def gemma3():
 
     model, tokenizer, info = models.load("gemma3-270m")
     return sparse.install(model), tokenizer, info
+
+
+@pytest.fixture(scope="session")
+def topics_jsonl(tmp_path_factory):
+    """Python's help topics as SlimPajama records: 'Wikipedia' prose, every 5th 'Github'."""
+    path = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
+    with path.open("w") as f:
+        for i, text in enumerate(pydoc_data.topics.topics.values()):
+            name = "RedPajamaGithub" if i % 5 == 0 else "RedPajamaWikipedia"
+            f.write(json.dumps({"text": text, "meta": {"redpajama_set_name": name}}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sharded(topics_jsonl, smollm2, tmp_path_factory):
+    """The topics cut into 128-token chunks with SmolLM2's tokenizer, 40 per shard."""
+    from attnlab import corpus
+
+    _, tok, _ = smollm2
+    out = tmp_path_factory.mktemp("shards")
+    chunks, counts = corpus.chunk_documents(
+        corpus.read_records(str(topics_jsonl)), tok, 128, corpus.DEFAULT_KEEP, batch_size=16
+    )
+    manifest = corpus.write_shards(
+        chunks,
+        out / "shards",
+        out / "manifest.json",
+        128,
+        len(tok),
+        None,
+        40,
+        {"source": str(topics_jsonl), **counts},
+    )
+    return out, manifest, chunks, tok

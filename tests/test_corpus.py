@@ -1,6 +1,5 @@
 """Corpus sharding on real text: CPython's pydoc topics, and the shared sample when present."""
 
-import json
 import pydoc_data.topics
 from pathlib import Path
 
@@ -11,37 +10,6 @@ from attnlab import corpus
 from attnlab.errors import UserError
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/slimpajama_sample.jsonl"
-
-
-@pytest.fixture(scope="module")
-def topics_jsonl(tmp_path_factory):
-    """Python's help topics as SlimPajama records: 'Wikipedia' prose, every 5th 'Github'."""
-    path = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
-    with path.open("w") as f:
-        for i, text in enumerate(pydoc_data.topics.topics.values()):
-            name = "RedPajamaGithub" if i % 5 == 0 else "RedPajamaWikipedia"
-            f.write(json.dumps({"text": text, "meta": {"redpajama_set_name": name}}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def sharded(topics_jsonl, smollm2, tmp_path_factory):
-    _, tok, _ = smollm2
-    out = tmp_path_factory.mktemp("shards")
-    chunks, counts = corpus.chunk_documents(
-        corpus.read_records(str(topics_jsonl)), tok, 128, corpus.DEFAULT_KEEP, batch_size=16
-    )
-    manifest = corpus.write_shards(
-        chunks,
-        out / "shards",
-        out / "manifest.json",
-        128,
-        len(tok),
-        None,
-        40,
-        {"source": str(topics_jsonl), **counts},
-    )
-    return out, manifest, chunks, tok
 
 
 def test_sources_are_filtered_and_chunks_come_from_one_document(sharded):
@@ -103,3 +71,17 @@ def test_shared_sample_drops_github_records(smollm2):
     )
     assert counts["documents_dropped"] == {"RedPajamaGithub": 6} or len(chunks) == 50
     assert len(chunks) == 50 and all(c["source"] == "RedPajamaWikipedia" for c in chunks)
+
+
+def test_local_sources_are_counted_to_the_end_past_max_chunks(topics_jsonl, smollm2):
+    _, tok, _ = smollm2
+    records = lambda: corpus.read_records(str(topics_jsonl))  # noqa: E731
+    _, early = corpus.chunk_documents(records(), tok, 128, corpus.DEFAULT_KEEP, 2, batch_size=4)
+    chunks, full = corpus.chunk_documents(
+        records(), tok, 128, corpus.DEFAULT_KEEP, 2, batch_size=4, scan_all=True
+    )
+    assert len(chunks) == 2 and not early["read_every_record"] and full["read_every_record"]
+    assert early["documents_dropped"]["RedPajamaGithub"] < 16
+    assert full["documents_dropped"] == {"RedPajamaGithub": 16}
+    kept = sum(full["documents_kept"].values()) + sum(full["documents_unused"].values())
+    assert kept == len(pydoc_data.topics.topics) - 16

@@ -45,14 +45,17 @@ def _niah_prompts(a) -> None:
 
 
 def _corpus_shard(a) -> None:
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
     from attnlab import corpus, models
 
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(a.model))
     records = corpus.read_records(a.source, a.split)
+    local = Path(a.source).exists()
     chunks, counts = corpus.chunk_documents(
-        records, tokenizer, a.chunk_len, a.keep_sets, a.max_chunks
+        records, tokenizer, a.chunk_len, a.keep_sets, a.max_chunks, scan_all=local
     )
     pad = tokenizer.pad_token_id
     pad = None if pad in (tokenizer.eos_token_id, tokenizer.bos_token_id) else pad

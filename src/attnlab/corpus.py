@@ -98,11 +98,15 @@ def chunk_documents(
     keep_sets: Iterable[str],
     max_chunks: int | None = None,
     batch_size: int = 64,
+    scan_all: bool = False,
 ) -> tuple[list[dict], dict]:
     """Filter, tokenize in batches and cut fixed-length chunks; returns (chunks, counts).
 
     Each chunk is ``{"chunk": i, "source": set name, "doc": doc index, "tokens": ids}``.
-    counts holds documents kept and dropped per source and the chunk/token totals.
+    counts holds documents kept and dropped per source and the chunk/token totals. Reading
+    stops at ``max_chunks`` unless ``scan_all`` (for finite local files): then the rest is
+    read without tokenizing, so the counts cover every record, and the kept documents that
+    no chunk came from are counted as ``documents_unused``.
     """
     keep_sets = set(keep_sets)
     kept, dropped = Counter(), Counter()
@@ -129,21 +133,26 @@ def chunk_documents(
         return False
 
     done = False
+    unused: Counter = Counter()
     for doc, record in enumerate(records):
         src = _set_name(record)
         if src not in keep_sets:
             dropped[src] += 1
-            continue
-        kept[src] += 1
-        batch.append((doc, src, record.get("text") or ""))
-        if len(batch) >= batch_size and (done := flush()):
-            break
+        elif done:
+            unused[src] += 1
+        else:
+            kept[src] += 1
+            batch.append((doc, src, record.get("text") or ""))
+            if len(batch) >= batch_size and (done := flush()) and not scan_all:
+                break
     if not done and batch:
         flush()
     bar.close()
     counts = {
         "documents_kept": dict(kept),
         "documents_dropped": dict(dropped),
+        "documents_unused": dict(unused),
+        "read_every_record": scan_all or not done,
         "chunks": len(chunks),
         "tokens": len(chunks) * chunk_len,
         "chunks_per_source": dict(Counter(c["source"] for c in chunks)),
