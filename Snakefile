@@ -13,6 +13,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/corpus.smk"
+include: "rules/capture.smk"
 include: "rules/niah.smk"
 include: "rules/figures.smk"
 include: "rules/bench.smk"

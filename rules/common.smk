@@ -28,6 +28,7 @@ validate_config(config)
 MODELS = {model_key(m): m for m in config["models"]}
 NIAH = config["niah"]
 CORPUS = config["corpus"]
+CAPTURE = config["capture"]
 
 
 wildcard_constraints:

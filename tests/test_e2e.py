@@ -1,4 +1,7 @@
-"""One end-to-end Snakemake run on a tiny config with the real Gemma-3-270M."""
+"""End-to-end Snakemake runs on tiny configs with the real Gemma-3-270M: the main job
+(needle in a haystack) and the capture stage on a corpus of Python's help topics."""
+
+import json
 
 import polars as pl
 import pytest
@@ -65,3 +68,53 @@ def test_new_sparsity_reruns_only_scoring_and_figures(run_dir):
     (run_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(run_dir, "-n", "figs/niah_heatmap_90.png"))
     assert jobs == {"niah_score": 1, "niah_table": 1, "niah_heatmap": 1}
+
+
+CAPTURE_FIGS = [
+    f"figs/capture_gemma3-270m_{k}.png" for k in ("entropy", "qnorm_entropy", "keff", "sink")
+]
+
+
+@pytest.fixture(scope="module")
+def capture_dir(tmp_path_factory, topics_jsonl):
+    cfg = {
+        "models": ["gemma3-270m"],
+        "corpus": {"source": str(topics_jsonl), "chunk_len": 64, "max_chunks": 6, "shard_size": 2},
+        "capture": {
+            "chunks": 5,
+            "batch_size": 2,
+            "layers": [1, 5],
+            "qk_chunks": 3,
+            "bootstrap": 200,
+        },
+    }
+    workdir = copy_workflow(tmp_path_factory.mktemp("capture"), cfg)
+    snakemake(workdir, "--cores", "2", *CAPTURE_FIGS)
+    return workdir
+
+
+def test_capture_stage_from_corpus_to_figures(capture_dir):
+    manifest = json.loads((capture_dir / "results/corpus/gemma3-270m/manifest.json").read_text())
+    assert manifest["documents_dropped"] == {"RedPajamaGithub": 16}
+    df = pl.read_parquet(capture_dir / "results/capture/gemma3-270m/metrics/*.parquet")
+    assert df.height == 5 * 18 * 4 * 64  # chunks x layers x heads x tokens
+    assert df["sample"].n_unique() == 5 and df["kv_head"].unique().to_list() == [0]
+    assert df.filter(pl.col("token") < 2)["entropy"].is_nan().all()
+    assert df.filter(pl.col("token") >= 2)["entropy"].is_nan().sum() == 0
+    assert ((df["k_eff"] >= 1) & (df["k_eff"] <= df["token"] + 1)).all()
+    from attnlab import capture
+
+    k = capture.read_qk(capture_dir / "results/capture/gemma3-270m/qk", 5, "k", "pre")
+    assert k.shape == (3, 1, 64, 256) and k.dtype.name == "float16"
+    for fig in CAPTURE_FIGS:
+        assert (capture_dir / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (capture_dir / "logs/capture/gemma3-270m.log").read_text()
+    assert "tok/s" in log
+
+
+def test_new_capture_layers_rerun_capture_but_not_sharding(capture_dir):
+    cfg = yaml.safe_load((capture_dir / "tiny.yaml").read_text())
+    cfg["capture"]["layers"] = [1]
+    (capture_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(capture_dir, "-n", *CAPTURE_FIGS))
+    assert jobs == {"capture": 1, "capture_figure": 4}

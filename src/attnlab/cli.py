@@ -72,6 +72,55 @@ def _corpus_shard(a) -> None:
     )
 
 
+def _capture(a) -> None:
+    import hashlib
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from attnlab import capture, metrics, models, sparse
+
+    torch.set_num_threads(a.threads)
+    manifest = json.loads(Path(a.manifest).read_text())
+    chunks = min(a.chunks, manifest["chunks"])
+    code = b"".join(Path(m.__file__).read_bytes() for m in (capture, metrics, sparse))
+    meta = {
+        "model": a.model,
+        "manifest_sha256": hashlib.sha256(Path(a.manifest).read_bytes()).hexdigest(),
+        "chunk_len": manifest["chunk_len"],
+        "chunks": chunks,
+        "mass": a.mass,
+        "qk_layers": sorted(a.qk_layers),
+        "qk_chunks": a.qk_chunks,
+        "code_sha256": hashlib.sha256(code).hexdigest(),
+    }
+    model, _, info = models.load(a.model)
+    sparse.install(model)
+    with tqdm(
+        total=chunks * manifest["chunk_len"],
+        unit="tok",
+        unit_scale=True,
+        desc=f"capture {a.model}",
+        mininterval=5,
+        file=sys.stderr,
+    ) as bar:
+        job = capture.CorpusCapture(
+            model,
+            info.n_kv_heads,
+            Path(a.manifest),
+            chunks,
+            a.batch_size,
+            a.mass,
+            sorted(a.qk_layers),
+            a.qk_chunks,
+            meta,
+            bar,
+        )
+        counts = job.run(a.metrics, a.qk)
+    print(f"captured {counts}", file=sys.stderr)
+
+
 def _niah_score(a) -> None:
     import torch
 
@@ -130,9 +179,12 @@ def _niah_table(a) -> None:
 
 
 def _plot(a) -> None:
+    from attnlab.plots import capture as capture_plots
     from attnlab.plots import niah as niah_plots
 
-    if a.figure == "niah-heatmap":
+    if a.figure in capture_plots.FIGURES:
+        capture_plots.FIGURES[a.figure](a.table, a.out, resamples=a.resamples, seed=a.seed)
+    elif a.figure == "niah-heatmap":
         niah_plots.plot_heatmap(a.table, a.sparsity, a.out)
     else:
         niah_plots.plot_summary(a.table, a.out)
@@ -172,6 +224,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", required=True)
     s.set_defaults(func=_corpus_shard)
 
+    s = sub.add_parser("capture", help="per-token attention metrics and Q/K of a corpus")
+    s.add_argument("--model", required=True)
+    s.add_argument("--manifest", required=True, help="the corpus stage's manifest.json")
+    s.add_argument("--metrics", required=True, help="directory: one Parquet file per shard")
+    s.add_argument("--qk", required=True, help="directory: one Arrow IPC file per shard")
+    s.add_argument("--chunks", type=int, default=64, help="capture at most this many chunks")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--mass", type=float, default=0.9, help="attention mass that k_eff covers")
+    s.add_argument("--qk-layers", type=int, nargs="*", default=[])
+    s.add_argument("--qk-chunks", type=int, default=8, help="chunks whose Q/K are kept")
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=_capture)
+
     s = sub.add_parser("niah-score", help="score prompts under one policy and sparsity")
     s.add_argument("--model", required=True)
     s.add_argument("--prompts", required=True)
@@ -191,9 +256,21 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_niah_table)
 
     s = sub.add_parser("plot", help="render a figure from a table")
-    s.add_argument("figure", choices=["niah-heatmap", "niah-summary"])
-    s.add_argument("--table", required=True)
+    s.add_argument(
+        "figure",
+        choices=[
+            "niah-heatmap",
+            "niah-summary",
+            "capture-entropy",
+            "capture-qnorm_entropy",
+            "capture-keff",
+            "capture-sink",
+        ],
+    )
+    s.add_argument("--table", required=True, help="a table, or the capture metrics folder")
     s.add_argument("--sparsity", type=float, default=0.99)
+    s.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_plot)
 

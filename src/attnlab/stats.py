@@ -21,3 +21,50 @@ def bootstrap_ci(
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
+
+
+def cluster_pearson(
+    x: np.ndarray,
+    y: np.ndarray,
+    cluster: np.ndarray,
+    group: np.ndarray,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Pearson r of x and y within each group, with a percentile bootstrap interval that
+    resamples whole clusters (e.g. corpus chunks, whose tokens are not independent).
+
+    x, y: 1-D values; cluster, group: non-negative integer labels of the same length.
+    Pairs with a NaN are dropped. Returns arrays indexed by group label: r, lo, hi, n.
+    The same cluster draws serve every group, so the intervals are comparable.
+    """
+    ok = ~(np.isnan(x) | np.isnan(y))
+    x, y, cluster, group = x[ok], y[ok], cluster[ok], group[ok]
+    n_groups = int(group.max()) + 1 if group.size else 0
+    _, cl = np.unique(cluster, return_inverse=True)
+    n_cl = int(cl.max()) + 1 if cl.size else 0
+    cell = group * n_cl + cl
+    size = n_groups * n_cl
+    # Sufficient statistics per (group, cluster): n, sums of x, y, xx, yy, xy.
+    stats = np.stack(
+        [
+            np.bincount(cell, weights=w, minlength=size)
+            for w in (np.ones_like(x), x, y, x * x, y * y, x * y)
+        ],
+        axis=-1,
+    ).reshape(n_groups, n_cl, 6)
+
+    def pearson(s: np.ndarray) -> np.ndarray:  # s: (..., 6) summed stats
+        n, sx, sy, sxx, syy, sxy = np.moveaxis(s, -1, 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cov = sxy - sx * sy / n
+            return cov / np.sqrt((sxx - sx * sx / n) * (syy - sy * sy / n))
+
+    r = pearson(stats.sum(1))
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_cl, np.full(n_cl, 1.0 / n_cl), size=n_resamples)  # (R, C)
+    boot = pearson(np.einsum("rc,gcs->rgs", counts.astype(float), stats))  # (R, G)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.nanquantile(boot, [alpha, 1.0 - alpha], axis=0)
+    return {"r": r, "lo": lo, "hi": hi, "n": stats[..., 0].sum(1)}

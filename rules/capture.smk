@@ -1,0 +1,58 @@
+# Capture: per-token attention metrics and Q/K of the corpus chunks, and their figures.
+
+
+rule capture:
+    input:
+        manifest="results/corpus/{model}/manifest.json",
+        shards="results/corpus/{model}/shards",
+        code=module_sources("capture", "metrics", "sparse", "models", root=workflow.basedir),
+    output:
+        metrics=directory("results/capture/{model}/metrics"),
+        qk=directory("results/capture/{model}/qk"),
+    log:
+        "logs/capture/{model}.log",
+    benchmark:
+        "benchmarks/capture/{model}.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: config["threads"]
+    resources:
+        mem_mb=8000,
+    params:
+        name=model_name,
+        chunks=CAPTURE["chunks"],
+        batch_size=CAPTURE["batch_size"],
+        mass=CAPTURE["mass"],
+        layers=CAPTURE["layers"],
+        qk_chunks=CAPTURE["qk_chunks"],
+    shell:
+        "attnlab capture --model {params.name} --manifest {input.manifest}"
+        " --metrics {output.metrics} --qk {output.qk} --chunks {params.chunks}"
+        " --batch-size {params.batch_size} --mass {params.mass}"
+        " --qk-layers {params.layers} --qk-chunks {params.qk_chunks}"
+        " --threads {threads} 2> {log}"
+
+
+rule capture_figure:
+    input:
+        metrics="results/capture/{model}/metrics",
+        code=module_sources("plots.capture", root=workflow.basedir),
+    output:
+        report(
+            "figs/capture_{model}_{kind}.png",
+            caption="../report/capture.rst",
+            category="Attention capture",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/figures/capture_{model}_{kind}.log",
+    conda:
+        "../envs/attnlab.yaml"
+    wildcard_constraints:
+        kind="entropy|qnorm_entropy|keff|sink",
+    params:
+        resamples=CAPTURE["bootstrap"],
+        seed=config["seed"],
+    shell:
+        "attnlab plot capture-{wildcards.kind} --table {input.metrics}"
+        " --resamples {params.resamples} --seed {params.seed} --out {output} 2> {log}"
