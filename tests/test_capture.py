@@ -187,3 +187,11 @@ def test_killed_corpus_capture_leaves_nothing_and_resumes(smollm2, sharded, tmp_
     job(None).run(fresh / "metrics", fresh / "qk")
     again = tables.read(fresh / "metrics").sort(["sample", "layer", "head", "token"])
     assert again.equals(df.sort(["sample", "layer", "head", "token"]))
+
+
+def test_k_eff_on_the_tensors_device_matches_the_numpy_sort():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(2, 2, 64, 64, generator=g) * 2, -1)
+    np.testing.assert_array_equal(
+        metrics.k_eff_torch(probs).numpy(), metrics.k_eff(probs.numpy(), 0.9)
+    )

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from attnlab import sparse, tables
+from attnlab import hooks, sparse, tables
 from attnlab.errors import UserError
 from attnlab.metrics import METRICS, row_metrics
 
@@ -43,37 +42,15 @@ def _rope_tap(model, layers: Sequence[int], store: dict) -> Iterator[None]:
     if not layers:
         yield
         return
-    decoder = model.model.layers
-    bad = [i for i in layers if not 0 <= i < len(decoder)]
-    if bad:
-        raise UserError(f"capture.layers {bad} outside the model's layers 0..{len(decoder) - 1}")
-    module = sys.modules[type(decoder[0].self_attn).__module__]
-    rope = getattr(module, "apply_rotary_pos_emb", None)
-    if rope is None:
-        raise UserError(
-            f"Q/K capture needs an attention that calls apply_rotary_pos_emb; "
-            f"{module.__name__} has none (set capture.layers to [])"
-        )
-    current = [-1]
-
-    def tapped(q, k, cos, sin, *args, **kwargs):
-        q_post, k_post = rope(q, k, cos, sin, *args, **kwargs)
-        if current[0] in wanted:
-            store[current[0]] = (q, k, q_post, k_post)
-        return q_post, k_post
-
+    hooks.check_layers(model, layers, "capture.layers")
     wanted = set(layers)
-    hooks = [
-        layer.self_attn.register_forward_pre_hook(lambda *_, i=i: current.__setitem__(0, i))
-        for i, layer in enumerate(decoder)
-    ]
-    module.apply_rotary_pos_emb = tapped
-    try:
+
+    def keep(layer, q, k, q_rot, k_rot):
+        if layer in wanted:
+            store[layer] = (q, k, q_rot, k_rot)
+
+    with hooks.at_rope(model, after=keep):
         yield
-    finally:
-        module.apply_rotary_pos_emb = rope
-        for h in hooks:
-            h.remove()
 
 
 def _qk_table(store: dict, sample_offset: int) -> pa.Table:
@@ -133,8 +110,9 @@ def capture_metrics(
 
     def observe(layer: int, query: torch.Tensor, probs: torch.Tensor) -> None:
         cols = row_metrics(probs, torch.arange(t), mass)
-        cols["q_norm"] = query.float().norm(dim=-1).cpu()  # (B, H, T)
+        cols["q_norm"] = query.float().norm(dim=-1)  # (B, H, T)
         for name, v in cols.items():
+            v = v.cpu()
             if name not in out:
                 out[name] = torch.full((n_layers, *v.shape), float("nan"))
             out[name][layer] = v

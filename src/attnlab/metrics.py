@@ -36,19 +36,27 @@ def k_eff(probs: np.ndarray, mass: float = 0.9) -> np.ndarray:
     return out.reshape(probs.shape[:-1])
 
 
+def k_eff_torch(probs: torch.Tensor, mass: float = 0.9) -> torch.Tensor:
+    """:func:`k_eff` on the tensor's own device (for CUDA, where the sort is fast)."""
+    top = probs.sort(dim=-1, descending=True).values.double().cumsum(-1)
+    return ((top < mass - 1e-6).sum(-1) + 1).float()
+
+
 def row_metrics(probs: torch.Tensor, q_pos: torch.Tensor, mass: float = 0.9) -> dict:
     """Metrics of attention rows. probs: (B, H, Tq, Tk), rows summing to 1 over what they
-    see; q_pos: (Tq,) absolute positions. Returns a dict of (B, H, Tq) float32 tensors."""
-    p = probs.detach().float().cpu()
+    see; q_pos: (Tq,) absolute positions. Returns a dict of (B, H, Tq) float32 tensors on
+    the device of ``probs``."""
+    p = probs.detach().float()
     bad = torch.isnan(p).any(-1)  # (B, H, Tq)
     if bad.any():
         p = torch.where(bad[..., None], 0.0, p)
     entropy = -torch.special.xlogy(p, p).sum(-1)  # 0 log 0 = 0
-    entropy = entropy.masked_fill(q_pos.cpu() < 2, float("nan"))
+    entropy = entropy.masked_fill(q_pos.to(p.device) < 2, float("nan"))
+    span = torch.from_numpy(k_eff(p.numpy(), mass)) if p.is_cpu else k_eff_torch(p, mass)
     cols = {
         "entropy": entropy,
         "max_weight": p.amax(-1),
-        "k_eff": torch.from_numpy(k_eff(p.numpy(), mass)),
+        "k_eff": span,
         "sink_mass": p[..., 0].clone(),
     }
     if bad.any():
