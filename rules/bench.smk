@@ -23,3 +23,29 @@ rule bench_kernels:
         out_dir=subpath(output.table, parent=True),
     shell:
         "python -m attnlab.bench kernels --out {params.out_dir} --fig {output.fig} > {log} 2>&1"
+
+
+# Capture benchmark: the capture stage against output_attentions=True on the real models,
+# tokens per second and peak memory side by side in one run (CPU).
+rule bench_capture:
+    input:
+        code=module_sources(
+            "bench_capture", "capture", "metrics", "sparse", root=workflow.basedir
+        ),
+    output:
+        table="results/bench/capture.parquet",
+        csv="results/bench/capture.csv",
+        fig="figs/bench_capture.png",
+    log:
+        "logs/bench/capture.log",
+    benchmark:
+        "benchmarks/bench/capture.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: config["threads"]
+    params:
+        models=list(MODELS.values()),
+        out_dir=subpath(output.table, parent=True),
+    shell:
+        "attnlab bench capture --models {params.models} --threads {threads}"
+        " --out {params.out_dir} --fig {output.fig} > {log} 2>&1"

@@ -1,0 +1,278 @@
+"""Capture benchmark: the capture stage against the straightforward approach.
+
+``attnlab bench capture`` runs, side by side in one process on the same model and the
+same chunks, (a) :func:`attnlab.capture.capture_metrics`: one forward pass in which each
+layer's weights are reduced to per-token metrics as the layer runs, and (b) the
+straightforward approach: ``model(ids, output_attentions=True)`` with transformers' eager
+attention, then the same metrics (:func:`attnlab.metrics.row_metrics`) from the stored
+matrices, layer by layer. A third method is (b) with
+``logits_to_keep=1``, to show how much of the difference is the language-model head
+(capture needs no logits). The methods take turns within each repeat; the table holds every
+run's tokens per second and peak memory above the memory held before the run (resident
+set on the CPU, sampled every millisecond; allocated memory on CUDA), and the largest
+difference between the two methods' metrics, which must be ~0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _return_freed_memory() -> bool:
+    """Make glibc serve every allocation of 64 KiB or more by mmap and give it back when
+    freed, so that the resident set follows the live tensors instead of the allocator's
+    high-water mark. Returns whether it could."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 16) and libc.mallopt(m_trim_threshold, 1 << 16))
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in MiB: CUDA allocations, or the resident set
+    of this process sampled by a thread (torch releases the GIL while it computes)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self._rss()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._rss() - self.base)
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss() - self.base)
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+def straightforward(
+    model, tokens: np.ndarray, mass: float, logits_to_keep: int = 0
+) -> dict[str, np.ndarray]:
+    """output_attentions=True, then metrics of every stored layer: name -> (B, L, H, T).
+    ``logits_to_keep=0`` computes the logits of every position, as a plain call does."""
+    from attnlab import metrics, sparse
+
+    model.set_attn_implementation("eager")
+    try:
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=model.device)
+        with torch.inference_mode():
+            out = model(input_ids=ids, output_attentions=True, logits_to_keep=logits_to_keep)
+            q_pos = torch.arange(ids.shape[1])
+            per_layer = [metrics.row_metrics(a, q_pos, mass) for a in out.attentions]
+    finally:
+        sparse.install(model)
+    return {m: torch.stack([p[m] for p in per_layer], 1).numpy() for m in metrics.METRICS}
+
+
+def fused(model, tokens: np.ndarray, n_kv_heads: int, mass: float) -> dict[str, np.ndarray]:
+    """The capture stage's path: name -> (B, L, H, T)."""
+    from attnlab import capture, metrics
+
+    table, _ = capture.capture_metrics(model, tokens, n_kv_heads, mass)
+    b, t = tokens.shape
+    return {
+        m: table[m].to_numpy().reshape(b, -1, model.config.num_attention_heads, t)
+        for m in metrics.METRICS
+    }
+
+
+def corpus_tokens(tokenizer, chunks: int, chunk_len: int) -> np.ndarray:
+    """Chunks of real text every machine has: CPython's help topics, tokenized."""
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics.values())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    need = chunks * chunk_len
+    if len(ids) < need:
+        raise SystemExit(f"the help topics give {len(ids)} tokens, fewer than {need}")
+    return np.asarray(ids[:need], dtype=np.int64).reshape(chunks, chunk_len)
+
+
+def run(args, model_name: str) -> list[dict]:
+    """Time the methods on one model; rows of the table (one per method and repeat)."""
+    from attnlab import metrics, models, sparse
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rss_exact = args.device == "cpu" and _return_freed_memory()
+    model, tokenizer, info = models.load(model_name, device=args.device)
+    sparse.install(model)
+    if args.manifest:
+        from attnlab.corpus import read_corpus
+
+        tokens = read_corpus(args.manifest)[: args.chunks].astype(np.int64)
+    else:
+        tokens = corpus_tokens(tokenizer, args.chunks, args.chunk_len)
+    batches = [tokens[i : i + args.batch_size] for i in range(0, len(tokens), args.batch_size)]
+    methods = {
+        "capture": lambda b: fused(model, b, info.n_kv_heads, args.mass),
+        "output_attentions": lambda b: straightforward(model, b, args.mass),
+        # the same, told to skip the logits of every position but the last, as capture does
+        "output_attentions_last_logits": lambda b: straightforward(model, b, args.mass, 1),
+    }
+    # Warm-up, and the check that both give the same numbers.
+    first = {name: fn(batches[0]) for name, fn in methods.items()}
+    diff = max(
+        float(np.nanmax(np.abs(first["capture"][m] - first["output_attentions"][m])))
+        for m in metrics.METRICS
+    )
+    print(f"largest metric difference between the methods: {diff:.2e}", flush=True)
+    rows = []
+    order = list(methods)
+    for rep in range(args.repeats):
+        for name in order[rep % len(order) :] + order[: rep % len(order)]:  # rotate
+            with PeakMemory(args.device) as mem:
+                start = time.perf_counter()
+                for b in batches:
+                    methods[name](b)
+                seconds = time.perf_counter() - start
+            rows.append(
+                {
+                    "method": name,
+                    "repeat": rep,
+                    "tokens": int(tokens.size),
+                    "seconds": seconds,
+                    "tokens_per_s": tokens.size / seconds,
+                    "peak_mem_mib": mem.mib,
+                }
+            )
+            print(
+                f"{model_name:<14} {name:<30} rep {rep}: {tokens.size / seconds:8.1f} tok/s, "
+                f"peak +{mem.mib:8.1f} MiB",
+                flush=True,
+            )
+    meta = {
+        "model": model_name,
+        "device": args.device,
+        "threads": args.threads,
+        "chunks": len(tokens),
+        "chunk_len": tokens.shape[1],
+        "batch_size": args.batch_size,
+        "layers": info.n_layers,
+        "max_metric_diff": diff,
+        "rss_returns_freed_memory": rss_exact,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    return [{**r, **meta} for r in rows]
+
+
+def summary(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """Median tokens/s and peak memory per (model, method)."""
+    out = {}
+    for key in dict.fromkeys((r["model"], r["method"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["method"]) == key]
+        out[key] = {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
+            "peak_mem_mib": statistics.median(r["peak_mem_mib"] for r in mine),
+        }
+    return out
+
+
+def plot(rows: list[dict], out: str | Path) -> None:
+    """A row of two panels per model: tokens per second and peak memory, medians as bars
+    and every repeat as a dot."""
+    import matplotlib.pyplot as plt
+
+    from attnlab.plots.niah import _save
+
+    med = summary(rows)
+    model_names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(
+        len(model_names), 2, figsize=(9, 3 * len(model_names)), squeeze=False, layout="constrained"
+    )
+    for row_axes, model in zip(axes, model_names, strict=True):
+        names = [m for (mo, m) in med if mo == model]
+        for ax, key, label in (
+            (row_axes[0], "tokens_per_s", "tokens per second"),
+            (row_axes[1], "peak_mem_mib", "peak memory above baseline (MiB)"),
+        ):
+            vals = [med[model, n][key] for n in names]
+            bars = ax.bar(range(len(names)), vals, color=["tab:blue", "tab:gray", "tab:olive"])
+            ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
+            for i, name in enumerate(names):
+                pts = [r[key] for r in rows if r["method"] == name and r["model"] == model]
+                ax.scatter([i] * len(pts), pts, color="k", s=8, zorder=3)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+            ax.set_ylabel(label, fontsize=8)
+        r0 = next(r for r in rows if r["model"] == model)
+        ours, base = med[model, "capture"], med[model, "output_attentions"]
+        row_axes[0].set_title(
+            f"{model} on {r0['device']} ({r0['threads']} threads), {r0['chunks']} x "
+            f"{r0['chunk_len']} tokens, batch {r0['batch_size']}: capture "
+            f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}x the throughput, "
+            f"{ours['peak_mem_mib'] / max(base['peak_mem_mib'], 1e-9):.3f}x the memory",
+            fontsize=8,
+            loc="left",
+        )
+    _save(fig, out)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("capture", help="capture stage against output_attentions=True (real model)")
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    p.add_argument("--manifest", help="take the chunks from a corpus manifest (else help topics)")
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--chunk-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--mass", type=float, default=0.9)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="results/bench", help="folder for capture.parquet / .csv")
+    p.add_argument("--fig", default="figs/bench_capture.png", help="figure path ('' for none)")
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    from attnlab.bench import write_table
+
+    rows = [row for name in args.models for row in run(args, name)]
+    write_table(rows, Path(args.out), "capture", {})
+    if args.fig:
+        plot(rows, args.fig)
+    for (model, name), s in summary(rows).items():
+        print(
+            f"{model:<14} {name:<30} median {s['tokens_per_s']:8.1f} tok/s, "
+            f"peak +{s['peak_mem_mib']:8.1f} MiB"
+        )
+    return rows
