@@ -5,7 +5,9 @@ rule capture:
     input:
         manifest="results/corpus/{model}/manifest.json",
         shards="results/corpus/{model}/shards",
-        code=module_sources("capture", "metrics", "sparse", "models", root=workflow.basedir),
+        code=module_sources(
+            "capture", "metrics", "sparse", "models", root=workflow.basedir
+        ),
     output:
         metrics=directory("results/capture/{model}/metrics"),
         qk=directory("results/capture/{model}/qk"),
@@ -46,10 +48,10 @@ rule capture_figure:
         ),
     log:
         "logs/figures/capture_{model}_{kind}.log",
-    conda:
-        "../envs/attnlab.yaml"
     wildcard_constraints:
         kind="entropy|qnorm_entropy|keff|sink",
+    conda:
+        "../envs/attnlab.yaml"
     params:
         resamples=CAPTURE["bootstrap"],
         seed=config["seed"],

@@ -29,6 +29,7 @@ MODELS = {model_key(m): m for m in config["models"]}
 NIAH = config["niah"]
 CORPUS = config["corpus"]
 CAPTURE = config["capture"]
+INTERVENTION = config["intervention"]
 
 
 wildcard_constraints:
@@ -79,3 +80,32 @@ def target_sparsity(wildcards):
 def all_targets():
     figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
     return figs + ["figs/niah_summary.png"]
+
+
+def intervention_heads_input(wildcards):
+    """The capture tables, when a head is to be picked from them (auto)."""
+    if "auto" in (INTERVENTION["target"], INTERVENTION["control"]):
+        return {"metrics": f"results/capture/{wildcards.model}/metrics"}
+    return {}
+
+
+def capture_metrics_arg(wildcards, input):
+    return f"--capture-metrics {input.metrics}" if "metrics" in input.keys() else ""
+
+
+def sweep_files(wildcards):
+    """The target's and the control's sweep tables, once the heads are resolved."""
+    heads = checkpoints.intervention_heads.get(model=wildcards.model).output[0]
+    chosen = json.loads(Path(heads).read_text())
+    base = f"results/intervention/{wildcards.model}"
+    return {r: f"{base}/{chosen[r]['head']}.parquet" for r in ("target", "control")}
+
+
+def sweep_args(wildcards, input, flag=None):
+    """The sweep tables as command-line arguments. A dry run plans these jobs before the
+    heads are known (the checkpoint has not run), when the inputs are still unnamed."""
+    if "target" not in input.keys():
+        return "<target and control sweeps, once the heads are resolved>"
+    if flag is None:
+        return f"--target {input.target} --control {input.control}"
+    return f"{flag} {input.target} {input.control}"

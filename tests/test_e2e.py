@@ -70,6 +70,7 @@ def test_new_sparsity_reruns_only_scoring_and_figures(run_dir):
     assert jobs == {"niah_score": 1, "niah_table": 1, "niah_heatmap": 1}
 
 
+INTERVENTION_FIGS = ["figs/intervention_gemma3-270m.png", "figs/gain_gemma3-270m.png"]
 CAPTURE_FIGS = [
     f"figs/capture_gemma3-270m_{k}.png" for k in ("entropy", "qnorm_entropy", "keff", "sink")
 ]
@@ -87,9 +88,10 @@ def capture_dir(tmp_path_factory, topics_jsonl):
             "qk_chunks": 3,
             "bootstrap": 200,
         },
+        "intervention": {"chunks": 2, "batch_size": 2, "scales": [0.5, 1.0, 1.5], "bootstrap": 200},
     }
     workdir = copy_workflow(tmp_path_factory.mktemp("capture"), cfg)
-    snakemake(workdir, "--cores", "2", *CAPTURE_FIGS)
+    snakemake(workdir, "--cores", "2", *CAPTURE_FIGS, *INTERVENTION_FIGS)
     return workdir
 
 
@@ -118,3 +120,25 @@ def test_new_capture_layers_rerun_capture_but_not_sharding(capture_dir):
     (capture_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(capture_dir, "-n", *CAPTURE_FIGS))
     assert jobs == {"capture": 1, "capture_figure": 4}
+
+
+def test_intervention_on_auto_heads_from_the_capture(capture_dir):
+    base = capture_dir / "results/intervention/gemma3-270m"
+    heads = json.loads((base / "heads.json").read_text())
+    assert heads["target"]["head"] != heads["control"]["head"]
+    assert abs(heads["target"]["r"]) >= abs(heads["control"]["r"])
+    from attnlab import tables
+
+    target = base / f"{heads['target']['head']}.parquet"
+    checks = tables.meta(target)["checks"]
+    assert checks["scale_one_max_logit_diff"] == 0.0 and checks["isolation"]["ok"]
+    df = pl.read_parquet(target)
+    assert sorted(df["scale"].unique().to_list()) == [0.5, 1.0, 1.5]
+    assert df.height == 3 * 2 * 64
+    g = pl.read_parquet(base / "gain.parquet")
+    assert g.height == 6 and set(g["role"]) == {"target", "control"}
+    assert g["verdict"].str.contains("expected|no monotone trend").all()
+    for fig in INTERVENTION_FIGS:
+        assert (capture_dir / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (capture_dir / f"logs/intervention/gemma3-270m_{heads['target']['head']}.log").read_text()
+    assert "expected as the scale grows: entropy decreasing" in log

@@ -39,3 +39,25 @@ def test_default_config_plans_the_main_job(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n", "figs/niah_heatmap_99.png"))
     # 2 models x (full + 3 policies x 3 sparsities) scoring jobs
     assert jobs["niah_score"] == 20 and jobs["niah_prompts"] == 2 and jobs["niah_heatmap"] == 1
+
+
+def test_intervention_needs_the_capture_only_for_auto_heads(tmp_path, topics_jsonl):
+    from workflow_helpers import planned_jobs
+
+    corpus = {"source": str(topics_jsonl)}
+    fig = "figs/gain_smollm2-135m.png"
+    copy_workflow(tmp_path / "auto", {"models": ["smollm2-135m"], "corpus": corpus})
+    auto = planned_jobs(snakemake(tmp_path / "auto", "-n", fig))
+    assert auto["capture"] == 1 and auto["intervention_heads"] == 1
+    explicit = {"target": "L3H0", "control": "L20H4"}
+    cfg = {"models": ["smollm2-135m"], "corpus": corpus, "intervention": explicit}
+    copy_workflow(tmp_path / "explicit", cfg)
+    jobs = planned_jobs(snakemake(tmp_path / "explicit", "-n", fig))
+    assert "capture" not in jobs and jobs["intervention_heads"] == 1
+
+
+def test_a_malformed_head_in_the_config_stops_with_one_line(tmp_path):
+    copy_workflow(tmp_path, {"intervention": {"target": "layer3"}})
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "config error at intervention.target" in proc.stderr and "Traceback" not in proc.stderr

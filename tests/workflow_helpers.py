@@ -21,6 +21,7 @@ WORKFLOW_FILES = [
 
 
 def copy_workflow(dest: Path, config: dict | None = None) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)

@@ -178,16 +178,130 @@ def _niah_table(a) -> None:
     tables.write(df.to_arrow(), a.out, meta=tables.meta(a.inputs[0]) | {"inputs": a.inputs})
 
 
+def _intervention_heads(a) -> None:
+    from attnlab import intervention
+
+    chosen = {}
+    auto = None
+    for role, value in (("target", a.target), ("control", a.control)):
+        if value == "auto":
+            if a.capture_metrics is None:
+                raise UserError(f"intervention.{role} is auto but no capture tables were given")
+            if auto is None:
+                auto = intervention.pick_heads(a.capture_metrics, a.resamples, a.seed)
+            chosen[role] = auto[role] | {
+                "how": "auto: |r(query norm, entropy)| "
+                + ("largest" if role == "target" else "smallest")
+            }
+        else:
+            chosen[role] = {"head": intervention.Head.parse(value).name, "how": "config"}
+    if chosen["target"]["head"] == chosen["control"]["head"]:
+        raise UserError(f"target and control are the same head {chosen['target']['head']}")
+    _write_json({"model": a.model, **chosen}, a.out)
+
+
+def _intervention(a) -> None:
+    from pathlib import Path
+
+    import pyarrow as pa
+    import torch
+    from tqdm import tqdm
+
+    from attnlab import corpus, intervention, models, sparse, tables
+
+    torch.set_num_threads(a.threads)
+    heads = json.loads(Path(a.heads).read_text())
+    role = next((r for r in ("target", "control") if heads[r]["head"] == a.head), None)
+    if role is None:
+        raise UserError(f"{a.head} is neither the target nor the control in {a.heads}")
+    head = intervention.Head.parse(a.head)
+    tokens = corpus.read_corpus(a.manifest)[: a.chunks].astype("int64")
+    model, _, _ = models.load(a.model)
+    sparse.install(model)
+    head.check(model)
+    sanity = intervention.sanity_check(model, tokens[:1], head)
+    isolation = intervention.isolation_check(model, tokens[:1], head, max(a.scales))
+    print(
+        f"check: scale 1.0 against no intervention, largest logit difference {sanity:g}",
+        file=sys.stderr,
+    )
+    print(f"check: isolation {isolation}", file=sys.stderr)
+    if sanity > 1e-6 or not isolation["ok"]:
+        raise UserError(
+            f"the intervention on {head.name} failed its checks: scale 1.0 "
+            f"differs by {sanity:g}; isolation {isolation}"
+        )
+    for metric, way in intervention.EXPECTED.items():
+        print(f"expected as the scale grows: {metric} {way}", file=sys.stderr)
+    with tqdm(
+        total=len(a.scales) * tokens.size,
+        unit="tok",
+        unit_scale=True,
+        desc=f"sweep {a.model} {head.name}",
+        mininterval=5,
+        file=sys.stderr,
+    ) as bar:
+        cols = intervention.sweep(model, tokens, head, a.scales, a.batch_size, a.mass, bar)
+    n = len(cols["scale"])
+    cols |= {
+        "model": [a.model] * n,
+        "role": [role] * n,
+        "layer": [head.layer] * n,
+        "head": [head.head] * n,
+    }
+    meta = {
+        "model": a.model,
+        "role": role,
+        "head": head.name,
+        "selection": heads[role],
+        "scales": a.scales,
+        "chunks": int(len(tokens)),
+        "mass": a.mass,
+        "expected": intervention.EXPECTED,
+        "checks": {"scale_one_max_logit_diff": sanity, "isolation": isolation},
+    }
+    tables.write(pa.table(cols), a.out, meta=meta)
+
+
+def _gain(a) -> None:
+    from attnlab import gain, tables
+
+    target, control = tables.read(a.target), tables.read(a.control)
+    rows = gain.gain_rows(target, control, a.resamples, a.seed)
+    meta = {
+        "target": tables.meta(a.target),
+        "control": tables.meta(a.control),
+        "resamples": a.resamples,
+        "seed": a.seed,
+    }
+    for r in rows:
+        r["model"] = meta["target"].get("model")
+        print(
+            f"{r['metric']:<11} {r['role']:<8} gain {r['gain']:+.4f} "
+            f"[{r['gain_lo']:+.4f}, {r['gain_hi']:+.4f}]  {r['verdict']}",
+            file=sys.stderr,
+        )
+    tables.write(rows, a.out, meta=meta)
+
+
 def _plot(a) -> None:
     from attnlab.plots import capture as capture_plots
     from attnlab.plots import niah as niah_plots
 
-    if a.figure in capture_plots.FIGURES:
-        capture_plots.FIGURES[a.figure](a.table, a.out, resamples=a.resamples, seed=a.seed)
+    if a.figure == "intervention":
+        from attnlab.plots.intervention import plot_sweep
+
+        plot_sweep(a.table, a.out, seed=a.seed)
+    elif a.figure == "gain":
+        from attnlab.plots.intervention import plot_gain
+
+        plot_gain(a.table[0], a.out)
+    elif a.figure in capture_plots.FIGURES:
+        capture_plots.FIGURES[a.figure](a.table[0], a.out, resamples=a.resamples, seed=a.seed)
     elif a.figure == "niah-heatmap":
-        niah_plots.plot_heatmap(a.table, a.sparsity, a.out)
+        niah_plots.plot_heatmap(a.table[0], a.sparsity, a.out)
     else:
-        niah_plots.plot_summary(a.table, a.out)
+        niah_plots.plot_summary(a.table[0], a.out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -237,6 +351,37 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=_capture)
 
+    s = sub.add_parser("intervention-heads", help="resolve the target and control heads")
+    s.add_argument("--model", required=True)
+    s.add_argument("--target", default="auto", help="L<layer>H<head>, or auto")
+    s.add_argument("--control", default="auto", help="L<layer>H<head>, or auto")
+    s.add_argument("--capture-metrics", help="capture tables, for auto")
+    s.add_argument("--resamples", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_intervention_heads)
+
+    s = sub.add_parser("intervention", help="query-scaling sweep of one head")
+    s.add_argument("--model", required=True)
+    s.add_argument("--manifest", required=True, help="the corpus stage's manifest.json")
+    s.add_argument("--heads", required=True, help="heads.json from intervention-heads")
+    s.add_argument("--head", required=True, help="L<layer>H<head>")
+    s.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5])
+    s.add_argument("--chunks", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--mass", type=float, default=0.9)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_intervention)
+
+    s = sub.add_parser("gain", help="gain of the target and control sweeps")
+    s.add_argument("--target", required=True)
+    s.add_argument("--control", required=True)
+    s.add_argument("--resamples", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_gain)
+
     s = sub.add_parser("niah-score", help="score prompts under one policy and sparsity")
     s.add_argument("--model", required=True)
     s.add_argument("--prompts", required=True)
@@ -265,9 +410,16 @@ def parser() -> argparse.ArgumentParser:
             "capture-qnorm_entropy",
             "capture-keff",
             "capture-sink",
+            "intervention",
+            "gain",
         ],
     )
-    s.add_argument("--table", required=True, help="a table, or the capture metrics folder")
+    s.add_argument(
+        "--table",
+        required=True,
+        nargs="+",
+        help="a table, or the capture metrics folder; intervention: target and control sweeps",
+    )
     s.add_argument("--sparsity", type=float, default=0.99)
     s.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     s.add_argument("--seed", type=int, default=0)

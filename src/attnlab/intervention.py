@@ -1,0 +1,199 @@
+"""Query-scaling intervention: scale one head's query and watch its attention sharpen.
+
+The query of one (layer, head) is multiplied by a factor after any QK-norm and before
+RoPE (at the model's ``apply_rotary_pos_emb`` call, :mod:`attnlab.hooks`): scaling q by c
+is softmax temperature 1/c, so entropy and k_eff should fall and the largest weight rise
+as c grows. Every other head's query, and every key and value, stay as they were; the
+two checks that every sweep records (:func:`sanity_check`, :func:`isolation_check`)
+verify that on the model at hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnlab import hooks, sparse
+from attnlab.errors import UserError
+from attnlab.metrics import row_metrics
+
+SWEEP_METRICS = ("entropy", "max_weight", "k_eff")
+# The direction each metric should move as the scale grows (temperature 1/scale).
+EXPECTED = {"entropy": "decreasing", "max_weight": "increasing", "k_eff": "decreasing"}
+
+
+@dataclass(frozen=True)
+class Head:
+    layer: int
+    head: int
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    @classmethod
+    def parse(cls, name: str) -> Head:
+        m = re.fullmatch(r"L(\d+)H(\d+)", name)
+        if m is None:
+            raise UserError(f"head {name!r} is not of the form L<layer>H<head>")
+        return cls(int(m[1]), int(m[2]))
+
+    def check(self, model) -> None:
+        hooks.check_layers(model, [self.layer], f"head {self.name}: layer")
+        n = model.config.num_attention_heads
+        if not 0 <= self.head < n:
+            raise UserError(f"head {self.name}: the model has heads 0..{n - 1}")
+
+
+@contextlib.contextmanager
+def scale_query(model, head: Head, scale: float) -> Iterator[None]:
+    """While the block runs, multiply ``head``'s pre-RoPE query by ``scale``."""
+    head.check(model)
+
+    def before(layer, q, k):
+        if layer != head.layer:
+            return q, k
+        q = q.clone()
+        q[:, head.head] = q[:, head.head] * scale
+        return q, k
+
+    with hooks.at_rope(model, before=before):
+        yield
+
+
+@torch.inference_mode()
+def sanity_check(model, tokens: np.ndarray, head: Head) -> float:
+    """Largest |logit difference| between no intervention and scale 1.0 (should be 0)."""
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=model.device)
+    plain = model(input_ids=ids, use_cache=False).logits
+    with scale_query(model, head, 1.0):
+        scaled = model(input_ids=ids, use_cache=False).logits
+    return float((plain - scaled).abs().max())
+
+
+def _layer_qkv(model, ids: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    """Q and K after RoPE and V (before any GQA expansion) as the layer's attention gets them."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def after(i, q, k, q_rot, k_rot):
+        if i == layer:
+            seen["q"], seen["k"] = q_rot.clone(), k_rot.clone()
+
+    attn = hooks.decoder_layers(model)[layer].self_attn
+    handle = attn.v_proj.register_forward_hook(lambda m, i, out: seen.__setitem__("v", out))
+    try:
+        with hooks.at_rope(model, after=after):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return seen
+
+
+@torch.inference_mode()
+def isolation_check(model, tokens: np.ndarray, head: Head, scale: float = 1.5) -> dict:
+    """Which heads' Q, K and V of the target layer change under the intervention.
+
+    Passes when only the target head's query changes (K and V bit for bit equal).
+    """
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=model.device)
+    plain = _layer_qkv(model, ids, head.layer)
+    with scale_query(model, head, scale):
+        moved = _layer_qkv(model, ids, head.layer)
+    q_diff = (plain["q"] - moved["q"]).abs().amax(dim=(0, 2, 3))  # per head
+    changed = [int(h) for h in torch.nonzero(q_diff > 0).flatten()]
+    k_diff = float((plain["k"] - moved["k"]).abs().max())
+    v_diff = float((plain["v"] - moved["v"]).abs().max())
+    return {
+        "scale": scale,
+        "q_changed_heads": changed,
+        "k_max_diff": k_diff,
+        "v_max_diff": v_diff,
+        "ok": changed == [head.head] and k_diff == 0.0 and v_diff == 0.0,
+    }
+
+
+class _Done(Exception):
+    """Raised by the observer once the target layer is measured: later layers cannot
+    change it, so the forward pass stops there."""
+
+
+@torch.inference_mode()
+def sweep(
+    model,
+    tokens: np.ndarray,
+    head: Head,
+    scales: Sequence[float],
+    batch_size: int = 4,
+    mass: float = 0.9,
+    progress=None,
+) -> dict[str, np.ndarray]:
+    """Entropy, max weight and k_eff of ``head`` per (scale, sample, token) with its query
+    scaled by each factor. Returns flat columns: scale, sample, token and the metrics."""
+    head.check(model)
+    cols: dict[str, list] = {k: [] for k in ("scale", "sample", "token", *SWEEP_METRICS)}
+    n, t = tokens.shape
+
+    def observe(layer, query, probs):
+        if layer == head.layer:
+            m = row_metrics(probs[:, head.head : head.head + 1], torch.arange(t), mass)
+            found.update({k: v[:, 0].cpu().numpy() for k, v in m.items()})  # (B, T)
+            raise _Done
+
+    for scale in scales:
+        for start in range(0, n, batch_size):
+            batch = torch.as_tensor(tokens[start : start + batch_size], device=model.device)
+            found: dict[str, np.ndarray] = {}
+            with contextlib.suppress(_Done), sparse.observe(observe):
+                with scale_query(model, head, scale):
+                    model(input_ids=batch, use_cache=False, logits_to_keep=1)
+            b = batch.shape[0]
+            cols["scale"].append(np.full(b * t, scale))
+            cols["sample"].append(np.repeat(np.arange(start, start + b), t))
+            cols["token"].append(np.tile(np.arange(t), b))
+            for k in SWEEP_METRICS:
+                cols[k].append(found[k].reshape(-1))
+            if progress is not None:
+                progress.update(b * t)
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def pick_heads(metrics_dir, resamples: int = 2000, seed: int = 0) -> dict:
+    """Target = the head whose query norm correlates most strongly (largest |r|) with its
+    attention entropy in the capture tables; control = the weakest (smallest |r|)."""
+    import polars as pl
+
+    from attnlab import tables
+    from attnlab.stats import cluster_pearson
+
+    files = sorted(Path(metrics_dir).glob("*.parquet"))
+    if not files:
+        raise UserError(f"no capture tables in {metrics_dir} to pick heads from")
+    cols = ["sample", "layer", "head", "q_norm", "entropy"]
+    df = pl.concat([tables.read(f, cols).select(cols) for f in files])
+    n_heads = int(df["head"].max()) + 1
+    group = df["layer"].to_numpy().astype(np.int64) * n_heads + df["head"].to_numpy()
+    res = cluster_pearson(
+        df["q_norm"].to_numpy().astype(np.float64),
+        df["entropy"].to_numpy().astype(np.float64),
+        df["sample"].to_numpy(),
+        group,
+        n_resamples=resamples,
+        seed=seed,
+    )
+    strength = np.abs(np.nan_to_num(res["r"], nan=0.0))
+    out = {}
+    for role, g in (("target", int(np.argmax(strength))), ("control", int(np.argmin(strength)))):
+        layer, head = divmod(g, n_heads)
+        out[role] = {
+            "head": Head(layer, head).name,
+            "r": float(res["r"][g]),
+            "r_lo": float(res["lo"][g]),
+            "r_hi": float(res["hi"][g]),
+        }
+    return out
