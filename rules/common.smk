@@ -30,6 +30,7 @@ NIAH = config["niah"]
 CORPUS = config["corpus"]
 CAPTURE = config["capture"]
 INTERVENTION = config["intervention"]
+INDUCTION = config["induction"]
 
 
 wildcard_constraints:
@@ -78,7 +79,10 @@ def target_sparsity(wildcards):
 
 
 def all_targets():
+    """The figures ``rule all`` builds: those that need no corpus, so no hub either."""
     figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
+    figs += [f"figs/induction_{k}.png" for k in ("cross_model", "causal", "lag")]
+    figs += [f"figs/induction_{k}_{m}.png" for k in ("heatmap", "profile", "nulls") for m in MODELS]
     return figs + ["figs/niah_summary.png"]
 
 
@@ -109,3 +113,9 @@ def sweep_args(wildcards, input, flag=None):
     if flag is None:
         return f"--target {input.target} --control {input.control}"
     return f"{flag} {input.target} {input.control}"
+
+
+def induction_tables(kind):
+    """Every model's table behind a cross-model induction figure."""
+    name = "causal.json" if kind == "causal" else "profile.json"
+    return [f"results/induction/{m}/{name}" for m in MODELS]

@@ -61,3 +61,16 @@ def test_a_malformed_head_in_the_config_stops_with_one_line(tmp_path):
     proc = snakemake(tmp_path, "-n", check=False)
     assert proc.returncode != 0
     assert "config error at intervention.target" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rule_all_plans_induction_for_every_model_and_refuses_lag_one(tmp_path):
+    from workflow_helpers import planned_jobs
+
+    copy_workflow(tmp_path / "default")
+    jobs = planned_jobs(snakemake(tmp_path / "default", "-n"))
+    assert jobs["induction_scores"] == 2 and jobs["induction_causal"] == 2
+    assert jobs["induction_cross_figure"] == 3 and jobs["induction_model_figure"] == 6
+    copy_workflow(tmp_path / "lag1", {"induction": {"lags": [1, 4]}})
+    proc = snakemake(tmp_path / "lag1", "-n", check=False)
+    assert proc.returncode != 0
+    assert "config error at induction.lags.0" in proc.stderr and "Traceback" not in proc.stderr

@@ -284,11 +284,159 @@ def _gain(a) -> None:
     tables.write(rows, a.out, meta=meta)
 
 
+def _induction_scores(a) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+    from tqdm import tqdm
+
+    from attnlab import induction, models, sparse, tables
+
+    torch.set_num_threads(a.threads)
+    model, tokenizer, info = models.load(a.model)
+    sparse.install(model)
+    prompts = induction.make_prompts(tokenizer, a.families, a.lags, a.seq_len, a.per_lag, a.seed)
+    if a.seq_len > info.max_positions:
+        raise UserError(f"induction seq_len {a.seq_len} exceeds the model's {info.max_positions}")
+    rows = {k: [] for k in ("family", "lag", "prompt", "shuffled", "layer", "head", "score")}
+    with tqdm(
+        total=len(prompts),
+        unit="prompt",
+        desc=f"induction {a.model}",
+        mininterval=5,
+        file=sys.stderr,
+    ) as bar:
+        for p, scores in induction.score_prompts(model, prompts, a.batch_size, bar):
+            n_layers, n_heads = scores.shape
+            layer, head = np.indices(scores.shape).reshape(2, -1)
+            rows["family"] += [p.family] * scores.size
+            rows["lag"] += [p.lag] * scores.size
+            rows["prompt"] += [p.index] * scores.size
+            rows["shuffled"] += [p.shuffled] * scores.size
+            rows["layer"] += layer.tolist()
+            rows["head"] += head.tolist()
+            rows["score"] += scores.ravel().tolist()
+    meta = {
+        "model": a.model,
+        "families": a.families,
+        "lags": a.lags,
+        "seq_len": a.seq_len,
+        "per_lag": a.per_lag,
+        "seed": a.seed,
+        "n_layers": info.n_layers,
+        "n_heads": info.n_heads,
+    }
+
+    tables.write(pa.table(rows), a.out, meta=meta)
+    prompt_rows = [
+        {
+            "family": p.family,
+            "lag": p.lag,
+            "prompt": p.index,
+            "shuffled": p.shuffled,
+            "tokens": p.tokens.tolist(),
+            "queries": p.queries.tolist(),
+            "sources": p.sources.tolist(),
+        }
+        for p in prompts
+    ]
+    tables.write(prompt_rows, a.prompts_out, meta=meta)
+
+
+def _score_array(df, shuffled: bool, n_layers: int, n_heads: int):
+    """Per-prompt (prompts, layers, heads) scores of the observed or the shuffled prompts."""
+    import numpy as np
+    import polars as pl
+
+    d = df.filter(pl.col("shuffled") == shuffled).sort(["family", "lag", "prompt", "layer", "head"])
+    return d["score"].to_numpy().reshape(-1, n_layers, n_heads).astype(np.float64)
+
+
+def _induction_analysis(a) -> None:
+    import polars as pl
+
+    from attnlab import robustness, tables
+
+    df = tables.read(a.scores, ["family", "lag", "prompt", "shuffled", "layer", "head", "score"])
+    meta = tables.meta(a.scores)
+    n_layers, n_heads = meta["n_layers"], meta["n_heads"]
+    observed = _score_array(df, False, n_layers, n_heads)
+    args = (a.profile, a.quantile)
+    profile = robustness.bootstrap_profile(observed, *args, a.bootstrap, a.seed)
+    profile |= {
+        "model": meta["model"],
+        "n_layers": n_layers,
+        "how": a.profile,
+        "quantile": a.quantile,
+        "relative_depth": [i / n_layers for i in range(n_layers)],
+        "head_scores": observed.mean(0).tolist(),
+        "lags": {},
+    }
+    for name, cond in (("short", pl.col("lag") <= 8), ("long", pl.col("lag") > 8)):
+        part = df.filter(cond & (pl.col("family") == "random"))
+        if part.height:
+            scores = _score_array(part, False, n_layers, n_heads)
+            profile["lags"][name] = robustness.bootstrap_profile(scores, *args, a.bootstrap, a.seed)
+    nulls = {
+        "model": meta["model"],
+        "shuffled_antecedent": robustness.shuffled_null(
+            _score_array(df, True, n_layers, n_heads), *args, a.bootstrap, a.seed
+        ),
+        "head_permutation": robustness.head_permutation_null(
+            observed.mean(0), *args, a.permutations, a.seed
+        ),
+    }
+    _write_json(profile, a.profile_out)
+    _write_json(nulls, a.nulls_out)
+
+
+def _induction_causal(a) -> None:
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from attnlab import causal, induction, models, tables
+
+    torch.set_num_threads(a.threads)
+    profile = json.loads(open(a.profile).read())
+    head_scores = np.asarray(profile["head_scores"])
+    cols = ["family", "lag", "prompt", "shuffled", "tokens", "queries", "sources"]
+    df = tables.read(a.prompts, cols).filter((pl.col("family") == "random") & ~pl.col("shuffled"))
+    df = df.sort(["prompt", "lag"]).head(a.n_prompts)  # every lag in turn
+    prompts = [
+        induction.InductionPrompt(
+            "random",
+            r["lag"],
+            i,
+            False,
+            np.asarray(r["tokens"]),
+            np.asarray(r["queries"]),
+            np.asarray(r["sources"]),
+        )
+        for i, r in enumerate(df.iter_rows(named=True))
+    ]
+    model, _, _ = models.load(a.model)
+    result = causal.causal_check(
+        model, prompts, head_scores, a.k, a.mode, a.draws, a.seed, a.bootstrap, a.batch_size
+    )
+    result["model"] = a.model
+    print(
+        f"copy accuracy {result['baseline']:.3f}; top-{a.k} ablated {result['topk']:.3f}; "
+        f"random-{a.k} ablated {result['random']:.3f}",
+        file=sys.stderr,
+    )
+    _write_json(result, a.out)
+
+
 def _plot(a) -> None:
     from attnlab.plots import capture as capture_plots
     from attnlab.plots import niah as niah_plots
 
-    if a.figure == "intervention":
+    if a.figure.startswith("induction-"):
+        from attnlab.plots import induction as induction_plots
+
+        induction_plots.FIGURES[a.figure](a.table, a.out)
+    elif a.figure == "intervention":
         from attnlab.plots.intervention import plot_sweep
 
         plot_sweep(a.table, a.out, seed=a.seed)
@@ -382,6 +530,45 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_gain)
 
+    s = sub.add_parser("induction-scores", help="induction prompts and per-prompt head scores")
+    s.add_argument("--model", required=True)
+    s.add_argument("--families", nargs="+", default=["random", "names"])
+    s.add_argument("--lags", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--per-lag", type=int, default=8, help="prompts per lag (and family)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True, help="scores.parquet")
+    s.add_argument("--prompts-out", required=True, help="prompts.parquet")
+    s.set_defaults(func=_induction_scores)
+
+    s = sub.add_parser("induction-analysis", help="layer profile, bootstrap, nulls")
+    s.add_argument("--scores", required=True)
+    s.add_argument("--profile", default="mean", choices=["mean", "top"])
+    s.add_argument("--quantile", type=float, default=0.9)
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--permutations", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--profile-out", required=True)
+    s.add_argument("--nulls-out", required=True)
+    s.set_defaults(func=_induction_analysis)
+
+    s = sub.add_parser("induction-causal", help="ablate top-k and random-k heads")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompts", required=True)
+    s.add_argument("--profile", required=True, help="profile.json (head scores)")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--mode", default="zero", choices=["zero", "mean"])
+    s.add_argument("--draws", type=int, default=5)
+    s.add_argument("--n-prompts", type=int, default=16)
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_induction_causal)
+
     s = sub.add_parser("niah-score", help="score prompts under one policy and sparsity")
     s.add_argument("--model", required=True)
     s.add_argument("--prompts", required=True)
@@ -412,6 +599,12 @@ def parser() -> argparse.ArgumentParser:
             "capture-sink",
             "intervention",
             "gain",
+            "induction-heatmap",
+            "induction-profile",
+            "induction-nulls",
+            "induction-cross-model",
+            "induction-causal",
+            "induction-lag",
         ],
     )
     s.add_argument(
