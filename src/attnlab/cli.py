@@ -130,7 +130,9 @@ def _niah_score(a) -> None:
     policy = policies.make(a.policy, **json.loads(a.policy_params))
     prompts = [
         niah.Prompt(**{k: r[k] for k in niah.Prompt.__dataclass_fields__})
-        for r in tables.read(a.prompts).iter_rows(named=True)
+        for r in tables.read(a.prompts, list(niah.Prompt.__dataclass_fields__)).iter_rows(
+            named=True
+        )
     ]
     pmeta = tables.meta(a.prompts)
     model, tokenizer, _ = models.load(a.model)
@@ -265,8 +267,10 @@ def _intervention(a) -> None:
 
 def _gain(a) -> None:
     from attnlab import gain, tables
+    from attnlab.intervention import SWEEP_METRICS
 
-    target, control = tables.read(a.target), tables.read(a.control)
+    cols = ["scale", "sample", "token", *SWEEP_METRICS]
+    target, control = tables.read(a.target, cols), tables.read(a.control, cols)
     rows = gain.gain_rows(target, control, a.resamples, a.seed)
     meta = {
         "target": tables.meta(a.target),

@@ -73,15 +73,15 @@ def _read_hub(dataset_id: str, split: str) -> Iterator[dict]:
 
 
 def read_records(source: str, split: str = "train") -> Iterator[dict]:
-    """Records from local files (a path that exists) or a Hugging Face dataset id."""
+    """Records from local files (a path that exists) or a Hugging Face dataset id. A
+    missing local path is refused here, before anything is read or shown."""
     path = Path(source)
     if path.exists():
-        for f in _local_files(path):
-            yield from _read_local(f)
-    elif source.startswith((".", "/")) or source.endswith((".jsonl", ".parquet", ".gz")):
+        files = _local_files(path)
+        return (record for f in files for record in _read_local(f))
+    if source.startswith((".", "/")) or source.endswith((".jsonl", ".parquet", ".gz")):
         raise UserError(f"corpus source {source} does not exist")
-    else:
-        yield from _read_hub(source, split)
+    return _read_hub(source, split)
 
 
 def _set_name(record: dict) -> str:

@@ -1,0 +1,67 @@
+"""Bad input at the command line the rules call: one line naming the problem, a non-zero
+exit, no traceback, and no output file left behind."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ATTNLAB = str(Path(sys.executable).parent / "attnlab")
+
+
+def refused(*args: str, out: Path) -> str:
+    proc = subprocess.run([ATTNLAB, *args], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("attnlab: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert not out.exists() and not list(out.parent.glob(out.name + "*"))
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_info(tmp_path_factory):
+    out = tmp_path_factory.mktemp("info") / "smollm2-135m.json"
+    subprocess.run(
+        [ATTNLAB, "model-info", "--model", "smollm2-135m", "--out", str(out)], check=True
+    )
+    return out
+
+
+def test_unknown_model(tmp_path):
+    out = tmp_path / "info.json"
+    line = refused(
+        "model-info", "--model", "no-such-org/no-such-model-xyz", "--out", str(out), out=out
+    )
+    assert "no-such-org/no-such-model-xyz" in line
+
+
+def test_context_longer_than_the_model_allows(tmp_path, smollm2_info):
+    out = tmp_path / "prompts.parquet"
+    max_pos = json.loads(smollm2_info.read_text())["max_positions"]
+    args = ["niah-prompts", "--model", "smollm2-135m", "--model-info", str(smollm2_info)]
+    args += ["--lengths", "512", str(2 * max_pos), "--depths", "0.5", "--out", str(out)]
+    line = refused(*args, out=out)
+    assert str(2 * max_pos) in line and str(max_pos) in line
+
+
+def test_corpus_path_that_does_not_exist(tmp_path):
+    out = tmp_path / "manifest.json"
+    args = ["corpus-shard", "--model", "smollm2-135m", "--source", "/no/such/dir/data.jsonl"]
+    args += ["--keep-sets", "RedPajamaWikipedia", "--shards", str(tmp_path / "shards")]
+    line = refused(*args, "--manifest", str(out), out=out)
+    assert "/no/such/dir/data.jsonl" in line
+    assert not (tmp_path / "shards").exists()
+
+
+def test_table_from_an_older_schema(tmp_path):
+    old = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"length": [512], "depth": [0.5], "tokens": [[1, 2, 3]]}), old)
+    out = tmp_path / "scores.parquet"
+    args = ["niah-score", "--model", "smollm2-135m", "--prompts", str(old), "--policy", "full"]
+    line = refused(*args, "--out", str(out), out=out)
+    assert str(old) in line and "older version" in line
