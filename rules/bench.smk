@@ -9,7 +9,11 @@ rule bench_kernels:
     output:
         table="results/bench/kernels.parquet",
         csv="results/bench/kernels.csv",
-        fig="figs/kernel_speed.png",
+        fig=report(
+            "figs/kernel_speed.png",
+            caption="../report/bench_kernels.rst",
+            category="Benchmarks",
+        ),
     log:
         "logs/bench/kernels.log",
     benchmark:
@@ -17,8 +21,6 @@ rule bench_kernels:
     conda:
         "../envs/attnlab.yaml"
     threads: 4
-    resources:
-        gpu=1,
     params:
         out_dir=subpath(output.table, parent=True),
     shell:
@@ -35,7 +37,11 @@ rule bench_capture:
     output:
         table="results/bench/capture.parquet",
         csv="results/bench/capture.csv",
-        fig="figs/bench_capture.png",
+        fig=report(
+            "figs/bench_capture.png",
+            caption="../report/bench_capture.rst",
+            category="Benchmarks",
+        ),
     log:
         "logs/bench/capture.log",
     benchmark:

@@ -18,8 +18,6 @@ rule capture:
     conda:
         "../envs/attnlab.yaml"
     threads: config["threads"]
-    resources:
-        mem_mb=8000,
     params:
         name=model_name,
         chunks=CAPTURE["chunks"],

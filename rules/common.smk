@@ -82,7 +82,11 @@ def all_targets():
     """The figures ``rule all`` builds: those that need no corpus, so no hub either."""
     figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
     figs += [f"figs/induction_{k}.png" for k in ("cross_model", "causal", "lag")]
-    figs += [f"figs/induction_{k}_{m}.png" for k in ("heatmap", "profile", "nulls") for m in MODELS]
+    figs += [
+        f"figs/induction_{k}_{m}.png"
+        for k in ("heatmap", "profile", "nulls")
+        for m in MODELS
+    ]
     return figs + ["figs/niah_summary.png"]
 
 

@@ -1,7 +1,9 @@
 """Workflow plumbing: names, code dependencies, and config validation by the real Snakemake."""
 
+from pathlib import Path
+
 from attnlab.workflow import model_key, module_sources, pct, sparsity
-from workflow_helpers import copy_workflow, snakemake
+from workflow_helpers import copy_workflow, planned_jobs, snakemake
 
 
 def test_sparsity_file_names_round_trip():
@@ -34,16 +36,12 @@ def test_unknown_policy_in_config_names_the_allowed_values(tmp_path):
 
 def test_default_config_plans_the_main_job(tmp_path):
     copy_workflow(tmp_path)
-    from workflow_helpers import planned_jobs
-
     jobs = planned_jobs(snakemake(tmp_path, "-n", "figs/niah_heatmap_99.png"))
     # 2 models x (full + 3 policies x 3 sparsities) scoring jobs
     assert jobs["niah_score"] == 20 and jobs["niah_prompts"] == 2 and jobs["niah_heatmap"] == 1
 
 
 def test_intervention_needs_the_capture_only_for_auto_heads(tmp_path, topics_jsonl):
-    from workflow_helpers import planned_jobs
-
     corpus = {"source": str(topics_jsonl)}
     fig = "figs/gain_smollm2-135m.png"
     copy_workflow(tmp_path / "auto", {"models": ["smollm2-135m"], "corpus": corpus})
@@ -64,8 +62,6 @@ def test_a_malformed_head_in_the_config_stops_with_one_line(tmp_path):
 
 
 def test_rule_all_plans_induction_for_every_model_and_refuses_lag_one(tmp_path):
-    from workflow_helpers import planned_jobs
-
     copy_workflow(tmp_path / "default")
     jobs = planned_jobs(snakemake(tmp_path / "default", "-n"))
     assert jobs["induction_scores"] == 2 and jobs["induction_causal"] == 2
@@ -74,3 +70,86 @@ def test_rule_all_plans_induction_for_every_model_and_refuses_lag_one(tmp_path):
     proc = snakemake(tmp_path / "lag1", "-n", check=False)
     assert proc.returncode != 0
     assert "config error at induction.lags.0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cluster_run_submits_each_job_with_the_profile_resources(tmp_path):
+    """A real run through the cluster-generic executor: every job is a job script run as
+    its own process by a stand-in for sbatch, with the SLURM profile's resources, and
+    Snakemake learns of its end through the marker-file handshake."""
+    import json
+    import sys
+
+    import yaml
+
+    from workflow_helpers import REPO
+
+    tiny = {
+        "models": ["smollm2-135m"],
+        "niah": {"lengths": [512], "depths": [0.5], "policies": ["streamingllm"]},
+    }
+    copy_workflow(tmp_path, tiny)
+    slurm = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    records = tmp_path / "submitted"
+    submit = (
+        f"{sys.executable} {REPO / 'tests/cluster/submit.py'} {records} {{rule}} {{threads}}"
+        " {resources.mem_mb} {resources.runtime}"
+    )
+    profile = {
+        "executor": "cluster-generic",
+        "cluster-generic-submit-cmd": submit,
+        "jobs": 2,
+        "latency-wait": 30,
+        "default-resources": slurm["default-resources"],
+        "set-resources": slurm["set-resources"],
+    }
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster/config.yaml").write_text(yaml.safe_dump(profile))
+    target = "results/niah/smollm2-135m/full_0.parquet"
+    snakemake(tmp_path, "--profile", "cluster", target)
+    assert (tmp_path / target).exists()
+    jobs = {r["rule"]: r for r in map(json.loads, map(Path.read_text, records.glob("*.json")))}
+    assert set(jobs) == {"model_info", "niah_prompts", "niah_score"}
+    assert len({r["pid"] for r in jobs.values()}) == 3  # one process per job
+    for rule, record in jobs.items():
+        assert record["mem_mb"] == slurm["set-resources"][rule]["mem_mb"]
+        assert record["runtime"] == slurm["set-resources"][rule]["runtime"]
+        assert target in record["jobscript"] or rule != "niah_score"
+    assert planned_jobs(snakemake(tmp_path, "-n", target)) == {}
+
+
+def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jsonl):
+    cfg = {
+        "models": ["smollm2-135m"],
+        "corpus": {"source": str(topics_jsonl), "chunk_len": 64, "max_chunks": 4},
+        "niah": {"lengths": [512], "depths": [0.0, 1.0]},
+        "induction": {"lags": [4], "seq_len": 24, "per_lag": 2, "bootstrap": 100},
+    }
+    targets = [
+        "results/corpus/smollm2-135m/manifest.json",
+        "results/niah/smollm2-135m/prompts.parquet",
+        "results/induction/smollm2-135m/profile.json",
+    ]
+    runs = []
+    for name in ("a", "b"):
+        copy_workflow(tmp_path / name, cfg)
+        snakemake(tmp_path / name, "--cores", "2", *targets)
+        files = sorted((tmp_path / name / "results").rglob("*.*"))
+        runs.append({str(f.relative_to(tmp_path / name)): f.read_bytes() for f in files})
+    assert runs[0].keys() == runs[1].keys()
+    assert "results/induction/smollm2-135m/scores.parquet" in runs[0]
+    assert any("shards" in f for f in runs[0])
+    for f in runs[0]:
+        assert runs[0][f] == runs[1][f], f
+
+
+def test_wrong_type_and_zero_sparsity_stop_with_one_line(tmp_path):
+    for name, cfg, key in (
+        ("type", {"niah": {"samples": "three"}}, "niah.samples"),
+        ("zero", {"niah": {"sparsities": [0.0]}}, "niah.sparsities.0"),
+        ("threads", {"threads": 0}, "threads"),
+    ):
+        copy_workflow(tmp_path / name, cfg)
+        proc = snakemake(tmp_path / name, "-n", check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if "config error" in ln]
+        assert len(lines) == 1 and f"config error at {key}:" in lines[0], proc.stderr
