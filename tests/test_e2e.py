@@ -23,7 +23,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    workdir = copy_workflow(tmp_path_factory.mktemp("e2e"), TINY)
+    workdir = copy_workflow(tmp_path_factory.mktemp("e2e"), TINY, source=True)
     snakemake(workdir, "--cores", "2", "figs/niah_heatmap_90.png")
     return workdir
 
@@ -60,6 +60,30 @@ def test_heatmap_is_a_rendered_png(run_dir):
 def test_rerun_has_nothing_to_do(run_dir):
     proc = snakemake(run_dir, "-n", "figs/niah_heatmap_90.png")
     assert planned_jobs(proc) == {}, proc.stdout
+
+
+def test_editing_a_policy_module_reruns_only_that_policys_scoring(run_dir):
+    module = run_dir / "src/attnlab/policies/streamingllm.py"
+    text = module.read_text()
+    module.write_text(text + "# an edit\n")
+    try:
+        proc = snakemake(run_dir, "-n", "figs/niah_heatmap_90.png")
+    finally:
+        module.write_text(text)
+    assert "src/attnlab/policies/streamingllm.py" in proc.stdout
+    assert planned_jobs(proc) == {"niah_score": 1, "niah_table": 1, "niah_heatmap": 1}
+
+
+def test_report_holds_the_figure_with_its_caption(run_dir):
+    import zipfile
+
+    snakemake(run_dir, "--report", "report.zip", "figs/niah_heatmap_90.png")
+    with zipfile.ZipFile(run_dir / "report.zip") as z:
+        names = z.namelist()
+        html = z.read("report/report.html").decode()
+    assert any(n.endswith("/niah_heatmap_90.png") for n in names)
+    caption = " ".join((run_dir / "report/niah_heatmap.rst").read_text().split()[:6])
+    assert caption in html
 
 
 def test_new_sparsity_reruns_only_scoring_and_figures(run_dir):

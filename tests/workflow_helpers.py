@@ -20,11 +20,16 @@ WORKFLOW_FILES = [
 ]
 
 
-def copy_workflow(dest: Path, config: dict | None = None) -> Path:
+def copy_workflow(dest: Path, config: dict | None = None, source: bool = False) -> Path:
+    """The workflow's files in ``dest``, with ``config`` as tiny.yaml. With ``source``, a
+    copy of the package too, which the runs then import (so a test may edit it)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    if source:
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / "src/attnlab", dest / "src/attnlab", ignore=ignore)
     if config is not None:
         (dest / "tiny.yaml").write_text(yaml.safe_dump(config))
     return dest
@@ -33,6 +38,8 @@ def copy_workflow(dest: Path, config: dict | None = None) -> Path:
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``snakemake`` from this interpreter's environment, run in ``workdir``."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if (workdir / "src").is_dir():
+        env["PYTHONPATH"] = str(workdir / "src")
     cmd = [str(Path(sys.executable).parent / "snakemake"), *args]
     if (workdir / "tiny.yaml").exists():
         cmd += ["--configfile", "tiny.yaml"]
