@@ -115,8 +115,56 @@ def capture_dir(tmp_path_factory, topics_jsonl):
         "intervention": {"chunks": 2, "batch_size": 2, "scales": [0.5, 1.0, 1.5], "bootstrap": 200},
     }
     workdir = copy_workflow(tmp_path_factory.mktemp("capture"), cfg)
+    kill_capture_after_one_shard(workdir)
     snakemake(workdir, "--cores", "2", *CAPTURE_FIGS, *INTERVENTION_FIGS)
     return workdir
+
+
+def kill_capture_after_one_shard(workdir):
+    """Start the capture under Snakemake and SIGKILL its job once the first shard is
+    written, as a cluster would on a timeout; what is left is recorded in killed.json."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from workflow_helpers import snakemake_command
+
+    target = "results/capture/gemma3-270m/metrics"
+    cmd, env = snakemake_command(workdir, "--cores", "2", target)
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    work = workdir / "results/capture/gemma3-270m"
+    deadline = time.monotonic() + 900
+    while not list(work.glob(".capture-work-*/metrics/*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "capture never wrote a shard"
+        time.sleep(0.1)
+    jobs = [
+        int(pid)
+        for pid in os.listdir("/proc")
+        if pid.isdigit()
+        and b"attnlab\x00capture" in _read(f"/proc/{pid}/cmdline")
+        and os.path.realpath(f"/proc/{pid}/cwd") == os.path.realpath(workdir)
+    ]
+    assert len(jobs) == 1
+    os.kill(jobs[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    left = {
+        "snakemake_rc": proc.returncode,
+        "metrics_exists": (workdir / target).exists(),
+        "shards_done": len(list(work.glob(".capture-work-*/metrics/*.parquet"))),
+        "planned": planned_jobs(snakemake(workdir, "-n", target)),
+    }
+    (workdir / "killed.json").write_text(json.dumps(left))
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def test_capture_stage_from_corpus_to_figures(capture_dir):
@@ -136,6 +184,15 @@ def test_capture_stage_from_corpus_to_figures(capture_dir):
         assert (capture_dir / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (capture_dir / "logs/capture/gemma3-270m.log").read_text()
     assert "tok/s" in log
+
+
+def test_a_killed_capture_job_leaves_no_output_and_the_rerun_resumes(capture_dir):
+    left = json.loads((capture_dir / "killed.json").read_text())
+    assert left["snakemake_rc"] != 0 and not left["metrics_exists"]
+    assert left["shards_done"] >= 1 and left["planned"] == {"capture": 1}
+    log = (capture_dir / "logs/capture/gemma3-270m.log").read_text()
+    assert f"'resumed_chunks': {2 * left['shards_done']}" in log  # 2 chunks per shard
+    assert not list((capture_dir / "results/capture/gemma3-270m").glob(".capture-work-*"))
 
 
 def test_new_capture_layers_rerun_capture_but_not_sharding(capture_dir):

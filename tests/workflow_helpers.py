@@ -35,14 +35,20 @@ def copy_workflow(dest: Path, config: dict | None = None, source: bool = False) 
     return dest
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``snakemake`` from this interpreter's environment, run in ``workdir``."""
+def snakemake_command(workdir: Path, *args: str) -> tuple[list[str], dict]:
+    """The command line and environment that :func:`snakemake` runs."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if (workdir / "src").is_dir():
         env["PYTHONPATH"] = str(workdir / "src")
     cmd = [str(Path(sys.executable).parent / "snakemake"), *args]
     if (workdir / "tiny.yaml").exists():
         cmd += ["--configfile", "tiny.yaml"]
+    return cmd, env
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``snakemake`` from this interpreter's environment, run in ``workdir``."""
+    cmd, env = snakemake_command(workdir, *args)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
