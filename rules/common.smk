@@ -79,7 +79,7 @@ def target_sparsity(wildcards):
 
 
 def all_targets():
-    """The figures ``rule all`` builds: those that need no corpus, so no hub either."""
+    """The default targets (all): the figures that need no corpus, so no hub either."""
     figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
     figs += [f"figs/induction_{k}.png" for k in ("cross_model", "causal", "lag")]
     figs += [
