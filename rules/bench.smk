@@ -21,6 +21,8 @@ rule bench_kernels:
     conda:
         "../envs/attnlab.yaml"
     threads: 4
+    resources:
+        gpu=1,
     params:
         out_dir=subpath(output.table, parent=True),
     shell:
