@@ -299,9 +299,9 @@ def _induction_scores(a) -> None:
     torch.set_num_threads(a.threads)
     model, tokenizer, info = models.load(a.model)
     sparse.install(model)
-    prompts = induction.make_prompts(tokenizer, a.families, a.lags, a.seq_len, a.per_lag, a.seed)
     if a.seq_len > info.max_positions:
         raise UserError(f"induction seq_len {a.seq_len} exceeds the model's {info.max_positions}")
+    prompts = induction.make_prompts(tokenizer, a.families, a.lags, a.seq_len, a.per_lag, a.seed)
     rows = {k: [] for k in ("family", "lag", "prompt", "shuffled", "layer", "head", "score")}
     with tqdm(
         total=len(prompts),
@@ -330,7 +330,6 @@ def _induction_scores(a) -> None:
         "n_layers": info.n_layers,
         "n_heads": info.n_heads,
     }
-
     tables.write(pa.table(rows), a.out, meta=meta)
     prompt_rows = [
         {
