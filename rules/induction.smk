@@ -24,7 +24,8 @@ rule induction_scores:
         batch_size=INDUCTION["batch_size"],
         seed=config["seed"],
     shell:
-        "attnlab induction-scores --model {params.name} --families {params.families}"
+        "attnlab induction-scores --model {params.name} --model-info {input.info}"
+        " --families {params.families}"
         " --lags {params.lags} --seq-len {params.seq_len} --per-lag {params.per_lag}"
         " --batch-size {params.batch_size} --seed {params.seed} --threads {threads}"
         " --out {output.scores} --prompts-out {output.prompts} 2> {log}"

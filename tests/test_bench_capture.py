@@ -44,6 +44,9 @@ def test_bench_capture_writes_both_methods_with_equal_metrics(tmp_path):
         "output_attentions_last_logits",
     ]
     assert df.height == 6 and (df["tokens"] == 96).all()
-    assert (df["tokens_per_s"] > 0).all() and (df["peak_mem_mib"] >= 0).all()
+    assert (df["tokens_per_s"] > 0).all()
+    peak = df.group_by("method").agg(pl.col("peak_mem_mib").median())
+    peak = dict(zip(peak["method"], peak["peak_mem_mib"], strict=True))
+    assert peak["capture"] < peak["output_attentions"]  # full logits, every layer's weights
     assert df["max_metric_diff"][0] < 1e-4  # the two methods measure the same thing
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"

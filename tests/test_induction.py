@@ -96,6 +96,7 @@ def test_shuffled_antecedent_destroys_the_planted_signal():
     assert obs[3] > null["hi"][3]  # the observed peak leaves the null band
     perm = robustness.head_permutation_null(observed.mean(0), "mean", 0.9, 500, 0)
     assert np.allclose(np.mean(perm["mean"]), obs.mean())  # permutation keeps the total
+    assert np.ptp(perm["mean"]) < np.ptp(obs) / 2  # ... but spreads the planted layer's out
 
 
 def test_real_models_have_induction_heads_that_the_null_lacks(smollm2):

@@ -191,8 +191,6 @@ def run(args, model_name: str) -> list[dict]:
         "layers": info.n_layers,
         "max_metric_diff": diff,
         "rss_returns_freed_memory": rss_exact,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
     }
     return [{**r, **meta} for r in rows]
 
@@ -264,10 +262,10 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    from attnlab.bench import write_table
+    from attnlab.bench import _environment, write_table
 
     rows = [row for name in args.models for row in run(args, name)]
-    write_table(rows, Path(args.out), "capture", {})
+    write_table(rows, Path(args.out), "capture", _environment())  # torch, host, date ...
     if args.fig:
         plot(rows, args.fig)
     for (model, name), s in summary(rows).items():

@@ -18,6 +18,7 @@ import torch
 from attnlab import hooks
 from attnlab.errors import UserError
 from attnlab.induction import InductionPrompt
+from attnlab.stats import bootstrap_ci
 
 
 @contextlib.contextmanager
@@ -69,12 +70,6 @@ def copy_accuracy(model, prompts: list[InductionPrompt], batch_size: int = 8) ->
     return np.asarray(out)
 
 
-def _ci(values: np.ndarray, resamples: int, seed: int) -> list[float]:
-    from attnlab.stats import bootstrap_ci
-
-    return list(bootstrap_ci(values, n_resamples=resamples, seed=seed))
-
-
 def causal_check(
     model,
     prompts: list[InductionPrompt],
@@ -117,7 +112,7 @@ def causal_check(
         "random": float(rand.mean()),
         "random_per_draw": [float(a.mean()) for a in random_acc],
         "delta_topk": float((top_acc - base).mean()),
-        "delta_topk_ci": _ci(top_acc - base, resamples, seed),
+        "delta_topk_ci": list(bootstrap_ci(top_acc - base, resamples, seed=seed)),
         "delta_random": float((rand - base).mean()),
-        "delta_random_ci": _ci(rand - base, resamples, seed),
+        "delta_random_ci": list(bootstrap_ci(rand - base, resamples, seed=seed)),
     }

@@ -79,12 +79,14 @@ def _capture(a) -> None:
     import torch
     from tqdm import tqdm
 
-    from attnlab import capture, metrics, models, sparse
+    from attnlab import capture, models, sparse
+    from attnlab.workflow import module_sources
 
     torch.set_num_threads(a.threads)
     manifest = json.loads(Path(a.manifest).read_text())
     chunks = min(a.chunks, manifest["chunks"])
-    code = b"".join(Path(m.__file__).read_bytes() for m in (capture, metrics, sparse))
+    # The resume folder is keyed by every module the capture runs, as the rule's inputs are.
+    code = b"".join(Path(f).read_bytes() for f in module_sources("capture"))
     meta = {
         "model": a.model,
         "manifest_sha256": hashlib.sha256(Path(a.manifest).read_bytes()).hexdigest(),
@@ -269,7 +271,7 @@ def _gain(a) -> None:
     from attnlab import gain, tables
     from attnlab.intervention import SWEEP_METRICS
 
-    cols = ["scale", "sample", "token", *SWEEP_METRICS]
+    cols = ["scale", "sample", "token", "layer", "head", *SWEEP_METRICS]
     target, control = tables.read(a.target, cols), tables.read(a.control, cols)
     rows = gain.gain_rows(target, control, a.resamples, a.seed)
     meta = {
@@ -296,13 +298,15 @@ def _induction_scores(a) -> None:
 
     from attnlab import induction, models, sparse, tables
 
+    info = json.loads(open(a.model_info).read())
+    if a.seq_len > info["max_positions"]:
+        raise UserError(
+            f"induction seq_len {a.seq_len} exceeds the model's {info['max_positions']}"
+        )
     torch.set_num_threads(a.threads)
-    model, tokenizer, info = models.load(a.model)
+    model, tokenizer, _ = models.load(a.model)
     sparse.install(model)
-    if a.seq_len > info.max_positions:
-        raise UserError(f"induction seq_len {a.seq_len} exceeds the model's {info.max_positions}")
     prompts = induction.make_prompts(tokenizer, a.families, a.lags, a.seq_len, a.per_lag, a.seed)
-    rows = {k: [] for k in ("family", "lag", "prompt", "shuffled", "layer", "head", "score")}
     with tqdm(
         total=len(prompts),
         unit="prompt",
@@ -310,16 +314,14 @@ def _induction_scores(a) -> None:
         mininterval=5,
         file=sys.stderr,
     ) as bar:
-        for p, scores in induction.score_prompts(model, prompts, a.batch_size, bar):
-            n_layers, n_heads = scores.shape
-            layer, head = np.indices(scores.shape).reshape(2, -1)
-            rows["family"] += [p.family] * scores.size
-            rows["lag"] += [p.lag] * scores.size
-            rows["prompt"] += [p.index] * scores.size
-            rows["shuffled"] += [p.shuffled] * scores.size
-            rows["layer"] += layer.tolist()
-            rows["head"] += head.tolist()
-            rows["score"] += scores.ravel().tolist()
+        scores = [s for _, s in induction.score_prompts(model, prompts, a.batch_size, bar)]
+    scores = np.stack(scores)  # (prompts, layers, heads)
+    n, cells = len(prompts), scores[0].size
+    layer, head = np.indices(scores.shape[1:]).reshape(2, -1)
+    per_prompt = {"family": "family", "lag": "lag", "prompt": "index", "shuffled": "shuffled"}
+    rows = {k: np.repeat([getattr(p, f) for p in prompts], cells) for k, f in per_prompt.items()}
+    rows |= {"layer": np.tile(layer, n), "head": np.tile(head, n)}
+    rows["score"] = scores.ravel().astype(np.float64)
     meta = {
         "model": a.model,
         "families": a.families,
@@ -327,23 +329,11 @@ def _induction_scores(a) -> None:
         "seq_len": a.seq_len,
         "per_lag": a.per_lag,
         "seed": a.seed,
-        "n_layers": info.n_layers,
-        "n_heads": info.n_heads,
+        "n_layers": info["n_layers"],
+        "n_heads": info["n_heads"],
     }
     tables.write(pa.table(rows), a.out, meta=meta)
-    prompt_rows = [
-        {
-            "family": p.family,
-            "lag": p.lag,
-            "prompt": p.index,
-            "shuffled": p.shuffled,
-            "tokens": p.tokens.tolist(),
-            "queries": p.queries.tolist(),
-            "sources": p.sources.tolist(),
-        }
-        for p in prompts
-    ]
-    tables.write(prompt_rows, a.prompts_out, meta=meta)
+    tables.write([p.to_row() for p in prompts], a.prompts_out, meta=meta)
 
 
 def _score_array(df, shuffled: bool, n_layers: int, n_heads: int):
@@ -358,7 +348,7 @@ def _score_array(df, shuffled: bool, n_layers: int, n_heads: int):
 def _induction_analysis(a) -> None:
     import polars as pl
 
-    from attnlab import robustness, tables
+    from attnlab import induction, robustness, tables
 
     df = tables.read(a.scores, ["family", "lag", "prompt", "shuffled", "layer", "head", "score"])
     meta = tables.meta(a.scores)
@@ -375,7 +365,8 @@ def _induction_analysis(a) -> None:
         "head_scores": observed.mean(0).tolist(),
         "lags": {},
     }
-    for name, cond in (("short", pl.col("lag") <= 8), ("long", pl.col("lag") > 8)):
+    short = pl.col("lag") <= induction.SHORT_LAG
+    for name, cond in (("short", short), ("long", ~short)):
         part = df.filter(cond & (pl.col("family") == "random"))
         if part.height:
             scores = _score_array(part, False, n_layers, n_heads)
@@ -403,21 +394,10 @@ def _induction_causal(a) -> None:
     torch.set_num_threads(a.threads)
     profile = json.loads(open(a.profile).read())
     head_scores = np.asarray(profile["head_scores"])
-    cols = ["family", "lag", "prompt", "shuffled", "tokens", "queries", "sources"]
-    df = tables.read(a.prompts, cols).filter((pl.col("family") == "random") & ~pl.col("shuffled"))
+    df = tables.read(a.prompts, induction.ROW_COLUMNS)
+    df = df.filter((pl.col("family") == "random") & ~pl.col("shuffled"))
     df = df.sort(["prompt", "lag"]).head(a.n_prompts)  # every lag in turn
-    prompts = [
-        induction.InductionPrompt(
-            "random",
-            r["lag"],
-            i,
-            False,
-            np.asarray(r["tokens"]),
-            np.asarray(r["queries"]),
-            np.asarray(r["sources"]),
-        )
-        for i, r in enumerate(df.iter_rows(named=True))
-    ]
+    prompts = [induction.InductionPrompt.from_row(r) for r in df.iter_rows(named=True)]
     model, _, _ = models.load(a.model)
     result = causal.causal_check(
         model, prompts, head_scores, a.k, a.mode, a.draws, a.seed, a.bootstrap, a.batch_size
@@ -535,6 +515,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("induction-scores", help="induction prompts and per-prompt head scores")
     s.add_argument("--model", required=True)
+    s.add_argument("--model-info", required=True, help="the model's geometry (model-info)")
     s.add_argument("--families", nargs="+", default=["random", "names"])
     s.add_argument("--lags", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     s.add_argument("--seq-len", type=int, default=256)

@@ -15,6 +15,7 @@ import polars as pl
 from scipy import stats as sps
 
 from attnlab.intervention import EXPECTED, SWEEP_METRICS
+from attnlab.stats import percentile_interval, resample_counts
 
 
 def unit_matrices(
@@ -67,25 +68,23 @@ def gain_rows(
     rows = []
     for metric in SWEEP_METRICS:
         scales, t_mat, c_mat = unit_matrices(target, control, metric)
-        mats = {"target": t_mat, "control": c_mat}
         n_units = len(t_mat)
-        weights = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=resamples)
-        boots = {}
+        weights = resample_counts(rng, n_units, resamples)
         x = np.log(scales)
-        for role, m in mats.items():
+        gains, boots = {}, {}
+        for role, df, m in (("target", target, t_mat), ("control", control, c_mat)):
             means = m.mean(0)
-            boot = slope(x, weights @ m / n_units)  # (R,)
-            boots[role] = boot
+            gains[role] = float(slope(x, means))
+            boots[role] = slope(x, weights @ m / n_units)  # (R,)
             rho, p = sps.spearmanr(np.repeat(x[None], len(m), 0).ravel(), m.ravel())
-            lo, hi = np.quantile(boot, [0.025, 0.975])
-            df = target if role == "target" else control
+            lo, hi = percentile_interval(boots[role])
             rows.append(
                 {
                     "metric": metric,
                     "role": role,
                     "layer": int(df["layer"][0]),
                     "head": int(df["head"][0]),
-                    "gain": float(slope(x, means)),
+                    "gain": gains[role],
                     "gain_lo": float(lo),
                     "gain_hi": float(hi),
                     "spearman_rho": float(rho),
@@ -100,11 +99,9 @@ def gain_rows(
             )
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio_boot = boots["target"] / boots["control"]
-        ratio = rows[-2]["gain"] / rows[-1]["gain"] if rows[-1]["gain"] != 0 else float("nan")
+        ratio = gains["target"] / gains["control"] if gains["control"] != 0 else float("nan")
         ratio_boot = ratio_boot[np.isfinite(ratio_boot)]  # a control gain of exactly 0
-        r_lo, r_hi = (
-            np.quantile(ratio_boot, [0.025, 0.975]) if ratio_boot.size else (np.nan, np.nan)
-        )
+        r_lo, r_hi = percentile_interval(ratio_boot) if ratio_boot.size else (np.nan, np.nan)
         for r in rows[-2:]:
             r.update(ratio=float(ratio), ratio_lo=float(r_lo), ratio_hi=float(r_hi))
     return rows

@@ -40,6 +40,21 @@ class InductionPrompt:
     queries: np.ndarray  # (n,) positions t
     sources: np.ndarray  # (n,) positions s
 
+    def to_row(self) -> dict:
+        """The prompt as a table row (arrays as lists)."""
+        row = {"family": self.family, "lag": self.lag, "prompt": self.index}
+        row |= {"shuffled": self.shuffled, "tokens": self.tokens.tolist()}
+        return row | {"queries": self.queries.tolist(), "sources": self.sources.tolist()}
+
+    @classmethod
+    def from_row(cls, row: dict) -> InductionPrompt:
+        arrays = (np.asarray(row[k], dtype=np.int64) for k in ("tokens", "queries", "sources"))
+        return cls(row["family"], row["lag"], row["prompt"], row["shuffled"], *arrays)
+
+
+ROW_COLUMNS = ["family", "lag", "prompt", "shuffled", "tokens", "queries", "sources"]
+SHORT_LAG = 8  # lags up to this are "short" in the lag split
+
 
 def ordinary_tokens(tokenizer) -> np.ndarray:
     """Token ids that are not special and decode to a plain word piece, for random
@@ -157,8 +172,8 @@ def layer_profile(scores: np.ndarray, how: str = "mean", quantile: float = 0.9) 
     flat = scores.reshape(*scores.shape[:-2], -1)
     cut = np.quantile(flat, quantile, axis=-1)[..., None, None]
     above = scores >= cut
-    total = np.where(above, scores, 0.0).sum(-1)
-    return np.divide(total, above.sum(-1), out=np.zeros_like(total), where=above.sum(-1) > 0)
+    total, count = np.where(above, scores, 0.0).sum(-1), above.sum(-1)
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
 def peak_and_bandwidth(profile: np.ndarray) -> tuple[float, float]:

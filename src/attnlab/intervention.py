@@ -14,7 +14,6 @@ import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,7 +134,6 @@ def sweep(
 ) -> dict[str, np.ndarray]:
     """Entropy, max weight and k_eff of ``head`` per (scale, sample, token) with its query
     scaled by each factor. Returns flat columns: scale, sample, token and the metrics."""
-    head.check(model)
     cols: dict[str, list] = {k: [] for k in ("scale", "sample", "token", *SWEEP_METRICS)}
     n, t = tokens.shape
 
@@ -146,54 +144,40 @@ def sweep(
             raise _Done
 
     for scale in scales:
-        for start in range(0, n, batch_size):
-            batch = torch.as_tensor(tokens[start : start + batch_size], device=model.device)
-            found: dict[str, np.ndarray] = {}
-            with contextlib.suppress(_Done), sparse.observe(observe):
-                with scale_query(model, head, scale):
+        with scale_query(model, head, scale):  # checks the head
+            for start in range(0, n, batch_size):
+                batch = torch.as_tensor(tokens[start : start + batch_size], device=model.device)
+                found: dict[str, np.ndarray] = {}
+                with contextlib.suppress(_Done), sparse.observe(observe):
                     model(input_ids=batch, use_cache=False, logits_to_keep=1)
-            b = batch.shape[0]
-            cols["scale"].append(np.full(b * t, scale))
-            cols["sample"].append(np.repeat(np.arange(start, start + b), t))
-            cols["token"].append(np.tile(np.arange(t), b))
-            for k in SWEEP_METRICS:
-                cols[k].append(found[k].reshape(-1))
-            if progress is not None:
-                progress.update(b * t)
+                b = batch.shape[0]
+                cols["scale"].append(np.full(b * t, scale))
+                cols["sample"].append(np.repeat(np.arange(start, start + b), t))
+                cols["token"].append(np.tile(np.arange(t), b))
+                for k in SWEEP_METRICS:
+                    cols[k].append(found[k].reshape(-1))
+                if progress is not None:
+                    progress.update(b * t)
     return {k: np.concatenate(v) for k, v in cols.items()}
 
 
 def pick_heads(metrics_dir, resamples: int = 2000, seed: int = 0) -> dict:
     """Target = the head whose query norm correlates most strongly (largest |r|) with its
     attention entropy in the capture tables; control = the weakest (smallest |r|)."""
-    import polars as pl
 
     from attnlab import tables
-    from attnlab.stats import cluster_pearson
+    from attnlab.stats import head_pearson
 
-    files = sorted(Path(metrics_dir).glob("*.parquet"))
-    if not files:
-        raise UserError(f"no capture tables in {metrics_dir} to pick heads from")
-    cols = ["sample", "layer", "head", "q_norm", "entropy"]
-    df = pl.concat([tables.read(f, cols).select(cols) for f in files])
-    n_heads = int(df["head"].max()) + 1
-    group = df["layer"].to_numpy().astype(np.int64) * n_heads + df["head"].to_numpy()
-    res = cluster_pearson(
-        df["q_norm"].to_numpy().astype(np.float64),
-        df["entropy"].to_numpy().astype(np.float64),
-        df["sample"].to_numpy(),
-        group,
-        n_resamples=resamples,
-        seed=seed,
-    )
+    df, _ = tables.read_folder(metrics_dir, ["sample", "layer", "head", "q_norm", "entropy"])
+    res = head_pearson(df, "q_norm", "entropy", resamples, seed)
     strength = np.abs(np.nan_to_num(res["r"], nan=0.0))
     out = {}
-    for role, g in (("target", int(np.argmax(strength))), ("control", int(np.argmin(strength)))):
-        layer, head = divmod(g, n_heads)
+    for role, pick in (("target", np.argmax), ("control", np.argmin)):
+        at = np.unravel_index(int(pick(strength)), strength.shape)
         out[role] = {
-            "head": Head(layer, head).name,
-            "r": float(res["r"][g]),
-            "r_lo": float(res["lo"][g]),
-            "r_hi": float(res["hi"][g]),
+            "head": Head(int(at[0]), int(at[1])).name,
+            "r": float(res["r"][at]),
+            "r_lo": float(res["lo"][at]),
+            "r_hi": float(res["hi"][at]),
         }
     return out

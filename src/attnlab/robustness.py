@@ -1,8 +1,8 @@
 """Nulls and bootstrap intervals for induction-head layer profiles.
 
-All take per-prompt head scores (prompts, layers, heads). Intervals are percentile
-intervals of a bootstrap over prompts (multinomial resampling weights, the resampler of
-:func:`attnlab.stats.bootstrap_ci` applied to whole score matrices), seeded.
+All take per-prompt head scores (prompts, layers, heads). Intervals are 95% percentile
+intervals of a bootstrap over prompts: multinomial resampling counts
+(:func:`attnlab.stats.resample_counts`) weight whole score matrices; seeded.
 """
 
 from __future__ import annotations
@@ -10,17 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 from attnlab.induction import layer_profile, peak_and_bandwidth
+from attnlab.stats import percentile_interval, resample_counts
 
 
-def _weights(n: int, resamples: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples) / n  # (R, n)
-
-
-def _interval(x: np.ndarray, level: float = 0.95, axis: int = 0) -> tuple:
-    a = (1 - level) / 2
-    lo, hi = np.quantile(x, [a, 1 - a], axis=axis)
-    return lo, hi
+def _boot_profiles(scores: np.ndarray, how: str, quantile: float, resamples: int, seed: int):
+    """Layer profiles of ``resamples`` bootstrap means over prompts: (R, L)."""
+    n = len(scores)
+    weights = resample_counts(np.random.default_rng(seed), n, resamples) / n  # (R, n)
+    return layer_profile(np.einsum("rp,plh->rlh", weights, scores), how, quantile)
 
 
 def bootstrap_profile(
@@ -29,11 +26,10 @@ def bootstrap_profile(
     """Profile, peak relative depth and bandwidth with 95% intervals over prompts."""
     profile = layer_profile(scores.mean(0), how, quantile)
     peak, width = peak_and_bandwidth(profile)
-    boot_scores = np.einsum("rp,plh->rlh", _weights(len(scores), resamples, seed), scores)
-    boot = layer_profile(boot_scores, how, quantile)  # (R, L)
+    boot = _boot_profiles(scores, how, quantile, resamples, seed)
     stats = np.array([peak_and_bandwidth(b) for b in boot])  # (R, 2)
-    (p_lo, w_lo), (p_hi, w_hi) = _interval(stats)
-    lo, hi = _interval(boot)
+    (p_lo, w_lo), (p_hi, w_hi) = percentile_interval(stats)
+    lo, hi = percentile_interval(boot)
     return {
         "profile": profile.tolist(),
         "profile_lo": lo.tolist(),
@@ -50,8 +46,7 @@ def shuffled_null(
     null_scores: np.ndarray, how: str, quantile: float, resamples: int, seed: int
 ) -> dict:
     """Profile of the shuffled-antecedent prompts with its 95% band over prompts."""
-    boot_scores = np.einsum("rp,plh->rlh", _weights(len(null_scores), resamples, seed), null_scores)
-    lo, hi = _interval(layer_profile(boot_scores, how, quantile))
+    lo, hi = percentile_interval(_boot_profiles(null_scores, how, quantile, resamples, seed))
     return {
         "profile": layer_profile(null_scores.mean(0), how, quantile).tolist(),
         "lo": lo.tolist(),
@@ -68,5 +63,5 @@ def head_permutation_null(
     flat = head_scores.ravel()
     perms = np.stack([rng.permutation(flat) for _ in range(permutations)])
     profiles = layer_profile(perms.reshape(permutations, *head_scores.shape), how, quantile)
-    lo, hi = _interval(profiles)
+    lo, hi = percentile_interval(profiles)
     return {"mean": profiles.mean(0).tolist(), "lo": lo.tolist(), "hi": hi.tolist()}

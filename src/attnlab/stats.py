@@ -5,6 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 
+def resample_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """Bootstrap draws as multinomial counts: (resamples, n), each row summing to n."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
+
+
+def percentile_interval(boot: np.ndarray, level: float = 0.95, axis: int = 0) -> np.ndarray:
+    """Percentile interval of bootstrap values along ``axis`` (NaNs ignored): (2, ...)."""
+    alpha = (1.0 - level) / 2.0
+    return np.nanquantile(boot, [alpha, 1.0 - alpha], axis=axis)
+
+
 def bootstrap_ci(
     values, n_resamples: int = 2000, level: float = 0.95, seed: int = 0, stat=np.mean
 ) -> tuple[float, float]:
@@ -62,9 +73,24 @@ def cluster_pearson(
             return cov / np.sqrt((sxx - sx * sx / n) * (syy - sy * sy / n))
 
     r = pearson(stats.sum(1))
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n_cl, np.full(n_cl, 1.0 / n_cl), size=n_resamples)  # (R, C)
+    counts = resample_counts(np.random.default_rng(seed), n_cl, n_resamples)  # (R, C)
     boot = pearson(np.einsum("rc,gcs->rgs", counts.astype(float), stats))  # (R, G)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.nanquantile(boot, [alpha, 1.0 - alpha], axis=0)
+    lo, hi = percentile_interval(boot, level)
     return {"r": r, "lo": lo, "hi": hi, "n": stats[..., 0].sum(1)}
+
+
+def head_pearson(df, x: str, y: str, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Per (layer, head) Pearson r of columns ``x`` and ``y`` of a capture table (with
+    ``sample``, ``layer`` and ``head`` columns), with intervals from a bootstrap over
+    samples (:func:`cluster_pearson`). Returns r, lo, hi, n as (layers, heads) arrays."""
+    n_heads = int(df["head"].max()) + 1
+    group = df["layer"].to_numpy().astype(np.int64) * n_heads + df["head"].to_numpy()
+    res = cluster_pearson(
+        df[x].to_numpy().astype(np.float64),
+        df[y].to_numpy().astype(np.float64),
+        df["sample"].to_numpy(),
+        group,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    return {k: v.reshape(-1, n_heads) for k, v in res.items()}

@@ -45,6 +45,15 @@ def read(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
     return df
 
 
+def read_folder(folder: str | Path, columns: list[str]) -> tuple[pl.DataFrame, dict]:
+    """``columns`` of every table in a folder (in name order), and the first one's metadata."""
+    files = sorted(Path(folder).glob("*.parquet"))
+    if not files:
+        raise UserError(f"no tables in {folder}")
+    df = pl.concat([read(f, columns).select(columns) for f in files])
+    return df, meta(files[0])
+
+
 def meta(path: str | Path) -> dict:
     """The metadata that :func:`write` stored with a table."""
     md = pq.read_schema(path).metadata or {}

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
 from attnlab import tables
-from attnlab.errors import UserError
 from attnlab.plots.niah import _save
-from attnlab.stats import cluster_pearson
-
-
-def _load(metrics: str | Path, columns: list[str]) -> tuple[pl.DataFrame, dict]:
-    files = sorted(Path(metrics).glob("*.parquet"))
-    if not files:
-        raise UserError(f"no capture tables in {metrics}")
-    df = pl.concat([tables.read(f, columns).select(columns) for f in files])
-    return df, tables.meta(files[0])
+from attnlab.stats import head_pearson
 
 
 def _title(meta: dict, df: pl.DataFrame, what: str) -> str:
@@ -36,7 +25,7 @@ def _layer_head_grid(df: pl.DataFrame, value: str) -> np.ndarray:
 
 
 def _heatmap(metrics, out, value: str, label: str, cmap: str, vmin=None, vmax=None) -> None:
-    df, meta = _load(metrics, ["sample", "layer", "head", value])
+    df, meta = tables.read_folder(metrics, ["sample", "layer", "head", value])
     grid = _layer_head_grid(df, value)
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * grid.shape[1], 1.2 + 0.2 * grid.shape[0]))
     im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="upper")
@@ -61,7 +50,7 @@ def plot_sink(metrics, out, **_) -> None:
 def plot_keff(metrics, out, **_) -> None:
     """Distribution of k_eff per layer over every head and token: box = quartiles,
     whiskers = 5th and 95th percentiles, line = median."""
-    df, meta = _load(metrics, ["sample", "layer", "k_eff"])
+    df, meta = tables.read_folder(metrics, ["sample", "layer", "k_eff"])
     q = (
         df.group_by("layer")
         .agg(
@@ -100,19 +89,10 @@ def plot_qnorm_entropy(metrics, out, resamples: int = 2000, seed: int = 0) -> No
     """Per-head Pearson correlation of query norm with attention entropy, with a 95%
     interval from a bootstrap over chunks. Left: r per layer and head (a dot where the
     interval excludes 0); right: r per layer, a point and interval per head."""
-    df, meta = _load(metrics, ["sample", "layer", "head", "q_norm", "entropy"])
-    n_heads = int(df["head"].max()) + 1
-    group = df["layer"].to_numpy().astype(np.int64) * n_heads + df["head"].to_numpy()
-    res = cluster_pearson(
-        df["q_norm"].to_numpy().astype(np.float64),
-        df["entropy"].to_numpy().astype(np.float64),
-        df["sample"].to_numpy(),
-        group,
-        n_resamples=resamples,
-        seed=seed,
-    )
-    n_layers = len(res["r"]) // n_heads
-    r, lo, hi = (res[k].reshape(n_layers, n_heads) for k in ("r", "lo", "hi"))
+    df, meta = tables.read_folder(metrics, ["sample", "layer", "head", "q_norm", "entropy"])
+    res = head_pearson(df, "q_norm", "entropy", resamples, seed)
+    r, lo, hi = res["r"], res["lo"], res["hi"]
+    n_layers, n_heads = r.shape
     fig, (ax0, ax1) = plt.subplots(
         1,
         2,

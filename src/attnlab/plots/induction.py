@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from attnlab.induction import SHORT_LAG
 from attnlab.plots.niah import _save
 
 
@@ -130,7 +131,7 @@ def plot_causal(paths, out) -> None:
 
 
 def plot_lag(paths, out) -> None:
-    """Profiles for short (<= 8) and long (> 8) lags, a panel per model."""
+    """Profiles for short (<= SHORT_LAG) and long lags, a panel per model."""
     profiles = [_json(p) for p in paths]
     fig, axes = plt.subplots(
         1, len(profiles), figsize=(4.2 * len(profiles), 3.4), squeeze=False, layout="constrained"
@@ -144,7 +145,7 @@ def plot_lag(paths, out) -> None:
         ax.set_xlabel("relative depth")
         ax.set_ylabel("induction score")
         ax.legend(fontsize=7)
-    fig.suptitle("Induction profile by lag (short <= 8 < long)", fontsize=9)
+    fig.suptitle(f"Induction profile by lag (short <= {SHORT_LAG} < long)", fontsize=9)
     _save(fig, out)
 
 
