@@ -17,6 +17,7 @@ include: "rules/capture.smk"
 include: "rules/intervention.smk"
 include: "rules/induction.smk"
 include: "rules/niah.smk"
+include: "rules/pareto.smk"
 include: "rules/figures.smk"
 include: "rules/bench.smk"
 

@@ -25,12 +25,13 @@ rule capture:
         mass=CAPTURE["mass"],
         layers=CAPTURE["layers"],
         qk_chunks=CAPTURE["qk_chunks"],
+        device=config["device"],
     shell:
         "attnlab capture --model {params.name} --manifest {input.manifest}"
         " --metrics {output.metrics} --qk {output.qk} --chunks {params.chunks}"
         " --batch-size {params.batch_size} --mass {params.mass}"
         " --qk-layers {params.layers} --qk-chunks {params.qk_chunks}"
-        " --threads {threads} 2> {log}"
+        " --threads {threads} --device {params.device} 2> {log}"
 
 
 rule capture_figure:

@@ -31,6 +31,9 @@ CORPUS = config["corpus"]
 CAPTURE = config["capture"]
 INTERVENTION = config["intervention"]
 INDUCTION = config["induction"]
+PARETO = config["pareto"]
+ABLATION = config["ablation"]
+FRC = config["frc"]
 
 
 wildcard_constraints:
@@ -48,30 +51,85 @@ def model_name(wildcards):
     return MODELS[wildcards.model]
 
 
-def niah_runs():
-    """(policy, pct) of every scoring job: full once, then each policy at each sparsity."""
-    runs = [("full", "0")]
-    runs += [(p, pct(s)) for p in NIAH["policies"] for s in NIAH["sparsities"]]
-    return runs
-
-
 def niah_score_files(wildcards=None):
-    return [f"results/niah/{m}/{p}_{q}.parquet" for m in MODELS for p, q in niah_runs()]
+    return [
+        f
+        for m in MODELS
+        for f in run_files("niah", m, NIAH["policies"], NIAH["sparsities"])
+    ]
 
 
 def niah_sources(wildcards):
     """Package modules a scoring job runs: editing one re-runs just the jobs that use it."""
+    return policy_sources(wildcards, "niah")
+
+
+def pareto_sources(wildcards):
+    return policy_sources(wildcards, "pareto")
+
+
+def policy_sources(wildcards, stage):
+    base = policy_spec(wildcards.policy).get("base", wildcards.policy)
     return module_sources(
-        "niah",
-        "sparse",
-        "models",
-        f"policies.{wildcards.policy}",
-        root=workflow.basedir,
+        stage, "sparse", "models", f"policies.{base}", root=workflow.basedir
     )
 
 
+def policy_spec(name):
+    """Hyper-parameters of a policy, or of an ablation variant ``<policy>_lam<percent>``
+    (that policy's parameters at another lambda, with ``base`` naming the policy)."""
+    m = re.fullmatch(r"([a-z0-9_]+?)_lam(\d+)", name)
+    if m and m[1] in config["policies"]:
+        return {**config["policies"][m[1]], "lam": int(m[2]) / 100, "base": m[1]}
+    return config["policies"].get(name, {})
+
+
 def policy_params(wildcards):
-    return json.dumps(config["policies"].get(wildcards.policy, {}), sort_keys=True)
+    return json.dumps(policy_spec(wildcards.policy), sort_keys=True)
+
+
+def ablation_policies():
+    """The ablation's baselines, then CAB at each lambda (the configured one is ``cab``)."""
+    lams = [
+        (
+            "cab"
+            if lam == config["policies"]["cab"].get("lam", 1.0)
+            else f"cab_lam{pct(lam)}"
+        )
+        for lam in ABLATION["lams"]
+    ]
+    return ABLATION["baselines"] + lams
+
+
+def run_files(stage, model, policies, sparsities):
+    """Per-run tables of a stage: full attention once, then each policy at each sparsity."""
+    runs = [("full", "0")] + [(p, pct(s)) for p in policies for s in sparsities]
+    return [f"results/{stage}/{model}/{p}_{q}.parquet" for p, q in runs]
+
+
+def pareto_files(wildcards):
+    return run_files(
+        "pareto", wildcards.model, PARETO["policies"], PARETO["sparsities"]
+    )
+
+
+def ablation_inputs(wildcards):
+    policies, sparsities = ablation_policies(), ABLATION["sparsities"]
+    return {
+        stage: run_files(stage, wildcards.model, policies, sparsities)
+        for stage in ("niah", "pareto")
+    }
+
+
+def niah_haystack_input(wildcards):
+    """The corpus, when the haystack is drawn from it."""
+    if NIAH["haystack"] == "corpus":
+        return {"corpus": f"results/corpus/{wildcards.model}/manifest.json"}
+    return {}
+
+
+def niah_haystack_arg(wildcards, input):
+    return f"--corpus {input.corpus}" if "corpus" in input.keys() else ""
 
 
 def target_sparsity(wildcards):

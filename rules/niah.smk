@@ -21,8 +21,9 @@ rule model_info:
 
 rule niah_prompts:
     input:
+        unpack(niah_haystack_input),
         info="results/models/{model}.json",
-        code=module_sources("niah", root=workflow.basedir),
+        code=module_sources("niah", "corpus", root=workflow.basedir),
     output:
         "results/niah/{model}/prompts.parquet",
     log:
@@ -36,10 +37,12 @@ rule niah_prompts:
         samples=NIAH["samples"],
         haystack=NIAH["haystack"],
         seed=config["seed"],
+        corpus=niah_haystack_arg,
     shell:
         "attnlab niah-prompts --model {params.name} --model-info {input.info}"
         " --lengths {params.lengths} --depths {params.depths} --samples {params.samples}"
-        " --haystack {params.haystack} --seed {params.seed} --out {output} 2> {log}"
+        " --haystack {params.haystack} {params.corpus} --seed {params.seed}"
+        " --out {output} 2> {log}"
 
 
 rule niah_score:
@@ -62,12 +65,13 @@ rule niah_score:
         tolerance=NIAH["sparsity_tolerance"],
         max_new_tokens=NIAH["max_new_tokens"],
         seed=config["seed"],
+        device=config["device"],
     shell:
         "attnlab niah-score --model {params.name} --prompts {input.prompts}"
         " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
         " --sparsity {params.sparsity} --tolerance {params.tolerance}"
         " --max-new-tokens {params.max_new_tokens} --seed {params.seed}"
-        " --threads {threads} --out {output} 2> {log}"
+        " --threads {threads} --device {params.device} --out {output} 2> {log}"
 
 
 rule niah_table:

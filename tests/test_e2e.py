@@ -1,8 +1,11 @@
-"""End-to-end Snakemake runs on tiny configs with the real Gemma-3-270M: the main job
-(needle in a haystack) and the capture stage on a corpus of Python's help topics."""
+"""End-to-end Snakemake runs on tiny configs with the real models: the main job (needle
+in a haystack) and the capture stage with Gemma-3-270M on a corpus of Python's help
+topics, induction heads with both models, and perplexity, ablation and curvature figures
+with SmolLM2-135M on the built-in corpus."""
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -47,9 +50,9 @@ def test_full_attention_retrieves_every_passkey(run_dir):
         "correct",
         "needle_kept",
         "generated",
-        "seconds",
         "feasible",
     }
+    assert "seconds" not in df.columns  # wall time is in benchmarks/, so tables are reproducible
 
 
 def test_heatmap_is_a_rendered_png(run_dir):
@@ -263,3 +266,68 @@ def test_induction_heads_across_both_registry_models(induction_dir):
         assert len(causal["top_heads"]) == 3 and causal["delta_topk"] < causal["delta_random"]
     for fig in INDUCTION_FIGS:
         assert (induction_dir / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+PARETO_FIGS = [f"figs/{k}_smollm2-135m.png" for k in ("pareto", "ablation", "frc_vs_magnitude")]
+
+
+@pytest.fixture(scope="module")
+def pareto_dir(tmp_path_factory):
+    """The perplexity, ablation and curvature figures from the built-in corpus, with the
+    needle hidden in corpus text."""
+    cfg = {
+        "models": ["smollm2-135m"],
+        "corpus": {"chunk_len": 96, "max_chunks": 24, "shard_size": 8},
+        "niah": {"lengths": [256], "depths": [0.5], "haystack": "corpus"},
+        "pareto": {"policies": ["cab"], "sparsities": [0.75], "chunks": 3, "repeats": 2},
+        "ablation": {"baselines": ["coarse_magnitude"], "lams": [0.5, 1.0], "sparsities": [0.75]},
+        "frc": {"layer": 3, "length": 256, "depth": 0.5},
+    }
+    workdir = copy_workflow(tmp_path_factory.mktemp("pareto"), cfg)
+    snakemake(workdir, "--cores", "2", *PARETO_FIGS)
+    return workdir
+
+
+def test_pareto_table_from_the_builtin_corpus(pareto_dir):
+    manifest = json.loads((pareto_dir / "results/corpus/smollm2-135m/manifest.json").read_text())
+    assert manifest["source"] == "python-docs" and manifest["chunks"] == 24
+    df = pl.read_parquet(pareto_dir / "results/pareto/smollm2-135m.parquet")
+    assert sorted(df["policy"]) == ["cab", "full"]
+    full = pl.read_parquet(pareto_dir / "results/pareto/smollm2-135m/full_0.parquet")
+    assert sorted(full["chunk"]) == [21, 22, 23]  # held out: the corpus's last chunks
+    row = df.filter(pl.col("policy") == "full").row(0, named=True)
+    assert row["perplexity"] == pytest.approx(np.exp(full["nll_sum"].sum() / full["tokens"].sum()))
+    assert row["tokens"] == 3 * 95 and row["device"].startswith("cpu")
+    assert (df["ppl_lo"] <= df["perplexity"]).all() and (df["perplexity"] <= df["ppl_hi"]).all()
+    assert (df["ms_per_token"] > 0).all()
+    sparse_row = df.filter(pl.col("policy") == "cab").row(0, named=True)
+    # 96-token rows: CAB's two must-keep blocks exceed the budget of the shorter rows
+    assert 0.5 < sparse_row["achieved_sparsity"] < 0.75
+    assert sparse_row["perplexity"] > row["perplexity"]
+
+
+def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
+    df = pl.read_parquet(pareto_dir / "results/ablation/smollm2-135m.parquet")
+    assert set(df["policy"]) == {"full", "coarse_magnitude", "cab_lam50", "cab"}
+    for lo, mid, hi in (("acc_lo", "accuracy", "acc_hi"), ("ppl_lo", "perplexity", "ppl_hi")):
+        assert (df[lo] <= df[mid]).all() and (df[mid] <= df[hi]).all()
+    scored = pl.read_parquet(pareto_dir / "results/niah/smollm2-135m/cab_lam50_75.parquet")
+    assert json.loads(scored["policy_params"][0])["lam"] == 0.5
+    prompts = pl.read_parquet(pareto_dir / "results/niah/smollm2-135m/prompts.parquet")
+    assert prompts["haystack"].to_list() == ["corpus"]
+    assert "The grass is green" not in _decode_smollm2(prompts["input_ids"][0].to_list())
+
+
+def test_frc_table_marks_the_needle_blocks(pareto_dir):
+    df = pl.read_parquet(pareto_dir / "results/frc/smollm2-135m.parquet")
+    assert df["head"].n_unique() == 9 and df["needle"].any()
+    for fig in PARETO_FIGS:
+        assert (pareto_dir / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_smollm2(ids):
+    from transformers import AutoTokenizer
+
+    from attnlab import models
+
+    return AutoTokenizer.from_pretrained(models.resolve("smollm2-135m")).decode(ids)

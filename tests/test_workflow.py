@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import polars as pl
+
 from attnlab.workflow import model_key, module_sources, pct, sparsity
 from workflow_helpers import copy_workflow, planned_jobs, snakemake
 
@@ -92,14 +94,14 @@ def test_cluster_run_submits_each_job_with_the_profile_resources(tmp_path):
     records = tmp_path / "submitted"
     submit = (
         f"{sys.executable} {REPO / 'tests/cluster/submit.py'} {records} {{rule}} {{threads}}"
-        " {resources.mem_mb} {resources.runtime}"
+        " {resources.mem_mb} {resources.runtime} {resources.gpu}"
     )
     profile = {
         "executor": "cluster-generic",
         "cluster-generic-submit-cmd": submit,
         "jobs": 2,
         "latency-wait": 30,
-        "default-resources": slurm["default-resources"],
+        "default-resources": slurm["default-resources"] | {"gpu": 0},
         "set-resources": slurm["set-resources"],
     }
     (tmp_path / "cluster").mkdir()
@@ -113,6 +115,7 @@ def test_cluster_run_submits_each_job_with_the_profile_resources(tmp_path):
     for rule, record in jobs.items():
         assert record["mem_mb"] == slurm["set-resources"][rule]["mem_mb"]
         assert record["runtime"] == slurm["set-resources"][rule]["runtime"]
+        assert record["gpu"] == slurm["set-resources"][rule].get("gpu", 0)
         assert target in record["jobscript"] or rule != "niah_score"
     assert planned_jobs(snakemake(tmp_path, "-n", target)) == {}
 
@@ -123,23 +126,45 @@ def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jso
         "corpus": {"source": str(topics_jsonl), "chunk_len": 64, "max_chunks": 4},
         "niah": {"lengths": [512], "depths": [0.0, 1.0]},
         "induction": {"lags": [4], "seq_len": 24, "per_lag": 2, "bootstrap": 100},
+        "pareto": {"policies": ["streamingllm"], "sparsities": [0.5], "chunks": 2, "repeats": 1},
     }
     targets = [
         "results/corpus/smollm2-135m/manifest.json",
         "results/niah/smollm2-135m/prompts.parquet",
+        "results/niah/smollm2-135m/streamingllm_90.parquet",
         "results/induction/smollm2-135m/profile.json",
+        "results/pareto/smollm2-135m.parquet",
     ]
     runs = []
     for name in ("a", "b"):
         copy_workflow(tmp_path / name, cfg)
         snakemake(tmp_path / name, "--cores", "2", *targets)
         files = sorted((tmp_path / name / "results").rglob("*.*"))
-        runs.append({str(f.relative_to(tmp_path / name)): f.read_bytes() for f in files})
+        runs.append({str(f.relative_to(tmp_path / name)): f for f in files})
     assert runs[0].keys() == runs[1].keys()
     assert "results/induction/smollm2-135m/scores.parquet" in runs[0]
     assert any("shards" in f for f in runs[0])
+    timed = {"seconds_per_token", "ms_per_token"}  # wall times: the one thing that may differ
     for f in runs[0]:
-        assert runs[0][f] == runs[1][f], f
+        if "/pareto/" in f:
+            a, b = (pl.read_parquet(r[f]) for r in runs)
+            assert timed & set(a.columns)
+            assert a.drop(timed, strict=False).equals(b.drop(timed, strict=False)), f
+        else:
+            assert runs[0][f].read_bytes() == runs[1][f].read_bytes(), f
+
+
+def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(tmp_path):
+    copy_workflow(tmp_path)
+    proc = snakemake(tmp_path, "-n", "figs/ablation_smollm2-135m.png", "figs/niah_heatmap_90.png")
+    jobs = planned_jobs(proc)
+    # NIAH: full + 3 policies x 3 sparsities for the heatmaps, + coarse magnitude, random
+    # blocks and CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda 1.0 is cab itself)
+    assert jobs["niah_score"] == 2 * 10 + 5 + 1  # + cab_75
+    assert jobs["pareto_score"] == 1 + 6  # full + the six ablation variants
+    assert "results/niah/smollm2-135m/cab_lam30_75.parquet" in proc.stdout
+    assert "results/pareto/smollm2-135m/cab_75.parquet" in proc.stdout
+    assert "cab_lam100" not in proc.stdout and '--policy-params \'{"adjacency"' in proc.stdout
 
 
 def test_wrong_type_and_zero_sparsity_stop_with_one_line(tmp_path):

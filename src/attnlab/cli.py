@@ -37,8 +37,15 @@ def _niah_prompts(a) -> None:
 
     info = json.loads(open(a.model_info).read())
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(a.model))
+    haystack = None
+    if a.haystack == "corpus":
+        from attnlab import corpus
+
+        if a.corpus is None:
+            raise UserError("the corpus haystack needs --corpus (the corpus manifest)")
+        haystack = corpus.read_corpus(a.corpus).reshape(-1)
     prompts = niah.make_prompts(
-        tokenizer, a.lengths, a.depths, a.samples, a.seed, info["max_positions"]
+        tokenizer, a.lengths, a.depths, a.samples, a.seed, info["max_positions"], haystack
     )
     rows = [dict(p.__dict__, model=a.model, haystack=a.haystack) for p in prompts]
     tables.write(rows, a.out, meta={"model": a.model, "seed": a.seed, "haystack": a.haystack})
@@ -53,7 +60,7 @@ def _corpus_shard(a) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(a.model))
     records = corpus.read_records(a.source, a.split)
-    local = Path(a.source).exists()
+    local = Path(a.source).exists() or a.source == corpus.BUILTIN
     chunks, counts = corpus.chunk_documents(
         records, tokenizer, a.chunk_len, a.keep_sets, a.max_chunks, scan_all=local
     )
@@ -97,7 +104,7 @@ def _capture(a) -> None:
         "qk_chunks": a.qk_chunks,
         "code_sha256": hashlib.sha256(code).hexdigest(),
     }
-    model, _, info = models.load(a.model)
+    model, _, info = models.load(a.model, device=a.device)
     sparse.install(model)
     with tqdm(
         total=chunks * manifest["chunk_len"],
@@ -137,9 +144,9 @@ def _niah_score(a) -> None:
         )
     ]
     pmeta = tables.meta(a.prompts)
-    model, tokenizer, _ = models.load(a.model)
+    model, tokenizer, _ = models.load(a.model, device=a.device)
     sparse.install(model)
-    sparsity = 0.0 if a.policy == "full" else a.sparsity
+    sparsity = 0.0 if policy.name == "full" else a.sparsity
     rows = niah.score_niah(
         model,
         tokenizer,
@@ -180,6 +187,115 @@ def _niah_table(a) -> None:
 
     df = pl.concat([tables.read(p) for p in a.inputs], how="diagonal_relaxed")
     tables.write(df.to_arrow(), a.out, meta=tables.meta(a.inputs[0]) | {"inputs": a.inputs})
+
+
+def _pareto_score(a) -> None:
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    from attnlab import corpus, models, pareto, policies, sparse, tables
+
+    torch.set_num_threads(a.threads)
+    policy = policies.make(a.policy, **json.loads(a.policy_params))
+    chunks = corpus.read_corpus(a.manifest)
+    if not 0 < a.chunks <= len(chunks):
+        raise UserError(
+            f"pareto.chunks is {a.chunks} but the corpus holds {len(chunks)} chunks; "
+            "raise corpus.max_chunks or lower pareto.chunks"
+        )
+    first = len(chunks) - a.chunks  # held out: the last chunks, capture reads the first
+    model, _, _ = models.load(a.model, device=a.device)
+    sparse.install(model)
+    sparsity = 0.0 if policy.name == "full" else a.sparsity
+    rows = pareto.score_chunks(
+        model,
+        chunks[first:],
+        policy,
+        sparsity,
+        a.repeats,
+        a.seed,
+        chunk_ids=range(first, len(chunks)),
+        desc=f"{a.model} {a.policy} {sparsity:g}",
+    )
+    device = pareto.device_name(model.device)
+    for r in rows:
+        r.update(
+            model=a.model,
+            policy=a.policy,
+            target_sparsity=sparsity,
+            feasible=r["achieved_sparsity"] >= sparsity - a.tolerance,
+            device=device,
+        )
+    meta = {
+        "model": a.model,
+        "policy": a.policy,
+        "params": policy.params(),
+        "target_sparsity": sparsity,
+        "tolerance": a.tolerance,
+        "manifest_sha256": hashlib.sha256(Path(a.manifest).read_bytes()).hexdigest(),
+        "repeats": a.repeats,
+        "threads": a.threads,
+        "device": device,
+    }
+    tables.write(rows, a.out, meta=meta)
+
+
+def _pareto_table(a) -> None:
+    from attnlab import pareto, tables
+
+    rows = pareto.collect(a.inputs, a.resamples, a.seed)
+    tables.write(rows, a.out, meta=tables.meta(a.inputs[0]) | {"inputs": a.inputs})
+
+
+def _ablation_table(a) -> None:
+    from attnlab import pareto, tables
+
+    rows = pareto.ablation(a.niah, a.pareto, a.resamples, a.seed)
+    tables.write(rows, a.out, meta={"niah": a.niah, "pareto": a.pareto, "resamples": a.resamples})
+
+
+def _frc_magnitude(a) -> None:
+    import pyarrow as pa
+    import torch
+
+    from attnlab import curvature, models, niah, tables
+
+    torch.set_num_threads(a.threads)
+    fields = list(niah.Prompt.__dataclass_fields__)
+    df = tables.read(a.prompts, fields).select(fields)
+    pick = df.filter((df["length"] == a.length) & ((df["depth"] - a.depth).abs() < 1e-9))
+    if pick.is_empty():
+        raise UserError(
+            f"no NIAH prompt of length {a.length} and depth {a.depth} in {a.prompts}; "
+            "pick one from niah.lengths and niah.depths"
+        )
+    prompt = niah.Prompt(**pick.row(0, named=True))
+    model, _, info = models.load(a.model, device=a.device)
+    if not 0 <= a.layer < info.n_layers:
+        raise UserError(f"frc.layer {a.layer} outside the model's layers 0..{info.n_layers - 1}")
+    cols = curvature.block_pairs(
+        model,
+        prompt.input_ids,
+        a.layer,
+        a.block_size,
+        a.adjacency,
+        a.graph,
+        prompt.needle_positions,
+    )
+    meta = {
+        "model": a.model,
+        "layer": a.layer,
+        "length": a.length,
+        "depth": a.depth,
+        "block_size": a.block_size,
+        "adjacency": a.adjacency,
+        "graph": a.graph,
+        "haystack": tables.meta(a.prompts).get("haystack"),
+        "needle_positions": prompt.needle_positions,
+    }
+    tables.write(pa.table(cols), a.out, meta=meta)
 
 
 def _intervention_heads(a) -> None:
@@ -429,10 +545,20 @@ def _plot(a) -> None:
         plot_gain(a.table[0], a.out)
     elif a.figure in capture_plots.FIGURES:
         capture_plots.FIGURES[a.figure](a.table[0], a.out, resamples=a.resamples, seed=a.seed)
+    elif a.figure in ("pareto", "ablation", "frc-magnitude"):
+        from attnlab.plots import pareto as pareto_plots
+
+        pareto_plots.FIGURES[a.figure](a.table[0], a.out)
     elif a.figure == "niah-heatmap":
         niah_plots.plot_heatmap(a.table[0], a.sparsity, a.out)
     else:
         niah_plots.plot_summary(a.table[0], a.out)
+
+
+def _device_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--device", default="auto", help="cpu, cuda, or auto (the GPU when there is one)"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -453,7 +579,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--depths", type=float, nargs="+", required=True)
     s.add_argument("--samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--haystack", default="noise", choices=["noise"])
+    s.add_argument("--haystack", default="noise", choices=["noise", "corpus"])
+    s.add_argument("--corpus", help="the corpus manifest, for --haystack corpus")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_niah_prompts)
 
@@ -480,6 +607,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--qk-layers", type=int, nargs="*", default=[])
     s.add_argument("--qk-chunks", type=int, default=8, help="chunks whose Q/K are kept")
     s.add_argument("--threads", type=int, default=1)
+    _device_arg(s)
     s.set_defaults(func=_capture)
 
     s = sub.add_parser("intervention-heads", help="resolve the target and control heads")
@@ -563,8 +691,53 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
+    _device_arg(s)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_niah_score)
+
+    s = sub.add_parser("pareto-score", help="perplexity and latency of one policy and sparsity")
+    s.add_argument("--model", required=True)
+    s.add_argument("--manifest", required=True, help="the corpus stage's manifest.json")
+    s.add_argument("--policy", required=True)
+    s.add_argument("--policy-params", default="{}")
+    s.add_argument("--sparsity", type=float, default=0.0)
+    s.add_argument("--tolerance", type=float, default=0.005)
+    s.add_argument("--chunks", type=int, default=8, help="held-out chunks: the corpus's last")
+    s.add_argument("--repeats", type=int, default=3, help="timed passes per chunk")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    _device_arg(s)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_pareto_score)
+
+    s = sub.add_parser("pareto-table", help="perplexity with intervals and latency per run")
+    s.add_argument("--resamples", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.add_argument("inputs", nargs="+", help="pareto-score tables")
+    s.set_defaults(func=_pareto_table)
+
+    s = sub.add_parser("ablation-table", help="NIAH accuracy and perplexity per policy variant")
+    s.add_argument("--niah", nargs="+", required=True, help="niah-score tables")
+    s.add_argument("--pareto", nargs="+", required=True, help="pareto-score tables")
+    s.add_argument("--resamples", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_ablation_table)
+
+    s = sub.add_parser("frc-magnitude", help="coarse curvature and weight of a NIAH prompt")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompts", required=True, help="NIAH prompts.parquet")
+    s.add_argument("--length", type=int, required=True)
+    s.add_argument("--depth", type=float, required=True)
+    s.add_argument("--layer", type=int, required=True)
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--adjacency", default="softmax", choices=["softmax", "scores"])
+    s.add_argument("--graph", default="directed", choices=["directed", "symmetric"])
+    s.add_argument("--threads", type=int, default=1)
+    _device_arg(s)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_frc_magnitude)
 
     s = sub.add_parser("niah-table", help="concatenate NIAH score tables")
     s.add_argument("--out", required=True)
@@ -589,6 +762,9 @@ def parser() -> argparse.ArgumentParser:
             "induction-cross-model",
             "induction-causal",
             "induction-lag",
+            "pareto",
+            "ablation",
+            "frc-magnitude",
         ],
     )
     s.add_argument(

@@ -33,6 +33,7 @@ DEFAULT_KEEP = (
     "RedPajamaC4",
     "RedPajamaWikipedia",
     "RedPajamaStackExchange",
+    "PythonDocs",
 )
 
 
@@ -72,9 +73,25 @@ def _read_hub(dataset_id: str, split: str) -> Iterator[dict]:
         ) from e
 
 
+BUILTIN = "python-docs"
+BUILTIN_SET = "PythonDocs"
+
+
+def _read_builtin() -> Iterator[dict]:
+    """CPython's help topics (``pydoc_data.topics``, in every Python install), one record
+    per topic, labelled ``PythonDocs``: a small real corpus that needs no download."""
+    import pydoc_data.topics
+
+    for text in pydoc_data.topics.topics.values():
+        yield {"text": text, "meta": {SET_KEY: BUILTIN_SET}}
+
+
 def read_records(source: str, split: str = "train") -> Iterator[dict]:
-    """Records from local files (a path that exists) or a Hugging Face dataset id. A
-    missing local path is refused here, before anything is read or shown."""
+    """Records from local files (a path that exists), the built-in ``python-docs``
+    corpus, or a Hugging Face dataset id. A missing local path is refused here, before
+    anything is read or shown."""
+    if source == BUILTIN:
+        return _read_builtin()
     path = Path(source)
     if path.exists():
         files = _local_files(path)

@@ -115,8 +115,18 @@ def resolve(name: str) -> str:
     return name
 
 
+def pick_device(device: str = "auto") -> str:
+    """``auto``: the GPU when there is one (a cluster job that asked for it), else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return device
+
+
 def load(name: str, attn_implementation: str = "eager", device: str = "cpu"):
-    """Load ``(model, tokenizer, info)`` in float32, in eval mode, on ``device``.
+    """Load ``(model, tokenizer, info)`` in float32, in eval mode, on ``device``
+    (``auto``: :func:`pick_device`).
 
     A name that is neither in the registry nor a readable local directory or hub id
     raises :class:`UserError` with one line that says so.
@@ -138,7 +148,7 @@ def load(name: str, attn_implementation: str = "eager", device: str = "cpu"):
             f"cannot load model {name!r}: not a registry name ({', '.join(REGISTRY)}), "
             f"a local model directory, or a reachable Hugging Face id ({str(e).splitlines()[0]})"
         ) from e
-    model.eval().to(device)
+    model.eval().to(pick_device(device))
     return model, tokenizer, model_info(name, model)
 
 

@@ -2,7 +2,9 @@
 
 Prompts follow the passkey task of Mohtashami & Jaggi (2023): an instruction, filler
 text, a needle "The pass key is NNNNN." at relative depth d of the filler, and a
-question. Prompts are built from token ids segment by segment, so every prompt has
+question. The filler ("haystack") is either repeated sentences (``noise``, the paper's)
+or a stretch of real text from the corpus shards (``corpus``), so the needle hides in
+prose. Prompts are built from token ids segment by segment, so every prompt has
 exactly the requested length and the needle's value tokens have known positions.
 Retrieval is correct when the model, running under the policy, generates the key.
 """
@@ -10,7 +12,6 @@ Retrieval is correct when the model, running under the policy, generates the key
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,13 +48,20 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def make_prompt(
-    tokenizer, length: int, depth: float, sample: int, seed: int, max_positions: int | None = None
+    tokenizer,
+    length: int,
+    depth: float,
+    sample: int,
+    seed: int,
+    max_positions: int | None = None,
+    haystack: np.ndarray | None = None,
 ) -> Prompt:
     """Build a prompt of exactly ``length`` tokens with the needle at ``depth`` in [0, 1].
 
     The key is a 5-digit number drawn from (seed, length, depth, sample), so a cell's
     prompts are the same for every model and policy. The needle is placed at the filler
-    sentence boundary nearest to the requested depth.
+    sentence boundary nearest to the requested depth. ``haystack``: token ids of a corpus
+    (1-D); the filler is then a stretch of it starting at an offset drawn with the key.
     """
     if not 0.0 <= depth <= 1.0:
         raise UserError(f"niah depth must be in [0, 1], got {depth}")
@@ -76,8 +84,17 @@ def make_prompt(
     n_filler = length - len(head) - len(needle_pre) - len(key_ids) - len(needle_post) - len(tail)
     if n_filler < 0:
         raise UserError(f"niah length {length} is too short for the prompt's fixed text")
-    unit = _ids(tokenizer, " " + FILLER)
-    filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
+    if haystack is None:
+        unit = _ids(tokenizer, " " + FILLER)
+        filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
+    else:
+        if len(haystack) < n_filler:
+            raise UserError(
+                f"the corpus holds {len(haystack)} tokens, too few for a {length}-token "
+                "haystack; raise corpus.max_chunks or shorten niah.lengths"
+            )
+        start = int(rng.integers(0, len(haystack) - n_filler + 1))
+        filler = [int(t) for t in haystack[start : start + n_filler]]
     sentence_ends = [
         i + 1 for i, t in enumerate(filler) if tokenizer.decode([t]).rstrip().endswith(".")
     ]
@@ -88,10 +105,16 @@ def make_prompt(
 
 
 def make_prompts(
-    tokenizer, lengths, depths, samples: int, seed: int, max_positions: int | None = None
+    tokenizer,
+    lengths,
+    depths,
+    samples: int,
+    seed: int,
+    max_positions: int | None = None,
+    haystack: np.ndarray | None = None,
 ) -> list[Prompt]:
     return [
-        make_prompt(tokenizer, n, d, s, seed, max_positions)
+        make_prompt(tokenizer, n, d, s, seed, max_positions, haystack)
         for n in lengths
         for d in depths
         for s in range(samples)
@@ -118,9 +141,7 @@ def score_prompt(
     def enough(new: list[int]) -> bool:
         return len(digits(tokenizer.decode(new))) >= len(prompt.key)
 
-    t0 = time.perf_counter()
     new = sparse.generate(model, ids, run, max_new_tokens, stop=enough)
-    seconds = time.perf_counter() - t0
     text = tokenizer.decode(new)
     return {
         "length": prompt.length,
@@ -131,7 +152,6 @@ def score_prompt(
         "correct": prompt.key in digits(text),
         "needle_kept": run.needle_kept,
         "generated": text,
-        "seconds": seconds,
     }
 
 

@@ -18,7 +18,13 @@ REGISTRY: dict[str, type[Policy]] = {
 
 
 def make(name: str, **params) -> Policy:
-    """Build a policy by registry name with the given hyper-parameters."""
+    """Build a policy by registry name with the given hyper-parameters.
+
+    A ``base`` parameter names the registry policy of a variant (a config entry such as
+    ``cab_lam30: {base: cab, lam: 0.3}``), so one policy can be scored under several
+    settings side by side.
+    """
+    name = params.pop("base", name)
     if name not in REGISTRY:
         raise UserError(f"unknown policy {name!r}; known: {', '.join(REGISTRY)}")
     try:

@@ -1,0 +1,136 @@
+# Perplexity against latency per (model, policy, sparsity); the CAB ablation table; the
+# curvature-against-weight figure of one NIAH prompt.
+
+
+rule pareto_score:
+    input:
+        manifest="results/corpus/{model}/manifest.json",
+        code=pareto_sources,
+    output:
+        "results/pareto/{model}/{policy}_{pct}.parquet",
+    log:
+        "logs/pareto_score/{model}/{policy}_{pct}.log",
+    benchmark:
+        "benchmarks/pareto_score/{model}/{policy}_{pct}.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: config["threads"]
+    params:
+        name=model_name,
+        policy_params=policy_params,
+        sparsity=target_sparsity,
+        tolerance=NIAH["sparsity_tolerance"],
+        chunks=PARETO["chunks"],
+        repeats=PARETO["repeats"],
+        seed=config["seed"],
+        device=config["device"],
+    shell:
+        "attnlab pareto-score --model {params.name} --manifest {input.manifest}"
+        " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
+        " --sparsity {params.sparsity} --tolerance {params.tolerance}"
+        " --chunks {params.chunks} --repeats {params.repeats} --seed {params.seed}"
+        " --threads {threads} --device {params.device} --out {output} 2> {log}"
+
+
+rule pareto_table:
+    input:
+        runs=pareto_files,
+        code=module_sources("pareto", root=workflow.basedir),
+    output:
+        "results/pareto/{model}.parquet",
+    log:
+        "logs/pareto_table/{model}.log",
+    conda:
+        "../envs/attnlab.yaml"
+    params:
+        resamples=PARETO["bootstrap"],
+        seed=config["seed"],
+    shell:
+        "attnlab pareto-table --resamples {params.resamples} --seed {params.seed}"
+        " --out {output} {input.runs} 2> {log}"
+
+
+rule ablation_table:
+    input:
+        unpack(ablation_inputs),
+        code=module_sources("pareto", root=workflow.basedir),
+    output:
+        "results/ablation/{model}.parquet",
+    log:
+        "logs/ablation_table/{model}.log",
+    conda:
+        "../envs/attnlab.yaml"
+    params:
+        resamples=PARETO["bootstrap"],
+        seed=config["seed"],
+    shell:
+        "attnlab ablation-table --niah {input.niah} --pareto {input.pareto}"
+        " --resamples {params.resamples} --seed {params.seed} --out {output} 2> {log}"
+
+
+rule frc_table:
+    input:
+        prompts="results/niah/{model}/prompts.parquet",
+        code=module_sources("curvature", "models", root=workflow.basedir),
+    output:
+        "results/frc/{model}.parquet",
+    log:
+        "logs/frc_table/{model}.log",
+    conda:
+        "../envs/attnlab.yaml"
+    threads: config["threads"]
+    params:
+        name=model_name,
+        length=FRC["length"],
+        depth=FRC["depth"],
+        layer=FRC["layer"],
+        block_size=config["policies"]["cab"]["block_size"],
+        adjacency=config["policies"]["cab"]["adjacency"],
+        graph=config["policies"]["cab"]["graph"],
+        device=config["device"],
+    shell:
+        "attnlab frc-magnitude --model {params.name} --prompts {input.prompts}"
+        " --length {params.length} --depth {params.depth} --layer {params.layer}"
+        " --block-size {params.block_size} --adjacency {params.adjacency}"
+        " --graph {params.graph} --threads {threads} --device {params.device}"
+        " --out {output} 2> {log}"
+
+
+rule pareto_figure:
+    input:
+        table="results/{kind}/{model}.parquet",
+        code=module_sources("plots.pareto", root=workflow.basedir),
+    output:
+        report(
+            "figs/{kind}_{model}.png",
+            caption="../report/{kind}.rst",
+            category="Perplexity and ablation",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/figures/{kind}_{model}.log",
+    wildcard_constraints:
+        kind="pareto|ablation",
+    conda:
+        "../envs/attnlab.yaml"
+    shell:
+        "attnlab plot {wildcards.kind} --table {input.table} --out {output} 2> {log}"
+
+
+rule frc_figure:
+    input:
+        table="results/frc/{model}.parquet",
+        code=module_sources("plots.pareto", root=workflow.basedir),
+    output:
+        report(
+            "figs/frc_vs_magnitude_{model}.png",
+            caption="../report/frc_vs_magnitude.rst",
+            category="Perplexity and ablation",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/figures/frc_vs_magnitude_{model}.log",
+    conda:
+        "../envs/attnlab.yaml"
+    shell:
+        "attnlab plot frc-magnitude --table {input.table} --out {output} 2> {log}"

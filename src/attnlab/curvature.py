@@ -1,0 +1,59 @@
+"""Curvature against magnitude: does Forman-Ricci curvature see more than coarse weight?
+
+For one prompt and one layer, Q and K are captured after RoPE (as the attention sees
+them), coarsened to one max-L2 token per block, and turned into the coarse attention
+graph A and its curvature F exactly as CAB forms them (:mod:`attnlab.kernels.reference`).
+Each block-causal (query block, key block) pair of each head becomes one row, with a
+flag for key blocks that hold a needle token, so the figure can show where the needle's
+edges sit in the (A, F) plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from attnlab import capture, hooks
+from attnlab.kernels.reference import coarse_adjacency, coarsen_max_l2, forman_ricci
+
+COLUMNS = ["head", "q_block", "k_block", "weight", "curvature", "needle", "diagonal"]
+
+
+@torch.inference_mode()
+def block_pairs(
+    model,
+    input_ids: Sequence[int],
+    layer: int,
+    block_size: int = 16,
+    adjacency: str = "softmax",
+    graph: str = "directed",
+    needle_positions: Sequence[int] = (),
+) -> dict[str, np.ndarray]:
+    """Coarse weight and curvature of every block-causal pair of every head of ``layer``.
+
+    Returns columns :data:`COLUMNS` as arrays, rows ordered by (head, q_block, k_block).
+    """
+    store: dict = {}
+    ids = torch.as_tensor([list(input_ids)], dtype=torch.long, device=model.device)
+    with capture._rope_tap(model, [layer], store):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    _, _, q, k = store[layer]  # post-RoPE: (1, H, T, D), (1, Hkv, T, D)
+    scaling = hooks.decoder_layers(model)[layer].self_attn.scaling
+    a = coarse_adjacency(
+        coarsen_max_l2(q, block_size), coarsen_max_l2(k, block_size), scaling, adjacency
+    )  # (1, H, M, M)
+    f = forman_ricci(a, graph)
+    h, m = a.shape[1], a.shape[-1]
+    qb, kb = np.tril_indices(m)  # block-causal pairs, row-major
+    needle_blocks = {p // block_size for p in needle_positions}
+    return {
+        "head": np.repeat(np.arange(h), len(qb)),
+        "q_block": np.tile(qb, h),
+        "k_block": np.tile(kb, h),
+        "weight": a[0][:, qb, kb].flatten().cpu().numpy(),
+        "curvature": f[0][:, qb, kb].flatten().cpu().numpy(),
+        "needle": np.tile(np.isin(kb, list(needle_blocks)), h),
+        "diagonal": np.tile(qb == kb, h),
+    }

@@ -1,0 +1,201 @@
+"""Perplexity against latency: what a sparse policy costs in quality and buys in speed.
+
+Each held-out corpus chunk runs through the model once per repeat with the policy in
+every layer (:class:`attnlab.sparse.SparseRun`; FlexAttention's block-sparse kernel
+for block policies on CUDA, the masked eager path elsewhere). The chunk's negative
+log-likelihood is summed over its next-token predictions (positions 1..T-1), so
+perplexity is the token-weighted mean, exp(sum NLL / tokens), and its interval comes
+from a bootstrap over chunks. Latency is the wall time of the same forward passes,
+per token, the median over every timed pass after one untimed warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from attnlab import sparse
+from attnlab.errors import UserError
+from attnlab.policies.base import Policy
+from attnlab.stats import percentile_interval, resample_counts
+
+CHUNK_COLUMNS = ["chunk", "nll_sum", "tokens", "achieved_sparsity", "seconds_per_token"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def chunk_pass(model, ids: torch.Tensor, policy: Policy, sparsity: float, seed: int = 0):
+    """One forward pass of ``ids`` (1, T) under the policy.
+
+    Returns (nll_sum, tokens, run, seconds): the summed next-token NLL in float64, the
+    T - 1 predicted tokens, the finished :class:`SparseRun` and the pass's wall time.
+    """
+    run = sparse.SparseRun(policy, sparsity, seed=seed)
+    _sync(ids.device)
+    t0 = time.perf_counter()
+    with run:
+        logits = model(input_ids=ids, use_cache=False).logits  # (1, T, V)
+    _sync(ids.device)
+    seconds = time.perf_counter() - t0
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:], reduction="sum")
+    return float(nll), ids.shape[1] - 1, run, seconds
+
+
+def score_chunks(
+    model,
+    chunks: np.ndarray,
+    policy: Policy,
+    sparsity: float,
+    repeats: int = 3,
+    seed: int = 0,
+    chunk_ids: Sequence[int] | None = None,
+    desc: str = "perplexity",
+) -> list[dict]:
+    """One row per chunk: NLL sum, tokens, achieved sparsity, median seconds per token.
+
+    chunks: (N, T) token ids. Every chunk runs ``repeats`` times (the NLL of each repeat
+    must agree; the first is kept); the first chunk once more before, untimed.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    device = model.device
+    chunk_ids = list(range(len(chunks))) if chunk_ids is None else list(chunk_ids)
+    rows = []
+    warm = torch.as_tensor(chunks[:1], dtype=torch.long, device=device)
+    chunk_pass(model, warm, policy, sparsity, seed)
+    for cid, tokens in zip(
+        chunk_ids, tqdm(chunks, desc=desc, unit="chunk", mininterval=5), strict=True
+    ):
+        ids = torch.as_tensor(tokens[None], dtype=torch.long, device=device)
+        times = []
+        for _ in range(repeats):
+            nll, n, run, seconds = chunk_pass(model, ids, policy, sparsity, seed)
+            times.append(seconds / ids.shape[1])
+            if len(times) == 1:
+                first = (nll, run.achieved_sparsity)
+        rows.append(
+            {
+                "chunk": cid,
+                "nll_sum": first[0],
+                "tokens": n,
+                "achieved_sparsity": first[1],
+                "seconds_per_token": float(np.median(times)),
+            }
+        )
+    return rows
+
+
+def perplexity(nll_sum: np.ndarray, tokens: np.ndarray) -> float:
+    """Token-weighted perplexity of chunks: exp(sum NLL / sum tokens)."""
+    return math.exp(float(np.sum(nll_sum)) / float(np.sum(tokens)))
+
+
+def perplexity_interval(
+    nll_sum: np.ndarray, tokens: np.ndarray, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the perplexity, resampling whole chunks."""
+    nll_sum, tokens = np.asarray(nll_sum, float), np.asarray(tokens, float)
+    counts = resample_counts(np.random.default_rng(seed), len(nll_sum), resamples)  # (R, N)
+    boot = np.exp((counts @ nll_sum) / (counts @ tokens))
+    lo, hi = percentile_interval(boot)
+    return float(lo), float(hi)
+
+
+def summarize(rows, resamples: int = 2000, seed: int = 0) -> dict:
+    """Perplexity with its interval, median latency and achieved sparsity of a run's
+    chunk rows (a polars frame with :data:`CHUNK_COLUMNS`)."""
+    nll, tok = rows["nll_sum"].to_numpy(), rows["tokens"].to_numpy()
+    lo, hi = perplexity_interval(nll, tok, resamples, seed)
+    return {
+        "perplexity": perplexity(nll, tok),
+        "ppl_lo": lo,
+        "ppl_hi": hi,
+        "ms_per_token": 1e3 * float(rows["seconds_per_token"].median()),
+        "achieved_sparsity": float(np.average(rows["achieved_sparsity"].to_numpy(), weights=tok)),
+        "chunks": len(nll),
+        "tokens": int(tok.sum()),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """What the latencies were measured on: the GPU's name, or the CPU and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+RUN_KEYS = ["model", "policy", "target_sparsity"]
+
+
+def collect(paths: Sequence[str], resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """One row per (model, policy, target sparsity) of pareto-score tables: perplexity
+    with its interval, latency, achieved sparsity, feasibility and the device."""
+    import polars as pl
+
+    from attnlab import tables
+
+    df = pl.concat(
+        [tables.read(p, [*CHUNK_COLUMNS, *RUN_KEYS, "feasible", "device"]) for p in paths],
+        how="diagonal_relaxed",
+    )
+    rows = []
+    for key, run in df.group_by(RUN_KEYS, maintain_order=True):
+        rows.append(
+            dict(zip(RUN_KEYS, key, strict=True))
+            | summarize(run, resamples, seed)
+            | {"feasible": bool(run["feasible"].all()), "device": run["device"][0]}
+        )
+    return rows
+
+
+def ablation(
+    niah_paths: Sequence[str], pareto_paths: Sequence[str], resamples: int = 2000, seed: int = 0
+) -> list[dict]:
+    """One row per (model, policy, target sparsity): NIAH accuracy over the prompts and
+    perplexity over the chunks, each with a percentile bootstrap interval."""
+    import polars as pl
+
+    from attnlab import tables
+    from attnlab.stats import bootstrap_ci
+
+    columns = [*RUN_KEYS, "correct", "achieved_sparsity", "feasible"]
+    niah = pl.concat([tables.read(p, columns) for p in niah_paths], how="diagonal_relaxed")
+    ppl = {
+        (r["model"], r["policy"], r["target_sparsity"]): r
+        for r in collect(pareto_paths, resamples, seed)
+    }
+    rows = []
+    for key, run in niah.group_by(RUN_KEYS, maintain_order=True):
+        if key not in ppl:
+            raise UserError(f"no perplexity run for {key} among the pareto tables")
+        correct = run["correct"].cast(pl.Float64).to_numpy()
+        lo, hi = bootstrap_ci(correct, resamples, seed=seed)
+        p = ppl[key]
+        rows.append(
+            dict(zip(RUN_KEYS, key, strict=True))
+            | {
+                "accuracy": float(correct.mean()),
+                "acc_lo": lo,
+                "acc_hi": hi,
+                "prompts": len(correct),
+                "niah_sparsity": float(run["achieved_sparsity"].mean()),
+                "niah_feasible": bool(run["feasible"].all()),
+                "perplexity": p["perplexity"],
+                "ppl_lo": p["ppl_lo"],
+                "ppl_hi": p["ppl_hi"],
+                "ppl_sparsity": p["achieved_sparsity"],
+                "ppl_feasible": p["feasible"],
+                "chunks": p["chunks"],
+            }
+        )
+    return rows

@@ -1,0 +1,171 @@
+"""Perplexity against latency, the CAB ablation, and curvature against coarse weight."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+
+from attnlab import tables
+from attnlab.plots.niah import _save
+
+
+def policy_label(policy: str) -> str:
+    """Readable name of a policy or variant: cab_lam30 -> 'CAB λ=0.3'."""
+    m = re.fullmatch(r"(\w+?)_lam(\d+)", policy)
+    if m:
+        return f"{m[1].upper()} λ={int(m[2]) / 100:g}"
+    return {
+        "cab": "CAB",
+        "coarse_magnitude": "coarse magnitude (λ=0)",
+        "random_block": "random blocks",
+        "streamingllm": "StreamingLLM",
+        "h2o": "H2O",
+        "full": "full attention",
+    }.get(policy, policy)
+
+
+def plot_pareto(table: str | Path, out: str | Path) -> None:
+    """Perplexity (bootstrap interval over chunks) against ms per token: a line per policy
+    through its sparsities, full attention a star; hollow points missed their target."""
+    df = tables.read(
+        table,
+        ["model", "policy", "target_sparsity", "perplexity", "ppl_lo", "ppl_hi"]
+        + ["ms_per_token", "feasible", "device", "chunks", "tokens"],
+    ).sort("policy", "target_sparsity")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    full = df.filter(pl.col("policy") == "full")
+    colors = iter(plt.get_cmap("tab10").colors)
+    for policy in [p for p in df["policy"].unique(maintain_order=True) if p != "full"]:
+        run = df.filter(pl.col("policy") == policy)
+        color = next(colors)
+        x, y = run["ms_per_token"].to_numpy(), run["perplexity"].to_numpy()
+        err = np.abs(np.stack([run["ppl_lo"].to_numpy(), run["ppl_hi"].to_numpy()]) - y)
+        ax.plot(x, y, "-", color=color, alpha=0.6, label=policy_label(policy))
+        ax.errorbar(x, y, yerr=err, fmt="none", ecolor=color, capsize=2)
+        feasible = run["feasible"].to_numpy()
+        ax.scatter(x[feasible], y[feasible], color=color, zorder=3)
+        ax.scatter(x[~feasible], y[~feasible], facecolor="white", edgecolor=color, zorder=3)
+        for xi, yi, s in zip(x, y, run["target_sparsity"].to_list(), strict=True):
+            ax.annotate(f"{s:.0%}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if not full.is_empty():
+        f = full.row(0, named=True)
+        ax.errorbar(
+            f["ms_per_token"],
+            f["perplexity"],
+            yerr=[[f["perplexity"] - f["ppl_lo"]], [f["ppl_hi"] - f["perplexity"]]],
+            fmt="*",
+            color="black",
+            markersize=12,
+            capsize=2,
+            label="full attention",
+            zorder=4,
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("latency (ms per token, median of the passes)")
+    ax.set_ylabel("perplexity (95% bootstrap interval over chunks)")
+    first = df.row(0, named=True)
+    ax.set_title(
+        f"{first['model']}: {first['chunks']} held-out chunks, {first['tokens']} tokens\n"
+        f"on {first['device']}; hollow = target sparsity not reached",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def plot_ablation(table: str | Path, out: str | Path) -> None:
+    """NIAH accuracy and perplexity per policy variant, a bar group per target sparsity,
+    95% bootstrap intervals on every bar; full attention as a dashed reference."""
+    df = tables.read(
+        table,
+        ["model", "policy", "target_sparsity", "accuracy", "acc_lo", "acc_hi", "prompts"]
+        + ["perplexity", "ppl_lo", "ppl_hi", "niah_feasible", "ppl_feasible"],
+    )
+    full = df.filter(pl.col("policy") == "full")
+    runs = df.filter(pl.col("policy") != "full")
+    policies = runs["policy"].unique(maintain_order=True).to_list()
+    sparsities = sorted(runs["target_sparsity"].unique().to_list())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(len(sparsities), 1)
+    panels = (("accuracy", "acc", "NIAH accuracy"), ("perplexity", "ppl", "perplexity"))
+    for ax, (col, pre, label) in zip(axes, panels, strict=True):
+        for j, s in enumerate(sparsities):
+            sel = runs.filter((pl.col("target_sparsity") - s).abs() < 1e-9)
+            by = {r["policy"]: r for r in sel.iter_rows(named=True)}
+            x = np.arange(len(policies)) + (j - (len(sparsities) - 1) / 2) * width
+            y = np.array([by[p][col] if p in by else np.nan for p in policies])
+            lo = np.array([by[p][f"{pre}_lo"] if p in by else np.nan for p in policies])
+            hi = np.array([by[p][f"{pre}_hi"] if p in by else np.nan for p in policies])
+            ok = [by[p][f"{'niah' if pre == 'acc' else 'ppl'}_feasible"] for p in policies]
+            bars = ax.bar(x, y, width, yerr=[y - lo, hi - y], capsize=2, label=f"{s:.0%}")
+            for bar, feasible in zip(bars, ok, strict=True):
+                if not feasible:
+                    bar.set_hatch("///")
+        if not full.is_empty():
+            ax.axhline(full[col][0], color="black", ls="--", lw=1, label="full attention")
+        ax.set_xticks(np.arange(len(policies)), [policy_label(p) for p in policies])
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.set_ylabel(f"{label} (95% bootstrap interval)")
+        ax.legend(title="target sparsity", fontsize=7, title_fontsize=7)
+    axes[1].set_yscale("log")
+    first = df.row(0, named=True)
+    fig.suptitle(
+        f"{first['model']}: CAB against its ablations ({first['prompts']} prompts per bar; "
+        "hatched = target sparsity not reached)",
+        fontsize=10,
+    )
+    _save(fig, out)
+
+
+def plot_frc_magnitude(table: str | Path, out: str | Path) -> None:
+    """Coarse curvature against coarse attention weight per block pair (every head of one
+    layer, diagonal blocks left out), pairs whose key block holds the needle in red."""
+    df = tables.read(table, ["weight", "curvature", "needle", "diagonal"]).filter(
+        ~pl.col("diagonal")
+    )
+    meta = tables.meta(table)
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    rest, needle = df.filter(~pl.col("needle")), df.filter(pl.col("needle"))
+    floor = 1e-8
+    ax.scatter(
+        rest["weight"].clip(lower_bound=floor),
+        rest["curvature"],
+        s=3,
+        alpha=0.25,
+        color="0.4",
+        label="block pairs",
+        rasterized=True,
+    )
+    if not needle.is_empty():
+        ax.scatter(
+            needle["weight"].clip(lower_bound=floor),
+            needle["curvature"],
+            s=10,
+            color="tab:red",
+            label="key block holds the needle",
+        )
+    w, f = df["weight"].to_numpy(), df["curvature"].to_numpy()
+    rho = _spearman(w, f)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"coarse attention weight A ({meta.get('adjacency', '?')})")
+    ax.set_ylabel(f"Forman-Ricci curvature F ({meta.get('graph', '?')})")
+    ax.set_title(
+        f"{meta.get('model', '?')} layer {meta.get('layer', '?')}, {meta.get('length', '?')} "
+        f"tokens, needle depth {meta.get('depth', '?')} ({meta.get('haystack', '?')} haystack)\n"
+        f"blocks of {meta.get('block_size', '?')}; Spearman ρ(A, F) = {rho:.2f}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1]) if len(x) > 1 else float("nan")
+
+
+FIGURES = {"pareto": plot_pareto, "ablation": plot_ablation, "frc-magnitude": plot_frc_magnitude}

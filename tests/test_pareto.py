@@ -1,0 +1,108 @@
+"""Perplexity under a policy, its interval, corpus haystacks, policy variants, and the
+curvature-against-weight table, on the real SmolLM2 and real text."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attnlab import curvature, models, niah, pareto, policies, sparse
+from attnlab.errors import UserError
+
+
+def _chunk(sharded, i=0):
+    _, _, chunks, _ = sharded
+    return torch.tensor([chunks[i]["tokens"]], dtype=torch.long)
+
+
+def test_full_attention_perplexity_equals_the_models_own_loss(smollm2, sharded):
+    model, _, _ = smollm2
+    ids = _chunk(sharded)
+    model.set_attn_implementation("sdpa")  # the model's own attention, not attnlab's
+    try:
+        with torch.inference_mode():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+    finally:
+        sparse.install(model)
+    nll, tokens, run, seconds = pareto.chunk_pass(model, ids, policies.make("full"), 0.0)
+    assert tokens == ids.shape[1] - 1 and seconds > 0
+    assert run.achieved_sparsity == 0.0
+    assert math.exp(nll / tokens) == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_sparse_pass_reaches_its_sparsity_and_repeats_agree(smollm2, sharded):
+    model, _, _ = smollm2
+    _, _, chunks, _ = sharded
+    tokens = np.array([c["tokens"] for c in chunks[:2]])
+    policy = policies.make("streamingllm")
+    rows = pareto.score_chunks(model, tokens, policy, 0.5, repeats=2, chunk_ids=[7, 8])
+    assert [r["chunk"] for r in rows] == [7, 8]
+    full = pareto.score_chunks(model, tokens, policies.make("full"), 0.0, repeats=1)
+    for r, f in zip(rows, full, strict=True):
+        assert r["tokens"] == f["tokens"] == tokens.shape[1] - 1
+        assert abs(r["achieved_sparsity"] - 0.5) < 0.01
+        assert r["nll_sum"] > f["nll_sum"]  # half the keys masked: the model predicts worse
+        assert r["seconds_per_token"] > 0
+    again = pareto.chunk_pass(model, torch.tensor(tokens[:1]), policy, 0.5)
+    assert again[0] == rows[0]["nll_sum"]
+
+
+def test_perplexity_is_token_weighted_and_its_interval_resamples_chunks():
+    nll, tok = np.array([10.0, 30.0]), np.array([10, 10])
+    assert pareto.perplexity(nll, tok) == pytest.approx(math.exp(2.0))
+    lo, hi = pareto.perplexity_interval(nll, tok, resamples=500)
+    assert math.exp(1.0) <= lo < math.exp(2.0) < hi <= math.exp(3.0)
+    assert pareto.perplexity_interval(nll[:1], tok[:1]) == pytest.approx((math.e, math.e))
+
+
+def test_corpus_haystack_hides_the_needle_in_corpus_text(smollm2, sharded):
+    _, tok, _ = smollm2
+    _, _, chunks, _ = sharded
+    stream = np.concatenate([c["tokens"] for c in chunks])
+    p = niah.make_prompt(tok, 400, 0.5, 0, 3, haystack=stream)
+    assert len(p.input_ids) == 400
+    assert tok.decode([p.input_ids[i] for i in p.needle_positions]).strip() == p.key
+    # the filler after the needle is a contiguous stretch of the corpus
+    after = p.input_ids[p.needle_positions[-1] + 30 : p.needle_positions[-1] + 60]
+    starts = np.flatnonzero(stream[: len(stream) - len(after)] == after[0])
+    assert any((stream[s : s + len(after)] == after).all() for s in starts)
+    assert p == niah.make_prompt(tok, 400, 0.5, 0, 3, haystack=stream)
+    other = niah.make_prompt(tok, 400, 0.5, 1, 3, haystack=stream)
+    assert other.input_ids[30:60] != p.input_ids[30:60]  # another sample, another stretch
+    noise = niah.make_prompt(tok, 400, 0.5, 0, 3)
+    assert noise.key == p.key and noise.input_ids != p.input_ids
+    with pytest.raises(UserError, match="too few for a 400-token haystack"):
+        niah.make_prompt(tok, 400, 0.5, 0, 3, haystack=stream[:100])
+
+
+def test_a_variant_is_its_base_policy_with_other_parameters():
+    cab = policies.make("cab_lam30", base="cab", block_size=16, lam=0.3)
+    assert type(cab) is policies.REGISTRY["cab"] and cab.lam == 0.3 and cab.name == "cab"
+    assert "base" not in cab.params()
+    with pytest.raises(UserError, match="unknown policy 'magic'"):
+        policies.make("cab_x", base="magic")
+
+
+def test_block_pairs_are_the_coarse_graph_of_a_niah_prompt(smollm2):
+    model, tok, info = smollm2
+    p = niah.make_prompt(tok, 200, 0.5, 0, 0)
+    cols = curvature.block_pairs(model, p.input_ids, 3, 16, needle_positions=p.needle_positions)
+    m = -(-200 // 16)
+    assert len(cols["weight"]) == info.n_heads * m * (m + 1) // 2
+    # softmax adjacency: each query block's weights over its causal key blocks sum to 1
+    sums = np.zeros((info.n_heads, m))
+    np.add.at(sums, (cols["head"], cols["q_block"]), cols["weight"])
+    assert np.allclose(sums, 1.0, atol=1e-5)
+    needle_blocks = {i // 16 for i in p.needle_positions}
+    assert set(cols["k_block"][cols["needle"]]) == needle_blocks
+    assert np.isfinite(cols["curvature"]).all()
+    assert (cols["diagonal"] == (cols["q_block"] == cols["k_block"])).all()
+
+
+def test_asking_for_a_gpu_that_is_not_there_is_a_user_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert models.pick_device("auto") == "cpu"
+    with pytest.raises(UserError, match="no CUDA device"):
+        models.pick_device("cuda")
