@@ -153,3 +153,81 @@ def test_unknown_policy_is_a_user_error():
 
     with pytest.raises(UserError, match="unknown policy 'nope'"):
         policies.make("nope")
+
+
+def test_snapkv_keeps_the_window_and_the_keys_it_votes_for_shared_per_kv_group():
+    # Key 10 aligns with every query; two query heads share one key/value head.
+    q = torch.ones(1, 2, 64, 4)
+    q[:, 1] *= 0.5
+    k = torch.zeros(1, 2, 64, 4)
+    k[:, :, 10] = 4.0
+    policy = policies.make("snapkv", window=8, kernel=3)
+    ctx = context(q, k, 0.75)
+    ctx.kv_heads = 1
+    keep = keep_mask(policy, ctx)
+    row = keep[0, 0, 63]
+    assert row[56:64].all()  # the observation window
+    assert row[9:12].all()  # the voted key and its pooled neighbours
+    assert torch.equal(keep[0, 0], keep[0, 1])  # one selection per KV group
+    assert int(row.sum()) == 16  # the budget: 0.25 x 64
+
+
+def test_snapkv_decode_keeps_the_prompt_selection_and_new_keys():
+    torch.manual_seed(7)
+    q, k = torch.randn(1, 1, 41, 8), torch.randn(1, 1, 41, 8)
+    policy = policies.make("snapkv", window=4, kernel=3)
+    prefill = context(q[..., :40, :], k[..., :40, :], 0.7)
+    first = keep_mask(policy, prefill)
+    policy.remember(prefill)
+    step = keep_mask(policy, context(q[..., 40:, :], k, 0.7, prefill.history))
+    old, new = first[0, 0, 39], step[0, 0, 0, :40]
+    assert step[0, 0, 0, 40] and new[36:40].all()  # the new key and the prompt's window
+    # the prompt's selection, less the one voted key that the new key displaces
+    assert not (new & ~old).any() and int((old & ~new).sum()) == 1
+
+
+def test_quest_bound_is_an_upper_bound_and_tight_for_one_token_pages():
+    from attnlab.policies.quest import page_bounds, upper_bound
+
+    torch.manual_seed(8)
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 37, 16)
+    kmin, kmax = page_bounds(k, 8)
+    bound = upper_bound(q, kmin, kmax)  # (1, 2, 5, 5 pages)
+    dots = (q @ k.transpose(-1, -2)).float()
+    for p in range(5):
+        assert (bound[..., p] >= dots[..., p * 8 : (p + 1) * 8].amax(-1) - 1e-5).all()
+    ones = upper_bound(q, *page_bounds(k, 1))
+    assert torch.allclose(ones, dots, atol=1e-5)
+
+
+def test_quest_keeps_the_page_whose_keys_align_with_the_query():
+    q = torch.zeros(1, 1, 64, 4)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 64, 4)
+    k[0, 0, 21, 0] = 5.0  # page 2 (keys 16..23) holds the key the query wants
+    keep = keep_mask(policies.make("quest", block_size=8), context(q, k, 0.75))
+    row = keep[0, 0, 63]
+    assert row[16:24].all() and row[56:64].all()  # that page and the query's own
+    assert int(row.sum()) == 16
+
+
+def test_xattention_antidiagonals_and_threshold():
+    from attnlab.policies.xattention import antidiagonal_scores
+
+    torch.manual_seed(9)
+    q, k = torch.randn(1, 1, 8, 3), torch.randn(1, 1, 8, 3)
+    est = antidiagonal_scores(q, k, 4)  # (1, 1, 2, 2)
+    dots = q[0, 0] @ k[0, 0].T
+    want = sum(dots[4 + 3 - s, 0 + s] for s in range(4))  # tile (1, 0)
+    assert est[0, 0, 1, 0].item() == pytest.approx(want.item(), abs=1e-5)
+    # Key block 1 (of 4-token blocks) takes nearly all attention: with threshold 0.9 it
+    # alone (with the diagonal) is kept, however large the budget.
+    q = torch.ones(1, 1, 32, 4)
+    k = torch.zeros(1, 1, 32, 4)
+    k[0, 0, 4:8] = 6.0
+    policy = policies.make("xattention", block_size=4, stride=2, threshold=0.9)
+    keep = keep_mask(policy, context(q, k, 0.1))
+    row = keep[0, 0, 31]
+    assert row[4:8].all() and row[28:32].all() and int(row.sum()) == 8
+    loose = policies.make("xattention", block_size=4, stride=2, threshold=1.0)
+    assert int(keep_mask(loose, context(q, k, 0.1))[0, 0, 31].sum()) > 8

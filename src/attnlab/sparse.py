@@ -97,7 +97,7 @@ class SparseRun:
         the layers whose own mask lets that query see it."""
         return sum(self.watch_kept) / len(self.watch_kept) if self.watch_kept else float("nan")
 
-    def _context(self, layer, q, k, visible, scaling) -> ScoreContext:
+    def _context(self, layer, q, k, visible, scaling, kv_heads=None) -> ScoreContext:
         tq, tk = q.shape[-2], k.shape[-2]
         return ScoreContext(
             q=q,
@@ -109,6 +109,7 @@ class SparseRun:
             layer=layer,
             seed=self.seed,
             history=self.histories.setdefault(layer, LayerHistory()),
+            kv_heads=kv_heads,
         )
 
     def _remember(self, ctx: ScoreContext) -> None:
@@ -116,6 +117,7 @@ class SparseRun:
             ctx.history.q = ctx.q_all
         if self.policy.needs_received:
             ctx.history.received = ctx.received[..., -1, :]  # (B, H, Tk) totals so far
+        self.policy.remember(ctx)
 
     def mask(
         self,
@@ -125,9 +127,10 @@ class SparseRun:
         visible: torch.Tensor,
         scaling: float,
         scores: torch.Tensor,
+        kv_heads: int | None = None,
     ) -> torch.Tensor:
         """Keep-mask for one layer call; q: (B, H, Tq, D), k: (B, H, Tk, D) -> (B, H, Tq, Tk)."""
-        ctx = self._context(layer, q, k, visible, scaling)
+        ctx = self._context(layer, q, k, visible, scaling, kv_heads)
         ctx.__dict__["scores"] = scores  # already computed for the attention itself
         keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         self._remember(ctx)
@@ -140,7 +143,9 @@ class SparseRun:
         wanted = self.backend == "flex" or (self.backend == "auto" and query.is_cuda)
         return wanted and self.policy.level == "block" and tq == tk
 
-    def block_mask(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float):
+    def block_mask(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float, kv_heads=None
+    ):
         """Block selection of a causal prefill at query-block granularity, for FlexAttention.
 
         Each query block uses the selection and budget of its last row. q: (B, H, T, D),
@@ -149,7 +154,7 @@ class SparseRun:
         """
         t, bs = q.shape[-2], self.policy.block_size
         visible = visible_mask(None, t, t, q.device)
-        ctx = self._context(layer, q, k, visible, scaling)
+        ctx = self._context(layer, q, k, visible, scaling, kv_heads)
         score = self.policy.score(ctx)  # (B, H, T, Mk)
         ends = torch.arange(bs - 1, t + bs - 1, bs, device=q.device).clamp(max=t - 1)
         keep = block_keep(
@@ -166,7 +171,9 @@ class SparseRun:
         from attnlab.flex import flex_block_sparse_attention
 
         t, bs = query.shape[-2], self.policy.block_size
-        keep, visible = self.block_mask(layer, query, expand_kv(key, query.shape[1]), scaling)
+        keep, visible = self.block_mask(
+            layer, query, expand_kv(key, query.shape[1]), scaling, key.shape[1]
+        )
         tokens = keep.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :t, :t]
         self.account(tokens & visible, visible)
         return flex_block_sparse_attention(query, key, value, keep, bs, scaling)
@@ -238,7 +245,7 @@ def attention_forward(
     visible = visible_mask(attention_mask, tq, tk, query.device)  # (B, 1, Tq, Tk)
     scores = torch.where(visible, scores, float("-inf"))
     if run is not None and run.policy.name != "full":
-        keep = run.mask(module.layer_idx, query, k, visible, scaling, scores)
+        keep = run.mask(module.layer_idx, query, k, visible, scaling, scores, key.shape[1])
         scores = torch.where(keep, scores, float("-inf"))
     elif run is not None:
         run.account(visible.expand(-1, h, -1, -1), visible)

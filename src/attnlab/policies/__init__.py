@@ -8,12 +8,27 @@ from attnlab.policies.cab import CAB
 from attnlab.policies.coarse_magnitude import CoarseMagnitude
 from attnlab.policies.full import Full
 from attnlab.policies.h2o import H2O
+from attnlab.policies.quest import Quest
 from attnlab.policies.random_block import RandomBlock
+from attnlab.policies.snapkv import SnapKV
 from attnlab.policies.streamingllm import StreamingLLM
 from attnlab.policies.topk import TopK
+from attnlab.policies.xattention import XAttention
 
 REGISTRY: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, TopK, H2O, StreamingLLM, CAB, CoarseMagnitude, RandomBlock)
+    cls.name: cls
+    for cls in (
+        Full,
+        TopK,
+        H2O,
+        StreamingLLM,
+        CAB,
+        CoarseMagnitude,
+        RandomBlock,
+        SnapKV,
+        Quest,
+        XAttention,
+    )
 }
 
 

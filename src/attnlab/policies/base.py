@@ -29,6 +29,7 @@ class LayerHistory:
 
     q: torch.Tensor | None = None  # (B, H, Tp, D) earlier query rows
     received: torch.Tensor | None = None  # (B, H, Tp) attention each key received so far
+    state: dict = field(default_factory=dict)  # whatever a policy's ``remember`` keeps
 
 
 @dataclass
@@ -38,7 +39,8 @@ class ScoreContext:
     q: (B, H, Tq, D) query rows after RoPE; k: (B, H, Tk, D) keys expanded to the query
     heads; visible: (B, 1 or H, Tq, Tk) bool, what the model's own mask lets each row see
     (causality, sliding windows); q_pos: (Tq,) absolute positions; budget: (B, 1 or H, Tq)
-    keys each row may keep; scaling: the model's softmax scale; layer: layer index.
+    keys each row may keep; scaling: the model's softmax scale; layer: layer index;
+    kv_heads: the model's key/value heads (k's heads are their grouped-query expansion).
     """
 
     q: torch.Tensor
@@ -50,6 +52,12 @@ class ScoreContext:
     layer: int
     seed: int = 0
     history: LayerHistory = field(default_factory=LayerHistory)
+    kv_heads: int | None = None
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.q.shape[1] // (self.kv_heads or self.q.shape[1])
 
     @cached_property
     def scores(self) -> torch.Tensor:
@@ -104,6 +112,9 @@ class Policy:
     def score(self, ctx: ScoreContext) -> torch.Tensor | None:
         """(B, H, Tq, Tk) token scores, (B, H, Tq, Mk) block scores, or None to keep all."""
         raise NotImplementedError
+
+    def remember(self, ctx: ScoreContext) -> None:
+        """Keep what later calls of this layer need in ``ctx.history.state`` (after a call)."""
 
     def params(self) -> dict:
         """Hyper-parameters as plain values, for result tables."""

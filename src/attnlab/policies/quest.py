@@ -1,0 +1,55 @@
+"""Quest: query-aware page selection (Tang et al., 2024, arXiv:2406.10774)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.policies.base import Policy, ScoreContext, must_keep_blocks
+
+
+def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel minimum and maximum of the keys of each page: k (B, H, T, D) ->
+    two (B, H, P, D) tensors; the last page may be ragged."""
+    b, h, t, d = k.shape
+    n = -(-t // page)
+    pad = n * page - t
+    kf = k.float()
+    lo = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")) if pad else kf
+    hi = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")) if pad else kf
+    return lo.view(b, h, n, page, d).amin(3), hi.view(b, h, n, page, d).amax(3)
+
+
+def upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """sum_d max(q_d * min_d, q_d * max_d) for every (query, page): (B, H, Tq, P).
+
+    For q_d >= 0 the larger product is q_d * max_d, else q_d * min_d, so the bound is
+    two matrix products rather than a (Tq, P, D) tensor.
+    """
+    qf = q.float()
+    pos = qf.clamp(min=0)
+    return pos @ kmax.transpose(-1, -2) + (qf - pos) @ kmin.transpose(-1, -2)
+
+
+@dataclass
+class Quest(Policy):
+    """Keys grouped in pages of ``block_size`` tokens; each page carries the per-channel
+    minimum and maximum of its keys, and a query scores a page by the upper bound
+    sum_d max(q_d min_d, q_d max_d) of its dot product with any key of the page. Each
+    query keeps its top pages within the budget. The query's own page, still being
+    written, is always kept (as Quest attends to it in full).
+    """
+
+    name = "quest"
+    level = "block"
+    block_size: int = 16
+    """Tokens per page."""
+    keep_diagonal: bool = True
+    """Always keep the query's own page."""
+    sink_block: bool = False
+    """Always keep the first page."""
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        kmin, kmax = page_bounds(ctx.k, self.block_size)
+        return must_keep_blocks(upper_bound(ctx.q, kmin, kmax), ctx.q_pos, self)
