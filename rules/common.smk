@@ -145,7 +145,7 @@ def all_targets():
         for k in ("heatmap", "profile", "nulls")
         for m in MODELS
     ]
-    return figs + ["figs/niah_summary.png"]
+    return figs + ["figs/niah_summary.png", "figs/niah_tasks.png"]
 
 
 def intervention_heads_input(wildcards):

@@ -38,3 +38,24 @@ rule niah_summary:
         "../envs/attnlab.yaml"
     shell:
         "attnlab plot niah-summary --table {input.table} --out {output} 2> {log}"
+
+
+rule niah_tasks:
+    input:
+        table="results/niah/niah.parquet",
+        code=module_sources("plots.niah", root=workflow.basedir),
+    output:
+        report(
+            "figs/niah_tasks.png",
+            caption="../report/niah_tasks.rst",
+            category="Needle in a haystack",
+        ),
+    log:
+        "logs/figures/niah_tasks.log",
+    conda:
+        "../envs/attnlab.yaml"
+    params:
+        seed=config["seed"],
+    shell:
+        "attnlab plot niah-tasks --table {input.table} --seed {params.seed}"
+        " --out {output} 2> {log}"

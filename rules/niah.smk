@@ -38,11 +38,15 @@ rule niah_prompts:
         haystack=NIAH["haystack"],
         seed=config["seed"],
         corpus=niah_haystack_arg,
+        tasks=NIAH["tasks"],
+        needles=NIAH["needles"],
+        templates=json.dumps(NIAH["templates"], sort_keys=True),
     shell:
         "attnlab niah-prompts --model {params.name} --model-info {input.info}"
         " --lengths {params.lengths} --depths {params.depths} --samples {params.samples}"
-        " --haystack {params.haystack} {params.corpus} --seed {params.seed}"
-        " --out {output} 2> {log}"
+        " --haystack {params.haystack} {params.corpus} --tasks {params.tasks}"
+        " --needles {params.needles} --templates {params.templates:q}"
+        " --seed {params.seed} --out {output} 2> {log}"
 
 
 rule niah_score:

@@ -20,6 +20,8 @@ TINY = {
         "samples": 1,
         "policies": ["streamingllm"],
         "sparsities": [0.9],
+        "tasks": ["passkey", "multikey"],
+        "needles": 3,
     },
 }
 
@@ -27,20 +29,24 @@ TINY = {
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("e2e"), TINY, source=True)
-    snakemake(workdir, "--cores", "2", "figs/niah_heatmap_90.png")
+    snakemake(workdir, "--cores", "2", "figs/niah_heatmap_90.png", "figs/niah_tasks.png")
     return workdir
 
 
 def test_full_attention_retrieves_every_passkey(run_dir):
     df = pl.read_parquet(run_dir / "results/niah/niah.parquet")
+    assert df.group_by("task", "policy").len()["len"].to_list() == [6] * 4
     full = df.filter(pl.col("policy") == "full")
-    assert full.height == 6 and full["correct"].all()
+    assert full.filter(pl.col("task") == "passkey")["correct"].all()
     assert (full["needle_kept"] == 1.0).all() and (full["achieved_sparsity"] == 0.0).all()
+    multikey = full.filter(pl.col("task") == "multikey")
+    assert multikey["key"].str.len_chars().to_list() == [5] * 6  # one of three keys asked
     sparse = df.filter(pl.col("policy") == "streamingllm")
-    assert sparse.height == 6
+    assert sparse.height == 12
     assert ((sparse["achieved_sparsity"] - 0.9).abs() < 0.01).all()
     assert set(df.columns) >= {
         "model",
+        "task",
         "length",
         "depth",
         "sample",
@@ -55,9 +61,10 @@ def test_full_attention_retrieves_every_passkey(run_dir):
     assert "seconds" not in df.columns  # wall time is in benchmarks/, so tables are reproducible
 
 
-def test_heatmap_is_a_rendered_png(run_dir):
-    png = (run_dir / "figs/niah_heatmap_90.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+def test_heatmap_and_tasks_figure_are_rendered_pngs(run_dir):
+    for fig in ("figs/niah_heatmap_90.png", "figs/niah_tasks.png"):
+        png = (run_dir / fig).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
 def test_rerun_has_nothing_to_do(run_dir):

@@ -44,3 +44,51 @@ def test_score_prompt_retrieves_with_full_attention_and_records_diagnostics(gemm
     row = niah.score_prompt(model, tok, p, policies.make("streamingllm"), 0.95)
     assert row["needle_kept"] == 0.0  # the needle sits mid-prompt: outside sinks and window
     assert row["achieved_sparsity"] > 0.9
+
+
+@pytest.mark.parametrize("task", ["multikey", "multivalue", "multiquery"])
+def test_multi_needle_prompts_track_every_asked_value(smollm2, task):
+    _, tok, _ = smollm2
+    p = niah.make_prompt(tok, 700, 0.25, 0, 5, task=task, needles=4)
+    assert len(p.input_ids) == 700 and p.task == task
+    text = tok.decode(p.input_ids)
+    assert text.count("special magic number") == 4 + 2  # four needles, the question twice
+    asked = p.answers
+    assert len(asked) == (1 if task == "multikey" else 4) and len(set(asked)) == len(asked)
+    per = len(p.needle_positions) // len(asked)
+    for i, value in enumerate(asked):
+        pos = p.needle_positions[i * per : (i + 1) * per]
+        assert tok.decode([p.input_ids[j] for j in pos]).strip() == value
+    question = text[text.rindex("What") :]
+    if task == "multiquery":
+        assert question.count(",") + question.count(" and ") >= 3
+    assert p == niah.make_prompt(tok, 700, 0.25, 0, 5, task=task, needles=4)
+
+
+def test_the_command_line_offers_every_task():
+    from attnlab.cli import NIAH_TASKS
+
+    assert NIAH_TASKS == list(niah.TASKS)
+
+
+def test_passkey_prompts_are_unchanged_by_the_tasks_and_templates_are_config(smollm2):
+    _, tok, _ = smollm2
+    p = niah.make_prompt(tok, 500, 0.5, 0, 1)
+    assert niah.make_prompts(tok, [500], [0.5], 1, 1)[0] == p and p.task == "passkey"
+    t = niah.Templates(passkey_needle=" The code word is {value}.", passkey_question=" Code:")
+    q = niah.make_prompt(tok, 500, 0.5, 0, 1, templates=t)
+    assert q.key == p.key and "The code word is" in tok.decode(q.input_ids)
+    assert tok.decode([q.input_ids[i] for i in q.needle_positions]).strip() == q.key
+    with pytest.raises(UserError, match="needle lacks"):
+        niah.Templates(needle=" The number is {value}.")
+
+
+def test_multikey_is_retrieved_with_full_attention_and_scored_on_every_value(gemma3):
+    model, tok, _ = gemma3
+    p = niah.make_prompt(tok, 400, 0.5, 0, 0, task="multikey", needles=3)
+    row = niah.score_prompt(model, tok, p, policies.make("full"), 0.0)
+    assert row["task"] == "multikey" and row["correct"], row["generated"]
+    q = niah.make_prompt(tok, 400, 0.5, 0, 0, task="multivalue", needles=3)
+    row = niah.score_prompt(model, tok, q, policies.make("full"), 0.0)
+    found = [v in niah.digits(row["generated"]) for v in q.answers]
+    assert row["correct"] == all(found)

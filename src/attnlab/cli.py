@@ -12,6 +12,8 @@ from dataclasses import asdict
 
 from attnlab.errors import UserError
 
+NIAH_TASKS = ["passkey", "multikey", "multivalue", "multiquery"]  # attnlab.niah.TASKS
+
 
 def _model_info(a) -> None:
     from attnlab import models
@@ -44,11 +46,32 @@ def _niah_prompts(a) -> None:
         if a.corpus is None:
             raise UserError("the corpus haystack needs --corpus (the corpus manifest)")
         haystack = corpus.read_corpus(a.corpus).reshape(-1)
+    try:
+        templates = niah.Templates(**json.loads(a.templates))
+    except TypeError as e:
+        raise UserError(f"niah.templates: {e}") from e
     prompts = niah.make_prompts(
-        tokenizer, a.lengths, a.depths, a.samples, a.seed, info["max_positions"], haystack
+        tokenizer,
+        a.lengths,
+        a.depths,
+        a.samples,
+        a.seed,
+        info["max_positions"],
+        haystack,
+        a.tasks,
+        a.needles,
+        templates,
     )
     rows = [dict(p.__dict__, model=a.model, haystack=a.haystack) for p in prompts]
-    tables.write(rows, a.out, meta={"model": a.model, "seed": a.seed, "haystack": a.haystack})
+    meta = {
+        "model": a.model,
+        "seed": a.seed,
+        "haystack": a.haystack,
+        "tasks": a.tasks,
+        "needles": a.needles,
+        "templates": templates.__dict__,
+    }
+    tables.write(rows, a.out, meta=meta)
 
 
 def _corpus_shard(a) -> None:
@@ -551,6 +574,8 @@ def _plot(a) -> None:
         pareto_plots.FIGURES[a.figure](a.table[0], a.out)
     elif a.figure == "niah-heatmap":
         niah_plots.plot_heatmap(a.table[0], a.sparsity, a.out)
+    elif a.figure == "niah-tasks":
+        niah_plots.plot_tasks(a.table[0], a.out, seed=a.seed)
     else:
         niah_plots.plot_summary(a.table[0], a.out)
 
@@ -581,6 +606,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--haystack", default="noise", choices=["noise", "corpus"])
     s.add_argument("--corpus", help="the corpus manifest, for --haystack corpus")
+    s.add_argument("--tasks", nargs="+", default=["passkey"], choices=NIAH_TASKS)
+    s.add_argument("--needles", type=int, default=4, help="needles of the multi-needle tasks")
+    s.add_argument("--templates", default="{}", help="JSON: phrasing (attnlab.niah.Templates)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_niah_prompts)
 
@@ -750,6 +778,7 @@ def parser() -> argparse.ArgumentParser:
         choices=[
             "niah-heatmap",
             "niah-summary",
+            "niah-tasks",
             "capture-entropy",
             "capture-qnorm_entropy",
             "capture-keff",

@@ -1,12 +1,17 @@
-"""Needle-in-a-haystack passkey retrieval under sparse-attention policies.
+"""Needle-in-a-haystack retrieval under sparse-attention policies.
 
-Prompts follow the passkey task of Mohtashami & Jaggi (2023): an instruction, filler
-text, a needle "The pass key is NNNNN." at relative depth d of the filler, and a
-question. The filler ("haystack") is either repeated sentences (``noise``, the paper's)
-or a stretch of real text from the corpus shards (``corpus``), so the needle hides in
-prose. Prompts are built from token ids segment by segment, so every prompt has
-exactly the requested length and the needle's value tokens have known positions.
-Retrieval is correct when the model, running under the policy, generates the key.
+The passkey task follows Mohtashami & Jaggi (2023): an instruction, filler text, a
+needle "The pass key is NNNNN." at relative depth d of the filler, and a question. The
+multi-needle tasks follow RULER's (Hsieh et al., 2024, arXiv:2404.06654): ``multikey``
+hides several needles with different keys and asks for one, ``multivalue`` hides several
+values of one key and asks for all, ``multiquery`` hides several keys and asks for all;
+a prompt is correct only when every asked value is generated. All phrasing comes from
+:class:`Templates` (config ``niah.templates``). The filler ("haystack") is either
+repeated sentences (``noise``, the paper's) or a stretch of real text from the corpus
+shards (``corpus``), so the needles hide in prose. Prompts are built from token ids
+segment by segment, so every prompt has exactly the requested length and the asked
+values' tokens have known positions. Retrieval is correct when the model, running
+under the policy, generates every asked value.
 """
 
 from __future__ import annotations
@@ -27,24 +32,129 @@ INSTRUCTION = (
     "Find it and memorize it. I will quiz you about it."
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
+TASKS = ("passkey", "multikey", "multivalue", "multiquery")
+# Keys of the multi-needle tasks, as in RULER's word keys.
+NAMES = (
+    "apple",
+    "river",
+    "lantern",
+    "copper",
+    "meadow",
+    "falcon",
+    "harbor",
+    "violet",
+    "granite",
+    "thunder",
+    "pepper",
+    "glacier",
+    "orchid",
+    "compass",
+    "saddle",
+    "marble",
+    "cactus",
+    "beacon",
+    "walnut",
+    "comet",
+    "anchor",
+    "willow",
+    "ember",
+    "quartz",
+)
+
+
+@dataclass(frozen=True)
+class Templates:
+    """The phrasing of every task (config ``niah.templates``). ``{value}`` marks where a
+    needle's number goes (the first mention is the one tracked), ``{name}`` a key's
+    name, ``{names}`` the asked names joined as "a, b and c"."""
+
+    instruction: str = INSTRUCTION
+    filler: str = FILLER
+    passkey_needle: str = " The pass key is {value}. Remember it. {value} is the pass key."
+    passkey_question: str = " What is the pass key? The pass key is"
+    needle: str = " One of the special magic numbers for {name} is: {value}."
+    question_one: str = (
+        " What is the special magic number for {name}? The special magic number for {name} is:"
+    )
+    question_all: str = (
+        " What are all the special magic numbers for {names}?"
+        " The special magic numbers for {names} are:"
+    )
+
+    def __post_init__(self) -> None:
+        need = {
+            "passkey_needle": ("{value}",),
+            "needle": ("{name}", "{value}"),
+            "question_one": ("{name}",),
+            "question_all": ("{names}",),
+        }
+        for key, marks in need.items():
+            missing = [m for m in marks if m not in getattr(self, key)]
+            if missing:
+                raise UserError(f"niah.templates.{key} lacks {', '.join(missing)}")
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One passkey prompt: token ids and where the key's tokens sit."""
+    """One retrieval prompt: token ids, the asked values, and where their tokens sit.
+
+    ``key`` holds the values the question asks for, separated by spaces (one for
+    passkey and multikey); ``needle_positions`` the positions of their tokens.
+    """
 
     length: int
     depth: float
     sample: int
     key: str
     input_ids: list[int]
-    needle_positions: list[int]  # positions of the key's tokens in the first mention
+    needle_positions: list[int]
+    task: str = "passkey"
+
+    @property
+    def answers(self) -> list[str]:
+        return self.key.split()
 
 
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _needle_ids(tokenizer, template: str, value: str, name: str = "") -> tuple[list[int], range]:
+    """A needle's token ids and the offsets of its value's tokens (first mention)."""
+    before, after = template.replace("{name}", name).split("{value}", 1)
+    pre = _ids(tokenizer, before.rstrip())
+    with_value = _ids(tokenizer, before + value)  # the value tokenized as it reads
+    if with_value[: len(pre)] != pre:
+        raise UserError(
+            "the tokenizer merges a needle's text with its value; change niah.templates"
+        )
+    value_ids = with_value[len(pre) :]
+    post = _ids(tokenizer, after.replace("{value}", value))
+    return pre + value_ids + post, range(len(pre), len(pre) + len(value_ids))
+
+
+def _join_names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _needles(task: str, rng: np.random.Generator, n: int, t: Templates):
+    """(template, value, name, asked) of each needle, and the question's text."""
+    if task == "passkey":
+        value = str(int(rng.integers(10_000, 100_000)))
+        return [(t.passkey_needle, value, "", True)], t.passkey_question
+    values = [str(v) for v in rng.choice(np.arange(10_000, 100_000), size=n, replace=False)]
+    names = [str(x) for x in rng.choice(NAMES, size=n, replace=False)]
+    if task == "multikey":  # n keys, one asked
+        pairs = zip(values, names, strict=True)
+        needles = [(t.needle, v, name, i == 0) for i, (v, name) in enumerate(pairs)]
+        return needles, t.question_one.replace("{name}", names[0])
+    if task == "multivalue":  # one key, n values, all asked
+        needles = [(t.needle, v, names[0], True) for v in values]
+        return needles, t.question_all.replace("{names}", names[0])
+    if task == "multiquery":  # n keys, all asked
+        needles = [(t.needle, v, name, True) for v, name in zip(values, names, strict=True)]
+        return needles, t.question_all.replace("{names}", _join_names(names))
+    raise UserError(f"unknown niah task {task!r}; known: {', '.join(TASKS)}")
 
 
 def make_prompt(
@@ -55,37 +165,45 @@ def make_prompt(
     seed: int,
     max_positions: int | None = None,
     haystack: np.ndarray | None = None,
+    task: str = "passkey",
+    needles: int = 4,
+    templates: Templates | None = None,
 ) -> Prompt:
-    """Build a prompt of exactly ``length`` tokens with the needle at ``depth`` in [0, 1].
+    """Build a prompt of exactly ``length`` tokens with the (first asked) needle at
+    ``depth`` in [0, 1] of the filler and any other needles at seeded random depths.
 
-    The key is a 5-digit number drawn from (seed, length, depth, sample), so a cell's
-    prompts are the same for every model and policy. The needle is placed at the filler
-    sentence boundary nearest to the requested depth. ``haystack``: token ids of a corpus
+    Values are distinct 5-digit numbers drawn from (seed, length, depth, sample, task),
+    so a cell's prompts are the same for every model and policy. Needles sit at the
+    filler sentence boundaries nearest their depths. ``haystack``: token ids of a corpus
     (1-D); the filler is then a stretch of it starting at an offset drawn with the key.
+    ``needles``: how many the multi-needle tasks hide (passkey hides one).
     """
+    t = templates or Templates()
     if not 0.0 <= depth <= 1.0:
         raise UserError(f"niah depth must be in [0, 1], got {depth}")
     if max_positions is not None and length > max_positions:
         raise UserError(
             f"niah length {length} exceeds the model's context of {max_positions} tokens"
         )
-    rng = np.random.default_rng([seed, length, round(depth * 1000), sample])
-    key = str(int(rng.integers(10_000, 100_000)))
+    if task != "passkey" and not 2 <= needles <= len(NAMES):
+        raise UserError(f"niah.needles must be in [2, {len(NAMES)}], got {needles}")
+    stream = [seed, length, round(depth * 1000), sample]
+    if task != "passkey":  # the passkey prompts stay those of the single-task versions
+        stream.append(TASKS.index(task) if task in TASKS else 0)
+    rng = np.random.default_rng(stream)
+    spec, question = _needles(task, rng, 1 if task == "passkey" else needles, t)
+    built = [(*_needle_ids(tokenizer, tmpl, v, name), v, asked) for tmpl, v, name, asked in spec]
+    depths = [depth]
+    if len(built) > 1:
+        depths += [float(d) for d in rng.uniform(0.0, 1.0, size=len(built) - 1)]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    head = bos + _ids(tokenizer, INSTRUCTION)
-    before, after = NEEDLE.split("{key}", 1)
-    needle_pre = _ids(tokenizer, before.rstrip())
-    with_key = _ids(tokenizer, before + key)  # the key tokenized as it reads in the text
-    if with_key[: len(needle_pre)] != needle_pre:
-        raise UserError("the tokenizer merges the needle's text with its key; change NEEDLE")
-    key_ids = with_key[len(needle_pre) :]
-    needle_post = _ids(tokenizer, after.format(key=key))
-    tail = _ids(tokenizer, QUESTION)
-    n_filler = length - len(head) - len(needle_pre) - len(key_ids) - len(needle_post) - len(tail)
+    head = bos + _ids(tokenizer, t.instruction)
+    tail = _ids(tokenizer, question)
+    n_filler = length - len(head) - sum(len(ids) for ids, *_ in built) - len(tail)
     if n_filler < 0:
         raise UserError(f"niah length {length} is too short for the prompt's fixed text")
     if haystack is None:
-        unit = _ids(tokenizer, " " + FILLER)
+        unit = _ids(tokenizer, " " + t.filler)
         filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
     else:
         if len(haystack) < n_filler:
@@ -94,14 +212,24 @@ def make_prompt(
                 "haystack; raise corpus.max_chunks or shorten niah.lengths"
             )
         start = int(rng.integers(0, len(haystack) - n_filler + 1))
-        filler = [int(t) for t in haystack[start : start + n_filler]]
+        filler = [int(x) for x in haystack[start : start + n_filler]]
     sentence_ends = [
-        i + 1 for i, t in enumerate(filler) if tokenizer.decode([t]).rstrip().endswith(".")
+        i + 1 for i, x in enumerate(filler) if tokenizer.decode([x]).rstrip().endswith(".")
     ]
-    cut = min([0, *sentence_ends, n_filler], key=lambda i: abs(i - depth * n_filler))
-    ids = head + filler[:cut] + needle_pre + key_ids + needle_post + filler[cut:] + tail
-    start = len(head) + cut + len(needle_pre)
-    return Prompt(length, depth, sample, key, ids, list(range(start, start + len(key_ids))))
+    boundaries = [0, *sentence_ends, n_filler]
+    cuts = [min(boundaries, key=lambda i, d=d: abs(i - d * n_filler)) for d in depths]
+    ids, done, positions = list(head), 0, {}
+    for i in sorted(range(len(built)), key=lambda i: (cuts[i], i)):
+        needle_ids, offsets, value, asked = built[i]
+        ids += filler[done : cuts[i]]
+        done = cuts[i]
+        if asked:
+            positions[i] = [len(ids) + o for o in offsets]
+        ids += needle_ids
+    ids += filler[done:] + tail
+    asked = sorted(positions)  # in the order the question asks
+    key = " ".join(built[i][2] for i in asked)
+    return Prompt(length, depth, sample, key, ids, [p for i in asked for p in positions[i]], task)
 
 
 def make_prompts(
@@ -112,9 +240,13 @@ def make_prompts(
     seed: int,
     max_positions: int | None = None,
     haystack: np.ndarray | None = None,
+    tasks=("passkey",),
+    needles: int = 4,
+    templates: Templates | None = None,
 ) -> list[Prompt]:
     return [
-        make_prompt(tokenizer, n, d, s, seed, max_positions, haystack)
+        make_prompt(tokenizer, n, d, s, seed, max_positions, haystack, task, needles, templates)
+        for task in tasks
         for n in lengths
         for d in depths
         for s in range(samples)
@@ -134,22 +266,30 @@ def score_prompt(
     max_new_tokens: int = 8,
     seed: int = 0,
 ) -> dict:
-    """Generate greedily under the policy and score one prompt; returns one result row."""
+    """Generate greedily under the policy and score one prompt; returns one result row.
+
+    ``max_new_tokens`` is the budget per asked value; generation stops once as many
+    digits are out as the asked values hold. Correct: every asked value is among them.
+    """
     run = sparse.SparseRun(policy, sparsity, seed=seed, watch=prompt.needle_positions)
     ids = torch.tensor([prompt.input_ids], device=model.device)
+    answers = prompt.answers
+    n_digits = sum(len(a) for a in answers)
 
     def enough(new: list[int]) -> bool:
-        return len(digits(tokenizer.decode(new))) >= len(prompt.key)
+        return len(digits(tokenizer.decode(new))) >= n_digits
 
-    new = sparse.generate(model, ids, run, max_new_tokens, stop=enough)
+    new = sparse.generate(model, ids, run, max_new_tokens * len(answers), stop=enough)
     text = tokenizer.decode(new)
+    out = digits(text)
     return {
+        "task": prompt.task,
         "length": prompt.length,
         "depth": prompt.depth,
         "sample": prompt.sample,
         "key": prompt.key,
         "achieved_sparsity": run.achieved_sparsity,
-        "correct": prompt.key in digits(text),
+        "correct": all(a in out for a in answers),
         "needle_kept": run.needle_kept,
         "generated": text,
     }

@@ -12,7 +12,21 @@ from matplotlib.patches import Rectangle
 from attnlab import tables
 from attnlab.stats import bootstrap_ci
 
-COLUMNS = ["model", "policy", "target_sparsity", "length", "depth", "correct", "feasible"]
+COLUMNS = ["model", "task", "policy", "target_sparsity", "length", "depth", "correct", "feasible"]
+TASK_TITLES = {
+    "passkey": "Passkey retrieval",
+    "multikey": "Multi-key retrieval (one of several keys asked)",
+    "multivalue": "Multi-value retrieval (every value of one key asked)",
+    "multiquery": "Multi-query retrieval (several keys asked)",
+}
+
+
+def _one_task(df: pl.DataFrame) -> tuple[pl.DataFrame, str]:
+    """The rows of the table's first task (passkey when present): the heatmaps and the
+    summary show one task; figs/niah_tasks.png shows them all."""
+    tasks = df["task"].unique(maintain_order=True).to_list()
+    task = "passkey" if "passkey" in tasks else tasks[0]
+    return df.filter(pl.col("task") == task), task
 
 
 def _save(fig, out: str | Path) -> None:
@@ -30,7 +44,7 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
     Full attention has its own first panel. Cells where the policy could not reach the
     target sparsity are hatched; the number in each cell is the accuracy.
     """
-    df = tables.read(table, COLUMNS)
+    df, task = _one_task(tables.read(table, COLUMNS))
     meta = tables.meta(table)
     models = df["model"].unique(maintain_order=True).to_list()
     policies = ["full"] + [p for p in df["policy"].unique(maintain_order=True) if p != "full"]
@@ -93,12 +107,53 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
                 ax.set_title(title, fontsize=9)
     haystack = meta.get("haystack", "?")
     fig.suptitle(
-        f"Passkey retrieval, target sparsity {sparsity:.0%} (haystack: {haystack}; "
+        f"{TASK_TITLES[task]}, target sparsity {sparsity:.0%} (haystack: {haystack}; "
         f"n = {n_per_cell} per cell; hatched = target not reached)",
         fontsize=10,
     )
     fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
     _save(fig, out)
+
+
+def _accuracy_panel(ax, d: pl.DataFrame, seed: int) -> int:
+    """Accuracy against target sparsity per policy on one axis, full attention dashed
+    with its band, bootstrap 95% intervals, hollow where the target was missed.
+    Returns the prompts per point."""
+    full = d.filter(pl.col("policy") == "full")["correct"].to_numpy()
+    if full.size:
+        lo, hi = bootstrap_ci(full, seed=seed)
+        ax.axhline(full.mean(), color="0.3", linestyle="--", label=f"full (n={full.size})")
+        ax.axhspan(lo, hi, color="0.8", alpha=0.5)
+    for policy in [p for p in d["policy"].unique(maintain_order=True) if p != "full"]:
+        pts = (
+            d.filter(pl.col("policy") == policy)
+            .group_by("target_sparsity")
+            .agg(pl.col("correct"), pl.col("feasible").all())
+            .sort("target_sparsity")
+        )
+        xs, ys, los, his = [], [], [], []
+        for row in pts.iter_rows(named=True):
+            vals = np.asarray(row["correct"], dtype=float)
+            lo, hi = bootstrap_ci(vals, seed=seed)
+            xs.append(row["target_sparsity"])
+            ys.append(vals.mean())
+            los.append(vals.mean() - lo)
+            his.append(hi - vals.mean())
+        line = ax.errorbar(xs, ys, yerr=[los, his], marker="o", capsize=3, label=policy)
+        hollow = [i for i, f in enumerate(pts["feasible"]) if not f]
+        ax.scatter(
+            [xs[i] for i in hollow],
+            [ys[i] for i in hollow],
+            s=60,
+            zorder=3,
+            facecolor="white",
+            edgecolor=line[0].get_color(),
+        )
+    ax.set_xlabel("target sparsity")
+    ax.set_ylabel("retrieval accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7)
+    return full.size
 
 
 def plot_summary(table: str | Path, out: str | Path, seed: int = 0) -> None:
@@ -107,48 +162,42 @@ def plot_summary(table: str | Path, out: str | Path, seed: int = 0) -> None:
     A panel per model; full attention is the dashed line with its band. Points whose
     target was not reached on every prompt are drawn hollow.
     """
-    df = tables.read(table, COLUMNS)
+    df, task = _one_task(tables.read(table, COLUMNS))
     models = df["model"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, len(models), squeeze=False, figsize=(4.5 * len(models), 3.6))
     for ax, model in zip(axes[0], models, strict=True):
-        d = df.filter(pl.col("model") == model)
-        full = d.filter(pl.col("policy") == "full")["correct"].to_numpy()
-        if full.size:
-            lo, hi = bootstrap_ci(full, seed=seed)
-            ax.axhline(full.mean(), color="0.3", linestyle="--", label=f"full (n={full.size})")
-            ax.axhspan(lo, hi, color="0.8", alpha=0.5)
-        for policy in [p for p in d["policy"].unique(maintain_order=True) if p != "full"]:
-            pts = (
-                d.filter(pl.col("policy") == policy)
-                .group_by("target_sparsity")
-                .agg(pl.col("correct"), pl.col("feasible").all())
-                .sort("target_sparsity")
-            )
-            xs, ys, los, his = [], [], [], []
-            for row in pts.iter_rows(named=True):
-                vals = np.asarray(row["correct"], dtype=float)
-                lo, hi = bootstrap_ci(vals, seed=seed)
-                xs.append(row["target_sparsity"])
-                ys.append(vals.mean())
-                los.append(vals.mean() - lo)
-                his.append(hi - vals.mean())
-            line = ax.errorbar(xs, ys, yerr=[los, his], marker="o", capsize=3, label=policy)
-            hollow = [i for i, f in enumerate(pts["feasible"]) if not f]
-            ax.scatter(
-                [xs[i] for i in hollow],
-                [ys[i] for i in hollow],
-                s=60,
-                zorder=3,
-                facecolor="white",
-                edgecolor=line[0].get_color(),
-            )
-        ax.set_xlabel("target sparsity")
-        ax.set_ylabel("retrieval accuracy")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"{model} (n = {full.size} prompts per point)", fontsize=9)
-        ax.legend(fontsize=7)
+        n = _accuracy_panel(ax, df.filter(pl.col("model") == model), seed)
+        ax.set_title(f"{model} (n = {n} prompts per point)", fontsize=9)
     fig.suptitle(
-        "Passkey retrieval against sparsity, bootstrap 95% intervals (hollow = target not reached)",
+        f"{TASK_TITLES[task]} against sparsity, bootstrap 95% intervals "
+        "(hollow = target not reached)",
+        fontsize=10,
+    )
+    _save(fig, out)
+
+
+def plot_tasks(table: str | Path, out: str | Path, seed: int = 0) -> None:
+    """Accuracy against target sparsity per policy for every task: a column per task, a
+    row per model; a prompt counts only when every asked value was generated."""
+    df = tables.read(table, COLUMNS)
+    models = df["model"].unique(maintain_order=True).to_list()
+    tasks = df["task"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(
+        len(models),
+        len(tasks),
+        squeeze=False,
+        figsize=(4.2 * len(tasks), 3.4 * len(models) + 0.6),
+    )
+    for r, model in enumerate(models):
+        for c, task in enumerate(tasks):
+            d = df.filter((pl.col("model") == model) & (pl.col("task") == task))
+            n = _accuracy_panel(axes[r][c], d, seed)
+            axes[r][c].set_title(f"{model}: {task} (n = {n})", fontsize=9)
+    meta = tables.meta(table)
+    fig.suptitle(
+        f"Retrieval tasks against sparsity ({meta.get('needles', '?')} needles in the "
+        f"multi-needle tasks; haystack: {meta.get('haystack', '?')}; bootstrap 95% "
+        "intervals; hollow = target not reached)",
         fontsize=10,
     )
     _save(fig, out)
