@@ -8,6 +8,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from attnlab.workflow import model_key, module_sources, pct, sparsity
+from attnlab.workflow import ablation_policies as workflow_ablation_policies
+from attnlab.workflow import policy_spec as workflow_policy_spec
 
 
 def validate_config(cfg):
@@ -76,12 +78,7 @@ def policy_sources(wildcards, stage):
 
 
 def policy_spec(name):
-    """Hyper-parameters of a policy, or of an ablation variant ``<policy>_lam<percent>``
-    (that policy's parameters at another lambda, with ``base`` naming the policy)."""
-    m = re.fullmatch(r"([a-z0-9_]+?)_lam(\d+)", name)
-    if m and m[1] in config["policies"]:
-        return {**config["policies"][m[1]], "lam": int(m[2]) / 100, "base": m[1]}
-    return config["policies"].get(name, {})
+    return workflow_policy_spec(name, config["policies"])
 
 
 def policy_params(wildcards):
@@ -89,16 +86,9 @@ def policy_params(wildcards):
 
 
 def ablation_policies():
-    """The ablation's baselines, then CAB at each lambda (the configured one is ``cab``)."""
-    lams = [
-        (
-            "cab"
-            if lam == config["policies"]["cab"].get("lam", 1.0)
-            else f"cab_lam{pct(lam)}"
-        )
-        for lam in ABLATION["lams"]
-    ]
-    return ABLATION["baselines"] + lams
+    return workflow_ablation_policies(
+        ABLATION["baselines"], ABLATION["lams"], config["policies"]["cab"]
+    )
 
 
 def run_files(stage, model, policies, sparsities):

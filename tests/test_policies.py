@@ -156,18 +156,21 @@ def test_unknown_policy_is_a_user_error():
 
 
 def test_snapkv_keeps_the_window_and_the_keys_it_votes_for_shared_per_kv_group():
-    # Key 10 aligns with every query; two query heads share one key/value head.
-    q = torch.ones(1, 2, 64, 4)
-    q[:, 1] *= 0.5
+    # Two query heads share one key/value head: head 0 looks for key 10, head 1 for key
+    # 20. Shared votes make both heads keep both keys (and their pooled neighbours).
+    q = torch.zeros(1, 2, 64, 4)
+    q[:, 0, :, 0] = 1.0
+    q[:, 1, :, 1] = 1.0
     k = torch.zeros(1, 2, 64, 4)
-    k[:, :, 10] = 4.0
+    k[:, :, 10, 0] = 4.0
+    k[:, :, 20, 1] = 4.0
     policy = policies.make("snapkv", window=8, kernel=3)
     ctx = context(q, k, 0.75)
     ctx.kv_heads = 1
     keep = keep_mask(policy, ctx)
     row = keep[0, 0, 63]
     assert row[56:64].all()  # the observation window
-    assert row[9:12].all()  # the voted key and its pooled neighbours
+    assert row[9:12].all() and row[19:22].all()  # both heads' keys, pooled neighbours too
     assert torch.equal(keep[0, 0], keep[0, 1])  # one selection per KV group
     assert int(row.sum()) == 16  # the budget: 0.25 x 64
 

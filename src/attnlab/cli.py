@@ -153,23 +153,43 @@ def _capture(a) -> None:
     print(f"captured {counts}", file=sys.stderr)
 
 
-def _niah_score(a) -> None:
+def _policy_job(a):
+    """What a scoring job under one policy shares: the policy, its target sparsity (0 for
+    full attention) and the model with attnlab's attention, on ``a.device``."""
     import torch
 
-    from attnlab import models, niah, policies, sparse, tables
+    from attnlab import models, policies, sparse
 
     torch.set_num_threads(a.threads)
     policy = policies.make(a.policy, **json.loads(a.policy_params))
-    prompts = [
-        niah.Prompt(**{k: r[k] for k in niah.Prompt.__dataclass_fields__})
-        for r in tables.read(a.prompts, list(niah.Prompt.__dataclass_fields__)).iter_rows(
-            named=True
-        )
-    ]
-    pmeta = tables.meta(a.prompts)
-    model, tokenizer, _ = models.load(a.model, device=a.device)
-    sparse.install(model)
     sparsity = 0.0 if policy.name == "full" else a.sparsity
+    model, tokenizer, _ = models.load(a.model, device=a.device)
+    return policy, sparsity, sparse.install(model), tokenizer
+
+
+def _run_rows(rows: list[dict], a, policy, sparsity: float) -> dict:
+    """Mark each result row with its run and feasibility; returns the run's metadata."""
+    for r in rows:
+        r.update(
+            model=a.model,
+            policy=a.policy,
+            target_sparsity=sparsity,
+            feasible=r["achieved_sparsity"] >= sparsity - a.tolerance,
+        )
+    return {
+        "policy": a.policy,
+        "params": policy.params(),
+        "target_sparsity": sparsity,
+        "tolerance": a.tolerance,
+    }
+
+
+def _niah_score(a) -> None:
+    from attnlab import niah, tables
+
+    prompts = niah.read_prompts(a.prompts)
+    pmeta = tables.meta(a.prompts)
+    policy, sparsity, model, tokenizer = _policy_job(a)
     rows = niah.score_niah(
         model,
         tokenizer,
@@ -180,35 +200,17 @@ def _niah_score(a) -> None:
         a.seed,
         desc=f"{a.model} {a.policy} {sparsity:g}",
     )
+    run = _run_rows(rows, a, policy, sparsity)
     params = json.dumps(policy.params(), sort_keys=True)
     for r in rows:
-        r.update(
-            model=a.model,
-            policy=a.policy,
-            target_sparsity=sparsity,
-            feasible=r["achieved_sparsity"] >= sparsity - a.tolerance,
-            policy_params=params,
-            haystack=pmeta.get("haystack"),
-        )
-    tables.write(
-        rows,
-        a.out,
-        meta={
-            **pmeta,
-            "policy": a.policy,
-            "params": policy.params(),
-            "target_sparsity": sparsity,
-            "tolerance": a.tolerance,
-        },
-    )
+        r.update(policy_params=params, haystack=pmeta.get("haystack"))
+    tables.write(rows, a.out, meta={**pmeta, **run})
 
 
 def _niah_table(a) -> None:
-    import polars as pl
-
     from attnlab import tables
 
-    df = pl.concat([tables.read(p) for p in a.inputs], how="diagonal_relaxed")
+    df = tables.read_all(a.inputs)
     tables.write(df.to_arrow(), a.out, meta=tables.meta(a.inputs[0]) | {"inputs": a.inputs})
 
 
@@ -216,12 +218,8 @@ def _pareto_score(a) -> None:
     import hashlib
     from pathlib import Path
 
-    import torch
+    from attnlab import corpus, pareto, tables
 
-    from attnlab import corpus, models, pareto, policies, sparse, tables
-
-    torch.set_num_threads(a.threads)
-    policy = policies.make(a.policy, **json.loads(a.policy_params))
     chunks = corpus.read_corpus(a.manifest)
     if not 0 < a.chunks <= len(chunks):
         raise UserError(
@@ -229,9 +227,7 @@ def _pareto_score(a) -> None:
             "raise corpus.max_chunks or lower pareto.chunks"
         )
     first = len(chunks) - a.chunks  # held out: the last chunks, capture reads the first
-    model, _, _ = models.load(a.model, device=a.device)
-    sparse.install(model)
-    sparsity = 0.0 if policy.name == "full" else a.sparsity
+    policy, sparsity, model, _ = _policy_job(a)
     rows = pareto.score_chunks(
         model,
         chunks[first:],
@@ -243,20 +239,12 @@ def _pareto_score(a) -> None:
         desc=f"{a.model} {a.policy} {sparsity:g}",
     )
     device = pareto.device_name(model.device)
+    run = _run_rows(rows, a, policy, sparsity)
     for r in rows:
-        r.update(
-            model=a.model,
-            policy=a.policy,
-            target_sparsity=sparsity,
-            feasible=r["achieved_sparsity"] >= sparsity - a.tolerance,
-            device=device,
-        )
+        r["device"] = device
     meta = {
         "model": a.model,
-        "policy": a.policy,
-        "params": policy.params(),
-        "target_sparsity": sparsity,
-        "tolerance": a.tolerance,
+        **run,
         "manifest_sha256": hashlib.sha256(Path(a.manifest).read_bytes()).hexdigest(),
         "repeats": a.repeats,
         "threads": a.threads,
@@ -286,15 +274,17 @@ def _frc_magnitude(a) -> None:
     from attnlab import curvature, models, niah, tables
 
     torch.set_num_threads(a.threads)
-    fields = list(niah.Prompt.__dataclass_fields__)
-    df = tables.read(a.prompts, fields).select(fields)
-    pick = df.filter((df["length"] == a.length) & ((df["depth"] - a.depth).abs() < 1e-9))
-    if pick.is_empty():
+    pick = [
+        p
+        for p in niah.read_prompts(a.prompts)
+        if p.length == a.length and abs(p.depth - a.depth) < 1e-9
+    ]
+    if not pick:
         raise UserError(
             f"no NIAH prompt of length {a.length} and depth {a.depth} in {a.prompts}; "
             "pick one from niah.lengths and niah.depths"
         )
-    prompt = niah.Prompt(**pick.row(0, named=True))
+    prompt = pick[0]
     model, _, info = models.load(a.model, device=a.device)
     if not 0 <= a.layer < info.n_layers:
         raise UserError(f"frc.layer {a.layer} outside the model's layers 0..{info.n_layers - 1}")
@@ -580,6 +570,17 @@ def _plot(a) -> None:
         niah_plots.plot_summary(a.table[0], a.out)
 
 
+def _policy_args(s: argparse.ArgumentParser) -> None:
+    """Arguments of a scoring job under one policy (see :func:`_policy_job`)."""
+    s.add_argument("--policy", required=True)
+    s.add_argument("--policy-params", default="{}")
+    s.add_argument("--sparsity", type=float, default=0.0)
+    s.add_argument("--tolerance", type=float, default=0.005)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    _device_arg(s)
+
+
 def _device_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--device", default="auto", help="cpu, cuda, or auto (the GPU when there is one)"
@@ -712,29 +713,17 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("niah-score", help="score prompts under one policy and sparsity")
     s.add_argument("--model", required=True)
     s.add_argument("--prompts", required=True)
-    s.add_argument("--policy", required=True)
-    s.add_argument("--policy-params", default="{}")
-    s.add_argument("--sparsity", type=float, default=0.0)
-    s.add_argument("--tolerance", type=float, default=0.005)
+    _policy_args(s)
     s.add_argument("--max-new-tokens", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=1)
-    _device_arg(s)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_niah_score)
 
     s = sub.add_parser("pareto-score", help="perplexity and latency of one policy and sparsity")
     s.add_argument("--model", required=True)
     s.add_argument("--manifest", required=True, help="the corpus stage's manifest.json")
-    s.add_argument("--policy", required=True)
-    s.add_argument("--policy-params", default="{}")
-    s.add_argument("--sparsity", type=float, default=0.0)
-    s.add_argument("--tolerance", type=float, default=0.005)
+    _policy_args(s)
     s.add_argument("--chunks", type=int, default=8, help="held-out chunks: the corpus's last")
     s.add_argument("--repeats", type=int, default=3, help="timed passes per chunk")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=1)
-    _device_arg(s)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_pareto_score)
 

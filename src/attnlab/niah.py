@@ -154,7 +154,7 @@ def _needles(task: str, rng: np.random.Generator, n: int, t: Templates):
     if task == "multiquery":  # n keys, all asked
         needles = [(t.needle, v, name, True) for v, name in zip(values, names, strict=True)]
         return needles, t.question_all.replace("{names}", _join_names(names))
-    raise UserError(f"unknown niah task {task!r}; known: {', '.join(TASKS)}")
+    raise AssertionError(task)  # make_prompt checked it
 
 
 def make_prompt(
@@ -187,9 +187,11 @@ def make_prompt(
         )
     if task != "passkey" and not 2 <= needles <= len(NAMES):
         raise UserError(f"niah.needles must be in [2, {len(NAMES)}], got {needles}")
+    if task not in TASKS:
+        raise UserError(f"unknown niah task {task!r}; known: {', '.join(TASKS)}")
     stream = [seed, length, round(depth * 1000), sample]
     if task != "passkey":  # the passkey prompts stay those of the single-task versions
-        stream.append(TASKS.index(task) if task in TASKS else 0)
+        stream.append(TASKS.index(task))
     rng = np.random.default_rng(stream)
     spec, question = _needles(task, rng, 1 if task == "passkey" else needles, t)
     built = [(*_needle_ids(tokenizer, tmpl, v, name), v, asked) for tmpl, v, name, asked in spec]
@@ -251,6 +253,15 @@ def make_prompts(
         for d in depths
         for s in range(samples)
     ]
+
+
+def read_prompts(path) -> list[Prompt]:
+    """The prompts of a prompts table (written by ``attnlab niah-prompts``)."""
+    from attnlab import tables
+
+    fields = list(Prompt.__dataclass_fields__)
+    df = tables.read(path, fields).select(fields)
+    return [Prompt(**r) for r in df.iter_rows(named=True)]
 
 
 def digits(text: str) -> str:

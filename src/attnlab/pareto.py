@@ -63,8 +63,9 @@ def score_chunks(
 ) -> list[dict]:
     """One row per chunk: NLL sum, tokens, achieved sparsity, median seconds per token.
 
-    chunks: (N, T) token ids. Every chunk runs ``repeats`` times (the NLL of each repeat
-    must agree; the first is kept); the first chunk once more before, untimed.
+    chunks: (N, T) token ids. Every chunk runs ``repeats`` times, all timed; the NLL and
+    sparsity are those of the first (a pass is deterministic). The first chunk runs once
+    more before, untimed.
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
@@ -77,19 +78,17 @@ def score_chunks(
         chunk_ids, tqdm(chunks, desc=desc, unit="chunk", mininterval=5), strict=True
     ):
         ids = torch.as_tensor(tokens[None], dtype=torch.long, device=device)
-        times = []
-        for _ in range(repeats):
-            nll, n, run, seconds = chunk_pass(model, ids, policy, sparsity, seed)
-            times.append(seconds / ids.shape[1])
-            if len(times) == 1:
-                first = (nll, run.achieved_sparsity)
+        nll, n, run, seconds = chunk_pass(model, ids, policy, sparsity, seed)
+        times = [seconds] + [
+            chunk_pass(model, ids, policy, sparsity, seed)[3] for _ in range(repeats - 1)
+        ]
         rows.append(
             {
                 "chunk": cid,
-                "nll_sum": first[0],
+                "nll_sum": nll,
                 "tokens": n,
-                "achieved_sparsity": first[1],
-                "seconds_per_token": float(np.median(times)),
+                "achieved_sparsity": run.achieved_sparsity,
+                "seconds_per_token": float(np.median(times)) / ids.shape[1],
             }
         )
     return rows
@@ -140,14 +139,9 @@ RUN_KEYS = ["model", "policy", "target_sparsity"]
 def collect(paths: Sequence[str], resamples: int = 2000, seed: int = 0) -> list[dict]:
     """One row per (model, policy, target sparsity) of pareto-score tables: perplexity
     with its interval, latency, achieved sparsity, feasibility and the device."""
-    import polars as pl
-
     from attnlab import tables
 
-    df = pl.concat(
-        [tables.read(p, [*CHUNK_COLUMNS, *RUN_KEYS, "feasible", "device"]) for p in paths],
-        how="diagonal_relaxed",
-    )
+    df = tables.read_all(paths, [*CHUNK_COLUMNS, *RUN_KEYS, "feasible", "device"])
     rows = []
     for key, run in df.group_by(RUN_KEYS, maintain_order=True):
         rows.append(
@@ -168,8 +162,7 @@ def ablation(
     from attnlab import tables
     from attnlab.stats import bootstrap_ci
 
-    columns = [*RUN_KEYS, "correct", "achieved_sparsity", "feasible"]
-    niah = pl.concat([tables.read(p, columns) for p in niah_paths], how="diagonal_relaxed")
+    niah = tables.read_all(niah_paths, [*RUN_KEYS, "correct", "achieved_sparsity", "feasible"])
     ppl = {
         (r["model"], r["policy"], r["target_sparsity"]): r
         for r in collect(pareto_paths, resamples, seed)

@@ -45,13 +45,21 @@ def read(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
     return df
 
 
+def read_all(paths, columns: list[str] | None = None) -> pl.DataFrame:
+    """Several tables as one (columns missing from some come back null); with ``columns``,
+    each must hold them and only they are kept."""
+    frames = [read(p, columns) for p in paths]
+    if columns is not None:
+        frames = [f.select(columns) for f in frames]
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
 def read_folder(folder: str | Path, columns: list[str]) -> tuple[pl.DataFrame, dict]:
     """``columns`` of every table in a folder (in name order), and the first one's metadata."""
     files = sorted(Path(folder).glob("*.parquet"))
     if not files:
         raise UserError(f"no tables in {folder}")
-    df = pl.concat([read(f, columns).select(columns) for f in files])
-    return df, meta(files[0])
+    return read_all(files, columns), meta(files[0])
 
 
 def meta(path: str | Path) -> dict:

@@ -6,6 +6,7 @@ Nothing here imports torch, so Snakemake starts fast.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
@@ -70,3 +71,19 @@ def module_sources(*modules: str, root: str | Path | None = None) -> list[str]:
         base = Path(root).resolve()
         out = [p.relative_to(base) if p.is_relative_to(base) else p for p in out]
     return [str(p) for p in out]
+
+
+def policy_spec(name: str, policies: dict) -> dict:
+    """Hyper-parameters of a policy from the config's ``policies``, or of an ablation
+    variant ``<policy>_lam<percent>``: that policy's parameters at another lambda, with
+    ``base`` naming the policy (see :func:`attnlab.policies.make`)."""
+    m = re.fullmatch(r"([a-z0-9_]+?)_lam(\d+)", name)
+    if m and m[1] in policies:
+        return {**policies[m[1]], "lam": int(m[2]) / 100, "base": m[1]}
+    return policies.get(name, {})
+
+
+def ablation_policies(baselines: list[str], lams: list[float], cab: dict) -> list[str]:
+    """The ablation's baselines, then CAB at each lambda (the configured one is ``cab``)."""
+    variants = ["cab" if lam == cab.get("lam", 1.0) else f"cab_lam{pct(lam)}" for lam in lams]
+    return list(baselines) + variants

@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
+import scipy.stats as sps
 
 from attnlab import tables
 from attnlab.plots.niah import _save
@@ -149,7 +150,7 @@ def plot_frc_magnitude(table: str | Path, out: str | Path) -> None:
             label="key block holds the needle",
         )
     w, f = df["weight"].to_numpy(), df["curvature"].to_numpy()
-    rho = _spearman(w, f)
+    rho = float(sps.spearmanr(w, f).statistic) if len(w) > 1 else float("nan")
     ax.set_xscale("log")
     ax.set_xlabel(f"coarse attention weight A ({meta.get('adjacency', '?')})")
     ax.set_ylabel(f"Forman-Ricci curvature F ({meta.get('graph', '?')})")
@@ -161,11 +162,6 @@ def plot_frc_magnitude(table: str | Path, out: str | Path) -> None:
     )
     ax.legend(fontsize=8)
     _save(fig, out)
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1]) if len(x) > 1 else float("nan")
 
 
 FIGURES = {"pareto": plot_pareto, "ablation": plot_ablation, "frc-magnitude": plot_frc_magnitude}

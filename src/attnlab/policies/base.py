@@ -121,6 +121,19 @@ class Policy:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
+@dataclass
+class BlockPolicy(Policy):
+    """A policy that ranks key blocks; :func:`must_keep_blocks` reads its two flags."""
+
+    level: ClassVar[str] = "block"
+    block_size: int = 16
+    """Tokens per block."""
+    keep_diagonal: bool = True
+    """Always keep the query's own block."""
+    sink_block: bool = True
+    """Always keep the first block."""
+
+
 def select_tokens(score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """Keep, per row, the ``budget`` best visible keys and every +inf key.
 
@@ -186,7 +199,7 @@ def rows_blocks(q_pos: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.div(q_pos, block_size, rounding_mode="floor")
 
 
-def must_keep_blocks(score: torch.Tensor, q_pos: torch.Tensor, policy: Policy) -> torch.Tensor:
+def must_keep_blocks(score: torch.Tensor, q_pos: torch.Tensor, policy: BlockPolicy) -> torch.Tensor:
     """Set +inf on the query's own block and block 0 where the policy asks for them.
 
     score: (B, H, Tq, Mk) block scores of the rows at positions q_pos.

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.kernels.reference import cab_block_scores
-from attnlab.policies.base import Policy, ScoreContext, must_keep_blocks, rows_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext, must_keep_blocks, rows_blocks
 
 
 @dataclass
-class CAB(Policy):
+class CAB(BlockPolicy):
     """Curvature-Aware Block selection (this project's method). Q and K are coarsened to
     one max-L2 token per block; the coarse attention graph's Forman-Ricci curvature F
     ranks key blocks per query block by lam * z(-F) + (1 - lam) * z(A), so bridge-like
@@ -19,20 +19,13 @@ class CAB(Policy):
     """
 
     name = "cab"
-    level = "block"
     needs_query_history = True
-    block_size: int = 16
-    """Tokens per block."""
     lam: float = 1.0
     """Weight of curvature against coarse magnitude (1 = pure curvature)."""
     adjacency: str = "softmax"
     """Coarse graph weights: "softmax" (row-normalised) or "scores" (shifted raw scores)."""
     graph: str = "directed"
     """"directed" (out/in degrees) or "symmetric" ((A + A^T) / 2, diagonal dropped)."""
-    keep_diagonal: bool = True
-    """Always keep the query's own block."""
-    sink_block: bool = True
-    """Always keep the first block."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]  # (B, H, Tk, D): queries of the key prefix

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.policies.base import Policy, ScoreContext, must_keep_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext, must_keep_blocks
 
 
 def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +33,7 @@ def upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
 
 
 @dataclass
-class Quest(Policy):
+class Quest(BlockPolicy):
     """Keys grouped in pages of ``block_size`` tokens; each page carries the per-channel
     minimum and maximum of its keys, and a query scores a page by the upper bound
     sum_d max(q_d min_d, q_d max_d) of its dot product with any key of the page. Each
@@ -42,13 +42,8 @@ class Quest(Policy):
     """
 
     name = "quest"
-    level = "block"
-    block_size: int = 16
-    """Tokens per page."""
-    keep_diagonal: bool = True
-    """Always keep the query's own page."""
     sink_block: bool = False
-    """Always keep the first page."""
+    """Always keep the first page (block_size: tokens per page)."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         kmin, kmax = page_bounds(ctx.k, self.block_size)

@@ -7,24 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.kernels.reference import n_blocks
-from attnlab.policies.base import Policy, ScoreContext, must_keep_blocks, rows_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext, must_keep_blocks, rows_blocks
 
 
 @dataclass
-class RandomBlock(Policy):
+class RandomBlock(BlockPolicy):
     """Keeps random key blocks under the budget, with the same must-keep blocks as CAB
     (the query's own block and the first block), drawn from a seed fixed per layer so
     that prefill and decode see one draw.
     """
 
     name = "random_block"
-    level = "block"
-    block_size: int = 16
-    """Tokens per block."""
-    keep_diagonal: bool = True
-    """Always keep the query's own block."""
-    sink_block: bool = True
-    """Always keep the first block."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         b, h, tq, _ = ctx.q.shape

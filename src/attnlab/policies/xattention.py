@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.policies.base import INF, Policy, ScoreContext, must_keep_blocks, rows_blocks
+from attnlab.policies.base import (
+    INF,
+    BlockPolicy,
+    ScoreContext,
+    must_keep_blocks,
+    rows_blocks,
+)
 
 
 def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Tensor:
@@ -26,7 +32,7 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, stride: int) -> torch.
 
 
 @dataclass
-class XAttention(Policy):
+class XAttention(BlockPolicy):
     """The attention scores are summed along antidiagonals of stride x stride tiles (a
     cheap estimate that touches every row and column of a block), softmax-normalised
     over the causal strided keys of each strided query, and summed into ``block_size``
@@ -37,7 +43,6 @@ class XAttention(Policy):
     """
 
     name = "xattention"
-    level = "block"
     needs_query_history = True
     block_size: int = 128
     """Tokens per block."""
@@ -45,8 +50,6 @@ class XAttention(Policy):
     """Antidiagonal stride (8 or 16 in the paper); divides block_size."""
     threshold: float = 0.9
     """Cumulative share of the estimated attention at which selection stops."""
-    keep_diagonal: bool = True
-    """Always keep the query's own block."""
     sink_block: bool = False
     """Always keep the first block."""
 
