@@ -81,25 +81,40 @@ def test_topk_keeps_largest_scores():
     assert set(keep[0, 0, 63].nonzero().flatten().tolist()) == set(row.topk(16).indices.tolist())
 
 
-def test_h2o_keeps_heavy_hitter_and_recent_keys():
+def test_h2o_keeps_the_heavy_hitter_and_never_readmits_a_key():
     # Key 5 aligns with every query: it accumulates the most attention.
     q = torch.ones(1, 1, 40, 4)
     k = torch.zeros(1, 1, 40, 4)
     k[0, 0, 5] = 3.0
+    keep = keep_mask(policies.make("h2o", recent_ratio=0.5), context(q, k, 0.5))
+    assert keep[0, 0, 5:, 5].all()  # kept from its arrival on
+    row = keep[0, 0, 39]  # budget 20: the 10 most recent and 10 heavy hitters
+    assert row[30:].all() and int(row.sum()) == 20
+    # eviction memory: a key is kept on the rows from its own to the one that drops it
+    enters = keep[..., 1:, :] & ~keep[..., :-1, :]  # (1, 1, 39, 40) kept, not kept before
+    rows, keys = enters[0, 0].nonzero().unbind(-1)
+    assert torch.equal(rows + 1, keys)
+
+
+def test_h2o_drops_early_keys_for_good_when_the_row_budget_is_small():
+    """At 90%, rows before the tenth keep one key: the heavy hitter is dropped on its
+    arrival's next row and never comes back (why eviction policies belong in the cache
+    regime, where the prompt is dense)."""
+    q = torch.ones(1, 1, 40, 4)
+    k = torch.zeros(1, 1, 40, 4)
+    k[0, 0, 5] = 3.0
     keep = keep_mask(policies.make("h2o", recent_ratio=0.5), context(q, k, 0.9))
-    row = keep[0, 0, 39]  # budget 4: 2 recent + 2 heaviest
-    assert row[5] and row[38] and row[39]
-    assert int(row.sum()) == 4
+    assert keep[0, 0, 5, 5] and not keep[0, 0, 6:, 5].any()
 
 
-def test_h2o_decode_history_matches_prefill():
+def test_h2o_decode_step_continues_the_prefill_eviction():
     torch.manual_seed(2)
     q, k = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
-    full = keep_mask(policies.make("h2o"), context(q, k, 0.8))
-    ctx = context(q[..., :29, :], k[..., :29, :], 0.8)
-    ctx.received  # noqa: B018 - computed as the runner does after a prefill
-    history = LayerHistory(received=ctx.received[..., -1, :])
-    step = keep_mask(policies.make("h2o"), context(q[..., 29:, :], k, 0.8, history))
+    full = keep_mask(policies.make("h2o"), context(q, k, 0.6))
+    ctx = context(q[..., :29, :], k[..., :29, :], 0.6)
+    prefill = keep_mask(policies.make("h2o"), ctx)
+    history = LayerHistory(received=ctx.received_total, kept=prefill[..., -1, :])
+    step = keep_mask(policies.make("h2o"), context(q[..., 29:, :], k, 0.6, history))
     assert torch.equal(step[..., 0, :], full[..., 29, :])
 
 
@@ -155,7 +170,7 @@ def test_unknown_policy_is_a_user_error():
         policies.make("nope")
 
 
-def test_snapkv_keeps_the_window_and_the_keys_it_votes_for_shared_per_kv_group():
+def test_snapkv_compresses_to_the_window_and_the_keys_it_votes_for_per_kv_group():
     # Two query heads share one key/value head: head 0 looks for key 10, head 1 for key
     # 20. Shared votes make both heads keep both keys (and their pooled neighbours).
     q = torch.zeros(1, 2, 64, 4)
@@ -164,29 +179,29 @@ def test_snapkv_keeps_the_window_and_the_keys_it_votes_for_shared_per_kv_group()
     k = torch.zeros(1, 2, 64, 4)
     k[:, :, 10, 0] = 4.0
     k[:, :, 20, 1] = 4.0
-    policy = policies.make("snapkv", window=8, kernel=3)
-    ctx = context(q, k, 0.75)
-    ctx.kv_heads = 1
-    keep = keep_mask(policy, ctx)
-    row = keep[0, 0, 63]
-    assert row[56:64].all()  # the observation window
-    assert row[9:12].all() and row[19:22].all()  # both heads' keys, pooled neighbours too
-    assert torch.equal(keep[0, 0], keep[0, 1])  # one selection per KV group
-    assert int(row.sum()) == 16  # the budget: 0.25 x 64
+    for pooling in ("avgpool", "maxpool"):
+        policy = policies.make("snapkv", window=8, kernel=3, pooling=pooling)
+        ctx = context(q, k, 0.75)
+        ctx.kv_heads = 1
+        kept = policy.compress(ctx)  # (1, 2, 64) the cache after the prompt
+        assert kept[0, 0, 56:].all()  # the observation window
+        assert kept[0, 0, 9:12].all() and kept[0, 0, 19:22].all()  # pooled neighbours too
+        assert torch.equal(kept[0, 0], kept[0, 1])  # one selection per KV group
+        assert int(kept[0, 0].sum()) == 16  # the budget: 0.25 x 64
 
 
-def test_snapkv_decode_keeps_the_prompt_selection_and_new_keys():
+def test_snapkv_decode_keeps_the_compressed_cache_and_every_new_key():
     torch.manual_seed(7)
-    q, k = torch.randn(1, 1, 41, 8), torch.randn(1, 1, 41, 8)
+    q, k = torch.randn(1, 1, 43, 8), torch.randn(1, 1, 43, 8)
     policy = policies.make("snapkv", window=4, kernel=3)
     prefill = context(q[..., :40, :], k[..., :40, :], 0.7)
-    first = keep_mask(policy, prefill)
-    policy.remember(prefill)
-    step = keep_mask(policy, context(q[..., 40:, :], k, 0.7, prefill.history))
-    old, new = first[0, 0, 39], step[0, 0, 0, :40]
-    assert step[0, 0, 0, 40] and new[36:40].all()  # the new key and the prompt's window
-    # the prompt's selection, less the one voted key that the new key displaces
-    assert not (new & ~old).any() and int((old & ~new).sum()) == 1
+    kept = policy.compress(prefill)
+    assert int(kept.sum()) == 12 and kept[0, 0, 36:].all()
+    history = LayerHistory(kept=kept)
+    for t in (40, 41, 42):  # compressed once: nothing more is dropped
+        step = keep_mask(policy, context(q[..., t : t + 1, :], k[..., : t + 1, :], 0.7, history))
+        assert torch.equal(step[0, 0, 0, :40], kept[0, 0, :40]) and step[0, 0, 0, 40:].all()
+        history.kept = step[..., -1, :]
 
 
 def test_quest_bound_is_an_upper_bound_and_tight_for_one_token_pages():

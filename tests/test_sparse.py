@@ -16,10 +16,12 @@ def logits(model, ids, run=None):
 
 
 @pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
-def test_full_policy_equals_model_eager_attention(fixture, request):
+def test_full_policy_equals_model_sdpa_attention(fixture, request):
+    """Full attention (and every call where a policy does not act) runs PyTorch's fused
+    kernel under the model's own mask: the model's own SDPA attention, exactly."""
     model, _, _ = request.getfixturevalue(fixture)
     ids = torch.randint(200, 5000, (1, 96), generator=torch.Generator().manual_seed(0))
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation("sdpa")
     try:
         ref = logits(model, ids)
     finally:
@@ -32,13 +34,14 @@ def test_full_policy_equals_model_eager_attention(fixture, request):
 
 @pytest.mark.parametrize("name", ["topk", "h2o", "streamingllm", "cab", "random_block"])
 def test_decode_step_equals_prefill_of_whole_sequence(smollm2, name):
-    """A decode step under a policy sees what the same row sees in a longer prefill."""
+    """A decode step under a policy (``decode="policy"``) sees what the same row sees in a
+    longer prefill, eviction memory included."""
     model, _, _ = smollm2
     ids = torch.randint(200, 5000, (1, 70), generator=torch.Generator().manual_seed(1))
     policy = policies.make(name, **({"block_size": 8} if name in ("cab", "random_block") else {}))
     ref = logits(model, ids, sparse.SparseRun(policy, 0.8))[0, -1]
     cache = DynamicCache()
-    run = sparse.SparseRun(policy, 0.8)
+    run = sparse.SparseRun(policy, 0.8, decode="policy")
     with torch.inference_mode(), run:
         model(ids[:, :-1], past_key_values=cache, use_cache=True)
         step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1]

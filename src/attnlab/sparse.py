@@ -1,23 +1,35 @@
 """Run any Hugging Face causal LM with a sparse-attention policy in every layer.
 
 The attention function registered as ``attnlab`` in transformers' ``AttentionInterface``
-reads the active :class:`SparseRun` (a context manager). With no run active, or with the
-``full`` policy, it is plain eager attention. Otherwise, for each layer and each call
-(prefill, then every decode step), it builds the policy's keep-mask under the per-row
-budget, applies it on top of the model's own mask (causality, sliding windows), and
-counts kept and visible (query, key) pairs so the achieved sparsity is measured, not
-assumed. Grouped-query attention is handled by expanding key/value heads.
+reads the active :class:`SparseRun` (a context manager). With no run active it is plain
+eager attention. A run has a regime (DESIGN: Regime), which decides where its policy acts:
+
+- ``cache`` (KV-cache compression): the prompt's prefill is the model's own dense
+  attention; each generated token then sees the cached keys the policy chooses. Eviction
+  policies compress the cache once at the end of the prompt and never re-admit a key
+  they dropped; query-aware policies choose per generated token from the whole cache.
+- ``prefill`` (sparse prefill): every prompt row runs under the policy; decode steps are
+  dense unless ``decode="policy"``. This is the regime of perplexity and the GPU kernels.
+
+For each call where the policy acts it builds the keep-mask under the per-row budget
+(a row at position p keeps about (1 - s)(p + 1) keys), applies it on top of the model's
+own mask (causality, sliding windows), and counts kept pairs against the causal pairs of
+those rows, so the achieved sparsity is measured, not assumed; the pairs the model's own
+mask hides are counted apart (``model_sparsity``). Grouped-query attention is handled by
+expanding key/value heads.
 
 On CUDA, the causal prefill of a block-level policy (CAB and its ablations) runs through
 FlexAttention's block-sparse kernel instead of a masked softmax: the selection is then
-made per query block (each block takes its last row's choice and budget), the
-granularity a BlockMask can express. Decode steps, token-level policies and layers with
-sliding windows take the masked path.
+made per query block (each block takes its first row's choice, so no row sees a choice
+made with later tokens, and its last row's budget), the granularity a BlockMask can
+express. Decode steps, token-level policies and layers with sliding windows take the
+masked path.
 """
 
 from __future__ import annotations
 
 import contextvars
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +46,7 @@ from attnlab.policies.base import (
     row_budget,
 )
 
+REGIMES = ("cache", "prefill")
 IMPLEMENTATION = "attnlab"
 _ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
     "sparse_run", default=None
@@ -62,22 +75,37 @@ class observe:
 
 @dataclass
 class SparseRun:
-    """A policy at a target sparsity, applied while the run is active (``with run:``).
+    """A policy at a target sparsity in a regime, applied while the run is active
+    (``with run:``).
 
-    ``watch`` holds key positions (the needle's value tokens) whose retention by the last
-    prompt query is recorded per layer at prefill, as the ``needle_kept`` diagnostic.
+    ``watch`` holds key positions (the needle's value tokens) whose retention by the
+    answering row is recorded per layer and head as the ``needle_kept`` diagnostic: the
+    last prompt row in the ``prefill`` regime, the first generated token's row in
+    ``cache``. ``followers`` are ``cache``-regime runs that share this run's dense prefill:
+    each records from it what its policy needs (see :func:`score_shared_prefill`).
     """
 
     policy: Policy
     sparsity: float = 0.0
     seed: int = 0
     watch: Sequence[int] = ()
-    kept: int = 0
-    visible: int = 0
+    regime: str = "prefill"
+    decode: str = "dense"  # prefill regime: decode steps "dense" or under the "policy"
+    kept: int = 0  # kept (query, key) pairs of the rows the policy acts on
+    causal: int = 0  # causal pairs of those rows
+    hidden: int = 0  # causal pairs the model's own mask hides (sliding windows)
     backend: str = "auto"  # "auto": FlexAttention on CUDA; "eager"; or "flex" anywhere
+    followers: list[SparseRun] = field(default_factory=list)
     watch_kept: list[float] = field(default_factory=list)
     histories: dict[int, LayerHistory] = field(default_factory=dict)
+    _watched: set[int] = field(default_factory=set)
     _token: contextvars.Token | None = None
+
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"regime must be one of {REGIMES}, got {self.regime!r}")
+        if self.decode not in ("dense", "policy"):
+            raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
 
     def __enter__(self) -> SparseRun:
         self._token = _ACTIVE.set(self)
@@ -88,35 +116,60 @@ class SparseRun:
 
     @property
     def achieved_sparsity(self) -> float:
-        """Fraction of visible (query, key) pairs masked, over every layer, head and call."""
-        return 1.0 - self.kept / self.visible if self.visible else 0.0
+        """Fraction of causal (query, key) pairs masked, by the policy or by the model's own
+        mask, over every layer, head and row the policy acted on."""
+        return 1.0 - self.kept / self.causal if self.causal else 0.0
+
+    @property
+    def model_sparsity(self) -> float:
+        """Fraction of those causal pairs that the model's own mask hides (sliding-window
+        layers): the part of the achieved sparsity no policy chose."""
+        return self.hidden / self.causal if self.causal else 0.0
 
     @property
     def needle_kept(self) -> float:
-        """Share of (layer, head) pairs whose last prompt query keeps a watched key, among
-        the layers whose own mask lets that query see it."""
+        """Share of (layer, head) pairs whose answering row keeps a watched key, among
+        the layers whose own mask lets that row see it."""
         return sum(self.watch_kept) / len(self.watch_kept) if self.watch_kept else float("nan")
 
-    def _context(self, layer, q, k, visible, scaling, kv_heads=None) -> ScoreContext:
+    def acts(self, layer: int) -> bool:
+        """Whether the policy acts on this layer's next call: the first call of a layer is
+        its prefill."""
+        if layer not in self.histories:
+            return self.regime == "prefill"
+        return self.regime == "cache" or self.decode == "policy"
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether this run's policy, or a follower's, reads the attention's inputs."""
+        return any(r.policy.needs_inputs for r in [self, *self.followers])
+
+    def _context(
+        self, layer, q, k, visible, scaling, kv_heads=None, module=None, value=None
+    ) -> ScoreContext:
         tq, tk = q.shape[-2], k.shape[-2]
+        q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
         return ScoreContext(
             q=q,
             k=k,
             visible=visible,
-            q_pos=torch.arange(tk - tq, tk, device=q.device),  # the cache holds every key
-            budget=row_budget(visible.sum(-1), self.sparsity),  # (B, 1, Tq)
+            q_pos=q_pos,
+            budget=row_budget(q_pos + 1, self.sparsity)[None, None],  # (1, 1, Tq)
             scaling=scaling,
             layer=layer,
             seed=self.seed,
             history=self.histories.setdefault(layer, LayerHistory()),
             kv_heads=kv_heads,
+            module=module,
+            value=value,
+            inputs=getattr(module, "_attnlab_inputs", None),
         )
 
     def _remember(self, ctx: ScoreContext) -> None:
         if self.policy.needs_query_history:
             ctx.history.q = ctx.q_all
         if self.policy.needs_received:
-            ctx.history.received = ctx.received[..., -1, :]  # (B, H, Tk) totals so far
+            ctx.history.received = ctx.received_total  # (B, H, Tk) totals so far
         self.policy.remember(ctx)
 
     def mask(
@@ -128,14 +181,37 @@ class SparseRun:
         scaling: float,
         scores: torch.Tensor,
         kv_heads: int | None = None,
+        module=None,
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Keep-mask for one layer call; q: (B, H, Tq, D), k: (B, H, Tk, D) -> (B, H, Tq, Tk)."""
-        ctx = self._context(layer, q, k, visible, scaling, kv_heads)
+        ctx = self._context(layer, q, k, visible, scaling, kv_heads, module, value)
         ctx.__dict__["scores"] = scores  # already computed for the attention itself
         keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
+        if self.policy.evicts:
+            ctx.history.kept = keep[..., -1, :]  # the cache after these rows
         self._remember(ctx)
-        self.account(keep, visible)
+        self.account(layer, keep, visible)
         return keep
+
+    def observe_dense(
+        self, layer, q, k, visible, scaling, kv_heads=None, module=None, value=None, probs=None
+    ) -> None:
+        """A dense prefill in the ``cache`` regime: record what the policy needs for the
+        generated tokens (earlier queries, received attention) and, for an eviction
+        policy, compress the cache to the budget of the prompt's last row. Each follower
+        does the same from this one prefill.
+
+        q: (B, H, T, D), k: (B, H, T, D) expanded keys; probs: (B, H, T, T) when the
+        caller has them, else what a policy reads is computed in row chunks.
+        """
+        for run in [self, *self.followers]:
+            ctx = run._context(layer, q, k, visible, scaling, kv_heads, module, value)
+            if probs is not None:
+                ctx.__dict__["probs"] = probs
+            if run.policy.evicts:
+                ctx.history.kept = run.policy.compress(ctx)  # (B, H, T)
+            run._remember(ctx)
 
     def uses_flex(self, query: torch.Tensor, tq: int, tk: int) -> bool:
         """Whether a call runs through FlexAttention: a block policy's causal prefill, on
@@ -148,17 +224,19 @@ class SparseRun:
     ):
         """Block selection of a causal prefill at query-block granularity, for FlexAttention.
 
-        Each query block uses the selection and budget of its last row. q: (B, H, T, D),
-        k: (B, H, T, D). Returns ``(keep, visible)``: (B, H, Mq, Mk) bool blocks and the
-        (1, 1, T, T) causal mask.
+        Each query block takes the selection of its first row (made from tokens up to that
+        row alone, so no row of the block sees a choice made with later tokens) under the
+        budget of its last row. q: (B, H, T, D), k: (B, H, T, D). Returns ``(keep,
+        visible)``: (B, H, Mq, Mk) bool blocks and the (1, 1, T, T) causal mask.
         """
         t, bs = q.shape[-2], self.policy.block_size
         visible = visible_mask(None, t, t, q.device)
         ctx = self._context(layer, q, k, visible, scaling, kv_heads)
         score = self.policy.score(ctx)  # (B, H, T, Mk)
-        ends = torch.arange(bs - 1, t + bs - 1, bs, device=q.device).clamp(max=t - 1)
+        starts = torch.arange(0, t, bs, device=q.device)
+        ends = (starts + bs - 1).clamp(max=t - 1)
         keep = block_keep(
-            score[..., ends, :], block_counts(visible[..., ends, :], bs), ctx.budget[..., ends]
+            score[..., starts, :], block_counts(visible[..., ends, :], bs), ctx.budget[..., ends]
         )  # (B, H, Mq, Mk)
         self._remember(ctx)
         return keep, visible
@@ -175,22 +253,28 @@ class SparseRun:
             layer, query, expand_kv(key, query.shape[1]), scaling, key.shape[1]
         )
         tokens = keep.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :t, :t]
-        self.account(tokens & visible, visible)
+        self.account(layer, tokens & visible, visible)
         return flex_block_sparse_attention(query, key, value, keep, bs, scaling)
 
-    def account(self, keep: torch.Tensor, visible: torch.Tensor) -> None:
-        """Count kept and visible pairs; at prefill, note whether the last row keeps the needle.
+    def account(self, layer: int, keep: torch.Tensor, visible: torch.Tensor) -> None:
+        """Count kept, causal and model-hidden pairs of rows the policy acted on, and
+        note, at the layer's first such call, whether its last row keeps the needle.
 
         keep: (B, H, Tq, Tk) bool (may be a broadcast view); visible: (B, 1, Tq, Tk).
         """
+        b, h, tq, tk = keep.shape
+        causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
         self.kept += int(keep.sum())
-        self.visible += int(visible.sum()) * keep.shape[1]
+        self.causal += causal * b * h
+        self.hidden += (causal * b - int(visible.sum())) * h
         watch = list(self.watch)
-        # At prefill the last prompt row answers; layers whose own window hides the needle
-        # (sliding-window layers) have nothing a policy could keep and are not counted.
-        if watch and keep.shape[-2] > 1 and visible[:, :, -1, watch].any():
-            hit = keep[:, :, -1, watch].any(-1).float()  # (B, H)
-            self.watch_kept.extend(hit.flatten().tolist())
+        # Layers whose own window hides the needle from the answering row (sliding-window
+        # layers) have nothing a policy could keep and are not counted.
+        if watch and layer not in self._watched:
+            self._watched.add(layer)
+            if visible[:, :, -1, watch].any():
+                hit = keep[:, :, -1, watch].any(-1).float()  # (B, H)
+                self.watch_kept.extend(hit.flatten().tolist())
 
 
 def visible_mask(attention_mask: torch.Tensor | None, tq: int, tk: int, device) -> torch.Tensor:
@@ -226,17 +310,22 @@ def attention_forward(
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D). Returns (B, Tq, H, D).
     """
     run = _ACTIVE.get()
+    layer = module.layer_idx
     h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
     scaling = module.head_dim**-0.5 if scaling is None else scaling
+    acts = run is not None and run.acts(layer)
     if (
-        run is not None
+        acts
         and softcap is None
         and run.uses_flex(query, tq, tk)
         and _OBSERVER.get() is None
         and _causal(attention_mask, tq)
     ):
-        out = run.flex_attention(module.layer_idx, query, key, value, scaling)
+        out = run.flex_attention(layer, query, key, value, scaling)
         return out.transpose(1, 2).contiguous(), None
+    observer = _OBSERVER.get()
+    if observer is None and softcap is None and not (acts and run.policy.name != "full"):
+        return _dense_attention(run, acts, module, query, key, value, attention_mask, scaling)
     k = expand_kv(key, h)  # (B, H, Tk, D)
     v = expand_kv(value, h)
     scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
@@ -244,16 +333,48 @@ def attention_forward(
         scores = torch.tanh(scores / softcap) * softcap
     visible = visible_mask(attention_mask, tq, tk, query.device)  # (B, 1, Tq, Tk)
     scores = torch.where(visible, scores, float("-inf"))
-    if run is not None and run.policy.name != "full":
-        keep = run.mask(module.layer_idx, query, k, visible, scaling, scores, key.shape[1])
+    if acts and run.policy.name != "full":
+        keep = run.mask(layer, query, k, visible, scaling, scores, key.shape[1], module, value)
         scores = torch.where(keep, scores, float("-inf"))
-    elif run is not None:
-        run.account(visible.expand(-1, h, -1, -1), visible)
+    elif acts:
+        run.account(layer, visible.expand(-1, h, -1, -1), visible)
     probs = torch.softmax(scores, dim=-1)
-    observer = _OBSERVER.get()
+    if run is not None and not acts and layer not in run.histories and run.regime == "cache":
+        run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value, probs)
+    elif run is not None:
+        run.histories.setdefault(layer, LayerHistory())  # the prefill is done
     if observer is not None:
-        observer(module.layer_idx, query, probs)
+        observer(layer, query, probs)
     out = torch.matmul(probs.to(value.dtype), v)  # (B, H, Tq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _dense_attention(run, acts, module, query, key, value, attention_mask, scaling):
+    """Attention over every key the model's own mask allows, through PyTorch's fused
+    kernel (no (Tq, Tk) weights in memory): full attention, and the calls where the
+    policy does not act. A ``cache``-regime prefill hands the run what its policy needs.
+    Returns (B, Tq, H, D)."""
+    h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
+    k, v = expand_kv(key, h), expand_kv(value, h)
+    plain = attention_mask is None or _causal(attention_mask, tq)
+    if plain and tq == tk:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, k, v, is_causal=True, scale=scaling
+        )
+    else:
+        visible = visible_mask(attention_mask, tq, tk, query.device)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, k, v, attn_mask=visible, scale=scaling
+        )
+    if run is not None:
+        layer = module.layer_idx
+        if acts or (run.regime == "cache" and layer not in run.histories):
+            visible = visible_mask(attention_mask, tq, tk, query.device)
+        if acts:
+            run.account(layer, visible.expand(-1, h, -1, -1), visible)
+        if not acts and layer not in run.histories and run.regime == "cache":
+            run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value)
+        run.histories.setdefault(layer, LayerHistory())
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -265,20 +386,31 @@ def install(model: torch.nn.Module) -> torch.nn.Module:
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
     model.set_attn_implementation(IMPLEMENTATION)
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "o_proj"):  # an attention module
+            if not getattr(module, "_attnlab_hooked", False):
+                module.register_forward_pre_hook(_keep_inputs, with_kwargs=True)
+                module._attnlab_hooked = True
     return model
 
 
-@torch.inference_mode()
-def generate(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    run: SparseRun,
-    max_new_tokens: int,
-    stop: Callable[[list[int]], bool] = lambda ids: False,
-) -> list[int]:
-    """Greedy decoding of at most ``max_new_tokens`` under ``run``; input_ids (1, T).
+def _keep_inputs(module, args, kwargs):
+    """Hand a call's keyword inputs (hidden states, position embeddings) to the active
+    run's policy when it reads them (``needs_inputs``); kept only for that call."""
+    run = _ACTIVE.get()
+    module._attnlab_inputs = kwargs if run is not None and run.needs_inputs else None
 
-    Prefill and every decode step run under the policy. ``stop(new_ids)`` ends early.
+
+def _eos(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+@torch.inference_mode()
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, run: SparseRun):
+    """The prompt's forward pass under ``run``; input_ids (1, T). Returns the cache and
+    the last row's logits (V,).
+
     The cache is created without the model's config so it keeps every key (sliding-window
     layers are windowed by the mask, not by dropping keys), which keeps key positions
     absolute for the policies.
@@ -286,18 +418,66 @@ def generate(
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    new: list[int] = []
-    ids = input_ids
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     with run:
-        for _ in range(max_new_tokens):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            nxt = int(out.logits[0, -1].argmax())
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, out.logits[0, -1]
+
+
+@torch.inference_mode()
+def decode(
+    model: torch.nn.Module,
+    cache,
+    logits: torch.Tensor,
+    run: SparseRun,
+    max_new_tokens: int,
+    stop: Callable[[list[int]], bool] = lambda ids: False,
+) -> list[int]:
+    """Greedy decoding of at most ``max_new_tokens`` under ``run`` from a prefilled
+    ``cache`` and its last logits (V,); ``stop(new_ids)`` ends early."""
+    eos, new = _eos(model), []
+    device = logits.device
+    with run:
+        for step in range(max_new_tokens):
+            nxt = int(logits.argmax())
             if nxt in eos:
                 break
             new.append(nxt)
-            if stop(new):
+            if stop(new) or step == max_new_tokens - 1:
                 break
-            ids = torch.tensor([[nxt]], device=input_ids.device)
+            ids = torch.tensor([[nxt]], device=device)
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[0, -1]
     return new
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    run: SparseRun,
+    max_new_tokens: int,
+    stop: Callable[[list[int]], bool] = lambda ids: False,
+) -> list[int]:
+    """Greedy decoding under ``run``: :func:`prefill`, then :func:`decode`."""
+    cache, logits = prefill(model, input_ids, run)
+    return decode(model, cache, logits, run, max_new_tokens, stop)
+
+
+def generate_shared(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    runs: Sequence[SparseRun],
+    max_new_tokens: int,
+    stop: Callable[[list[int]], bool] = lambda ids: False,
+) -> list[list[int]]:
+    """Greedy decoding of one prompt under several ``cache``-regime runs that share one
+    dense prefill: each run records what its policy needs from that prefill, then
+    decodes from its own copy of the cache. Returns each run's new tokens, in order."""
+    if any(r.regime != "cache" for r in runs):
+        raise ValueError("only cache-regime runs share a prefill")
+    from attnlab.policies.full import Full
+
+    leader = SparseRun(Full(), regime="cache", followers=list(runs))
+    cache, logits = prefill(model, input_ids, leader)
+    return [
+        decode(model, copy.deepcopy(cache), logits, run, max_new_tokens, stop) for run in runs
+    ]

@@ -190,3 +190,103 @@ def select_blocks_grouped(
     if must_keep is not None:
         mask |= must_keep
     return mask
+
+
+def prefix_max_l2_index(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """For every token t, the index of its block's representative as of t: the token of
+    largest L2 norm among the block's tokens up to t (the earliest on ties, as in
+    :func:`coarsen_max_l2`). x: (B, H, N, D) -> (B, H, N) long absolute indices. At a
+    block's last token this is the block's full representative; before it, it never
+    looks at a later token, which keeps per-row scores causal.
+    """
+    b, h, n, _ = x.shape
+    m = n_blocks(n, block_size)
+    pad = m * block_size - n
+    norms = x.float().pow(2).sum(-1)  # (B, H, N)
+    if pad:
+        norms = torch.nn.functional.pad(norms, (0, pad), value=-1.0)
+    norms = norms.view(b, h, m, block_size)
+    run_max = norms.cummax(-1).values
+    prev = torch.nn.functional.pad(run_max[..., :-1], (1, 0), value=NEG_INF)
+    offset = torch.arange(block_size, device=x.device)
+    new_max = torch.where(norms > prev, offset, -1)  # a strictly larger norm starts here
+    idx = new_max.cummax(-1).values + (torch.arange(m, device=x.device) * block_size)[:, None]
+    return idx.view(b, h, m * block_size)[..., :n]
+
+
+def cab_row_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_pos: torch.Tensor,
+    block_size: int,
+    scaling: float,
+    lam: float = 1.0,
+    adjacency: str = "softmax",
+    graph: str = "directed",
+) -> torch.Tensor:
+    """CAB's key-block scores for the query rows at ``q_pos``, each from tokens at or
+    before it alone (the causal form of :func:`cab_block_scores`).
+
+    q: (B, H, N, D) every query row from position 0; k: (B, Hkv, N, D) the keys of the
+    same positions; q_pos: (Tq,) rows to score. Row t in block b = t // block_size sees the
+    coarse graph on blocks 0..b: blocks before b complete (max-L2 representatives, their
+    rows of A as in :func:`coarse_adjacency`), block b as it stands at t (query and key
+    representatives among its tokens up to t, :func:`prefix_max_l2_index`). Curvature of
+    the edge b -> j: directed, F = 4 A_bj - D_out(b) - D_in(j) + 3 (A A)_bj with D_out(b)
+    the row's out-degree and D_in(j) the in-degree of key block j from query blocks 0..b
+    (a prefix sum, never a later block's); symmetric, the same on W = (A + A^T) / 2 with
+    self-loops dropped, degrees of W over blocks 0..b. At the last row of a prompt whose
+    length is a multiple of ``block_size`` this equals the last row of
+    :func:`cab_block_scores`. Returns (B, H, Tq, M) float32, -inf beyond block b.
+    """
+    if graph not in ("directed", "symmetric"):
+        raise ValueError(f"graph must be 'directed' or 'symmetric', got {graph!r}")
+    h = q.shape[1]
+    kx = expand_kv(k, h)  # (B, H, N, D)
+    a_full = coarse_adjacency(
+        coarsen_max_l2(q, block_size), coarsen_max_l2(kx, block_size), scaling, adjacency
+    )  # (B, H, M, M): rows of complete blocks are what row t reads of it
+    m = a_full.shape[-1]
+    bt = torch.div(q_pos, block_size, rounding_mode="floor")  # (Tq,) the row's block
+    blocks = torch.arange(m, device=q.device)
+    causal = blocks <= bt[:, None]  # (Tq, M)
+    own = blocks == bt[:, None]
+    qi = prefix_max_l2_index(q, block_size)[..., q_pos]  # (B, H, Tq)
+    ki = prefix_max_l2_index(kx, block_size)[..., q_pos]
+    d = q.shape[-1]
+    q_rep = q.gather(2, qi.unsqueeze(-1).expand(-1, -1, -1, d)).float()  # (B, H, Tq, D)
+    k_rep = kx.gather(2, ki.unsqueeze(-1).expand(-1, -1, -1, d)).float()
+    kc = coarsen_max_l2(kx, block_size).float()  # (B, H, M, D)
+    s = torch.einsum("bhtd,bhjd->bhtj", q_rep, kc) * scaling  # (B, H, Tq, M)
+    s = torch.where(own, (q_rep * k_rep).sum(-1, keepdim=True) * scaling, s)
+    if adjacency == "softmax":
+        a = torch.softmax(s.masked_fill(~causal, NEG_INF), dim=-1)
+    elif adjacency == "scores":
+        a = s - s.masked_fill(~causal, float("inf")).amin(-1, keepdim=True)
+    else:
+        raise ValueError(f"adjacency must be 'softmax' or 'scores', got {adjacency!r}")
+    a = a.masked_fill(~causal, 0.0)  # (B, H, Tq, M) the row's own coarse row
+    done = torch.cumsum(a_full, dim=-2) - a_full  # (B, H, M, M): sum over query blocks < b
+    before = done[:, :, bt, :]  # (B, H, Tq, M)
+    a_own = (a * own).sum(-1, keepdim=True)  # (B, H, Tq, 1) weight on the own block
+    a_past = a.masked_fill(own, 0.0)  # weights on complete blocks
+    if graph == "directed":
+        d_in = before + a
+        two_hop = a_past @ a_full + a_own * a  # (A A)_bj through complete blocks and b itself
+        f = 4.0 * a - a.sum(-1, keepdim=True) - d_in + 3.0 * two_hop
+    else:
+        diag = torch.diagonal(a_full, dim1=-2, dim2=-1)  # (B, H, M)
+        w_full = 0.5 * (a_full + a_full.transpose(-1, -2))
+        w_full = w_full - torch.diag_embed(torch.diagonal(w_full, dim1=-2, dim2=-1))
+        w_row = 0.5 * a_past  # W_bj for j < b
+        d_own = w_row.sum(-1, keepdim=True)  # degree of block b
+        # degree of j < b: its complete row and column inside blocks 0..b-1, plus W_bj
+        d_key = (a_full.sum(-1) - 2.0 * diag).unsqueeze(-2) + before + a_past
+        d_key = 0.5 * d_key
+        f = 4.0 * w_row - d_own - d_key + 3.0 * (w_row @ w_full)
+        f_own = -2.0 * d_own + 3.0 * (w_row * w_row).sum(-1, keepdim=True)
+        f = torch.where(own, f_own, f)
+    score = (1.0 - lam) * causal_zscore(a, causal)
+    if lam:
+        score = score + lam * causal_zscore(-f, causal)
+    return score.masked_fill(~causal, NEG_INF)

@@ -3,8 +3,10 @@
 A policy only ranks keys. Token-level policies return a score per (query row, key);
 block-level policies a score per (query row, key block). Must-keep entries score +inf.
 This module turns scores into a keep-mask under the per-row budget, so no policy
-re-implements selection: a row that sees t keys keeps at most ``budget(t)`` of them,
-``budget(t) = max(1, round((1 - s) t))``, plus whatever its policy marks must-keep.
+re-implements selection: a row at position p has p + 1 causal keys and keeps at most
+``budget(p + 1) = max(1, round((1 - s)(p + 1)))`` of them, plus whatever its policy
+marks must-keep. Eviction policies (``evicts``) select with memory: a key a row dropped
+is never seen again by a later row (:func:`select_evicting`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 INF = float("inf")
@@ -29,6 +32,7 @@ class LayerHistory:
 
     q: torch.Tensor | None = None  # (B, H, Tp, D) earlier query rows
     received: torch.Tensor | None = None  # (B, H, Tp) attention each key received so far
+    kept: torch.Tensor | None = None  # (B, H, Tp) bool: keys still in an evicting cache
     state: dict = field(default_factory=dict)  # whatever a policy's ``remember`` keeps
 
 
@@ -40,7 +44,14 @@ class ScoreContext:
     heads; visible: (B, 1 or H, Tq, Tk) bool, what the model's own mask lets each row see
     (causality, sliding windows); q_pos: (Tq,) absolute positions; budget: (B, 1 or H, Tq)
     keys each row may keep; scaling: the model's softmax scale; layer: layer index;
-    kv_heads: the model's key/value heads (k's heads are their grouped-query expansion).
+    kv_heads: the model's key/value heads (k's heads are their grouped-query expansion);
+    module, value, inputs: the attention module, its values (B, Hkv, Tk, D) and the
+    keyword inputs of its forward call (hidden states, position embeddings), for policies
+    that recompute from the model's own weights (kvpress presses); None elsewhere.
+
+    ``scores`` and ``probs`` hold every row at once (B, H, Tq, Tk): the masked attention
+    path has them anyway. A dense prefill does not, so what a policy reads of a long
+    prompt there is computed in row chunks (``received_total``, ``window_probs``).
     """
 
     q: torch.Tensor
@@ -53,6 +64,9 @@ class ScoreContext:
     seed: int = 0
     history: LayerHistory = field(default_factory=LayerHistory)
     kv_heads: int | None = None
+    module: object = None
+    value: torch.Tensor | None = None
+    inputs: dict | None = None
 
     @property
     def groups(self) -> int:
@@ -88,6 +102,29 @@ class ScoreContext:
             total = chunk[..., -1, :]
         return acc
 
+    def row_probs(self, start: int, stop: int) -> torch.Tensor:
+        """Full-attention weights of rows start .. stop - 1: (B, H, stop - start, Tk)."""
+        if "probs" in self.__dict__:
+            return self.probs[..., start:stop, :]
+        s = torch.einsum("bhqd,bhkd->bhqk", self.q[..., start:stop, :].float(), self.k.float())
+        s = torch.where(self.visible[..., start:stop, :], s * self.scaling, -INF)
+        return torch.softmax(s, dim=-1)
+
+    def window_probs(self, w: int) -> torch.Tensor:
+        """Full-attention weights of the last ``w`` rows: (B, H, w, Tk)."""
+        tq = self.q.shape[-2]
+        return self.row_probs(tq - w, tq)
+
+    @cached_property
+    def received_total(self) -> torch.Tensor:
+        """Attention each key has received up to the last row, inclusive: (B, H, Tk)."""
+        tq = self.q.shape[-2]
+        total = sum(self.row_probs(i, i + 256).sum(-2) for i in range(0, tq, 256))
+        prev = self.history.received
+        if prev is not None:
+            total[..., : prev.shape[-1]] += prev
+        return total
+
     @cached_property
     def q_all(self) -> torch.Tensor:
         """Every query row so far, earlier ones first: (B, H, Tp + Tq, D)."""
@@ -98,6 +135,30 @@ class ScoreContext:
     def key_pos(self) -> torch.Tensor:
         return torch.arange(self.k.shape[-2], device=self.k.device)
 
+    def last_row(self) -> ScoreContext:
+        """The context of the last query row alone, sharing this one's history: what a
+        policy sees when it compresses a cache at the end of a prompt."""
+        sub = ScoreContext(
+            module=self.module,
+            value=self.value,
+            inputs=self.inputs,
+            q=self.q[..., -1:, :],
+            k=self.k,
+            visible=self.visible[..., -1:, :],
+            q_pos=self.q_pos[-1:],
+            budget=self.budget[..., -1:],
+            scaling=self.scaling,
+            layer=self.layer,
+            seed=self.seed,
+            history=self.history,
+            kv_heads=self.kv_heads,
+        )
+        if "scores" in self.__dict__:
+            sub.__dict__["scores"] = self.scores[..., -1:, :]
+        sub.__dict__["q_all"] = self.q_all
+        sub.__dict__["received"] = self.received_total.unsqueeze(-2)
+        return sub
+
 
 @dataclass
 class Policy:
@@ -107,11 +168,22 @@ class Policy:
     level: ClassVar[str] = "token"  # "token" or "block"
     needs_received: ClassVar[bool] = False  # keep a running total of received attention
     needs_query_history: ClassVar[bool] = False  # keep earlier query rows
+    evicts: ClassVar[bool] = False  # a key dropped once is never seen again (KV eviction)
+    needs_inputs: ClassVar[bool] = False  # reads the attention module's inputs (ctx.inputs)
+    # an evicting policy whose per-row choice already never re-admits a key (a sliding
+    # window): its prefill rows need no sequential pass
+    static_eviction: ClassVar[bool] = False
     block_size: int = 64
 
     def score(self, ctx: ScoreContext) -> torch.Tensor | None:
         """(B, H, Tq, Tk) token scores, (B, H, Tq, Mk) block scores, or None to keep all."""
         raise NotImplementedError
+
+    def compress(self, ctx: ScoreContext) -> torch.Tensor:
+        """Keys an evicting cache holds at the end of a prompt whose rows ``ctx`` covers
+        (the ``cache`` regime, after the model's dense prefill): (B, H, Tk) bool. By
+        default the last row's selection under its budget."""
+        return keep_mask(self, ctx.last_row())[..., 0, :]
 
     def remember(self, ctx: ScoreContext) -> None:
         """Keep what later calls of this layer need in ``ctx.history.state`` (after a call)."""
@@ -184,6 +256,48 @@ def select_blocks(
     return keep.repeat_interleave(block_size, dim=-1)[..., : visible.shape[-1]] & visible
 
 
+def select_evicting(
+    score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor, kept: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`select_tokens` with eviction memory, row after row: a row's candidates are
+    the keys no earlier row (nor ``kept``, the cache before these rows) dropped, and a row
+    over its budget drops its lowest-scoring candidates that are not must-keep.
+
+    score: (B, H, Tq, Tk) for rows at positions Tk - Tq .. Tk - 1; visible: broadcastable
+    bool; budget: (B, 1 or H, Tq); kept: (B, H, Tp) bool, Tp <= Tk, or None (no key dropped
+    yet). Returns a (B, H, Tq, Tk) bool keep-mask; its last row is the cache afterwards.
+    """
+    b, h, tq, tk = score.shape
+    vis = visible.expand(b, h, tq, tk)
+    alive = torch.ones(b, h, tk, dtype=torch.bool, device=score.device)
+    if kept is not None:
+        alive[..., : kept.shape[-1]] = kept
+    if tq == 1:
+        return select_tokens(score, vis & alive.unsqueeze(-2), budget)
+    # Rows one at a time on the host: each drops at most a key or two, so a loop of small
+    # numpy steps beats a top-k per row.
+    s = score.detach().float().cpu().numpy().reshape(b * h, tq, tk)
+    v = vis.cpu().numpy().reshape(b * h, tq, tk)
+    bud = budget.expand(b, h, tq).cpu().numpy().reshape(b * h, tq)
+    live = alive.cpu().numpy().reshape(b * h, tk)
+    out = np.zeros((b * h, tq, tk), dtype=bool)
+    rows = np.arange(b * h)
+    for i in range(tq):
+        cand = live & v[:, i]
+        over = cand.sum(-1) - bud[:, i]  # (BH,) candidates beyond the budget
+        while (over > 0).any():
+            r = np.where(cand, s[:, i], np.inf)  # must-keep (+inf) never goes
+            j = r.argmin(-1)
+            drop = (over > 0) & (r[rows, j] < np.inf)
+            if not drop.any():
+                break
+            cand[rows[drop], j[drop]] = False
+            live[rows[drop], j[drop]] = False
+            over = over - drop
+        out[:, i] = cand
+    return torch.from_numpy(out).view(b, h, tq, tk).to(score.device)
+
+
 def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
     """The policy's keep-mask for the context's rows: (B, H, Tq, Tk) bool."""
     score = policy.score(ctx)
@@ -191,6 +305,8 @@ def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
         return ctx.visible.expand(*ctx.q.shape[:2], *ctx.visible.shape[-2:])
     if policy.level == "block":
         return select_blocks(score, ctx.visible, ctx.budget, policy.block_size)
+    if policy.evicts and not (policy.static_eviction and ctx.history.kept is None):
+        return select_evicting(score, ctx.visible, ctx.budget, ctx.history.kept)
     return select_tokens(score, ctx.visible, ctx.budget)
 
 

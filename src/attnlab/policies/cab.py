@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.kernels.reference import cab_block_scores
-from attnlab.policies.base import BlockPolicy, ScoreContext, must_keep_blocks, rows_blocks
+from attnlab.kernels.reference import cab_row_scores
+from attnlab.policies.base import BlockPolicy, ScoreContext, must_keep_blocks
 
 
 @dataclass
@@ -15,7 +15,10 @@ class CAB(BlockPolicy):
     """Curvature-Aware Block selection (this project's method). Q and K are coarsened to
     one max-L2 token per block; the coarse attention graph's Forman-Ricci curvature F
     ranks key blocks per query block by lam * z(-F) + (1 - lam) * z(A), so bridge-like
-    (most negatively curved) edges are kept first, within the budget.
+    (most negatively curved) edges are kept first, within the budget. Each row is scored
+    from tokens at or before it alone (:func:`~attnlab.kernels.reference.cab_row_scores`:
+    degrees are prefix sums over query blocks, its own block's representatives are
+    those of the block so far), so a later token never reaches an earlier row.
     """
 
     name = "cab"
@@ -29,8 +32,7 @@ class CAB(BlockPolicy):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]  # (B, H, Tk, D): queries of the key prefix
-        blocks = cab_block_scores(
-            q, ctx.k, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
-        )  # (B, H, M, M)
-        score = blocks[:, :, rows_blocks(ctx.q_pos, self.block_size), :]  # (B, H, Tq, M)
+        score = cab_row_scores(
+            q, ctx.k, ctx.q_pos, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
+        )  # (B, H, Tq, M)
         return must_keep_blocks(score, ctx.q_pos, self)

@@ -11,13 +11,15 @@ from attnlab.policies.base import INF, Policy, ScoreContext
 
 @dataclass
 class H2O(Policy):
-    """Heavy-Hitter Oracle: keeps the keys that have received the most attention so far,
-    plus the most recent keys. The accumulated attention is that of full attention over
-    all queries up to the current one (the masked-simulation form of the paper's cache).
+    """Heavy-Hitter Oracle: keeps the most recent keys and, in the rest of the budget, the
+    keys that have received the most attention so far; a key it evicts is gone for good
+    (the shared eviction memory), as in the paper's cache. The accumulated attention is
+    that of full attention over every query up to the current one.
     """
 
     name = "h2o"
     needs_received = True
+    evicts = True
     recent_ratio: float = 0.5
     """Share of each row's budget given to the most recent keys."""
 

@@ -38,13 +38,19 @@ class Quest(BlockPolicy):
     minimum and maximum of its keys, and a query scores a page by the upper bound
     sum_d max(q_d min_d, q_d max_d) of its dot product with any key of the page. Each
     query keeps its top pages within the budget. The query's own page, still being
-    written, is always kept (as Quest attends to it in full).
+    written, is always kept (as Quest attends to it in full). ``dense_layers`` leaves the
+    first layers dense, as the paper does for its first two (their attention is too
+    spread for page selection); the achieved sparsity then counts those layers' keys.
     """
 
     name = "quest"
     sink_block: bool = False
     """Always keep the first page (block_size: tokens per page)."""
+    dense_layers: int = 0
+    """Leading layers left dense (the paper's setting: 2)."""
 
-    def score(self, ctx: ScoreContext) -> torch.Tensor:
+    def score(self, ctx: ScoreContext) -> torch.Tensor | None:
+        if ctx.layer < self.dense_layers:
+            return None
         kmin, kmax = page_bounds(ctx.k, self.block_size)
         return must_keep_blocks(upper_bound(ctx.q, kmin, kmax), ctx.q_pos, self)

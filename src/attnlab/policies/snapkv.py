@@ -6,65 +6,76 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.policies.base import INF, Policy, ScoreContext
+from attnlab.policies.base import INF, Policy, ScoreContext, select_tokens
 
 
 @dataclass
 class SnapKV(Policy):
-    """Each key's score is the attention it receives from the observation window, the
-    last ``window`` queries of the prompt, summed over the window, averaged over the
-    query heads of its key/value group (one selection per KV head, so the compressed
-    cache stores no repeated keys) and max-pooled over neighbouring keys (``kernel``)
-    so that a selected key keeps its context. The window's own keys are always kept.
+    """The observation window, the prompt's last ``window`` queries (they hold the
+    question), votes for the keys before it: each key's score is its attention from the
+    window averaged over the window, pooled over neighbouring keys (``kernel``, so that a
+    selected key keeps its context) and averaged over the query heads of its key/value
+    group (one selection per KV head, so the compressed cache stores no repeated keys).
+    The window's own keys are always kept. The cache is compressed once, at the end of
+    the prompt, and every generated key stays: the paper's method and the order of
+    operations of its official code and of kvpress's ``SnapKVPress`` (pooling first,
+    then the group mean; the pooling runs over the voted keys alone, zero-padded).
 
-    In the masked simulation a prefill row t is treated as the end of a prompt: its
-    window is rows t - window + 1 .. t. Decode steps reuse the votes of the last prompt
-    row, as SnapKV compresses the cache once after the prompt, and keep every key
-    generated since.
+    In the ``prefill`` regime each prompt row is treated as the end of a prompt (its
+    window is the ``window`` rows ending at it), with eviction memory.
     """
 
     name = "snapkv"
-    window: int = 32
+    evicts = True
+    window: int = 64
     """Observation window: the last queries of the prompt, whose keys are always kept."""
     kernel: int = 5
-    """Width of the 1-D max pooling over key positions (odd)."""
+    """Width of the 1-D pooling over key positions (odd)."""
+    pooling: str = "avgpool"
+    """"avgpool" (the official code's and kvpress's default) or "maxpool"."""
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
             raise TypeError("window must be >= 1 and kernel a positive odd number")
+        if self.pooling not in ("avgpool", "maxpool"):
+            raise TypeError(f"pooling must be 'avgpool' or 'maxpool', got {self.pooling!r}")
 
-    def votes(self, ctx: ScoreContext) -> torch.Tensor:
-        """Pooled window votes of every row: (B, H, Tq, Tk), equal within a KV group."""
-        if "snapkv_votes" in ctx.__dict__:
-            return ctx.__dict__["snapkv_votes"]
-        probs = ctx.probs  # (B, H, Tq, Tk)
-        csum = probs.cumsum(dim=-2)
-        before = torch.zeros_like(csum)
-        before[..., self.window :, :] = csum[..., : -self.window, :]
-        vote = csum - before  # sum over the (up to) ``window`` rows ending at each row
-        b, h, tq, tk = vote.shape
-        g = ctx.groups
-        vote = vote.view(b, h // g, g, tq, tk).mean(2)  # (B, Hkv, Tq, Tk)
-        pooled = torch.nn.functional.max_pool1d(
-            vote.reshape(-1, 1, tk), self.kernel, stride=1, padding=self.kernel // 2
-        ).view(b, h // g, 1, tq, tk)
-        votes = pooled.expand(b, h // g, g, tq, tk).reshape(b, h, tq, tk)
-        ctx.__dict__["snapkv_votes"] = votes
-        return votes
+    def _pool(self, vote: torch.Tensor, groups: int) -> torch.Tensor:
+        """Pool over keys, then average over each KV group's query heads.
+
+        vote: (B, H, R, N) window means of the N voted keys -> (B, H, R, N), equal within
+        a KV group."""
+        b, h, r, n = vote.shape
+        pool = torch.nn.functional.avg_pool1d if self.pooling == "avgpool" else (
+            torch.nn.functional.max_pool1d
+        )
+        flat = vote.reshape(-1, 1, n)
+        if self.pooling == "maxpool":
+            flat = torch.nn.functional.pad(flat, (self.kernel // 2,) * 2, value=float("-inf"))
+            pooled = pool(flat, self.kernel, stride=1)
+        else:
+            pooled = pool(flat, self.kernel, stride=1, padding=self.kernel // 2)
+        pooled = pooled.view(b, h // groups, groups, r, n).mean(2, keepdim=True)
+        return pooled.expand(b, h // groups, groups, r, n).reshape(b, h, r, n)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
+        if ctx.history.kept is not None:  # compressed once: every cached key stays
+            return torch.full(ctx.q.shape[:3] + ctx.k.shape[-2:-1], INF, device=ctx.q.device)
+        # prefill regime: row t votes with rows t - window + 1 .. t for the keys before them
+        w = self.window
+        csum = ctx.probs.cumsum(dim=-2)  # (B, H, Tq, Tk)
+        before = torch.zeros_like(csum)
+        before[..., w:, :] = csum[..., :-w, :]
+        vote = (csum - before) / w
+        score = self._pool(vote, ctx.groups)
         age = ctx.q_pos.unsqueeze(-1) - ctx.key_pos  # (Tq, Tk)
-        prompt = ctx.history.state.get("snapkv")
-        if prompt is None:  # prefill: each row is the end of a prompt
-            in_window = (age >= 0) & (age < self.window)
-            return torch.where(in_window, INF, self.votes(ctx))
-        votes, n_prompt = prompt  # (B, H, Tp) of the last prompt row, prompt length
-        score = torch.full(ctx.q.shape[:3] + ctx.k.shape[-2:-1], INF, device=ctx.q.device)
-        voted = max(0, n_prompt - self.window)
-        score[..., :voted] = votes[..., :voted].unsqueeze(-2)
-        return score  # the prompt's window and every generated key stay
+        return torch.where((age >= 0) & (age < w), INF, score)
 
-    def remember(self, ctx: ScoreContext) -> None:
-        if "snapkv" not in ctx.history.state and ctx.q.shape[-2] > 1:
-            last = self.votes(ctx)[..., -1, :]  # (B, H, Tk)
-            ctx.history.state["snapkv"] = (last, ctx.k.shape[-2])
+    def compress(self, ctx: ScoreContext) -> torch.Tensor:
+        t = ctx.k.shape[-2]
+        w = min(self.window, t)
+        probs = ctx.window_probs(w)  # (B, H, w, T) the window's attention
+        vote = probs[..., : t - w].mean(-2, keepdim=True)  # (B, H, 1, T - w)
+        score = torch.nn.functional.pad(self._pool(vote, ctx.groups), (0, w), value=INF)
+        last = ctx.last_row()
+        return select_tokens(score, last.visible, last.budget)[..., 0, :]

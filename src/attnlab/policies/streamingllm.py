@@ -12,10 +12,13 @@ from attnlab.policies.base import INF, Policy, ScoreContext
 @dataclass
 class StreamingLLM(Policy):
     """Keeps the first ``n_sink`` tokens (attention sinks) and the most recent keys that
-    fit the rest of the budget; everything in between is dropped.
+    fit the rest of the budget; everything in between is evicted for good, as the paper's
+    rolling cache does (a key that leaves the window never comes back).
     """
 
     name = "streamingllm"
+    evicts = True
+    static_eviction = True
     n_sink: int = 4
     """Leading tokens always kept."""
 

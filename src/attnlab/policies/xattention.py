@@ -11,7 +11,6 @@ from attnlab.policies.base import (
     BlockPolicy,
     ScoreContext,
     must_keep_blocks,
-    rows_blocks,
 )
 
 
@@ -39,7 +38,7 @@ class XAttention(BlockPolicy):
     x ``block_size`` blocks: each query block gets a distribution over key blocks. Key
     blocks are kept in decreasing share until their cumulative share reaches
     ``threshold`` (the rest score -inf) or the budget is met; the query's own block is
-    always kept. Queries are the rows seen so far, so a prefill selects per query block.
+    always kept. A row uses the strided queries complete at it (:meth:`shares`).
     """
 
     name = "xattention"
@@ -57,36 +56,43 @@ class XAttention(BlockPolicy):
         if self.block_size % self.stride or not 0 < self.threshold <= 1:
             raise TypeError("stride must divide block_size and threshold lie in (0, 1]")
 
-    def shares(self, q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Estimated attention share of each key block per query block: (B, H, Mq, Mk).
+    def shares(
+        self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Estimated attention share of each key block for each row: (B, H, Tq, Mk).
 
-        q: (B, H, Tq, D) every query so far, k: (B, H, Tk, D), Tq <= Tk, both from 0.
+        q: (B, H, N, D) every query so far, k: (B, H, Nk, D), both from position 0. A
+        strided query (``stride`` rows) and its antidiagonal keys are used once every
+        row of it exists: row t sums the strided queries of its query block that are
+        complete at t, or, before the first one is, those of the previous query block. So
+        a row's choice depends on tokens at or before it alone.
         """
-        s = self.stride
+        s, per = self.stride, self.block_size // self.stride
         est = antidiagonal_scores(q, k, s) * scaling / s  # mean over the antidiagonal
         n_q, n_k = est.shape[-2:]
         causal = (
             torch.arange(n_k, device=est.device) <= torch.arange(n_q, device=est.device)[:, None]
         )
         probs = torch.softmax(est.masked_fill(~causal, float("-inf")), dim=-1)
-        # a strided query is real if its first token exists; pad strided rows weigh 0
-        real = (torch.arange(n_q, device=est.device) * s < q.shape[-2]).float()
-        per = self.block_size // s
-        mq, mk = -(-n_q // per), -(-n_k // per)
-        probs = torch.nn.functional.pad(
-            probs * real[:, None], (0, mk * per - n_k, 0, mq * per - n_q)
-        )
-        blocks = probs.view(*probs.shape[:2], mq, per, mk, per).sum((3, 5))
+        upto = torch.nn.functional.pad(probs.cumsum(-2), (0, 0, 1, 0))  # sums of groups < i
+        done = torch.div(q_pos + 1, s, rounding_mode="floor")  # complete strided queries
+        first = torch.div(q_pos, self.block_size, rounding_mode="floor") * per
+        early = done <= first  # no complete strided query in the row's block yet
+        hi = torch.where(early, first, done)
+        lo = torch.where(early, first - per, first).clamp(min=0)
+        rows = upto[..., hi, :] - upto[..., lo, :]  # (B, H, Tq, n_k)
+        mk = -(-k.shape[-2] // self.block_size)
+        rows = torch.nn.functional.pad(rows, (0, mk * per - n_k))
+        blocks = rows.view(*rows.shape[:-1], mk, per).sum(-1)  # (B, H, Tq, Mk)
         return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-12)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]
-        share = self.shares(q, ctx.k, ctx.scaling)  # (B, H, Mq, Mk)
+        share = self.shares(q, ctx.k, ctx.q_pos, ctx.scaling)  # (B, H, Tq, Mk)
         order = share.sort(dim=-1, descending=True)
         before = order.values.cumsum(-1) - order.values  # share of the blocks ranked above
         needed = torch.zeros_like(share, dtype=torch.bool).scatter_(
             -1, order.indices, before < self.threshold
         )
         score = torch.where(needed, share, -INF)
-        score = score[:, :, rows_blocks(ctx.q_pos, self.block_size), :]  # (B, H, Tq, Mk)
         return must_keep_blocks(score, ctx.q_pos, self)

@@ -1,0 +1,79 @@
+"""Causality of every policy in both regimes, on the real SmolLM2-135M: changing token p
+leaves every logit before p unchanged (DESIGN: Causality)."""
+
+import pytest
+import torch
+
+from attnlab import policies, sparse
+
+T, P = 112, 80  # sequence length; the changed position
+# Small blocks so that the block policies have several blocks (and a ragged last one).
+PARAMS = {
+    "cab": {"block_size": 16},
+    "coarse_magnitude": {"block_size": 16},
+    "random_block": {"block_size": 16},
+    "quest": {"block_size": 16},
+    "xattention": {"block_size": 32, "stride": 8},
+    "snapkv": {"window": 8},
+}
+ATOL = 1e-5
+
+
+def _ids():
+    ids = torch.randint(200, 5000, (1, T), generator=torch.Generator().manual_seed(7))
+    other = ids.clone()
+    other[0, P] = (ids[0, P] + 17) % 5000 + 200
+    return ids, other
+
+
+def _prefill_logits(model, ids, name, backend="eager"):
+    run = sparse.SparseRun(policies.make(name, **PARAMS.get(name, {})), 0.75, backend=backend)
+    with torch.inference_mode(), run:
+        return model(ids, use_cache=False).logits[0]  # (T, V)
+
+
+def _cache_logits(model, ids, name, prompt=64):
+    """A dense prefill of ``prompt`` tokens, then the rest teacher-forced one token at a
+    time under the policy (the cache regime): logits of every decode row."""
+    run = sparse.SparseRun(policies.make(name, **PARAMS.get(name, {})), 0.75, regime="cache")
+    cache, _ = sparse.prefill(model, ids[:, :prompt], run)
+    rows = []
+    with torch.inference_mode(), run:
+        for t in range(prompt, T):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            rows.append(out.logits[0, -1])
+    return torch.stack(rows), run  # (T - prompt, V)
+
+
+@pytest.mark.parametrize("name", sorted(policies.REGISTRY))
+def test_prefill_regime_rows_before_a_changed_token_keep_their_logits(smollm2, name):
+    model, _, _ = smollm2
+    ids, other = _ids()
+    a, b = _prefill_logits(model, ids, name), _prefill_logits(model, other, name)
+    torch.testing.assert_close(a[:P], b[:P], rtol=0, atol=ATOL)
+    if name != "full":  # the change is seen from p on: the test can fail
+        assert not torch.allclose(a[P:], b[P:], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(policies.REGISTRY))
+def test_cache_regime_rows_before_a_changed_token_keep_their_logits(smollm2, name):
+    model, _, _ = smollm2
+    ids, other = _ids()
+    (a, run), (b, _) = _cache_logits(model, ids, name), _cache_logits(model, other, name)
+    torch.testing.assert_close(a[: P - 64], b[: P - 64], rtol=0, atol=ATOL)
+    assert not torch.allclose(a[P - 64 :], b[P - 64 :], atol=1e-3)
+    if name != "full":
+        assert run.achieved_sparsity > 0.5  # the policy acted on the decode rows
+
+
+BLOCK = [n for n, cls in sorted(policies.REGISTRY.items()) if cls.level == "block"]
+
+
+@pytest.mark.parametrize("name", BLOCK)
+def test_flex_prefill_rows_before_a_changed_token_keep_their_outputs(smollm2, name):
+    """The FlexAttention path (query-block selections) is causal too."""
+    model, _, _ = smollm2
+    ids, other = _ids()
+    a = _prefill_logits(model, ids, name, backend="flex")
+    b = _prefill_logits(model, other, name, backend="flex")
+    torch.testing.assert_close(a[:P], b[:P], rtol=0, atol=ATOL)
