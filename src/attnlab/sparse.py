@@ -478,6 +478,4 @@ def generate_shared(
 
     leader = SparseRun(Full(), regime="cache", followers=list(runs))
     cache, logits = prefill(model, input_ids, leader)
-    return [
-        decode(model, copy.deepcopy(cache), logits, run, max_new_tokens, stop) for run in runs
-    ]
+    return [decode(model, copy.deepcopy(cache), logits, run, max_new_tokens, stop) for run in runs]

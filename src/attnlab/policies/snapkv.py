@@ -46,8 +46,10 @@ class SnapKV(Policy):
         vote: (B, H, R, N) window means of the N voted keys -> (B, H, R, N), equal within
         a KV group."""
         b, h, r, n = vote.shape
-        pool = torch.nn.functional.avg_pool1d if self.pooling == "avgpool" else (
-            torch.nn.functional.max_pool1d
+        pool = (
+            torch.nn.functional.avg_pool1d
+            if self.pooling == "avgpool"
+            else torch.nn.functional.max_pool1d
         )
         flat = vote.reshape(-1, 1, n)
         if self.pooling == "maxpool":
