@@ -9,6 +9,7 @@ from snakemake.utils import validate
 
 from attnlab.workflow import model_key, module_sources, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
+from attnlab.workflow import policy_module as workflow_policy_module
 from attnlab.workflow import policy_spec as workflow_policy_spec
 
 
@@ -54,11 +55,30 @@ def model_name(wildcards):
 
 
 def niah_score_files(wildcards=None):
-    return [
+    """Every model's cache-regime table and prefill-regime tables (full attention in both)."""
+    prefill = NIAH["regimes"]["prefill"]
+    return [f"results/niah/{m}/cache.parquet" for m in MODELS] + [
         f
         for m in MODELS
-        for f in run_files("niah", m, NIAH["policies"], NIAH["sparsities"])
+        for f in run_files("niah/prefill", m, prefill, NIAH["sparsities"])
     ]
+
+
+def niah_cache_runs(wildcards):
+    """The cache regime's runs as JSON: full attention, then each policy at each sparsity."""
+    runs = [("full", {}, 0.0)] + [
+        (p, policy_spec(p), s)
+        for p in NIAH["regimes"]["cache"]
+        for s in NIAH["sparsities"]
+    ]
+    return json.dumps(runs, sort_keys=True)
+
+
+def niah_cache_sources(wildcards):
+    """Modules the cache job runs: every cache-regime policy's, so editing one reruns it."""
+    names = ["full", *NIAH["regimes"]["cache"]]
+    mods = [f"policies.{workflow_policy_module(p, config['policies'])}" for p in names]
+    return module_sources("niah", "sparse", "models", *mods, root=workflow.basedir)
 
 
 def niah_sources(wildcards):
@@ -71,7 +91,7 @@ def pareto_sources(wildcards):
 
 
 def policy_sources(wildcards, stage):
-    base = policy_spec(wildcards.policy).get("base", wildcards.policy)
+    base = workflow_policy_module(wildcards.policy, config["policies"])
     return module_sources(
         stage, "sparse", "models", f"policies.{base}", root=workflow.basedir
     )
@@ -91,10 +111,11 @@ def ablation_policies():
     )
 
 
-def run_files(stage, model, policies, sparsities):
-    """Per-run tables of a stage: full attention once, then each policy at each sparsity."""
+def run_files(folder, model, policies, sparsities):
+    """Per-run tables under results/<folder>: full attention once, then each policy at
+    each sparsity."""
     runs = [("full", "0")] + [(p, pct(s)) for p in policies for s in sparsities]
-    return [f"results/{stage}/{model}/{p}_{q}.parquet" for p, q in runs]
+    return [f"results/{folder}/{model}/{p}_{q}.parquet" for p, q in runs]
 
 
 def pareto_files(wildcards):
@@ -106,8 +127,8 @@ def pareto_files(wildcards):
 def ablation_inputs(wildcards):
     policies, sparsities = ablation_policies(), ABLATION["sparsities"]
     return {
-        stage: run_files(stage, wildcards.model, policies, sparsities)
-        for stage in ("niah", "pareto")
+        stage: run_files(folder, wildcards.model, policies, sparsities)
+        for stage, folder in (("niah", "niah/prefill"), ("pareto", "pareto"))
     }
 
 

@@ -1,4 +1,6 @@
-# Needle-in-a-haystack: prompts per model, scores per (model, policy, sparsity), one table.
+# Needle-in-a-haystack: prompts per model; the cache regime in one job per model (one
+# dense prefill per prompt shared by every policy and sparsity); the prefill regime in one
+# job per (model, policy, sparsity); one table.
 
 
 rule model_info:
@@ -49,19 +51,46 @@ rule niah_prompts:
         " --seed {params.seed} --out {output} 2> {log}"
 
 
+rule niah_cache:
+    input:
+        prompts="results/niah/{model}/prompts.parquet",
+        code=niah_cache_sources,
+    output:
+        "results/niah/{model}/cache.parquet",
+    log:
+        "logs/niah_cache/{model}.log",
+    benchmark:
+        "benchmarks/niah_cache/{model}.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: config["threads"]
+    params:
+        name=model_name,
+        runs=niah_cache_runs,
+        tolerance=NIAH["sparsity_tolerance"],
+        max_new_tokens=NIAH["max_new_tokens"],
+        seed=config["seed"],
+        device=config["device"],
+    shell:
+        "attnlab niah-cache --model {params.name} --prompts {input.prompts}"
+        " --runs {params.runs:q} --tolerance {params.tolerance}"
+        " --max-new-tokens {params.max_new_tokens} --seed {params.seed}"
+        " --threads {threads} --device {params.device} --out {output} 2> {log}"
+
+
 rule niah_score:
     input:
         prompts="results/niah/{model}/prompts.parquet",
         code=niah_sources,
     output:
-        "results/niah/{model}/{policy}_{pct}.parquet",
+        "results/niah/prefill/{model}/{policy}_{pct}.parquet",
     log:
         "logs/niah_score/{model}/{policy}_{pct}.log",
     benchmark:
         "benchmarks/niah_score/{model}/{policy}_{pct}.tsv"
     conda:
         "../envs/attnlab.yaml"
-    threads: 2
+    threads: config["threads"]
     params:
         name=model_name,
         policy_params=policy_params,

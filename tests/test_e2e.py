@@ -18,7 +18,7 @@ TINY = {
         "lengths": [512],
         "depths": [0.0, 0.5, 1.0],
         "samples": 1,
-        "policies": ["streamingllm", "snapkv", "quest", "xattention"],
+        "regimes": {"cache": ["streamingllm", "snapkv", "quest"], "prefill": ["xattention"]},
         "sparsities": [0.9],
         "tasks": ["passkey", "multikey"],
         "needles": 3,
@@ -35,14 +35,19 @@ def run_dir(tmp_path_factory):
 
 def test_full_attention_retrieves_every_passkey(run_dir):
     df = pl.read_parquet(run_dir / "results/niah/niah.parquet")
-    assert df.group_by("task", "policy").len()["len"].to_list() == [3] * 10
+    counts = df.group_by("regime", "task", "policy").len()
+    assert counts["len"].to_list() == [3] * 12  # full in both regimes, 3 + 1 policies
     full = df.filter(pl.col("policy") == "full")
     assert full.filter(pl.col("task") == "passkey")["correct"].all()
-    assert (full["needle_kept"] == 1.0).all() and (full["achieved_sparsity"] == 0.0).all()
+    assert (full["needle_kept"] == 1.0).all()
+    # full attention hides only what Gemma's own sliding windows hide, in both regimes
+    assert (full["achieved_sparsity"] - full["model_sparsity"]).abs().max() < 1e-12
+    by_regime = full.sort("regime", "task", "depth").partition_by("regime", as_dict=True)
+    assert by_regime[("cache",)]["generated"].equals(by_regime[("prefill",)]["generated"])
     multikey = full.filter(pl.col("task") == "multikey")
-    assert multikey["key"].str.len_chars().to_list() == [5] * 3  # one of three keys asked
+    assert multikey["key"].str.len_chars().to_list() == [5] * 6  # one of three keys asked
     sparse = df.filter(pl.col("policy") == "streamingllm")
-    assert sparse.height == 6
+    assert sparse.height == 6 and (sparse["regime"] == "cache").all()
     assert ((sparse["achieved_sparsity"] - 0.9).abs() < 0.01).all()
     for policy in ("snapkv", "quest", "xattention"):  # the peers ran, their sparsity measured
         peer = df.filter(pl.col("policy") == policy)
@@ -50,6 +55,8 @@ def test_full_attention_retrieves_every_passkey(run_dir):
         assert peer["feasible"].to_list() == (peer["achieved_sparsity"] >= 0.895).to_list()
     assert set(df.columns) >= {
         "model",
+        "regime",
+        "decode",
         "task",
         "length",
         "depth",
@@ -57,6 +64,7 @@ def test_full_attention_retrieves_every_passkey(run_dir):
         "policy",
         "target_sparsity",
         "achieved_sparsity",
+        "model_sparsity",
         "correct",
         "needle_kept",
         "generated",
@@ -77,15 +85,16 @@ def test_rerun_has_nothing_to_do(run_dir):
 
 
 def test_editing_a_policy_module_reruns_only_that_policys_scoring(run_dir):
-    module = run_dir / "src/attnlab/policies/streamingllm.py"
-    text = module.read_text()
-    module.write_text(text + "# an edit\n")
-    try:
-        proc = snakemake(run_dir, "-n", "figs/niah_heatmap_90.png")
-    finally:
-        module.write_text(text)
-    assert "src/attnlab/policies/streamingllm.py" in proc.stdout
-    assert planned_jobs(proc) == {"niah_score": 1, "niah_table": 1, "niah_heatmap": 1}
+    for name, job in (("streamingllm", "niah_cache"), ("xattention", "niah_score")):
+        module = run_dir / f"src/attnlab/policies/{name}.py"
+        text = module.read_text()
+        module.write_text(text + "# an edit\n")
+        try:
+            proc = snakemake(run_dir, "-n", "figs/niah_heatmap_90.png")
+        finally:
+            module.write_text(text)
+        assert f"src/attnlab/policies/{name}.py" in proc.stdout
+        assert planned_jobs(proc) == {job: 1, "niah_table": 1, "niah_heatmap": 1}
 
 
 def test_report_holds_the_figure_with_its_caption(run_dir):
@@ -105,7 +114,8 @@ def test_new_sparsity_reruns_only_scoring_and_figures(run_dir):
     cfg["niah"]["sparsities"] = [0.9, 0.95]
     (run_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(run_dir, "-n", "figs/niah_heatmap_90.png"))
-    assert jobs == {"niah_score": 4, "niah_table": 1, "niah_heatmap": 1}  # 4 policies at 95%
+    # the cache job reruns with its new runs; xattention at 95% in the prefill regime
+    assert jobs == {"niah_cache": 1, "niah_score": 1, "niah_table": 1, "niah_heatmap": 1}
 
 
 INTERVENTION_FIGS = ["figs/intervention_gemma3-270m.png", "figs/gain_gemma3-270m.png"]
@@ -322,7 +332,7 @@ def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
     assert set(df["policy"]) == {"full", "coarse_magnitude", "cab_lam50", "cab"}
     for lo, mid, hi in (("acc_lo", "accuracy", "acc_hi"), ("ppl_lo", "perplexity", "ppl_hi")):
         assert (df[lo] <= df[mid]).all() and (df[mid] <= df[hi]).all()
-    scored = pl.read_parquet(pareto_dir / "results/niah/smollm2-135m/cab_lam50_75.parquet")
+    scored = pl.read_parquet(pareto_dir / "results/niah/prefill/smollm2-135m/cab_lam50_75.parquet")
     assert json.loads(scored["policy_params"][0])["lam"] == 0.5
     prompts = pl.read_parquet(pareto_dir / "results/niah/smollm2-135m/prompts.parquet")
     assert prompts["haystack"].to_list() == ["corpus"]

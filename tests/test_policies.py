@@ -249,3 +249,77 @@ def test_xattention_antidiagonals_and_threshold():
     assert row[4:8].all() and row[28:32].all() and int(row.sum()) == 8
     loose = policies.make("xattention", block_size=4, stride=2, threshold=1.0)
     assert int(keep_mask(loose, context(q, k, 0.1))[0, 0, 31].sum()) > 8
+
+
+def _row_graph_by_loops(q, k, t, bs, scaling, graph):
+    """CAB's coarse graph for row t from the definition, one edge at a time: blocks
+    0..b complete or as they stand at t, their max-L2 representatives (earliest on
+    ties), softmax rows over causal key blocks. Returns (A, F) over blocks 0..b."""
+    import math
+
+    b = t // bs
+
+    def rep(x, blk):
+        rows = list(range(blk * bs, min((blk + 1) * bs, t + 1)))
+        norms = [float(x[r].pow(2).sum()) for r in rows]
+        return x[rows[norms.index(max(norms))]]
+
+    qc = [rep(q, i) for i in range(b + 1)]
+    kc = [rep(k, j) for j in range(b + 1)]
+    a = [[0.0] * (b + 1) for _ in range(b + 1)]
+    for i in range(b + 1):
+        logits = [float(qc[i] @ kc[j]) * scaling for j in range(i + 1)]
+        m = max(logits)
+        z = sum(math.exp(x - m) for x in logits)
+        for j in range(i + 1):
+            a[i][j] = math.exp(logits[j] - m) / z
+    n = b + 1
+    if graph == "symmetric":
+        w = [[0.0 if i == j else (a[i][j] + a[j][i]) / 2 for j in range(n)] for i in range(n)]
+        deg = [sum(w[i]) for i in range(n)]
+        f = [
+            4 * w[b][j] - deg[b] - deg[j] + 3 * sum(w[b][x] * w[x][j] for x in range(n))
+            for j in range(n)
+        ]
+    else:  # out-degree of the query block, in-degree of the key block
+        d_out = sum(a[b])
+        f = [
+            4 * a[b][j]
+            - d_out
+            - sum(a[i][j] for i in range(n))
+            + 3 * sum(a[b][x] * a[x][j] for x in range(n))
+            for j in range(n)
+        ]
+    return a[b], f
+
+
+@pytest.mark.parametrize("graph", ["directed", "symmetric"])
+def test_cab_row_scores_match_a_loop_over_edges_of_the_causal_definition(graph):
+    from attnlab.kernels.reference import cab_row_scores, causal_zscore
+
+    torch.manual_seed(11)
+    bs, n = 4, 22  # five complete blocks and a ragged sixth
+    q, k = torch.randn(1, 1, n, 6), torch.randn(1, 1, n, 6)
+    q[0, 0, 9] = q[0, 0, 8]  # a tie inside a block: the earliest wins
+    rows = torch.arange(n)
+    for lam in (0.0, 1.0):
+        got = cab_row_scores(q, k, rows, bs, 0.4, lam, "softmax", graph)[0, 0]  # (T, M)
+        for t in range(n):
+            a, f = _row_graph_by_loops(q[0, 0], k[0, 0], t, bs, 0.4, graph)
+            b = t // bs
+            causal = torch.ones(1, b + 1, dtype=torch.bool)
+            x = torch.tensor(a)[None] if lam == 0 else -torch.tensor(f)[None]
+            want = causal_zscore(x, causal)[0]
+            torch.testing.assert_close(got[t, : b + 1], want, rtol=1e-4, atol=1e-4)
+            assert torch.isinf(got[t, b + 1 :]).all()
+
+
+def test_cab_row_scores_of_a_prompts_last_row_equal_the_whole_graph():
+    from attnlab.kernels.reference import cab_block_scores, cab_row_scores
+
+    torch.manual_seed(12)
+    q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    for graph in ("directed", "symmetric"):
+        whole = cab_block_scores(q, k, 8, 0.3, 0.7, "softmax", graph)[..., -1, :]
+        last = cab_row_scores(q, k, torch.tensor([31]), 8, 0.3, 0.7, "softmax", graph)[..., 0, :]
+        torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)

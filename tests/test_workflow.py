@@ -31,7 +31,7 @@ def test_bad_config_value_stops_with_one_line(tmp_path):
 
 
 def test_unknown_policy_in_config_names_the_allowed_values(tmp_path):
-    copy_workflow(tmp_path, {"niah": {"policies": ["cab", "magic"]}})
+    copy_workflow(tmp_path, {"niah": {"regimes": {"cache": ["cab", "magic"]}}})
     proc = snakemake(tmp_path, "-n", check=False)
     assert proc.returncode != 0 and "'magic' is not one of" in proc.stderr
 
@@ -39,8 +39,10 @@ def test_unknown_policy_in_config_names_the_allowed_values(tmp_path):
 def test_default_config_plans_the_main_job(tmp_path):
     copy_workflow(tmp_path)
     jobs = planned_jobs(snakemake(tmp_path, "-n", "figs/niah_heatmap_99.png"))
-    # 2 models x (full + 3 policies x 3 sparsities) scoring jobs
-    assert jobs["niah_score"] == 20 and jobs["niah_prompts"] == 2 and jobs["niah_heatmap"] == 1
+    # per model: one cache-regime job (full + 3 policies x 3 sparsities, one prefill per
+    # prompt) and prefill-regime jobs for full and CAB at 3 sparsities
+    assert jobs["niah_cache"] == 2 and jobs["niah_score"] == 2 * 4
+    assert jobs["niah_prompts"] == 2 and jobs["niah_heatmap"] == 1
 
 
 def test_intervention_needs_the_capture_only_for_auto_heads(tmp_path, topics_jsonl):
@@ -87,7 +89,7 @@ def test_cluster_run_submits_each_job_with_the_profile_resources(tmp_path):
 
     tiny = {
         "models": ["smollm2-135m"],
-        "niah": {"lengths": [512], "depths": [0.5], "policies": ["streamingllm"]},
+        "niah": {"lengths": [512], "depths": [0.5], "regimes": {"prefill": ["streamingllm"]}},
     }
     copy_workflow(tmp_path, tiny)
     slurm = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
@@ -106,7 +108,7 @@ def test_cluster_run_submits_each_job_with_the_profile_resources(tmp_path):
     }
     (tmp_path / "cluster").mkdir()
     (tmp_path / "cluster/config.yaml").write_text(yaml.safe_dump(profile))
-    target = "results/niah/smollm2-135m/full_0.parquet"
+    target = "results/niah/prefill/smollm2-135m/full_0.parquet"
     snakemake(tmp_path, "--profile", "cluster", target)
     assert (tmp_path / target).exists()
     jobs = {r["rule"]: r for r in map(json.loads, map(Path.read_text, records.glob("*.json")))}
@@ -124,14 +126,20 @@ def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jso
     cfg = {
         "models": ["smollm2-135m"],
         "corpus": {"source": str(topics_jsonl), "chunk_len": 64, "max_chunks": 4},
-        "niah": {"lengths": [512], "depths": [0.0, 1.0]},
+        "niah": {
+            "lengths": [512],
+            "depths": [0.0, 1.0],
+            "sparsities": [0.9],
+            "regimes": {"cache": ["h2o", "snapkv"], "prefill": ["streamingllm"]},
+        },
         "induction": {"lags": [4], "seq_len": 24, "per_lag": 2, "bootstrap": 100},
         "pareto": {"policies": [], "chunks": 2, "repeats": 1},
     }
     targets = [
         "results/corpus/smollm2-135m/manifest.json",
         "results/niah/smollm2-135m/prompts.parquet",
-        "results/niah/smollm2-135m/streamingllm_90.parquet",
+        "results/niah/prefill/smollm2-135m/streamingllm_90.parquet",
+        "results/niah/smollm2-135m/cache.parquet",
         "results/induction/smollm2-135m/profile.json",
         "results/pareto/smollm2-135m.parquet",
     ]
@@ -158,11 +166,12 @@ def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(
     copy_workflow(tmp_path)
     proc = snakemake(tmp_path, "-n", "figs/ablation_smollm2-135m.png", "figs/niah_heatmap_90.png")
     jobs = planned_jobs(proc)
-    # NIAH: full + 3 policies x 3 sparsities for the heatmaps, + coarse magnitude, random
-    # blocks and CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda 1.0 is cab itself)
-    assert jobs["niah_score"] == 2 * 10 + 5 + 1  # + cab_75
+    # NIAH in the prefill regime: full + CAB x 3 sparsities for the heatmaps, + coarse
+    # magnitude, random blocks and CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda 1.0 is cab)
+    assert jobs["niah_score"] == 2 * 4 + 5 + 1  # + cab_75
+    assert jobs["niah_cache"] == 2
     assert jobs["pareto_score"] == 1 + 6  # full + the six ablation variants
-    assert "results/niah/smollm2-135m/cab_lam30_75.parquet" in proc.stdout
+    assert "results/niah/prefill/smollm2-135m/cab_lam30_75.parquet" in proc.stdout
     assert "results/pareto/smollm2-135m/cab_75.parquet" in proc.stdout
     assert "cab_lam100" not in proc.stdout and '--policy-params \'{"adjacency"' in proc.stdout
 

@@ -198,13 +198,50 @@ def _niah_score(a) -> None:
         sparsity,
         a.max_new_tokens,
         a.seed,
-        desc=f"{a.model} {a.policy} {sparsity:g}",
+        desc=f"{a.model} {a.policy} {sparsity:g} prefill",
+        regime="prefill",
     )
     run = _run_rows(rows, a, policy, sparsity)
     params = json.dumps(policy.params(), sort_keys=True)
     for r in rows:
         r.update(policy_params=params, haystack=pmeta.get("haystack"))
-    tables.write(rows, a.out, meta={**pmeta, **run})
+    tables.write(rows, a.out, meta={**pmeta, **run, "regime": "prefill", "decode": "dense"})
+
+
+def _niah_cache(a) -> None:
+    """Every (policy, sparsity) of the cache regime on one model, one dense prefill per
+    prompt shared by all of them."""
+    import torch
+
+    from attnlab import models, niah, policies, sparse, tables
+
+    torch.set_num_threads(a.threads)
+    prompts = niah.read_prompts(a.prompts)
+    pmeta = tables.meta(a.prompts)
+    runs = []
+    for name, params, target in json.loads(a.runs):
+        policy = policies.make(name, **params)
+        runs.append((name, policy, 0.0 if policy.name == "full" else target))
+    model, tokenizer, _ = models.load(a.model, device=a.device)
+    rows = niah.score_cache(
+        sparse.install(model),
+        tokenizer,
+        prompts,
+        runs,
+        a.max_new_tokens,
+        a.seed,
+        desc=f"{a.model} cache ({len(runs)} runs)",
+    )
+    params = {name: json.dumps(p.params(), sort_keys=True) for name, p, _ in runs}
+    for r in rows:
+        r.update(
+            model=a.model,
+            feasible=r["achieved_sparsity"] >= r["target_sparsity"] - a.tolerance,
+            policy_params=params[r["policy"]],
+            haystack=pmeta.get("haystack"),
+        )
+    meta = {**pmeta, "regime": "cache", "runs": json.loads(a.runs), "tolerance": a.tolerance}
+    tables.write(rows, a.out, meta=meta)
 
 
 def _niah_table(a) -> None:
@@ -241,7 +278,7 @@ def _pareto_score(a) -> None:
     device = pareto.device_name(model.device)
     run = _run_rows(rows, a, policy, sparsity)
     for r in rows:
-        r["device"] = device
+        r.update(device=device, regime="prefill")
     meta = {
         "model": a.model,
         **run,
@@ -717,6 +754,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=8)
     s.add_argument("--out", required=True)
     s.set_defaults(func=_niah_score)
+
+    s = sub.add_parser(
+        "niah-cache", help="score prompts under every cache-regime run, one prefill each"
+    )
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompts", required=True)
+    s.add_argument("--runs", required=True, help="JSON: [[policy, params, sparsity], ...]")
+    s.add_argument("--tolerance", type=float, default=0.005)
+    s.add_argument("--max-new-tokens", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    _device_arg(s)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_niah_cache)
 
     s = sub.add_parser("pareto-score", help="perplexity and latency of one policy and sparsity")
     s.add_argument("--model", required=True)

@@ -268,6 +268,31 @@ def digits(text: str) -> str:
     return re.sub(r"\D", "", text)
 
 
+def _result(prompt: Prompt, run: sparse.SparseRun, text: str) -> dict:
+    """One result row: the prompt, the run's regime and measured sparsity, the answer."""
+    out = digits(text)
+    return {
+        "task": prompt.task,
+        "length": prompt.length,
+        "depth": prompt.depth,
+        "sample": prompt.sample,
+        "key": prompt.key,
+        "regime": run.regime,
+        "decode": "policy" if run.regime == "cache" else run.decode,
+        "achieved_sparsity": run.achieved_sparsity,
+        "model_sparsity": run.model_sparsity,
+        "correct": all(a in out for a in prompt.answers),
+        "needle_kept": run.needle_kept,
+        "generated": text,
+    }
+
+
+def _stop(tokenizer, prompt: Prompt):
+    """Stop once as many digits are out as the asked values hold."""
+    n_digits = sum(len(a) for a in prompt.answers)
+    return lambda new: len(digits(tokenizer.decode(new))) >= n_digits
+
+
 def score_prompt(
     model,
     tokenizer,
@@ -276,34 +301,21 @@ def score_prompt(
     sparsity: float,
     max_new_tokens: int = 8,
     seed: int = 0,
+    regime: str = "prefill",
 ) -> dict:
-    """Generate greedily under the policy and score one prompt; returns one result row.
+    """Generate greedily under the policy in ``regime`` and score one prompt; returns one
+    result row.
 
     ``max_new_tokens`` is the budget per asked value; generation stops once as many
     digits are out as the asked values hold. Correct: every asked value is among them.
     """
-    run = sparse.SparseRun(policy, sparsity, seed=seed, watch=prompt.needle_positions)
+    run = sparse.SparseRun(
+        policy, sparsity, seed=seed, watch=prompt.needle_positions, regime=regime
+    )
     ids = torch.tensor([prompt.input_ids], device=model.device)
-    answers = prompt.answers
-    n_digits = sum(len(a) for a in answers)
-
-    def enough(new: list[int]) -> bool:
-        return len(digits(tokenizer.decode(new))) >= n_digits
-
-    new = sparse.generate(model, ids, run, max_new_tokens * len(answers), stop=enough)
-    text = tokenizer.decode(new)
-    out = digits(text)
-    return {
-        "task": prompt.task,
-        "length": prompt.length,
-        "depth": prompt.depth,
-        "sample": prompt.sample,
-        "key": prompt.key,
-        "achieved_sparsity": run.achieved_sparsity,
-        "correct": all(a in out for a in answers),
-        "needle_kept": run.needle_kept,
-        "generated": text,
-    }
+    budget = max_new_tokens * len(prompt.answers)
+    new = sparse.generate(model, ids, run, budget, stop=_stop(tokenizer, prompt))
+    return _result(prompt, run, tokenizer.decode(new))
 
 
 def score_niah(
@@ -315,9 +327,41 @@ def score_niah(
     max_new_tokens: int = 8,
     seed: int = 0,
     desc: str = "niah",
+    regime: str = "prefill",
 ) -> list[dict]:
     """Score every prompt under one policy and target sparsity, with a progress bar."""
+    return [
+        score_prompt(model, tokenizer, p, policy, sparsity, max_new_tokens, seed, regime)
+        for p in tqdm(prompts, desc=desc, unit="prompt", mininterval=5)
+    ]
+
+
+def score_cache(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    runs: list[tuple[str, Policy, float]],
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    desc: str = "niah cache",
+) -> list[dict]:
+    """Score every prompt under every ``(name, policy, sparsity)`` in the ``cache`` regime.
+
+    Each prompt's dense prefill runs once and is shared by every run
+    (:func:`attnlab.sparse.generate_shared`); each run then decodes from its own copy of
+    the cache. Rows carry ``policy`` (the name) and ``target_sparsity``.
+    """
     rows = []
     for p in tqdm(prompts, desc=desc, unit="prompt", mininterval=5):
-        rows.append(score_prompt(model, tokenizer, p, policy, sparsity, max_new_tokens, seed))
+        ids = torch.tensor([p.input_ids], device=model.device)
+        live = [
+            sparse.SparseRun(policy, s, seed=seed, watch=p.needle_positions, regime="cache")
+            for _, policy, s in runs
+        ]
+        budget = max_new_tokens * len(p.answers)
+        news = sparse.generate_shared(model, ids, live, budget, stop=_stop(tokenizer, p))
+        for (name, _, s), run, new in zip(runs, live, news, strict=True):
+            rows.append(
+                {"policy": name, "target_sparsity": s} | _result(p, run, tokenizer.decode(new))
+            )
     return rows

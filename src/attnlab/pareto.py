@@ -147,7 +147,11 @@ def collect(paths: Sequence[str], resamples: int = 2000, seed: int = 0) -> list[
         rows.append(
             dict(zip(RUN_KEYS, key, strict=True))
             | summarize(run, resamples, seed)
-            | {"feasible": bool(run["feasible"].all()), "device": run["device"][0]}
+            | {
+                "feasible": bool(run["feasible"].all()),
+                "device": run["device"][0],
+                "regime": "prefill",  # every chunk row under the policy (teacher forcing)
+            }
         )
     return rows
 
@@ -177,6 +181,7 @@ def ablation(
         rows.append(
             dict(zip(RUN_KEYS, key, strict=True))
             | {
+                "regime": "prefill",
                 "accuracy": float(correct.mean()),
                 "acc_lo": lo,
                 "acc_hi": hi,

@@ -179,14 +179,15 @@ class SparseRun:
         k: torch.Tensor,
         visible: torch.Tensor,
         scaling: float,
-        scores: torch.Tensor,
+        scores: torch.Tensor | None,
         kv_heads: int | None = None,
         module=None,
         value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Keep-mask for one layer call; q: (B, H, Tq, D), k: (B, H, Tk, D) -> (B, H, Tq, Tk)."""
         ctx = self._context(layer, q, k, visible, scaling, kv_heads, module, value)
-        ctx.__dict__["scores"] = scores  # already computed for the attention itself
+        if scores is not None:  # already computed for the attention itself
+            ctx.__dict__["scores"] = scores
         keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
@@ -205,13 +206,15 @@ class SparseRun:
         q: (B, H, T, D), k: (B, H, T, D) expanded keys; probs: (B, H, T, T) when the
         caller has them, else what a policy reads is computed in row chunks.
         """
+        shared = {} if probs is None else {"probs": probs}  # computed once for all runs
         for run in [self, *self.followers]:
             ctx = run._context(layer, q, k, visible, scaling, kv_heads, module, value)
-            if probs is not None:
-                ctx.__dict__["probs"] = probs
+            ctx.__dict__.update(shared)
             if run.policy.evicts:
                 ctx.history.kept = run.policy.compress(ctx)  # (B, H, T)
             run._remember(ctx)
+            if "received_total" in ctx.__dict__:
+                shared["received_total"] = ctx.received_total
 
     def uses_flex(self, query: torch.Tensor, tq: int, tk: int) -> bool:
         """Whether a call runs through FlexAttention: a block policy's causal prefill, on
@@ -324,8 +327,14 @@ def attention_forward(
         out = run.flex_attention(layer, query, key, value, scaling)
         return out.transpose(1, 2).contiguous(), None
     observer = _OBSERVER.get()
-    if observer is None and softcap is None and not (acts and run.policy.name != "full"):
-        return _dense_attention(run, acts, module, query, key, value, attention_mask, scaling)
+    masked = acts and run.policy.name != "full"
+    if observer is None and softcap is None:
+        keep = None
+        if masked:  # the policy's mask; scores only if it reads them
+            visible = visible_mask(attention_mask, tq, tk, query.device)
+            k = expand_kv(key, h)
+            keep = run.mask(layer, query, k, visible, scaling, None, key.shape[1], module, value)
+        return _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep)
     k = expand_kv(key, h)  # (B, H, Tk, D)
     v = expand_kv(value, h)
     scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
@@ -333,7 +342,7 @@ def attention_forward(
         scores = torch.tanh(scores / softcap) * softcap
     visible = visible_mask(attention_mask, tq, tk, query.device)  # (B, 1, Tq, Tk)
     scores = torch.where(visible, scores, float("-inf"))
-    if acts and run.policy.name != "full":
+    if masked:
         keep = run.mask(layer, query, k, visible, scaling, scores, key.shape[1], module, value)
         scores = torch.where(keep, scores, float("-inf"))
     elif acts:
@@ -349,31 +358,32 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dense_attention(run, acts, module, query, key, value, attention_mask, scaling):
-    """Attention over every key the model's own mask allows, through PyTorch's fused
-    kernel (no (Tq, Tk) weights in memory): full attention, and the calls where the
-    policy does not act. A ``cache``-regime prefill hands the run what its policy needs.
-    Returns (B, Tq, H, D)."""
+def _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep=None):
+    """Attention through PyTorch's fused kernel (no float (Tq, Tk) weights in memory):
+    under the policy's ``keep`` mask (B, H, Tq, Tk) when given, else over every key the
+    model's own mask allows (full attention, and the calls where the policy does not
+    act). A ``cache``-regime prefill hands the run what its policy needs. Returns
+    (B, Tq, H, D)."""
     h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
-    k, v = expand_kv(key, h), expand_kv(value, h)
-    plain = attention_mask is None or _causal(attention_mask, tq)
-    if plain and tq == tk:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, k, v, is_causal=True, scale=scaling
-        )
+    gqa = {"enable_gqa": True} if key.shape[1] != h else {}  # no copies of K and V
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if keep is not None:
+        out = sdpa(query, key, value, attn_mask=keep, scale=scaling, **gqa)
+    elif (attention_mask is None or _causal(attention_mask, tq)) and tq == tk:
+        out = sdpa(query, key, value, is_causal=True, scale=scaling, **gqa)
     else:
         visible = visible_mask(attention_mask, tq, tk, query.device)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, k, v, attn_mask=visible, scale=scaling
-        )
+        out = sdpa(query, key, value, attn_mask=visible, scale=scaling, **gqa)
     if run is not None:
         layer = module.layer_idx
-        if acts or (run.regime == "cache" and layer not in run.histories):
+        prefill = layer not in run.histories
+        if keep is None and (acts or (run.regime == "cache" and prefill)):
             visible = visible_mask(attention_mask, tq, tk, query.device)
-        if acts:
-            run.account(layer, visible.expand(-1, h, -1, -1), visible)
-        if not acts and layer not in run.histories and run.regime == "cache":
-            run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value)
+            if acts:
+                run.account(layer, visible.expand(-1, h, -1, -1), visible)
+            else:
+                k = expand_kv(key, h)
+                run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value)
         run.histories.setdefault(layer, LayerHistory())
     return out.transpose(1, 2).contiguous(), None
 

@@ -83,6 +83,13 @@ def policy_spec(name: str, policies: dict) -> dict:
     return policies.get(name, {})
 
 
+def policy_module(name: str, policies: dict) -> str:
+    """The module under ``attnlab.policies`` that a configured policy name runs."""
+    if name.startswith("kvpress:"):
+        return "kvpress_press"
+    return policy_spec(name, policies).get("base", name)
+
+
 def ablation_policies(baselines: list[str], lams: list[float], cab: dict) -> list[str]:
     """The ablation's baselines, then CAB at each lambda (the configured one is ``cab``)."""
     variants = ["cab" if lam == cab.get("lam", 1.0) else f"cab_lam{pct(lam)}" for lam in lams]

@@ -12,7 +12,32 @@ from matplotlib.patches import Rectangle
 from attnlab import tables
 from attnlab.stats import bootstrap_ci
 
-COLUMNS = ["model", "task", "policy", "target_sparsity", "length", "depth", "correct", "feasible"]
+COLUMNS = [
+    "model",
+    "regime",
+    "task",
+    "policy",
+    "target_sparsity",
+    "length",
+    "depth",
+    "correct",
+    "feasible",
+]
+REGIME_TITLES = {
+    "cache": "cache regime (dense prefill)",
+    "prefill": "prefill regime (sparse prompt)",
+}
+
+
+def _rows(df: pl.DataFrame) -> list[tuple[str, str]]:
+    """The (model, regime) pairs of a table, in its order: one figure row each."""
+    return [tuple(r) for r in df.select("model", "regime").unique(maintain_order=True).rows()]
+
+
+def _row_label(model: str, regime: str) -> str:
+    return f"{model}\n{REGIME_TITLES.get(regime, regime)}"
+
+
 TASK_TITLES = {
     "passkey": "Passkey retrieval",
     "multikey": "Multi-key retrieval (one of several keys asked)",
@@ -39,14 +64,16 @@ def _save(fig, out: str | Path) -> None:
 
 
 def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
-    """Accuracy per (context length, needle depth): a panel per policy, a row per model.
+    """Accuracy per (context length, needle depth): a panel per policy, a row per (model,
+    regime).
 
-    Full attention has its own first panel. Cells where the policy could not reach the
-    target sparsity are hatched; the number in each cell is the accuracy.
+    Full attention has its own first panel in every row. Cells where the policy could not
+    reach the target sparsity are hatched; the number in each cell is the accuracy; a
+    policy not run in a row's regime leaves its panel blank.
     """
     df, task = _one_task(tables.read(table, COLUMNS))
     meta = tables.meta(table)
-    models = df["model"].unique(maintain_order=True).to_list()
+    rows = _rows(df)
     policies = ["full"] + [p for p in df["policy"].unique(maintain_order=True) if p != "full"]
     lengths = sorted(df["length"].unique().to_list())
     depths = sorted(df["depth"].unique().to_list())
@@ -54,18 +81,22 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
         (pl.col("policy") == "full") | (pl.col("target_sparsity") - sparsity).abs().lt(1e-9)
     )
     fig, axes = plt.subplots(
-        len(models),
+        len(rows),
         len(policies),
         squeeze=False,
-        figsize=(2.6 * len(policies) + 1, 2.4 * len(models) + 0.8),
+        figsize=(2.6 * len(policies) + 1, 2.4 * len(rows) + 0.8),
     )
     cmap = plt.get_cmap("viridis")
     n_per_cell = 0
-    for r, model in enumerate(models):
+    for r, (model, regime) in enumerate(rows):
         for c, policy in enumerate(policies):
             ax = axes[r][c]
             cell = (
-                sel.filter((pl.col("model") == model) & (pl.col("policy") == policy))
+                sel.filter(
+                    (pl.col("model") == model)
+                    & (pl.col("regime") == regime)
+                    & (pl.col("policy") == policy)
+                )
                 .group_by("length", "depth")
                 .agg(pl.col("correct").mean().alias("acc"), pl.col("feasible").all(), pl.len())
             )
@@ -98,10 +129,10 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
             im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, origin="upper", aspect="auto")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
-            if r == len(models) - 1:
+            if r == len(rows) - 1:
                 ax.set_xlabel("context length (tokens)")
             if c == 0:
-                ax.set_ylabel(f"{model}\nneedle depth (0 = start)")
+                ax.set_ylabel(f"{_row_label(model, regime)}\nneedle depth (0 = start)")
             title = "full attention" if policy == "full" else f"{policy} @ {sparsity:.0%}"
             if r == 0:
                 ax.set_title(title, fontsize=9)
@@ -159,15 +190,16 @@ def _accuracy_panel(ax, d: pl.DataFrame, seed: int) -> int:
 def plot_summary(table: str | Path, out: str | Path, seed: int = 0) -> None:
     """Accuracy against target sparsity per policy, with bootstrap 95% intervals over prompts.
 
-    A panel per model; full attention is the dashed line with its band. Points whose
+    A panel per (model, regime); full attention is the dashed line with its band. Points whose
     target was not reached on every prompt are drawn hollow.
     """
     df, task = _one_task(tables.read(table, COLUMNS))
-    models = df["model"].unique(maintain_order=True).to_list()
-    fig, axes = plt.subplots(1, len(models), squeeze=False, figsize=(4.5 * len(models), 3.6))
-    for ax, model in zip(axes[0], models, strict=True):
-        n = _accuracy_panel(ax, df.filter(pl.col("model") == model), seed)
-        ax.set_title(f"{model} (n = {n} prompts per point)", fontsize=9)
+    rows = _rows(df)
+    fig, axes = plt.subplots(1, len(rows), squeeze=False, figsize=(4.5 * len(rows), 3.6))
+    for ax, (model, regime) in zip(axes[0], rows, strict=True):
+        d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
+        n = _accuracy_panel(ax, d, seed)
+        ax.set_title(f"{model}, {regime} regime (n = {n} prompts per point)", fontsize=9)
     fig.suptitle(
         f"{TASK_TITLES[task]} against sparsity, bootstrap 95% intervals "
         "(hollow = target not reached)",
@@ -178,21 +210,23 @@ def plot_summary(table: str | Path, out: str | Path, seed: int = 0) -> None:
 
 def plot_tasks(table: str | Path, out: str | Path, seed: int = 0) -> None:
     """Accuracy against target sparsity per policy for every task: a column per task, a
-    row per model; a prompt counts only when every asked value was generated."""
+    row per (model, regime); a prompt counts only when every asked value was generated."""
     df = tables.read(table, COLUMNS)
-    models = df["model"].unique(maintain_order=True).to_list()
+    rows = _rows(df)
     tasks = df["task"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(
-        len(models),
+        len(rows),
         len(tasks),
         squeeze=False,
-        figsize=(4.2 * len(tasks), 3.4 * len(models) + 0.6),
+        figsize=(4.2 * len(tasks), 3.4 * len(rows) + 0.6),
     )
-    for r, model in enumerate(models):
+    for r, (model, regime) in enumerate(rows):
         for c, task in enumerate(tasks):
-            d = df.filter((pl.col("model") == model) & (pl.col("task") == task))
+            d = df.filter(
+                (pl.col("model") == model) & (pl.col("regime") == regime) & (pl.col("task") == task)
+            )
             n = _accuracy_panel(axes[r][c], d, seed)
-            axes[r][c].set_title(f"{model}: {task} (n = {n})", fontsize=9)
+            axes[r][c].set_title(f"{model}, {regime}: {task} (n = {n})", fontsize=9)
     meta = tables.meta(table)
     fig.suptitle(
         f"Retrieval tasks against sparsity ({meta.get('needles', '?')} needles in the "

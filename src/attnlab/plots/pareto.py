@@ -70,7 +70,8 @@ def plot_pareto(table: str | Path, out: str | Path) -> None:
     ax.set_ylabel("perplexity (95% bootstrap interval over chunks)")
     first = df.row(0, named=True)
     ax.set_title(
-        f"{first['model']}: {first['chunks']} held-out chunks, {first['tokens']} tokens\n"
+        f"{first['model']}, {first.get('regime', 'prefill')} regime: {first['chunks']} "
+        f"held-out chunks, {first['tokens']} tokens\n"
         f"on {first['device']}; hollow = target sparsity not reached",
         fontsize=9,
     )
@@ -115,7 +116,8 @@ def plot_ablation(table: str | Path, out: str | Path) -> None:
     axes[1].set_yscale("log")
     first = df.row(0, named=True)
     fig.suptitle(
-        f"{first['model']}: CAB against its ablations ({first['prompts']} prompts per bar; "
+        f"{first['model']}, {first.get('regime', 'prefill')} regime: CAB against its "
+        f"ablations ({first['prompts']} prompts per bar; "
         "hatched = target sparsity not reached)",
         fontsize=10,
     )

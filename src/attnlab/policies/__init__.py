@@ -37,9 +37,17 @@ def make(name: str, **params) -> Policy:
 
     A ``base`` parameter names the registry policy of a variant (a config entry such as
     ``cab_lam30: {base: cab, lam: 0.3}``), so one policy can be scored under several
-    settings side by side.
+    settings side by side. A name ``kvpress:<Press>`` runs kvpress's scoring press of
+    that class (``KVPress``; its constructor's arguments go in ``options``).
     """
     name = params.pop("base", name)
+    if name.startswith("kvpress:"):
+        from attnlab.policies.kvpress_press import KVPress
+
+        try:
+            return KVPress(press=name.removeprefix("kvpress:"), **params)
+        except TypeError as e:
+            raise UserError(f"policy {name!r}: {e}") from e
     if name not in REGISTRY:
         raise UserError(f"unknown policy {name!r}; known: {', '.join(REGISTRY)}")
     try:

@@ -27,7 +27,7 @@ class SnapKV(Policy):
 
     name = "snapkv"
     evicts = True
-    window: int = 64
+    window: int = 32
     """Observation window: the last queries of the prompt, whose keys are always kept."""
     kernel: int = 5
     """Width of the 1-D pooling over key positions (odd)."""
