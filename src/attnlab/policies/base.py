@@ -135,9 +135,10 @@ class ScoreContext:
     def key_pos(self) -> torch.Tensor:
         return torch.arange(self.k.shape[-2], device=self.k.device)
 
-    def last_row(self) -> ScoreContext:
+    def last_row(self, received: bool = False) -> ScoreContext:
         """The context of the last query row alone, sharing this one's history: what a
-        policy sees when it compresses a cache at the end of a prompt."""
+        policy sees when it compresses a cache at the end of a prompt. ``received``: carry
+        the attention every key received over all rows (a pass over them all)."""
         sub = ScoreContext(
             module=self.module,
             value=self.value,
@@ -156,7 +157,8 @@ class ScoreContext:
         if "scores" in self.__dict__:
             sub.__dict__["scores"] = self.scores[..., -1:, :]
         sub.__dict__["q_all"] = self.q_all
-        sub.__dict__["received"] = self.received_total.unsqueeze(-2)
+        if received:
+            sub.__dict__["received"] = self.received_total.unsqueeze(-2)
         return sub
 
 
@@ -183,7 +185,7 @@ class Policy:
         """Keys an evicting cache holds at the end of a prompt whose rows ``ctx`` covers
         (the ``cache`` regime, after the model's dense prefill): (B, H, Tk) bool. By
         default the last row's selection under its budget."""
-        return keep_mask(self, ctx.last_row())[..., 0, :]
+        return keep_mask(self, ctx.last_row(self.needs_received))[..., 0, :]
 
     def remember(self, ctx: ScoreContext) -> None:
         """Keep what later calls of this layer need in ``ctx.history.state`` (after a call)."""

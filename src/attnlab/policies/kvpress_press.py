@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,8 @@ from attnlab.policies.base import INF, Policy, ScoreContext, select_tokens
 
 INSTALL = (
     "kvpress is not installed; `make install` installs it, or by hand: "
-    "python -m pip install cachetools fire && python -m pip install --no-deps kvpress==0.5.5 "
+    "python -m pip install 'cachetools>=5.5.2,<6' 'fire>=0.6,<0.7' && "
+    "python -m pip install --no-deps kvpress==0.5.5 "
     "(--no-deps: its declared transformers<5.3 would downgrade ours)"
 )
 # Presses whose score reads ``module.rotary_emb`` (the model's rotary embedding), which
@@ -38,8 +40,10 @@ def press_class(name: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, kvpress.BasePress)):
         raise UserError(f"unknown kvpress press {name!r}; e.g. {', '.join(EXAMPLES)}")
     base = kvpress.ScorerPress
-    if not issubclass(cls, base) or cls is base:
+    if not issubclass(cls, base):
         raise UserError(f"kvpress press {name} does not score keys (not a ScorerPress)")
+    if cls is base:
+        raise UserError("kvpress press ScorerPress is abstract; name one of its subclasses")
     if issubclass(cls, kvpress.ObservedAttentionPress):
         raise UserError(f"kvpress press {name} needs the eager attention weights; not supported")
     if cls.compress is not base.compress:
@@ -52,8 +56,6 @@ def press_class(name: str) -> type:
 def _rotary_emb(module: torch.nn.Module, device) -> torch.nn.Module | None:
     """A rotary embedding built from the module's config by its model's own class (what
     kvpress's hooks attach as ``module.rotary_emb``), or None where there is no one class."""
-    import sys
-
     found = [
         obj
         for key, obj in vars(sys.modules[type(module).__module__]).items()
@@ -77,11 +79,11 @@ def kept_count_ratio(n_kept: int, n_keys: int) -> float:
 @dataclass
 class KVPress(Policy):
     """A kvpress scoring press (``press``, e.g. "SnapKVPress") compresses the cache once,
-    at the end of the prompt: each key/value head keeps the keys its ``score`` ranks
-    highest, up to the run's budget for the prompt's last row, and every generated key
-    stays. The press scores from the model's own attention inputs and cached keys, as it
-    does under kvpress's hooks; the count kept is attnlab's (rounded) budget rather than
-    kvpress's truncated one, so choose lengths where (1 - sparsity) * length is whole.
+    at the end of the prompt: each key/value head keeps the keys the press's ``score``
+    ranks highest, up to the budget of the prompt's last row, and every generated key
+    stays. The press scores from the model's own attention inputs and cached keys, as
+    under kvpress's hooks, but the count kept is attnlab's rounded budget where kvpress
+    truncates, the same wherever (1 - sparsity) * prompt length is whole.
     """
 
     name = "kvpress"
@@ -121,7 +123,7 @@ class KVPress(Policy):
         module, t = ctx.module, ctx.k.shape[-2]
         keys = ctx.k[:, :: ctx.groups]  # (B, Hkv, T, D): one head per key/value group
         press = self._press
-        press.compression_ratio = kept_count_ratio(int(ctx.last_row().budget.max()), t)
+        press.compression_ratio = kept_count_ratio(int(ctx.budget[..., -1].max()), t)
         if any(c.__name__ in _ROTARY for c in type(press).__mro__) and not hasattr(
             module, "rotary_emb"
         ):
@@ -141,5 +143,7 @@ class KVPress(Policy):
     def compress(self, ctx: ScoreContext) -> torch.Tensor:
         scores = self.press_scores(ctx).float()  # (B, Hkv, T)
         score = scores.repeat_interleave(ctx.groups, dim=1).unsqueeze(-2)  # (B, H, 1, T)
-        last = ctx.last_row()
-        return select_tokens(score, last.visible, last.budget)[..., 0, :]
+        # the last row's keys and budget (not ctx.last_row(): that sums every row's
+        # attention, which no press reads)
+        visible, budget = ctx.visible[..., -1:, :], ctx.budget[..., -1:]
+        return select_tokens(score, visible, budget)[..., 0, :]
