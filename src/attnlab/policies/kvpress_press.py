@@ -143,7 +143,5 @@ class KVPress(Policy):
     def compress(self, ctx: ScoreContext) -> torch.Tensor:
         scores = self.press_scores(ctx).float()  # (B, Hkv, T)
         score = scores.repeat_interleave(ctx.groups, dim=1).unsqueeze(-2)  # (B, H, 1, T)
-        # the last row's keys and budget (not ctx.last_row(): that sums every row's
-        # attention, which no press reads)
-        visible, budget = ctx.visible[..., -1:, :], ctx.budget[..., -1:]
-        return select_tokens(score, visible, budget)[..., 0, :]
+        last = ctx.last_row()  # the last row's visible keys and budget
+        return select_tokens(score, last.visible, last.budget)[..., 0, :]
