@@ -46,6 +46,25 @@ def test_score_prompt_retrieves_with_full_attention_and_records_diagnostics(gemm
     assert row["achieved_sparsity"] > 0.9
 
 
+def test_the_topk_oracle_retrieves_in_the_cache_regime_at_99_percent(gemma3):
+    """A check with a known answer for the cache regime: the oracle keeps each generated
+    token's highest-scoring keys, so where full attention retrieves the passkey it does
+    too, even at 99%; StreamingLLM, whose window misses a mid-prompt needle, does not.
+    One shared prefill serves all three runs."""
+    model, tok, _ = gemma3
+    p = niah.make_prompt(tok, 1024, 0.5, 0, 0)
+    runs = [
+        ("full", policies.make("full"), 0.0),
+        ("topk", policies.make("topk"), 0.99),
+        ("streamingllm", policies.make("streamingllm"), 0.9),
+    ]
+    rows = {r["policy"]: r for r in niah.score_cache(model, tok, [p], runs)}
+    assert rows["full"]["correct"] and rows["topk"]["correct"]
+    assert abs(rows["topk"]["achieved_sparsity"] - 0.99) < 0.005
+    assert not rows["streamingllm"]["correct"] and rows["streamingllm"]["needle_kept"] == 0.0
+    assert {r["regime"] for r in rows.values()} == {"cache"}
+
+
 @pytest.mark.parametrize("task", ["multikey", "multivalue", "multiquery"])
 def test_multi_needle_prompts_track_every_asked_value(smollm2, task):
     _, tok, _ = smollm2

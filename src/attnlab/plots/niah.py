@@ -127,6 +127,17 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
                     color="black" if row["acc"] > 0.5 else "white",
                 )
             im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, origin="upper", aspect="auto")
+            if cell.is_empty():
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"not run in the\n{regime} regime",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="0.4",
+                    transform=ax.transAxes,
+                )
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
             if r == len(rows) - 1:
