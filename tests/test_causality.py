@@ -6,7 +6,8 @@ import torch
 
 from attnlab import policies, sparse
 
-T, P = 112, 80  # sequence length; the changed position
+T, P = 112, 80  # sequence length; the changed position (prefill regime)
+PROMPT, P_DECODE = 96, 104  # cache regime: the dense prompt, then a changed decode token
 # Small blocks so that the block policies have several blocks (and a ragged last one).
 PARAMS = {
     "cab": {"block_size": 16},
@@ -19,10 +20,10 @@ PARAMS = {
 ATOL = 1e-5
 
 
-def _ids():
+def _ids(p=P):
     ids = torch.randint(200, 5000, (1, T), generator=torch.Generator().manual_seed(7))
     other = ids.clone()
-    other[0, P] = (ids[0, P] + 17) % 5000 + 200
+    other[0, p] = (ids[0, p] + 17) % 5000 + 200
     return ids, other
 
 
@@ -32,7 +33,7 @@ def _prefill_logits(model, ids, name, backend="eager"):
         return model(ids, use_cache=False).logits[0]  # (T, V)
 
 
-def _cache_logits(model, ids, name, prompt=64):
+def _cache_logits(model, ids, name, prompt=PROMPT):
     """A dense prefill of ``prompt`` tokens, then the rest teacher-forced one token at a
     time under the policy (the cache regime): logits of every decode row."""
     run = sparse.SparseRun(policies.make(name, **PARAMS.get(name, {})), 0.75, regime="cache")
@@ -58,10 +59,11 @@ def test_prefill_regime_rows_before_a_changed_token_keep_their_logits(smollm2, n
 @pytest.mark.parametrize("name", sorted(policies.REGISTRY))
 def test_cache_regime_rows_before_a_changed_token_keep_their_logits(smollm2, name):
     model, _, _ = smollm2
-    ids, other = _ids()
+    ids, other = _ids(P_DECODE)
     (a, run), (b, _) = _cache_logits(model, ids, name), _cache_logits(model, other, name)
-    torch.testing.assert_close(a[: P - 64], b[: P - 64], rtol=0, atol=ATOL)
-    assert not torch.allclose(a[P - 64 :], b[P - 64 :], atol=1e-3)
+    n = P_DECODE - PROMPT  # decode rows before the changed token
+    torch.testing.assert_close(a[:n], b[:n], rtol=0, atol=ATOL)
+    assert not torch.allclose(a[n:], b[n:], atol=1e-3)
     if name != "full":
         assert run.achieved_sparsity > 0.5  # the policy acted on the decode rows
 

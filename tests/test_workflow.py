@@ -131,7 +131,7 @@ def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jso
             "lengths": [512],
             "depths": [0.0, 1.0],
             "sparsities": [0.9],
-            "regimes": {"cache": ["h2o", "snapkv"], "prefill": ["streamingllm"]},
+            "regimes": {"cache": ["snapkv"], "prefill": ["streamingllm"]},
         },
         "induction": {"lags": [4], "seq_len": 24, "per_lag": 2, "bootstrap": 100},
         "pareto": {"policies": [], "chunks": 2, "repeats": 1},
