@@ -307,9 +307,12 @@ def attention_forward(
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Eager attention under the active policy; shapes as transformers passes them.
+    """Attention under the active run; shapes as transformers passes them.
 
-    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D). Returns (B, Tq, H, D).
+    Through FlexAttention (a block policy's prefill on CUDA), PyTorch's fused kernel
+    (:func:`_fused_attention`), or, with an observer or a softcap, the eager path that
+    materialises the weights. query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D). Returns
+    (B, Tq, H, D).
     """
     run = _ACTIVE.get()
     layer = module.layer_idx
