@@ -348,8 +348,8 @@ def score_cache(
     """Score every prompt under every ``(name, policy, sparsity)`` in the ``cache`` regime.
 
     Each prompt's dense prefill runs once and is shared by every run
-    (:func:`attnlab.sparse.generate_shared`); each run then decodes from its own copy of
-    the cache. Rows carry ``policy`` (the name) and ``target_sparsity``.
+    (:func:`attnlab.sparse.generate_shared`); each run then decodes from it, the cache
+    rewound after each. Rows carry ``policy`` (the name) and ``target_sparsity``.
     """
     rows = []
     for p in tqdm(prompts, desc=desc, unit="prompt", mininterval=5):

@@ -81,7 +81,7 @@ class SparseRun:
     answering row is recorded per layer and head as the ``needle_kept`` diagnostic: the
     last prompt row in the ``prefill`` regime, the first generated token's row in
     ``cache``. ``followers`` are ``cache``-regime runs that share this run's dense prefill:
-    each records from it what its policy needs (see :func:`score_shared_prefill`).
+    each records from it what its policy needs (see :func:`generate_shared`).
     """
 
     policy: Policy
@@ -347,13 +347,9 @@ def attention_forward(
     if masked:
         keep = run.mask(layer, query, k, visible, scaling, scores, key.shape[1], module, value)
         scores = torch.where(keep, scores, float("-inf"))
-    elif acts:
-        run.account(layer, visible.expand(-1, h, -1, -1), visible)
     probs = torch.softmax(scores, dim=-1)
-    if run is not None and not acts and layer not in run.histories and run.regime == "cache":
-        run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value, probs)
-    elif run is not None:
-        run.histories.setdefault(layer, LayerHistory())  # the prefill is done
+    if run is not None and not masked:
+        _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs)
     if observer is not None:
         observer(layer, query, probs)
     out = torch.matmul(probs.to(value.dtype), v)  # (B, H, Tq, D)
@@ -376,18 +372,23 @@ def _fused_attention(run, acts, module, query, key, value, attention_mask, scali
     else:
         visible = visible_mask(attention_mask, tq, tk, query.device)
         out = sdpa(query, key, value, attn_mask=visible, scale=scaling, **gqa)
-    if run is not None:
-        layer = module.layer_idx
-        prefill = layer not in run.histories
-        if keep is None and (acts or (run.regime == "cache" and prefill)):
-            visible = visible_mask(attention_mask, tq, tk, query.device)
-            if acts:
-                run.account(layer, visible.expand(-1, h, -1, -1), visible)
-            else:
-                k = expand_kv(key, h)
-                run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value)
-        run.histories.setdefault(layer, LayerHistory())
+    if run is not None and keep is None:
+        visible = visible_mask(attention_mask, tq, tk, query.device)
+        _unmasked_call(run, acts, module, query, key, value, visible, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs=None) -> None:
+    """The run's record of a call without a policy mask: full attention's pairs where it
+    acts; a ``cache``-regime prefill handed to the run (and its followers); the layer's
+    prefill marked done. visible: (B, 1, Tq, Tk); probs: the weights when computed."""
+    layer, h = module.layer_idx, query.shape[1]
+    if acts:
+        run.account(layer, visible.expand(-1, h, -1, -1), visible)
+    elif layer not in run.histories and run.regime == "cache":
+        k = expand_kv(key, h)
+        run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value, probs)
+    run.histories.setdefault(layer, LayerHistory())
 
 
 def install(model: torch.nn.Module) -> torch.nn.Module:
