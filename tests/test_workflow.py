@@ -77,6 +77,21 @@ def test_rule_all_plans_induction_for_every_model_and_refuses_lag_one(tmp_path):
     assert "config error at induction.lags.0" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_the_slurm_profile_sizes_every_rule():
+    """A rule missing from set-resources would run on the cluster's defaults (30 min)."""
+    import re
+
+    import yaml
+
+    from workflow_helpers import REPO
+
+    rules = set()
+    for f in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]:
+        rules |= set(re.findall(r"^(?:rule|checkpoint) (\w+):", f.read_text(), re.M))
+    sized = set(yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["set-resources"])
+    assert rules - {"all"} == sized
+
+
 def test_cluster_run_submits_each_job_with_the_profile_resources(tmp_path):
     """A real run through the cluster-generic executor: every job is a job script run as
     its own process by a stand-in for sbatch, with the SLURM profile's resources, and
@@ -167,13 +182,17 @@ def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(
     copy_workflow(tmp_path)
     proc = snakemake(tmp_path, "-n", "figs/ablation_smollm2-135m.png", "figs/niah_heatmap_90.png")
     jobs = planned_jobs(proc)
-    # NIAH in the prefill regime: full + CAB x 3 sparsities for the heatmaps, + coarse
-    # magnitude, random blocks and CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda 1.0 is cab)
-    assert jobs["niah_score"] == 2 * 4 + 5 + 1  # + cab_75
-    assert jobs["niah_cache"] == 2
-    assert jobs["pareto_score"] == 1 + 6  # full + the six ablation variants
+    # NIAH in the prefill regime: CAB x 3 sparsities for the heatmaps, + coarse magnitude,
+    # random blocks and CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda 1.0 is cab), + cab_75;
+    # full attention runs once per model and grid, in the cache jobs
+    assert jobs["niah_score"] == 2 * 3 + 5 + 1
+    assert jobs["niah_cache"] == 2 + 1  # one per model, and the ablation's variants
+    assert jobs["pareto_score"] == 2 * (1 + 6)  # both regimes: full + the six variants
     assert "results/niah/prefill/smollm2-135m/cab_lam30_75.parquet" in proc.stdout
-    assert "results/pareto/smollm2-135m/cab_75.parquet" in proc.stdout
+    assert "results/ablation/smollm2-135m/cache.parquet" in proc.stdout
+    for regime in ("prefill", "cache"):
+        assert f"results/pareto/{regime}/smollm2-135m/cab_75.parquet" in proc.stdout
+    assert "results/niah/prefill/smollm2-135m/full_0.parquet" not in proc.stdout
     assert "cab_lam100" not in proc.stdout and '--policy-params \'{"adjacency"' in proc.stdout
 
 
