@@ -55,28 +55,35 @@ def model_name(wildcards):
 
 
 def niah_score_files(wildcards=None):
-    """Every model's cache-regime table and prefill-regime tables (full attention in both)."""
+    """Every model's cache-regime table (it holds full attention's rows of both regimes:
+    one dense prefill, dense decoding) and prefill-regime tables."""
     prefill = NIAH["regimes"]["prefill"]
     return [f"results/niah/{m}/cache.parquet" for m in MODELS] + [
         f
         for m in MODELS
-        for f in run_files("niah/prefill", m, prefill, NIAH["sparsities"])
+        for f in run_files("niah/prefill", m, prefill, NIAH["sparsities"], full=False)
     ]
+
+
+def niah_cache_grid(wildcards):
+    """The cache job's policies and sparsities: the NIAH grid's, or the ablation's."""
+    if wildcards.grid == "ablation":
+        return ablation_policies(), ABLATION["sparsities"]
+    return NIAH["regimes"]["cache"], NIAH["sparsities"]
 
 
 def niah_cache_runs(wildcards):
     """The cache regime's runs as JSON: full attention, then each policy at each sparsity."""
+    policies, sparsities = niah_cache_grid(wildcards)
     runs = [("full", {}, 0.0)] + [
-        (p, policy_spec(p), s)
-        for p in NIAH["regimes"]["cache"]
-        for s in NIAH["sparsities"]
+        (p, policy_spec(p), s) for p in policies for s in sparsities
     ]
     return json.dumps(runs, sort_keys=True)
 
 
 def niah_cache_sources(wildcards):
     """Modules the cache job runs: every cache-regime policy's, so editing one reruns it."""
-    names = ["full", *NIAH["regimes"]["cache"]]
+    names = ["full", *niah_cache_grid(wildcards)[0]]
     mods = [f"policies.{workflow_policy_module(p, config['policies'])}" for p in names]
     return module_sources("niah", "sparse", "models", *mods, root=workflow.basedir)
 
@@ -111,25 +118,48 @@ def ablation_policies():
     )
 
 
-def run_files(folder, model, policies, sparsities):
-    """Per-run tables under results/<folder>: full attention once, then each policy at
-    each sparsity."""
-    runs = [("full", "0")] + [(p, pct(s)) for p in policies for s in sparsities]
+def run_files(folder, model, policies, sparsities, full=True):
+    """Per-run tables under results/<folder>: full attention once (``full``), then each
+    policy at each sparsity."""
+    runs = [("full", "0")] * full + [(p, pct(s)) for p in policies for s in sparsities]
     return [f"results/{folder}/{model}/{p}_{q}.parquet" for p, q in runs]
 
 
 def pareto_files(wildcards):
-    return run_files(
-        "pareto", wildcards.model, PARETO["policies"], PARETO["sparsities"]
-    )
+    """Every regime's perplexity tables, full attention in each (it scores other tokens
+    in each regime)."""
+    return [
+        f
+        for regime in PARETO["regimes"]
+        for f in run_files(
+            f"pareto/{regime}",
+            wildcards.model,
+            PARETO["policies"],
+            PARETO["sparsities"],
+        )
+    ]
 
 
 def ablation_inputs(wildcards):
-    policies, sparsities = ablation_policies(), ABLATION["sparsities"]
-    return {
-        stage: run_files(folder, wildcards.model, policies, sparsities)
-        for stage, folder in (("niah", "niah/prefill"), ("pareto", "pareto"))
-    }
+    """NIAH and perplexity tables of CAB's variants in every ablation regime: the cache
+    regime's NIAH rows from one shared-prefill job (with full attention's rows of both
+    regimes), the prefill regime's from per-run jobs."""
+    m, policies, sparsities = (
+        wildcards.model,
+        ablation_policies(),
+        ABLATION["sparsities"],
+    )
+    regimes = ABLATION["regimes"]
+    niah = [f"results/ablation/{m}/cache.parquet"] if "cache" in regimes else []
+    if "prefill" in regimes:
+        full = "cache" not in regimes
+        niah += run_files("niah/prefill", m, policies, sparsities, full=full)
+    pareto = [
+        f
+        for regime in regimes
+        for f in run_files(f"pareto/{regime}", m, policies, sparsities)
+    ]
+    return {"niah": niah, "pareto": pareto}
 
 
 def niah_haystack_input(wildcards):

@@ -1,6 +1,6 @@
 # Needle-in-a-haystack: prompts per model; the cache regime in one job per model (one
-# dense prefill per prompt shared by every policy and sparsity); the prefill regime in one
-# job per (model, policy, sparsity); one table.
+# dense prefill per prompt shared by every policy and sparsity; the ablation's variants
+# in one more); the prefill regime in one job per (model, policy, sparsity); one table.
 
 
 rule model_info:
@@ -56,11 +56,13 @@ rule niah_cache:
         prompts="results/niah/{model}/prompts.parquet",
         code=niah_cache_sources,
     output:
-        "results/niah/{model}/cache.parquet",
+        "results/{grid}/{model}/cache.parquet",
     log:
-        "logs/niah_cache/{model}.log",
+        "logs/niah_cache/{grid}/{model}.log",
     benchmark:
-        "benchmarks/niah_cache/{model}.tsv"
+        "benchmarks/niah_cache/{grid}/{model}.tsv"
+    wildcard_constraints:
+        grid="niah|ablation",
     conda:
         "../envs/attnlab.yaml"
     threads: config["threads"]

@@ -1,5 +1,5 @@
-# Perplexity against latency per (model, policy, sparsity); the CAB ablation table; the
-# curvature-against-weight figure of one NIAH prompt.
+# Perplexity against latency per (regime, model, policy, sparsity); the CAB ablation
+# table (both regimes); the curvature-against-weight figure of one NIAH prompt.
 
 
 rule pareto_score:
@@ -7,11 +7,13 @@ rule pareto_score:
         manifest="results/corpus/{model}/manifest.json",
         code=pareto_sources,
     output:
-        "results/pareto/{model}/{policy}_{pct}.parquet",
+        "results/pareto/{regime}/{model}/{policy}_{pct}.parquet",
     log:
-        "logs/pareto_score/{model}/{policy}_{pct}.log",
+        "logs/pareto_score/{regime}/{model}/{policy}_{pct}.log",
     benchmark:
-        "benchmarks/pareto_score/{model}/{policy}_{pct}.tsv"
+        "benchmarks/pareto_score/{regime}/{model}/{policy}_{pct}.tsv"
+    wildcard_constraints:
+        regime="prefill|cache",
     conda:
         "../envs/attnlab.yaml"
     threads: config["threads"]
@@ -22,12 +24,14 @@ rule pareto_score:
         tolerance=NIAH["sparsity_tolerance"],
         chunks=PARETO["chunks"],
         repeats=PARETO["repeats"],
+        context=PARETO["context"],
         seed=config["seed"],
         device=config["device"],
     shell:
         "attnlab pareto-score --model {params.name} --manifest {input.manifest}"
         " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
         " --sparsity {params.sparsity} --tolerance {params.tolerance}"
+        " --regime {wildcards.regime} --context {params.context}"
         " --chunks {params.chunks} --repeats {params.repeats} --seed {params.seed}"
         " --threads {threads} --device {params.device} --out {output} 2> {log}"
 

@@ -42,8 +42,11 @@ def test_full_attention_retrieves_every_passkey(run_dir):
     assert (full["needle_kept"] == 1.0).all()
     # full attention hides only what Gemma's own sliding windows hide, in both regimes
     assert (full["achieved_sparsity"] - full["model_sparsity"]).abs().max() < 1e-12
+    # the cache job gives full attention's rows in both regimes (one dense prefill)
     by_regime = full.sort("regime", "task", "depth").partition_by("regime", as_dict=True)
     assert by_regime[("cache",)]["generated"].equals(by_regime[("prefill",)]["generated"])
+    assert by_regime[("prefill",)]["decode"].unique().to_list() == ["dense"]
+    assert not (run_dir / "results/niah/prefill/gemma3-270m/full_0.parquet").exists()
     multikey = full.filter(pl.col("task") == "multikey")
     assert multikey["key"].str.len_chars().to_list() == [5] * 6  # one of three keys asked
     sparse = df.filter(pl.col("policy") == "streamingllm")
@@ -312,24 +315,35 @@ def pareto_dir(tmp_path_factory):
 def test_pareto_table_from_the_builtin_corpus(pareto_dir):
     manifest = json.loads((pareto_dir / "results/corpus/smollm2-135m/manifest.json").read_text())
     assert manifest["source"] == "python-docs" and manifest["chunks"] == 24
-    df = pl.read_parquet(pareto_dir / "results/pareto/smollm2-135m.parquet")
-    assert sorted(df["policy"]) == ["cab", "full"]
-    full = pl.read_parquet(pareto_dir / "results/pareto/smollm2-135m/full_0.parquet")
-    assert sorted(full["chunk"]) == [21, 22, 23]  # held out: the corpus's last chunks
-    row = df.filter(pl.col("policy") == "full").row(0, named=True)
-    assert row["perplexity"] == pytest.approx(np.exp(full["nll_sum"].sum() / full["tokens"].sum()))
-    assert row["tokens"] == 3 * 95 and row["device"].startswith("cpu")
-    assert (df["ppl_lo"] <= df["perplexity"]).all() and (df["perplexity"] <= df["ppl_hi"]).all()
-    assert (df["ms_per_token"] > 0).all()
-    sparse_row = df.filter(pl.col("policy") == "cab").row(0, named=True)
-    # 96-token rows: CAB's two must-keep blocks exceed the budget of the shorter rows
-    assert 0.5 < sparse_row["achieved_sparsity"] < 0.75
-    assert sparse_row["perplexity"] > row["perplexity"]
+    all_runs = pl.read_parquet(pareto_dir / "results/pareto/smollm2-135m.parquet")
+    assert sorted(all_runs.select("regime", "policy").rows()) == [
+        ("cache", "cab"),
+        ("cache", "full"),
+        ("prefill", "cab"),
+        ("prefill", "full"),
+    ]
+    # the cache regime scores the tokens after the dense half of each 96-token chunk
+    for regime, scored in (("prefill", 95), ("cache", 47)):
+        df = all_runs.filter(pl.col("regime") == regime)
+        full = pl.read_parquet(pareto_dir / f"results/pareto/{regime}/smollm2-135m/full_0.parquet")
+        assert sorted(full["chunk"]) == [21, 22, 23]  # held out: the corpus's last chunks
+        row = df.filter(pl.col("policy") == "full").row(0, named=True)
+        ppl = np.exp(full["nll_sum"].sum() / full["tokens"].sum())
+        assert row["perplexity"] == pytest.approx(ppl)
+        assert row["tokens"] == 3 * scored and row["device"].startswith("cpu")
+        assert (df["ppl_lo"] <= df["perplexity"]).all()
+        assert (df["perplexity"] <= df["ppl_hi"]).all()
+        assert (df["ms_per_token"] > 0).all()
+        sparse_row = df.filter(pl.col("policy") == "cab").row(0, named=True)
+        # 96-token rows: CAB's two must-keep blocks exceed the budget of the shorter rows
+        assert 0.5 < sparse_row["achieved_sparsity"] < 0.75
+        assert sparse_row["perplexity"] > row["perplexity"]
 
 
 def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
     df = pl.read_parquet(pareto_dir / "results/ablation/smollm2-135m.parquet")
     assert set(df["policy"]) == {"full", "coarse_magnitude", "cab_lam50", "cab"}
+    assert df.group_by("regime").len().sort("regime").rows() == [("cache", 4), ("prefill", 4)]
     for lo, mid, hi in (("acc_lo", "accuracy", "acc_hi"), ("ppl_lo", "perplexity", "ppl_hi")):
         assert (df[lo] <= df[mid]).all() and (df[mid] <= df[hi]).all()
     scored = pl.read_parquet(pareto_dir / "results/niah/prefill/smollm2-135m/cab_lam50_75.parquet")

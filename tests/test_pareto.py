@@ -31,6 +31,33 @@ def test_full_attention_perplexity_equals_the_models_own_loss(smollm2, sharded):
     assert math.exp(nll / tokens) == pytest.approx(math.exp(loss), rel=1e-4)
 
 
+def test_cache_regime_scores_the_continuation_with_the_models_own_logits(smollm2, sharded):
+    """Full attention in the cache regime: the NLL of the tokens after the dense context
+    under the model's own attention; a sparse policy acts on those rows alone."""
+    model, _, _ = smollm2
+    ids = _chunk(sharded)
+    t = ids.shape[1]
+    first = pareto.context_length(t, 0.5)
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0, first:-1].double()
+    finally:
+        sparse.install(model)
+    expected = torch.nn.functional.cross_entropy(logits, ids[0, first + 1 :], reduction="sum")
+    nll, tokens, run, seconds = pareto.chunk_pass(
+        model, ids, policies.make("full"), 0.0, regime="cache"
+    )
+    assert abs(first - t / 2) <= 0.5 and tokens == t - first - 1 and seconds > 0
+    assert nll == pytest.approx(float(expected), rel=1e-4)
+    nll_s, _, run_s, _ = pareto.chunk_pass(
+        model, ids, policies.make("streamingllm"), 0.5, regime="cache"
+    )
+    assert abs(run_s.achieved_sparsity - 0.5) < 0.01 and nll_s > nll
+    with pytest.raises(UserError, match="strictly between 0 and 1"):
+        pareto.context_length(t, 1.0)
+
+
 def test_sparse_pass_reaches_its_sparsity_and_repeats_agree(smollm2, sharded):
     model, _, _ = smollm2
     _, _, chunks, _ = sharded

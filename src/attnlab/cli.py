@@ -248,7 +248,11 @@ def _niah_table(a) -> None:
     from attnlab import tables
 
     df = tables.read_all(a.inputs)
-    tables.write(df.to_arrow(), a.out, meta=tables.meta(a.inputs[0]) | {"inputs": a.inputs})
+    meta = tables.meta(a.inputs[0]) | {
+        "inputs": a.inputs,
+        "full_attention": "both regimes' rows from the cache job: one dense prefill and decoding",
+    }
+    tables.write(df.to_arrow(), a.out, meta=meta)
 
 
 def _pareto_score(a) -> None:
@@ -273,15 +277,19 @@ def _pareto_score(a) -> None:
         a.repeats,
         a.seed,
         chunk_ids=range(first, len(chunks)),
-        desc=f"{a.model} {a.policy} {sparsity:g}",
+        desc=f"{a.model} {a.policy} {sparsity:g} {a.regime}",
+        regime=a.regime,
+        context=a.context,
     )
     device = pareto.device_name(model.device)
     run = _run_rows(rows, a, policy, sparsity)
     for r in rows:
-        r.update(device=device, regime="prefill")
+        r.update(device=device, regime=a.regime)
     meta = {
         "model": a.model,
         **run,
+        "regime": a.regime,
+        "context": a.context if a.regime == "cache" else None,
         "manifest_sha256": hashlib.sha256(Path(a.manifest).read_bytes()).hexdigest(),
         "repeats": a.repeats,
         "threads": a.threads,
@@ -775,6 +783,13 @@ def parser() -> argparse.ArgumentParser:
     _policy_args(s)
     s.add_argument("--chunks", type=int, default=8, help="held-out chunks: the corpus's last")
     s.add_argument("--repeats", type=int, default=3, help="timed passes per chunk")
+    s.add_argument("--regime", choices=["prefill", "cache"], default="prefill")
+    s.add_argument(
+        "--context",
+        type=float,
+        default=0.5,
+        help="cache regime: share of each chunk densely prefilled; perplexity of the rest",
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(func=_pareto_score)
 

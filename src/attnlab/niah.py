@@ -350,7 +350,14 @@ def score_cache(
     Each prompt's dense prefill runs once and is shared by every run
     (:func:`attnlab.sparse.generate_shared`); each run then decodes from it, the cache
     rewound after each. Rows carry ``policy`` (the name) and ``target_sparsity``.
+
+    Full attention is one computation in both regimes (the dense prefill, then dense
+    decoding), so a full-attention run here also gives full attention's ``prefill``-regime
+    row: its text, with the prefill's own record (the prompt rows' sparsity, which the
+    model's sliding windows set, and the last prompt row's needle).
     """
+    from attnlab.policies.full import Full
+
     rows = []
     for p in tqdm(prompts, desc=desc, unit="prompt", mininterval=5):
         ids = torch.tensor([p.input_ids], device=model.device)
@@ -358,10 +365,12 @@ def score_cache(
             sparse.SparseRun(policy, s, seed=seed, watch=p.needle_positions, regime="cache")
             for _, policy, s in runs
         ]
+        leader = sparse.SparseRun(Full(), watch=p.needle_positions, regime="prefill")
         budget = max_new_tokens * len(p.answers)
-        news = sparse.generate_shared(model, ids, live, budget, stop=_stop(tokenizer, p))
-        for (name, _, s), run, new in zip(runs, live, news, strict=True):
-            rows.append(
-                {"policy": name, "target_sparsity": s} | _result(p, run, tokenizer.decode(new))
-            )
+        news = sparse.generate_shared(model, ids, live, budget, _stop(tokenizer, p), leader)
+        for (name, policy, s), run, new in zip(runs, live, news, strict=True):
+            text = tokenizer.decode(new)
+            rows.append({"policy": name, "target_sparsity": s} | _result(p, run, text))
+            if policy.name == "full":
+                rows.append({"policy": name, "target_sparsity": s} | _result(p, leader, text))
     return rows

@@ -1,12 +1,21 @@
 """Perplexity against latency: what a sparse policy costs in quality and buys in speed.
 
-Each held-out corpus chunk runs through the model once per repeat with the policy in
-every layer (:class:`attnlab.sparse.SparseRun`; FlexAttention's block-sparse kernel
-for block policies on CUDA, the masked eager path elsewhere). The chunk's negative
-log-likelihood is summed over its next-token predictions (positions 1..T-1), so
-perplexity is the token-weighted mean, exp(sum NLL / tokens), and its interval comes
-from a bootstrap over chunks. Latency is the wall time of the same forward passes,
-per token, the median over every timed pass after one untimed warm-up.
+Each held-out corpus chunk of T tokens runs through the model once per repeat under the
+policy (:class:`attnlab.sparse.SparseRun`), in one of two regimes (DESIGN: Regime):
+
+- ``prefill``: every row under the policy in one teacher-forced pass (FlexAttention's
+  block-sparse kernel for block policies on CUDA, masked fused or eager attention
+  elsewhere); the NLL is summed over the predictions of tokens 1..T-1.
+- ``cache``: the chunk's first C = round(context x T) tokens are the model's own dense
+  prefill (untimed); the remaining rows run under the policy in one teacher-forced pass
+  over that cache, as generated tokens would (a multi-row pass equals token-by-token
+  decoding: tests/test_sparse.py). The NLL is summed over the tokens those rows
+  predict, C+1..T-1, the same tokens for every policy of the regime, full attention
+  included.
+
+Perplexity is the token-weighted mean, exp(sum NLL / tokens), and its interval comes
+from a bootstrap over chunks. Latency is the wall time of the pass under the policy per
+row it computes, the median over every timed pass after one untimed warm-up.
 """
 
 from __future__ import annotations
@@ -33,22 +42,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def chunk_pass(model, ids: torch.Tensor, policy: Policy, sparsity: float, seed: int = 0):
-    """One forward pass of ``ids`` (1, T) under the policy.
+def context_length(t: int, context: float) -> int:
+    """Tokens of a T-token chunk densely prefilled in the ``cache`` regime: round(context
+    x T), at least 1 and leaving at least two rows (one prediction) to the policy."""
+    if not 0 < context < 1:
+        raise UserError(f"pareto.context must be strictly between 0 and 1, got {context}")
+    c = min(max(round(context * t), 1), t - 2)
+    if c < 1:
+        raise UserError(f"a chunk of {t} tokens is too short for the cache regime")
+    return c
 
-    Returns (nll_sum, tokens, run, seconds): the summed next-token NLL in float64, the
-    T - 1 predicted tokens, the finished :class:`SparseRun` and the pass's wall time.
+
+@torch.inference_mode()
+def chunk_pass(
+    model,
+    ids: torch.Tensor,
+    policy: Policy,
+    sparsity: float,
+    seed: int = 0,
+    regime: str = "prefill",
+    context: float = 0.5,
+):
+    """One teacher-forced pass of ``ids`` (1, T) under the policy in ``regime``.
+
+    Returns (nll_sum, tokens, run, seconds): the summed next-token NLL in float64 of the
+    predictions the policy's rows make, their count, the finished :class:`SparseRun` and
+    the wall time of the pass under the policy.
     """
-    run = sparse.SparseRun(policy, sparsity, seed=seed)
+    run = sparse.SparseRun(policy, sparsity, seed=seed, regime=regime)
+    first, cache = 0, None
+    if regime == "cache":
+        first = context_length(ids.shape[1], context)
+        cache, _ = sparse.prefill(model, ids[:, :first], run)  # dense, not timed
     _sync(ids.device)
     t0 = time.perf_counter()
     with run:
-        logits = model(input_ids=ids, use_cache=False).logits  # (1, T, V)
+        out = model(input_ids=ids[:, first:], past_key_values=cache, use_cache=cache is not None)
     _sync(ids.device)
     seconds = time.perf_counter() - t0
-    nll = torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:], reduction="sum")
-    return float(nll), ids.shape[1] - 1, run, seconds
+    logits = out.logits[0, :-1].double()  # (T - first - 1, V)
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, first + 1 :], reduction="sum")
+    return float(nll), logits.shape[0], run, seconds
 
 
 def score_chunks(
@@ -60,8 +94,11 @@ def score_chunks(
     seed: int = 0,
     chunk_ids: Sequence[int] | None = None,
     desc: str = "perplexity",
+    regime: str = "prefill",
+    context: float = 0.5,
 ) -> list[dict]:
-    """One row per chunk: NLL sum, tokens, achieved sparsity, median seconds per token.
+    """One row per chunk: NLL sum, tokens, achieved sparsity, median seconds per row
+    under the policy, in ``regime`` (``context``: the cache regime's dense share).
 
     chunks: (N, T) token ids. Every chunk runs ``repeats`` times, all timed; the NLL and
     sparsity are those of the first (a pass is deterministic). The first chunk runs once
@@ -72,23 +109,24 @@ def score_chunks(
     device = model.device
     chunk_ids = list(range(len(chunks))) if chunk_ids is None else list(chunk_ids)
     rows = []
-    warm = torch.as_tensor(chunks[:1], dtype=torch.long, device=device)
-    chunk_pass(model, warm, policy, sparsity, seed)
+
+    def one(tokens):
+        ids = torch.as_tensor(tokens[None], dtype=torch.long, device=device)
+        return chunk_pass(model, ids, policy, sparsity, seed, regime, context)
+
+    one(chunks[0])
     for cid, tokens in zip(
         chunk_ids, tqdm(chunks, desc=desc, unit="chunk", mininterval=5), strict=True
     ):
-        ids = torch.as_tensor(tokens[None], dtype=torch.long, device=device)
-        nll, n, run, seconds = chunk_pass(model, ids, policy, sparsity, seed)
-        times = [seconds] + [
-            chunk_pass(model, ids, policy, sparsity, seed)[3] for _ in range(repeats - 1)
-        ]
+        nll, n, run, seconds = one(tokens)
+        times = [seconds] + [one(tokens)[3] for _ in range(repeats - 1)]
         rows.append(
             {
                 "chunk": cid,
                 "nll_sum": nll,
                 "tokens": n,
                 "achieved_sparsity": run.achieved_sparsity,
-                "seconds_per_token": float(np.median(times)) / ids.shape[1],
+                "seconds_per_token": float(np.median(times)) / (n + 1),  # rows timed
             }
         )
     return rows
@@ -133,12 +171,12 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-RUN_KEYS = ["model", "policy", "target_sparsity"]
+RUN_KEYS = ["model", "regime", "policy", "target_sparsity"]
 
 
 def collect(paths: Sequence[str], resamples: int = 2000, seed: int = 0) -> list[dict]:
-    """One row per (model, policy, target sparsity) of pareto-score tables: perplexity
-    with its interval, latency, achieved sparsity, feasibility and the device."""
+    """One row per (model, regime, policy, target sparsity) of pareto-score tables:
+    perplexity with its interval, latency, achieved sparsity, feasibility and the device."""
     from attnlab import tables
 
     df = tables.read_all(paths, [*CHUNK_COLUMNS, *RUN_KEYS, "feasible", "device"])
@@ -150,7 +188,6 @@ def collect(paths: Sequence[str], resamples: int = 2000, seed: int = 0) -> list[
             | {
                 "feasible": bool(run["feasible"].all()),
                 "device": run["device"][0],
-                "regime": "prefill",  # every chunk row under the policy (teacher forcing)
             }
         )
     return rows
@@ -159,20 +196,23 @@ def collect(paths: Sequence[str], resamples: int = 2000, seed: int = 0) -> list[
 def ablation(
     niah_paths: Sequence[str], pareto_paths: Sequence[str], resamples: int = 2000, seed: int = 0
 ) -> list[dict]:
-    """One row per (model, policy, target sparsity): NIAH accuracy over the prompts and
-    perplexity over the chunks, each with a percentile bootstrap interval."""
+    """One row per (model, regime, policy, target sparsity): NIAH accuracy over the
+    prompts and perplexity over the chunks, each with a percentile bootstrap interval.
+    The regimes are those of the perplexity runs (a cache-regime NIAH table also holds
+    full attention's prefill-regime rows)."""
     import polars as pl
 
     from attnlab import tables
     from attnlab.stats import bootstrap_ci
 
+    ppl = {tuple(r[k] for k in RUN_KEYS): r for r in collect(pareto_paths, resamples, seed)}
+    regimes = sorted({key[1] for key in ppl})
     niah = tables.read_all(niah_paths, [*RUN_KEYS, "correct", "achieved_sparsity", "feasible"])
-    ppl = {
-        (r["model"], r["policy"], r["target_sparsity"]): r
-        for r in collect(pareto_paths, resamples, seed)
-    }
+    niah = niah.filter(pl.col("regime").is_in(regimes))
     rows = []
-    for key, run in niah.group_by(RUN_KEYS, maintain_order=True):
+    for key, run in niah.sort(RUN_KEYS, maintain_order=True).group_by(
+        RUN_KEYS, maintain_order=True
+    ):
         if key not in ppl:
             raise UserError(f"no perplexity run for {key} among the pareto tables")
         correct = run["correct"].cast(pl.Float64).to_numpy()
@@ -181,7 +221,6 @@ def ablation(
         rows.append(
             dict(zip(RUN_KEYS, key, strict=True))
             | {
-                "regime": "prefill",
                 "accuracy": float(correct.mean()),
                 "acc_lo": lo,
                 "acc_hi": hi,

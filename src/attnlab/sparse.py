@@ -80,8 +80,9 @@ class SparseRun:
     ``watch`` holds key positions (the needle's value tokens) whose retention by the
     answering row is recorded per layer and head as the ``needle_kept`` diagnostic: the
     last prompt row in the ``prefill`` regime, the first generated token's row in
-    ``cache``. ``followers`` are ``cache``-regime runs that share this run's dense prefill:
-    each records from it what its policy needs (see :func:`generate_shared`).
+    ``cache``. ``followers`` are ``cache``-regime runs that share this run's dense prefill
+    (a full-attention run's): each records from it what its policy needs (see
+    :func:`generate_shared`).
     """
 
     policy: Policy
@@ -206,7 +207,8 @@ class SparseRun:
         caller has them, else what a policy reads is computed in row chunks.
         """
         shared = {} if probs is None else {"probs": probs}  # computed once for all runs
-        for run in [self, *self.followers]:
+        runs = [self] * (self.regime == "cache") + self.followers
+        for run in runs:
             ctx = run._context(layer, q, k, visible, scaling, kv_heads, module, value)
             ctx.__dict__.update(shared)
             if run.policy.evicts:
@@ -266,9 +268,9 @@ class SparseRun:
         """
         b, h, tq, tk = keep.shape
         causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
-        self.kept += int(keep.sum())
+        self.kept += int(torch.count_nonzero(keep))  # far faster than a bool sum
         self.causal += causal * b * h
-        self.hidden += (causal * b - int(visible.sum())) * h
+        self.hidden += (causal * b - int(torch.count_nonzero(visible))) * h
         watch = list(self.watch)
         # Layers whose own window hides the needle from the answering row (sliding-window
         # layers) have nothing a policy could keep and are not counted.
@@ -291,9 +293,9 @@ def visible_mask(attention_mask: torch.Tensor | None, tq: int, tk: int, device) 
 
 def _causal(attention_mask: torch.Tensor | None, t: int) -> bool:
     """Whether the model's own mask is plain causal (no window, no padding) over t tokens."""
-    return attention_mask is None or int(visible_mask(attention_mask, t, t, "cpu").sum()) == (
-        attention_mask.shape[0] * t * (t + 1) // 2
-    )
+    return attention_mask is None or int(
+        torch.count_nonzero(visible_mask(attention_mask, t, t, "cpu"))
+    ) == (attention_mask.shape[0] * t * (t + 1) // 2)
 
 
 def attention_forward(
@@ -380,12 +382,14 @@ def _fused_attention(run, acts, module, query, key, value, attention_mask, scali
 
 def _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs=None) -> None:
     """The run's record of a call without a policy mask: full attention's pairs where it
-    acts; a ``cache``-regime prefill handed to the run (and its followers); the layer's
-    prefill marked done. visible: (B, 1, Tq, Tk); probs: the weights when computed."""
+    acts; a dense prefill handed to a ``cache``-regime run and to the run's followers; the
+    layer's prefill marked done. visible: (B, 1, Tq, Tk); probs: the weights when
+    computed."""
     layer, h = module.layer_idx, query.shape[1]
     if acts:
         run.account(layer, visible.expand(-1, h, -1, -1), visible)
-    elif layer not in run.histories and run.regime == "cache":
+    prefill = layer not in run.histories
+    if prefill and ((run.regime == "cache" and not acts) or run.followers):
         k = expand_kv(key, h)
         run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value, probs)
     run.histories.setdefault(layer, LayerHistory())
@@ -481,15 +485,23 @@ def generate_shared(
     runs: Sequence[SparseRun],
     max_new_tokens: int,
     stop: Callable[[list[int]], bool] = lambda ids: False,
+    leader: SparseRun | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of one prompt under several ``cache``-regime runs that share one
     dense prefill: each run records what its policy needs from that prefill, then
-    decodes from its own copy of the cache. Returns each run's new tokens, in order."""
-    if any(r.regime != "cache" for r in runs):
-        raise ValueError("only cache-regime runs share a prefill")
+    decodes from its own copy of the cache (the prefill's tensors, rewound after each).
+    ``leader``: the full-attention run that computes the prefill (a ``prefill``-regime
+    one accounts its prompt rows, as full attention's prefill-regime record); by default
+    an unrecorded one. Returns each run's new tokens, in order."""
     from attnlab.policies.full import Full
 
-    leader = SparseRun(Full(), regime="cache", followers=list(runs))
+    if any(r.regime != "cache" for r in runs):
+        raise ValueError("only cache-regime runs share a prefill")
+    if leader is None:
+        leader = SparseRun(Full(), regime="cache")
+    if leader.policy.name != "full" or leader.followers:
+        raise ValueError("the leader of a shared prefill is a full-attention run of its own")
+    leader.followers = list(runs)
     cache, logits = prefill(model, input_ids, leader)
     t, out = input_ids.shape[-1], []
     for run in runs:

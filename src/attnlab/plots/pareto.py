@@ -29,15 +29,40 @@ def policy_label(policy: str) -> str:
     }.get(policy, policy)
 
 
+REGIME_NOTE = {
+    "prefill": "every row under the policy",
+    "cache": "dense context, the rest under the policy",
+}
+
+
+def _regimes(df: pl.DataFrame) -> list[str]:
+    """The table's regimes in display order: prefill, then cache."""
+    have = set(df["regime"].unique())
+    return [r for r in ("prefill", "cache") if r in have]
+
+
 def plot_pareto(table: str | Path, out: str | Path) -> None:
-    """Perplexity (bootstrap interval over chunks) against ms per token: a line per policy
-    through its sparsities, full attention a star; hollow points missed their target."""
+    """Perplexity (bootstrap interval over chunks) against ms per token, a panel per
+    regime: a line per policy through its sparsities, full attention a star; hollow
+    points missed their target."""
     df = tables.read(
         table,
-        ["model", "policy", "target_sparsity", "perplexity", "ppl_lo", "ppl_hi"]
+        ["model", "regime", "policy", "target_sparsity", "perplexity", "ppl_lo", "ppl_hi"]
         + ["ms_per_token", "feasible", "device", "chunks", "tokens"],
     ).sort("policy", "target_sparsity")
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    regimes = _regimes(df)
+    fig, axes = plt.subplots(1, len(regimes), figsize=(6.4 * len(regimes), 4.6), squeeze=False)
+    for ax, regime in zip(axes[0], regimes, strict=True):
+        _pareto_panel(ax, df.filter(pl.col("regime") == regime))
+    first = df.row(0, named=True)
+    fig.suptitle(
+        f"{first['model']} on {first['device']}; hollow = target sparsity not reached",
+        fontsize=10,
+    )
+    _save(fig, out)
+
+
+def _pareto_panel(ax, df: pl.DataFrame) -> None:
     full = df.filter(pl.col("policy") == "full")
     colors = iter(plt.get_cmap("tab10").colors)
     for policy in [p for p in df["policy"].unique(maintain_order=True) if p != "full"]:
@@ -66,32 +91,44 @@ def plot_pareto(table: str | Path, out: str | Path) -> None:
             zorder=4,
         )
     ax.set_yscale("log")
-    ax.set_xlabel("latency (ms per token, median of the passes)")
+    ax.set_xlabel("latency (ms per row under the policy, median of the passes)")
     ax.set_ylabel("perplexity (95% bootstrap interval over chunks)")
     first = df.row(0, named=True)
     ax.set_title(
-        f"{first['model']}, {first.get('regime', 'prefill')} regime: {first['chunks']} "
-        f"held-out chunks, {first['tokens']} tokens\n"
-        f"on {first['device']}; hollow = target sparsity not reached",
+        f"{first['regime']} regime ({REGIME_NOTE[first['regime']]}):\n"
+        f"{first['chunks']} held-out chunks, {first['tokens']} tokens scored",
         fontsize=9,
     )
     ax.legend(fontsize=8)
-    _save(fig, out)
 
 
 def plot_ablation(table: str | Path, out: str | Path) -> None:
-    """NIAH accuracy and perplexity per policy variant, a bar group per target sparsity,
-    95% bootstrap intervals on every bar; full attention as a dashed reference."""
+    """NIAH accuracy and perplexity per policy variant, a row of panels per regime and a
+    bar group per target sparsity, 95% bootstrap intervals on every bar; full attention
+    (of that regime) as a dashed reference."""
     df = tables.read(
         table,
-        ["model", "policy", "target_sparsity", "accuracy", "acc_lo", "acc_hi", "prompts"]
-        + ["perplexity", "ppl_lo", "ppl_hi", "niah_feasible", "ppl_feasible"],
+        ["model", "regime", "policy", "target_sparsity", "accuracy", "acc_lo", "acc_hi"]
+        + ["prompts", "perplexity", "ppl_lo", "ppl_hi", "niah_feasible", "ppl_feasible"],
     )
+    regimes = _regimes(df)
+    fig, axes = plt.subplots(len(regimes), 2, figsize=(11, 4.2 * len(regimes)), squeeze=False)
+    for row, regime in zip(axes, regimes, strict=True):
+        _ablation_row(row, df.filter(pl.col("regime") == regime), regime)
+    first = df.row(0, named=True)
+    fig.suptitle(
+        f"{first['model']}: CAB against its ablations ({first['prompts']} prompts per bar; "
+        "hatched = target sparsity not reached)",
+        fontsize=10,
+    )
+    _save(fig, out)
+
+
+def _ablation_row(axes, df: pl.DataFrame, regime: str) -> None:
     full = df.filter(pl.col("policy") == "full")
     runs = df.filter(pl.col("policy") != "full")
     policies = runs["policy"].unique(maintain_order=True).to_list()
     sparsities = sorted(runs["target_sparsity"].unique().to_list())
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(len(sparsities), 1)
     panels = (("accuracy", "acc", "NIAH accuracy"), ("perplexity", "ppl", "perplexity"))
     for ax, (col, pre, label) in zip(axes, panels, strict=True):
@@ -112,16 +149,9 @@ def plot_ablation(table: str | Path, out: str | Path) -> None:
         ax.set_xticks(np.arange(len(policies)), [policy_label(p) for p in policies])
         ax.tick_params(axis="x", rotation=30, labelsize=8)
         ax.set_ylabel(f"{label} (95% bootstrap interval)")
+        ax.set_title(f"{regime} regime ({REGIME_NOTE[regime]})", fontsize=9)
         ax.legend(title="target sparsity", fontsize=7, title_fontsize=7)
     axes[1].set_yscale("log")
-    first = df.row(0, named=True)
-    fig.suptitle(
-        f"{first['model']}, {first.get('regime', 'prefill')} regime: CAB against its "
-        f"ablations ({first['prompts']} prompts per bar; "
-        "hatched = target sparsity not reached)",
-        fontsize=10,
-    )
-    _save(fig, out)
 
 
 def plot_frc_magnitude(table: str | Path, out: str | Path) -> None:

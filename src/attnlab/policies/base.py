@@ -102,12 +102,16 @@ class ScoreContext:
             total = chunk[..., -1, :]
         return acc
 
-    def row_probs(self, start: int, stop: int) -> torch.Tensor:
-        """Full-attention weights of rows start .. stop - 1: (B, H, stop - start, Tk)."""
+    def row_probs(self, start: int, stop: int, keys: int | None = None) -> torch.Tensor:
+        """Full-attention weights of rows start .. stop - 1 over the first ``keys`` keys
+        (all by default; a row's weights beyond its own position are 0, so the keys up to
+        the last row's position hold them all): (B, H, stop - start, keys)."""
+        keys = self.k.shape[-2] if keys is None else keys
         if "probs" in self.__dict__:
-            return self.probs[..., start:stop, :]
-        s = torch.einsum("bhqd,bhkd->bhqk", self.q[..., start:stop, :].float(), self.k.float())
-        s = torch.where(self.visible[..., start:stop, :], s * self.scaling, -INF)
+            return self.probs[..., start:stop, :keys]
+        q, k = self.q[..., start:stop, :].float(), self.k[..., :keys, :].float()
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        s = torch.where(self.visible[..., start:stop, :keys], s * self.scaling, -INF)
         return torch.softmax(s, dim=-1)
 
     def window_probs(self, w: int) -> torch.Tensor:
@@ -118,8 +122,12 @@ class ScoreContext:
     @cached_property
     def received_total(self) -> torch.Tensor:
         """Attention each key has received up to the last row, inclusive: (B, H, Tk)."""
-        tq = self.q.shape[-2]
-        total = sum(self.row_probs(i, i + 256).sum(-2) for i in range(0, tq, 256))
+        tq, tk = self.q.shape[-2], self.k.shape[-2]
+        total = self.q.new_zeros(self.q.shape[:2] + (tk,), dtype=torch.float32)
+        for i in range(0, tq, 256):  # row chunks, each over the keys its rows can see
+            stop = min(i + 256, tq)
+            keys = min(tk, int(self.q_pos[stop - 1]) + 1)
+            total[..., :keys] += self.row_probs(i, stop, keys).sum(-2)
         prev = self.history.received
         if prev is not None:
             total[..., : prev.shape[-1]] += prev
