@@ -26,12 +26,13 @@ rule capture:
         layers=CAPTURE["layers"],
         qk_chunks=CAPTURE["qk_chunks"],
         device=config["device"],
+        dtype=config["dtype"],
     shell:
         "attnlab capture --model {params.name} --manifest {input.manifest}"
         " --metrics {output.metrics} --qk {output.qk} --chunks {params.chunks}"
         " --batch-size {params.batch_size} --mass {params.mass}"
         " --qk-layers {params.layers} --qk-chunks {params.qk_chunks}"
-        " --threads {threads} --device {params.device} 2> {log}"
+        " --threads {threads} --device {params.device} --dtype {params.dtype} 2> {log}"
 
 
 rule capture_figure:

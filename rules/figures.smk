@@ -59,3 +59,51 @@ rule niah_tasks:
     shell:
         "attnlab plot niah-tasks --table {input.table} --seed {params.seed}"
         " --out {output} 2> {log}"
+
+
+# The long-context study (configs/long_context.yaml, run on a GPU): figures from its
+# committed tables, on any machine.
+
+
+rule long_context_heatmap:
+    input:
+        table="results_ref/long_context/niah.parquet",
+        code=module_sources("plots.niah", root=workflow.basedir),
+    output:
+        report(
+            "figs/long_context_heatmap_{pct}.png",
+            caption="../report/niah_heatmap.rst",
+            category="Needle in a haystack",
+            subcategory="long context",
+        ),
+    log:
+        "logs/figures/long_context_heatmap_{pct}.log",
+    conda:
+        "../envs/attnlab.yaml"
+    params:
+        sparsity=target_sparsity,
+    shell:
+        "attnlab plot niah-heatmap --table {input.table} --sparsity {params.sparsity}"
+        " --out {output} 2> {log}"
+
+
+rule long_context_length:
+    input:
+        table="results_ref/long_context/niah.parquet",
+        code=module_sources("plots.niah", root=workflow.basedir),
+    output:
+        report(
+            "figs/long_context_length.png",
+            caption="../report/long_context_length.rst",
+            category="Needle in a haystack",
+            subcategory="long context",
+        ),
+    log:
+        "logs/figures/long_context_length.log",
+    conda:
+        "../envs/attnlab.yaml"
+    params:
+        seed=config["seed"],
+    shell:
+        "attnlab plot niah-length --table {input.table} --seed {params.seed}"
+        " --out {output} 2> {log}"

