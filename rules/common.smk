@@ -186,7 +186,8 @@ def all_targets():
         for k in ("heatmap", "profile", "nulls")
         for m in MODELS
     ]
-    return figs + ["figs/niah_summary.png", "figs/niah_tasks.png"]
+    figs += ["figs/niah_summary.png", "figs/niah_tasks.png"]
+    return figs + ["figs/long_context_length.png"]  # from the committed GPU tables
 
 
 def intervention_heads_input(wildcards):

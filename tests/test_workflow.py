@@ -41,8 +41,9 @@ def test_default_config_plans_the_main_job(tmp_path):
     copy_workflow(tmp_path)
     jobs = planned_jobs(snakemake(tmp_path, "-n", "figs/niah_heatmap_99.png"))
     # per model: one cache-regime job (full + 3 policies x 3 sparsities, one prefill per
-    # prompt) and prefill-regime jobs for full and CAB at 3 sparsities
-    assert jobs["niah_cache"] == 2 and jobs["niah_score"] == 2 * 4
+    # prompt, full attention's prefill-regime rows with it) and prefill-regime jobs for
+    # CAB at 3 sparsities
+    assert jobs["niah_cache"] == 2 and jobs["niah_score"] == 2 * 3
     assert jobs["niah_prompts"] == 2 and jobs["niah_heatmap"] == 1
 
 

@@ -21,8 +21,9 @@ WORKFLOW_FILES = [
 
 
 def copy_workflow(dest: Path, config: dict | None = None, source: bool = False) -> Path:
-    """The workflow's files in ``dest``, with ``config`` as tiny.yaml. With ``source``, a
-    copy of the package too, which the runs then import (so a test may edit it)."""
+    """The workflow's files in ``dest``, with ``config`` as tiny.yaml (one thread per job
+    unless it says otherwise). With ``source``, a copy of the package too, which the runs
+    then import (so a test may edit it)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
@@ -31,7 +32,8 @@ def copy_workflow(dest: Path, config: dict | None = None, source: bool = False) 
         ignore = shutil.ignore_patterns("__pycache__")
         shutil.copytree(REPO / "src/attnlab", dest / "src/attnlab", ignore=ignore)
     if config is not None:
-        (dest / "tiny.yaml").write_text(yaml.safe_dump(config))
+        # one torch thread per job, so that `--cores 2` runs two of these small jobs at once
+        (dest / "tiny.yaml").write_text(yaml.safe_dump({"threads": 1} | config))
     return dest
 
 

@@ -280,6 +280,7 @@ def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
             if c == 0:
                 ax.set_ylabel("retrieval accuracy")
         axes[r][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.subplots_adjust(hspace=0.45)
     fig.suptitle(
         f"{TASK_TITLES[task]} against length, bootstrap 95% intervals over the prompts of "
         "each length (hollow = target not reached)",
@@ -299,7 +300,7 @@ def _length_line(ax, d: pl.DataFrame, policy: str, seed: int) -> None:
         ys.append(vals.mean())
         err[0].append(vals.mean() - lo)
         err[1].append(hi - vals.mean())
-    style = {"color": "0.2", "linestyle": "--"} if policy == "full" else {}
+    style = {"color": "0.2", "linestyle": "--", "zorder": 4} if policy == "full" else {}
     line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=policy, **style)
     hollow = [i for i, f in enumerate(pts["feasible"]) if not f]
     ax.scatter(
