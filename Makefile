@@ -6,7 +6,7 @@ CORES ?= 8
 TARGET ?= figs/niah_heatmap_99.png
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run test lint format clean
+.PHONY: install slurm-deps run test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,8 +25,21 @@ install: $(STAMP)
 run: install
 	snakemake --cores $(CORES) $(TARGET)
 
-test: install
-	$(PY) -m pytest -q
+# The real-SLURM test's daemons and clients (Debian's SLURM and MUNGE), installed where
+# this runs as root with apt-get; elsewhere that test skips and says why.
+SLURM_DEPS := slurmctld slurmd slurm-client munge
+slurm-deps:
+	@missing=; for p in slurmctld slurmd sbatch munged; do \
+	  PATH=$$PATH:/usr/sbin:/sbin command -v $$p >/dev/null || missing=1; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $(SLURM_DEPS) >/dev/null) \
+	  || echo "slurm-deps: apt-get install $(SLURM_DEPS) failed; the SLURM test will skip"; \
+	else echo "slurm-deps: not root or no apt-get; the SLURM test will skip"; fi
+
+test: install slurm-deps
+	$(PY) -m pytest -q -rs
 
 lint: install
 	$(PY) -m ruff check src tests
