@@ -1,7 +1,5 @@
 """Workflow plumbing: names, code dependencies, and config validation by the real Snakemake."""
 
-from pathlib import Path
-
 import polars as pl
 
 from attnlab.workflow import model_key, module_sources, pct, sparsity
@@ -91,52 +89,6 @@ def test_the_slurm_profile_sizes_every_rule():
         rules |= set(re.findall(r"^(?:rule|checkpoint) (\w+):", f.read_text(), re.M))
     sized = set(yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["set-resources"])
     assert rules - {"all"} == sized
-
-
-def test_cluster_run_submits_each_job_with_the_profile_resources(tmp_path):
-    """A real run through the cluster-generic executor: every job is a job script run as
-    its own process by a stand-in for sbatch, with the SLURM profile's resources, and
-    Snakemake learns of its end through the marker-file handshake."""
-    import json
-    import sys
-
-    import yaml
-
-    from workflow_helpers import REPO
-
-    tiny = {
-        "models": ["smollm2-135m"],
-        "niah": {"lengths": [512], "depths": [0.5], "regimes": {"prefill": ["streamingllm"]}},
-    }
-    copy_workflow(tmp_path, tiny)
-    slurm = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
-    records = tmp_path / "submitted"
-    submit = (
-        f"{sys.executable} {REPO / 'tests/cluster/submit.py'} {records} {{rule}} {{threads}}"
-        " {resources.mem_mb} {resources.runtime} {resources.gpu}"
-    )
-    profile = {
-        "executor": "cluster-generic",
-        "cluster-generic-submit-cmd": submit,
-        "jobs": 2,
-        "latency-wait": 30,
-        "default-resources": slurm["default-resources"] | {"gpu": 0},
-        "set-resources": slurm["set-resources"],
-    }
-    (tmp_path / "cluster").mkdir()
-    (tmp_path / "cluster/config.yaml").write_text(yaml.safe_dump(profile))
-    target = "results/niah/prefill/smollm2-135m/full_0.parquet"
-    snakemake(tmp_path, "--profile", "cluster", target)
-    assert (tmp_path / target).exists()
-    jobs = {r["rule"]: r for r in map(json.loads, map(Path.read_text, records.glob("*.json")))}
-    assert set(jobs) == {"model_info", "niah_prompts", "niah_score"}
-    assert len({r["pid"] for r in jobs.values()}) == 3  # one process per job
-    for rule, record in jobs.items():
-        assert record["mem_mb"] == slurm["set-resources"][rule]["mem_mb"]
-        assert record["runtime"] == slurm["set-resources"][rule]["runtime"]
-        assert record["gpu"] == slurm["set-resources"][rule].get("gpu", 0)
-        assert target in record["jobscript"] or rule != "niah_score"
-    assert planned_jobs(snakemake(tmp_path, "-n", target)) == {}
 
 
 def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jsonl):
