@@ -116,8 +116,9 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/builtin
 # no slurmdbd: sacct has nothing to read, hence the squeue status command
 AccountingStorageType=accounting_storage/none
-MailProg=/bin/true
 JobCompType=jobcomp/none
+# no mail (slurmctld complains when there is no program to send it)
+MailProg=/bin/true
 # finished jobs stay in slurmctld (squeue, scontrol show job) for this many seconds
 MinJobAge=600
 MpiDefault=none
