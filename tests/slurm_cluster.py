@@ -1,9 +1,11 @@
 """A private one-node SLURM for the cluster test: munged, slurmctld and slurmd started
 from configs under one folder, on the loopback address only, and stopped by process id.
 
-Every process of the cluster (the daemons, the job steps they start, the jobs) carries
-``SLURM_CONF=<this cluster's slurm.conf>`` in its environment; :func:`cluster_processes`
-finds them by it, so that :func:`one_node_cluster` can check that none is left.
+slurmd runs in a mount namespace of its own where that folder's ``etc`` is bind-mounted
+on /etc/slurm: the jobs it starts find the config where a cluster node keeps it (the
+slurm plugin's job step drops SLURM_CONF before its ``srun``), the machine's /etc/slurm
+stays as it is, and every process of the node (job steps, jobs) is known by that
+namespace, so that :func:`one_node_cluster` can check that none is left.
 """
 
 import os
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
+PROGRAMS += ("unshare", "mount")  # util-linux and mount, for slurmd's namespace
 PACKAGES = "slurmctld slurmd slurm-client munge"
 POLL_S = 0.2  # sinfo/squeue polling interval while starting and stopping
 
@@ -35,18 +38,31 @@ def missing() -> str | None:
     absent = [p for p in PROGRAMS if _which(p) is None]
     if absent:
         return f"SLURM not installed ({', '.join(absent)} missing; `make slurm-deps`: {PACKAGES})"
+    if not Path("/etc/slurm").is_dir():
+        return "no /etc/slurm (the SLURM packages make it) to mount the test's config on"
     return None
 
 
 @dataclass
 class Cluster:
     """What a client of the running cluster needs: its folder, environment (SLURM_CONF),
-    node name and the node's memory."""
+    node name and the node's memory; and what its processes are."""
 
     root: Path
     env: dict
     node: str
     mem_mb: int
+    daemons: list[subprocess.Popen]
+    namespace: str  # slurmd's mount namespace, as /proc/PID/ns/mnt names it
+
+    def processes(self) -> list[int]:
+        """Pids of the daemons still running and of every process in slurmd's namespace."""
+        pids = {d.pid for d in self.daemons if d.poll() is None}
+        for entry in Path("/proc").iterdir():
+            with suppress(OSError):  # gone meanwhile
+                if entry.name.isdigit() and os.readlink(entry / "ns/mnt") == self.namespace:
+                    pids.add(int(entry.name))
+        return sorted(pids)
 
     def run(self, *cmd: str) -> str:
         """A SLURM client command against this cluster; its stdout."""
@@ -84,9 +100,9 @@ def _mem_total_mb() -> int:
 
 
 def write_config(root: Path, node: str, cpus: int, mem_mb: int, gpus: int) -> Path:
-    """slurm.conf and gres.conf for one node named ``node`` at 127.0.0.1, with state, spool,
-    pid and log files under ``root``; its path."""
-    for sub in ("state", "spool", "run", "log"):
+    """etc/slurm.conf and etc/gres.conf under ``root`` for one node named ``node`` at
+    127.0.0.1, with state, spool, pid and log files under ``root`` too; the first's path."""
+    for sub in ("etc", "state", "spool", "run", "log"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     conf = f"""\
 ClusterName=attnlab-test
@@ -128,7 +144,7 @@ NodeName={node} NodeHostname={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={m
 Gres=gpu:{gpus} State=UNKNOWN
 PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
-    (root / "slurm.conf").write_text(conf)
+    (root / "etc/slurm.conf").write_text(conf)
     # GPUs as SLURM sees them: gres/gpu drops a GPU without a device file, so each is a
     # character device with /dev/null's numbers (nothing opens it: torch here is CPU-only)
     (root / "dev").mkdir(exist_ok=True)
@@ -136,24 +152,8 @@ PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP
     for i in range(gpus):
         os.mknod(root / f"dev/nvidia{i}", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
         lines.append(f"NodeName={node} Name=gpu File={root}/dev/nvidia{i}\n")
-    (root / "gres.conf").write_text("".join(lines))
-    return root / "slurm.conf"
-
-
-def cluster_processes(conf: Path) -> list[int]:
-    """Pids of the processes whose environment names ``conf`` as SLURM_CONF."""
-    marker = f"SLURM_CONF={conf}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone meanwhile, or a kernel thread
-            continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
+    (root / "etc/gres.conf").write_text("".join(lines))
+    return root / "etc/slurm.conf"
 
 
 def _ip(hex_address: str) -> str:
@@ -222,15 +222,11 @@ def one_node_cluster(root: Path, gpus: int = 1) -> Iterator[Cluster]:
     env = dict(os.environ, SLURM_CONF=str(conf))
     daemons: list[subprocess.Popen] = []
 
-    def start(*cmd: str) -> None:
-        with open(root / f"log/{cmd[0]}.out", "w") as out:
+    def start(name: str, *cmd: str) -> None:
+        with open(root / f"log/{name}.out", "w") as out:
             daemons.append(
                 subprocess.Popen(
-                    [_which(cmd[0]), *cmd[1:]],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                 )
             )
 
@@ -238,15 +234,17 @@ def one_node_cluster(root: Path, gpus: int = 1) -> Iterator[Cluster]:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
 
     def idle() -> bool:
-        for d in daemons:
+        for name, d in zip(("munged", "slurmctld", "slurmd"), daemons, strict=False):
             if d.poll() is not None:
-                out = (root / f"log/{Path(d.args[0]).name}.out").read_text()
-                raise RuntimeError(f"{d.args[0]} exited with {d.returncode}: {out}")
+                out = (root / f"log/{name}.out").read_text()
+                raise RuntimeError(f"{name} exited with {d.returncode}: {out}")
         return client("sinfo", "-h", "-N", "-o", "%t").stdout.strip() == "idle"
 
+    cluster = Cluster(root, env, node, mem_mb, daemons, namespace="")
     try:
         start(
             "munged",
+            _which("munged"),
             "--foreground",
             "--force",
             f"--socket={munge / 'munge.socket'}",
@@ -255,21 +253,26 @@ def one_node_cluster(root: Path, gpus: int = 1) -> Iterator[Cluster]:
             f"--seed-file={munge / 'munged.seed'}",
         )
         _wait("munged's socket", (munge / "munge.socket").exists, 10)
-        start("slurmctld", "-D")
-        start("slurmd", "-D", "-N", node)
+        start("slurmctld", _which("slurmctld"), "-D")
+        # unshare and sh exec into slurmd: the pid stays slurmd's
+        bind = 'mount --bind "$0" /etc/slurm && exec "$@"'
+        unshare = ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", bind)
+        start("slurmd", *unshare, str(root / "etc"), _which("slurmd"), "-D", "-N", node)
         _wait("an idle node", idle, 60)
-        yield Cluster(root, env, node, mem_mb)
+        cluster.namespace = os.readlink(f"/proc/{daemons[-1].pid}/ns/mnt")
+        yield cluster
     finally:
-        if daemons and all(d.poll() is None for d in daemons):
+        if len(daemons) == 3 and all(d.poll() is None for d in daemons):
             client("scancel", "--full", f"--nodelist={node}")
             with suppress(TimeoutError):
                 _wait("the jobs to end", lambda: not client("squeue", "-h").stdout.strip(), 10)
         for proc in reversed(daemons):
             _stop(proc)
-        for pid in cluster_processes(conf):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with suppress(TimeoutError):
-            _wait("the cluster's last process to go", lambda: not cluster_processes(conf), 10)
-        left = cluster_processes(conf)
+        if cluster.namespace:
+            for pid in cluster.processes():
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with suppress(TimeoutError):
+                _wait("the cluster's last process to go", lambda: not cluster.processes(), 10)
+        left = cluster.processes()
         assert not left, f"processes of the test cluster left running: {left}"

@@ -79,8 +79,7 @@ def test_profile_runs_each_rule_as_a_slurm_job(slurm, tmp_path):
         run = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while run.poll() is None and time.monotonic() < deadline:
-            pids = slurm_cluster.cluster_processes(slurm.root / "slurm.conf")
-            addresses |= slurm_cluster.tcp_addresses(pids)
+            addresses |= slurm_cluster.tcp_addresses(slurm.processes())
             time.sleep(1)
         if run.poll() is None:
             run.terminate()  # Snakemake cancels its SLURM jobs on the way out
