@@ -37,7 +37,7 @@ def missing() -> str | None:
         return "needs root: slurmd starts each job as its user"
     absent = [p for p in PROGRAMS if _which(p) is None]
     if absent:
-        return f"SLURM not installed ({', '.join(absent)} missing; `make slurm-deps`: {PACKAGES})"
+        return f"{', '.join(absent)} not found (`make slurm-deps` installs {PACKAGES})"
     if not Path("/etc/slurm").is_dir():
         return "no /etc/slurm (the SLURM packages make it) to mount the test's config on"
     return None
