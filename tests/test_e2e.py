@@ -304,7 +304,8 @@ def pareto_dir(tmp_path_factory):
         "corpus": {"chunk_len": 96, "max_chunks": 24, "shard_size": 8},
         "niah": {"lengths": [256], "depths": [0.5], "haystack": "corpus"},
         "pareto": {"policies": ["cab"], "sparsities": [0.75], "chunks": 3, "repeats": 2},
-        "ablation": {"baselines": ["coarse_magnitude"], "lams": [0.5, 1.0], "sparsities": [0.75]},
+        # CAB at two lambdas: the variant machinery; baselines are ordinary policies
+        "ablation": {"baselines": [], "lams": [0.5, 1.0], "sparsities": [0.75]},
         "frc": {"layer": 3, "length": 256, "depth": 0.5},
     }
     workdir = copy_workflow(tmp_path_factory.mktemp("pareto"), cfg)
@@ -342,8 +343,8 @@ def test_pareto_table_from_the_builtin_corpus(pareto_dir):
 
 def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
     df = pl.read_parquet(pareto_dir / "results/ablation/smollm2-135m.parquet")
-    assert set(df["policy"]) == {"full", "coarse_magnitude", "cab_lam50", "cab"}
-    assert df.group_by("regime").len().sort("regime").rows() == [("cache", 4), ("prefill", 4)]
+    assert set(df["policy"]) == {"full", "cab_lam50", "cab"}
+    assert df.group_by("regime").len().sort("regime").rows() == [("cache", 3), ("prefill", 3)]
     for lo, mid, hi in (("acc_lo", "accuracy", "acc_hi"), ("ppl_lo", "perplexity", "ppl_hi")):
         assert (df[lo] <= df[mid]).all() and (df[mid] <= df[hi]).all()
     scored = pl.read_parquet(pareto_dir / "results/niah/prefill/smollm2-135m/cab_lam50_75.parquet")

@@ -102,7 +102,7 @@ def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jso
             "regimes": {"cache": ["snapkv"], "prefill": ["streamingllm"]},
         },
         "induction": {"lags": [4], "seq_len": 24, "per_lag": 2, "bootstrap": 100},
-        "pareto": {"policies": [], "chunks": 2, "repeats": 1},
+        "pareto": {"policies": [], "chunks": 2, "repeats": 1, "regimes": ["cache"]},
     }
     targets = [
         "results/corpus/smollm2-135m/manifest.json",

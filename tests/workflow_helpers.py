@@ -17,6 +17,7 @@ WORKFLOW_FILES = [
     "profiles",
     "envs",
     "workflow_config.yaml",
+    "results_ref",  # committed tables that rule all's figures render from
 ]
 
 

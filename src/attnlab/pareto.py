@@ -9,7 +9,7 @@ policy (:class:`attnlab.sparse.SparseRun`), in one of two regimes (DESIGN: Regim
 - ``cache``: the chunk's first C = round(context x T) tokens are the model's own dense
   prefill (untimed); the remaining rows run under the policy in one teacher-forced pass
   over that cache, as generated tokens would (a multi-row pass equals token-by-token
-  decoding: tests/test_sparse.py). The NLL is summed over the tokens those rows
+  decoding: tests/test_causality.py). The NLL is summed over the tokens those rows
   predict, C+1..T-1, the same tokens for every policy of the regime, full attention
   included.
 
