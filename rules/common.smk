@@ -65,6 +65,17 @@ def niah_score_files(wildcards=None):
     ]
 
 
+# The NIAH tables figures render from: the pipeline's, and the committed GPU study's.
+NIAH_TABLES = {
+    "niah": "results/niah/niah.parquet",
+    "long_context": "results_ref/long_context/niah.parquet",
+}
+
+
+def niah_table(wildcards):
+    return NIAH_TABLES[wildcards.study]
+
+
 def niah_cache_grid(wildcards):
     """The cache job's policies and sparsities: the NIAH grid's, or the ablation's."""
     if wildcards.grid == "ablation":

@@ -3,16 +3,18 @@
 
 rule niah_heatmap:
     input:
-        table="results/niah/niah.parquet",
+        table=niah_table,
         code=module_sources("plots.niah", root=workflow.basedir),
     output:
         report(
-            "figs/niah_heatmap_{pct}.png",
+            "figs/{study}_heatmap_{pct}.png",
             caption="../report/niah_heatmap.rst",
             category="Needle in a haystack",
         ),
     log:
-        "logs/figures/niah_heatmap_{pct}.log",
+        "logs/figures/{study}_heatmap_{pct}.log",
+    wildcard_constraints:
+        study="|".join(NIAH_TABLES),
     conda:
         "../envs/attnlab.yaml"
     params:
@@ -62,34 +64,12 @@ rule niah_tasks:
 
 
 # The long-context study (configs/long_context.yaml, run on a GPU): figures from its
-# committed tables, on any machine.
-
-
-rule long_context_heatmap:
-    input:
-        table="results_ref/long_context/niah.parquet",
-        code=module_sources("plots.niah", root=workflow.basedir),
-    output:
-        report(
-            "figs/long_context_heatmap_{pct}.png",
-            caption="../report/niah_heatmap.rst",
-            category="Needle in a haystack",
-            subcategory="long context",
-        ),
-    log:
-        "logs/figures/long_context_heatmap_{pct}.log",
-    conda:
-        "../envs/attnlab.yaml"
-    params:
-        sparsity=target_sparsity,
-    shell:
-        "attnlab plot niah-heatmap --table {input.table} --sparsity {params.sparsity}"
-        " --out {output} 2> {log}"
+# committed table, on any machine (its heatmaps: rule niah_heatmap).
 
 
 rule long_context_length:
     input:
-        table="results_ref/long_context/niah.parquet",
+        table=NIAH_TABLES["long_context"],
         code=module_sources("plots.niah", root=workflow.basedir),
     output:
         report(

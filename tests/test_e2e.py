@@ -42,9 +42,9 @@ def test_full_attention_retrieves_every_passkey(run_dir):
     assert (full["needle_kept"] == 1.0).all()
     # full attention hides only what Gemma's own sliding windows hide, in both regimes
     assert (full["achieved_sparsity"] - full["model_sparsity"]).abs().max() < 1e-12
-    # the cache job gives full attention's rows in both regimes (one dense prefill)
+    # the cache job gives full attention's rows in both regimes (one dense prefill; that
+    # its prefill-regime row equals a prefill-regime run's: tests/test_niah.py)
     by_regime = full.sort("regime", "task", "depth").partition_by("regime", as_dict=True)
-    assert by_regime[("cache",)]["generated"].equals(by_regime[("prefill",)]["generated"])
     assert by_regime[("prefill",)]["decode"].unique().to_list() == ["dense"]
     assert not (run_dir / "results/niah/prefill/gemma3-270m/full_0.parquet").exists()
     multikey = full.filter(pl.col("task") == "multikey")

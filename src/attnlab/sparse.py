@@ -388,8 +388,7 @@ def _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs
     layer, h = module.layer_idx, query.shape[1]
     if acts:
         run.account(layer, visible.expand(-1, h, -1, -1), visible)
-    prefill = layer not in run.histories
-    if prefill and ((run.regime == "cache" and not acts) or run.followers):
+    if layer not in run.histories and (run.regime == "cache" or run.followers):
         k = expand_kv(key, h)
         run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value, probs)
     run.histories.setdefault(layer, LayerHistory())

@@ -167,30 +167,7 @@ def _accuracy_panel(ax, d: pl.DataFrame, seed: int) -> int:
         ax.axhline(full.mean(), color="0.3", linestyle="--", label=f"full (n={full.size})")
         ax.axhspan(lo, hi, color="0.8", alpha=0.5)
     for policy in [p for p in d["policy"].unique(maintain_order=True) if p != "full"]:
-        pts = (
-            d.filter(pl.col("policy") == policy)
-            .group_by("target_sparsity")
-            .agg(pl.col("correct"), pl.col("feasible").all())
-            .sort("target_sparsity")
-        )
-        xs, ys, los, his = [], [], [], []
-        for row in pts.iter_rows(named=True):
-            vals = np.asarray(row["correct"], dtype=float)
-            lo, hi = bootstrap_ci(vals, seed=seed)
-            xs.append(row["target_sparsity"])
-            ys.append(vals.mean())
-            los.append(vals.mean() - lo)
-            his.append(hi - vals.mean())
-        line = ax.errorbar(xs, ys, yerr=[los, his], marker="o", capsize=3, label=policy)
-        hollow = [i for i, f in enumerate(pts["feasible"]) if not f]
-        ax.scatter(
-            [xs[i] for i in hollow],
-            [ys[i] for i in hollow],
-            s=60,
-            zorder=3,
-            facecolor="white",
-            edgecolor=line[0].get_color(),
-        )
+        _accuracy_line(ax, d.filter(pl.col("policy") == policy), "target_sparsity", policy, seed)
     ax.set_xlabel("target sparsity")
     ax.set_ylabel("retrieval accuracy")
     ax.set_ylim(-0.05, 1.05)
@@ -271,7 +248,9 @@ def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
                 (pl.col("policy") == "full") | ((pl.col("target_sparsity") - s).abs() < 1e-9)
             )
             for policy in runs["policy"].unique(maintain_order=True):
-                _length_line(ax, runs.filter(pl.col("policy") == policy), policy, seed)
+                full = {"color": "0.2", "linestyle": "--", "zorder": 4} if policy == "full" else {}
+                run = runs.filter(pl.col("policy") == policy)
+                _accuracy_line(ax, run, "length", policy, seed, **full)
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
             ax.set_ylim(-0.05, 1.05)
@@ -289,19 +268,19 @@ def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
     _save(fig, out)
 
 
-def _length_line(ax, d: pl.DataFrame, policy: str, seed: int) -> None:
-    """One policy's accuracy per length on ``ax``."""
-    pts = d.group_by("length").agg(pl.col("correct"), pl.col("feasible").all()).sort("length")
+def _accuracy_line(ax, d: pl.DataFrame, x: str, label: str, seed: int, **style) -> None:
+    """One policy's accuracy against column ``x`` on ``ax``: the mean with a bootstrap 95%
+    interval over the prompts of each point, hollow where the target was missed."""
+    pts = d.group_by(x).agg(pl.col("correct"), pl.col("feasible").all()).sort(x)
     xs, ys, err = [], [], [[], []]
     for row in pts.iter_rows(named=True):
         vals = np.asarray(row["correct"], dtype=float)
         lo, hi = bootstrap_ci(vals, seed=seed)
-        xs.append(row["length"])
+        xs.append(row[x])
         ys.append(vals.mean())
         err[0].append(vals.mean() - lo)
         err[1].append(hi - vals.mean())
-    style = {"color": "0.2", "linestyle": "--", "zorder": 4} if policy == "full" else {}
-    line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=policy, **style)
+    line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, **style)
     hollow = [i for i, f in enumerate(pts["feasible"]) if not f]
     ax.scatter(
         [xs[i] for i in hollow],
