@@ -87,3 +87,23 @@ rule long_context_length:
     shell:
         "attnlab plot niah-length --table {input.table} --seed {params.seed}"
         " --out {output} 2> {log}"
+
+
+rule long_context_latency:
+    input:
+        table=NIAH_TABLES["long_context"],
+        bench="results_ref/long_context/prefill_latency.parquet",
+        code=module_sources("plots.niah", root=workflow.basedir),
+    output:
+        report(
+            "figs/long_context_latency.png",
+            caption="../report/long_context_latency.rst",
+            category="Needle in a haystack",
+            subcategory="long context",
+        ),
+    log:
+        "logs/figures/long_context_latency.log",
+    conda:
+        "../envs/attnlab.yaml"
+    shell:
+        "attnlab plot niah-latency --table {input.table} {input.bench} --out {output} 2> {log}"

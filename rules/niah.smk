@@ -100,6 +100,7 @@ rule niah_score:
         sparsity=target_sparsity,
         tolerance=NIAH["sparsity_tolerance"],
         max_new_tokens=NIAH["max_new_tokens"],
+        row_chunk=NIAH["row_chunk"],
         seed=config["seed"],
         device=config["device"],
         dtype=config["dtype"],
@@ -107,7 +108,8 @@ rule niah_score:
         "attnlab niah-score --model {params.name} --prompts {input.prompts}"
         " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
         " --sparsity {params.sparsity} --tolerance {params.tolerance}"
-        " --max-new-tokens {params.max_new_tokens} --seed {params.seed}"
+        " --max-new-tokens {params.max_new_tokens} --row-chunk {params.row_chunk}"
+        " --seed {params.seed}"
         " --threads {threads} --device {params.device} --dtype {params.dtype} --out {output} 2> {log}"
 
 

@@ -75,7 +75,7 @@ def test_flex_prefill_matches_masked_attention_with_the_same_mask(name, device):
     q, k, v = (torch.randn(1, h, 100, 16, generator=g).to(device) for h in (4, 2, 2))  # GQA
     module = SimpleNamespace(layer_idx=0, head_dim=16)
     policy = policies.make(name, block_size=16)
-    run = sparse.SparseRun(policy, 0.7, backend="flex")
+    run = sparse.SparseRun(policy, 0.7, backend="flex", watch=[5, 40])
     with run:
         out, _ = sparse.attention_forward(module, q, k, v, None, scaling=0.25)
     keep, visible = sparse.SparseRun(policy, 0.7).block_mask(0, q, k.repeat_interleave(2, 1), 0.25)
@@ -86,8 +86,67 @@ def test_flex_prefill_matches_masked_attention_with_the_same_mask(name, device):
     tol = 1e-5 if device == "cpu" else 2e-3  # compiled flex on the GPU may use TF32
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
     assert 0.5 < run.achieved_sparsity < 0.75
+    # counted from the blocks, as the token-level mask counts them
+    assert run.kept == int(tokens.sum()) and run.causal == 4 * 100 * 101 // 2
+    assert run.watch_kept == tokens[0, :, -1][:, [5, 40]].any(-1).float().tolist()
     raw = torch.where(visible, q @ kk.transpose(-1, -2) * 0.25, float("-inf"))
     rows = sparse.SparseRun(policy, 0.7).mask(0, q, kk, visible, 0.25, raw)  # (1, 4, T, T)
     ends = [*range(15, 100, 16), 99]
     if name == "random_block":
         assert torch.equal(rows[..., ends, :], tokens[..., ends, :])
+
+
+def _chunked(model, ids, name, sparsity, row_chunk, watch=()):
+    run = sparse.SparseRun(policies.make(name), sparsity, row_chunk=row_chunk, watch=watch)
+    return logits(model, ids, run), run
+
+
+@pytest.mark.parametrize("name", ["topk", "streamingllm"])
+def test_row_chunks_choose_as_one_call_without_eviction_between_rows(gemma3, name):
+    """A token-level policy whose rows never need the eviction memory within a call (the
+    oracle; StreamingLLM's window, which never re-admits a key) chooses the same keys in
+    row chunks as in one call: same logits, same kept pairs, same needle record. Gemma 3
+    has sliding-window layers, whose mask the chunks slice."""
+    model, _, _ = gemma3
+    ids = torch.randint(200, 5000, (1, 150), generator=torch.Generator().manual_seed(4))
+    ref, whole = _chunked(model, ids, name, 0.8, 0, watch=[20, 21])
+    out, chunked = _chunked(model, ids, name, 0.8, 32, watch=[20, 21])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    assert (chunked.kept, chunked.causal, chunked.hidden) == (
+        whole.kept,
+        whole.causal,
+        whole.hidden,
+    )
+    assert chunked.watch_kept == whole.watch_kept
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv"])
+def test_one_row_chunks_equal_eviction_row_by_row(smollm2, name):
+    """Chunks of one row drop keys after every row: the exact eviction memory of one call
+    (H2O's received attention and SnapKV's observation window carried across calls)."""
+    model, _, _ = smollm2
+    ids = torch.randint(200, 5000, (1, 48), generator=torch.Generator().manual_seed(5))
+    ref, whole = _chunked(model, ids, name, 0.7, 0)
+    out, chunked = _chunked(model, ids, name, 0.7, 1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-4)
+    assert chunked.kept == whole.kept
+
+
+def test_chunked_eviction_drops_keys_between_chunks_only(smollm2):
+    """With chunks of 16 rows, H2O's rows choose from their chunk's cache: each row keeps
+    its budget (the target sparsity is reached), and the result differs from row-by-row
+    eviction, which no row of a chunk can see."""
+    model, _, _ = smollm2
+    ids = torch.randint(200, 5000, (1, 96), generator=torch.Generator().manual_seed(6))
+    ref, whole = _chunked(model, ids, "h2o", 0.7, 0)
+    out, chunked = _chunked(model, ids, "h2o", 0.7, 16)
+    assert abs(chunked.achieved_sparsity - whole.achieved_sparsity) < 0.01
+    assert not torch.allclose(out, ref, atol=1e-3)
+
+
+def test_causal_block_pairs_count_the_causal_pairs_of_each_block():
+    t, bs = 100, 16
+    tokens = torch.tril(torch.ones(t, t, dtype=torch.long))
+    pad = 7 * bs - t
+    want = torch.nn.functional.pad(tokens, (0, pad, 0, pad)).view(7, bs, 7, bs).sum((1, 3))
+    assert torch.equal(sparse.causal_block_pairs(t, bs, "cpu"), want)

@@ -704,13 +704,17 @@ def main(argv: list[str] | None = None) -> None:
     st.add_argument("--head-dim", type=int, default=128)
     st.add_argument("--block-size", type=int, default=64)
     st.add_argument("--rep-ms", type=float, default=200.0)
-    from attnlab import bench_capture
+    from attnlab import bench_capture, bench_prefill
 
     bench_capture.add_parser(sub)
+    bench_prefill.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "capture":
         bench_capture.main(args)
+        return
+    if args.command == "prefill":
+        bench_prefill.main(args)
         return
     if args.command == "predictor":
         if not torch.cuda.is_available():

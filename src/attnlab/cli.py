@@ -200,12 +200,14 @@ def _niah_score(a) -> None:
         a.seed,
         desc=f"{a.model} {a.policy} {sparsity:g} prefill",
         regime="prefill",
+        row_chunk=a.row_chunk,
     )
     run = _run_rows(rows, a, policy, sparsity)
     params = json.dumps(policy.params(), sort_keys=True)
     for r in rows:
         r.update(policy_params=params, haystack=pmeta.get("haystack"))
-    tables.write(rows, a.out, meta={**pmeta, **run, "regime": "prefill", "decode": "dense"})
+    meta = {**pmeta, **run, "regime": "prefill", "decode": "dense", "row_chunk": a.row_chunk}
+    tables.write(rows, a.out, meta=meta)
 
 
 def _niah_cache(a) -> None:
@@ -613,6 +615,10 @@ def _plot(a) -> None:
         niah_plots.plot_tasks(a.table[0], a.out, seed=a.seed)
     elif a.figure == "niah-length":
         niah_plots.plot_length(a.table[0], a.out, seed=a.seed)
+    elif a.figure == "niah-latency":
+        if len(a.table) != 2:
+            raise UserError("niah-latency takes --table NIAH_TABLE PREFILL_BENCH_TABLE")
+        niah_plots.plot_latency(*a.table, a.out)
     else:
         niah_plots.plot_summary(a.table[0], a.out)
 
@@ -768,6 +774,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", required=True)
     _policy_args(s)
     s.add_argument("--max-new-tokens", type=int, default=8)
+    s.add_argument("--row-chunk", type=int, default=0, help="prompt rows per call (0: all)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_niah_score)
 
@@ -843,6 +850,7 @@ def parser() -> argparse.ArgumentParser:
             "niah-summary",
             "niah-tasks",
             "niah-length",
+            "niah-latency",
             "capture-entropy",
             "capture-qnorm_entropy",
             "capture-keff",

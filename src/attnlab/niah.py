@@ -302,15 +302,22 @@ def score_prompt(
     max_new_tokens: int = 8,
     seed: int = 0,
     regime: str = "prefill",
+    row_chunk: int = 0,
 ) -> dict:
     """Generate greedily under the policy in ``regime`` and score one prompt; returns one
     result row.
 
     ``max_new_tokens`` is the budget per asked value; generation stops once as many
     digits are out as the asked values hold. Correct: every asked value is among them.
+    ``row_chunk``: prompt rows per attention call (:func:`attnlab.sparse.chunked_attention`).
     """
     run = sparse.SparseRun(
-        policy, sparsity, seed=seed, watch=prompt.needle_positions, regime=regime
+        policy,
+        sparsity,
+        seed=seed,
+        watch=prompt.needle_positions,
+        regime=regime,
+        row_chunk=row_chunk,
     )
     ids = torch.tensor([prompt.input_ids], device=model.device)
     budget = max_new_tokens * len(prompt.answers)
@@ -328,10 +335,11 @@ def score_niah(
     seed: int = 0,
     desc: str = "niah",
     regime: str = "prefill",
+    row_chunk: int = 0,
 ) -> list[dict]:
     """Score every prompt under one policy and target sparsity, with a progress bar."""
     return [
-        score_prompt(model, tokenizer, p, policy, sparsity, max_new_tokens, seed, regime)
+        score_prompt(model, tokenizer, p, policy, sparsity, max_new_tokens, seed, regime, row_chunk)
         for p in tqdm(prompts, desc=desc, unit="prompt", mininterval=5)
     ]
 

@@ -95,6 +95,9 @@ class SparseRun:
     causal: int = 0  # causal pairs of those rows
     hidden: int = 0  # causal pairs the model's own mask hides (sliding windows)
     backend: str = "auto"  # "auto": FlexAttention on CUDA; "eager"; or "flex" anywhere
+    # rows per attention call of a token-level policy (0: a call's rows at once); an
+    # evicting policy then drops keys between these calls only (see chunked_attention)
+    row_chunk: int = 0
     followers: list[SparseRun] = field(default_factory=list)
     watch_kept: list[float] = field(default_factory=list)
     histories: dict[int, LayerHistory] = field(default_factory=dict)
@@ -106,6 +109,8 @@ class SparseRun:
             raise ValueError(f"regime must be one of {REGIMES}, got {self.regime!r}")
         if self.decode not in ("dense", "policy"):
             raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
+        if self.row_chunk < 0:
+            raise ValueError(f"row_chunk must be >= 0, got {self.row_chunk}")
 
     def __enter__(self) -> SparseRun:
         self._token = _ACTIVE.set(self)
@@ -144,6 +149,10 @@ class SparseRun:
         """Whether this run's policy, or a follower's, reads the attention's inputs."""
         return any(r.policy.needs_inputs for r in [self, *self.followers])
 
+    def chunks(self, tq: int) -> bool:
+        """Whether a masked call of ``tq`` rows runs in row chunks (:func:`chunked_attention`)."""
+        return 0 < self.row_chunk < tq and self.policy.level == "token"
+
     def _context(
         self, layer, q, k, visible, scaling, kv_heads=None, module=None, value=None
     ) -> ScoreContext:
@@ -163,6 +172,7 @@ class SparseRun:
             module=module,
             value=value,
             inputs=getattr(module, "_attnlab_inputs", None),
+            row_eviction=self.row_chunk == 0,
         )
 
     def _remember(self, ctx: ScoreContext) -> None:
@@ -183,8 +193,11 @@ class SparseRun:
         kv_heads: int | None = None,
         module=None,
         value: torch.Tensor | None = None,
+        answering: bool = True,
     ) -> torch.Tensor:
-        """Keep-mask for one layer call; q: (B, H, Tq, D), k: (B, H, Tk, D) -> (B, H, Tq, Tk)."""
+        """Keep-mask for one layer call; q: (B, H, Tq, D), k: (B, H, Tk, D) -> (B, H, Tq, Tk).
+        ``answering``: the call's last row is the answering row (not so for a chunk of a
+        longer call, see :meth:`account`)."""
         ctx = self._context(layer, q, k, visible, scaling, kv_heads, module, value)
         if scores is not None:  # already computed for the attention itself
             ctx.__dict__["scores"] = scores
@@ -192,7 +205,7 @@ class SparseRun:
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
         self._remember(ctx)
-        self.account(layer, keep, visible)
+        self.account(layer, keep, visible, answering)
         return keep
 
     def observe_dense(
@@ -253,16 +266,24 @@ class SparseRun:
         from attnlab.flex import flex_block_sparse_attention
 
         t, bs = query.shape[-2], self.policy.block_size
-        keep, visible = self.block_mask(
+        keep, _ = self.block_mask(
             layer, query, expand_kv(key, query.shape[1]), scaling, key.shape[1]
         )
-        tokens = keep.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :t, :t]
-        self.account(layer, tokens & visible, visible)
+        b, h = keep.shape[:2]
+        self.kept += int((keep * causal_block_pairs(t, bs, query.device)).sum())
+        self.causal += b * h * t * (t + 1) // 2
+        if self.watch and layer not in self._watched:  # the last row: the last query block
+            self._watched.add(layer)
+            blocks = torch.tensor(list(self.watch), device=keep.device) // bs
+            self.watch_kept.extend(keep[:, :, -1, blocks].any(-1).float().flatten().tolist())
         return flex_block_sparse_attention(query, key, value, keep, bs, scaling)
 
-    def account(self, layer: int, keep: torch.Tensor, visible: torch.Tensor) -> None:
+    def account(
+        self, layer: int, keep: torch.Tensor, visible: torch.Tensor, answering: bool = True
+    ) -> None:
         """Count kept, causal and model-hidden pairs of rows the policy acted on, and
-        note, at the layer's first such call, whether its last row keeps the needle.
+        note, at the layer's first call whose last row is ``answering``, whether that row
+        keeps the needle.
 
         keep: (B, H, Tq, Tk) bool (may be a broadcast view); visible: (B, 1, Tq, Tk).
         """
@@ -274,11 +295,26 @@ class SparseRun:
         watch = list(self.watch)
         # Layers whose own window hides the needle from the answering row (sliding-window
         # layers) have nothing a policy could keep and are not counted.
-        if watch and layer not in self._watched:
+        if watch and answering and layer not in self._watched:
             self._watched.add(layer)
             if visible[:, :, -1, watch].any():
                 hit = keep[:, :, -1, watch].any(-1).float()  # (B, H)
                 self.watch_kept.extend(hit.flatten().tolist())
+
+
+def causal_block_pairs(t: int, block_size: int, device) -> torch.Tensor:
+    """Causal (query, key) pairs of each (query block, key block) of a ``t``-token
+    prefill: (Mq, Mk) long, summing to t (t + 1) / 2. Row chunks of 4096 keep the
+    intermediate small."""
+    m = -(-t // block_size)
+    starts = torch.arange(m, device=device) * block_size
+    lengths = (t - starts).clamp(max=block_size)
+    pairs = torch.zeros(m, m, dtype=torch.long, device=device)
+    for lo in range(0, t, 4096):
+        rows = torch.arange(lo, min(lo + 4096, t), device=device)
+        seen = (rows[:, None] - starts + 1).clamp(min=0).minimum(lengths)  # (rows, Mk)
+        pairs.index_add_(0, rows // block_size, seen)
+    return pairs
 
 
 def visible_mask(attention_mask: torch.Tensor | None, tq: int, tk: int, device) -> torch.Tensor:
@@ -334,6 +370,8 @@ def attention_forward(
     masked = acts and run.policy.name != "full"
     if observer is None and softcap is None:
         keep = None
+        if masked and run.chunks(tq):
+            return chunked_attention(run, module, query, key, value, attention_mask, scaling)
         if masked:  # the policy's mask; scores only if it reads them
             visible = visible_mask(attention_mask, tq, tk, query.device)
             k = expand_kv(key, h)
@@ -377,6 +415,35 @@ def _fused_attention(run, acts, module, query, key, value, attention_mask, scali
     if run is not None and keep is None:
         visible = visible_mask(attention_mask, tq, tk, query.device)
         _unmasked_call(run, acts, module, query, key, value, visible, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def chunked_attention(run, module, query, key, value, attention_mask, scaling):
+    """A token-level policy's call in chunks of ``run.row_chunk`` rows, each one call of
+    the policy over the keys up to its last row, through PyTorch's fused kernel under its
+    keep-mask: no (Tq, Tk) float matrix is held at once, only (B, H, row_chunk, Tk) ones
+    (scores, weights and what the policy derives from them). The policy's state carries
+    from chunk to chunk as from one decode step to the next (received attention, earlier
+    queries, SnapKV's window), so a policy without eviction chooses exactly as in one
+    call; an evicting one drops keys between chunks: each row chooses from the keys its
+    chunk's cache held plus its chunk's own. query: (B, H, Tq, D); key, value:
+    (B, Hkv, Tk, D). Returns (B, Tq, H, D)."""
+    layer, h = module.layer_idx, query.shape[1]
+    tq, tk = query.shape[2], key.shape[2]
+    gqa = {"enable_gqa": True} if key.shape[1] != h else {}
+    visible = visible_mask(attention_mask, tq, tk, query.device)  # (B, 1, Tq, Tk) bool
+    out = torch.empty_like(query)
+    for lo in range(0, tq, run.row_chunk):
+        hi = min(lo + run.row_chunk, tq)
+        end = tk - tq + hi  # the keys up to the chunk's last row
+        q, k, v = query[..., lo:hi, :], key[..., :end, :], value[..., :end, :]
+        vis = visible[..., lo:hi, :end]
+        keep = run.mask(
+            layer, q, expand_kv(k, h), vis, scaling, None, key.shape[1], module, v, hi == tq
+        )
+        out[..., lo:hi, :] = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, scale=scaling, **gqa
+        )
     return out.transpose(1, 2).contiguous(), None
 
 

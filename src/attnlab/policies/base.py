@@ -67,6 +67,7 @@ class ScoreContext:
     module: object = None
     value: torch.Tensor | None = None
     inputs: dict | None = None
+    row_eviction: bool = True  # False: an evicting cache drops keys only between calls
 
     @property
     def groups(self) -> int:
@@ -308,16 +309,34 @@ def select_evicting(
     return torch.from_numpy(out).view(b, h, tq, tk).to(score.device)
 
 
+def alive_keys(kept: torch.Tensor, tk: int) -> torch.Tensor:
+    """An evicting cache's keys among ``tk``: ``kept`` (B, H, Tp) and every key after it
+    (not yet seen by the eviction) -> (B, H, 1, Tk) bool."""
+    alive = torch.ones(*kept.shape[:2], 1, tk, dtype=torch.bool, device=kept.device)
+    alive[..., 0, : kept.shape[-1]] = kept
+    return alive
+
+
 def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
-    """The policy's keep-mask for the context's rows: (B, H, Tq, Tk) bool."""
+    """The policy's keep-mask for the context's rows: (B, H, Tq, Tk) bool.
+
+    An evicting policy's rows choose among the keys its cache still holds. Within the
+    call, a key one row drops is gone for the rows after it (:func:`select_evicting`),
+    unless the policy's own choice never re-admits a key (``static_eviction``) or the
+    context drops keys only between calls (``row_eviction`` False: the rows of a
+    chunked prefill share their chunk's cache).
+    """
     score = policy.score(ctx)
     if score is None:
         return ctx.visible.expand(*ctx.q.shape[:2], *ctx.visible.shape[-2:])
     if policy.level == "block":
         return select_blocks(score, ctx.visible, ctx.budget, policy.block_size)
-    if policy.evicts and not (policy.static_eviction and ctx.history.kept is None):
-        return select_evicting(score, ctx.visible, ctx.budget, ctx.history.kept)
-    return select_tokens(score, ctx.visible, ctx.budget)
+    kept = ctx.history.kept
+    if not policy.evicts or (kept is None and (policy.static_eviction or not ctx.row_eviction)):
+        return select_tokens(score, ctx.visible, ctx.budget)
+    if policy.static_eviction or not ctx.row_eviction:
+        return select_tokens(score, ctx.visible & alive_keys(kept, score.shape[-1]), ctx.budget)
+    return select_evicting(score, ctx.visible, ctx.budget, kept)
 
 
 def rows_blocks(q_pos: torch.Tensor, block_size: int) -> torch.Tensor:

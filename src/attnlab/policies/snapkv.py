@@ -21,8 +21,9 @@ class SnapKV(Policy):
     operations of its official code and of kvpress's ``SnapKVPress`` (pooling first,
     then the group mean; the pooling runs over the voted keys alone, zero-padded).
 
-    In the ``prefill`` regime each prompt row is treated as the end of a prompt (its
-    window is the ``window`` rows ending at it), with eviction memory.
+    In the ``prefill`` regime each row is treated as the end of a prompt (its window is
+    the ``window`` rows ending at it, across the calls of a chunked prefill), with
+    eviction memory.
     """
 
     name = "snapkv"
@@ -60,20 +61,39 @@ class SnapKV(Policy):
         pooled = pooled.view(b, h // groups, groups, r, n).mean(2, keepdim=True)
         return pooled.expand(b, h // groups, groups, r, n).reshape(b, h, r, n)
 
+    def _window_rows(self, ctx: ScoreContext) -> torch.Tensor:
+        """Full-attention weights of the call's rows after those of the (up to) window - 1
+        rows before them (a chunked prefill's earlier call, kept by :meth:`remember`):
+        (B, H, P + Tq, Tk), P the earlier rows."""
+        prev = ctx.history.state.get("window_probs")
+        if prev is None:
+            return ctx.probs
+        prev = torch.nn.functional.pad(prev, (0, ctx.k.shape[-2] - prev.shape[-1]))
+        return torch.cat([prev, ctx.probs], dim=-2)
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        if ctx.history.kept is not None:  # compressed once: every cached key stays
+        if ctx.history.state.get("compressed"):  # compressed once: every cached key stays
             return torch.full(ctx.q.shape[:3] + ctx.k.shape[-2:-1], INF, device=ctx.q.device)
         # prefill regime: row t votes with rows t - window + 1 .. t for the keys before them
-        w = self.window
-        csum = ctx.probs.cumsum(dim=-2)  # (B, H, Tq, Tk)
+        w, tq = self.window, ctx.q.shape[-2]
+        csum = self._window_rows(ctx).cumsum(dim=-2)  # (B, H, P + Tq, Tk)
         before = torch.zeros_like(csum)
         before[..., w:, :] = csum[..., :-w, :]
-        vote = (csum - before) / w
+        vote = ((csum - before) / w)[..., -tq:, :]
         score = self._pool(vote, ctx.groups)
         age = ctx.q_pos.unsqueeze(-1) - ctx.key_pos  # (Tq, Tk)
         return torch.where((age >= 0) & (age < w), INF, score)
 
+    def remember(self, ctx: ScoreContext) -> None:
+        """In the prefill regime, keep the last window - 1 rows' weights for the rows of
+        the next call (a chunked prefill); nothing once the cache is compressed."""
+        w = self.window
+        if w > 1 and "probs" in ctx.__dict__ and not ctx.history.state.get("compressed"):
+            rows = ctx.probs if ctx.q.shape[-2] >= w - 1 else self._window_rows(ctx)
+            ctx.history.state["window_probs"] = rows[..., 1 - w :, :]
+
     def compress(self, ctx: ScoreContext) -> torch.Tensor:
+        ctx.history.state["compressed"] = True
         t = ctx.k.shape[-2]
         w = min(self.window, t)
         probs = ctx.window_probs(w)  # (B, H, w, T) the window's attention

@@ -1,0 +1,114 @@
+"""Real-model prefill latency under each policy at one prompt length: the speed half of
+the long-context study's accuracy-matched table (README: Long context).
+
+Each (policy, sparsity) times :func:`attnlab.sparse.prefill` of one NIAH prompt in the
+``prefill`` regime, the whole forward pass (the policy's selection, its attention kernel,
+the rest of the model), as the NIAH jobs run it. The kernel each used is in the table:
+full attention PyTorch's fused causal SDPA; a block policy FlexAttention's block-sparse
+kernel on CUDA; a token-level policy SDPA under a boolean mask (in row chunks when
+``--row-chunk`` is set). Peak memory is the whole process's, model included.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from attnlab.errors import UserError
+
+
+def kernel(run, device: torch.device) -> str:
+    """The attention kernel a prefill under ``run`` uses on ``device``."""
+    policy = run.policy
+    if policy.name == "full":
+        return "sdpa (causal)"
+    if policy.level == "block" and run.backend in ("auto", "flex"):
+        if run.backend == "flex" or device.type == "cuda":
+            return "flex (block-sparse)"
+    chunks = (
+        f", rows in chunks of {run.row_chunk}" if run.row_chunk and policy.level == "token" else ""
+    )
+    return f"sdpa (bool mask{chunks})"
+
+
+def prompt_ids(path: str, length: int, device) -> torch.Tensor:
+    """The first prompt of ``length`` tokens in a prompts table: (1, T) ids."""
+    from attnlab import niah
+
+    prompts = [p for p in niah.read_prompts(path) if p.length == length]
+    if not prompts:
+        raise UserError(f"{path} has no prompt of length {length}")
+    return torch.tensor([prompts[0].input_ids], device=device)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """One row per (policy, target sparsity): median prefill milliseconds, repetitions,
+    achieved sparsity, peak memory and the kernel."""
+    from attnlab import models, policies, sparse
+    from attnlab.bench import median_ms
+
+    torch.set_num_threads(args.threads)
+    model, _, _ = models.load(args.model, device=args.device, dtype=args.dtype)
+    model = sparse.install(model)
+    ids = prompt_ids(args.prompts, args.length, model.device)
+    cuda = model.device.type == "cuda"
+    rows = []
+    for name in args.policies:
+        policy = policies.make(name)
+        for s in [0.0] if name == "full" else args.sparsities:
+
+            def prefill(policy=policy, s=s):
+                r = sparse.SparseRun(policy, s, regime="prefill", row_chunk=args.row_chunk)
+                sparse.prefill(model, ids, r)
+                return r
+
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            ms, reps = median_ms(prefill, model.device.type, args.rep_ms, args.min_reps, 50)
+            r = prefill()
+            rows.append(
+                {
+                    "model": args.model,
+                    "length": ids.shape[-1],
+                    "policy": name,
+                    "target_sparsity": s,
+                    "achieved_sparsity": r.achieved_sparsity,
+                    "ms": ms,
+                    "reps": reps,
+                    "kernel": kernel(r, model.device),
+                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                }
+            )
+            print(f"{name:<18} {s:5.2f} {ms:10.1f} ms  ({reps} reps, {rows[-1]['kernel']})")
+    full = [r["ms"] for r in rows if r["policy"] == "full"]
+    for r in rows:  # the side-by-side ratio, measured in this run
+        r["speedup_vs_full"] = full[0] / r["ms"] if full else float("nan")
+    return rows
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prefill", help="real-model prefill latency per policy and sparsity")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True, help="a niah-prompts table")
+    p.add_argument("--length", type=int, required=True, help="prompt length to time")
+    p.add_argument("--policies", nargs="+", required=True)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.99])
+    p.add_argument("--row-chunk", type=int, default=0, help="rows per call, token policies")
+    p.add_argument("--rep-ms", type=float, default=3000.0, help="time budget per entry")
+    p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default="results/bench", help="folder for prefill.parquet / .csv")
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    from attnlab.bench import _environment, write_table
+
+    rows = run(args)
+    write_table(rows, Path(args.out), "prefill", _environment())
+    return rows

@@ -1,0 +1,82 @@
+"""The prefill benchmark times the real model under each policy, and its table joins the
+NIAH table into the accuracy-matched speed figure."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from attnlab import niah, tables
+from attnlab.plots import niah as niah_plots
+
+ATTNLAB = str(Path(sys.executable).parent / "attnlab")
+
+
+def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_path):
+    _, tok, _ = smollm2
+    prompts = niah.make_prompts(tok, [80, 128], [0.5], 1, 0)
+    tables.write([p.__dict__ for p in prompts], tmp_path / "prompts.parquet")
+    args = ["bench", "prefill", "--model", "smollm2-135m", "--prompts"]
+    args += [str(tmp_path / "prompts.parquet"), "--length", "128", "--rep-ms", "1"]
+    args += ["--policies", "full", "topk", "cab", "--sparsities", "0.5", "0.8"]
+    args += ["--row-chunk", "32", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run([ATTNLAB, *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bench = pl.read_parquet(tmp_path / "prefill.parquet")
+    assert bench.select("policy", "target_sparsity").rows() == [
+        ("full", 0.0),
+        ("topk", 0.5),
+        ("topk", 0.8),
+        ("cab", 0.5),
+        ("cab", 0.8),
+    ]
+    assert (bench["length"] == 128).all() and (bench["ms"] > 0).all()
+    assert (bench["reps"] >= 3).all()
+    kernels = dict(zip(bench["policy"], bench["kernel"], strict=False))
+    assert kernels == {
+        "full": "sdpa (causal)",
+        "topk": "sdpa (bool mask, rows in chunks of 32)",
+        "cab": "sdpa (bool mask)",  # FlexAttention on CUDA only
+    }
+    topk = bench.filter(pl.col("policy") == "topk")["achieved_sparsity"].to_list()
+    assert abs(topk[0] - 0.5) < 0.02 and abs(topk[1] - 0.8) < 0.02
+    assert bench.filter(pl.col("policy") == "full")["speedup_vs_full"].to_list() == [1.0]
+
+    # a NIAH table of known accuracy at that length (and another length, left out)
+    rows = [
+        {
+            "model": "m",
+            "regime": r,
+            "task": "passkey",
+            "policy": p,
+            "target_sparsity": s,
+            "length": n,
+            "depth": d,
+            "correct": c,
+            "feasible": True,
+        }
+        for r in ("prefill", "cache")
+        for p, s, c in [
+            ("full", 0.0, True),
+            ("topk", 0.5, True),
+            ("topk", 0.8, False),
+            ("cab", 0.5, r == "cache"),
+            ("cab", 0.8, False),
+        ]
+        for n in (128, 80)
+        for d in (0.0, 1.0)
+    ]
+    tables.write(rows, tmp_path / "niah.parquet")
+    joined = niah_plots.accuracy_latency(tmp_path / "niah.parquet", tmp_path / "prefill.parquet")
+    got = {
+        (r["regime"], r["policy"], r["target_sparsity"]): r["accuracy"]
+        for r in joined.iter_rows(named=True)
+    }
+    assert got[("cache", "cab", 0.5)] == 1.0 and got[("prefill", "cab", 0.5)] == 0.0
+    assert got[("prefill", "topk", 0.8)] == 0.0 and got[("prefill", "full", 0.0)] == 1.0
+    assert set(joined["prompts"]) == {2} and joined.height == 10
+    niah_plots.plot_latency(
+        tmp_path / "niah.parquet", tmp_path / "prefill.parquet", tmp_path / "fig.png"
+    )
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
