@@ -3,10 +3,12 @@ the long-context study's accuracy-matched table (README: Long context).
 
 Each (policy, sparsity) times :func:`attnlab.sparse.prefill` of one NIAH prompt in the
 ``prefill`` regime, the whole forward pass (the policy's selection, its attention kernel,
-the rest of the model), as the NIAH jobs run it. The kernel each used is in the table:
-full attention PyTorch's fused causal SDPA; a block policy FlexAttention's block-sparse
-kernel on CUDA; a token-level policy SDPA under a boolean mask (in row chunks when
-``--row-chunk`` is set). Peak memory is the whole process's, model included.
+the rest of the model), as the NIAH jobs run it. The kernels each used are in the table
+with their layer counts (``SparseRun.kernels``): full attention PyTorch's fused SDPA,
+causal or under the model's own mask (sliding-window layers); a block policy
+FlexAttention's block-sparse kernel in causal layers on CUDA; a token-level policy SDPA
+under its keep-mask (in row chunks with ``--row-chunk``). Peak memory is the whole
+process's, model included.
 """
 
 from __future__ import annotations
@@ -19,18 +21,10 @@ import torch
 from attnlab.errors import UserError
 
 
-def kernel(run, device: torch.device) -> str:
-    """The attention kernel a prefill under ``run`` uses on ``device``."""
-    policy = run.policy
-    if policy.name == "full":
-        return "sdpa (causal)"
-    if policy.level == "block" and run.backend in ("auto", "flex"):
-        if run.backend == "flex" or device.type == "cuda":
-            return "flex (block-sparse)"
-    chunks = (
-        f", rows in chunks of {run.row_chunk}" if run.row_chunk and policy.level == "token" else ""
-    )
-    return f"sdpa (bool mask{chunks})"
+def kernel(run) -> str:
+    """The attention kernels a prefill under ``run`` took, with their layer counts (for
+    example sliding-window layers apart from global ones)."""
+    return ", ".join(f"{name} x{n}" for name, n in sorted(run.kernels.items()))
 
 
 def prompt_ids(path: str, length: int, device) -> torch.Tensor:
@@ -78,7 +72,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "achieved_sparsity": r.achieved_sparsity,
                     "ms": ms,
                     "reps": reps,
-                    "kernel": kernel(r, model.device),
+                    "kernel": kernel(r),
                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 }

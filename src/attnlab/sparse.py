@@ -99,6 +99,7 @@ class SparseRun:
     # evicting policy then drops keys between these calls only (see chunked_attention)
     row_chunk: int = 0
     followers: list[SparseRun] = field(default_factory=list)
+    kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
     watch_kept: list[float] = field(default_factory=list)
     histories: dict[int, LayerHistory] = field(default_factory=dict)
     _watched: set[int] = field(default_factory=set)
@@ -357,6 +358,9 @@ def attention_forward(
     h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     acts = run is not None and run.acts(layer)
+    if run is not None and tq > 1:  # which kernel each multi-row call took
+        name = _kernel_name(run, acts, query, attention_mask, softcap, tq, tk)
+        run.kernels[name] = run.kernels.get(name, 0) + 1
     if (
         acts
         and softcap is None
@@ -394,6 +398,19 @@ def attention_forward(
         observer(layer, query, probs)
     out = torch.matmul(probs.to(value.dtype), v)  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _kernel_name(run, acts, query, attention_mask, softcap, tq, tk) -> str:
+    """The attention kernel :func:`attention_forward` takes for a call (its branches, in
+    order): a label for benchmark tables."""
+    causal = _causal(attention_mask, tq) and tq == tk
+    if _OBSERVER.get() is not None or softcap is not None:
+        return "eager"
+    if acts and run.uses_flex(query, tq, tk) and causal:
+        return "flex block-sparse"
+    if acts and run.policy.name != "full":
+        return "sdpa keep-mask" + (" in row chunks" if run.chunks(tq) else "")
+    return "sdpa causal" if causal else "sdpa model mask"
 
 
 def _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep=None):
