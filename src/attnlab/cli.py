@@ -255,6 +255,14 @@ def _niah_table(a) -> None:
     tables.write(df.to_arrow(), a.out, meta=meta)
 
 
+def _niah_paired(a) -> None:
+    from attnlab import niah_paired, tables
+
+    rows = niah_paired.paired_rows(tables.read(a.table, niah_paired.COLUMNS), a.resamples, a.seed)
+    meta = {"table": a.table, "resamples": a.resamples, "seed": a.seed}
+    tables.write(rows, a.out, meta=meta)
+
+
 def _pareto_score(a) -> None:
     import hashlib
     from pathlib import Path
@@ -628,7 +636,7 @@ def _plot(a) -> None:
     elif a.figure == "niah-length":
         niah_plots.plot_length(a.table[0], a.out, seed=a.seed)
     else:
-        niah_plots.plot_summary(a.table[0], a.out)
+        niah_plots.plot_summary(a.table[0], a.out, paired=(a.table[1:] or [None])[0])
 
 
 def _policy_args(s: argparse.ArgumentParser) -> None:
@@ -848,6 +856,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("inputs", nargs="+")
     s.set_defaults(func=_niah_table)
+
+    s = sub.add_parser(
+        "niah-paired", help="each policy's accuracy against full attention and the best other"
+    )
+    s.add_argument("--table", required=True, help="a NIAH table (niah-table)")
+    s.add_argument("--resamples", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_niah_paired)
 
     s = sub.add_parser("plot", help="render a figure from a table")
     s.add_argument(
