@@ -199,7 +199,10 @@ def all_targets():
     ]
     figs += ["figs/niah_summary.png", "figs/niah_tasks.png"]
     # from the committed GPU tables
-    return figs + ["figs/long_context_length.png", "results/long_context/paired.parquet"]
+    return figs + [
+        "figs/long_context_length.png",
+        "results/long_context/paired.parquet",
+    ]
 
 
 def intervention_heads_input(wildcards):
