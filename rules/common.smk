@@ -198,7 +198,11 @@ def all_targets():
         for m in MODELS
     ]
     figs += ["figs/niah_summary.png", "figs/niah_tasks.png"]
-    return figs + ["figs/long_context_length.png"]  # from the committed GPU tables
+    # from the committed GPU tables
+    return figs + [
+        "figs/long_context_length.png",
+        "results/long_context/paired.parquet",
+    ]
 
 
 def intervention_heads_input(wildcards):

@@ -24,9 +24,30 @@ rule niah_heatmap:
         " --out {output} 2> {log}"
 
 
+rule niah_paired:
+    input:
+        table=niah_table,
+        code=module_sources("niah_paired", root=workflow.basedir),
+    output:
+        "results/{study}/paired.parquet",
+    log:
+        "logs/niah_paired/{study}.log",
+    wildcard_constraints:
+        study="|".join(NIAH_TABLES),
+    conda:
+        "../envs/attnlab.yaml"
+    params:
+        resamples=NIAH["bootstrap"],
+        seed=config["seed"],
+    shell:
+        "attnlab niah-paired --table {input.table} --resamples {params.resamples}"
+        " --seed {params.seed} --out {output} 2> {log}"
+
+
 rule niah_summary:
     input:
         table="results/niah/niah.parquet",
+        paired="results/niah/paired.parquet",
         code=module_sources("plots.niah", root=workflow.basedir),
     output:
         report(
@@ -39,7 +60,8 @@ rule niah_summary:
     conda:
         "../envs/attnlab.yaml"
     shell:
-        "attnlab plot niah-summary --table {input.table} --out {output} 2> {log}"
+        "attnlab plot niah-summary --table {input.table} {input.paired}"
+        " --out {output} 2> {log}"
 
 
 rule niah_tasks:

@@ -283,6 +283,8 @@ def test_induction_heads_across_both_registry_models(induction_dir):
         lo, hi = profile["peak_depth_ci"]
         assert 0 <= lo <= profile["peak_depth"] <= hi < 1
         assert set(profile["lags"]) == {"short"}  # lags 4 and 8 are both short
+        assert scores["prev_score"].is_between(0, 1).all()  # stored beside each score
+        assert set(profile["by_lag"]) == {"4", "8"}
         nulls = json.loads((base / "nulls.json").read_text())
         peak = int(round(profile["peak_depth"] * layers))
         assert profile["profile"][peak] > nulls["shuffled_antecedent"]["hi"][peak]

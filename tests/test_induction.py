@@ -32,6 +32,8 @@ def test_lag_one_and_short_sequences_are_refused(smollm2):
         induction.make_prompts(tok, ["random"], [1, 4], 64, 2, 0)
     with pytest.raises(UserError, match="too short"):
         induction.make_prompts(tok, ["random"], [40], 64, 2, 0)
+    with pytest.warns(UserWarning, match="previous-token heads"):  # lag 2: opt-in, warned
+        induction.make_prompts(tok, ["random"], [2, 4], 64, 1, 0)
 
 
 def _ideal_head(tokens: np.ndarray) -> torch.Tensor:
@@ -60,7 +62,7 @@ def _planted_scores(prompts, layers=6, heads=4, planted=(3, 2)):
             probs = uniform.expand(1, heads, t_len, t_len).clone()
             if layer == planted[0]:
                 probs[0, planted[1]] = _ideal_head(p.tokens)
-            scores.append(induction.prompt_scores(probs, [p])[0].numpy())
+            scores.append(induction.prompt_scores(probs, [p])[0, 0].numpy())
         out.append(np.stack(scores))
     return np.stack(out)
 
@@ -99,13 +101,53 @@ def test_shuffled_antecedent_destroys_the_planted_signal():
     assert np.ptp(perm["mean"]) < np.ptp(obs) / 2  # ... but spreads the planted layer's out
 
 
+def _previous_token_head(t_len: int) -> torch.Tensor:
+    """Attention of a perfect previous-token head: from t to t - 1 (BOS to itself)."""
+    probs = torch.zeros(t_len, t_len)
+    probs[0, 0] = 1.0
+    probs[torch.arange(1, t_len), torch.arange(t_len - 1)] = 1.0
+    return probs
+
+
+def test_planted_previous_token_head_scores_as_induction_only_at_lag_two():
+    rng = np.random.default_rng(2)
+    lags = [2, 3, 5, 8] * 3
+    prompts = [
+        _prompt(rng.choice(np.arange(100, 200), lag, replace=False), seed=i)
+        for i, lag in enumerate(lags)
+    ]
+    ind, prev = [], []
+    for p in prompts:
+        t_len = len(p.tokens)
+        uniform = torch.tril(torch.ones(t_len, t_len))
+        probs = (uniform / uniform.sum(-1, keepdim=True)).expand(1, 3, t_len, t_len).clone()
+        probs[0, 0] = _previous_token_head(t_len)  # head 0: previous token
+        probs[0, 1] = _ideal_head(p.tokens)  # head 1: induction
+        s = induction.prompt_scores(probs, [p])[0].numpy()  # (2, H)
+        ind.append(s[0][None])  # (1 layer, H)
+        prev.append(s[1][None])
+    ind, prev = np.stack(ind), np.stack(prev)  # (prompts, 1, 3)
+    lag = np.asarray([p.lag for p in prompts])
+    assert np.allclose(prev[:, 0, 0], 1.0)  # the previous-token head, at every lag
+    assert np.allclose(ind[lag == 2, 0, 0], 1.0)  # ... is a perfect "induction head" at lag 2
+    assert np.allclose(ind[lag >= 3, 0, 0], 0.0)  # ... and scores nothing from lag 3 on
+    assert np.allclose(ind[:, 0, 1], 1.0)  # the induction head at every lag
+    assert np.allclose(prev[lag >= 3, 0, 1], 0.0)  # ... with no previous-token score
+    confound = induction.lag_confound(ind, prev, lag, top=1)
+    assert confound[2]["top_shared"] == 1  # at lag 2 the top heads coincide
+    assert all(confound[k]["top_shared"] == 0 for k in (3, 5, 8))
+    assert confound[3]["r"] < 0 < confound[2]["r"]
+
+
 def test_real_models_have_induction_heads_that_the_null_lacks(smollm2):
     model, tok, _ = smollm2
     prompts = induction.make_prompts(tok, ["random", "names"], [4, 8], 48, 2, 0)
     assert {p.family for p in prompts} == {"random", "names"}
     scored = list(induction.score_prompts(model, prompts, batch_size=6))
-    obs = np.stack([s for p, s in scored if not p.shuffled]).mean(0)
-    null = np.stack([s for p, s in scored if p.shuffled]).mean(0)
+    obs = np.stack([s for p, s, _ in scored if not p.shuffled]).mean(0)
+    null = np.stack([s for p, s, _ in scored if p.shuffled]).mean(0)
+    prev = np.stack([s for p, _, s in scored if not p.shuffled]).mean(0)
+    assert prev.max() > 0.5  # a previous-token head, scored apart from induction
     assert obs.max() > 0.2 and obs.max() > 3 * null.max()
 
 

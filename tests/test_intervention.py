@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 import torch
 
-from attnlab import gain, hooks, intervention, metrics, tables
+from attnlab import gain, hooks, intervention, metrics, stats, tables
 from attnlab.errors import UserError
 from attnlab.intervention import Head
 
@@ -102,6 +102,68 @@ def test_gain_has_the_sign_of_sharpening_and_a_null_is_reported_as_null():
         control = by[metric, "control"]
         assert control["gain"] == pytest.approx(0, abs=1e-9)
         assert control["verdict"].startswith("no monotone trend")
+
+
+def _clustered_sweep(slopes, tokens, scales, noise, role, seed):
+    """A sweep whose metric rises along log(scale) with a slope fixed per chunk (the
+    chunk's tokens share it) plus independent token noise: entropy = b_chunk log(scale)."""
+    rng = np.random.default_rng(seed)
+    n = len(slopes) * tokens
+    frames = []
+    for c in scales:
+        value = np.repeat(slopes, tokens) * np.log(c) + noise * rng.standard_normal(n)
+        frames.append(
+            pl.DataFrame(
+                {
+                    "scale": np.full(n, c),
+                    "sample": np.repeat(np.arange(len(slopes)), tokens),
+                    "token": np.tile(np.arange(tokens), len(slopes)),
+                    **{k: value for k in intervention.SWEEP_METRICS},
+                    "layer": [0] * n,
+                    "head": [0 if role == "target" else 1] * n,
+                }
+            )
+        )
+    return pl.concat(frames)
+
+
+def test_gain_interval_resamples_chunks_and_has_the_clustered_width():
+    """Slopes that vary by chunk (sd 0.3 over 40 chunks of 64 tokens), little token noise:
+    the gain's interval must have the width the chunks imply, 2 x 1.96 x sd / sqrt(40),
+    where a bootstrap over tokens would be several times narrower."""
+    rng = np.random.default_rng(0)
+    n_chunks, tokens, scales = 40, 64, [0.5, 0.75, 1.0, 1.25, 1.5]
+    slopes = -1.0 + 0.3 * rng.standard_normal(n_chunks)
+    target = _clustered_sweep(slopes, tokens, scales, 0.05, "target", 1)
+    control = _clustered_sweep(np.full(n_chunks, 0.5), tokens, scales, 0.05, "control", 2)
+    by = {(r["metric"], r["role"]): r for r in gain.gain_rows(target, control, 4000, seed=0)}
+    row = by["entropy", "target"]
+    assert row["resampled"] == "chunk" and row["chunks"] == n_chunks
+    assert row["gain"] == pytest.approx(slopes.mean(), abs=0.01)
+    width = row["gain_hi"] - row["gain_lo"]
+    analytic = 2 * 1.96 * slopes.std() / np.sqrt(n_chunks)  # the plug-in bootstrap's width
+    assert width == pytest.approx(analytic, rel=0.15)
+    # The same data resampled by token (every token its own cluster): far too narrow.
+    _, t_mat, _, _ = gain.unit_matrices(target, control, "entropy")
+    x = np.log(scales)
+    by_token = gain.slope(x, stats.cluster_bootstrap(t_mat, 2000, 0) / len(t_mat))
+    token_width = np.subtract(*stats.percentile_interval(by_token)[::-1])
+    assert width > 5 * token_width
+    # The verdict counts chunks: a finite p, and every chunk with the sign.
+    assert 0 < row["chunk_p"] < 1e-6
+    assert "40 of 40 chunks" in row["verdict"]
+    # The ratio to the control (gain 0.5) is about -2 with an interval from the chunks.
+    assert row["ratio_lo"] < slopes.mean() / 0.5 < row["ratio_hi"]
+
+
+def test_gain_verdict_counts_chunks_not_tokens():
+    """Two chunks that agree in sign but not in size: thousands of (scale, token) pairs
+    would make any trend significant; two chunks cannot."""
+    target = _clustered_sweep(np.array([-1.0, -0.2]), 256, [0.5, 1.0, 1.5], 0.01, "target", 3)
+    control = _clustered_sweep(np.array([0.1, 0.3]), 256, [0.5, 1.0, 1.5], 0.01, "control", 4)
+    by = {(r["metric"], r["role"]): r for r in gain.gain_rows(target, control, 500)}
+    assert by["entropy", "target"]["chunk_p"] > 0.05
+    assert by["entropy", "target"]["verdict"].startswith("no monotone trend (2 of 2 chunks")
 
 
 def test_auto_heads_come_from_the_capture_tables(tmp_path):

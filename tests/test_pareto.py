@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab import curvature, models, niah, pareto, policies, sparse
+from attnlab import curvature, models, niah, pareto, policies, sparse, tables
 from attnlab.errors import UserError
 
 
@@ -81,6 +81,53 @@ def test_perplexity_is_token_weighted_and_its_interval_resamples_chunks():
     lo, hi = pareto.perplexity_interval(nll, tok, resamples=500)
     assert math.exp(1.0) <= lo < math.exp(2.0) < hi <= math.exp(3.0)
     assert pareto.perplexity_interval(nll[:1], tok[:1]) == pytest.approx((math.e, math.e))
+
+
+def _score_table(path, policy, nll, tokens, sparsity=0.0):
+    """A pareto-score table as `attnlab pareto-score` writes it (one row per chunk)."""
+    n = len(nll)
+    rows = [
+        {
+            "chunk": i,
+            "nll_sum": float(nll[i]),
+            "tokens": int(tokens[i]),
+            "achieved_sparsity": sparsity,
+            "seconds_per_token": 1e-3,
+            "model": "m",
+            "regime": "prefill",
+            "policy": policy,
+            "target_sparsity": sparsity,
+            "feasible": True,
+            "device": "cpu",
+        }
+        for i in range(n)
+    ]
+    tables.write(rows, path)
+    return str(path)
+
+
+def test_paired_ratio_excludes_one_where_every_chunk_is_worse(tmp_path):
+    """Chunks that differ a lot in difficulty (NLL per token 1.0 to 3.5) and a policy that
+    costs every chunk 0.05 nats per token: the two perplexities' own intervals overlap,
+    the paired ratio's interval is exp(0.05) exactly and excludes 1."""
+    per_token = np.linspace(1.0, 3.5, 12)
+    tokens = np.full(12, 100)
+    paths = [
+        _score_table(tmp_path / "full.parquet", "full", per_token * tokens, tokens),
+        _score_table(tmp_path / "h2o.parquet", "h2o", (per_token + 0.05) * tokens, tokens, 0.5),
+    ]
+    by = {r["policy"]: r for r in pareto.collect(paths, resamples=1000, seed=0)}
+    full, h2o = by["full"], by["h2o"]
+    assert h2o["ppl_lo"] < full["ppl_hi"]  # the marginal intervals overlap
+    assert h2o["ppl_ratio"] == pytest.approx(math.exp(0.05))
+    assert h2o["ratio_lo"] == pytest.approx(math.exp(0.05))  # equal tokens: every draw
+    assert h2o["ratio_lo"] > 1
+    assert (full["ppl_ratio"], full["ratio_lo"], full["ratio_hi"]) == (1.0, 1.0, 1.0)
+    # A policy that helps half the chunks and hurts the other half: the interval holds 1.
+    mixed = per_token + np.tile([0.2, -0.2], 6)
+    paths.append(_score_table(tmp_path / "cab.parquet", "cab", mixed * tokens, tokens, 0.5))
+    cab = {r["policy"]: r for r in pareto.collect(paths, resamples=1000)}["cab"]
+    assert cab["ratio_lo"] < 1 < cab["ratio_hi"]
 
 
 def test_corpus_haystack_hides_the_needle_in_corpus_text(smollm2, sharded):

@@ -257,6 +257,14 @@ def _niah_table(a) -> None:
     tables.write(df.to_arrow(), a.out, meta=meta)
 
 
+def _niah_paired(a) -> None:
+    from attnlab import niah_paired, tables
+
+    rows = niah_paired.paired_rows(tables.read(a.table, niah_paired.COLUMNS), a.resamples, a.seed)
+    meta = {"table": a.table, "resamples": a.resamples, "seed": a.seed}
+    tables.write(rows, a.out, meta=meta)
+
+
 def _pareto_score(a) -> None:
     import hashlib
     from pathlib import Path
@@ -490,14 +498,16 @@ def _induction_scores(a) -> None:
         mininterval=5,
         file=sys.stderr,
     ) as bar:
-        scores = [s for _, s in induction.score_prompts(model, prompts, a.batch_size, bar)]
-    scores = np.stack(scores)  # (prompts, layers, heads)
+        scored = list(induction.score_prompts(model, prompts, a.batch_size, bar))
+    scores = np.stack([s for _, s, _ in scored])  # (prompts, layers, heads)
+    previous = np.stack([s for _, _, s in scored])  # (prompts, layers, heads)
     n, cells = len(prompts), scores[0].size
     layer, head = np.indices(scores.shape[1:]).reshape(2, -1)
     per_prompt = {"family": "family", "lag": "lag", "prompt": "index", "shuffled": "shuffled"}
     rows = {k: np.repeat([getattr(p, f) for p in prompts], cells) for k, f in per_prompt.items()}
     rows |= {"layer": np.tile(layer, n), "head": np.tile(head, n)}
     rows["score"] = scores.ravel().astype(np.float64)
+    rows["prev_score"] = previous.ravel().astype(np.float64)
     meta = {
         "model": a.model,
         "families": a.families,
@@ -512,13 +522,13 @@ def _induction_scores(a) -> None:
     tables.write([p.to_row() for p in prompts], a.prompts_out, meta=meta)
 
 
-def _score_array(df, shuffled: bool, n_layers: int, n_heads: int):
+def _score_array(df, shuffled: bool, n_layers: int, n_heads: int, column: str = "score"):
     """Per-prompt (prompts, layers, heads) scores of the observed or the shuffled prompts."""
     import numpy as np
     import polars as pl
 
     d = df.filter(pl.col("shuffled") == shuffled).sort(["family", "lag", "prompt", "layer", "head"])
-    return d["score"].to_numpy().reshape(-1, n_layers, n_heads).astype(np.float64)
+    return d[column].to_numpy().reshape(-1, n_layers, n_heads).astype(np.float64)
 
 
 def _induction_analysis(a) -> None:
@@ -526,7 +536,8 @@ def _induction_analysis(a) -> None:
 
     from attnlab import induction, robustness, tables
 
-    df = tables.read(a.scores, ["family", "lag", "prompt", "shuffled", "layer", "head", "score"])
+    cols = ["family", "lag", "prompt", "shuffled", "layer", "head", "score", "prev_score"]
+    df = tables.read(a.scores, cols)
     meta = tables.meta(a.scores)
     n_layers, n_heads = meta["n_layers"], meta["n_heads"]
     observed = _score_array(df, False, n_layers, n_heads)
@@ -539,8 +550,19 @@ def _induction_analysis(a) -> None:
         "quantile": a.quantile,
         "relative_depth": [i / n_layers for i in range(n_layers)],
         "head_scores": observed.mean(0).tolist(),
+        "prev_head_scores": _score_array(df, False, n_layers, n_heads, "prev_score")
+        .mean(0)
+        .tolist(),
         "lags": {},
     }
+    random = df.filter((pl.col("family") == "random") & ~pl.col("shuffled"))
+    if random.height:
+        by_prompt = random.sort(["family", "lag", "prompt", "layer", "head"])
+        profile["by_lag"] = induction.lag_confound(
+            _score_array(random, False, n_layers, n_heads),
+            _score_array(random, False, n_layers, n_heads, "prev_score"),
+            by_prompt["lag"].to_numpy()[:: n_layers * n_heads],
+        )
     short = pl.col("lag") <= induction.SHORT_LAG
     for name, cond in (("short", short), ("long", ~short)):
         part = df.filter(cond & (pl.col("family") == "random"))
@@ -620,7 +642,7 @@ def _plot(a) -> None:
             raise UserError("niah-latency takes --table NIAH_TABLE PREFILL_BENCH_TABLE")
         niah_plots.plot_latency(*a.table, a.out)
     else:
-        niah_plots.plot_summary(a.table[0], a.out)
+        niah_plots.plot_summary(a.table[0], a.out, paired=(a.table[1:] or [None])[0])
 
 
 def _policy_args(s: argparse.ArgumentParser) -> None:
@@ -733,7 +755,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--model-info", required=True, help="the model's geometry (model-info)")
     s.add_argument("--families", nargs="+", default=["random", "names"])
-    s.add_argument("--lags", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    s.add_argument("--lags", type=int, nargs="+", default=[3, 4, 8, 16, 32])
     s.add_argument("--seq-len", type=int, default=256)
     s.add_argument("--per-lag", type=int, default=8, help="prompts per lag (and family)")
     s.add_argument("--seed", type=int, default=0)
@@ -841,6 +863,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("inputs", nargs="+")
     s.set_defaults(func=_niah_table)
+
+    s = sub.add_parser(
+        "niah-paired", help="each policy's accuracy against full attention and the best other"
+    )
+    s.add_argument("--table", required=True, help="a NIAH table (niah-table)")
+    s.add_argument("--resamples", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_niah_paired)
 
     s = sub.add_parser("plot", help="render a figure from a table")
     s.add_argument(

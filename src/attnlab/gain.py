@@ -1,11 +1,13 @@
 """Gain analysis of a query-scaling sweep.
 
-Gain of a metric = least-squares slope of its mean over tokens against log(scale). Its
-95% interval, and that of the target/control gain ratio, come from a bootstrap over
-tokens: the same (sample, token) units are resampled for every scale and for both heads,
-since both sweeps ran on the same chunks. Monotonicity: Spearman's rho between scale and
-the metric over every (scale, token) pair, with its p-value; the verdict says plainly
-whether the expected direction was found, the opposite, or no trend.
+Gain of a metric = least-squares slope of its mean over tokens against log(scale). The
+independent unit is the corpus chunk (tokens of one chunk share their context and are
+correlated), so the 95% intervals of the gain and of the target/control gain ratio come
+from a bootstrap over chunks: the same chunks are resampled for every scale and for both
+heads, since both sweeps ran on the same chunks. The verdict comes from the chunk-level
+slopes (each chunk's mean metric against log(scale)): a one-sample t-test of their mean
+against zero, so that the p-value counts chunks, not (scale, token) pairs; it says
+plainly whether the expected direction was found, the opposite, or no trend.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import polars as pl
 from scipy import stats as sps
 
 from attnlab.intervention import EXPECTED, SWEEP_METRICS
-from attnlab.stats import percentile_interval, resample_counts
+from attnlab.stats import cluster_bootstrap, cluster_sums, percentile_interval
 
 
 def unit_matrices(
     target: pl.DataFrame, control: pl.DataFrame, metric: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scales, T, C): T and C are (units, scales), one row per (sample, token) that both
-    sweeps measured, with the metric at every scale; units with a NaN anywhere (entropy
-    of tokens 0 and 1) are dropped from both."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scales, T, C, chunk): T and C are (units, scales), one row per (sample, token)
+    that both sweeps measured, with the metric at every scale; chunk (units,) is each
+    unit's sample (corpus chunk). Units with a NaN anywhere (entropy of tokens 0 and 1)
+    are dropped from both."""
     wide = []
     for df in (target, control):
         w = df.pivot(on="scale", index=["sample", "token"], values=metric, sort_columns=True)
@@ -36,7 +39,8 @@ def unit_matrices(
     t = both.select(order).to_numpy().astype(np.float64)
     c = both.select([f"{s}_c" for s in order]).to_numpy().astype(np.float64)
     ok = ~(np.isnan(t).any(1) | np.isnan(c).any(1))
-    return np.array([float(s) for s in order]), t[ok], c[ok]
+    chunk = both["sample"].to_numpy()[ok]
+    return np.array([float(s) for s in order]), t[ok], c[ok], chunk
 
 
 def slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -45,38 +49,56 @@ def slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return ((y - y.mean(-1, keepdims=True)) * xc).sum(-1) / (xc * xc).sum()
 
 
-def verdict(metric: str, rho: float, p: float, alpha: float = 0.05) -> str:
-    """Plain words: the direction found (if any), and whether it is the expected one."""
-    p_text = "p < 1e-300" if p == 0 else f"p = {p:.2g}"
+def chunk_test(slopes: np.ndarray) -> tuple[float, float]:
+    """One-sample t-test of chunk-level slopes (C,) against zero: (t, two-sided p); NaN
+    where it is undefined (one chunk, or every slope equal)."""
+    if len(slopes) < 2 or np.ptp(slopes) == 0:
+        return float("nan"), float("nan")
+    res = sps.ttest_1samp(slopes, 0.0)
+    return float(res.statistic), float(res.pvalue)
+
+
+def verdict(metric: str, slopes: np.ndarray, p: float, alpha: float = 0.05) -> str:
+    """Plain words from the chunk-level slopes (C,): the direction found (if any), and
+    whether it is the expected one, with how many chunks share it and the t-test's p."""
+    mean = float(np.mean(slopes))
+    agree = int(np.sum(np.sign(slopes) == np.sign(mean))) if mean != 0 else 0
+    detail = f"{agree} of {len(slopes)} chunks, p = {p:.2g}"
     if not np.isfinite(p) or p >= alpha:
-        return f"no monotone trend (rho = {rho:.3f}, {p_text})"
-    found = "increasing" if rho > 0 else "decreasing"
+        return f"no monotone trend ({detail})"
+    found = "increasing" if mean > 0 else "decreasing"
     agrees = (
         "as expected"
         if found == EXPECTED[metric]
         else f"opposite to the expected {EXPECTED[metric]}"
     )
-    return f"{found}, {agrees} (rho = {rho:.3f}, {p_text})"
+    return f"{found}, {agrees} ({detail})"
 
 
 def gain_rows(
     target: pl.DataFrame, control: pl.DataFrame, resamples: int = 2000, seed: int = 0
 ) -> list[dict]:
-    """One row per (metric, role): gain with its interval, Spearman rho, p, verdict, and
-    the target/control ratio with its interval (on both rows of a metric)."""
-    rng = np.random.default_rng(seed)
+    """One row per (metric, role): gain with its chunk-bootstrap interval, the chunk-level
+    t-test and verdict, and the target/control ratio with its interval (on both rows of a
+    metric)."""
     rows = []
     for metric in SWEEP_METRICS:
-        scales, t_mat, c_mat = unit_matrices(target, control, metric)
-        n_units = len(t_mat)
-        weights = resample_counts(rng, n_units, resamples)
+        scales, t_mat, c_mat, chunk = unit_matrices(target, control, metric)
         x = np.log(scales)
+        # Per chunk: the metric summed over its tokens at each scale, both heads, and its
+        # token count: (C, 2S + 1); resampled jointly.
+        units = np.concatenate([t_mat, c_mat, np.ones((len(chunk), 1))], axis=1)
+        sums, _ = cluster_sums(units, chunk)
+        n_scales = len(scales)
+        boot = cluster_bootstrap(sums, resamples, seed)  # (R, 2S + 1)
         gains, boots = {}, {}
-        for role, df, m in (("target", target, t_mat), ("control", control, c_mat)):
+        for i, (role, df, m) in enumerate((("target", target, t_mat), ("control", control, c_mat))):
+            cols = slice(i * n_scales, (i + 1) * n_scales)
             means = m.mean(0)
             gains[role] = float(slope(x, means))
-            boots[role] = slope(x, weights @ m / n_units)  # (R,)
-            rho, p = sps.spearmanr(np.repeat(x[None], len(m), 0).ravel(), m.ravel())
+            boots[role] = slope(x, boot[:, cols] / boot[:, -1:])  # (R,)
+            chunk_slopes = slope(x, sums[:, cols] / sums[:, -1:])  # (C,)
+            t_stat, p = chunk_test(chunk_slopes)
             lo, hi = percentile_interval(boots[role])
             rows.append(
                 {
@@ -87,12 +109,14 @@ def gain_rows(
                     "gain": gains[role],
                     "gain_lo": float(lo),
                     "gain_hi": float(hi),
-                    "spearman_rho": float(rho),
-                    "spearman_p": float(p),
+                    "resampled": "chunk",
+                    "chunk_t": t_stat,
+                    "chunk_p": p,
                     "means_monotone": bool(
                         np.all(np.diff(means) > 0) or np.all(np.diff(means) < 0)
                     ),
-                    "verdict": verdict(metric, float(rho), float(p)),
+                    "verdict": verdict(metric, chunk_slopes, p),
+                    "chunks": int(len(sums)),
                     "units": int(len(m)),
                     "scales": scales.tolist(),
                 }

@@ -7,7 +7,12 @@ position t in a second or later copy whose token equals the token ``lag`` positi
 back (an exact token-id match) and occurs once in the segment; its source is
 s = t - lag + 1, the token after the earlier occurrence. Queries in the first copy, and
 BOS, never count. A head's induction score on a prompt is its mean attention from t to s
-over the copy operations.
+over the copy operations; its previous-token score, read at the same queries, is its mean
+attention from t to t - 1.
+
+At lag 2 the source s is t - 1, so a previous-token head scores as an induction head
+there: the default lags start at 3, lag 2 is an opt-in that warns, and every stored
+induction score has its previous-token score beside it.
 
 ``shuffled`` prompts are the null: every copy after the first is a fresh permutation of
 the segment, so no copy structure remains, and the scores are read at the same (t, s).
@@ -15,6 +20,7 @@ the segment, so no copy structure remains, and the scores are read at the same (
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,9 +108,17 @@ def make_prompts(
     seed: int,
     names_per_prompt: int = 8,
 ) -> list[InductionPrompt]:
-    """Observed and shuffled (null) prompts of every family; deterministic in ``seed``."""
+    """Observed and shuffled (null) prompts of every family; deterministic in ``seed``.
+    Lag 2 (s = t - 1: previous-token heads score as induction heads) is an opt-in that
+    warns."""
     if min(lags) < 2:
         raise UserError("induction lags must be at least 2 (lag 1 makes s = t)")
+    if 2 in lags:
+        warnings.warn(
+            "induction lag 2 reads s = t - 1: previous-token heads score as induction heads "
+            "there (compare prev_score)",
+            stacklevel=2,
+        )
     if 2 * max(lags) + 1 > seq_len:
         raise UserError(f"seq_len {seq_len} is too short for two copies of lag {max(lags)}")
     rng = np.random.default_rng(seed)
@@ -133,31 +147,36 @@ def make_prompts(
 
 
 def prompt_scores(probs: torch.Tensor, prompts: list[InductionPrompt]) -> torch.Tensor:
-    """Induction score of every head on each prompt: mean attention from each copy query
-    t to its source s. probs: (B, H, T, T) for the B prompts. Returns (B, H) float32."""
-    out = torch.empty(len(prompts), probs.shape[1])
+    """Induction and previous-token scores of every head on each prompt, at the copy
+    queries t: the mean attention from t to its source s, and from t to t - 1 (what a
+    previous-token head does; at lag 2, s is t - 1 and the two coincide).
+    probs: (B, H, T, T) for the B prompts. Returns (B, 2, H) float32: [induction, previous]."""
+    out = torch.empty(len(prompts), 2, probs.shape[1])
     for b, p in enumerate(prompts):
         q = torch.as_tensor(p.queries, device=probs.device)
         s = torch.as_tensor(p.sources, device=probs.device)
-        out[b] = probs[b, :, q, s].mean(-1).float().cpu()
+        out[b, 0] = probs[b, :, q, s].mean(-1).float().cpu()
+        out[b, 1] = probs[b, :, q, q - 1].mean(-1).float().cpu()
     return out
 
 
 @torch.inference_mode()
 def score_prompts(model, prompts: list[InductionPrompt], batch_size: int = 8, progress=None):
-    """Per prompt, the (layers, heads) induction scores. Yields (prompt, scores)."""
+    """Per prompt, the (layers, heads) induction and previous-token scores. Yields
+    (prompt, induction, previous)."""
     n_layers = model.config.num_hidden_layers
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         ids = torch.as_tensor(np.stack([p.tokens for p in batch]), device=model.device)
-        scores = torch.zeros(len(batch), n_layers, model.config.num_attention_heads)
+        scores = torch.zeros(len(batch), 2, n_layers, model.config.num_attention_heads)
 
         def observe(layer, query, probs, batch=batch, scores=scores):
-            scores[:, layer] = prompt_scores(probs, batch)
+            scores[:, :, layer] = prompt_scores(probs, batch)
 
         with sparse.observe(observe):
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        yield from zip(batch, scores.numpy(), strict=True)
+        for p, s in zip(batch, scores.numpy(), strict=True):
+            yield p, s[0], s[1]
         if progress is not None:
             progress.update(len(batch))
 
@@ -192,3 +211,23 @@ def peak_and_bandwidth(profile: np.ndarray) -> tuple[float, float]:
             right = i + (profile[i] - half) / (profile[i] - profile[i + 1])
             break
     return k / n, (right - left) / n
+
+
+def lag_confound(induction: np.ndarray, previous: np.ndarray, lags: np.ndarray, top: int = 5):
+    """Per lag, how much the induction scores are previous-token scores: the heads'
+    mean induction and previous-token scores, their Pearson r across heads, and how many
+    of the ``top`` heads by induction score are also among the ``top`` by previous-token
+    score. induction, previous: (prompts, L, H); lags: (prompts,). Returns {lag: dict}."""
+    out = {}
+    for lag in np.unique(lags):
+        ind, prev = induction[lags == lag].mean(0), previous[lags == lag].mean(0)  # (L, H)
+        top_ind = set(np.argsort(ind.ravel())[::-1][:top].tolist())
+        top_prev = set(np.argsort(prev.ravel())[::-1][:top].tolist())
+        out[int(lag)] = {
+            "induction": ind.tolist(),
+            "previous": prev.tolist(),
+            "r": float(np.corrcoef(ind.ravel(), prev.ravel())[0, 1]),
+            "top_shared": len(top_ind & top_prev),
+            "top": top,
+        }
+    return out

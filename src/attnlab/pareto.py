@@ -14,8 +14,12 @@ policy (:class:`attnlab.sparse.SparseRun`), in one of two regimes (DESIGN: Regim
   included.
 
 Perplexity is the token-weighted mean, exp(sum NLL / tokens), and its interval comes
-from a bootstrap over chunks. Latency is the wall time of the pass under the policy per
-row it computes, the median over every timed pass after one untimed warm-up.
+from a bootstrap over chunks. Two policies' intervals, each over the chunks on its own,
+overlap even where every chunk is worse under one of them: the comparison is the paired
+ratio to full attention of the same regime, exp(NLL/token under the policy - NLL/token
+under full attention), with the chunks resampled jointly for both. Latency is the wall
+time of the pass under the policy per row it computes, the median over every timed pass
+after one untimed warm-up.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from tqdm import tqdm
 from attnlab import sparse
 from attnlab.errors import UserError
 from attnlab.policies.base import Policy
-from attnlab.stats import percentile_interval, resample_counts
+from attnlab.stats import cluster_bootstrap, percentile_interval
 
 CHUNK_COLUMNS = ["chunk", "nll_sum", "tokens", "achieved_sparsity", "seconds_per_token"]
 
@@ -141,11 +145,30 @@ def perplexity_interval(
     nll_sum: np.ndarray, tokens: np.ndarray, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the perplexity, resampling whole chunks."""
-    nll_sum, tokens = np.asarray(nll_sum, float), np.asarray(tokens, float)
-    counts = resample_counts(np.random.default_rng(seed), len(nll_sum), resamples)  # (R, N)
-    boot = np.exp((counts @ nll_sum) / (counts @ tokens))
-    lo, hi = percentile_interval(boot)
+    boot = cluster_bootstrap(np.stack([nll_sum, tokens], 1), resamples, seed)  # (R, 2)
+    lo, hi = percentile_interval(np.exp(boot[:, 0] / boot[:, 1]))
     return float(lo), float(hi)
+
+
+def paired_ratio(run, full, resamples: int = 2000, seed: int = 0) -> dict:
+    """Perplexity of a run over that of full attention on the same chunks, with a
+    percentile interval from a bootstrap that resamples chunks jointly for both (paired).
+    run, full: polars frames of :data:`CHUNK_COLUMNS`, paired by ``chunk``."""
+    both = run.join(full, on="chunk", suffix="_full")
+    if both.height != run.height or both.height != full.height:
+        raise UserError("a perplexity run and full attention scored different chunks")
+    cols = ["nll_sum", "tokens", "nll_sum_full", "tokens_full"]
+    per_chunk = both.select(cols).to_numpy().astype(float)  # (C, 4)
+
+    def ratio(t):  # t: (..., 4) summed over chunks
+        return np.exp(t[..., 0] / t[..., 1] - t[..., 2] / t[..., 3])
+
+    lo, hi = percentile_interval(ratio(cluster_bootstrap(per_chunk, resamples, seed)))
+    return {
+        "ppl_ratio": float(ratio(per_chunk.sum(0))),
+        "ratio_lo": float(lo),
+        "ratio_hi": float(hi),
+    }
 
 
 def summarize(rows, resamples: int = 2000, seed: int = 0) -> dict:
@@ -176,15 +199,25 @@ RUN_KEYS = ["model", "regime", "policy", "target_sparsity"]
 
 def collect(paths: Sequence[str], resamples: int = 2000, seed: int = 0) -> list[dict]:
     """One row per (model, regime, policy, target sparsity) of pareto-score tables:
-    perplexity with its interval, latency, achieved sparsity, feasibility and the device."""
+    perplexity with its interval, the paired ratio to full attention of the same model and
+    regime with its interval (NaN without a full-attention run), latency, achieved
+    sparsity, feasibility and the device."""
+    import polars as pl
+
     from attnlab import tables
 
     df = tables.read_all(paths, [*CHUNK_COLUMNS, *RUN_KEYS, "feasible", "device"])
     rows = []
     for key, run in df.group_by(RUN_KEYS, maintain_order=True):
+        model, regime = key[0], key[1]
+        full = df.filter(
+            (pl.col("model") == model) & (pl.col("regime") == regime) & (pl.col("policy") == "full")
+        )
+        nan = {"ppl_ratio": float("nan"), "ratio_lo": float("nan"), "ratio_hi": float("nan")}
         rows.append(
             dict(zip(RUN_KEYS, key, strict=True))
             | summarize(run, resamples, seed)
+            | (paired_ratio(run, full, resamples, seed) if full.height else nan)
             | {
                 "feasible": bool(run["feasible"].all()),
                 "device": run["device"][0],
@@ -197,7 +230,8 @@ def ablation(
     niah_paths: Sequence[str], pareto_paths: Sequence[str], resamples: int = 2000, seed: int = 0
 ) -> list[dict]:
     """One row per (model, regime, policy, target sparsity): NIAH accuracy over the
-    prompts and perplexity over the chunks, each with a percentile bootstrap interval.
+    prompts and perplexity over the chunks, each with a percentile bootstrap interval,
+    and the perplexity's paired ratio to full attention (:func:`paired_ratio`).
     The regimes are those of the perplexity runs (a cache-regime NIAH table also holds
     full attention's prefill-regime rows)."""
     import polars as pl
@@ -230,6 +264,9 @@ def ablation(
                 "perplexity": p["perplexity"],
                 "ppl_lo": p["ppl_lo"],
                 "ppl_hi": p["ppl_hi"],
+                "ppl_ratio": p["ppl_ratio"],
+                "ratio_lo": p["ratio_lo"],
+                "ratio_hi": p["ratio_hi"],
                 "ppl_sparsity": p["achieved_sparsity"],
                 "ppl_feasible": p["feasible"],
                 "chunks": p["chunks"],

@@ -16,6 +16,30 @@ def percentile_interval(boot: np.ndarray, level: float = 0.95, axis: int = 0) ->
     return np.nanquantile(boot, [alpha, 1.0 - alpha], axis=axis)
 
 
+def cluster_bootstrap(per_cluster, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """Bootstrap totals of per-cluster statistics: per_cluster (C, ...) -> (R, ...).
+
+    Each resample draws C clusters with replacement (multinomial counts) and sums their
+    rows. One draw serves every column, so a statistic formed from several columns (a
+    ratio of sums, a difference of two policies on the same prompts, two heads on the same
+    chunks) is resampled jointly: paired. The cluster is the independent unit (a corpus
+    chunk, a prompt); tokens of one chunk are not. Deterministic in ``seed``.
+    """
+    x = np.asarray(per_cluster, dtype=float)
+    counts = resample_counts(np.random.default_rng(seed), len(x), resamples)  # (R, C)
+    return np.tensordot(counts.astype(float), x, axes=(1, 0))
+
+
+def cluster_sums(values, cluster) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of ``values`` (N, ...) per cluster label (N,), in label order: (C, ...), and
+    the labels (C,)."""
+    labels, inverse = np.unique(np.asarray(cluster), return_inverse=True)
+    x = np.asarray(values, dtype=float)
+    sums = np.zeros((len(labels), *x.shape[1:]))
+    np.add.at(sums, inverse, x)
+    return sums, labels
+
+
 def bootstrap_ci(
     values, n_resamples: int = 2000, level: float = 0.95, seed: int = 0, stat=np.mean
 ) -> tuple[float, float]:

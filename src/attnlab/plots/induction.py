@@ -131,21 +131,38 @@ def plot_causal(paths, out) -> None:
 
 
 def plot_lag(paths, out) -> None:
-    """Profiles for short (<= SHORT_LAG) and long lags, a panel per model."""
+    """Profiles for short (<= SHORT_LAG) and long lags, a panel per model, with the
+    previous-token profile (attention from t to t - 1 at the same queries) beside them
+    and, per lag, the correlation across heads of induction and previous-token scores."""
     profiles = [_json(p) for p in paths]
     fig, axes = plt.subplots(
-        1, len(profiles), figsize=(4.2 * len(profiles), 3.4), squeeze=False, layout="constrained"
+        1, len(profiles), figsize=(4.2 * len(profiles), 3.8), squeeze=False, layout="constrained"
     )
     for ax, p in zip(axes[0], profiles, strict=True):
         for name, color in (("short", "tab:green"), ("long", "tab:purple")):
             if name in p["lags"]:
                 q = p["lags"][name] | {"relative_depth": p["relative_depth"]}
                 _profile_axes(ax, q, label=f"{name} lags: peak {q['peak_depth']:.2f}", color=color)
-        ax.set_title(p["model"], fontsize=9)
+        if "prev_head_scores" in p:
+            prev = np.asarray(p["prev_head_scores"]).mean(-1)
+            ax.plot(
+                p["relative_depth"], prev, color="0.4", ls="--", lw=1, label="previous token (t-1)"
+            )
+        note = "\n".join(
+            f"lag {lag}: r = {c['r']:.2f}, top-{c['top']} shared {c['top_shared']}"
+            for lag, c in p.get("by_lag", {}).items()
+        )
+        ax.set_title(
+            p["model"] + ("\ninduction vs previous-token, across heads:\n" + note if note else ""),
+            fontsize=7,
+        )
         ax.set_xlabel("relative depth")
-        ax.set_ylabel("induction score")
+        ax.set_ylabel("mean score over heads")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Induction profile by lag (short <= {SHORT_LAG} < long)", fontsize=9)
+    fig.suptitle(
+        f"Induction profile by lag (short <= {SHORT_LAG} < long) and the previous-token profile",
+        fontsize=9,
+    )
     _save(fig, out)
 
 

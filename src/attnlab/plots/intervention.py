@@ -55,7 +55,7 @@ def plot_gain(table: str | Path, out: str | Path) -> None:
     """Gain (slope against log scale) per metric for target and control, with 95% intervals,
     the target/control ratio and the monotonicity verdict."""
     cols = ["metric", "role", "gain", "gain_lo", "gain_hi", "ratio", "ratio_lo", "ratio_hi"]
-    df = tables.read(table, [*cols, "verdict"])
+    df = tables.read(table, [*cols, "verdict", "resampled", "chunks"])
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), layout="constrained")
     for ax, metric in zip(axes, SWEEP_METRICS, strict=True):
         d = df.filter(pl.col("metric") == metric)
@@ -76,7 +76,10 @@ def plot_gain(table: str | Path, out: str | Path) -> None:
         )
         ax.set_ylabel(f"gain: d {metric} / d log(scale)")
     model = tables.meta(table).get("target", {}).get("model", "?")
+    first = df.row(0, named=True)
     fig.suptitle(
-        f"{model}: gain of the query scale, 95% bootstrap intervals over tokens", fontsize=10
+        f"{model}: gain of the query scale, 95% bootstrap intervals resampling "
+        f"{first['resampled']}s ({first['chunks']}); verdicts from chunk-level slopes",
+        fontsize=10,
     )
     _save(fig, out)

@@ -175,25 +175,79 @@ def _accuracy_panel(ax, d: pl.DataFrame, seed: int) -> int:
     return full.size
 
 
-def plot_summary(table: str | Path, out: str | Path, seed: int = 0) -> None:
+def plot_summary(
+    table: str | Path, out: str | Path, seed: int = 0, paired: str | Path | None = None
+) -> None:
     """Accuracy against target sparsity per policy, with bootstrap 95% intervals over prompts.
 
     A panel per (model, regime); full attention is the dashed line with its band. Points whose
-    target was not reached on every prompt are drawn hollow.
+    target was not reached on every prompt are drawn hollow. With the ``paired`` table
+    (niah-paired), a point is marked where the paired interval of its difference to full
+    attention (†) or to the best other policy (*) excludes zero.
     """
     df, task = _one_task(tables.read(table, COLUMNS))
+    marks = None
+    if paired is not None:
+        marks = tables.read(paired, PAIRED_COLUMNS).filter(pl.col("task") == task)
     rows = _rows(df)
     fig, axes = plt.subplots(1, len(rows), squeeze=False, figsize=(4.5 * len(rows), 3.6))
     for ax, (model, regime) in zip(axes[0], rows, strict=True):
         d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
         n = _accuracy_panel(ax, d, seed)
+        if marks is not None:
+            _paired_marks(
+                ax, marks.filter((pl.col("model") == model) & (pl.col("regime") == regime))
+            )
         ax.set_title(f"{model}, {regime} regime (n = {n} prompts per point)", fontsize=9)
+    note = (
+        "\npaired 95% interval over prompts excludes 0 (beside the point, in its colour): "
+        "† against full attention, * against the best other policy"
+        if marks is not None
+        else ""
+    )
     fig.suptitle(
         f"{TASK_TITLES[task]} against sparsity, bootstrap 95% intervals "
-        "(hollow = target not reached)",
+        f"(hollow = target not reached){note}",
         fontsize=10,
+        y=1.02 + 0.04 * bool(note),
     )
     _save(fig, out)
+
+
+PAIRED_COLUMNS = [
+    "model",
+    "regime",
+    "task",
+    "policy",
+    "target_sparsity",
+    "accuracy",
+    "full_excludes_zero",
+    "best_excludes_zero",
+]
+
+
+def _paired_marks(ax, marks: pl.DataFrame) -> None:
+    """† / * beside each point whose paired difference to full attention / to the best
+    other policy excludes zero (rows of the niah-paired table for one panel)."""
+    colors = {
+        label: handle.lines[0].get_color()
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)
+        if hasattr(handle, "lines")
+    }
+    stacked: dict[tuple[float, float], int] = {}  # marks already beside a point
+    for r in marks.sort("policy").iter_rows(named=True):
+        text = "†" * r["full_excludes_zero"] + "*" * r["best_excludes_zero"]
+        if text:
+            point = (r["target_sparsity"], r["accuracy"])
+            stacked[point] = stacked.get(point, -1) + 1
+            ax.annotate(
+                text,
+                point,
+                textcoords="offset points",
+                xytext=(4, -3 + 7 * stacked[point]),  # policies at one point: a column
+                fontsize=7,
+                color=colors.get(r["policy"], "black"),
+            )
 
 
 def plot_tasks(table: str | Path, out: str | Path, seed: int = 0) -> None:

@@ -1,0 +1,87 @@
+"""Paired NIAH comparisons on a synthetic NIAH table with known answers."""
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy import stats as sps
+
+from attnlab import niah_paired
+from attnlab.errors import UserError
+from attnlab.stats import bootstrap_ci
+
+N = 20  # prompts: 4 lengths x 5 depths, one sample
+
+
+def _table(correct: dict[tuple[str, str, float], list[int]], seed=0) -> pl.DataFrame:
+    """A NIAH table as the pipeline writes it: one row per (regime, policy, sparsity,
+    prompt); rows shuffled, so pairing must go by prompt identity, not row order."""
+    lengths, depths = np.meshgrid([512, 1024, 2048, 4096], [0.0, 0.25, 0.5, 0.75, 1.0])
+    rows = [
+        {
+            "model": "m",
+            "regime": regime,
+            "task": "passkey",
+            "policy": policy,
+            "target_sparsity": sparsity,
+            "length": int(lengths.ravel()[i]),
+            "depth": float(depths.ravel()[i]),
+            "sample": 0,
+            "correct": bool(c),
+            "feasible": True,
+        }
+        for (regime, policy, sparsity), values in correct.items()
+        for i, c in enumerate(values)
+    ]
+    return pl.DataFrame(rows).sample(fraction=1.0, shuffle=True, seed=seed)
+
+
+def test_paired_difference_has_the_binomial_interval_and_beats_overlapping_marginals():
+    """A right on prompts 0-11, B on 0-5 (a subset): B - A is -1 on 6 prompts of 20 and 0
+    elsewhere, so its bootstrap is -Binomial(20, 0.3) / 20, an interval that excludes 0,
+    while A's and B's own intervals overlap."""
+    a = [1] * 12 + [0] * 8
+    b = [1] * 6 + [0] * 14
+    df = _table(
+        {
+            ("cache", "full", 0.0): [1] * N,
+            ("prefill", "full", 0.0): [1] * 10 + [0] * 10,  # the other regime's full
+            ("cache", "a", 0.99): a,
+            ("cache", "b", 0.99): b,
+            ("cache", "topk", 0.99): [1] * N,  # the oracle: never the "best other"
+        }
+    )
+    rows = {r["policy"]: r for r in niah_paired.paired_rows(df, resamples=4000, seed=0)}
+    ra, rb = rows["a"], rows["b"]
+    assert rb["best_other"] == "a" and ra["best_other"] == "b"
+    assert rows["topk"]["best_other"] == "a"
+    assert rb["diff_best"] == pytest.approx(-0.3)
+    lo, hi = sps.binom.ppf([0.975, 0.025], N, 0.3) / N
+    assert rb["diff_best_lo"] == pytest.approx(-lo, abs=0.051)
+    assert rb["diff_best_hi"] == pytest.approx(-hi, abs=0.051)
+    assert rb["best_excludes_zero"] and ra["best_excludes_zero"]
+    assert ra["diff_best_lo"] == pytest.approx(-rb["diff_best_hi"])  # the same draws
+    # The marginal intervals, each over the prompts on its own, overlap.
+    assert bootstrap_ci(np.array(b, float))[1] > bootstrap_ci(np.array(a, float))[0]
+    # Paired with the cache regime's full attention (all right), not the prefill one's.
+    assert ra["full_accuracy"] == 1.0 and ra["diff_full"] == pytest.approx(-0.4)
+    assert ra["full_excludes_zero"] and ra["resampled"] == "prompt" and ra["prompts"] == N
+    assert not rows["topk"]["full_excludes_zero"]  # equal on every prompt: (0, 0)
+
+
+def test_policies_that_differ_on_one_prompt_are_not_told_apart():
+    df = _table(
+        {
+            ("cache", "full", 0.0): [1] * N,
+            ("cache", "a", 0.9): [1] * 10 + [0] * 10,
+            ("cache", "b", 0.9): [1] * 9 + [0] * 11,
+        }
+    )
+    rows = {r["policy"]: r for r in niah_paired.paired_rows(df, resamples=2000)}
+    assert rows["a"]["diff_best"] == pytest.approx(0.05)
+    assert rows["a"]["diff_best_lo"] == 0.0 and not rows["a"]["best_excludes_zero"]
+
+
+def test_a_run_missing_prompts_is_an_error():
+    df = _table({("cache", "full", 0.0): [1] * N, ("cache", "a", 0.9): [1] * N})
+    with pytest.raises(UserError, match="same prompts"):
+        niah_paired.paired_rows(df.filter(~((pl.col("policy") == "a") & (pl.col("depth") == 0))))
