@@ -201,6 +201,7 @@ def all_targets():
     # from the committed GPU tables
     return figs + [
         "figs/long_context_length.png",
+        "figs/long_context_latency.png",
         "results/long_context/paired.parquet",
     ]
 

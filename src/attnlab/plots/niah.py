@@ -347,9 +347,10 @@ def _accuracy_line(ax, d: pl.DataFrame, x: str, label: str, seed: int, **style) 
 
 
 def accuracy_latency(niah_table: str | Path, bench_table: str | Path) -> pl.DataFrame:
-    """Each (policy, target sparsity) of a prefill benchmark beside its NIAH accuracy at
-    the benchmark's prompt length, in each regime of the NIAH table: the accuracy-matched
-    speed table. Columns: policy, target_sparsity, kernel, ms, speedup_vs_full,
+    """Each (policy, target sparsity) of a prefill benchmark beside its ``prefill``-regime
+    NIAH accuracy at the benchmark's prompt length: the accuracy-matched speed table (the
+    regime whose prompt the benchmark times; a ``cache``-regime prefill is full
+    attention's). Columns: policy, target_sparsity, kernel, ms, speedup_vs_full,
     achieved_sparsity (of the timed prefill), regime, accuracy, prompts."""
     bench = pl.read_parquet(bench_table)
     length = bench["length"].unique().to_list()
@@ -357,7 +358,7 @@ def accuracy_latency(niah_table: str | Path, bench_table: str | Path) -> pl.Data
         raise ValueError(f"{bench_table} times {len(length)} lengths; expected one")
     df, _ = _one_task(tables.read(niah_table, COLUMNS))
     acc = (
-        df.filter(pl.col("length") == length[0])
+        df.filter((pl.col("length") == length[0]) & (pl.col("regime") == "prefill"))
         .group_by("regime", "policy", "target_sparsity")
         .agg(
             pl.col("correct").cast(pl.Float64).mean().alias("accuracy"),
@@ -370,9 +371,9 @@ def accuracy_latency(niah_table: str | Path, bench_table: str | Path) -> pl.Data
 
 
 def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Path) -> None:
-    """NIAH accuracy against real-model prefill latency at the benchmark's length, a panel
-    per regime: one colour per policy, its target sparsities written beside the points;
-    full attention a black star."""
+    """Prefill-regime NIAH accuracy against real-model prefill latency at the benchmark's
+    length: one colour per policy, its target sparsities written beside the points; full
+    attention a black star."""
     df = accuracy_latency(niah_table, bench_table)
     regimes = df["regime"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, len(regimes), squeeze=False, sharey=True)
