@@ -194,10 +194,10 @@ def test_snapkv_decode_keeps_the_compressed_cache_and_every_new_key():
     torch.manual_seed(7)
     q, k = torch.randn(1, 1, 43, 8), torch.randn(1, 1, 43, 8)
     policy = policies.make("snapkv", window=4, kernel=3)
-    prefill = context(q[..., :40, :], k[..., :40, :], 0.7)
-    kept = policy.compress(prefill)
+    history = LayerHistory()  # the layer's, shared by its prefill and decode steps
+    prefill = context(q[..., :40, :], k[..., :40, :], 0.7, history)
+    kept = history.kept = policy.compress(prefill)
     assert int(kept.sum()) == 12 and kept[0, 0, 36:].all()
-    history = LayerHistory(kept=kept)
     for t in (40, 41, 42):  # compressed once: nothing more is dropped
         step = keep_mask(policy, context(q[..., t : t + 1, :], k[..., : t + 1, :], 0.7, history))
         assert torch.equal(step[0, 0, 0, :40], kept[0, 0, :40]) and step[0, 0, 0, 40:].all()
