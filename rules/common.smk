@@ -197,7 +197,7 @@ def all_targets():
         for k in ("heatmap", "profile", "nulls")
         for m in MODELS
     ]
-    figs += ["figs/niah_summary.png", "figs/niah_tasks.png"]
+    figs += ["figs/niah_summary.png", "figs/niah_tasks.png", "figs/niah_recall.png"]
     # from the committed GPU tables
     return figs + [
         "figs/long_context_length.png",

@@ -64,6 +64,24 @@ rule niah_summary:
         " --out {output} 2> {log}"
 
 
+rule niah_recall:
+    input:
+        table="results/niah/niah.parquet",
+        code=module_sources("plots.niah", root=workflow.basedir),
+    output:
+        report(
+            "figs/niah_recall.png",
+            caption="../report/niah_recall.rst",
+            category="Needle in a haystack",
+        ),
+    log:
+        "logs/figures/niah_recall.log",
+    conda:
+        "../envs/attnlab.yaml"
+    shell:
+        "attnlab plot niah-recall --table {input.table} --out {output} 2> {log}"
+
+
 rule niah_tasks:
     input:
         table="results/niah/niah.parquet",

@@ -29,7 +29,8 @@ TINY = {
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("e2e"), TINY, source=True)
-    snakemake(workdir, "--cores", "2", "figs/niah_heatmap_90.png", "figs/niah_tasks.png")
+    figs = ("figs/niah_heatmap_90.png", "figs/niah_tasks.png", "figs/niah_recall.png")
+    snakemake(workdir, "--cores", "2", *figs)
     return workdir
 
 
@@ -74,10 +75,17 @@ def test_full_attention_retrieves_every_passkey(run_dir):
         "feasible",
     }
     assert "seconds" not in df.columns  # wall time is in benchmarks/, so tables are reproducible
+    # attention-mass recall at the answering rows: every layer of Gemma 3 for a sparse
+    # policy (its windowed layers too), nothing for full attention, which keeps it all
+    sparse_rows = df.filter(pl.col("policy") != "full")
+    assert sparse_rows["recall_by_layer"].list.len().unique().to_list() == [18]
+    assert sparse_rows["attention_recall"].is_between(0.0, 1.0 + 1e-6).all()
+    assert sparse_rows["oracle_overlap"].is_between(0.0, 1.0).all()
+    assert full["attention_recall"].is_nan().all()
 
 
 def test_heatmap_and_tasks_figure_are_rendered_pngs(run_dir):
-    for fig in ("figs/niah_heatmap_90.png", "figs/niah_tasks.png"):
+    for fig in ("figs/niah_heatmap_90.png", "figs/niah_tasks.png", "figs/niah_recall.png"):
         png = (run_dir / fig).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 

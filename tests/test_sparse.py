@@ -89,6 +89,9 @@ def test_flex_prefill_matches_masked_attention_with_the_same_mask(name, device):
     # counted from the blocks, as the token-level mask counts them
     assert run.kept == int(tokens.sum()) and run.causal == 4 * 100 * 101 // 2
     assert run.watch_kept == tokens[0, :, -1][:, [5, 40]].any(-1).float().tolist()
+    last = torch.softmax((q[..., -1:, :] @ kk.transpose(-1, -2))[..., 0, :] * 0.25, -1)
+    recall = (last * tokens[..., -1, :]).sum(-1).mean()  # the last row's kept mass
+    assert run.recall_by_layer()["recall"] == pytest.approx([float(recall)], abs=1e-5)
     raw = torch.where(visible, q @ kk.transpose(-1, -2) * 0.25, float("-inf"))
     rows = sparse.SparseRun(policy, 0.7).mask(0, q, kk, visible, 0.25, raw)  # (1, 4, T, T)
     ends = [*range(15, 100, 16), 99]
@@ -150,3 +153,32 @@ def test_causal_block_pairs_count_the_causal_pairs_of_each_block():
     pad = 7 * bs - t
     want = torch.nn.functional.pad(tokens, (0, pad, 0, pad)).view(7, bs, 7, bs).sum((1, 3))
     assert torch.equal(sparse.causal_block_pairs(t, bs, "cpu"), want)
+
+
+def test_attention_recall_of_a_planted_pattern():
+    """The answering row's weights are planted: with one-hot keys and a query of ones,
+    key j scores s_j, so its full-attention weight is softmax(s)_j. StreamingLLM at 80%
+    keeps the 4 sinks and the most recent keys of a 40-key budget (with the row itself:
+    positions 0-3 and 164-199); the oracle keeps the 40 largest weights. Recall, overlap
+    and the oracle's mass follow from s alone."""
+    from types import SimpleNamespace
+
+    t, d = 200, 200
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(t, generator=g) * 2.0
+    s[50:60] += 6.0  # a needle the window misses
+    k = torch.diag(s)[None, None]  # (1, 1, T, D): key j = s_j e_j
+    q = torch.ones(1, 1, t, d)
+    module = SimpleNamespace(layer_idx=0, head_dim=d)
+    run = sparse.SparseRun(policies.make("streamingllm"), 0.8, backend="eager")
+    with run:
+        sparse.attention_forward(module, q, k, k, None, scaling=1.0)
+    p = torch.softmax(s, 0)
+    kept = torch.zeros(t, dtype=torch.bool)
+    kept[:4] = kept[164:] = True
+    oracle = p.topk(40).indices
+    by = run.recall_by_layer()
+    assert by["recall"] == pytest.approx([float(p[kept].sum())], abs=1e-5)
+    assert by["overlap"] == pytest.approx([float(kept[oracle].float().mean())], abs=1e-6)
+    assert by["oracle"] == pytest.approx([float(p.topk(40).values.sum())], abs=1e-5)
+    assert by["recall"][0] < 0.5 < by["oracle"][0]  # the needle carries most of the mass

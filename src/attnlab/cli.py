@@ -637,6 +637,8 @@ def _plot(a) -> None:
         niah_plots.plot_tasks(a.table[0], a.out, seed=a.seed)
     elif a.figure == "niah-length":
         niah_plots.plot_length(a.table[0], a.out, seed=a.seed)
+    elif a.figure == "niah-recall":
+        niah_plots.plot_recall(a.table[0], a.out)
     elif a.figure == "niah-latency":
         if len(a.table) != 2:
             raise UserError("niah-latency takes --table NIAH_TABLE PREFILL_BENCH_TABLE")
@@ -882,6 +884,7 @@ def parser() -> argparse.ArgumentParser:
             "niah-tasks",
             "niah-length",
             "niah-latency",
+            "niah-recall",
             "capture-entropy",
             "capture-qnorm_entropy",
             "capture-keff",

@@ -283,7 +283,22 @@ def _result(prompt: Prompt, run: sparse.SparseRun, text: str) -> dict:
         "model_sparsity": run.model_sparsity,
         "correct": all(a in out for a in prompt.answers),
         "needle_kept": run.needle_kept,
+        **_recall_columns(run),
         "generated": text,
+    }
+
+
+def _recall_columns(run: sparse.SparseRun) -> dict:
+    """The run's attention-mass recall at its answering rows (see
+    :meth:`attnlab.sparse.SparseRun.record_recall`): means over layers and heads, and the
+    recall per layer; NaN and empty for full attention, which keeps everything."""
+    by = run.recall_by_layer()
+    mean = {k: float(sum(v) / len(v)) if v else float("nan") for k, v in by.items()}
+    return {
+        "attention_recall": mean["recall"],
+        "oracle_overlap": mean["overlap"],
+        "oracle_recall": mean["oracle"],
+        "recall_by_layer": by["recall"],
     }
 
 

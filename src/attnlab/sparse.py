@@ -100,6 +100,9 @@ class SparseRun:
     row_chunk: int = 0
     followers: list[SparseRun] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
+    # per layer: sums over the answering rows of (kept mass, oracle overlap, oracle mass),
+    # each (B * H,), and the number of rows (see record_recall)
+    recall_sums: dict[int, list] = field(default_factory=dict)
     watch_kept: list[float] = field(default_factory=list)
     histories: dict[int, LayerHistory] = field(default_factory=dict)
     _watched: set[int] = field(default_factory=set)
@@ -131,6 +134,45 @@ class SparseRun:
         """Fraction of those causal pairs that the model's own mask hides (sliding-window
         layers): the part of the achieved sparsity no policy chose."""
         return self.hidden / self.causal if self.causal else 0.0
+
+    def recall_by_layer(self) -> dict[str, list[float]]:
+        """Per layer (in order) the mean over heads and answering rows of the attention
+        mass the policy kept (``recall``), the overlap of its kept keys with the oracle's
+        at the row's budget (``overlap``) and the oracle's own mass (``oracle``): see
+        :meth:`record_recall`. Empty lists where nothing was recorded (full attention)."""
+        out = {"recall": [], "overlap": [], "oracle": []}
+        for layer in sorted(self.recall_sums):
+            *sums, rows = self.recall_sums[layer]
+            for name, total in zip(out, sums, strict=True):
+                out[name].append(float(total.mean()) / rows)
+        return out
+
+    def record_recall(self, layer, q, k, visible, scaling, keep, budget) -> None:
+        """Attention-mass recall of an answering row: the share of full attention's weight
+        that falls on the keys the policy keeps, the share of the oracle's keys (the
+        ``budget`` keys of largest weight) among them, and the oracle's own kept mass.
+
+        q: (B, H, D) the row's queries; k: (B, H, Tk, D) keys expanded to the query heads;
+        visible, keep: (B, 1|H, Tk) bool; budget: (B, 1|H) long. Summed per layer over
+        the rows recorded (the last prompt row in the ``prefill`` regime, every generated
+        token's row in ``cache``).
+        """
+        s = torch.einsum("bhd,bhkd->bhk", q.float(), k.float()) * scaling
+        probs = torch.softmax(torch.where(visible, s, -float("inf")), dim=-1)  # (B, H, Tk)
+        n = int(budget.max())
+        top_p, top_i = probs.topk(min(n, probs.shape[-1]), dim=-1)  # the oracle's keys
+        in_budget = torch.arange(top_p.shape[-1], device=q.device) < budget.unsqueeze(-1)
+        keep = keep.expand_as(probs)
+        mass = (probs * keep).sum(-1).flatten()
+        overlap = (keep.gather(-1, top_i) & in_budget).sum(-1) / in_budget.sum(-1)
+        oracle = (top_p * in_budget).sum(-1).flatten()
+        prev = self.recall_sums.get(layer)
+        new = [mass, overlap.flatten().float(), oracle]
+        if prev is None:
+            self.recall_sums[layer] = [*new, 1]
+        else:
+            self.recall_sums[layer] = [a + b for a, b in zip(prev[:3], new, strict=True)]
+            self.recall_sums[layer].append(prev[3] + 1)
 
     @property
     def needle_kept(self) -> float:
@@ -205,6 +247,16 @@ class SparseRun:
         keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
+        if answering and (self.regime == "cache" or layer not in self.recall_sums):
+            self.record_recall(
+                layer,
+                q[..., -1, :],
+                k,
+                visible[..., -1, :],
+                scaling,
+                keep[..., -1, :],
+                ctx.budget[..., -1],
+            )
         self._remember(ctx)
         self.account(layer, keep, visible, answering)
         return keep
@@ -271,6 +323,12 @@ class SparseRun:
             layer, query, expand_kv(key, query.shape[1]), scaling, key.shape[1]
         )
         b, h = keep.shape[:2]
+        if layer not in self.recall_sums:  # the last prompt row: the last query block's keys
+            k = expand_kv(key, query.shape[1])
+            last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t]  # (B, H, T)
+            causal = torch.ones(1, 1, t, dtype=torch.bool, device=query.device)
+            budget = row_budget(torch.tensor([t], device=query.device), self.sparsity)
+            self.record_recall(layer, query[..., -1, :], k, causal, scaling, last, budget[None])
         self.kept += int((keep * causal_block_pairs(t, bs, query.device)).sum())
         self.causal += b * h * t * (t + 1) // 2
         if self.watch and layer not in self._watched:  # the last row: the last query block

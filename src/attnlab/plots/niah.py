@@ -404,3 +404,62 @@ def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Pat
     length = pl.read_parquet(bench_table)["length"][0]
     fig.suptitle(f"Accuracy against prefill latency at {length} tokens", fontsize=10)
     _save(fig, out)
+
+
+def plot_recall(table: str | Path, out: str | Path) -> None:
+    """Attention-mass recall of the answering rows (``recall_by_layer``): for each
+    (model, regime) a row of panels, one per target sparsity, with each policy's recall
+    against layer (mean over prompts and heads), and a last panel of accuracy against
+    mean recall, a point per (policy, sparsity). Full attention keeps every weight (recall
+    1) and is left out of the curves."""
+    cols = [*COLUMNS, "attention_recall", "recall_by_layer"]
+    df, task = _one_task(tables.read(table, cols))
+    df = df.filter(pl.col("policy") != "full")
+    rows = _rows(df)
+    sparsities = sorted(df["target_sparsity"].unique())
+    fig, axes = plt.subplots(
+        len(rows),
+        len(sparsities) + 1,
+        squeeze=False,
+        figsize=(3.8 * (len(sparsities) + 1), 3.2 * len(rows) + 0.6),
+    )
+    colors = {p: f"C{i}" for i, p in enumerate(df["policy"].unique(maintain_order=True))}
+    for r, (model, regime) in enumerate(rows):
+        d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
+        for c, s in enumerate(sparsities):
+            ax = axes[r][c]
+            for policy, run in d.filter(pl.col("target_sparsity") == s).group_by(
+                "policy", maintain_order=True
+            ):
+                curves = np.array(run["recall_by_layer"].to_list(), dtype=float)
+                ax.plot(curves.mean(0), marker=".", color=colors[policy[0]], label=policy[0])
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_xlabel("layer")
+            ax.set_title(f"{model}, {regime}, {s:.0%}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("attention mass kept")
+        ax = axes[r][-1]
+        pts = d.group_by("policy", "target_sparsity", maintain_order=True).agg(
+            pl.col("attention_recall").mean(), pl.col("correct").cast(pl.Float64).mean()
+        )
+        for row in pts.iter_rows(named=True):
+            ax.scatter(row["attention_recall"], row["correct"], color=colors[row["policy"]])
+            ax.annotate(
+                f"{row['target_sparsity']:.0%}",
+                (row["attention_recall"], row["correct"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("mean attention mass kept")
+        ax.set_ylabel("retrieval accuracy")
+        axes[r][-2].legend(fontsize=6)
+    fig.subplots_adjust(hspace=0.5, wspace=0.3)
+    fig.suptitle(
+        f"{TASK_TITLES[task]}: full attention's weight on the kept keys at the answering "
+        "rows, by layer",
+        fontsize=10,
+    )
+    _save(fig, out)
