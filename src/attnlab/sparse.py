@@ -23,7 +23,9 @@ FlexAttention's block-sparse kernel instead of a masked softmax: the selection i
 made per query block (each block takes its first row's choice, so no row sees a choice
 made with later tokens, and its last row's budget), the granularity a BlockMask can
 express. Decode steps, token-level policies and layers with sliding windows take the
-masked path.
+masked path; a token-level policy's long call runs in row chunks (``row_chunk``,
+:func:`chunked_attention`). At the answering rows each run also records how much of
+full attention's weight its policy kept, per layer (:meth:`SparseRun.record_recall`).
 """
 
 from __future__ import annotations
