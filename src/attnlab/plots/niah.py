@@ -388,13 +388,7 @@ def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Pat
             if policy != "full":
                 ax.plot(p["ms"], p["accuracy"], alpha=0.4)
                 for row in p.iter_rows(named=True):
-                    ax.annotate(
-                        f"{row['target_sparsity']:.0%}",
-                        (row["ms"], row["accuracy"]),
-                        fontsize=6,
-                        xytext=(3, 3),
-                        textcoords="offset points",
-                    )
+                    _sparsity_label(ax, row["target_sparsity"], row["ms"], row["accuracy"])
         ax.set_xscale("log")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("prefill latency (ms, median)")
@@ -443,14 +437,9 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
             pl.col("attention_recall").mean(), pl.col("correct").cast(pl.Float64).mean()
         )
         for row in pts.iter_rows(named=True):
-            ax.scatter(row["attention_recall"], row["correct"], color=colors[row["policy"]])
-            ax.annotate(
-                f"{row['target_sparsity']:.0%}",
-                (row["attention_recall"], row["correct"]),
-                fontsize=6,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+            x, y = row["attention_recall"], row["correct"]
+            ax.scatter(x, y, color=colors[row["policy"]])
+            _sparsity_label(ax, row["target_sparsity"], x, y)
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("mean attention mass kept")
@@ -463,3 +452,8 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         fontsize=10,
     )
     _save(fig, out)
+
+
+def _sparsity_label(ax, sparsity: float, x: float, y: float) -> None:
+    """The target sparsity written beside a point."""
+    ax.annotate(f"{sparsity:.0%}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
