@@ -202,6 +202,7 @@ def all_targets():
     return figs + [
         "figs/long_context_length.png",
         "figs/long_context_latency.png",
+        "figs/long_context_recall.png",
         "results/long_context/paired.parquet",
     ]
 

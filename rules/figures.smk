@@ -147,3 +147,22 @@ rule long_context_latency:
         "../envs/attnlab.yaml"
     shell:
         "attnlab plot niah-latency --table {input.table} {input.bench} --out {output} 2> {log}"
+
+
+rule long_context_recall:
+    input:
+        table="results_ref/long_context/recall_32k_cache.parquet",
+        code=module_sources("plots.niah", root=workflow.basedir),
+    output:
+        report(
+            "figs/long_context_recall.png",
+            caption="../report/niah_recall.rst",
+            category="Needle in a haystack",
+            subcategory="long context",
+        ),
+    log:
+        "logs/figures/long_context_recall.log",
+    conda:
+        "../envs/attnlab.yaml"
+    shell:
+        "attnlab plot niah-recall --table {input.table} --out {output} 2> {log}"

@@ -182,3 +182,12 @@ def test_attention_recall_of_a_planted_pattern():
     assert by["overlap"] == pytest.approx([float(kept[oracle].float().mean())], abs=1e-6)
     assert by["oracle"] == pytest.approx([float(p.topk(40).values.sum())], abs=1e-5)
     assert by["recall"][0] < 0.5 < by["oracle"][0]  # the needle carries most of the mass
+    # a sliding window narrower than the budget: the oracle keeps every visible key
+    window = torch.zeros(1, 1, t, dtype=torch.bool)
+    window[..., -16:] = True
+    run.recall_sums.clear()
+    budget = torch.tensor([[40]])
+    run.record_recall(0, q[..., -1, :], k, window, 1.0, window, budget)
+    by = run.recall_by_layer()
+    assert by["overlap"] == [1.0]  # all 16 oracle keys kept (not 16 of a 40-key budget)
+    assert by["recall"] == pytest.approx([1.0]) and by["oracle"] == pytest.approx([1.0])

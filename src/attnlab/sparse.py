@@ -155,12 +155,14 @@ class SparseRun:
         ``budget`` keys of largest weight) among them, and the oracle's own kept mass.
 
         q: (B, H, D) the row's queries; k: (B, H, Tk, D) keys expanded to the query heads;
-        visible, keep: (B, 1|H, Tk) bool; budget: (B, 1|H) long. Summed per layer over
+        visible, keep: (B, 1|H, Tk) bool; budget: (B, 1|H) long (the oracle keeps at most
+        the visible keys: all of a sliding window narrower than the budget). Summed per layer over
         the rows recorded (the last prompt row in the ``prefill`` regime, every generated
         token's row in ``cache``).
         """
         s = torch.einsum("bhd,bhkd->bhk", q.float(), k.float()) * scaling
         probs = torch.softmax(torch.where(visible, s, -float("inf")), dim=-1)  # (B, H, Tk)
+        budget = torch.minimum(budget, visible.sum(-1))  # a window may show fewer keys
         n = int(budget.max())
         top_p, top_i = probs.topk(min(n, probs.shape[-1]), dim=-1)  # the oracle's keys
         in_budget = torch.arange(top_p.shape[-1], device=q.device) < budget.unsqueeze(-1)
