@@ -249,6 +249,13 @@ def test_xattention_antidiagonals_and_threshold():
     assert row[4:8].all() and row[28:32].all() and int(row.sum()) == 8
     loose = policies.make("xattention", block_size=4, stride=2, threshold=1.0)
     assert int(keep_mask(loose, context(q, k, 0.1))[0, 0, 31].sum()) > 8
+    # A sliding window of 8 keys hides that block from row 31: the shares are the
+    # visible blocks' (6 and 7, equal here), so both are kept, not the own block alone.
+    k[0, 0, 24:32] = 2.0
+    ctx = context(q, k, 0.1)
+    ctx.visible = ctx.visible & (torch.arange(32) > torch.arange(32)[:, None] - 8)
+    row = keep_mask(policy, ctx)[0, 0, 31]
+    assert row[24:32].all() and int(row.sum()) == 8
 
 
 def _row_graph_by_loops(q, k, t, bs, scaling, graph):

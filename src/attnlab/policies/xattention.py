@@ -10,6 +10,7 @@ from attnlab.policies.base import (
     INF,
     BlockPolicy,
     ScoreContext,
+    block_counts,
     must_keep_blocks,
 )
 
@@ -38,7 +39,8 @@ class XAttention(BlockPolicy):
     x ``block_size`` blocks: each query block gets a distribution over key blocks. Key
     blocks are kept in decreasing share until their cumulative share reaches
     ``threshold`` (the rest score -inf) or the budget is met; the query's own block is
-    always kept. A row uses the strided queries complete at it (:meth:`shares`).
+    always kept. A row uses the strided queries complete at it (:meth:`shares`), and
+    shares only among the blocks its model's mask shows (a sliding-window layer's).
     """
 
     name = "xattention"
@@ -89,6 +91,10 @@ class XAttention(BlockPolicy):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]
         share = self.shares(q, ctx.k, ctx.q_pos, ctx.scaling)  # (B, H, Tq, Mk)
+        # only the blocks the model's own mask lets the row see share its attention (a
+        # sliding window hides the rest; the estimate itself runs over every causal key)
+        share = share * (block_counts(ctx.visible, self.block_size) > 0)
+        share = share / share.sum(-1, keepdim=True).clamp(min=1e-12)
         order = share.sort(dim=-1, descending=True)
         before = order.values.cumsum(-1) - order.values  # share of the blocks ranked above
         needed = torch.zeros_like(share, dtype=torch.bool).scatter_(
