@@ -32,6 +32,7 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
         ("cab", 0.8),
     ]
     assert (bench["length"] == 128).all() and (bench["ms"] > 0).all()
+    assert (bench["regime"] == "prefill").all()
     assert (bench["reps"] >= 3).all()
     kernels = dict(zip(bench["policy"], bench["kernel"], strict=False))
     assert kernels == {  # SmolLM2's 30 layers are causal; FlexAttention on CUDA only

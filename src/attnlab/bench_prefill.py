@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 {
                     "model": args.model,
                     "length": ids.shape[-1],
+                    "regime": "prefill",
                     "policy": name,
                     "target_sparsity": s,
                     "achieved_sparsity": r.achieved_sparsity,

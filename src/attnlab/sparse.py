@@ -170,13 +170,11 @@ class SparseRun:
         mass = (probs * keep).sum(-1).flatten()
         overlap = (keep.gather(-1, top_i) & in_budget).sum(-1) / in_budget.sum(-1)
         oracle = (top_p * in_budget).sum(-1).flatten()
+        new = [mass, overlap.flatten().float(), oracle, 1]
         prev = self.recall_sums.get(layer)
-        new = [mass, overlap.flatten().float(), oracle]
-        if prev is None:
-            self.recall_sums[layer] = [*new, 1]
-        else:
-            self.recall_sums[layer] = [a + b for a, b in zip(prev[:3], new, strict=True)]
-            self.recall_sums[layer].append(prev[3] + 1)
+        self.recall_sums[layer] = (
+            new if prev is None else [a + b for a, b in zip(prev, new, strict=True)]
+        )
 
     @property
     def needle_kept(self) -> float:
@@ -195,6 +193,11 @@ class SparseRun:
     def needs_inputs(self) -> bool:
         """Whether this run's policy, or a follower's, reads the attention's inputs."""
         return any(r.policy.needs_inputs for r in [self, *self.followers])
+
+    def took(self, kernel: str, tq: int) -> None:
+        """Count a multi-row call (a prefill's layer) by the attention kernel it took."""
+        if tq > 1:
+            self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
 
     def chunks(self, tq: int) -> bool:
         """Whether a masked call of ``tq`` rows runs in row chunks (:func:`chunked_attention`)."""
@@ -327,18 +330,15 @@ class SparseRun:
             layer, query, expand_kv(key, query.shape[1]), scaling, key.shape[1]
         )
         b, h = keep.shape[:2]
-        if layer not in self.recall_sums:  # the last prompt row: the last query block's keys
+        last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t]  # the last row's keys (B, H, T)
+        if layer not in self.recall_sums:
             k = expand_kv(key, query.shape[1])
-            last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t]  # (B, H, T)
             causal = torch.ones(1, 1, t, dtype=torch.bool, device=query.device)
             budget = row_budget(torch.tensor([t], device=query.device), self.sparsity)
             self.record_recall(layer, query[..., -1, :], k, causal, scaling, last, budget[None])
         self.kept += int((keep * causal_block_pairs(t, bs, query.device)).sum())
         self.causal += b * h * t * (t + 1) // 2
-        if self.watch and layer not in self._watched:  # the last row: the last query block
-            self._watched.add(layer)
-            blocks = torch.tensor(list(self.watch), device=keep.device) // bs
-            self.watch_kept.extend(keep[:, :, -1, blocks].any(-1).float().flatten().tolist())
+        self._note_needle(layer, last)
         return flex_block_sparse_attention(query, key, value, keep, bs, scaling)
 
     def account(
@@ -355,14 +355,20 @@ class SparseRun:
         self.kept += int(torch.count_nonzero(keep))  # far faster than a bool sum
         self.causal += causal * b * h
         self.hidden += (causal * b - int(torch.count_nonzero(visible))) * h
+        if answering:
+            self._note_needle(layer, keep[:, :, -1], visible[:, :, -1])
+
+    def _note_needle(self, layer: int, kept: torch.Tensor, visible=None) -> None:
+        """At a layer's first answering row, whether it keeps a watched key, per head.
+        kept: (B, H, Tk) bool; visible: (B, 1|H, Tk), None when the row sees every key.
+        Layers whose own window hides the needle from the row (sliding-window layers)
+        have nothing a policy could keep and are not counted."""
         watch = list(self.watch)
-        # Layers whose own window hides the needle from the answering row (sliding-window
-        # layers) have nothing a policy could keep and are not counted.
-        if watch and answering and layer not in self._watched:
-            self._watched.add(layer)
-            if visible[:, :, -1, watch].any():
-                hit = keep[:, :, -1, watch].any(-1).float()  # (B, H)
-                self.watch_kept.extend(hit.flatten().tolist())
+        if not watch or layer in self._watched:
+            return
+        self._watched.add(layer)
+        if visible is None or visible[..., watch].any():
+            self.watch_kept.extend(kept[..., watch].any(-1).float().flatten().tolist())
 
 
 def causal_block_pairs(t: int, block_size: int, device) -> torch.Tensor:
@@ -420,9 +426,6 @@ def attention_forward(
     h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     acts = run is not None and run.acts(layer)
-    if run is not None and tq > 1:  # which kernel each multi-row call took
-        name = _kernel_name(run, acts, query, attention_mask, softcap, tq, tk)
-        run.kernels[name] = run.kernels.get(name, 0) + 1
     if (
         acts
         and softcap is None
@@ -431,6 +434,7 @@ def attention_forward(
         and _causal(attention_mask, tq)
     ):
         out = run.flex_attention(layer, query, key, value, scaling)
+        run.took("flex block-sparse", tq)
         return out.transpose(1, 2).contiguous(), None
     observer = _OBSERVER.get()
     masked = acts and run.policy.name != "full"
@@ -454,25 +458,14 @@ def attention_forward(
         keep = run.mask(layer, query, k, visible, scaling, scores, key.shape[1], module, value)
         scores = torch.where(keep, scores, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if run is not None:
+        run.took("eager", tq)
     if run is not None and not masked:
         _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs)
     if observer is not None:
         observer(layer, query, probs)
     out = torch.matmul(probs.to(value.dtype), v)  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _kernel_name(run, acts, query, attention_mask, softcap, tq, tk) -> str:
-    """The attention kernel :func:`attention_forward` takes for a call (its branches, in
-    order): a label for benchmark tables."""
-    causal = _causal(attention_mask, tq) and tq == tk
-    if _OBSERVER.get() is not None or softcap is not None:
-        return "eager"
-    if acts and run.uses_flex(query, tq, tk) and causal:
-        return "flex block-sparse"
-    if acts and run.policy.name != "full":
-        return "sdpa keep-mask" + (" in row chunks" if run.chunks(tq) else "")
-    return "sdpa causal" if causal else "sdpa model mask"
 
 
 def _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep=None):
@@ -485,12 +478,14 @@ def _fused_attention(run, acts, module, query, key, value, attention_mask, scali
     gqa = {"enable_gqa": True} if key.shape[1] != h else {}  # no copies of K and V
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if keep is not None:
-        out = sdpa(query, key, value, attn_mask=keep, scale=scaling, **gqa)
+        out, kernel = sdpa(query, key, value, attn_mask=keep, scale=scaling, **gqa), "keep-mask"
     elif (attention_mask is None or _causal(attention_mask, tq)) and tq == tk:
-        out = sdpa(query, key, value, is_causal=True, scale=scaling, **gqa)
+        out, kernel = sdpa(query, key, value, is_causal=True, scale=scaling, **gqa), "causal"
     else:
         visible = visible_mask(attention_mask, tq, tk, query.device)
-        out = sdpa(query, key, value, attn_mask=visible, scale=scaling, **gqa)
+        out, kernel = sdpa(query, key, value, attn_mask=visible, scale=scaling, **gqa), "model mask"
+    if run is not None:
+        run.took(f"sdpa {kernel}", tq)
     if run is not None and keep is None:
         visible = visible_mask(attention_mask, tq, tk, query.device)
         _unmasked_call(run, acts, module, query, key, value, visible, scaling)
@@ -512,6 +507,7 @@ def chunked_attention(run, module, query, key, value, attention_mask, scaling):
     gqa = {"enable_gqa": True} if key.shape[1] != h else {}
     visible = visible_mask(attention_mask, tq, tk, query.device)  # (B, 1, Tq, Tk) bool
     out = torch.empty_like(query)
+    run.took("sdpa keep-mask in row chunks", tq)
     for lo in range(0, tq, run.row_chunk):
         hi = min(lo + run.row_chunk, tq)
         end = tk - tq + hi  # the keys up to the chunk's last row
