@@ -11,6 +11,7 @@ from attnlab.workflow import model_key, module_sources, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
 from attnlab.workflow import policy_module as workflow_policy_module
 from attnlab.workflow import policy_spec as workflow_policy_spec
+from attnlab.workflow import undefined_policies as workflow_undefined_policies
 
 
 def validate_config(cfg):
@@ -27,6 +28,8 @@ def validate_config(cfg):
 
 
 validate_config(config)
+if undefined := workflow_undefined_policies(config):
+    sys.exit(f"attnlab: config error: policies has no entry for {', '.join(undefined)}")
 
 MODELS = {model_key(m): m for m in config["models"]}
 NIAH = config["niah"]
@@ -125,7 +128,10 @@ def policy_params(wildcards):
 
 def ablation_policies():
     return workflow_ablation_policies(
-        ABLATION["baselines"], ABLATION["lams"], config["policies"]["cab"]
+        ABLATION["baselines"],
+        ABLATION["lams"],
+        config["policies"]["cab"],
+        ABLATION["variants"],
     )
 
 

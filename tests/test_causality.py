@@ -17,7 +17,20 @@ PARAMS = {
     "xattention": {"block_size": 32, "stride": 8},
     "snapkv": {"window": 8},
 }
+# CAB's ablation variants (workflow_config.yaml's policies.cab_*), causal in each regime too
+VARIANTS = {
+    "cab_plan": {"adjacency": "dot", "graph": "rowsum"},
+    "cab_directed": {"graph": "directed"},
+    "cab_query": {"query": "row"},
+}
+NAMES = sorted(policies.REGISTRY) + sorted(VARIANTS)
 ATOL = 1e-5
+
+
+def _policy(name):
+    if name in VARIANTS:
+        return policies.make("cab", **PARAMS["cab"], **VARIANTS[name])
+    return policies.make(name, **PARAMS.get(name, {}))
 
 
 def _ids(p=P):
@@ -28,7 +41,7 @@ def _ids(p=P):
 
 
 def _prefill_logits(model, ids, name, backend="eager"):
-    run = sparse.SparseRun(policies.make(name, **PARAMS.get(name, {})), 0.75, backend=backend)
+    run = sparse.SparseRun(_policy(name), 0.75, backend=backend)
     with torch.inference_mode(), run:
         return model(ids, use_cache=False).logits[0]  # (T, V)
 
@@ -36,7 +49,7 @@ def _prefill_logits(model, ids, name, backend="eager"):
 def _cache_logits(model, ids, name, prompt=PROMPT):
     """A dense prefill of ``prompt`` tokens, then the rest teacher-forced one token at a
     time under the policy (the cache regime): logits of every decode row."""
-    run = sparse.SparseRun(policies.make(name, **PARAMS.get(name, {})), 0.75, regime="cache")
+    run = sparse.SparseRun(_policy(name), 0.75, regime="cache")
     cache, _ = sparse.prefill(model, ids[:, :prompt], run)
     rows = []
     with torch.inference_mode(), run:
@@ -46,7 +59,7 @@ def _cache_logits(model, ids, name, prompt=PROMPT):
     return torch.stack(rows), run  # (T - prompt, V)
 
 
-@pytest.mark.parametrize("name", sorted(policies.REGISTRY))
+@pytest.mark.parametrize("name", NAMES)
 def test_prefill_regime_rows_before_a_changed_token_keep_their_logits(smollm2, name):
     model, _, _ = smollm2
     ids, other = _ids()
@@ -59,14 +72,14 @@ def test_prefill_regime_rows_before_a_changed_token_keep_their_logits(smollm2, n
 def _continuation_logits(model, ids, name, prompt=PROMPT):
     """The same dense prefill, then the rest in one teacher-forced pass under the policy
     (the cache regime's perplexity): logits of every row after the prompt."""
-    run = sparse.SparseRun(policies.make(name, **PARAMS.get(name, {})), 0.75, regime="cache")
+    run = sparse.SparseRun(_policy(name), 0.75, regime="cache")
     cache, _ = sparse.prefill(model, ids[:, :prompt], run)
     with torch.inference_mode(), run:
         out = model(ids[:, prompt:], past_key_values=cache, use_cache=True)
     return out.logits[0], run
 
 
-@pytest.mark.parametrize("name", sorted(policies.REGISTRY))
+@pytest.mark.parametrize("name", NAMES)
 def test_cache_regime_rows_before_a_changed_token_keep_their_logits(smollm2, name):
     model, _, _ = smollm2
     ids, other = _ids(P_DECODE)

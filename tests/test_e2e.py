@@ -314,8 +314,14 @@ def pareto_dir(tmp_path_factory):
         "corpus": {"chunk_len": 96, "max_chunks": 24, "shard_size": 8},
         "niah": {"lengths": [256], "depths": [0.5], "haystack": "corpus"},
         "pareto": {"policies": ["cab"], "sparsities": [0.75], "chunks": 3, "repeats": 2},
-        # CAB at two lambdas: the variant machinery; baselines are ordinary policies
-        "ablation": {"baselines": [], "lams": [0.5, 1.0], "sparsities": [0.75]},
+        # CAB at another lambda and a named variant: the variant machinery; baselines are
+        # ordinary policies
+        "ablation": {
+            "baselines": [],
+            "lams": [0.5, 1.0],
+            "variants": ["cab_plan"],
+            "sparsities": [0.75],
+        },
         "frc": {"layer": 3, "length": 256, "depth": 0.5},
     }
     workdir = copy_workflow(tmp_path_factory.mktemp("pareto"), cfg)
@@ -353,12 +359,21 @@ def test_pareto_table_from_the_builtin_corpus(pareto_dir):
 
 def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
     df = pl.read_parquet(pareto_dir / "results/ablation/smollm2-135m.parquet")
-    assert set(df["policy"]) == {"full", "cab_lam50", "cab"}
-    assert df.group_by("regime").len().sort("regime").rows() == [("cache", 3), ("prefill", 3)]
+    assert set(df["policy"]) == {"full", "cab_lam50", "cab", "cab_plan"}
+    assert df.group_by("regime").len().sort("regime").rows() == [("cache", 4), ("prefill", 4)]
+    sparse = df.filter(pl.col("policy") != "full")
     for lo, mid, hi in (("acc_lo", "accuracy", "acc_hi"), ("ppl_lo", "perplexity", "ppl_hi")):
         assert (df[lo] <= df[mid]).all() and (df[mid] <= df[hi]).all()
-    scored = pl.read_parquet(pareto_dir / "results/niah/prefill/smollm2-135m/cab_lam50_75.parquet")
+    assert (sparse["recall_lo"] <= sparse["recall"]).all()
+    assert (sparse["recall"] <= sparse["recall_hi"]).all()
+    for col in ("recall", "oracle_recall", "oracle_overlap"):  # 75%: some mass is lost
+        assert sparse[col].is_between(0.0, 1.0).all() and (sparse[col] < 1.0).any()
+    folder = pareto_dir / "results/niah/prefill/smollm2-135m"
+    scored = pl.read_parquet(folder / "cab_lam50_75.parquet")
     assert json.loads(scored["policy_params"][0])["lam"] == 0.5
+    plan = json.loads(pl.read_parquet(folder / "cab_plan_75.parquet")["policy_params"][0])
+    assert plan["base"] == "cab" and (plan["graph"], plan["adjacency"]) == ("rowsum", "dot")
+    assert plan["block_size"] == 16 and plan["lam"] == 1.0  # the rest is cab's
     prompts = pl.read_parquet(pareto_dir / "results/niah/smollm2-135m/prompts.parquet")
     assert prompts["haystack"].to_list() == ["corpus"]
     assert "The grass is green" not in _decode_smollm2(prompts["input_ids"][0].to_list())

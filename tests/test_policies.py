@@ -130,6 +130,39 @@ def test_forman_ricci_matches_definition_loops():
             assert f[i, j].item() == pytest.approx(want.item(), abs=1e-5)
 
 
+def _barbell_block_causal(n: int) -> torch.Tensor:
+    """Two n-cliques joined by one bridge (n - 1, n), in the block-causal form CAB reads:
+    each edge once, from the later block (query) to the earlier (key); no self-loops."""
+    w = torch.zeros(2 * n, 2 * n)
+    for lo in (0, n):
+        w[lo : lo + n, lo : lo + n] = 1.0
+    w[n, n - 1] = w[n - 1, n] = 1.0
+    return (w - torch.eye(2 * n)).tril()
+
+
+@pytest.mark.parametrize(
+    "graph, bridge, lowest_other",
+    # DESIGN: the symmetric graph passes; the directed graph and the plan's row sums fail
+    [("symmetric", -3.0, -0.25), ("directed", 2.0, -1.0), ("rowsum", -1.0, -3.0)],
+)
+def test_barbell_bridge_curvature_by_graph(graph, bridge, lowest_other):
+    a = _barbell_block_causal(5)
+    f = forman_ricci(a[None, None], graph)[0, 0]
+    edges = {(i, j) for i, j in a.nonzero().tolist()}
+    others = [f[e].item() for e in edges - {(5, 4)}]
+    assert f[5, 4].item() == pytest.approx(bridge)
+    assert min(others) == pytest.approx(lowest_other)
+
+
+def test_cabs_default_graph_makes_the_barbell_bridge_the_most_negative_edge():
+    """DESIGN's rule for the default graph, held against the policy's own default."""
+    a = _barbell_block_causal(5)
+    f = forman_ricci(a[None, None], policies.make("cab").graph)[0, 0]
+    edges = a.nonzero().tolist()
+    assert min(edges, key=lambda e: f[e[0], e[1]].item()) == [5, 4]
+    assert sorted(f[i, j].item() for i, j in edges)[1] > f[5, 4].item()
+
+
 @pytest.mark.parametrize("name,lam", [("cab", 1.0), ("coarse_magnitude", 0.0)])
 def test_cab_ranks_blocks_by_curvature_or_magnitude(name, lam):
     torch.manual_seed(4)
@@ -258,10 +291,12 @@ def test_xattention_antidiagonals_and_threshold():
     assert row[24:32].all() and int(row.sum()) == 8
 
 
-def _row_graph_by_loops(q, k, t, bs, scaling, graph):
+def _row_graph_by_loops(q, k, t, bs, scaling, graph, adjacency="softmax", query="block"):
     """CAB's coarse graph for row t from the definition, one edge at a time: blocks
     0..b complete or as they stand at t, their max-L2 representatives (earliest on
-    ties), softmax rows over causal key blocks. Returns (A, F) over blocks 0..b."""
+    ties; row t's own query for block b when ``query="row"``), softmax rows (or raw
+    dot products, ``adjacency="dot"``) over causal key blocks. Returns (A, F) over
+    blocks 0..b."""
     import math
 
     b = t // bs
@@ -273,9 +308,15 @@ def _row_graph_by_loops(q, k, t, bs, scaling, graph):
 
     qc = [rep(q, i) for i in range(b + 1)]
     kc = [rep(k, j) for j in range(b + 1)]
+    if query == "row":
+        qc[b] = q[t]
     a = [[0.0] * (b + 1) for _ in range(b + 1)]
     for i in range(b + 1):
-        logits = [float(qc[i] @ kc[j]) * scaling for j in range(i + 1)]
+        dots = [float(qc[i] @ kc[j]) for j in range(i + 1)]
+        if adjacency == "dot":
+            a[i][: i + 1] = dots
+            continue
+        logits = [x * scaling for x in dots]
         m = max(logits)
         z = sum(math.exp(x - m) for x in logits)
         for j in range(i + 1):
@@ -288,20 +329,27 @@ def _row_graph_by_loops(q, k, t, bs, scaling, graph):
             4 * w[b][j] - deg[b] - deg[j] + 3 * sum(w[b][x] * w[x][j] for x in range(n))
             for j in range(n)
         ]
-    else:  # out-degree of the query block, in-degree of the key block
+    else:  # out-degree of the query block; in-degree (directed) or row sum of the key block
         d_out = sum(a[b])
+        d_in = [sum(a[i][j] for i in range(n)) for j in range(n)]
+        d_key = d_in if graph == "directed" else [sum(a[j]) for j in range(n)]
         f = [
-            4 * a[b][j]
-            - d_out
-            - sum(a[i][j] for i in range(n))
-            + 3 * sum(a[b][x] * a[x][j] for x in range(n))
+            4 * a[b][j] - d_out - d_key[j] + 3 * sum(a[b][x] * a[x][j] for x in range(n))
             for j in range(n)
         ]
     return a[b], f
 
 
-@pytest.mark.parametrize("graph", ["directed", "symmetric"])
-def test_cab_row_scores_match_a_loop_over_edges_of_the_causal_definition(graph):
+@pytest.mark.parametrize(
+    "graph, adjacency, query",
+    [
+        ("directed", "softmax", "block"),
+        ("symmetric", "softmax", "block"),
+        ("rowsum", "dot", "block"),  # the research plan's formula
+        ("symmetric", "softmax", "row"),  # query-aware
+    ],
+)
+def test_cab_row_scores_match_a_loop_over_edges_of_the_causal_definition(graph, adjacency, query):
     from attnlab.kernels.reference import cab_row_scores, causal_zscore
 
     torch.manual_seed(11)
@@ -310,9 +358,9 @@ def test_cab_row_scores_match_a_loop_over_edges_of_the_causal_definition(graph):
     q[0, 0, 9] = q[0, 0, 8]  # a tie inside a block: the earliest wins
     rows = torch.arange(n)
     for lam in (0.0, 1.0):
-        got = cab_row_scores(q, k, rows, bs, 0.4, lam, "softmax", graph)[0, 0]  # (T, M)
+        got = cab_row_scores(q, k, rows, bs, 0.4, lam, adjacency, graph, query)[0, 0]
         for t in range(n):
-            a, f = _row_graph_by_loops(q[0, 0], k[0, 0], t, bs, 0.4, graph)
+            a, f = _row_graph_by_loops(q[0, 0], k[0, 0], t, bs, 0.4, graph, adjacency, query)
             b = t // bs
             causal = torch.ones(1, b + 1, dtype=torch.bool)
             x = torch.tensor(a)[None] if lam == 0 else -torch.tensor(f)[None]
@@ -326,7 +374,7 @@ def test_cab_row_scores_of_a_prompts_last_row_equal_the_whole_graph():
 
     torch.manual_seed(12)
     q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
-    for graph in ("directed", "symmetric"):
+    for graph in ("directed", "symmetric", "rowsum"):
         whole = cab_block_scores(q, k, 8, 0.3, 0.7, "softmax", graph)[..., -1, :]
         last = cab_row_scores(q, k, torch.tensor([31]), 8, 0.3, 0.7, "softmax", graph)[..., 0, :]
         torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)

@@ -35,13 +35,21 @@ def test_unknown_policy_in_config_names_the_allowed_values(tmp_path):
     assert "streamingllm|cab" in proc.stderr  # the allowed names
 
 
+def test_a_cab_variant_must_be_configured(tmp_path):
+    copy_workflow(tmp_path, {"ablation": {"variants": ["cab_plan", "cab_wide"]}})
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "config error: policies has no entry for cab_wide" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_default_config_plans_the_main_job(tmp_path):
     copy_workflow(tmp_path)
     jobs = planned_jobs(snakemake(tmp_path, "-n", "figs/niah_heatmap_99.png"))
-    # per model: one cache-regime job (full + 3 policies x 3 sparsities, one prefill per
+    # per model: one cache-regime job (full + 4 policies x 3 sparsities, one prefill per
     # prompt, full attention's prefill-regime rows with it) and prefill-regime jobs for
-    # CAB at 3 sparsities
-    assert jobs["niah_cache"] == 2 and jobs["niah_score"] == 2 * 3
+    # the top-k oracle and CAB at 3 sparsities
+    assert jobs["niah_cache"] == 2 and jobs["niah_score"] == 2 * 2 * 3
     assert jobs["niah_prompts"] == 2 and jobs["niah_heatmap"] == 1
 
 
@@ -137,13 +145,15 @@ def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(
     copy_workflow(tmp_path)
     proc = snakemake(tmp_path, "-n", "figs/ablation_smollm2-135m.png", "figs/niah_heatmap_90.png")
     jobs = planned_jobs(proc)
-    # NIAH in the prefill regime: CAB x 3 sparsities for the heatmaps, + coarse magnitude,
-    # random blocks and CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda 1.0 is cab), + cab_75;
-    # full attention runs once per model and grid, in the cache jobs
-    assert jobs["niah_score"] == 2 * 3 + 5 + 1
+    # NIAH in the prefill regime: top-k and CAB x 3 sparsities for the heatmaps, + coarse
+    # magnitude, random blocks, CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda 1.0 is cab) and
+    # CAB's four named variants, + cab_75; full attention runs once per model and grid,
+    # in the cache jobs
+    assert jobs["niah_score"] == 2 * 2 * 3 + 5 + 4 + 1
     assert jobs["niah_cache"] == 2 + 1  # one per model, and the ablation's variants
-    assert jobs["pareto_score"] == 2 * (1 + 6)  # both regimes: full + the six variants
+    assert jobs["pareto_score"] == 2 * (1 + 10)  # both regimes: full + the ten variants
     assert "results/niah/prefill/smollm2-135m/cab_lam30_75.parquet" in proc.stdout
+    assert "results/niah/prefill/smollm2-135m/cab_query_75.parquet" in proc.stdout
     assert "results/ablation/smollm2-135m/cache.parquet" in proc.stdout
     for regime in ("prefill", "cache"):
         assert f"results/pareto/{regime}/smollm2-135m/cab_75.parquet" in proc.stdout

@@ -28,7 +28,7 @@ def block_pairs(
     layer: int,
     block_size: int = 16,
     adjacency: str = "softmax",
-    graph: str = "directed",
+    graph: str = "symmetric",
     needle_positions: Sequence[int] = (),
 ) -> dict[str, np.ndarray]:
     """Coarse weight and curvature of every block-causal pair of every head of ``layer``.

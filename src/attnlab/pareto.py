@@ -231,7 +231,9 @@ def ablation(
 ) -> list[dict]:
     """One row per (model, regime, policy, target sparsity): NIAH accuracy over the
     prompts and perplexity over the chunks, each with a percentile bootstrap interval,
-    and the perplexity's paired ratio to full attention (:func:`paired_ratio`).
+    the perplexity's paired ratio to full attention (:func:`paired_ratio`), and the
+    attention-mass recall at the answering rows (mean over prompts, with its interval)
+    beside the top-k oracle's at the same budget and the overlap with its keys.
     The regimes are those of the perplexity runs (a cache-regime NIAH table also holds
     full attention's prefill-regime rows)."""
     import polars as pl
@@ -241,7 +243,10 @@ def ablation(
 
     ppl = {tuple(r[k] for k in RUN_KEYS): r for r in collect(pareto_paths, resamples, seed)}
     regimes = sorted({key[1] for key in ppl})
-    niah = tables.read_all(niah_paths, [*RUN_KEYS, "correct", "achieved_sparsity", "feasible"])
+    recall = ["attention_recall", "oracle_recall", "oracle_overlap"]
+    niah = tables.read_all(
+        niah_paths, [*RUN_KEYS, "correct", "achieved_sparsity", "feasible", *recall]
+    )
     niah = niah.filter(pl.col("regime").is_in(regimes))
     rows = []
     for key, run in niah.sort(RUN_KEYS, maintain_order=True).group_by(
@@ -251,6 +256,10 @@ def ablation(
             raise UserError(f"no perplexity run for {key} among the pareto tables")
         correct = run["correct"].cast(pl.Float64).to_numpy()
         lo, hi = bootstrap_ci(correct, resamples, seed=seed)
+        kept = run["attention_recall"].to_numpy()
+        rec_lo, rec_hi = (
+            bootstrap_ci(kept, resamples, seed=seed) if key[2] != "full" else (np.nan, np.nan)
+        )
         p = ppl[key]
         rows.append(
             dict(zip(RUN_KEYS, key, strict=True))
@@ -261,6 +270,11 @@ def ablation(
                 "prompts": len(correct),
                 "niah_sparsity": float(run["achieved_sparsity"].mean()),
                 "niah_feasible": bool(run["feasible"].all()),
+                "recall": float(kept.mean()),
+                "recall_lo": rec_lo,
+                "recall_hi": rec_hi,
+                "oracle_recall": float(run["oracle_recall"].mean()),
+                "oracle_overlap": float(run["oracle_overlap"].mean()),
                 "perplexity": p["perplexity"],
                 "ppl_lo": p["ppl_lo"],
                 "ppl_hi": p["ppl_hi"],

@@ -77,13 +77,34 @@ def module_sources(*modules: str, root: str | Path | None = None) -> list[str]:
 
 
 def policy_spec(name: str, policies: dict) -> dict:
-    """Hyper-parameters of a policy from the config's ``policies``, or of an ablation
-    variant ``<policy>_lam<percent>``: that policy's parameters at another lambda, with
-    ``base`` naming the policy (see :func:`attnlab.policies.make`)."""
+    """Hyper-parameters of a configured policy. A variant is a ``policies`` entry with a
+    ``base`` (``cab_b64: {base: cab, block_size: 64}``): its base's parameters with its
+    own on top. A name ``<policy>_lam<percent>`` is that policy at another lambda. Either
+    way ``base`` names the policy that runs (see :func:`attnlab.policies.make`)."""
+    spec = policies.get(name, {})
+    if "base" in spec:
+        return {**policies.get(spec["base"], {}), **spec}
     m = re.fullmatch(r"([a-z0-9_]+?)_lam(\d+)", name)
     if m and m[1] in policies:
         return {**policies[m[1]], "lam": int(m[2]) / 100, "base": m[1]}
-    return policies.get(name, {})
+    return spec
+
+
+def undefined_policies(config: dict) -> list[str]:
+    """Policy names the grids use that neither the registry nor ``policies`` defines (a
+    variant ``cab_<name>`` must be configured; ``<policy>_lam<percent>`` need not be)."""
+    ablation, regimes = config["ablation"], config["niah"]["regimes"]
+    names = [*regimes["cache"], *regimes["prefill"], *config["pareto"]["policies"]]
+    names += [*ablation["baselines"], *ablation["variants"]]
+    return sorted(
+        {
+            n
+            for n in names
+            if n.startswith("cab_")
+            and n not in config["policies"]
+            and not re.fullmatch(r"cab_lam\d+", n)
+        }
+    )
 
 
 def policy_module(name: str, policies: dict) -> str:
@@ -93,7 +114,10 @@ def policy_module(name: str, policies: dict) -> str:
     return policy_spec(name, policies).get("base", name)
 
 
-def ablation_policies(baselines: list[str], lams: list[float], cab: dict) -> list[str]:
-    """The ablation's baselines, then CAB at each lambda (the configured one is ``cab``)."""
-    variants = ["cab" if lam == cab.get("lam", 1.0) else f"cab_lam{pct(lam)}" for lam in lams]
-    return list(baselines) + variants
+def ablation_policies(
+    baselines: list[str], lams: list[float], cab: dict, variants: list[str] = ()
+) -> list[str]:
+    """The ablation's baselines, CAB at each lambda (the configured one is ``cab``), then
+    CAB's named variants."""
+    lam_runs = ["cab" if lam == cab.get("lam", 1.0) else f"cab_lam{pct(lam)}" for lam in lams]
+    return [*baselines, *lam_runs, *(v for v in variants if v not in lam_runs)]

@@ -35,7 +35,7 @@ def cab_select(
     *,
     lam: float = 1.0,
     adjacency: str = "softmax",
-    graph: str = "directed",
+    graph: str = "symmetric",
     must_keep: torch.Tensor | None = None,
     q_group: int = 1,
     write_score: bool = False,

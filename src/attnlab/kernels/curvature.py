@@ -303,7 +303,7 @@ def forman_ricci_from_degrees(
     a: torch.Tensor,
     d_out: torch.Tensor,
     d_in: torch.Tensor,
-    graph: str = "directed",
+    graph: str = "symmetric",
     precision: str = "tf32",
     block: int = 128,
     block_k: int | None = None,
@@ -349,7 +349,9 @@ def forman_ricci_from_degrees(
     return f
 
 
-def forman_ricci(a: torch.Tensor, graph: str = "directed", precision: str = "tf32") -> torch.Tensor:
+def forman_ricci(
+    a: torch.Tensor, graph: str = "symmetric", precision: str = "tf32"
+) -> torch.Tensor:
     """Triton version of ``reference.forman_ricci`` for a block-causal (lower-triangular) A.
 
     a: (B, H, M, M); entries above the diagonal are taken as 0. Returns F (B, H, M, M)

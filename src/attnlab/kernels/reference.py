@@ -16,6 +16,8 @@ import math
 import torch
 
 NEG_INF = float("-inf")
+ADJACENCIES = ("softmax", "scores", "dot")
+GRAPHS = ("symmetric", "directed", "rowsum")
 
 
 def n_blocks(n: int, block_size: int) -> int:
@@ -57,31 +59,44 @@ def coarse_adjacency(
     qc: (B, H, Mq, D) coarse queries of blocks q_offset .. q_offset + Mq - 1;
     kc: (B, H or Hkv, Mk, D) coarse keys. Returns A: (B, H, Mq, Mk) float32, zero outside
     the block-causal region (key block <= query block). ``adjacency`` is "softmax"
-    (row-normalised coarse attention) or "scores" (raw scaled dot products, shifted so the
-    smallest causal entry of each row is 0, which keeps weights non-negative).
+    (row-normalised coarse attention), "scores" (raw scaled dot products, shifted so the
+    smallest causal entry of each row is 0, which keeps weights non-negative) or "dot"
+    (A = Q_c K_c^T as the research plan writes it: neither scaled nor shifted).
     """
     kc = expand_kv(kc, qc.shape[1])
-    s = torch.einsum("bhid,bhjd->bhij", qc.float(), kc.float()) * scaling  # (B, H, Mq, Mk)
+    s = torch.einsum("bhid,bhjd->bhij", qc.float(), kc.float())  # (B, H, Mq, Mk)
     mq, mk = s.shape[-2:]
     qi = torch.arange(mq, device=s.device).unsqueeze(-1) + q_offset
     causal = torch.arange(mk, device=s.device).unsqueeze(0) <= qi  # (Mq, Mk)
+    return adjacency_from_logits(s, causal, scaling, adjacency)
+
+
+def adjacency_from_logits(
+    s: torch.Tensor, causal: torch.Tensor, scaling: float, adjacency: str
+) -> torch.Tensor:
+    """Coarse graph weights from unscaled coarse dot products ``s`` (..., Mq, Mk) over the
+    ``causal`` entries (broadcastable bool); zero elsewhere. See :func:`coarse_adjacency`."""
     if adjacency == "softmax":
-        a = torch.softmax(s.masked_fill(~causal, NEG_INF), dim=-1)
+        a = torch.softmax((s * scaling).masked_fill(~causal, NEG_INF), dim=-1)
     elif adjacency == "scores":
-        low = s.masked_fill(~causal, float("inf")).amin(-1, keepdim=True)
-        a = s - low
+        a = s * scaling
+        a = a - a.masked_fill(~causal, float("inf")).amin(-1, keepdim=True)
+    elif adjacency == "dot":
+        a = s
     else:
-        raise ValueError(f"adjacency must be 'softmax' or 'scores', got {adjacency!r}")
+        raise ValueError(f"adjacency must be one of {ADJACENCIES}, got {adjacency!r}")
     return a.masked_fill(~causal, 0.0)
 
 
-def forman_ricci(a: torch.Tensor, graph: str = "directed") -> torch.Tensor:
+def forman_ricci(a: torch.Tensor, graph: str = "symmetric") -> torch.Tensor:
     """Forman-Ricci curvature of every edge of the weighted coarse graph.
 
     a: (B, H, M, M) square adjacency (all blocks as queries and keys).
-    F = 4 A - D_i - D_j + 3 (A @ A). ``graph="directed"`` uses the out-degree of i and
-    the in-degree of j; ``graph="symmetric"`` first forms W = (A + A^T) / 2 with the
-    diagonal dropped and uses its degrees. Returns F: (B, H, M, M) float32; only the
+    F = 4 A - D_i - D_j + 3 (A @ A). ``graph="symmetric"`` (the default, DESIGN: the one
+    whose barbell bridge is most negative in block-causal form) first forms
+    W = (A + A^T) / 2 with the diagonal dropped and uses its degrees; ``"directed"`` uses
+    the out-degree of i and the in-degree of j; ``"rowsum"`` (the research plan's formula)
+    the row sums of A at both ends. Returns F: (B, H, M, M) float32; only the
     block-causal entries are meaningful to callers.
     """
     a = a.float()
@@ -91,8 +106,10 @@ def forman_ricci(a: torch.Tensor, graph: str = "directed") -> torch.Tensor:
         d_out = d_in = a.sum(-1)
     elif graph == "directed":
         d_out, d_in = a.sum(-1), a.sum(-2)
+    elif graph == "rowsum":
+        d_out = d_in = a.sum(-1)
     else:
-        raise ValueError(f"graph must be 'directed' or 'symmetric', got {graph!r}")
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     return 4.0 * a - d_out.unsqueeze(-1) - d_in.unsqueeze(-2) + 3.0 * (a @ a)
 
 
@@ -116,7 +133,7 @@ def cab_block_scores(
     scaling: float,
     lam: float = 1.0,
     adjacency: str = "softmax",
-    graph: str = "directed",
+    graph: str = "symmetric",
 ) -> torch.Tensor:
     """CAB's key-block score for every query block.
 
@@ -222,7 +239,8 @@ def cab_row_scores(
     scaling: float,
     lam: float = 1.0,
     adjacency: str = "softmax",
-    graph: str = "directed",
+    graph: str = "symmetric",
+    query: str = "block",
 ) -> torch.Tensor:
     """CAB's key-block scores for the query rows at ``q_pos``, each from tokens at or
     before it alone (the causal form of :func:`cab_block_scores`).
@@ -231,16 +249,21 @@ def cab_row_scores(
     same positions; q_pos: (Tq,) rows to score. Row t in block b = t // block_size sees the
     coarse graph on blocks 0..b: blocks before b complete (max-L2 representatives, their
     rows of A as in :func:`coarse_adjacency`), block b as it stands at t (query and key
-    representatives among its tokens up to t, :func:`prefix_max_l2_index`). Curvature of
-    the edge b -> j: directed, F = 4 A_bj - D_out(b) - D_in(j) + 3 (A A)_bj with D_out(b)
-    the row's out-degree and D_in(j) the in-degree of key block j from query blocks 0..b
-    (a prefix sum, never a later block's); symmetric, the same on W = (A + A^T) / 2 with
-    self-loops dropped, degrees of W over blocks 0..b. At the last row of a prompt whose
-    length is a multiple of ``block_size`` this equals the last row of
-    :func:`cab_block_scores`. Returns (B, H, Tq, M) float32, -inf beyond block b.
+    representatives among its tokens up to t, :func:`prefix_max_l2_index`). With
+    ``query="row"`` (the query-aware variant) row t's own query stands for block b in the
+    coarse row it is scored by, instead of the block's representative. Curvature of the
+    edge b -> j: symmetric, F = 4 W_bj - D(b) - D(j) + 3 (W W)_bj on W = (A + A^T) / 2
+    with self-loops dropped, degrees of W over blocks 0..b; directed, the same on A with
+    D_out(b) the row's out-degree and D_in(j) the in-degree of key block j from query
+    blocks 0..b (a prefix sum, never a later block's); rowsum, on A with the row sums of
+    b and of j. At the last row of a prompt whose length is a multiple of ``block_size``
+    this equals the last row of :func:`cab_block_scores` (with ``query="block"``).
+    Returns (B, H, Tq, M) float32, -inf beyond block b.
     """
-    if graph not in ("directed", "symmetric"):
-        raise ValueError(f"graph must be 'directed' or 'symmetric', got {graph!r}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    if query not in ("block", "row"):
+        raise ValueError(f"query must be 'block' or 'row', got {query!r}")
     h = q.shape[1]
     kx = expand_kv(k, h)  # (B, H, N, D)
     a_full = coarse_adjacency(
@@ -251,30 +274,23 @@ def cab_row_scores(
     blocks = torch.arange(m, device=q.device)
     causal = blocks <= bt[:, None]  # (Tq, M)
     own = blocks == bt[:, None]
-    qi = prefix_max_l2_index(q, block_size)[..., q_pos]  # (B, H, Tq)
-    ki = prefix_max_l2_index(kx, block_size)[..., q_pos]
     d = q.shape[-1]
-    q_rep = q.gather(2, qi.unsqueeze(-1).expand(-1, -1, -1, d)).float()  # (B, H, Tq, D)
+    if query == "row":
+        q_rep = q[:, :, q_pos].float()  # (B, H, Tq, D)
+    else:
+        qi = prefix_max_l2_index(q, block_size)[..., q_pos]  # (B, H, Tq)
+        q_rep = q.gather(2, qi.unsqueeze(-1).expand(-1, -1, -1, d)).float()
+    ki = prefix_max_l2_index(kx, block_size)[..., q_pos]
     k_rep = kx.gather(2, ki.unsqueeze(-1).expand(-1, -1, -1, d)).float()
     kc = coarsen_max_l2(kx, block_size).float()  # (B, H, M, D)
-    s = torch.einsum("bhtd,bhjd->bhtj", q_rep, kc) * scaling  # (B, H, Tq, M)
-    s = torch.where(own, (q_rep * k_rep).sum(-1, keepdim=True) * scaling, s)
-    if adjacency == "softmax":
-        a = torch.softmax(s.masked_fill(~causal, NEG_INF), dim=-1)
-    elif adjacency == "scores":
-        a = s - s.masked_fill(~causal, float("inf")).amin(-1, keepdim=True)
-    else:
-        raise ValueError(f"adjacency must be 'softmax' or 'scores', got {adjacency!r}")
-    a = a.masked_fill(~causal, 0.0)  # (B, H, Tq, M) the row's own coarse row
+    s = torch.einsum("bhtd,bhjd->bhtj", q_rep, kc)  # (B, H, Tq, M)
+    s = torch.where(own, (q_rep * k_rep).sum(-1, keepdim=True), s)
+    a = adjacency_from_logits(s, causal, scaling, adjacency)  # the row's own coarse row
     done = torch.cumsum(a_full, dim=-2) - a_full  # (B, H, M, M): sum over query blocks < b
     before = done[:, :, bt, :]  # (B, H, Tq, M)
     a_own = (a * own).sum(-1, keepdim=True)  # (B, H, Tq, 1) weight on the own block
     a_past = a.masked_fill(own, 0.0)  # weights on complete blocks
-    if graph == "directed":
-        d_in = before + a
-        two_hop = a_past @ a_full + a_own * a  # (A A)_bj through complete blocks and b itself
-        f = 4.0 * a - a.sum(-1, keepdim=True) - d_in + 3.0 * two_hop
-    else:
+    if graph == "symmetric":
         diag = torch.diagonal(a_full, dim1=-2, dim2=-1)  # (B, H, M)
         w_full = 0.5 * (a_full + a_full.transpose(-1, -2))
         w_full = w_full - torch.diag_embed(torch.diagonal(w_full, dim1=-2, dim2=-1))
@@ -286,6 +302,14 @@ def cab_row_scores(
         f = 4.0 * w_row - d_own - d_key + 3.0 * (w_row @ w_full)
         f_own = -2.0 * d_own + 3.0 * (w_row * w_row).sum(-1, keepdim=True)
         f = torch.where(own, f_own, f)
+    else:
+        two_hop = a_past @ a_full + a_own * a  # (A A)_bj through complete blocks and b itself
+        d_row = a.sum(-1, keepdim=True)  # out-degree (row sum) of block b
+        if graph == "directed":
+            d_key = before + a  # in-degree of j from query blocks 0..b
+        else:  # rowsum: j's own row sum (complete for j < b, the row's own for j = b)
+            d_key = torch.where(own, d_row, a_full.sum(-1).unsqueeze(-2))
+        f = 4.0 * a - d_row - d_key + 3.0 * two_hop
     score = (1.0 - lam) * causal_zscore(a, causal)
     if lam:
         score = score + lam * causal_zscore(-f, causal)

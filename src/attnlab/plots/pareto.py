@@ -27,6 +27,11 @@ def policy_label(policy: str) -> str:
         "streamingllm": "StreamingLLM",
         "h2o": "H2O",
         "full": "full attention",
+        "topk": "top-k oracle",
+        "cab_plan": "CAB, plan's formula",
+        "cab_directed": "CAB, directed graph",
+        "cab_b64": "CAB, blocks of 64",
+        "cab_query": "CAB, query-aware",
     }.get(policy, policy)
 
 
@@ -130,10 +135,11 @@ def plot_ablation(table: str | Path, out: str | Path) -> None:
         table,
         ["model", "regime", "policy", "target_sparsity", "accuracy", "acc_lo", "acc_hi"]
         + ["prompts", "perplexity", "ppl_lo", "ppl_hi", "niah_feasible", "ppl_feasible"]
-        + ["ppl_ratio", "ratio_lo", "ratio_hi"],
+        + ["ppl_ratio", "ratio_lo", "ratio_hi", "recall", "recall_lo", "recall_hi"]
+        + ["oracle_recall"],
     )
     regimes = _regimes(df)
-    fig, axes = plt.subplots(len(regimes), 3, figsize=(16, 4.2 * len(regimes)), squeeze=False)
+    fig, axes = plt.subplots(len(regimes), 4, figsize=(21, 4.2 * len(regimes)), squeeze=False)
     for row, regime in zip(axes, regimes, strict=True):
         _ablation_row(row, df.filter(pl.col("regime") == regime), regime)
     first = df.row(0, named=True)
@@ -155,6 +161,7 @@ def _ablation_row(axes, df: pl.DataFrame, regime: str) -> None:
         ("accuracy", "acc", "NIAH accuracy (95% bootstrap interval)"),
         ("perplexity", "ppl", "perplexity (95% bootstrap interval)"),
         ("ppl_ratio", "ratio", "perplexity / full attention's\n(95% paired interval over chunks)"),
+        ("recall", "recall", "attention mass kept at the answering rows\n(tick: top-k oracle's)"),
     )
     for ax, (col, pre, label) in zip(axes, panels, strict=True):
         for j, s in enumerate(sparsities):
@@ -164,12 +171,16 @@ def _ablation_row(axes, df: pl.DataFrame, regime: str) -> None:
             y = np.array([by[p][col] if p in by else np.nan for p in policies])
             lo = np.array([by[p][f"{pre}_lo"] if p in by else np.nan for p in policies])
             hi = np.array([by[p][f"{pre}_hi"] if p in by else np.nan for p in policies])
-            ok = [by[p][f"{'niah' if pre == 'acc' else 'ppl'}_feasible"] for p in policies]
+            stage = "ppl" if pre in ("ppl", "ratio") else "niah"
+            ok = [by[p][f"{stage}_feasible"] for p in policies]
             bars = ax.bar(x, y, width, yerr=[y - lo, hi - y], capsize=2, label=f"{s:.0%}")
             for bar, feasible in zip(bars, ok, strict=True):
                 if not feasible:
                     bar.set_hatch("///")
-        if not full.is_empty():
+            if col == "recall":
+                ceiling = [by[p]["oracle_recall"] if p in by else np.nan for p in policies]
+                ax.scatter(x, ceiling, marker="_", s=200, color="black", zorder=3)
+        if not full.is_empty() and col != "recall":
             ax.axhline(full[col][0], color="black", ls="--", lw=1, label="full attention")
         ax.set_xticks(np.arange(len(policies)), [policy_label(p) for p in policies])
         ax.tick_params(axis="x", rotation=30, labelsize=8)
@@ -178,6 +189,7 @@ def _ablation_row(axes, df: pl.DataFrame, regime: str) -> None:
         ax.legend(title="target sparsity", fontsize=7, title_fontsize=7)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
+    axes[3].set_ylim(0, 1.05)
 
 
 def plot_frc_magnitude(table: str | Path, out: str | Path) -> None:

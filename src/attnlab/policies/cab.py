@@ -26,13 +26,27 @@ class CAB(BlockPolicy):
     lam: float = 1.0
     """Weight of curvature against coarse magnitude (1 = pure curvature)."""
     adjacency: str = "softmax"
-    """Coarse graph weights: "softmax" (row-normalised) or "scores" (shifted raw scores)."""
-    graph: str = "directed"
-    """"directed" (out/in degrees) or "symmetric" ((A + A^T) / 2, diagonal dropped)."""
+    """Coarse graph weights: "softmax" (row-normalised), "scores" (shifted scaled scores)
+    or "dot" (Q_c K_c^T unscaled, the research plan's formula)."""
+    graph: str = "symmetric"
+    """"symmetric" ((A + A^T) / 2, diagonal dropped: the default, DESIGN's barbell rule),
+    "directed" (out-degree of the query block, in-degree of the key block) or "rowsum"
+    (row sums at both ends, the research plan's formula)."""
+    query: str = "block"
+    """Who stands for the row's own block in its coarse row: "block" (the block's max-L2
+    query so far) or "row" (the row's own query: query-aware)."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]  # (B, H, Tk, D): queries of the key prefix
         score = cab_row_scores(
-            q, ctx.k, ctx.q_pos, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
+            q,
+            ctx.k,
+            ctx.q_pos,
+            self.block_size,
+            ctx.scaling,
+            self.lam,
+            self.adjacency,
+            self.graph,
+            self.query,
         )  # (B, H, Tq, M)
         return must_keep_blocks(score, ctx.q_pos, self)
