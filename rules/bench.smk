@@ -1,11 +1,14 @@
 # Kernel benchmark: CAB's Triton predictor and flex block-sparse attention against dense
 # attention (SDPA flash, SDPA cuDNN, flex causal). On a machine without CUDA the command
-# runs its small CPU variant instead.
+# runs its small CPU variant instead. Its code is the kernels and flex alone: an edit to
+# the capture, corpus or model modules does not rerun it.
 
 
 rule bench_kernels:
     input:
-        code=module_sources("bench", "plots.kernels", root=workflow.basedir),
+        code=module_sources(
+            "bench", "bench.kernels", "plots.kernels", root=workflow.basedir
+        ),
     output:
         table="results/bench/kernels.parquet",
         csv="results/bench/kernels.csv",
@@ -26,7 +29,7 @@ rule bench_kernels:
     params:
         out_dir=subpath(output.table, parent=True),
     shell:
-        "python -m attnlab.bench kernels --out {params.out_dir} --fig {output.fig} > {log} 2>&1"
+        "attnlab bench kernels --out {params.out_dir} --fig {output.fig} > {log} 2>&1"
 
 
 # Capture benchmark: the capture stage against output_attentions=True on the real models,
@@ -34,7 +37,7 @@ rule bench_kernels:
 rule bench_capture:
     input:
         code=module_sources(
-            "bench_capture", "capture", "metrics", "sparse", root=workflow.basedir
+            "bench", "bench.capture", "plots.bench", root=workflow.basedir
         ),
     output:
         table="results/bench/capture.parquet",

@@ -172,3 +172,39 @@ def test_wrong_type_and_zero_sparsity_stop_with_one_line(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if "config error" in ln]
         assert len(lines) == 1 and f"config error at {key}:" in lines[0], proc.stderr
+
+
+def _rule_code(proc, rule: str) -> set[str]:
+    """The package modules (paths inside attnlab/) a dry run lists as a rule's inputs."""
+    lines = proc.stdout.splitlines()
+    at = lines.index(f"rule {rule}:")
+    inputs = next(ln for ln in lines[at:] if ln.strip().startswith("input:"))
+    paths = inputs.split(":", 1)[1].split(",")
+    return {p.strip().split("attnlab/", 1)[1] for p in paths if "attnlab/" in p}
+
+
+def test_kernel_benchmark_code_is_the_kernels_not_the_models(tmp_path):
+    copy_workflow(tmp_path)
+    proc = snakemake(tmp_path, "-n", "--forceall", "figs/kernel_speed.png")
+    code = _rule_code(proc, "bench_kernels")
+    assert {"bench/kernels.py", "bench/timing.py", "flex.py", "plots/kernels.py"} <= code
+    assert not code & {"capture.py", "corpus.py", "models.py", "bench/capture.py", "sparse.py"}
+
+
+def test_editing_the_capture_stage_reruns_the_capture_benchmark_alone(tmp_path):
+    import os
+
+    copy_workflow(tmp_path, source=True)
+    outputs = ["results/bench/kernels.parquet", "results/bench/kernels.csv"]
+    outputs += ["figs/kernel_speed.png", "results/bench/capture.parquet"]
+    outputs += ["results/bench/capture.csv", "figs/bench_capture.png"]
+    for name in outputs:  # outputs newer than their code: nothing to do
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    targets = ["-n", "figs/kernel_speed.png", "figs/bench_capture.png", "--rerun-triggers=mtime"]
+    assert planned_jobs(snakemake(tmp_path, *targets)) == {}
+    later = (tmp_path / outputs[0]).stat().st_mtime + 10
+    os.utime(tmp_path / "src/attnlab/capture.py", (later, later))
+    assert planned_jobs(snakemake(tmp_path, *targets)) == {"bench_capture": 1}
+    os.utime(tmp_path / "src/attnlab/bench/timing.py", (later, later))
+    assert planned_jobs(snakemake(tmp_path, *targets)) == {"bench_capture": 1, "bench_kernels": 1}

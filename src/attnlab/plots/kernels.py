@@ -47,7 +47,7 @@ def _label(method: str) -> str:
 def plot_kernel_speed(table: str | Path, out: str | Path) -> Path:
     """Latency (ms, median) against context length, log-log, one line per method.
 
-    Reads only the benchmark table (``python -m attnlab.bench kernels``); failed runs
+    Reads only the benchmark table (``attnlab bench kernels``); failed runs
     (NaN latency) are left out. Dense methods are solid, CAB end to end dashed, CAB's
     parts dotted; colours step through viridis.
     """

@@ -16,73 +16,13 @@ difference between the two methods' metrics, which must be ~0.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def _return_freed_memory() -> bool:
-    """Make glibc serve every allocation of 64 KiB or more by mmap and give it back when
-    freed, so that the resident set follows the live tensors instead of the allocator's
-    high-water mark. Returns whether it could."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 16) and libc.mallopt(m_trim_threshold, 1 << 16))
-
-
-class PeakMemory:
-    """Peak memory above the level at entry, in MiB: CUDA allocations, or the resident set
-    of this process sampled by a thread (torch releases the GIL while it computes)."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self._rss()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self._rss() - self.base)
-                time.sleep(0.001)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss() - self.base)
-
-    @property
-    def mib(self) -> float:
-        return self.peak / 2**20
+from attnlab.bench.timing import PeakMemory, environment, return_freed_memory, write_table
 
 
 def straightforward(
@@ -134,7 +74,7 @@ def run(args, model_name: str) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rss_exact = args.device == "cpu" and _return_freed_memory()
+    rss_exact = args.device == "cpu" and return_freed_memory()
     model, tokenizer, info = models.load(model_name, device=args.device)
     sparse.install(model)
     if args.manifest:
@@ -195,59 +135,8 @@ def run(args, model_name: str) -> list[dict]:
     return [{**r, **meta} for r in rows]
 
 
-def summary(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
-    """Median tokens/s and peak memory per (model, method)."""
-    out = {}
-    for key in dict.fromkeys((r["model"], r["method"]) for r in rows):
-        mine = [r for r in rows if (r["model"], r["method"]) == key]
-        out[key] = {
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
-            "peak_mem_mib": statistics.median(r["peak_mem_mib"] for r in mine),
-        }
-    return out
-
-
-def plot(rows: list[dict], out: str | Path) -> None:
-    """A row of two panels per model: tokens per second and peak memory, medians as bars
-    and every repeat as a dot."""
-    import matplotlib.pyplot as plt
-
-    from attnlab.plots.niah import _save
-
-    med = summary(rows)
-    model_names = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(
-        len(model_names), 2, figsize=(9, 3 * len(model_names)), squeeze=False, layout="constrained"
-    )
-    for row_axes, model in zip(axes, model_names, strict=True):
-        names = [m for (mo, m) in med if mo == model]
-        for ax, key, label in (
-            (row_axes[0], "tokens_per_s", "tokens per second"),
-            (row_axes[1], "peak_mem_mib", "peak memory above baseline (MiB)"),
-        ):
-            vals = [med[model, n][key] for n in names]
-            bars = ax.bar(range(len(names)), vals, color=["tab:blue", "tab:gray", "tab:olive"])
-            ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
-            for i, name in enumerate(names):
-                pts = [r[key] for r in rows if r["method"] == name and r["model"] == model]
-                ax.scatter([i] * len(pts), pts, color="k", s=8, zorder=3)
-            ax.bar_label(bars, fmt="%.0f", fontsize=8)
-            ax.set_ylabel(label, fontsize=8)
-        r0 = next(r for r in rows if r["model"] == model)
-        ours, base = med[model, "capture"], med[model, "output_attentions"]
-        row_axes[0].set_title(
-            f"{model} on {r0['device']} ({r0['threads']} threads), {r0['chunks']} x "
-            f"{r0['chunk_len']} tokens, batch {r0['batch_size']}: capture "
-            f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}x the throughput, "
-            f"{ours['peak_mem_mib'] / max(base['peak_mem_mib'], 1e-9):.3f}x the memory",
-            fontsize=8,
-            loc="left",
-        )
-    _save(fig, out)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("capture", help="capture stage against output_attentions=True (real model)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``attnlab bench capture``."""
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     p.add_argument("--manifest", help="take the chunks from a corpus manifest (else help topics)")
     p.add_argument("--chunks", type=int, default=8)
@@ -262,12 +151,14 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    from attnlab.bench import _environment, write_table
+    """Time every model, write ``capture.parquet`` / ``.csv`` and the figure, print the
+    medians."""
+    from attnlab.plots.bench import plot_capture_bench, summary
 
     rows = [row for name in args.models for row in run(args, name)]
-    write_table(rows, Path(args.out), "capture", _environment())  # torch, host, date ...
+    written = write_table(rows, Path(args.out), "capture", environment())  # torch, host, date
     if args.fig:
-        plot(rows, args.fig)
+        plot_capture_bench(written[-1], args.fig)
     for (model, name), s in summary(rows).items():
         print(
             f"{model:<14} {name:<30} median {s['tokens_per_s']:8.1f} tok/s, "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab.bench.timing import environment, median_ms, write_table
 from attnlab.errors import UserError
 
 
@@ -41,7 +42,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     """One row per (policy, target sparsity): median prefill milliseconds, repetitions,
     achieved sparsity, peak memory and the kernel."""
     from attnlab import models, policies, sparse
-    from attnlab.bench import median_ms
 
     torch.set_num_threads(args.threads)
     model, _, _ = models.load(args.model, device=args.device, dtype=args.dtype)
@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("prefill", help="real-model prefill latency per policy and sparsity")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``attnlab bench prefill``."""
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, help="a niah-prompts table")
     p.add_argument("--length", type=int, required=True, help="prompt length to time")
@@ -102,8 +102,7 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    from attnlab.bench import _environment, write_table
-
+    """Time every policy and write ``prefill.parquet`` / ``.csv`` under ``--out``."""
     rows = run(args)
-    write_table(rows, Path(args.out), "prefill", _environment())
+    write_table(rows, Path(args.out), "prefill", environment())
     return rows

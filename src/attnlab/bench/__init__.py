@@ -1,0 +1,40 @@
+"""Benchmarks, run as ``attnlab bench <name> ...``: one module each, timing shared.
+
+``kernels`` times CAB's predictor and block-sparse attention against dense attention (torch
+and triton only), ``capture`` the capture stage against ``output_attentions=True`` on the
+real models, ``prefill`` a real model's prefill under each policy. Only the benchmark named
+is imported, so ``bench kernels`` never loads the models, the corpus or the capture stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+from importlib import import_module
+
+BENCHMARKS = {
+    "kernels": "dense attention against CAB, latency by context length",
+    "capture": "capture stage against output_attentions=True (real model)",
+    "prefill": "real-model prefill latency per policy and sparsity",
+}
+
+
+def parser(name: str | None) -> argparse.ArgumentParser:
+    """``attnlab bench``'s parser, with the options of benchmark ``name`` (its module
+    imported) and the others by name only."""
+    p = argparse.ArgumentParser(
+        prog="attnlab bench",
+        description="benchmarks; each one's options: attnlab bench NAME --help",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for bench, text in BENCHMARKS.items():
+        sp = sub.add_parser(bench, help=text, description=text)
+        if bench == name:
+            import_module(f"{__name__}.{bench}").add_arguments(sp)
+    return p
+
+
+def main(argv: list[str]) -> None:
+    """Parse ``argv`` (after ``bench``) and run the benchmark it names."""
+    name = argv[0] if argv and argv[0] in BENCHMARKS else None
+    args = parser(name).parse_args(argv)
+    import_module(f"{__name__}.{args.command}").main(args)

@@ -1,0 +1,159 @@
+"""The compiled Triton kernels equal their references on a GPU, in bf16 at a realistic
+shape, and flex attention on a CAB selection equals eager masked attention.
+
+These are the checks the kernel benchmark used to run before timing. They need CUDA and
+the compiled kernels (``TRITON_INTERPRET=0``, which the test session otherwise sets to 1):
+``TRITON_INTERPRET=0 pytest -m cuda``.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] == "0"
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not ON_GPU, reason="needs CUDA and TRITON_INTERPRET=0"),
+]
+
+from attnlab.bench.budgets import keep_per_query_block, must_keep_blocks  # noqa: E402
+from attnlab.kernels import reference as ref  # noqa: E402
+
+DEV = "cuda"
+BLOCK = 64
+SCALING = 128**-0.5
+N_RAGGED = 4096 + 37  # a ragged last block
+
+
+def _rel(x, y) -> float:
+    """Relative error of x against y in float64."""
+    return ((x.double() - y.double()).norm() / y.double().norm().clamp(min=1e-30)).item()
+
+
+def _qkv(n: int, seed: int):
+    """(1, 8, n, 128) queries and (1, 2, n, 128) keys and values in bf16: GQA 8 -> 2."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    shapes = ((1, 8, n, 128), (1, 2, n, 128), (1, 2, n, 128))
+    return [torch.randn(*s, generator=gen, device=DEV, dtype=torch.bfloat16) for s in shapes]
+
+
+@pytest.fixture(scope="module")
+def coarse():
+    """Queries, keys and their max-L2 coarsening at 64-token blocks."""
+    from attnlab.kernels.coarsen import coarsen_max_l2
+
+    q, k, _ = _qkv(N_RAGGED, seed=1)
+    return q, k, coarsen_max_l2(q, BLOCK), coarsen_max_l2(k, BLOCK)
+
+
+def test_coarsen_bf16_equals_reference_exactly(coarse):
+    q, _, qc, _ = coarse
+    assert (qc != ref.coarsen_max_l2(q, BLOCK)).sum().item() == 0
+
+
+@pytest.mark.parametrize("adjacency", ["softmax", "scores"])
+def test_adjacency_and_forman_ricci_match_reference(coarse, adjacency):
+    from attnlab.kernels.curvature import coarse_adjacency, forman_ricci
+
+    _, _, qc, kc = coarse
+    a = coarse_adjacency(qc, kc, SCALING, adjacency)
+    assert _rel(a, ref.coarse_adjacency(qc, kc, SCALING, adjacency)) <= 1e-5
+    for graph in ("directed", "symmetric"):
+        for precision, tol in (("ieee", 1e-5), ("tf32", 3e-3), ("bf16", 1e-2)):
+            err = _rel(forman_ricci(a, graph, precision), ref.forman_ricci(a, graph))
+            assert err <= tol, (graph, precision, err)
+
+
+def test_select_blocks_equals_reference(coarse):
+    from attnlab.kernels.select import select_blocks
+
+    m = coarse[2].shape[2]
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    score = torch.randn(2, 4, m, m, generator=gen, device=DEV)
+    causal = torch.ones(m, m, dtype=torch.bool, device=DEV).tril()
+    score = score.masked_fill(~causal, float("-inf"))
+    keep = torch.randint(0, 12, (m,), generator=gen, device=DEV)
+    assert (select_blocks(score, keep) != ref.select_blocks(score, keep)).sum().item() == 0
+
+
+def _block_lists_as_mask(sel, m: int) -> torch.Tensor:
+    """(B, H, Mg, m) bool: the blocks the full and partial lists of a selection name."""
+    lists = torch.zeros(*sel.mask.shape[:-1], m + 1, dtype=torch.bool, device=DEV)
+    for num, idx in ((sel.full_num, sel.full_idx), (sel.partial_num, sel.partial_idx)):
+        valid = torch.arange(m, device=DEV) < num.unsqueeze(-1)
+        lists.scatter_(-1, idx.long().masked_fill(~valid, m), True)  # column m: the unused tail
+    return lists[..., :m]
+
+
+@pytest.mark.parametrize(
+    "lam, adjacency, graph", [(1.0, "softmax", "directed"), (0.5, "scores", "symmetric")]
+)
+def test_cab_select_matches_reference_scores_and_selection(coarse, lam, adjacency, graph):
+    from attnlab.kernels.cab import cab_select
+
+    q, k, qc, _ = coarse
+    m, g = qc.shape[2], 2
+    keep = torch.full((-(-m // g),), 5, device=DEV)
+    must = must_keep_blocks(m, g, 1).to(DEV)
+    kw = dict(lam=lam, adjacency=adjacency, graph=graph, must_keep=must, q_group=g)
+    kw |= dict(write_score=True, write_mask=True)
+    sel = cab_select(q, k, BLOCK, SCALING, keep, precision="ieee", **kw)
+    expected = ref.cab_block_scores(q, k, BLOCK, SCALING, lam, adjacency, graph)
+    fin = torch.isfinite(expected)
+    assert _rel(sel.score[fin], expected[fin]) <= 1e-4
+    own = ref.select_blocks_grouped(sel.score, keep, g, must)
+    assert (sel.mask != own).sum().item() == 0  # exact on the kernel's own scores
+    assert (_block_lists_as_mask(sel, m) != sel.mask).sum().item() == 0
+
+    fast = cab_select(q, k, BLOCK, SCALING, keep, precision="bf16", **kw)
+    assert _rel(fast.score[fin], expected[fin]) <= 5e-2
+    changed = (fast.mask != sel.mask).sum().item() / (2 * sel.mask.sum().item())
+    assert changed <= 0.05  # share of the selection bf16 changes against ieee
+
+
+def _masked_reference(q, k, v, keep_tokens):
+    """Eager softmax attention in float64 under a (B, H, N, N) token mask."""
+    grp = q.shape[1] // k.shape[1]
+    kk, vv = (x.double().repeat_interleave(grp, 1) for x in (k, v))
+    s = (q.double() @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    p = torch.softmax(s.masked_fill(~keep_tokens, float("-inf")), -1).nan_to_num(0.0)
+    return p @ vv
+
+
+@pytest.fixture(scope="module")
+def flex_inputs():
+    """2048 tokens of bf16 queries, keys and values, the token positions and causal mask."""
+    n = 2048
+    q, k, v = _qkv(n, seed=3)
+    t = torch.arange(n, device=DEV)
+    return q, k, v, t, t[:, None] >= t[None, :]
+
+
+def test_flex_block_sparse_64x64_matches_eager_masked(flex_inputs):
+    from attnlab.flex import flex_block_sparse_attention
+
+    q, k, v, t, causal = flex_inputs
+    m = len(t) // BLOCK
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    keep = torch.rand(1, 8, m, m, generator=gen, device=DEV) < 0.2
+    keep |= torch.eye(m, dtype=torch.bool, device=DEV)
+    out = flex_block_sparse_attention(q, k, v, keep, BLOCK, SCALING)
+    token_keep = keep[:, :, t[:, None] // BLOCK, t[None, :] // BLOCK] & causal
+    assert _rel(out, _masked_reference(q, k, v, token_keep)) <= 1e-2
+
+
+def test_flex_on_cab_selection_128x64_matches_eager_masked(flex_inputs):
+    from attnlab.flex import flex_attention_from_selection
+    from attnlab.kernels.cab import cab_select
+
+    q, k, v, t, causal = flex_inputs
+    m = len(t) // BLOCK
+    keep = keep_per_query_block(m, 2, 0.9).to(DEV)
+    must = must_keep_blocks(m, 2, 1).to(DEV)
+    sel = cab_select(q, k, BLOCK, SCALING, keep, must_keep=must, q_group=2, write_mask=True)
+    out = flex_attention_from_selection(q, k, v, sel, BLOCK, SCALING)
+    token_keep = sel.mask[:, :, t[:, None] // (2 * BLOCK), t[None, :] // BLOCK] & causal
+    assert _rel(out, _masked_reference(q, k, v, token_keep)) <= 1e-2
