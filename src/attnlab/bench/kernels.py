@@ -43,7 +43,7 @@ class KernelBench:
     sparsities: tuple[float, ...] = (0.90, 0.95, 0.99)
     lam: float = 1.0
     adjacency: str = "softmax"
-    graph: str = "directed"
+    graph: str = "symmetric"
     sink_blocks: int = 1
     precision: str = "bf16"  # of A and A @ A in the Triton predictor
     adjacency_block_m: int = 64
