@@ -151,7 +151,7 @@ rule long_context_latency:
 
 rule long_context_recall:
     input:
-        table="results_ref/long_context/recall_32k_cache.parquet",
+        table=NIAH_TABLES["long_context"],
         code=module_sources("plots.niah", root=workflow.basedir),
     output:
         report(

@@ -10,6 +10,7 @@ import polars as pl
 from matplotlib.patches import Rectangle
 
 from attnlab import tables
+from attnlab.errors import UserError
 from attnlab.stats import bootstrap_ci
 
 COLUMNS = [
@@ -401,14 +402,19 @@ def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Pat
 
 
 def plot_recall(table: str | Path, out: str | Path) -> None:
-    """Attention-mass recall of the answering rows (``recall_by_layer``): for each
-    (model, regime) a row of panels, one per target sparsity, with each policy's recall
-    against layer (mean over prompts and heads), and a last panel of accuracy against
+    """Attention-mass recall of the answering rows (``recall_by_layer``) at the longest
+    prompt length that has it: for each (model, regime) a row of panels, one per target
+    sparsity, with each policy's recall against layer (mean over prompts and heads; the
+    top-k oracle's is the ceiling at that budget), and a last panel of accuracy against
     mean recall, a point per (policy, sparsity). Full attention keeps every weight (recall
-    1) and is left out of the curves."""
+    1) and is left out of the curves; rows scored before recall was recorded are too."""
     cols = [*COLUMNS, "attention_recall", "recall_by_layer"]
     df, task = _one_task(tables.read(table, cols))
-    df = df.filter(pl.col("policy") != "full")
+    df = df.filter((pl.col("policy") != "full") & pl.col("recall_by_layer").is_not_null())
+    if df.is_empty():
+        raise UserError(f"{table}: no rows with attention-mass recall")
+    length = df["length"].max()
+    df = df.filter(pl.col("length") == length)
     rows = _rows(df)
     sparsities = sorted(df["target_sparsity"].unique())
     fig, axes = plt.subplots(
@@ -417,7 +423,9 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         squeeze=False,
         figsize=(3.8 * (len(sparsities) + 1), 3.2 * len(rows) + 0.6),
     )
-    colors = {p: f"C{i}" for i, p in enumerate(df["policy"].unique(maintain_order=True))}
+    names = [p for p in df["policy"].unique(maintain_order=True) if p != "topk"]
+    styles = {p: {"color": plt.cm.tab20(i % 20)} for i, p in enumerate(names)}
+    styles["topk"] = {"color": "black", "linestyle": "--", "zorder": 4}  # the ceiling
     for r, (model, regime) in enumerate(rows):
         d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
         for c, s in enumerate(sparsities):
@@ -426,7 +434,7 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
                 "policy", maintain_order=True
             ):
                 curves = np.array(run["recall_by_layer"].to_list(), dtype=float)
-                ax.plot(curves.mean(0), marker=".", color=colors[policy[0]], label=policy[0])
+                ax.plot(curves.mean(0), marker=".", label=policy[0], **styles[policy[0]])
             ax.set_ylim(-0.05, 1.05)
             ax.set_xlabel("layer")
             ax.set_title(f"{model}, {regime}, {s:.0%}", fontsize=8)
@@ -438,17 +446,18 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         )
         for row in pts.iter_rows(named=True):
             x, y = row["attention_recall"], row["correct"]
-            ax.scatter(x, y, color=colors[row["policy"]])
+            ax.scatter(x, y, color=styles[row["policy"]]["color"], label=row["policy"])
             _sparsity_label(ax, row["target_sparsity"], x, y)
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("mean attention mass kept")
         ax.set_ylabel("retrieval accuracy")
-        axes[r][-2].legend(fontsize=6)
+        handles, labels = axes[r][-2].get_legend_handles_labels()
+        ax.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.subplots_adjust(hspace=0.5, wspace=0.3)
     fig.suptitle(
-        f"{TASK_TITLES[task]}: full attention's weight on the kept keys at the answering "
-        "rows, by layer",
+        f"{TASK_TITLES[task]} at {length} tokens: full attention's weight on the kept keys "
+        "at the answering rows, by layer",
         fontsize=10,
     )
     _save(fig, out)
