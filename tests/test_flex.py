@@ -100,7 +100,7 @@ def test_selection_path_attends_whole_query_groups():
     mg = m // q_group
     must = torch.zeros(mg, m, dtype=torch.bool, device=DEVICE)
     must[torch.arange(mg), torch.arange(mg) * q_group] = True  # the diagonal block
-    mask = ref.select_blocks_grouped(score, torch.full((mg,), 2, device=DEVICE), q_group, must)
+    mask = ref.top_blocks_grouped(score, torch.full((mg,), 2, device=DEVICE), q_group, must)
     out = flex_attention_from_selection(q, k, v, _selection_from_mask(mask, q_group), kv_block, 0.3)
     expected = _masked_attention(q, k, v, _token_mask(mask, q_group * kv_block, kv_block, n), 0.3)
     torch.testing.assert_close(out, expected, **TOL)

@@ -20,8 +20,8 @@ from attnlab.kernels.coarsen import coarsen_max_l2  # noqa: E402
 from attnlab.kernels.curvature import coarse_adjacency, forman_ricci  # noqa: E402
 from attnlab.kernels.select import (  # noqa: E402
     score_and_select,
-    select_blocks,
-    select_blocks_grouped,
+    top_blocks,
+    top_blocks_grouped,
 )
 
 ON_GPU = os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available()
@@ -120,7 +120,7 @@ def test_select_blocks_matches_reference_with_ties(with_must_keep):
     if with_must_keep:
         must = torch.eye(m, dtype=torch.bool, device=DEVICE)
         must[:, 0] = True
-    assert torch.equal(select_blocks(s, keep, must), ref.select_blocks(s, keep, must))
+    assert torch.equal(top_blocks(s, keep, must), ref.top_blocks(s, keep, must))
 
 
 @pytest.mark.parametrize("q_group", [1, 2, 3])
@@ -131,10 +131,10 @@ def test_grouped_selection_pools_query_rows_by_max(q_group):
     keep = torch.arange(mg, device=DEVICE) % 4 + 1
     must = torch.zeros(mg, m, dtype=torch.bool, device=DEVICE)
     must[:, 0] = True
-    out = select_blocks_grouped(s, keep, q_group, must)
-    assert torch.equal(out, ref.select_blocks_grouped(s, keep, q_group, must))
+    out = top_blocks_grouped(s, keep, q_group, must)
+    assert torch.equal(out, ref.top_blocks_grouped(s, keep, q_group, must))
     if q_group == 1:
-        assert torch.equal(out, ref.select_blocks(s, keep, must))
+        assert torch.equal(out, ref.top_blocks(s, keep, must))
 
 
 def _dense_from_lists(sel):
@@ -182,7 +182,7 @@ def test_cab_select_matches_reference_scores_and_selection(lam, adjacency, graph
     assert torch.equal(torch.isfinite(sel.score), finite)
     torch.testing.assert_close(sel.score[finite], expected[finite], **F_TOL)
     # the selection is exact on the kernel's own scores
-    assert torch.equal(sel.mask, ref.select_blocks_grouped(sel.score, keep, q_group, must))
+    assert torch.equal(sel.mask, ref.top_blocks_grouped(sel.score, keep, q_group, must))
     assert torch.equal(_dense_from_lists(sel), sel.mask)
     for g in range(mg):  # partial blocks are the ones that reach the diagonal
         part = sel.partial_idx[0, 0, g, : sel.partial_num[0, 0, g]]
@@ -202,7 +202,7 @@ def test_cab_select_with_tiles_smaller_than_the_graph():
     expected = ref.cab_block_scores(q, k, block_size, 0.25)
     finite = torch.isfinite(expected)
     torch.testing.assert_close(sel.score[finite], expected[finite], **F_TOL)
-    assert torch.equal(sel.mask, ref.select_blocks(sel.score, torch.full((m,), 7, device=DEVICE)))
+    assert torch.equal(sel.mask, ref.top_blocks(sel.score, torch.full((m,), 7, device=DEVICE)))
 
 
 def test_fused_select_launched_in_bands_by_row_length():
@@ -220,5 +220,5 @@ def test_fused_select_launched_in_bands_by_row_length():
     )  # fmt: skip
     expected = ref.cab_block_scores(qc, qc, 1, 0.5, lam=0.5)  # block 1: qc is its own coarsening
     torch.testing.assert_close(sel.score, expected, **F_TOL)
-    assert torch.equal(sel.mask, ref.select_blocks_grouped(sel.score, keep, q_group, must))
+    assert torch.equal(sel.mask, ref.top_blocks_grouped(sel.score, keep, q_group, must))
     assert torch.equal(_dense_from_lists(sel), sel.mask)

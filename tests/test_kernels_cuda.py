@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.skipif(not ON_GPU, reason="needs CUDA and TRITON_INTERPRET=0"),
 ]
 
-from attnlab.bench.budgets import keep_per_query_block, must_keep_blocks  # noqa: E402
+from attnlab.bench.budgets import blocks_per_query_block, must_keep_mask  # noqa: E402
 from attnlab.kernels import reference as ref  # noqa: E402
 
 DEV = "cuda"
@@ -68,7 +68,7 @@ def test_adjacency_and_forman_ricci_match_reference(coarse, adjacency):
 
 
 def test_select_blocks_equals_reference(coarse):
-    from attnlab.kernels.select import select_blocks
+    from attnlab.kernels.select import top_blocks
 
     m = coarse[2].shape[2]
     gen = torch.Generator(device=DEV).manual_seed(2)
@@ -76,7 +76,7 @@ def test_select_blocks_equals_reference(coarse):
     causal = torch.ones(m, m, dtype=torch.bool, device=DEV).tril()
     score = score.masked_fill(~causal, float("-inf"))
     keep = torch.randint(0, 12, (m,), generator=gen, device=DEV)
-    assert (select_blocks(score, keep) != ref.select_blocks(score, keep)).sum().item() == 0
+    assert (top_blocks(score, keep) != ref.top_blocks(score, keep)).sum().item() == 0
 
 
 def _block_lists_as_mask(sel, m: int) -> torch.Tensor:
@@ -97,14 +97,14 @@ def test_cab_select_matches_reference_scores_and_selection(coarse, lam, adjacenc
     q, k, qc, _ = coarse
     m, g = qc.shape[2], 2
     keep = torch.full((-(-m // g),), 5, device=DEV)
-    must = must_keep_blocks(m, g, 1).to(DEV)
+    must = must_keep_mask(m, g, 1).to(DEV)
     kw = dict(lam=lam, adjacency=adjacency, graph=graph, must_keep=must, q_group=g)
     kw |= dict(write_score=True, write_mask=True)
     sel = cab_select(q, k, BLOCK, SCALING, keep, precision="ieee", **kw)
     expected = ref.cab_block_scores(q, k, BLOCK, SCALING, lam, adjacency, graph)
     fin = torch.isfinite(expected)
     assert _rel(sel.score[fin], expected[fin]) <= 1e-4
-    own = ref.select_blocks_grouped(sel.score, keep, g, must)
+    own = ref.top_blocks_grouped(sel.score, keep, g, must)
     assert (sel.mask != own).sum().item() == 0  # exact on the kernel's own scores
     assert (_block_lists_as_mask(sel, m) != sel.mask).sum().item() == 0
 
@@ -151,8 +151,8 @@ def test_flex_on_cab_selection_128x64_matches_eager_masked(flex_inputs):
 
     q, k, v, t, causal = flex_inputs
     m = len(t) // BLOCK
-    keep = keep_per_query_block(m, 2, 0.9).to(DEV)
-    must = must_keep_blocks(m, 2, 1).to(DEV)
+    keep = blocks_per_query_block(m, 2, 0.9).to(DEV)
+    must = must_keep_mask(m, 2, 1).to(DEV)
     sel = cab_select(q, k, BLOCK, SCALING, keep, must_keep=must, q_group=2, write_mask=True)
     out = flex_attention_from_selection(q, k, v, sel, BLOCK, SCALING)
     token_keep = sel.mask[:, :, t[:, None] // (2 * BLOCK), t[None, :] // BLOCK] & causal

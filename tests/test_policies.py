@@ -9,9 +9,9 @@ from attnlab.policies.base import (
     INF,
     LayerHistory,
     ScoreContext,
+    keep_block_tokens_by_budget,
     keep_mask,
     row_budget,
-    select_blocks,
     select_tokens,
 )
 
@@ -55,12 +55,14 @@ def test_select_blocks_fills_budget_in_score_order():
     # One row at position 11 sees 12 keys in blocks of 4: [0-3], [4-7], [8-11].
     vis = causal(1, 12)
     score = torch.tensor([[[[0.0, 2.0, 1.0]]]])
-    keep = select_blocks(score, vis, torch.tensor([[[8]]]), block_size=4)
+    keep = keep_block_tokens_by_budget(score, vis, torch.tensor([[[8]]]), block_size=4)
     assert keep[0, 0, 0].tolist() == [False] * 4 + [True] * 8
-    keep = select_blocks(score, vis, torch.tensor([[[3]]]), block_size=4)  # nothing fits
+    keep = keep_block_tokens_by_budget(
+        score, vis, torch.tensor([[[3]]]), block_size=4
+    )  # nothing fits
     assert keep[0, 0, 0].tolist() == [False] * 4 + [True] * 4 + [False] * 4  # best block only
     must = torch.tensor([[[[INF, 2.0, 1.0]]]])
-    keep = select_blocks(must, vis, torch.tensor([[[4]]]), block_size=4)
+    keep = keep_block_tokens_by_budget(must, vis, torch.tensor([[[4]]]), block_size=4)
     assert keep[0, 0, 0].tolist() == [True] * 4 + [False] * 8
 
 

@@ -25,6 +25,8 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from attnlab.blocks import n_blocks
+
 
 def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
@@ -100,7 +102,7 @@ def causal_block_mask(n: int, device: torch.device | str, block_size: int = 128)
     Built from its block lists: ``create_block_mask`` would materialise all n x n token
     pairs (128 GiB at 128k tokens).
     """
-    m = -(-n // block_size)
+    m = n_blocks(n, block_size)
     keep = torch.ones(1, 1, m, m, dtype=torch.bool, device=device)
     return block_mask_from_keep(keep, block_size, n)
 
@@ -158,7 +160,7 @@ def flex_block_sparse_attention(
     b, h, n, _ = q.shape
     m = block_keep.shape[-1]
     if m * block_size < n or (m - 1) * block_size >= n:
-        raise ValueError(f"block_keep has {m} blocks, N = {n} needs {-(-n // block_size)}")
+        raise ValueError(f"block_keep has {m} blocks, N = {n} needs {n_blocks(n, block_size)}")
     keep = block_keep.to(device=q.device, dtype=torch.bool).expand(b, h, m, m)
     n_pad = m * block_size - n
     block_mask = block_mask_from_keep(keep, block_size, n + n_pad)

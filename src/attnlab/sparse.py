@@ -36,13 +36,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnlab.kernels.reference import expand_kv
+from attnlab.blocks import expand_kv, n_blocks, visible_per_block
 from attnlab.policies.base import (
     LayerHistory,
     Policy,
     ScoreContext,
-    block_counts,
-    block_keep,
+    keep_blocks_by_budget,
     keep_mask,
     row_budget,
 )
@@ -312,8 +311,10 @@ class SparseRun:
         score = self.policy.score(ctx)  # (B, H, T, Mk)
         starts = torch.arange(0, t, bs, device=q.device)
         ends = (starts + bs - 1).clamp(max=t - 1)
-        keep = block_keep(
-            score[..., starts, :], block_counts(visible[..., ends, :], bs), ctx.budget[..., ends]
+        keep = keep_blocks_by_budget(
+            score[..., starts, :],
+            visible_per_block(visible[..., ends, :], bs),
+            ctx.budget[..., ends],
         )  # (B, H, Mq, Mk)
         self._remember(ctx)
         return keep, visible
@@ -375,7 +376,7 @@ def causal_block_pairs(t: int, block_size: int, device) -> torch.Tensor:
     """Causal (query, key) pairs of each (query block, key block) of a ``t``-token
     prefill: (Mq, Mk) long, summing to t (t + 1) / 2. Row chunks of 4096 keep the
     intermediate small."""
-    m = -(-t // block_size)
+    m = n_blocks(t, block_size)
     starts = torch.arange(m, device=device) * block_size
     lengths = (t - starts).clamp(max=block_size)
     pairs = torch.zeros(m, m, dtype=torch.long, device=device)

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from attnlab.blocks import ceil_div
 
-def keep_per_query_block(m: int, q_group: int, sparsity: float) -> torch.Tensor:
+
+def blocks_per_query_block(m: int, q_group: int, sparsity: float) -> torch.Tensor:
     """Key blocks kept per query block: (1 - s) of the causal key blocks it sees, at least 1.
 
     (Mg,) int, Mg = ceil(m / q_group); must-keep blocks count toward it.
     """
-    seen = ((torch.arange(-(-m // q_group)) + 1) * q_group).clamp(max=m)
+    seen = ((torch.arange(ceil_div(m, q_group)) + 1) * q_group).clamp(max=m)
     return ((1.0 - sparsity) * seen).round().clamp(min=1).to(torch.int32)
 
 
-def must_keep_blocks(m: int, q_group: int, sink_blocks: int) -> torch.Tensor:
+def must_keep_mask(m: int, q_group: int, sink_blocks: int) -> torch.Tensor:
     """(Mg, m) bool: the first ``sink_blocks`` key blocks and each query block's own blocks."""
-    mg = -(-m // q_group)
+    mg = ceil_div(m, q_group)
     must = torch.zeros(mg, m, dtype=torch.bool)
     must[:, :sink_blocks] = True
     for r in range(q_group):

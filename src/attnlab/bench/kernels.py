@@ -21,8 +21,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from attnlab.bench.budgets import keep_per_query_block, kept_pairs, must_keep_blocks
+from attnlab.bench.budgets import blocks_per_query_block, kept_pairs, must_keep_mask
 from attnlab.bench.timing import environment, median_ms, write_table
+from attnlab.blocks import n_blocks
 
 GPU_LENGTHS = (16384, 32768, 65536, 131072)
 CPU_LENGTHS = (512, 1024)
@@ -78,7 +79,7 @@ def _torch_selection(q, k, cfg: KernelBench, keep, must, scaling):
     from attnlab.kernels import reference as ref
 
     score = ref.cab_block_scores(q, k, cfg.block_size, scaling, cfg.lam, cfg.adjacency, cfg.graph)
-    mask = ref.select_blocks_grouped(score, keep, cfg.q_group, must)  # (B, H, Mg, M)
+    mask = ref.top_blocks_grouped(score, keep, cfg.q_group, must)  # (B, H, Mg, M)
     mg, m = mask.shape[-2:]
     first = (torch.arange(mg, device=mask.device) * cfg.q_group)[:, None]
     cols = torch.arange(m, device=mask.device)[None, :]
@@ -192,12 +193,12 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
     causal = causal_block_mask(n, device)
     timed("flex_causal", lambda: run_flex(q, k, v, causal, scaling), **dense)
 
-    m = -(-n // cfg.block_size)
-    must = must_keep_blocks(m, cfg.q_group, cfg.sink_blocks).to(device)
+    m = n_blocks(n, cfg.block_size)
+    must = must_keep_mask(m, cfg.q_group, cfg.sink_blocks).to(device)
     predictor_flops = 4 * cfg.head_dim * m * (m + 1) / 2 + 2 * m**3 / 6  # two sweeps, A @ A
     predictor_flops *= cfg.batch * cfg.heads
     s_max = max(cfg.sparsities)
-    keep_max = keep_per_query_block(m, cfg.q_group, s_max).to(device)
+    keep_max = blocks_per_query_block(m, cfg.q_group, s_max).to(device)
     timed(
         "cab_predictor",
         lambda: predictor(q, k, cfg, keep_max, must, scaling),
@@ -213,7 +214,7 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
         )
 
     for s in cfg.sparsities:
-        keep = keep_per_query_block(m, cfg.q_group, s).to(device)
+        keep = blocks_per_query_block(m, cfg.q_group, s).to(device)
         sel = predictor(q, k, cfg, keep, must, scaling)
         pairs = kept_pairs(sel, cfg.block_size, n)
         sparse = dict(

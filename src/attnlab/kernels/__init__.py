@@ -16,8 +16,8 @@ _LAZY = {
     "forman_ricci_from_degrees": "curvature",
     "BlockSelection": "select",
     "score_and_select": "select",
-    "select_blocks": "select",
-    "select_blocks_grouped": "select",
+    "top_blocks": "select",
+    "top_blocks_grouped": "select",
     "cab_select": "cab",
 }
 

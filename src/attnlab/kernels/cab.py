@@ -53,7 +53,7 @@ def cab_select(
     blocks kept per query group, Mg = ceil(M / q_group), M = ceil(N / block_size);
     must_keep: optional (Mg, M) bool (sinks, the diagonal), counted toward keep.
     The scores equal ``reference.cab_block_scores`` (up to float32 rounding and, on the
-    GPU, tf32 in A @ A) and the selection equals ``reference.select_blocks_grouped`` on
+    GPU, tf32 in A @ A) and the selection equals ``reference.top_blocks_grouped`` on
     them. Returns a ``BlockSelection`` with the lists, the mask and the scores asked for.
     ``precision="bf16"`` stores A in bf16 and multiplies it on the tensor cores as it is
     (the fast setting on a GPU); "tf32" and "ieee" keep A in float32.

@@ -11,17 +11,13 @@ that blends z(-F) and z(A) -> top key blocks under the budget.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from attnlab.blocks import expand_kv, n_blocks
 
 NEG_INF = float("-inf")
 ADJACENCIES = ("softmax", "scores", "dot")
 GRAPHS = ("symmetric", "directed", "rowsum")
-
-
-def n_blocks(n: int, block_size: int) -> int:
-    return math.ceil(n / block_size)
 
 
 def coarsen_max_l2(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -39,12 +35,6 @@ def coarsen_max_l2(x: torch.Tensor, block_size: int) -> torch.Tensor:
     idx = norms.view(b, h, m, block_size).argmax(-1)  # (B, H, M) first max wins
     idx = idx + torch.arange(m, device=x.device) * block_size
     return torch.gather(x, 2, idx.unsqueeze(-1).expand(b, h, m, d))
-
-
-def expand_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Repeat key/value heads for grouped-query attention: (B, Hkv, ., D) -> (B, H, ., D)."""
-    groups = n_heads // k.shape[1]
-    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
 
 
 def coarse_adjacency(
@@ -152,7 +142,7 @@ def cab_block_scores(
     return score.masked_fill(~causal, NEG_INF)
 
 
-def select_blocks(
+def top_blocks(
     score: torch.Tensor, keep: torch.Tensor, must_keep: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Keep, per query block, its ``keep[i]`` best causal key blocks.
@@ -176,18 +166,18 @@ def select_blocks(
     return mask
 
 
-def select_blocks_grouped(
+def top_blocks_grouped(
     score: torch.Tensor,
     keep: torch.Tensor,
     q_group: int,
     must_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``select_blocks`` for query blocks of ``q_group`` score rows, pooled by max.
+    """``top_blocks`` for query blocks of ``q_group`` score rows, pooled by max.
 
     score: (B, H, M, M) with -inf where not allowed; keep: (Mg,) key blocks per query
     group, Mg = ceil(M / q_group), clamped to the group's causal count; must_keep:
     optional (Mg, M) bool. Returns a (B, H, Mg, M) bool mask over key blocks. With
-    q_group = 1 this is ``select_blocks``. The GPU path selects this way so that its
+    q_group = 1 this is ``top_blocks``. The GPU path selects this way so that its
     FlexAttention tiles can be taller (query) than wide (key).
     """
     b, h, m, _ = score.shape

@@ -251,20 +251,20 @@ def _bands(
     return tuple(bands)
 
 
-def select_blocks(
+def top_blocks(
     score: torch.Tensor, keep: torch.Tensor, must_keep: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Triton version of ``reference.select_blocks``: (B, H, M, M) bool block mask."""
+    """Triton version of ``reference.top_blocks``: (B, H, M, M) bool block mask."""
     return score_and_select(score.float(), keep, from_score=True, must_keep=must_keep).mask
 
 
-def select_blocks_grouped(
+def top_blocks_grouped(
     score: torch.Tensor,
     keep: torch.Tensor,
     q_group: int,
     must_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``reference.select_blocks_grouped``: (B, H, Mg, M) bool mask."""
+    """Triton version of ``reference.top_blocks_grouped``: (B, H, Mg, M) bool mask."""
     return score_and_select(
         score.float(), keep, from_score=True, must_keep=must_keep, q_group=q_group
     ).mask

@@ -18,6 +18,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from attnlab.blocks import block_of, visible_per_block
+
 INF = float("inf")
 
 
@@ -206,7 +208,7 @@ class Policy:
 
 @dataclass
 class BlockPolicy(Policy):
-    """A policy that ranks key blocks; :func:`must_keep_blocks` reads its two flags."""
+    """A policy that ranks key blocks; :func:`with_must_keep_blocks` reads its two flags."""
 
     level: ClassVar[str] = "block"
     block_size: int = 16
@@ -234,15 +236,9 @@ def select_tokens(score: torch.Tensor, visible: torch.Tensor, budget: torch.Tens
     return mask.scatter_(-1, top_idx, keep_top)
 
 
-def block_counts(visible: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Visible keys per key block: (B, 1|H, Tq, Tk) bool -> (B, 1|H, Tq, Mk) long."""
-    mk = -(-visible.shape[-1] // block_size)
-    pad = mk * block_size - visible.shape[-1]
-    vis = torch.nn.functional.pad(visible, (0, pad)) if pad else visible
-    return vis.view(*vis.shape[:-1], mk, block_size).sum(-1)
-
-
-def block_keep(score: torch.Tensor, count: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+def keep_blocks_by_budget(
+    score: torch.Tensor, count: torch.Tensor, budget: torch.Tensor
+) -> torch.Tensor:
     """Keep, per row, key blocks in score order while their visible keys fit the budget.
 
     score: (B, H, Tq, Mk) with +inf for must-keep blocks; count: (B, 1|H, Tq, Mk) visible
@@ -259,11 +255,12 @@ def block_keep(score: torch.Tensor, count: torch.Tensor, budget: torch.Tensor) -
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
-def select_blocks(
+def keep_block_tokens_by_budget(
     score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor, block_size: int
 ) -> torch.Tensor:
-    """:func:`block_keep` at token resolution: a (B, H, Tq, Tk) bool mask inside ``visible``."""
-    keep = block_keep(score, block_counts(visible, block_size), budget)
+    """:func:`keep_blocks_by_budget` at token resolution: a (B, H, Tq, Tk) bool mask of the
+    kept blocks' keys inside ``visible``."""
+    keep = keep_blocks_by_budget(score, visible_per_block(visible, block_size), budget)
     return keep.repeat_interleave(block_size, dim=-1)[..., : visible.shape[-1]] & visible
 
 
@@ -330,7 +327,7 @@ def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
     if score is None:
         return ctx.visible.expand(*ctx.q.shape[:2], *ctx.visible.shape[-2:])
     if policy.level == "block":
-        return select_blocks(score, ctx.visible, ctx.budget, policy.block_size)
+        return keep_block_tokens_by_budget(score, ctx.visible, ctx.budget, policy.block_size)
     kept = ctx.history.kept
     if not policy.evicts or (kept is None and (policy.static_eviction or not ctx.row_eviction)):
         return select_tokens(score, ctx.visible, ctx.budget)
@@ -339,18 +336,15 @@ def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
     return select_evicting(score, ctx.visible, ctx.budget, kept)
 
 
-def rows_blocks(q_pos: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Query block of each row: (Tq,) long."""
-    return torch.div(q_pos, block_size, rounding_mode="floor")
-
-
-def must_keep_blocks(score: torch.Tensor, q_pos: torch.Tensor, policy: BlockPolicy) -> torch.Tensor:
+def with_must_keep_blocks(
+    score: torch.Tensor, q_pos: torch.Tensor, policy: BlockPolicy
+) -> torch.Tensor:
     """Set +inf on the query's own block and block 0 where the policy asks for them.
 
     score: (B, H, Tq, Mk) block scores of the rows at positions q_pos.
     """
     mk = score.shape[-1]
-    own = rows_blocks(q_pos, policy.block_size).unsqueeze(-1)  # (Tq, 1)
+    own = block_of(q_pos, policy.block_size).unsqueeze(-1)  # (Tq, 1)
     blocks = torch.arange(mk, device=score.device)
     must = torch.zeros(own.shape[0], mk, dtype=torch.bool, device=score.device)
     if policy.keep_diagonal:

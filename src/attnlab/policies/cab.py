@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.kernels.reference import cab_row_scores
-from attnlab.policies.base import BlockPolicy, ScoreContext, must_keep_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 
 
 @dataclass
@@ -49,4 +49,4 @@ class CAB(BlockPolicy):
             self.graph,
             self.query,
         )  # (B, H, Tq, M)
-        return must_keep_blocks(score, ctx.q_pos, self)
+        return with_must_keep_blocks(score, ctx.q_pos, self)

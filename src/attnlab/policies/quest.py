@@ -6,14 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.policies.base import BlockPolicy, ScoreContext, must_keep_blocks
+from attnlab.blocks import n_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 
 
 def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel minimum and maximum of the keys of each page: k (B, H, T, D) ->
     two (B, H, P, D) tensors; the last page may be ragged."""
     b, h, t, d = k.shape
-    n = -(-t // page)
+    n = n_blocks(t, page)
     pad = n * page - t
     kf = k.float()
     lo = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")) if pad else kf
@@ -53,4 +54,4 @@ class Quest(BlockPolicy):
         if ctx.layer < self.dense_layers:
             return None
         kmin, kmax = page_bounds(ctx.k, self.block_size)
-        return must_keep_blocks(upper_bound(ctx.q, kmin, kmax), ctx.q_pos, self)
+        return with_must_keep_blocks(upper_bound(ctx.q, kmin, kmax), ctx.q_pos, self)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.kernels.reference import n_blocks
-from attnlab.policies.base import BlockPolicy, ScoreContext, must_keep_blocks, rows_blocks
+from attnlab.blocks import block_of, n_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 
 
 @dataclass
@@ -22,8 +22,8 @@ class RandomBlock(BlockPolicy):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         b, h, tq, _ = ctx.q.shape
         mk = n_blocks(ctx.k.shape[-2], self.block_size)
-        m = max(mk, int(rows_blocks(ctx.q_pos[-1:], self.block_size)) + 1)
+        m = max(mk, int(block_of(ctx.q_pos[-1:], self.block_size)) + 1)
         gen = torch.Generator().manual_seed(ctx.seed * 100_003 + ctx.layer)
         table = torch.rand(b, h, m, m, generator=gen)  # (B, H, Mq, Mk), same for any call
-        score = table[:, :, rows_blocks(ctx.q_pos, self.block_size).cpu(), :mk]
-        return must_keep_blocks(score.to(ctx.q.device), ctx.q_pos, self)
+        score = table[:, :, block_of(ctx.q_pos, self.block_size).cpu(), :mk]
+        return with_must_keep_blocks(score.to(ctx.q.device), ctx.q_pos, self)

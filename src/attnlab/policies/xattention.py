@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from attnlab.blocks import n_blocks, visible_per_block
 from attnlab.policies.base import (
     INF,
     BlockPolicy,
     ScoreContext,
-    block_counts,
-    must_keep_blocks,
+    with_must_keep_blocks,
 )
 
 
@@ -83,7 +83,7 @@ class XAttention(BlockPolicy):
         hi = torch.where(early, first, done)
         lo = torch.where(early, first - per, first).clamp(min=0)
         rows = upto[..., hi, :] - upto[..., lo, :]  # (B, H, Tq, n_k)
-        mk = -(-k.shape[-2] // self.block_size)
+        mk = n_blocks(k.shape[-2], self.block_size)
         rows = torch.nn.functional.pad(rows, (0, mk * per - n_k))
         blocks = rows.view(*rows.shape[:-1], mk, per).sum(-1)  # (B, H, Tq, Mk)
         return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -93,7 +93,7 @@ class XAttention(BlockPolicy):
         share = self.shares(q, ctx.k, ctx.q_pos, ctx.scaling)  # (B, H, Tq, Mk)
         # only the blocks the model's own mask lets the row see share its attention (a
         # sliding window hides the rest; the estimate itself runs over every causal key)
-        share = share * (block_counts(ctx.visible, self.block_size) > 0)
+        share = share * (visible_per_block(ctx.visible, self.block_size) > 0)
         share = share / share.sum(-1, keepdim=True).clamp(min=1e-12)
         order = share.sort(dim=-1, descending=True)
         before = order.values.cumsum(-1) - order.values  # share of the blocks ranked above
@@ -101,4 +101,4 @@ class XAttention(BlockPolicy):
             -1, order.indices, before < self.threshold
         )
         score = torch.where(needed, share, -INF)
-        return must_keep_blocks(score, ctx.q_pos, self)
+        return with_must_keep_blocks(score, ctx.q_pos, self)

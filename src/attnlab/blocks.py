@@ -1,0 +1,39 @@
+"""Block arithmetic shared by the policies, the kernels and the runtime.
+
+A block is ``block_size`` consecutive tokens; a sequence of n tokens has
+``n_blocks(n, block_size)`` of them, the last one possibly ragged. These helpers return
+counts and indices of blocks, never token budgets (see :func:`attnlab.policies.base.row_budget`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ceil_div(a: int, b: int) -> int:
+    """The smallest integer >= a / b, for positive b."""
+    return -(-a // b)
+
+
+def n_blocks(n: int, block_size: int) -> int:
+    """Blocks covering n tokens (the last one ragged when block_size does not divide n)."""
+    return ceil_div(n, block_size)
+
+
+def block_of(pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The block each token position falls in: (...) long -> (...) long."""
+    return torch.div(pos, block_size, rounding_mode="floor")
+
+
+def visible_per_block(visible: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Visible keys in each key block: (B, 1|H, Tq, Tk) bool -> (B, 1|H, Tq, Mk) long."""
+    mk = n_blocks(visible.shape[-1], block_size)
+    pad = mk * block_size - visible.shape[-1]
+    vis = torch.nn.functional.pad(visible, (0, pad)) if pad else visible
+    return vis.view(*vis.shape[:-1], mk, block_size).sum(-1)
+
+
+def expand_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Repeat key/value heads for grouped-query attention: (B, Hkv, ., D) -> (B, H, ., D)."""
+    groups = n_heads // k.shape[1]
+    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
