@@ -81,7 +81,22 @@ def test_policies_that_differ_on_one_prompt_are_not_told_apart():
     assert rows["a"]["diff_best_lo"] == 0.0 and not rows["a"]["best_excludes_zero"]
 
 
-def test_a_run_missing_prompts_is_an_error():
+def test_a_prompt_full_attention_lacks_is_an_error():
     df = _table({("cache", "full", 0.0): [1] * N, ("cache", "a", 0.9): [1] * N})
     with pytest.raises(UserError, match="same prompts"):
-        niah_paired.paired_rows(df.filter(~((pl.col("policy") == "a") & (pl.col("depth") == 0))))
+        niah_paired.paired_rows(df.filter(~((pl.col("policy") == "full") & (pl.col("depth") == 0))))
+
+
+def test_a_policy_run_on_part_of_the_prompts_is_paired_on_those_alone():
+    """A variant run at one length only: compared with full attention on its 5 prompts,
+    while the other policies keep all 20 and their own best-other comparison."""
+    a, b, c = [1] * 10 + [0] * 10, [0] * 10 + [1] * 10, [1, 0, 1, 0, 1] * 4
+    df = _table({("cache", "full", 0.0): [1] * N, ("cache", "a", 0.9): a})
+    df = pl.concat([df, _table({("cache", "b", 0.9): b, ("cache", "c", 0.9): c})])
+    df = df.filter((pl.col("policy") != "c") | (pl.col("length") == 4096))
+    rows = {r["policy"]: r for r in niah_paired.paired_rows(df, resamples=200)}
+    assert rows["a"]["prompts"] == rows["b"]["prompts"] == N and rows["c"]["prompts"] == 5
+    assert rows["a"]["best_other"] == "b" and rows["c"]["best_other"] is None
+    c_at_4096 = [c[i] for i in range(N) if i % 4 == 3]  # lengths cycle fastest
+    assert rows["c"]["accuracy"] == pytest.approx(np.mean(c_at_4096))
+    assert rows["c"]["diff_full"] == pytest.approx(np.mean(c_at_4096) - 1.0)

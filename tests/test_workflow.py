@@ -145,13 +145,13 @@ def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(
     copy_workflow(tmp_path)
     proc = snakemake(tmp_path, "-n", "figs/ablation_smollm2-135m.png", "figs/niah_heatmap_90.png")
     jobs = planned_jobs(proc)
-    # NIAH in the prefill regime: top-k and CAB x 3 sparsities for the heatmaps, + coarse
-    # magnitude, random blocks, CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda 1.0 is cab) and
-    # CAB's four named variants, + cab_75; full attention runs once per model and grid,
-    # in the cache jobs
-    assert jobs["niah_score"] == 2 * 2 * 3 + 5 + 4 + 1
+    # NIAH in the prefill regime: top-k and CAB x 3 sparsities for the heatmaps, + the
+    # oracle, coarse magnitude, random blocks, CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda
+    # 1.0 is cab) and CAB's four named variants, + cab_75; full attention runs once per
+    # model and grid, in the cache jobs
+    assert jobs["niah_score"] == 2 * 2 * 3 + 6 + 4 + 1
     assert jobs["niah_cache"] == 2 + 1  # one per model, and the ablation's variants
-    assert jobs["pareto_score"] == 2 * (1 + 10)  # both regimes: full + the ten variants
+    assert jobs["pareto_score"] == 2 * (1 + 11)  # both regimes: full + the eleven runs
     assert "results/niah/prefill/smollm2-135m/cab_lam30_75.parquet" in proc.stdout
     assert "results/niah/prefill/smollm2-135m/cab_query_75.parquet" in proc.stdout
     assert "results/ablation/smollm2-135m/cache.parquet" in proc.stdout

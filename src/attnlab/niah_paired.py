@@ -59,30 +59,49 @@ def paired_rows(df: pl.DataFrame, resamples: int = 2000, seed: int = 0) -> list[
         )
         for (sparsity,), runs in runs_by_sparsity:
             where = f"({', '.join(map(str, key))}, sparsity {sparsity})"
-            policies, correct = _wide(runs, full, where)  # (P, K + 1)
-            acc = correct.mean(0)  # (K + 1,)
-            boot = cluster_bootstrap(correct, resamples, seed) / len(correct)  # (R, K + 1)
-            feasible = dict(runs.group_by("policy").agg(pl.col("feasible").all()).iter_rows())
-            for k, policy in enumerate(policies[:-1]):
-                others = [j for j, p in enumerate(policies[:-1]) if j != k and p not in ORACLES]
-                best = max(others, key=lambda j: acc[j], default=None)  # first on ties
-                row = dict(zip(GROUP_KEYS, key, strict=True)) | {
-                    "target_sparsity": sparsity,
-                    "policy": policy,
-                    "accuracy": float(acc[k]),
-                    "feasible": bool(feasible[policy]),
-                    "prompts": len(correct),
-                    "resampled": "prompt",
-                    "full_accuracy": float(acc[-1]),
-                }
-                row |= _difference("full", acc[k] - acc[-1], boot[:, k] - boot[:, -1])
-                row["best_other"] = policies[best] if best is not None else None
-                row["best_other_accuracy"] = float(acc[best]) if best is not None else np.nan
-                if best is None:
-                    row |= _difference("best", np.nan, np.full(1, np.nan))
-                else:
-                    row |= _difference("best", acc[k] - acc[best], boot[:, k] - boot[:, best])
-                rows.append(row)
+            for covered in _by_coverage(runs):
+                shared = full.join(covered.select(PROMPT_KEYS).unique(), on=PROMPT_KEYS, how="semi")
+                rows += _compare(key, sparsity, covered, shared, resamples, seed, where)
+    return rows
+
+
+def _by_coverage(runs: pl.DataFrame) -> list[pl.DataFrame]:
+    """The runs split by the prompts each policy covers (a policy run at one length of a
+    study only), so policies are paired on the prompts they share with each other and with
+    full attention, never on fewer for the sake of one policy's partial coverage."""
+    cover: dict[tuple, list[str]] = {}
+    for (policy,), one in runs.group_by("policy", maintain_order=True):
+        cover.setdefault(tuple(sorted(one.select(PROMPT_KEYS).rows())), []).append(policy)
+    return [runs.filter(pl.col("policy").is_in(names)) for names in cover.values()]
+
+
+def _compare(key, sparsity, runs, full, resamples, seed, where) -> list[dict]:
+    """The paired rows of one (model, regime, task, sparsity) and one prompt coverage."""
+    policies, correct = _wide(runs, full, where)  # (P, K + 1)
+    acc = correct.mean(0)  # (K + 1,)
+    boot = cluster_bootstrap(correct, resamples, seed) / len(correct)  # (R, K + 1)
+    feasible = dict(runs.group_by("policy").agg(pl.col("feasible").all()).iter_rows())
+    rows = []
+    for k, policy in enumerate(policies[:-1]):
+        others = [j for j, p in enumerate(policies[:-1]) if j != k and p not in ORACLES]
+        best = max(others, key=lambda j: acc[j], default=None)  # first on ties
+        row = dict(zip(GROUP_KEYS, key, strict=True)) | {
+            "target_sparsity": sparsity,
+            "policy": policy,
+            "accuracy": float(acc[k]),
+            "feasible": bool(feasible[policy]),
+            "prompts": len(correct),
+            "resampled": "prompt",
+            "full_accuracy": float(acc[-1]),
+        }
+        row |= _difference("full", acc[k] - acc[-1], boot[:, k] - boot[:, -1])
+        row["best_other"] = policies[best] if best is not None else None
+        row["best_other_accuracy"] = float(acc[best]) if best is not None else np.nan
+        if best is None:
+            row |= _difference("best", np.nan, np.full(1, np.nan))
+        else:
+            row |= _difference("best", acc[k] - acc[best], boot[:, k] - boot[:, best])
+        rows.append(row)
     return rows
 
 

@@ -55,6 +55,17 @@ def _one_task(df: pl.DataFrame) -> tuple[pl.DataFrame, str]:
     return df.filter(pl.col("task") == task), task
 
 
+def policy_styles(policies) -> dict[str, dict]:
+    """One line style per policy, the same in every panel of a figure: full attention dark
+    grey and dashed, the top-k oracle (the ceiling) black and dotted, the others 20
+    distinct colours in the order given."""
+    others = [p for p in dict.fromkeys(policies) if p not in ("full", "topk")]
+    styles = {p: {"color": plt.cm.tab20(i % 20)} for i, p in enumerate(others)}
+    styles["full"] = {"color": "0.35", "linestyle": "--", "zorder": 4}
+    styles["topk"] = {"color": "black", "linestyle": ":", "zorder": 4}
+    return styles
+
+
 def _save(fig, out: str | Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +306,7 @@ def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
         figsize=(4.4 * len(sparsities), 3.4 * len(rows) + 0.6),
     )
     lengths = sorted(df["length"].unique())
+    styles = policy_styles(df["policy"].unique(maintain_order=True))
     for r, (model, regime) in enumerate(rows):
         d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
         for c, s in enumerate(sparsities):
@@ -303,9 +315,8 @@ def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
                 (pl.col("policy") == "full") | ((pl.col("target_sparsity") - s).abs() < 1e-9)
             )
             for policy in runs["policy"].unique(maintain_order=True):
-                full = {"color": "0.2", "linestyle": "--", "zorder": 4} if policy == "full" else {}
                 run = runs.filter(pl.col("policy") == policy)
-                _accuracy_line(ax, run, "length", policy, seed, **full)
+                _accuracy_line(ax, run, "length", policy, seed, **styles[policy])
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
             ax.set_ylim(-0.05, 1.05)
@@ -423,9 +434,7 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         squeeze=False,
         figsize=(3.8 * (len(sparsities) + 1), 3.2 * len(rows) + 0.6),
     )
-    names = [p for p in df["policy"].unique(maintain_order=True) if p != "topk"]
-    styles = {p: {"color": plt.cm.tab20(i % 20)} for i, p in enumerate(names)}
-    styles["topk"] = {"color": "black", "linestyle": "--", "zorder": 4}  # the ceiling
+    styles = policy_styles(df["policy"].unique(maintain_order=True))
     for r, (model, regime) in enumerate(rows):
         d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
         for c, s in enumerate(sparsities):
