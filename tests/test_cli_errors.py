@@ -82,3 +82,9 @@ def test_an_option_the_rules_pass_has_no_default(tmp_path):
     )
     assert proc.returncode == 2 and "required: --target, --control, --resamples" in proc.stderr
     assert not out.exists()
+
+
+def test_a_figure_without_the_option_it_takes(tmp_path):
+    out = tmp_path / "heatmap.png"
+    line = refused("plot", "niah-heatmap", "--table", "t.parquet", "--out", str(out), out=out)
+    assert line == "attnlab: error: figure niah-heatmap needs --sparsity"
