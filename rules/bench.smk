@@ -1,13 +1,13 @@
 # Kernel benchmark: CAB's Triton predictor and flex block-sparse attention against dense
 # attention (SDPA flash, SDPA cuDNN, flex causal). On a machine without CUDA the command
-# runs its small CPU variant instead. Its code is the kernels and flex alone: an edit to
-# the capture, corpus or model modules does not rerun it.
+# runs its small CPU variant instead. Its code is the command line, the kernels and flex
+# alone: an edit to the capture, corpus or model modules does not rerun it.
 
 
 rule bench_kernels:
     input:
         code=module_sources(
-            "bench", "bench.kernels", "plots.kernels", root=workflow.basedir
+            "cli", "bench", "bench.kernels", "plots.kernels", root=workflow.basedir
         ),
     output:
         table="results/bench/kernels.parquet",
@@ -37,7 +37,7 @@ rule bench_kernels:
 rule bench_capture:
     input:
         code=module_sources(
-            "bench", "bench.capture", "plots.bench", root=workflow.basedir
+            "cli", "bench", "bench.capture", "plots.bench", root=workflow.basedir
         ),
     output:
         table="results/bench/capture.parquet",

@@ -6,7 +6,7 @@ rule capture:
         manifest="results/corpus/{model}/manifest.json",
         shards="results/corpus/{model}/shards",
         code=module_sources(
-            "capture", "metrics", "sparse", "models", root=workflow.basedir
+            "cli", "capture", "metrics", "sparse", "models", root=workflow.basedir
         ),
     output:
         metrics=directory("results/capture/{model}/metrics"),
@@ -38,7 +38,7 @@ rule capture:
 rule capture_figure:
     input:
         metrics="results/capture/{model}/metrics",
-        code=module_sources("plots.capture", root=workflow.basedir),
+        code=module_sources("cli", "plots.capture", root=workflow.basedir),
     output:
         report(
             "figs/capture_{model}_{kind}.png",

@@ -99,12 +99,14 @@ def niah_cache_sources(wildcards):
     """Modules the cache job runs: every cache-regime policy's, so editing one reruns it."""
     names = ["full", *niah_cache_grid(wildcards)[0]]
     mods = [f"policies.{workflow_policy_module(p, config['policies'])}" for p in names]
-    return module_sources("niah", "sparse", "models", *mods, root=workflow.basedir)
+    return module_sources(
+        "cli", "niah_jobs", "sparse", "models", *mods, root=workflow.basedir
+    )
 
 
 def niah_sources(wildcards):
     """Package modules a scoring job runs: editing one re-runs just the jobs that use it."""
-    return policy_sources(wildcards, "niah")
+    return policy_sources(wildcards, "niah_jobs")
 
 
 def pareto_sources(wildcards):
@@ -112,9 +114,11 @@ def pareto_sources(wildcards):
 
 
 def policy_sources(wildcards, stage):
+    """The command line, the stage module ``stage`` whose verb the job runs, and its
+    policy's module (the verbs import the policy registry by name, not every policy)."""
     base = workflow_policy_module(wildcards.policy, config["policies"])
     return module_sources(
-        stage, "sparse", "models", f"policies.{base}", root=workflow.basedir
+        "cli", stage, "sparse", "models", f"policies.{base}", root=workflow.basedir
     )
 
 

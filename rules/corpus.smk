@@ -5,7 +5,7 @@ rule corpus_shards:
     input:
         info="results/models/{model}.json",
         source=corpus_local_source,
-        code=module_sources("corpus", root=workflow.basedir),
+        code=module_sources("cli", "corpus", root=workflow.basedir),
     output:
         manifest="results/corpus/{model}/manifest.json",
         shards=directory("results/corpus/{model}/shards"),

@@ -4,7 +4,7 @@
 rule niah_heatmap:
     input:
         table=niah_table,
-        code=module_sources("plots.niah", root=workflow.basedir),
+        code=module_sources("cli", "plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/{study}_heatmap_{pct}.png",
@@ -27,7 +27,7 @@ rule niah_heatmap:
 rule niah_paired:
     input:
         table=niah_table,
-        code=module_sources("niah_paired", root=workflow.basedir),
+        code=module_sources("cli", "niah_paired", root=workflow.basedir),
     output:
         "results/{study}/paired.parquet",
     log:
@@ -48,7 +48,7 @@ rule niah_summary:
     input:
         table="results/niah/niah.parquet",
         paired="results/niah/paired.parquet",
-        code=module_sources("plots.niah", root=workflow.basedir),
+        code=module_sources("cli", "plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/niah_summary.png",
@@ -59,15 +59,17 @@ rule niah_summary:
         "logs/figures/niah_summary.log",
     conda:
         "../envs/attnlab.yaml"
+    params:
+        seed=config["seed"],
     shell:
         "attnlab plot niah-summary --table {input.table} {input.paired}"
-        " --out {output} 2> {log}"
+        " --seed {params.seed} --out {output} 2> {log}"
 
 
 rule niah_recall:
     input:
         table="results/niah/niah.parquet",
-        code=module_sources("plots.niah", root=workflow.basedir),
+        code=module_sources("cli", "plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/niah_recall.png",
@@ -85,7 +87,7 @@ rule niah_recall:
 rule niah_tasks:
     input:
         table="results/niah/niah.parquet",
-        code=module_sources("plots.niah", root=workflow.basedir),
+        code=module_sources("cli", "plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/niah_tasks.png",
@@ -110,7 +112,7 @@ rule niah_tasks:
 rule long_context_length:
     input:
         table=NIAH_TABLES["long_context"],
-        code=module_sources("plots.niah", root=workflow.basedir),
+        code=module_sources("cli", "plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/long_context_length.png",
@@ -133,7 +135,7 @@ rule long_context_latency:
     input:
         table=NIAH_TABLES["long_context"],
         bench="results_ref/long_context/prefill_latency.parquet",
-        code=module_sources("plots.niah", root=workflow.basedir),
+        code=module_sources("cli", "plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/long_context_latency.png",
@@ -152,7 +154,7 @@ rule long_context_latency:
 rule long_context_recall:
     input:
         table=NIAH_TABLES["long_context"],
-        code=module_sources("plots.niah", root=workflow.basedir),
+        code=module_sources("cli", "plots.niah", root=workflow.basedir),
     output:
         report(
             "figs/long_context_recall.png",

@@ -4,7 +4,9 @@
 rule induction_scores:
     input:
         info="results/models/{model}.json",
-        code=module_sources("induction", "sparse", "models", root=workflow.basedir),
+        code=module_sources(
+            "cli", "induction", "sparse", "models", root=workflow.basedir
+        ),
     output:
         scores="results/induction/{model}/scores.parquet",
         prompts="results/induction/{model}/prompts.parquet",
@@ -34,7 +36,7 @@ rule induction_scores:
 rule induction_analysis:
     input:
         scores="results/induction/{model}/scores.parquet",
-        code=module_sources("robustness", root=workflow.basedir),
+        code=module_sources("cli", "robustness", root=workflow.basedir),
     output:
         profile="results/induction/{model}/profile.json",
         nulls="results/induction/{model}/nulls.json",
@@ -59,7 +61,7 @@ rule induction_causal:
     input:
         prompts="results/induction/{model}/prompts.parquet",
         profile="results/induction/{model}/profile.json",
-        code=module_sources("causal", "models", root=workflow.basedir),
+        code=module_sources("cli", "causal", "models", root=workflow.basedir),
     output:
         "results/induction/{model}/causal.json",
     log:
@@ -90,7 +92,7 @@ rule induction_model_figure:
     input:
         profile="results/induction/{model}/profile.json",
         nulls="results/induction/{model}/nulls.json",
-        code=module_sources("plots.induction", root=workflow.basedir),
+        code=module_sources("cli", "plots.induction", root=workflow.basedir),
     output:
         report(
             "figs/induction_{kind}_{model}.png",
@@ -111,7 +113,7 @@ rule induction_model_figure:
 rule induction_cross_figure:
     input:
         tables=lambda wc: induction_tables(wc.kind),
-        code=module_sources("plots.induction", root=workflow.basedir),
+        code=module_sources("cli", "plots.induction", root=workflow.basedir),
     output:
         report(
             "figs/induction_{kind}.png",

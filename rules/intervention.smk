@@ -4,7 +4,7 @@
 checkpoint intervention_heads:
     input:
         unpack(intervention_heads_input),
-        code=module_sources("intervention", root=workflow.basedir),
+        code=module_sources("cli", "intervention", root=workflow.basedir),
     output:
         "results/intervention/{model}/heads.json",
     log:
@@ -28,7 +28,9 @@ rule intervention_sweep:
         manifest="results/corpus/{model}/manifest.json",
         shards="results/corpus/{model}/shards",
         heads="results/intervention/{model}/heads.json",
-        code=module_sources("intervention", "sparse", "models", root=workflow.basedir),
+        code=module_sources(
+            "cli", "intervention", "sparse", "models", root=workflow.basedir
+        ),
     output:
         "results/intervention/{model}/{head}.parquet",
     log:
@@ -56,7 +58,7 @@ rule intervention_sweep:
 rule gain:
     input:
         unpack(sweep_files),
-        code=module_sources("gain", root=workflow.basedir),
+        code=module_sources("cli", "gain", root=workflow.basedir),
     output:
         "results/intervention/{model}/gain.parquet",
     log:
@@ -75,7 +77,7 @@ rule gain:
 rule intervention_figure:
     input:
         unpack(sweep_files),
-        code=module_sources("plots.intervention", root=workflow.basedir),
+        code=module_sources("cli", "plots.intervention", root=workflow.basedir),
     output:
         report(
             "figs/intervention_{model}.png",
@@ -97,7 +99,7 @@ rule intervention_figure:
 rule gain_figure:
     input:
         table="results/intervention/{model}/gain.parquet",
-        code=module_sources("plots.intervention", root=workflow.basedir),
+        code=module_sources("cli", "plots.intervention", root=workflow.basedir),
     output:
         report(
             "figs/gain_{model}.png",

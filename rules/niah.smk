@@ -5,7 +5,7 @@
 
 rule model_info:
     input:
-        code=module_sources("models", root=workflow.basedir),
+        code=module_sources("cli", "models", root=workflow.basedir),
     output:
         "results/models/{model}.json",
     log:
@@ -25,7 +25,7 @@ rule niah_prompts:
     input:
         unpack(niah_haystack_input),
         info="results/models/{model}.json",
-        code=module_sources("niah", "corpus", root=workflow.basedir),
+        code=module_sources("cli", "niah_jobs", root=workflow.basedir),
     output:
         "results/niah/{model}/prompts.parquet",
     log:
@@ -115,7 +115,8 @@ rule niah_score:
 
 rule niah_table:
     input:
-        niah_score_files(),
+        tables=niah_score_files(),
+        code=module_sources("cli", "niah_jobs", root=workflow.basedir),
     output:
         "results/niah/niah.parquet",
     log:
@@ -123,4 +124,4 @@ rule niah_table:
     conda:
         "../envs/attnlab.yaml"
     shell:
-        "attnlab niah-table --out {output} {input} 2> {log}"
+        "attnlab niah-table --out {output} {input.tables} 2> {log}"

@@ -40,7 +40,7 @@ rule pareto_score:
 rule pareto_table:
     input:
         runs=pareto_files,
-        code=module_sources("pareto", root=workflow.basedir),
+        code=module_sources("cli", "pareto", root=workflow.basedir),
     output:
         "results/pareto/{model}.parquet",
     log:
@@ -58,7 +58,7 @@ rule pareto_table:
 rule ablation_table:
     input:
         unpack(ablation_inputs),
-        code=module_sources("pareto", root=workflow.basedir),
+        code=module_sources("cli", "pareto", root=workflow.basedir),
     output:
         "results/ablation/{model}.parquet",
     log:
@@ -76,7 +76,7 @@ rule ablation_table:
 rule frc_table:
     input:
         prompts="results/niah/{model}/prompts.parquet",
-        code=module_sources("curvature", "models", root=workflow.basedir),
+        code=module_sources("cli", "curvature", "models", root=workflow.basedir),
     output:
         "results/frc/{model}.parquet",
     log:
@@ -105,7 +105,7 @@ rule frc_table:
 rule pareto_figure:
     input:
         table="results/{kind}/{model}.parquet",
-        code=module_sources("plots.pareto", root=workflow.basedir),
+        code=module_sources("cli", "plots.pareto", root=workflow.basedir),
     output:
         report(
             "figs/{kind}_{model}.png",
@@ -126,7 +126,7 @@ rule pareto_figure:
 rule frc_figure:
     input:
         table="results/frc/{model}.parquet",
-        code=module_sources("plots.pareto", root=workflow.basedir),
+        code=module_sources("cli", "plots.pareto", root=workflow.basedir),
     output:
         report(
             "figs/frc_vs_magnitude_{model}.png",

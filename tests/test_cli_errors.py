@@ -45,6 +45,8 @@ def test_context_longer_than_the_model_allows(tmp_path, smollm2_info):
     max_pos = json.loads(smollm2_info.read_text())["max_positions"]
     args = ["niah-prompts", "--model", "smollm2-135m", "--model-info", str(smollm2_info)]
     args += ["--lengths", "512", str(2 * max_pos), "--depths", "0.5", "--out", str(out)]
+    args += ["--samples", "1", "--seed", "0", "--haystack", "noise", "--tasks", "passkey"]
+    args += ["--needles", "4", "--templates", "{}"]
     line = refused(*args, out=out)
     assert str(2 * max_pos) in line and str(max_pos) in line
 
@@ -53,6 +55,7 @@ def test_corpus_path_that_does_not_exist(tmp_path):
     out = tmp_path / "manifest.json"
     args = ["corpus-shard", "--model", "smollm2-135m", "--source", "/no/such/dir/data.jsonl"]
     args += ["--keep-sets", "RedPajamaWikipedia", "--shards", str(tmp_path / "shards")]
+    args += ["--split", "train", "--chunk-len", "512", "--max-chunks", "8", "--shard-size", "64"]
     line = refused(*args, "--manifest", str(out), out=out)
     assert "/no/such/dir/data.jsonl" in line
     assert not (tmp_path / "shards").exists()
@@ -63,5 +66,25 @@ def test_table_from_an_older_schema(tmp_path):
     pq.write_table(pa.table({"length": [512], "depth": [0.5], "tokens": [[1, 2, 3]]}), old)
     out = tmp_path / "scores.parquet"
     args = ["niah-score", "--model", "smollm2-135m", "--prompts", str(old), "--policy", "full"]
+    args += ["--policy-params", "{}", "--sparsity", "0", "--tolerance", "0.005", "--seed", "0"]
+    args += ["--threads", "1", "--device", "cpu", "--dtype", "float32"]
+    args += ["--max-new-tokens", "8", "--row-chunk", "0"]
     line = refused(*args, "--out", str(out), out=out)
     assert str(old) in line and "older version" in line
+
+
+def test_an_option_the_rules_pass_has_no_default(tmp_path):
+    out = tmp_path / "heads.json"
+    proc = subprocess.run(
+        [ATTNLAB, "intervention-heads", "--model", "m", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "required: --target, --control, --resamples" in proc.stderr
+    assert not out.exists()
+
+
+def test_a_figure_without_the_option_it_takes(tmp_path):
+    out = tmp_path / "heatmap.png"
+    line = refused("plot", "niah-heatmap", "--table", "t.parquet", "--out", str(out), out=out)
+    assert line == "attnlab: error: figure niah-heatmap needs --sparsity"

@@ -9,7 +9,7 @@ from attnlab.workflow import PACKAGE, _imported_modules
 
 MAX_LINES = 450
 # issue 18: to split. Each is still over the limit; remove it here once it is split.
-TOO_LONG = {"cli.py", "sparse.py", "plots/niah.py"}
+TOO_LONG = {"sparse.py", "plots/niah.py"}
 
 
 def _modules() -> dict[str, list[str]]:

@@ -266,3 +266,69 @@ def _finish(work: Path, metrics_dir: Path, qk_dir: Path, done: dict) -> dict:
                 f.replace(dest / f.name)
     shutil.rmtree(work)
     return done
+
+
+def capture_corpus(
+    model: str,
+    manifest: str,
+    metrics: str,
+    qk: str,
+    chunks: int,
+    batch_size: int,
+    mass: float,
+    qk_layers: list[int],
+    qk_chunks: int,
+    threads: int,
+    device: str,
+    dtype: str,
+) -> None:
+    """Capture the corpus's first ``chunks`` chunks (:class:`CorpusCapture`): per-token
+    metrics to the folder ``metrics``, Q/K of ``qk_layers`` on the first ``qk_chunks``
+    chunks to the folder ``qk``."""
+    import sys
+
+    from tqdm import tqdm
+
+    from attnlab import models
+    from attnlab.workflow import module_sources
+
+    torch.set_num_threads(threads)
+    corpus = json.loads(Path(manifest).read_text())
+    chunks = min(chunks, corpus["chunks"])
+    # The resume folder is keyed by every module the capture runs, as the rule's inputs are.
+    code = b"".join(Path(f).read_bytes() for f in module_sources("capture"))
+    meta = {
+        "model": model,
+        "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
+        "chunk_len": corpus["chunk_len"],
+        "chunks": chunks,
+        "mass": mass,
+        "qk_layers": sorted(qk_layers),
+        "qk_chunks": qk_chunks,
+        "code_sha256": hashlib.sha256(code).hexdigest(),
+    }
+    net, _, info = models.load(model, device=device, dtype=dtype)
+    sparse.install(net)
+    total = chunks * corpus["chunk_len"]
+    with tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc=f"capture {model}",
+        mininterval=5,
+        file=sys.stderr,
+    ) as bar:
+        job = CorpusCapture(
+            net,
+            info.n_kv_heads,
+            Path(manifest),
+            chunks,
+            batch_size,
+            mass,
+            sorted(qk_layers),
+            qk_chunks,
+            meta,
+            bar,
+        )
+        counts = job.run(metrics, qk)
+    print(f"captured {counts}", file=sys.stderr)

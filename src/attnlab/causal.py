@@ -116,3 +116,44 @@ def causal_check(
         "delta_random": float((rand - base).mean()),
         "delta_random_ci": list(bootstrap_ci(rand - base, resamples, seed=seed)),
     }
+
+
+def write_causal(
+    model: str,
+    prompts: str,
+    profile: str,
+    k: int,
+    mode: str,
+    draws: int,
+    n_prompts: int,
+    bootstrap: int,
+    seed: int,
+    batch_size: int,
+    threads: int,
+    out: str,
+) -> None:
+    """:func:`causal_check` of the ``k`` top-scoring heads (``profile.json``'s head scores)
+    on the first ``n_prompts`` unshuffled random prompts of the table ``prompts`` (every
+    lag in turn), written to ``out`` as JSON."""
+    import json
+    import sys
+
+    import polars as pl
+
+    from attnlab import induction, models, tables
+
+    torch.set_num_threads(threads)
+    head_scores = np.asarray(json.loads(open(profile).read())["head_scores"])
+    df = tables.read(prompts, induction.ROW_COLUMNS)
+    df = df.filter((pl.col("family") == "random") & ~pl.col("shuffled"))
+    df = df.sort(["prompt", "lag"]).head(n_prompts)  # every lag in turn
+    chosen = [InductionPrompt.from_row(r) for r in df.iter_rows(named=True)]
+    net, _, _ = models.load(model)
+    result = causal_check(net, chosen, head_scores, k, mode, draws, seed, bootstrap, batch_size)
+    result["model"] = model
+    print(
+        f"copy accuracy {result['baseline']:.3f}; top-{k} ablated {result['topk']:.3f}; "
+        f"random-{k} ablated {result['random']:.3f}",
+        file=sys.stderr,
+    )
+    tables.write_json(result, out)

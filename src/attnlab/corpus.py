@@ -268,3 +268,40 @@ def read_corpus(manifest_path: str | Path) -> np.ndarray:
     """Every chunk of a corpus, in order: (chunks, chunk_len) int32."""
     manifest = json.loads(Path(manifest_path).read_text())
     return np.concatenate([read_shard(manifest_path, s["file"]) for s in manifest["shards"]])
+
+
+def shard(
+    model: str,
+    source: str,
+    split: str,
+    keep_sets: list[str],
+    chunk_len: int,
+    max_chunks: int,
+    shard_size: int,
+    shards: str,
+    manifest: str,
+) -> None:
+    """Filter ``source``'s records to ``keep_sets``, tokenize them with ``model``'s
+    tokenizer and cut at most ``max_chunks`` chunks of ``chunk_len`` tokens, written to the
+    folder ``shards`` (``shard_size`` chunks each) and described by ``manifest``."""
+    from transformers import AutoTokenizer
+
+    from attnlab import models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
+    records = read_records(source, split)
+    local = Path(source).exists() or source == BUILTIN
+    chunks, counts = chunk_documents(
+        records, tokenizer, chunk_len, keep_sets, max_chunks, scan_all=local
+    )
+    pad = tokenizer.pad_token_id
+    pad = None if pad in (tokenizer.eos_token_id, tokenizer.bos_token_id) else pad
+    meta = {
+        "model": model,
+        "source": source,
+        "split": split,
+        "keep_sets": sorted(keep_sets),
+        "max_chunks": max_chunks,
+        **counts,
+    }
+    write_shards(chunks, shards, manifest, chunk_len, len(tokenizer), pad, shard_size, meta)

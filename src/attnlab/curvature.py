@@ -57,3 +57,53 @@ def block_pairs(
         "needle": np.tile(np.isin(kb, list(needle_blocks)), h),
         "diagonal": np.tile(qb == kb, h),
     }
+
+
+def write_block_pairs(
+    model: str,
+    prompts: str,
+    length: int,
+    depth: float,
+    layer: int,
+    block_size: int,
+    adjacency: str,
+    graph: str,
+    threads: int,
+    device: str,
+    dtype: str,
+    out: str,
+) -> None:
+    """:func:`block_pairs` of ``layer`` on the first NIAH prompt of ``length`` tokens with
+    its needle at ``depth`` (from the table ``prompts``), written to ``out``."""
+    import pyarrow as pa
+
+    from attnlab import models, tables
+    from attnlab.errors import UserError
+    from attnlab.niah import read_prompts
+
+    torch.set_num_threads(threads)
+    pick = [p for p in read_prompts(prompts) if p.length == length and abs(p.depth - depth) < 1e-9]
+    if not pick:
+        raise UserError(
+            f"no NIAH prompt of length {length} and depth {depth} in {prompts}; "
+            "pick one from niah.lengths and niah.depths"
+        )
+    prompt = pick[0]
+    net, _, info = models.load(model, device=device, dtype=dtype)
+    if not 0 <= layer < info.n_layers:
+        raise UserError(f"frc.layer {layer} outside the model's layers 0..{info.n_layers - 1}")
+    cols = block_pairs(
+        net, prompt.input_ids, layer, block_size, adjacency, graph, prompt.needle_positions
+    )
+    meta = {
+        "model": model,
+        "layer": layer,
+        "length": length,
+        "depth": depth,
+        "block_size": block_size,
+        "adjacency": adjacency,
+        "graph": graph,
+        "haystack": tables.meta(prompts).get("haystack"),
+        "needle_positions": prompt.needle_positions,
+    }
+    tables.write(pa.table(cols), out, meta=meta)

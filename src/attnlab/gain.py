@@ -129,3 +129,28 @@ def gain_rows(
         for r in rows[-2:]:
             r.update(ratio=float(ratio), ratio_lo=float(r_lo), ratio_hi=float(r_hi))
     return rows
+
+
+def write_gain(target: str, control: str, resamples: int, seed: int, out: str) -> None:
+    """The gain rows (:func:`gain_rows`) of the target's and the control's sweep tables,
+    each also printed to stderr, written to ``out``."""
+    import sys
+
+    from attnlab import tables
+
+    cols = ["scale", "sample", "token", "layer", "head", *SWEEP_METRICS]
+    rows = gain_rows(tables.read(target, cols), tables.read(control, cols), resamples, seed)
+    meta = {
+        "target": tables.meta(target),
+        "control": tables.meta(control),
+        "resamples": resamples,
+        "seed": seed,
+    }
+    for r in rows:
+        r["model"] = meta["target"].get("model")
+        print(
+            f"{r['metric']:<11} {r['role']:<8} gain {r['gain']:+.4f} "
+            f"[{r['gain_lo']:+.4f}, {r['gain_hi']:+.4f}]  {r['verdict']}",
+            file=sys.stderr,
+        )
+    tables.write(rows, out, meta=meta)

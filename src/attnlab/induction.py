@@ -231,3 +231,61 @@ def lag_confound(induction: np.ndarray, previous: np.ndarray, lags: np.ndarray, 
             "top": top,
         }
     return out
+
+
+def write_scores(
+    model: str,
+    model_info: str,
+    families: list[str],
+    lags: list[int],
+    seq_len: int,
+    per_lag: int,
+    seed: int,
+    batch_size: int,
+    threads: int,
+    out: str,
+    prompts_out: str,
+) -> None:
+    """Make the induction prompts of every family and lag (``per_lag`` each, ``seq_len``
+    tokens) and score every head on each; write one row per (prompt, layer, head) to
+    ``out`` and the prompts to ``prompts_out``."""
+    import json
+    import sys
+
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    from attnlab import models, tables
+
+    info = json.loads(open(model_info).read())
+    if seq_len > info["max_positions"]:
+        raise UserError(f"induction seq_len {seq_len} exceeds the model's {info['max_positions']}")
+    torch.set_num_threads(threads)
+    net, tokenizer, _ = models.load(model)
+    sparse.install(net)
+    prompts = make_prompts(tokenizer, families, lags, seq_len, per_lag, seed)
+    with tqdm(
+        total=len(prompts), unit="prompt", desc=f"induction {model}", mininterval=5, file=sys.stderr
+    ) as bar:
+        scored = list(score_prompts(net, prompts, batch_size, bar))
+    scores = np.stack([s for _, s, _ in scored])  # (prompts, layers, heads)
+    previous = np.stack([s for _, _, s in scored])  # (prompts, layers, heads)
+    n, cells = len(prompts), scores[0].size
+    layer, head = np.indices(scores.shape[1:]).reshape(2, -1)
+    per_prompt = {"family": "family", "lag": "lag", "prompt": "index", "shuffled": "shuffled"}
+    rows = {k: np.repeat([getattr(p, f) for p in prompts], cells) for k, f in per_prompt.items()}
+    rows |= {"layer": np.tile(layer, n), "head": np.tile(head, n)}
+    rows["score"] = scores.ravel().astype(np.float64)
+    rows["prev_score"] = previous.ravel().astype(np.float64)
+    meta = {
+        "model": model,
+        "families": families,
+        "lags": lags,
+        "seq_len": seq_len,
+        "per_lag": per_lag,
+        "seed": seed,
+        "n_layers": info["n_layers"],
+        "n_heads": info["n_heads"],
+    }
+    tables.write(pa.table(rows), out, meta=meta)
+    tables.write([p.to_row() for p in prompts], prompts_out, meta=meta)

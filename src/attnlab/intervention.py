@@ -181,3 +181,124 @@ def pick_heads(metrics_dir, resamples: int = 2000, seed: int = 0) -> dict:
             "r_hi": float(res["hi"][at]),
         }
     return out
+
+
+def choose_heads(
+    model: str,
+    target: str,
+    control: str,
+    capture_metrics: str | None,
+    resamples: int,
+    seed: int,
+    out: str,
+) -> None:
+    """Resolve the target and control heads (``L<layer>H<head>``, or ``auto``: picked
+    from the capture tables ``capture_metrics`` by :func:`pick_heads`) and write them,
+    with how each was chosen, to ``out`` as JSON."""
+    from attnlab import tables
+
+    chosen = {}
+    auto = None
+    for role, value in (("target", target), ("control", control)):
+        if value == "auto":
+            if capture_metrics is None:
+                raise UserError(f"intervention.{role} is auto but no capture tables were given")
+            if auto is None:
+                auto = pick_heads(capture_metrics, resamples, seed)
+            chosen[role] = auto[role] | {
+                "how": "auto: |r(query norm, entropy)| "
+                + ("largest" if role == "target" else "smallest")
+            }
+        else:
+            chosen[role] = {"head": Head.parse(value).name, "how": "config"}
+    if chosen["target"]["head"] == chosen["control"]["head"]:
+        raise UserError(f"target and control are the same head {chosen['target']['head']}")
+    tables.write_json({"model": model, **chosen}, out)
+
+
+def _checked(model, tokens: np.ndarray, head: Head, scale: float) -> dict:
+    """Check the intervention on ``head`` before the sweep: scale 1.0 changes nothing, and
+    scaling touches that head alone. Returns the checks; a failed one raises."""
+    import sys
+
+    sanity = sanity_check(model, tokens[:1], head)
+    isolation = isolation_check(model, tokens[:1], head, scale)
+    print(
+        f"check: scale 1.0 against no intervention, largest logit difference {sanity:g}",
+        file=sys.stderr,
+    )
+    print(f"check: isolation {isolation}", file=sys.stderr)
+    if sanity > 1e-6 or not isolation["ok"]:
+        raise UserError(
+            f"the intervention on {head.name} failed its checks: scale 1.0 "
+            f"differs by {sanity:g}; isolation {isolation}"
+        )
+    for metric, way in EXPECTED.items():
+        print(f"expected as the scale grows: {metric} {way}", file=sys.stderr)
+    return {"scale_one_max_logit_diff": sanity, "isolation": isolation}
+
+
+def run_sweep(
+    model: str,
+    manifest: str,
+    heads: str,
+    head: str,
+    scales: list[float],
+    chunks: int,
+    batch_size: int,
+    mass: float,
+    threads: int,
+    out: str,
+) -> None:
+    """Sweep the query scale of ``head`` (the target or the control in ``heads.json``)
+    over the corpus's first ``chunks`` chunks, after the checks, and write the per-token
+    metrics to ``out``."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    from attnlab import models, tables
+    from attnlab.corpus import read_corpus
+
+    torch.set_num_threads(threads)
+    chosen = json.loads(Path(heads).read_text())
+    role = next((r for r in ("target", "control") if chosen[r]["head"] == head), None)
+    if role is None:
+        raise UserError(f"{head} is neither the target nor the control in {heads}")
+    swept = Head.parse(head)
+    tokens = read_corpus(manifest)[:chunks].astype("int64")
+    net, _, _ = models.load(model)
+    sparse.install(net)
+    swept.check(net)
+    checks = _checked(net, tokens, swept, max(scales))
+    with tqdm(
+        total=len(scales) * tokens.size,
+        unit="tok",
+        unit_scale=True,
+        desc=f"sweep {model} {swept.name}",
+        mininterval=5,
+        file=sys.stderr,
+    ) as bar:
+        cols = sweep(net, tokens, swept, scales, batch_size, mass, bar)
+    n = len(cols["scale"])
+    cols |= {
+        "model": [model] * n,
+        "role": [role] * n,
+        "layer": [swept.layer] * n,
+        "head": [swept.head] * n,
+    }
+    meta = {
+        "model": model,
+        "role": role,
+        "head": swept.name,
+        "selection": chosen[role],
+        "scales": scales,
+        "chunks": int(len(tokens)),
+        "mass": mass,
+        "expected": EXPECTED,
+        "checks": checks,
+    }
+    tables.write(pa.table(cols), out, meta=meta)

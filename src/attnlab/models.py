@@ -202,3 +202,14 @@ def model_info(name: str, model) -> ModelInfo:
         rope_theta=rope.get("rope_theta", getattr(cfg, "rope_theta", None)),
         model_type=cfg.model_type,
     )
+
+
+def write_info(model: str, out: str) -> None:
+    """Load ``model`` once (which fills the model cache) and write its geometry to ``out``
+    as JSON."""
+    from dataclasses import asdict
+
+    from attnlab import tables
+
+    _, _, info = load(model)
+    tables.write_json(asdict(info), out)

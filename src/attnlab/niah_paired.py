@@ -114,3 +114,11 @@ def _difference(name: str, diff: float, boot: np.ndarray) -> dict:
         f"diff_{name}_hi": float(hi),
         f"{name}_excludes_zero": bool(lo > 0 or hi < 0),
     }
+
+
+def write_paired(table: str, resamples: int, seed: int, out: str) -> None:
+    """The paired rows (:func:`paired_rows`) of the NIAH table ``table``, written to ``out``."""
+    from attnlab import tables
+
+    rows = paired_rows(tables.read(table, COLUMNS), resamples, seed)
+    tables.write(rows, out, meta={"table": table, "resamples": resamples, "seed": seed})

@@ -287,3 +287,85 @@ def ablation(
             }
         )
     return rows
+
+
+def score_corpus(
+    model: str,
+    manifest: str,
+    policy: str,
+    policy_params: str,
+    sparsity: float,
+    tolerance: float,
+    regime: str,
+    context: float,
+    chunks: int,
+    repeats: int,
+    seed: int,
+    threads: int,
+    device: str,
+    dtype: str,
+    out: str,
+) -> None:
+    """Perplexity and latency of one policy at one target sparsity on the corpus's last
+    ``chunks`` chunks (held out: the capture reads the first), each timed ``repeats``
+    times, in ``regime`` (cache: perplexity of each chunk after its first ``context``
+    share, densely prefilled); write the rows to ``out``."""
+    import hashlib
+    from pathlib import Path
+
+    from attnlab import scoring, tables
+    from attnlab.corpus import read_corpus
+
+    tokens = read_corpus(manifest)
+    if not 0 < chunks <= len(tokens):
+        raise UserError(
+            f"pareto.chunks is {chunks} but the corpus holds {len(tokens)} chunks; "
+            "raise corpus.max_chunks or lower pareto.chunks"
+        )
+    first = len(tokens) - chunks
+    job = (model, policy, policy_params, sparsity, threads, device, dtype)
+    run, target, net, _ = scoring.load_job(*job)
+    rows = score_chunks(
+        net,
+        tokens[first:],
+        run,
+        target,
+        repeats,
+        seed,
+        chunk_ids=range(first, len(tokens)),
+        desc=f"{model} {policy} {target:g} {regime}",
+        regime=regime,
+        context=context,
+    )
+    device_used = device_name(net.device)
+    marks = scoring.mark_rows(rows, model, policy, run, target, tolerance)
+    for r in rows:
+        r.update(device=device_used, regime=regime)
+    meta = {
+        "model": model,
+        **marks,
+        "regime": regime,
+        "context": context if regime == "cache" else None,
+        "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
+        "repeats": repeats,
+        "threads": threads,
+        "device": device_used,
+    }
+    tables.write(rows, out, meta=meta)
+
+
+def write_table(inputs: list[str], resamples: int, seed: int, out: str) -> None:
+    """One row per run of the pareto-score tables ``inputs`` (:func:`collect`), to ``out``."""
+    from attnlab import tables
+
+    rows = collect(inputs, resamples, seed)
+    tables.write(rows, out, meta=tables.meta(inputs[0]) | {"inputs": inputs})
+
+
+def write_ablation(niah: list[str], pareto: list[str], resamples: int, seed: int, out: str) -> None:
+    """The ablation table (:func:`ablation`) of NIAH tables ``niah`` and pareto-score
+    tables ``pareto``, to ``out``."""
+    from attnlab import tables
+
+    rows = ablation(niah, pareto, resamples, seed)
+    tables.write(rows, out, meta={"niah": niah, "pareto": pareto, "resamples": resamples})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from attnlab.induction import layer_profile, peak_and_bandwidth
+from attnlab.induction import SHORT_LAG, lag_confound, layer_profile, peak_and_bandwidth
 from attnlab.stats import percentile_interval, resample_counts
 
 
@@ -65,3 +65,83 @@ def head_permutation_null(
     profiles = layer_profile(perms.reshape(permutations, *head_scores.shape), how, quantile)
     lo, hi = percentile_interval(profiles)
     return {"mean": profiles.mean(0).tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
+
+
+def _score_array(df, shuffled: bool, n_layers: int, n_heads: int, column: str = "score"):
+    """Per-prompt (prompts, layers, heads) scores of the observed or the shuffled prompts
+    in an induction scores table."""
+    import polars as pl
+
+    d = df.filter(pl.col("shuffled") == shuffled).sort(["family", "lag", "prompt", "layer", "head"])
+    return d[column].to_numpy().reshape(-1, n_layers, n_heads).astype(np.float64)
+
+
+def _profile(df, meta: dict, how: str, quantile: float, resamples: int, seed: int) -> dict:
+    """The layer profile with its intervals (:func:`bootstrap_profile`), the mean head
+    scores, the lag confound of the random family, and the short- and long-lag profiles."""
+    import polars as pl
+
+    n_layers, n_heads = meta["n_layers"], meta["n_heads"]
+    observed = _score_array(df, False, n_layers, n_heads)
+    profile = bootstrap_profile(observed, how, quantile, resamples, seed)
+    profile |= {
+        "model": meta["model"],
+        "n_layers": n_layers,
+        "how": how,
+        "quantile": quantile,
+        "relative_depth": [i / n_layers for i in range(n_layers)],
+        "head_scores": observed.mean(0).tolist(),
+        "prev_head_scores": _score_array(df, False, n_layers, n_heads, "prev_score")
+        .mean(0)
+        .tolist(),
+        "lags": {},
+    }
+    random = df.filter((pl.col("family") == "random") & ~pl.col("shuffled"))
+    if random.height:
+        by_prompt = random.sort(["family", "lag", "prompt", "layer", "head"])
+        profile["by_lag"] = lag_confound(
+            _score_array(random, False, n_layers, n_heads),
+            _score_array(random, False, n_layers, n_heads, "prev_score"),
+            by_prompt["lag"].to_numpy()[:: n_layers * n_heads],
+        )
+    short = pl.col("lag") <= SHORT_LAG
+    for name, cond in (("short", short), ("long", ~short)):
+        part = df.filter(cond & (pl.col("family") == "random"))
+        if part.height:
+            scores = _score_array(part, False, n_layers, n_heads)
+            profile["lags"][name] = bootstrap_profile(scores, how, quantile, resamples, seed)
+    return profile
+
+
+def analyse_scores(
+    scores: str,
+    profile: str,
+    quantile: float,
+    bootstrap: int,
+    permutations: int,
+    seed: int,
+    profile_out: str,
+    nulls_out: str,
+) -> None:
+    """The layer profile (``profile``: ``mean`` or ``top`` of the heads, see
+    :func:`attnlab.induction.layer_profile`) of an induction scores table with its
+    bootstrap intervals, written to ``profile_out``; the shuffled-antecedent and
+    head-permutation nulls, to ``nulls_out`` (both JSON)."""
+    from attnlab import tables
+
+    cols = ["family", "lag", "prompt", "shuffled", "layer", "head", "score", "prev_score"]
+    df = tables.read(scores, cols)
+    meta = tables.meta(scores)
+    n_layers, n_heads = meta["n_layers"], meta["n_heads"]
+    observed = _score_array(df, False, n_layers, n_heads)
+    nulls = {
+        "model": meta["model"],
+        "shuffled_antecedent": shuffled_null(
+            _score_array(df, True, n_layers, n_heads), profile, quantile, bootstrap, seed
+        ),
+        "head_permutation": head_permutation_null(
+            observed.mean(0), profile, quantile, permutations, seed
+        ),
+    }
+    tables.write_json(_profile(df, meta, profile, quantile, bootstrap, seed), profile_out)
+    tables.write_json(nulls, nulls_out)

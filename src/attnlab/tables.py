@@ -66,3 +66,13 @@ def meta(path: str | Path) -> dict:
     """The metadata that :func:`write` stored with a table."""
     md = pq.read_schema(path).metadata or {}
     return json.loads(md[META_KEY]) if META_KEY in md else {}
+
+
+def write_json(obj, path: str | Path) -> None:
+    """Write ``obj`` to ``path`` as indented JSON with sorted keys, atomically as
+    :func:`write` does."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 
 from attnlab import tables
+from attnlab.plots import needs
 from attnlab.plots.niah import _save
 from attnlab.stats import head_pearson
 
@@ -139,3 +140,10 @@ FIGURES = {
     "capture-keff": plot_keff,
     "capture-sink": plot_sink,
 }
+
+
+def render(
+    figure: str, table: list[str], out: str, sparsity=None, resamples=None, seed=None
+) -> None:
+    """Draw the capture figure ``figure`` from the metrics folder ``table[0]`` to ``out``."""
+    FIGURES[figure](table[0], out, **needs(figure, resamples=resamples, seed=seed))

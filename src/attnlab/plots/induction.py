@@ -174,3 +174,10 @@ FIGURES = {
     "induction-causal": plot_causal,
     "induction-lag": plot_lag,
 }
+
+
+def render(
+    figure: str, table: list[str], out: str, sparsity=None, resamples=None, seed=None
+) -> None:
+    """Draw the induction figure ``figure`` from the JSON tables ``table`` to ``out``."""
+    FIGURES[figure](table, out)

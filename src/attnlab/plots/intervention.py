@@ -10,6 +10,7 @@ import polars as pl
 
 from attnlab import tables
 from attnlab.intervention import EXPECTED, SWEEP_METRICS
+from attnlab.plots import needs
 from attnlab.plots.niah import _save
 from attnlab.stats import bootstrap_ci
 
@@ -83,3 +84,14 @@ def plot_gain(table: str | Path, out: str | Path) -> None:
         fontsize=10,
     )
     _save(fig, out)
+
+
+def render(
+    figure: str, table: list[str], out: str, sparsity=None, resamples=None, seed=None
+) -> None:
+    """Draw ``intervention`` from the target's and the control's sweep tables, or ``gain``
+    from the gain table, to ``out``."""
+    if figure == "gain":
+        plot_gain(table[0], out)
+    else:
+        plot_sweep(table, out, **needs(figure, seed=seed))

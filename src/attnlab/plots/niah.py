@@ -11,6 +11,7 @@ from matplotlib.patches import Rectangle
 
 from attnlab import tables
 from attnlab.errors import UserError
+from attnlab.plots import needs
 from attnlab.stats import bootstrap_ci
 
 COLUMNS = [
@@ -475,3 +476,26 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
 def _sparsity_label(ax, sparsity: float, x: float, y: float) -> None:
     """The target sparsity written beside a point."""
     ax.annotate(f"{sparsity:.0%}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+
+
+def render(
+    figure: str, table: list[str], out: str, sparsity=None, resamples=None, seed=None
+) -> None:
+    """Draw the NIAH figure ``figure`` from ``table`` to ``out`` (``niah-latency``: the
+    NIAH table and the prefill benchmark's; ``niah-summary``: the NIAH table and, if
+    given, its paired table)."""
+    if figure == "niah-heatmap":
+        plot_heatmap(table[0], out=out, **needs(figure, sparsity=sparsity))
+    elif figure == "niah-tasks":
+        plot_tasks(table[0], out, **needs(figure, seed=seed))
+    elif figure == "niah-length":
+        plot_length(table[0], out, **needs(figure, seed=seed))
+    elif figure == "niah-recall":
+        plot_recall(table[0], out)
+    elif figure == "niah-latency":
+        if len(table) != 2:
+            raise UserError("niah-latency takes --table NIAH_TABLE PREFILL_BENCH_TABLE")
+        plot_latency(*table, out)
+    else:
+        paired = (table[1:] or [None])[0]
+        plot_summary(table[0], out, paired=paired, **needs(figure, seed=seed))

@@ -235,3 +235,11 @@ def plot_frc_magnitude(table: str | Path, out: str | Path) -> None:
 
 
 FIGURES = {"pareto": plot_pareto, "ablation": plot_ablation, "frc-magnitude": plot_frc_magnitude}
+
+
+def render(
+    figure: str, table: list[str], out: str, sparsity=None, resamples=None, seed=None
+) -> None:
+    """Draw the perplexity, ablation or curvature figure ``figure`` from ``table[0]`` to
+    ``out``."""
+    FIGURES[figure](table[0], out)

@@ -1,0 +1,165 @@
+"""The needle-in-a-haystack stage's verbs: one model's prompts, their scores under one
+policy (prefill regime) or under every cache-regime run at once, and the one table."""
+
+from __future__ import annotations
+
+import json
+
+from attnlab import models, niah, scoring, tables
+from attnlab.errors import UserError
+
+
+def write_prompts(
+    model: str,
+    model_info: str,
+    lengths: list[int],
+    depths: list[float],
+    samples: int,
+    seed: int,
+    haystack: str,
+    corpus: str | None,
+    tasks: list[str],
+    needles: int,
+    templates: str,
+    out: str,
+) -> None:
+    """The prompts of every (task, length, depth, sample) in ``model``'s tokenizer, written
+    to ``out``. ``haystack`` is ``noise`` or ``corpus`` (then ``corpus`` is the corpus
+    manifest); ``templates`` is JSON of :class:`attnlab.niah.Templates` fields."""
+    from transformers import AutoTokenizer
+
+    info = json.loads(open(model_info).read())
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
+    filler = None
+    if haystack == "corpus":
+        from attnlab.corpus import read_corpus
+
+        if corpus is None:
+            raise UserError("the corpus haystack needs --corpus (the corpus manifest)")
+        filler = read_corpus(corpus).reshape(-1)
+    try:
+        phrasing = niah.Templates(**json.loads(templates))
+    except TypeError as e:
+        raise UserError(f"niah.templates: {e}") from e
+    prompts = niah.make_prompts(
+        tokenizer,
+        lengths,
+        depths,
+        samples,
+        seed,
+        info["max_positions"],
+        filler,
+        tasks,
+        needles,
+        phrasing,
+    )
+    rows = [dict(p.__dict__, model=model, haystack=haystack) for p in prompts]
+    meta = {
+        "model": model,
+        "seed": seed,
+        "haystack": haystack,
+        "tasks": tasks,
+        "needles": needles,
+        "templates": phrasing.__dict__,
+    }
+    tables.write(rows, out, meta=meta)
+
+
+def score_prefill(
+    model: str,
+    prompts: str,
+    policy: str,
+    policy_params: str,
+    sparsity: float,
+    tolerance: float,
+    max_new_tokens: int,
+    row_chunk: int,
+    seed: int,
+    threads: int,
+    device: str,
+    dtype: str,
+    out: str,
+) -> None:
+    """Score the prompts in ``prompts`` under one policy (JSON ``policy_params``) at one
+    target sparsity in the prefill regime (sparse prefill, dense decoding); write the
+    rows to ``out``."""
+    rows_in = niah.read_prompts(prompts)
+    pmeta = tables.meta(prompts)
+    job = (model, policy, policy_params, sparsity, threads, device, dtype)
+    run, target, net, tokenizer = scoring.load_job(*job)
+    rows = niah.score_niah(
+        net,
+        tokenizer,
+        rows_in,
+        run,
+        target,
+        max_new_tokens,
+        seed,
+        desc=f"{model} {policy} {target:g} prefill",
+        regime="prefill",
+        row_chunk=row_chunk,
+    )
+    marks = scoring.mark_rows(rows, model, policy, run, target, tolerance)
+    params = json.dumps(run.params(), sort_keys=True)
+    for r in rows:
+        r.update(policy_params=params, haystack=pmeta.get("haystack"))
+    meta = {**pmeta, **marks, "regime": "prefill", "decode": "dense", "row_chunk": row_chunk}
+    tables.write(rows, out, meta=meta)
+
+
+def score_cache_runs(
+    model: str,
+    prompts: str,
+    runs: str,
+    tolerance: float,
+    max_new_tokens: int,
+    seed: int,
+    threads: int,
+    device: str,
+    dtype: str,
+    out: str,
+) -> None:
+    """Score the prompts under every cache-regime run in ``runs`` (JSON ``[[policy,
+    params, sparsity], ...]``) on one model, one dense prefill per prompt shared by all of
+    them; write the rows to ``out``."""
+    import torch
+
+    from attnlab import sparse
+
+    torch.set_num_threads(threads)
+    rows_in = niah.read_prompts(prompts)
+    pmeta = tables.meta(prompts)
+    made = []
+    for name, params, target in json.loads(runs):
+        made.append((name, *scoring.make_policy(name, params, target)))
+    net, tokenizer, _ = models.load(model, device=device, dtype=dtype)
+    rows = niah.score_cache(
+        sparse.install(net),
+        tokenizer,
+        rows_in,
+        made,
+        max_new_tokens,
+        seed,
+        desc=f"{model} cache ({len(made)} runs)",
+    )
+    params = {name: json.dumps(p.params(), sort_keys=True) for name, p, _ in made}
+    for r in rows:
+        r.update(
+            model=model,
+            feasible=r["achieved_sparsity"] >= r["target_sparsity"] - tolerance,
+            policy_params=params[r["policy"]],
+            haystack=pmeta.get("haystack"),
+        )
+    meta = {**pmeta, "regime": "cache", "runs": json.loads(runs), "tolerance": tolerance}
+    tables.write(rows, out, meta=meta)
+
+
+def join_tables(inputs: list[str], out: str) -> None:
+    """The score tables ``inputs`` as one table ``out`` (the first one's metadata, and the
+    inputs' names)."""
+    df = tables.read_all(inputs)
+    meta = tables.meta(inputs[0]) | {
+        "inputs": inputs,
+        "full_attention": "both regimes' rows from the cache job: one dense prefill and decoding",
+    }
+    tables.write(df.to_arrow(), out, meta=meta)

@@ -1,0 +1,59 @@
+"""What a scoring job under one policy shares, in the NIAH and perplexity stages: the
+policy and the model it runs in, and the columns that mark each result row with its run.
+
+The policy registry is imported by name (:func:`importlib.import_module`), so that
+:func:`attnlab.workflow.module_sources` does not follow it into every policy's module: a
+rule lists the one policy module its job runs, and editing another policy reruns nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import import_module
+
+
+def make_policy(name: str, params: dict, target: float):
+    """The policy ``name`` with ``params``, and its target sparsity (0 for full attention)."""
+    policy = import_module("attnlab.policies").make(name, **params)
+    return policy, 0.0 if policy.name == "full" else target
+
+
+def load_job(
+    model: str,
+    policy: str,
+    policy_params: str,
+    sparsity: float,
+    threads: int,
+    device: str,
+    dtype: str,
+):
+    """``(policy, sparsity, model, tokenizer)`` of a job: the policy from its name and JSON
+    parameters, its target sparsity, and the model with attnlab's attention on ``device``."""
+    import torch
+
+    from attnlab import models, sparse
+
+    torch.set_num_threads(threads)
+    run, target = make_policy(policy, json.loads(policy_params), sparsity)
+    net, tokenizer, _ = models.load(model, device=device, dtype=dtype)
+    return run, target, sparse.install(net), tokenizer
+
+
+def mark_rows(
+    rows: list[dict], model: str, name: str, policy, sparsity: float, tolerance: float
+) -> dict:
+    """Mark each result row with its run and feasibility (achieved sparsity within
+    ``tolerance`` of the target); returns the run's metadata."""
+    for r in rows:
+        r.update(
+            model=model,
+            policy=name,
+            target_sparsity=sparsity,
+            feasible=r["achieved_sparsity"] >= sparsity - tolerance,
+        )
+    return {
+        "policy": name,
+        "params": policy.params(),
+        "target_sparsity": sparsity,
+        "tolerance": tolerance,
+    }
