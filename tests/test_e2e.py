@@ -314,11 +314,11 @@ def pareto_dir(tmp_path_factory):
         "corpus": {"chunk_len": 96, "max_chunks": 24, "shard_size": 8},
         "niah": {"lengths": [256], "depths": [0.5], "haystack": "corpus"},
         "pareto": {"policies": ["cab"], "sparsities": [0.75], "chunks": 3, "repeats": 2},
-        # CAB at another lambda and a named variant: the variant machinery; baselines are
-        # ordinary policies
+        # CAB and a named variant: the variant machinery (lambda variants are named the
+        # same way, tests/test_workflow.py); baselines are ordinary policies
         "ablation": {
             "baselines": [],
-            "lams": [0.5, 1.0],
+            "lams": [1.0],
             "variants": ["cab_plan"],
             "sparsities": [0.75],
         },
@@ -359,8 +359,8 @@ def test_pareto_table_from_the_builtin_corpus(pareto_dir):
 
 def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
     df = pl.read_parquet(pareto_dir / "results/ablation/smollm2-135m.parquet")
-    assert set(df["policy"]) == {"full", "cab_lam50", "cab", "cab_plan"}
-    assert df.group_by("regime").len().sort("regime").rows() == [("cache", 4), ("prefill", 4)]
+    assert set(df["policy"]) == {"full", "cab", "cab_plan"}
+    assert df.group_by("regime").len().sort("regime").rows() == [("cache", 3), ("prefill", 3)]
     sparse = df.filter(pl.col("policy") != "full")
     for lo, mid, hi in (("acc_lo", "accuracy", "acc_hi"), ("ppl_lo", "perplexity", "ppl_hi")):
         assert (df[lo] <= df[mid]).all() and (df[mid] <= df[hi]).all()
@@ -369,8 +369,6 @@ def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
     for col in ("recall", "oracle_recall", "oracle_overlap"):  # 75%: some mass is lost
         assert sparse[col].is_between(0.0, 1.0).all() and (sparse[col] < 1.0).any()
     folder = pareto_dir / "results/niah/prefill/smollm2-135m"
-    scored = pl.read_parquet(folder / "cab_lam50_75.parquet")
-    assert json.loads(scored["policy_params"][0])["lam"] == 0.5
     plan = json.loads(pl.read_parquet(folder / "cab_plan_75.parquet")["policy_params"][0])
     assert plan["base"] == "cab" and (plan["graph"], plan["adjacency"]) == ("rowsum", "dot")
     assert plan["block_size"] == 16 and plan["lam"] == 1.0  # the rest is cab's

@@ -38,6 +38,22 @@ def test_unknown_policy_in_config_names_the_allowed_values(tmp_path):
     assert "streamingllm|cab" in proc.stderr  # the allowed names
 
 
+def test_a_variant_is_its_base_with_its_own_settings_on_top():
+    from attnlab.workflow import policy_module, policy_spec
+
+    policies = {"cab": {"block_size": 16, "lam": 1.0, "graph": "symmetric"}}
+    policies["cab_b64"] = {"base": "cab", "block_size": 64}
+    assert policy_spec("cab_b64", policies) == {
+        "base": "cab",
+        "block_size": 64,
+        "lam": 1.0,
+        "graph": "symmetric",
+    }
+    assert policy_spec("cab_lam30", policies) == {**policies["cab"], "lam": 0.3, "base": "cab"}
+    assert policy_module("cab_b64", policies) == policy_module("cab_lam30", policies) == "cab"
+    assert policy_spec("h2o", policies) == {}
+
+
 def test_a_cab_variant_must_be_configured(tmp_path):
     copy_workflow(tmp_path, {"ablation": {"variants": ["cab_plan", "cab_wide"]}})
     proc = snakemake(tmp_path, "-n", check=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import polars as pl
 
-from attnlab.plots.niah import _save
+from attnlab.plots import save_figure
 
 
 def summary(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
@@ -61,4 +61,4 @@ def plot_capture_bench(table: str | Path, out: str | Path) -> None:
             fontsize=8,
             loc="left",
         )
-    _save(fig, out)
+    save_figure(fig, out)

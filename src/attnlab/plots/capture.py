@@ -7,8 +7,7 @@ import numpy as np
 import polars as pl
 
 from attnlab import tables
-from attnlab.plots import needs
-from attnlab.plots.niah import _save
+from attnlab.plots import needs, save_figure
 from attnlab.stats import head_pearson
 
 
@@ -35,7 +34,7 @@ def _heatmap(metrics, out, value: str, label: str, cmap: str, vmin=None, vmax=No
     ax.set_xticks(range(grid.shape[1]))
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(_title(meta, df, label), fontsize=9)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_entropy(metrics, out, **_) -> None:
@@ -83,7 +82,7 @@ def plot_keff(metrics, out, **_) -> None:
     ax.tick_params(axis="x", labelsize=7)
     what = "effective span per layer; box: quartiles, whiskers: 5th-95th percentile, dot: mean"
     ax.set_title(_title(meta, df, what), fontsize=9)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_qnorm_entropy(metrics, out, resamples: int = 2000, seed: int = 0) -> None:
@@ -131,7 +130,7 @@ def plot_qnorm_entropy(metrics, out, resamples: int = 2000, seed: int = 0) -> No
         + f"; CI: {resamples} resamples of chunks",
         fontsize=9,
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 FIGURES = {

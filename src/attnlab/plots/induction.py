@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from attnlab.induction import SHORT_LAG
-from attnlab.plots.niah import _save
+from attnlab.plots import save_figure
 
 
 def _json(path) -> dict:
@@ -27,7 +27,7 @@ def plot_heatmap(paths, out) -> None:
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label="induction score (attention t -> s)")
     ax.set_title(f"{p['model']}: induction scores ({p['prompts']} prompts)", fontsize=9)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _profile_axes(ax, p, label=None, color=None, band=True):
@@ -55,7 +55,7 @@ def plot_profile(paths, out) -> None:
         fontsize=8,
     )
     ax.legend(fontsize=7)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_nulls(paths, out) -> None:
@@ -75,7 +75,7 @@ def plot_nulls(paths, out) -> None:
     ax.set_ylabel("induction score")
     ax.set_title(f"{p['model']}: observed profile against 95% null bands", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_cross_model(paths, out) -> None:
@@ -97,7 +97,7 @@ def plot_cross_model(paths, out) -> None:
     ax.set_ylabel("induction profile / its maximum")
     ax.set_title("Induction heads across models (bands: 95% bootstrap over prompts)", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_causal(paths, out) -> None:
@@ -127,7 +127,7 @@ def plot_causal(paths, out) -> None:
     mode = results[0]["mode"]
     ax.set_title(f"Head ablation ({mode}, before o_proj), 95% bootstrap over prompts", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_lag(paths, out) -> None:
@@ -163,7 +163,7 @@ def plot_lag(paths, out) -> None:
         f"Induction profile by lag (short <= {SHORT_LAG} < long) and the previous-token profile",
         fontsize=9,
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 FIGURES = {

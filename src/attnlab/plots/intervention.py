@@ -10,8 +10,7 @@ import polars as pl
 
 from attnlab import tables
 from attnlab.intervention import EXPECTED, SWEEP_METRICS
-from attnlab.plots import needs
-from attnlab.plots.niah import _save
+from attnlab.plots import needs, save_figure
 from attnlab.stats import bootstrap_ci
 
 LABELS = {"entropy": "entropy (nats)", "max_weight": "max attention weight", "k_eff": "k_eff"}
@@ -49,7 +48,7 @@ def plot_sweep(sweeps: list[str | Path], out: str | Path, seed: int = 0) -> None
         ax.set_title(f"{metric}: expected {EXPECTED[metric]}", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"{model}: query-scaling sweep (mean over tokens, 95% bootstrap CI)", fontsize=10)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_gain(table: str | Path, out: str | Path) -> None:
@@ -83,7 +82,7 @@ def plot_gain(table: str | Path, out: str | Path) -> None:
         f"{first['resampled']}s ({first['chunks']}); verdicts from chunk-level slopes",
         fontsize=10,
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def render(

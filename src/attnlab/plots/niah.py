@@ -11,7 +11,7 @@ from matplotlib.patches import Rectangle
 
 from attnlab import tables
 from attnlab.errors import UserError
-from attnlab.plots import needs
+from attnlab.plots import needs, save_figure
 from attnlab.stats import bootstrap_ci
 
 COLUMNS = [
@@ -65,15 +65,6 @@ def policy_styles(policies) -> dict[str, dict]:
     styles["full"] = {"color": "0.35", "linestyle": "--", "zorder": 4}
     styles["topk"] = {"color": "black", "linestyle": ":", "zorder": 4}
     return styles
-
-
-def _save(fig, out: str | Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out)
 
 
 def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
@@ -167,7 +158,7 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
         fontsize=10,
     )
     fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _accuracy_panel(ax, d: pl.DataFrame, seed: int) -> int:
@@ -224,7 +215,7 @@ def plot_summary(
         fontsize=10,
         y=1.02 + 0.04 * bool(note),
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 PAIRED_COLUMNS = [
@@ -289,7 +280,7 @@ def plot_tasks(table: str | Path, out: str | Path, seed: int = 0) -> None:
         "intervals; hollow = target not reached)",
         fontsize=10,
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
@@ -332,7 +323,7 @@ def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
         "each length (hollow = target not reached)",
         fontsize=10,
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _accuracy_line(ax, d: pl.DataFrame, x: str, label: str, seed: int, **style) -> None:
@@ -410,7 +401,7 @@ def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Pat
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     length = pl.read_parquet(bench_table)["length"][0]
     fig.suptitle(f"Accuracy against prefill latency at {length} tokens", fontsize=10)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_recall(table: str | Path, out: str | Path) -> None:
@@ -470,7 +461,7 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         "at the answering rows, by layer",
         fontsize=10,
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _sparsity_label(ax, sparsity: float, x: float, y: float) -> None:

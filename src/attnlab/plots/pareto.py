@@ -12,7 +12,7 @@ import polars as pl
 import scipy.stats as sps
 
 from attnlab import tables
-from attnlab.plots.niah import _save
+from attnlab.plots import save_figure
 
 
 def policy_label(policy: str) -> str:
@@ -69,7 +69,7 @@ def plot_pareto(table: str | Path, out: str | Path) -> None:
         f"{first['model']} on {first['device']}; hollow = target sparsity not reached",
         fontsize=10,
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _pareto_panel(ax, df: pl.DataFrame, ratio: bool = False) -> None:
@@ -148,7 +148,7 @@ def plot_ablation(table: str | Path, out: str | Path) -> None:
         "hatched = target sparsity not reached)",
         fontsize=10,
     )
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def _ablation_row(axes, df: pl.DataFrame, regime: str) -> None:
@@ -231,7 +231,7 @@ def plot_frc_magnitude(table: str | Path, out: str | Path) -> None:
         fontsize=9,
     )
     ax.legend(fontsize=8)
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 FIGURES = {"pareto": plot_pareto, "ablation": plot_ablation, "frc-magnitude": plot_frc_magnitude}
