@@ -370,8 +370,8 @@ def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
         assert sparse[col].is_between(0.0, 1.0).all() and (sparse[col] < 1.0).any()
     folder = pareto_dir / "results/niah/prefill/smollm2-135m"
     plan = json.loads(pl.read_parquet(folder / "cab_plan_75.parquet")["policy_params"][0])
-    assert plan["base"] == "cab" and (plan["graph"], plan["adjacency"]) == ("rowsum", "dot")
-    assert plan["block_size"] == 16 and plan["lam"] == 1.0  # the rest is cab's
+    assert (plan["graph"], plan["adjacency"]) == ("rowsum", "dot")  # CAB's fields, the plan's
+    assert plan["block_size"] == 16 and plan["lam"] == 1.0  # values; the rest is cab's
     prompts = pl.read_parquet(pareto_dir / "results/niah/smollm2-135m/prompts.parquet")
     assert prompts["haystack"].to_list() == ["corpus"]
     assert "The grass is green" not in _decode_smollm2(prompts["input_ids"][0].to_list())
