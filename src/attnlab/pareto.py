@@ -257,9 +257,7 @@ def ablation(
         correct = run["correct"].cast(pl.Float64).to_numpy()
         lo, hi = bootstrap_ci(correct, resamples, seed=seed)
         kept = run["attention_recall"].to_numpy()
-        rec_lo, rec_hi = (
-            bootstrap_ci(kept, resamples, seed=seed) if key[2] != "full" else (np.nan, np.nan)
-        )
+        rec_lo, rec_hi = bootstrap_ci(kept, resamples, seed=seed)  # NaN for full attention
         p = ppl[key]
         rows.append(
             dict(zip(RUN_KEYS, key, strict=True))
