@@ -18,6 +18,7 @@ include: "rules/intervention.smk"
 include: "rules/induction.smk"
 include: "rules/niah.smk"
 include: "rules/pareto.smk"
+include: "rules/curvature.smk"
 include: "rules/figures.smk"
 include: "rules/bench.smk"
 

@@ -6,7 +6,7 @@ rule capture:
         manifest="results/corpus/{model}/manifest.json",
         shards="results/corpus/{model}/shards",
         code=module_sources(
-            "cli", "capture", "metrics", "sparse", "models", root=workflow.basedir
+            "cli", "capture", "metrics", "attention", "models", root=workflow.basedir
         ),
     output:
         metrics=directory("results/capture/{model}/metrics"),

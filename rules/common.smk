@@ -7,11 +7,12 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from attnlab.cli import FIGURES
 from attnlab.workflow import model_key, module_sources, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
 from attnlab.workflow import policy_module as workflow_policy_module
+from attnlab.workflow import policy_errors as workflow_policy_errors
 from attnlab.workflow import policy_spec as workflow_policy_spec
-from attnlab.workflow import undefined_policies as workflow_undefined_policies
 
 
 def validate_config(cfg):
@@ -28,8 +29,8 @@ def validate_config(cfg):
 
 
 validate_config(config)
-if undefined := workflow_undefined_policies(config):
-    sys.exit(f"attnlab: config error: policies has no entry for {', '.join(undefined)}")
+if policy_errors := workflow_policy_errors(config):
+    sys.exit(f"attnlab: config error: {policy_errors[0]}")
 
 MODELS = {model_key(m): m for m in config["models"]}
 NIAH = config["niah"]
@@ -39,7 +40,7 @@ INTERVENTION = config["intervention"]
 INDUCTION = config["induction"]
 PARETO = config["pareto"]
 ABLATION = config["ablation"]
-FRC = config["frc"]
+CURVATURE = config["curvature"]
 
 
 wildcard_constraints:
@@ -100,7 +101,7 @@ def niah_cache_sources(wildcards):
     names = ["full", *niah_cache_grid(wildcards)[0]]
     mods = [f"policies.{workflow_policy_module(p, config['policies'])}" for p in names]
     return module_sources(
-        "cli", "niah_jobs", "sparse", "models", *mods, root=workflow.basedir
+        "cli", "niah_jobs", "attention", "models", *mods, root=workflow.basedir
     )
 
 
@@ -118,8 +119,14 @@ def policy_sources(wildcards, stage):
     policy's module (the verbs import the policy registry by name, not every policy)."""
     base = workflow_policy_module(wildcards.policy, config["policies"])
     return module_sources(
-        "cli", stage, "sparse", "models", f"policies.{base}", root=workflow.basedir
+        "cli", stage, "attention", "models", f"policies.{base}", root=workflow.basedir
     )
+
+
+def figure_code(figure):
+    """The code a figure's job runs: the command line and the plot module that draws it
+    (:data:`attnlab.cli.FIGURES`), with what they import."""
+    return module_sources("cli", f"plots.{FIGURES[figure]}", root=workflow.basedir)
 
 
 def policy_spec(name):
@@ -134,7 +141,7 @@ def ablation_policies():
     return workflow_ablation_policies(
         ABLATION["baselines"],
         ABLATION["lams"],
-        config["policies"]["cab"],
+        policy_spec("cab"),
         ABLATION["variants"],
     )
 
@@ -199,22 +206,22 @@ def target_sparsity(wildcards):
 
 
 def all_targets():
-    """The default targets (all): the figures that need no corpus, so no hub either."""
-    figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
-    figs += [f"figs/induction_{k}.png" for k in ("cross_model", "causal", "lag")]
-    figs += [
-        f"figs/induction_{k}_{m}.png"
-        for k in ("heatmap", "profile", "nulls")
-        for m in MODELS
+    """The default targets (all): every stage's figures for every model, on the configured
+    corpus (the built-in one needs no hub), and the figures of the committed GPU study.
+    The GPU benchmarks (figs/kernel_speed.png, figs/bench_capture.png) are asked for by
+    name."""
+    per_model = [
+        f"capture_{{m}}_{k}" for k in ("entropy", "qnorm_entropy", "keff", "sink")
     ]
-    figs += ["figs/niah_summary.png", "figs/niah_tasks.png", "figs/niah_recall.png"]
-    # from the committed GPU tables
-    return figs + [
-        "figs/long_context_length.png",
-        "figs/long_context_latency.png",
-        "figs/long_context_recall.png",
-        "results/long_context/paired.parquet",
-    ]
+    per_model += ["intervention_{m}", "gain_{m}", "pareto_{m}", "ablation_{m}"]
+    per_model += ["curvature_{m}"]
+    per_model += [f"induction_{k}_{{m}}" for k in ("heatmap", "profile", "nulls")]
+    figs = [f"niah_heatmap_{pct(s)}" for s in NIAH["sparsities"]]
+    figs += ["niah_summary", "niah_tasks", "niah_recall"]
+    figs += [f"induction_{k}" for k in ("cross_model", "causal", "lag")]
+    figs += [f.format(m=m) for f in per_model for m in MODELS]
+    figs += ["long_context_length", "long_context_latency", "long_context_recall"]
+    return [f"figs/{f}.png" for f in figs] + ["results/long_context/paired.parquet"]
 
 
 def intervention_heads_input(wildcards):

@@ -4,7 +4,7 @@
 rule niah_heatmap:
     input:
         table=niah_table,
-        code=module_sources("cli", "plots.niah", root=workflow.basedir),
+        code=figure_code("niah-heatmap"),
     output:
         report(
             "figs/{study}_heatmap_{pct}.png",
@@ -48,7 +48,7 @@ rule niah_summary:
     input:
         table="results/niah/niah.parquet",
         paired="results/niah/paired.parquet",
-        code=module_sources("cli", "plots.niah", root=workflow.basedir),
+        code=figure_code("niah-summary"),
     output:
         report(
             "figs/niah_summary.png",
@@ -69,7 +69,7 @@ rule niah_summary:
 rule niah_recall:
     input:
         table="results/niah/niah.parquet",
-        code=module_sources("cli", "plots.niah", root=workflow.basedir),
+        code=figure_code("niah-recall"),
     output:
         report(
             "figs/niah_recall.png",
@@ -87,7 +87,7 @@ rule niah_recall:
 rule niah_tasks:
     input:
         table="results/niah/niah.parquet",
-        code=module_sources("cli", "plots.niah", root=workflow.basedir),
+        code=figure_code("niah-tasks"),
     output:
         report(
             "figs/niah_tasks.png",
@@ -112,7 +112,7 @@ rule niah_tasks:
 rule long_context_length:
     input:
         table=NIAH_TABLES["long_context"],
-        code=module_sources("cli", "plots.niah", root=workflow.basedir),
+        code=figure_code("niah-length"),
     output:
         report(
             "figs/long_context_length.png",
@@ -135,7 +135,7 @@ rule long_context_latency:
     input:
         table=NIAH_TABLES["long_context"],
         bench="results_ref/long_context/prefill_latency.parquet",
-        code=module_sources("cli", "plots.niah", root=workflow.basedir),
+        code=figure_code("niah-latency"),
     output:
         report(
             "figs/long_context_latency.png",
@@ -154,7 +154,7 @@ rule long_context_latency:
 rule long_context_recall:
     input:
         table=NIAH_TABLES["long_context"],
-        code=module_sources("cli", "plots.niah", root=workflow.basedir),
+        code=figure_code("niah-recall"),
     output:
         report(
             "figs/long_context_recall.png",

@@ -5,7 +5,7 @@ rule induction_scores:
     input:
         info="results/models/{model}.json",
         code=module_sources(
-            "cli", "induction", "sparse", "models", root=workflow.basedir
+            "cli", "induction", "attention", "models", root=workflow.basedir
         ),
     output:
         scores="results/induction/{model}/scores.parquet",

@@ -29,7 +29,7 @@ rule intervention_sweep:
         shards="results/corpus/{model}/shards",
         heads="results/intervention/{model}/heads.json",
         code=module_sources(
-            "cli", "intervention", "sparse", "models", root=workflow.basedir
+            "cli", "intervention", "attention", "models", root=workflow.basedir
         ),
     output:
         "results/intervention/{model}/{head}.parquet",

@@ -73,35 +73,6 @@ rule ablation_table:
         " --resamples {params.resamples} --seed {params.seed} --out {output} 2> {log}"
 
 
-rule frc_table:
-    input:
-        prompts="results/niah/{model}/prompts.parquet",
-        code=module_sources("cli", "curvature", "models", root=workflow.basedir),
-    output:
-        "results/frc/{model}.parquet",
-    log:
-        "logs/frc_table/{model}.log",
-    conda:
-        "../envs/attnlab.yaml"
-    threads: config["threads"]
-    params:
-        name=model_name,
-        length=FRC["length"],
-        depth=FRC["depth"],
-        layer=FRC["layer"],
-        block_size=config["policies"]["cab"]["block_size"],
-        adjacency=config["policies"]["cab"]["adjacency"],
-        graph=config["policies"]["cab"]["graph"],
-        device=config["device"],
-        dtype=config["dtype"],
-    shell:
-        "attnlab frc-magnitude --model {params.name} --prompts {input.prompts}"
-        " --length {params.length} --depth {params.depth} --layer {params.layer}"
-        " --block-size {params.block_size} --adjacency {params.adjacency}"
-        " --graph {params.graph} --threads {threads} --device {params.device} --dtype {params.dtype}"
-        " --out {output} 2> {log}"
-
-
 rule pareto_figure:
     input:
         table="results/{kind}/{model}.parquet",
@@ -121,22 +92,3 @@ rule pareto_figure:
         "../envs/attnlab.yaml"
     shell:
         "attnlab plot {wildcards.kind} --table {input.table} --out {output} 2> {log}"
-
-
-rule frc_figure:
-    input:
-        table="results/frc/{model}.parquet",
-        code=module_sources("cli", "plots.pareto", root=workflow.basedir),
-    output:
-        report(
-            "figs/frc_vs_magnitude_{model}.png",
-            caption="../report/frc_vs_magnitude.rst",
-            category="Perplexity and ablation",
-            subcategory="{model}",
-        ),
-    log:
-        "logs/figures/frc_vs_magnitude_{model}.log",
-    conda:
-        "../envs/attnlab.yaml"
-    shell:
-        "attnlab plot frc-magnitude --table {input.table} --out {output} 2> {log}"

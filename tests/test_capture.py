@@ -50,9 +50,9 @@ def test_capture_equals_output_attentions_path(fixture, request):
         for h in hooks:
             h.remove()
     finally:
-        from attnlab import sparse
+        from attnlab import attention
 
-        sparse.install(model)
+        attention.install(model)
     ref = torch.stack(out.attentions, dim=1)  # (B, L, H, T, T)
     b, n_layers, h, t, _ = ref.shape
     want = metrics.row_metrics(ref.reshape(b * n_layers, h, t, t), torch.arange(t))
@@ -111,9 +111,9 @@ def test_captured_q_and_k_are_what_the_attention_used(fixture, request, tmp_path
             out = model(torch.as_tensor(tokens), output_attentions=True)
         hook.remove()
     finally:
-        from attnlab import sparse
+        from attnlab import attention
 
-        sparse.install(model)
+        attention.install(model)
     kk = k.repeat_interleave(info.n_heads // info.n_kv_heads, dim=1)
     scores = q @ kk.transpose(-1, -2) * model.model.layers[layer].self_attn.scaling
     causal = torch.ones(24, 24, dtype=torch.bool).tril()

@@ -4,7 +4,7 @@ leaves every logit before p unchanged (DESIGN: Causality)."""
 import pytest
 import torch
 
-from attnlab import policies, sparse
+from attnlab import decoding, policies, sparse
 
 T, P = 112, 80  # sequence length; the changed position (prefill regime)
 PROMPT, P_DECODE = 96, 104  # cache regime: the dense prompt, then a changed decode token
@@ -50,7 +50,7 @@ def _cache_logits(model, ids, name, prompt=PROMPT):
     """A dense prefill of ``prompt`` tokens, then the rest teacher-forced one token at a
     time under the policy (the cache regime): logits of every decode row."""
     run = sparse.SparseRun(_policy(name), 0.75, regime="cache")
-    cache, _ = sparse.prefill(model, ids[:, :prompt], run)
+    cache, _ = decoding.prefill(model, ids[:, :prompt], run)
     rows = []
     with torch.inference_mode(), run:
         for t in range(prompt, T):
@@ -73,7 +73,7 @@ def _continuation_logits(model, ids, name, prompt=PROMPT):
     """The same dense prefill, then the rest in one teacher-forced pass under the policy
     (the cache regime's perplexity): logits of every row after the prompt."""
     run = sparse.SparseRun(_policy(name), 0.75, regime="cache")
-    cache, _ = sparse.prefill(model, ids[:, :prompt], run)
+    cache, _ = decoding.prefill(model, ids[:, :prompt], run)
     with torch.inference_mode(), run:
         out = model(ids[:, prompt:], past_key_values=cache, use_cache=True)
     return out.logits[0], run

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attnlab import niah, policies, sparse
+from attnlab import decoding, niah, policies, sparse
 from attnlab.errors import UserError
 
 kvpress = pytest.importorskip(
@@ -140,7 +140,7 @@ def prompt_ids(smollm2):
 @pytest.fixture(scope="module")
 def attnlab_prefill(smollm2, prompt_ids):
     """attnlab's cache-regime runs of SnapKV, StreamingLLM and ``kvpress:KnormPress``
-    from one dense prefill of the prompt (as ``sparse.generate_shared`` shares it).
+    from one dense prefill of the prompt (as ``decoding.generate_shared`` shares it).
     Returns the cache (attnlab masks keys and drops none: the whole prompt), the last
     logits, the runs, and each run's kept sets right after compression."""
     model, _, _ = smollm2
@@ -149,7 +149,7 @@ def attnlab_prefill(smollm2, prompt_ids):
     }
     runs["knorm"] = sparse.SparseRun(policies.make("kvpress:KnormPress"), SPARSITY, regime="cache")
     leader = sparse.SparseRun(policies.make("full"), regime="cache", followers=list(runs.values()))
-    cache, logits = sparse.prefill(model, prompt_ids, leader)
+    cache, logits = decoding.prefill(model, prompt_ids, leader)
     kept = {
         name: {layer: h.kept.clone() for layer, h in run.histories.items()}
         for name, run in runs.items()
@@ -219,7 +219,7 @@ def test_generation_after_compression_equals_kvpress(smollm2, attnlab_prefill, k
     cache, logits, runs, _ = attnlab_prefill
     assert int(kv_logits.argmax()) == int(logits.argmax())  # both prefills are dense
     theirs = kvpress_decode(model, _copy(kv_cache), kv_logits, T, NEW_TOKENS)
-    ours = sparse.decode(model, _copy(cache), logits, runs[name], NEW_TOKENS)
+    ours = decoding.decode(model, _copy(cache), logits, runs[name], NEW_TOKENS)
     assert len(ours) == NEW_TOKENS
     assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
 
@@ -243,7 +243,7 @@ def test_kvpress_knorm_policy_keeps_the_smallest_key_norms_and_every_new_key(
             ours = set(group[0].nonzero().flatten().tolist())
             by_hand = set(norm[g].topk(N_KEPT).indices.tolist())
             assert_same_but_ties(ours, by_hand, lambda s=norm[g]: s, f"layer {layer} head {g}")
-    new = sparse.decode(model, _copy(full), logits, run, NEW_TOKENS)
+    new = decoding.decode(model, _copy(full), logits, run, NEW_TOKENS)
     assert len(new) == NEW_TOKENS
     n_rows = NEW_TOKENS - 1  # decode calls: the last token is not fed back
     for layer in range(info.n_layers):
@@ -262,7 +262,7 @@ def test_kvpress_policy_refuses_the_prefill_regime(smollm2):
     ids = torch.randint(200, 5000, (1, 16), generator=torch.Generator().manual_seed(0))
     run = sparse.SparseRun(policies.make("kvpress:KnormPress"), SPARSITY, regime="prefill")
     with pytest.raises(UserError, match="cache regime only"):
-        sparse.prefill(model, ids, run)
+        decoding.prefill(model, ids, run)
 
 
 @pytest.mark.parametrize(
@@ -285,8 +285,7 @@ def test_make_builds_a_press_with_its_options():
     policy = policies.make("kvpress:SnapKVPress", options={"window_size": 32})
     assert policy.press == "SnapKVPress"
     assert policy._press.window_size == 32
-    assert policy.params() == {
-        "block_size": 64,
+    assert policy.params() == {  # a token-level policy has no block size
         "press": "SnapKVPress",
         "options": {"window_size": 32},
     }

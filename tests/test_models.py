@@ -38,11 +38,11 @@ def test_bfloat16_gives_float32s_answer_within_a_stated_tolerance(smollm2):
     mantissa, so a logit of magnitude ~20 moves by up to a few tenths)."""
     import torch
 
-    from attnlab import niah, policies, sparse
+    from attnlab import attention, niah, policies
 
     model, tok, _ = smollm2
     half, _, _ = models.load("smollm2-135m", dtype="bfloat16")
-    sparse.install(half)
+    attention.install(half)
     assert next(half.parameters()).dtype == torch.bfloat16
     p = niah.make_prompt(tok, 300, 0.5, 0, 0)
     ids = torch.tensor([p.input_ids])

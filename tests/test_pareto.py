@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab import curvature, models, niah, pareto, policies, sparse, tables
+from attnlab import attention, curvature, models, niah, pareto, policies, tables
 from attnlab.errors import UserError
 
 
@@ -24,7 +24,7 @@ def test_full_attention_perplexity_equals_the_models_own_loss(smollm2, sharded):
         with torch.inference_mode():
             loss = model(input_ids=ids, labels=ids).loss.item()
     finally:
-        sparse.install(model)
+        attention.install(model)
     nll, tokens, run, seconds = pareto.chunk_pass(model, ids, policies.make("full"), 0.0)
     assert tokens == ids.shape[1] - 1 and seconds > 0
     assert run.achieved_sparsity == 0.0
@@ -43,7 +43,7 @@ def test_cache_regime_scores_the_continuation_with_the_models_own_logits(smollm2
         with torch.inference_mode():
             logits = model(input_ids=ids).logits[0, first:-1].double()
     finally:
-        sparse.install(model)
+        attention.install(model)
     expected = torch.nn.functional.cross_entropy(logits, ids[0, first + 1 :], reduction="sum")
     nll, tokens, run, seconds = pareto.chunk_pass(
         model, ids, policies.make("full"), 0.0, regime="cache"

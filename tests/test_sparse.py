@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attnlab import policies, sparse
+from attnlab import attention, policies, sparse
 
 
 def logits(model, ids, run=None):
@@ -25,7 +25,7 @@ def test_full_policy_equals_model_sdpa_attention(fixture, request):
     try:
         ref = logits(model, ids)
     finally:
-        sparse.install(model)
+        attention.install(model)
     run = sparse.SparseRun(policies.make("full"))
     out = logits(model, ids, run)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
@@ -77,7 +77,7 @@ def test_flex_prefill_matches_masked_attention_with_the_same_mask(name, device):
     policy = policies.make(name, block_size=16)
     run = sparse.SparseRun(policy, 0.7, backend="flex", watch=[5, 40])
     with run:
-        out, _ = sparse.attention_forward(module, q, k, v, None, scaling=0.25)
+        out, _ = attention.attention_forward(module, q, k, v, None, scaling=0.25)
     keep, visible = sparse.SparseRun(policy, 0.7).block_mask(0, q, k.repeat_interleave(2, 1), 0.25)
     tokens = keep.repeat_interleave(16, -2).repeat_interleave(16, -1)[..., :100, :100] & visible
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
@@ -172,7 +172,7 @@ def test_attention_recall_of_a_planted_pattern():
     module = SimpleNamespace(layer_idx=0, head_dim=d)
     run = sparse.SparseRun(policies.make("streamingllm"), 0.8, backend="eager")
     with run:
-        sparse.attention_forward(module, q, k, k, None, scaling=1.0)
+        attention.attention_forward(module, q, k, k, None, scaling=1.0)
     p = torch.softmax(s, 0)
     kept = torch.zeros(t, dtype=torch.bool)
     kept[:4] = kept[164:] = True

@@ -1,6 +1,6 @@
 """Attention capture: per (sample, layer, head, token) measurements in one forward pass.
 
-Every layer's attention weights pass through :func:`attnlab.sparse.observe` as the
+Every layer's attention weights pass through :func:`attnlab.attention.observe` as the
 layer runs and are reduced at once to per-token metrics (:mod:`attnlab.metrics`) and
 the query norm, so memory holds one layer's weights at a time, whatever the depth.
 The query norm is taken after RoPE, which rotates pairs of dimensions and so leaves
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from attnlab import hooks, sparse, tables
+from attnlab import attention, hooks, tables
 from attnlab.errors import UserError
 from attnlab.metrics import METRICS, row_metrics
 
@@ -97,7 +97,7 @@ def capture_metrics(
 ) -> tuple[pa.Table, pa.Table]:
     """Metrics of every (sample, layer, head, token) for chunks ``tokens`` (N, T) int.
 
-    The model must use the ``attnlab`` attention (:func:`attnlab.sparse.install`).
+    The model must use the ``attnlab`` attention (:func:`attnlab.attention.install`).
     Returns the metrics table, ordered by sample, layer, head, token, with columns sample,
     layer, head, kv_head, token, q_norm and the metrics (float32, NaN where undefined:
     entropy of the first two tokens), and the Q/K table of ``qk_layers`` (see
@@ -118,7 +118,7 @@ def capture_metrics(
             out[name][layer] = v
 
     store: dict = {}
-    with sparse.observe(observe), _rope_tap(model, qk_layers, store):
+    with attention.observe(observe), _rope_tap(model, qk_layers, store):
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     h = out["q_norm"].shape[2]
     sample, layer, head, token = np.indices((b, n_layers, h, t)).reshape(4, -1)
@@ -308,7 +308,7 @@ def capture_corpus(
         "code_sha256": hashlib.sha256(code).hexdigest(),
     }
     net, _, info = models.load(model, device=device, dtype=dtype)
-    sparse.install(net)
+    attention.install(net)
     total = chunks * corpus["chunk_len"]
     with tqdm(
         total=total,

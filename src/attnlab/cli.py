@@ -21,6 +21,7 @@ NIAH_TASKS = ["passkey", "multikey", "multivalue", "multiquery"]  # attnlab.niah
 
 # Command -> "module:function", the verb it calls with its options as keywords.
 VERBS = {
+    "policies": "attnlab.policies.fields:show",
     "model-info": "attnlab.models:write_info",
     "niah-prompts": "attnlab.niah_jobs:write_prompts",
     "niah-score": "attnlab.niah_jobs:score_prefill",
@@ -38,7 +39,7 @@ VERBS = {
     "pareto-score": "attnlab.pareto:score_corpus",
     "pareto-table": "attnlab.pareto:write_table",
     "ablation-table": "attnlab.pareto:write_ablation",
-    "frc-magnitude": "attnlab.curvature:write_block_pairs",
+    "curvature": "attnlab.curvature:write_block_pairs",
     "bench": "attnlab.bench:main",
 }
 
@@ -48,8 +49,8 @@ FIGURES = {
     "niah-summary": "niah",
     "niah-tasks": "niah",
     "niah-length": "niah",
-    "niah-latency": "niah",
-    "niah-recall": "niah",
+    "niah-latency": "niah_latency",
+    "niah-recall": "niah_recall",
     "capture-entropy": "capture",
     "capture-qnorm_entropy": "capture",
     "capture-keff": "capture",
@@ -64,7 +65,7 @@ FIGURES = {
     "induction-lag": "induction",
     "pareto": "pareto",
     "ablation": "pareto",
-    "frc-magnitude": "pareto",
+    "curvature": "curvature",
 }
 
 
@@ -236,7 +237,7 @@ def _pareto_parsers(sub) -> None:
     _required(s, "--resamples", "--seed", type=int)
     _required(s, "--out")
 
-    s = sub.add_parser("frc-magnitude", help="coarse curvature and weight of a NIAH prompt")
+    s = sub.add_parser("curvature", help="coarse curvature and weight of a NIAH prompt")
     _required(s, "--model", "--out")
     _required(s, "--prompts", help="NIAH prompts.parquet")
     _required(s, "--length", "--layer", "--block-size", "--threads", type=int)
@@ -271,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     _induction_parsers(sub)
     _pareto_parsers(sub)
     _plot_parser(sub)
+    sub.add_parser("policies", help="every policy: its label, level and parameters")
     sub.add_parser("bench", add_help=False, help="benchmarks: attnlab bench kernels --help")
     return p
 

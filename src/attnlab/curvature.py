@@ -91,7 +91,8 @@ def write_block_pairs(
     prompt = pick[0]
     net, _, info = models.load(model, device=device, dtype=dtype)
     if not 0 <= layer < info.n_layers:
-        raise UserError(f"frc.layer {layer} outside the model's layers 0..{info.n_layers - 1}")
+        last = info.n_layers - 1
+        raise UserError(f"curvature.layer {layer} outside the model's layers 0..{last}")
     cols = block_pairs(
         net, prompt.input_ids, layer, block_size, adjacency, graph, prompt.needle_positions
     )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attnlab import sparse
+from attnlab import attention
 from attnlab.errors import UserError
 
 NAMES = (
@@ -173,7 +173,7 @@ def score_prompts(model, prompts: list[InductionPrompt], batch_size: int = 8, pr
         def observe(layer, query, probs, batch=batch, scores=scores):
             scores[:, :, layer] = prompt_scores(probs, batch)
 
-        with sparse.observe(observe):
+        with attention.observe(observe):
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
         for p, s in zip(batch, scores.numpy(), strict=True):
             yield p, s[0], s[1]
@@ -262,7 +262,7 @@ def write_scores(
         raise UserError(f"induction seq_len {seq_len} exceeds the model's {info['max_positions']}")
     torch.set_num_threads(threads)
     net, tokenizer, _ = models.load(model)
-    sparse.install(net)
+    attention.install(net)
     prompts = make_prompts(tokenizer, families, lags, seq_len, per_lag, seed)
     with tqdm(
         total=len(prompts), unit="prompt", desc=f"induction {model}", mininterval=5, file=sys.stderr

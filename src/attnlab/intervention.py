@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attnlab import hooks, sparse
+from attnlab import attention, hooks
 from attnlab.errors import UserError
 from attnlab.metrics import row_metrics
 
@@ -148,7 +148,7 @@ def sweep(
             for start in range(0, n, batch_size):
                 batch = torch.as_tensor(tokens[start : start + batch_size], device=model.device)
                 found: dict[str, np.ndarray] = {}
-                with contextlib.suppress(_Done), sparse.observe(observe):
+                with contextlib.suppress(_Done), attention.observe(observe):
                     model(input_ids=batch, use_cache=False, logits_to_keep=1)
                 b = batch.shape[0]
                 cols["scale"].append(np.full(b * t, scale))
@@ -271,7 +271,7 @@ def run_sweep(
     swept = Head.parse(head)
     tokens = read_corpus(manifest)[:chunks].astype("int64")
     net, _, _ = models.load(model)
-    sparse.install(net)
+    attention.install(net)
     swept.check(net)
     checks = _checked(net, tokens, swept, max(scales))
     with tqdm(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnlab import sparse
+from attnlab import decoding, sparse
 from attnlab.errors import UserError
 from attnlab.policies.base import Policy
 
@@ -324,7 +324,7 @@ def score_prompt(
 
     ``max_new_tokens`` is the budget per asked value; generation stops once as many
     digits are out as the asked values hold. Correct: every asked value is among them.
-    ``row_chunk``: prompt rows per attention call (:func:`attnlab.sparse.chunked_attention`).
+    ``row_chunk``: prompt rows per attention call (:func:`attnlab.attention.chunked_attention`).
     """
     run = sparse.SparseRun(
         policy,
@@ -336,7 +336,7 @@ def score_prompt(
     )
     ids = torch.tensor([prompt.input_ids], device=model.device)
     budget = max_new_tokens * len(prompt.answers)
-    new = sparse.generate(model, ids, run, budget, stop=_stop(tokenizer, prompt))
+    new = decoding.generate(model, ids, run, budget, stop=_stop(tokenizer, prompt))
     return _result(prompt, run, tokenizer.decode(new))
 
 
@@ -371,7 +371,7 @@ def score_cache(
     """Score every prompt under every ``(name, policy, sparsity)`` in the ``cache`` regime.
 
     Each prompt's dense prefill runs once and is shared by every run
-    (:func:`attnlab.sparse.generate_shared`); each run then decodes from it, the cache
+    (:func:`attnlab.decoding.generate_shared`); each run then decodes from it, the cache
     rewound after each. Rows carry ``policy`` (the name) and ``target_sparsity``.
 
     Full attention is one computation in both regimes (the dense prefill, then dense
@@ -390,7 +390,7 @@ def score_cache(
         ]
         leader = sparse.SparseRun(Full(), watch=p.needle_positions, regime="prefill")
         budget = max_new_tokens * len(p.answers)
-        news = sparse.generate_shared(model, ids, live, budget, _stop(tokenizer, p), leader)
+        news = decoding.generate_shared(model, ids, live, budget, _stop(tokenizer, p), leader)
         for (name, policy, s), run, new in zip(runs, live, news, strict=True):
             text = tokenizer.decode(new)
             rows.append({"policy": name, "target_sparsity": s} | _result(p, run, text))

@@ -124,7 +124,7 @@ def score_cache_runs(
     them; write the rows to ``out``."""
     import torch
 
-    from attnlab import sparse
+    from attnlab import attention
 
     torch.set_num_threads(threads)
     rows_in = niah.read_prompts(prompts)
@@ -134,7 +134,7 @@ def score_cache_runs(
         made.append((name, *scoring.make_policy(name, params, target)))
     net, tokenizer, _ = models.load(model, device=device, dtype=dtype)
     rows = niah.score_cache(
-        sparse.install(net),
+        attention.install(net),
         tokenizer,
         rows_in,
         made,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnlab import sparse
+from attnlab import decoding, sparse
 from attnlab.errors import UserError
 from attnlab.policies.base import Policy
 from attnlab.stats import cluster_bootstrap, percentile_interval
@@ -77,7 +77,7 @@ def chunk_pass(
     first, cache = 0, None
     if regime == "cache":
         first = context_length(ids.shape[1], context)
-        cache, _ = sparse.prefill(model, ids[:, :first], run)  # dense, not timed
+        cache, _ = decoding.prefill(model, ids[:, :first], run)  # dense, not timed
     _sync(ids.device)
     t0 = time.perf_counter()
     with run:

@@ -31,12 +31,12 @@ def load_job(
     parameters, its target sparsity, and the model with attnlab's attention on ``device``."""
     import torch
 
-    from attnlab import models, sparse
+    from attnlab import attention, models
 
     torch.set_num_threads(threads)
     run, target = make_policy(policy, json.loads(policy_params), sparsity)
     net, tokenizer, _ = models.load(model, device=device, dtype=dtype)
-    return run, target, sparse.install(net), tokenizer
+    return run, target, attention.install(net), tokenizer
 
 
 def mark_rows(

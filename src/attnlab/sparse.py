@@ -1,8 +1,7 @@
-"""Run any Hugging Face causal LM with a sparse-attention policy in every layer.
+"""A sparse-attention run: a policy at a target sparsity in a regime (DESIGN: Regime).
 
-The attention function registered as ``attnlab`` in transformers' ``AttentionInterface``
-reads the active :class:`SparseRun` (a context manager). With no run active it is plain
-eager attention. A run has a regime (DESIGN: Regime), which decides where its policy acts:
+A :class:`SparseRun` is a context manager; while it is active, the ``attnlab`` attention
+(:mod:`attnlab.attention`) applies its policy. The regime decides where the policy acts:
 
 - ``cache`` (KV-cache compression): the prompt's prefill is the model's own dense
   attention; each generated token then sees the cached keys the policy chooses. Eviction
@@ -11,27 +10,18 @@ eager attention. A run has a regime (DESIGN: Regime), which decides where its po
 - ``prefill`` (sparse prefill): every prompt row runs under the policy; decode steps are
   dense unless ``decode="policy"``. This is the regime of perplexity and the GPU kernels.
 
-For each call where the policy acts it builds the keep-mask under the per-row budget
-(a row at position p keeps about (1 - s)(p + 1) keys), applies it on top of the model's
-own mask (causality, sliding windows), and counts kept pairs against the causal pairs of
-those rows, so the achieved sparsity is measured, not assumed; the pairs the model's own
-mask hides are counted apart (``model_sparsity``). Grouped-query attention is handled by
-expanding key/value heads.
-
-On CUDA, the causal prefill of a block-level policy (CAB and its ablations) runs through
-FlexAttention's block-sparse kernel instead of a masked softmax: the selection is then
-made per query block (each block takes its first row's choice, so no row sees a choice
-made with later tokens, and its last row's budget), the granularity a BlockMask can
-express. Decode steps, token-level policies and layers with sliding windows take the
-masked path; a token-level policy's long call runs in row chunks (``row_chunk``,
-:func:`chunked_attention`). At the answering rows each run also records how much of
-full attention's weight its policy kept, per layer (:meth:`SparseRun.record_recall`).
+For each call where the policy acts the run builds the keep-mask under the per-row budget
+(a row at position p keeps about (1 - s)(p + 1) keys) on top of the model's own mask
+(causality, sliding windows), and counts kept pairs against the causal pairs of those
+rows, so the achieved sparsity is measured, not assumed; the pairs the model's own mask
+hides are counted apart (``model_sparsity``). At the answering rows it also records how
+much of full attention's weight its policy kept, per layer (:meth:`SparseRun.record_recall`).
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,30 +37,14 @@ from attnlab.policies.base import (
 )
 
 REGIMES = ("cache", "prefill")
-IMPLEMENTATION = "attnlab"
 _ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
     "sparse_run", default=None
 )
-# Called as observer(layer, query, probs) with the weights each eager call used.
-_OBSERVER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
-    "attention_observer", default=None
-)
 
 
-class observe:
-    """Context manager: pass every layer's attention weights to ``fn(layer, query, probs)``
-    (query (B, H, Tq, D) after RoPE; probs (B, H, Tq, Tk) float32), one layer at a time,
-    so nothing is kept unless ``fn`` keeps it. Observed calls take the eager path."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
-
-    def __enter__(self) -> observe:
-        self._token = _OBSERVER.set(self.fn)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _OBSERVER.reset(self._token)
+def active() -> SparseRun | None:
+    """The run whose ``with`` block is executing, or None."""
+    return _ACTIVE.get()
 
 
 @dataclass
@@ -224,13 +198,6 @@ class SparseRun:
             row_eviction=self.row_chunk == 0,
         )
 
-    def _remember(self, ctx: ScoreContext) -> None:
-        if self.policy.needs_query_history:
-            ctx.history.q = ctx.q_all
-        if self.policy.needs_received:
-            ctx.history.received = ctx.received_total  # (B, H, Tk) totals so far
-        self.policy.remember(ctx)
-
     def mask(
         self,
         layer: int,
@@ -249,7 +216,7 @@ class SparseRun:
         longer call, see :meth:`account`)."""
         ctx = self._context(layer, q, k, visible, scaling, kv_heads, module, value)
         if scores is not None:  # already computed for the attention itself
-            ctx.__dict__["scores"] = scores
+            ctx.provide(scores=scores)
         keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
@@ -263,7 +230,7 @@ class SparseRun:
                 keep[..., -1, :],
                 ctx.budget[..., -1],
             )
-        self._remember(ctx)
+        self.policy.remember(ctx)
         self.account(layer, keep, visible, answering)
         return keep
 
@@ -282,11 +249,11 @@ class SparseRun:
         runs = [self] * (self.regime == "cache") + self.followers
         for run in runs:
             ctx = run._context(layer, q, k, visible, scaling, kv_heads, module, value)
-            ctx.__dict__.update(shared)
+            ctx.provide(**shared)
             if run.policy.evicts:
                 ctx.history.kept = run.policy.compress(ctx)  # (B, H, T)
-            run._remember(ctx)
-            if "received_total" in ctx.__dict__:
+            run.policy.remember(ctx)
+            if ctx.computed("received_total"):
                 shared["received_total"] = ctx.received_total
 
     def uses_flex(self, query: torch.Tensor, tq: int, tk: int) -> bool:
@@ -316,7 +283,7 @@ class SparseRun:
             visible_per_block(visible[..., ends, :], bs),
             ctx.budget[..., ends],
         )  # (B, H, Mq, Mk)
-        self._remember(ctx)
+        self.policy.remember(ctx)
         return keep, visible
 
     def flex_attention(self, layer, query, key, value, scaling) -> torch.Tensor:
@@ -395,267 +362,3 @@ def visible_mask(attention_mask: torch.Tensor | None, tq: int, tk: int, device) 
     if attention_mask.dtype == torch.bool:
         return attention_mask[..., :tk]
     return attention_mask[..., :tk] > torch.finfo(attention_mask.dtype).min / 2
-
-
-def _causal(attention_mask: torch.Tensor | None, t: int) -> bool:
-    """Whether the model's own mask is plain causal (no window, no padding) over t tokens."""
-    return attention_mask is None or int(
-        torch.count_nonzero(visible_mask(attention_mask, t, t, "cpu"))
-    ) == (attention_mask.shape[0] * t * (t + 1) // 2)
-
-
-def attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    softcap: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention under the active run; shapes as transformers passes them.
-
-    Through FlexAttention (a block policy's prefill on CUDA), PyTorch's fused kernel
-    (:func:`_fused_attention`), or, with an observer or a softcap, the eager path that
-    materialises the weights. query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D). Returns
-    (B, Tq, H, D).
-    """
-    run = _ACTIVE.get()
-    layer = module.layer_idx
-    h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
-    scaling = module.head_dim**-0.5 if scaling is None else scaling
-    acts = run is not None and run.acts(layer)
-    if (
-        acts
-        and softcap is None
-        and run.uses_flex(query, tq, tk)
-        and _OBSERVER.get() is None
-        and _causal(attention_mask, tq)
-    ):
-        out = run.flex_attention(layer, query, key, value, scaling)
-        run.took("flex block-sparse", tq)
-        return out.transpose(1, 2).contiguous(), None
-    observer = _OBSERVER.get()
-    masked = acts and run.policy.name != "full"
-    if observer is None and softcap is None:
-        keep = None
-        if masked and run.chunks(tq):
-            return chunked_attention(run, module, query, key, value, attention_mask, scaling)
-        if masked:  # the policy's mask; scores only if it reads them
-            visible = visible_mask(attention_mask, tq, tk, query.device)
-            k = expand_kv(key, h)
-            keep = run.mask(layer, query, k, visible, scaling, None, key.shape[1], module, value)
-        return _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep)
-    k = expand_kv(key, h)  # (B, H, Tk, D)
-    v = expand_kv(value, h)
-    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    visible = visible_mask(attention_mask, tq, tk, query.device)  # (B, 1, Tq, Tk)
-    scores = torch.where(visible, scores, float("-inf"))
-    if masked:
-        keep = run.mask(layer, query, k, visible, scaling, scores, key.shape[1], module, value)
-        scores = torch.where(keep, scores, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if run is not None:
-        run.took("eager", tq)
-    if run is not None and not masked:
-        _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs)
-    if observer is not None:
-        observer(layer, query, probs)
-    out = torch.matmul(probs.to(value.dtype), v)  # (B, H, Tq, D)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep=None):
-    """Attention through PyTorch's fused kernel (no float (Tq, Tk) weights in memory):
-    under the policy's ``keep`` mask (B, H, Tq, Tk) when given, else over every key the
-    model's own mask allows (full attention, and the calls where the policy does not
-    act). A ``cache``-regime prefill hands the run what its policy needs. Returns
-    (B, Tq, H, D)."""
-    h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
-    gqa = {"enable_gqa": True} if key.shape[1] != h else {}  # no copies of K and V
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if keep is not None:
-        out, kernel = sdpa(query, key, value, attn_mask=keep, scale=scaling, **gqa), "keep-mask"
-    elif (attention_mask is None or _causal(attention_mask, tq)) and tq == tk:
-        out, kernel = sdpa(query, key, value, is_causal=True, scale=scaling, **gqa), "causal"
-    else:
-        visible = visible_mask(attention_mask, tq, tk, query.device)
-        out, kernel = sdpa(query, key, value, attn_mask=visible, scale=scaling, **gqa), "model mask"
-    if run is not None:
-        run.took(f"sdpa {kernel}", tq)
-    if run is not None and keep is None:
-        visible = visible_mask(attention_mask, tq, tk, query.device)
-        _unmasked_call(run, acts, module, query, key, value, visible, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def chunked_attention(run, module, query, key, value, attention_mask, scaling):
-    """A token-level policy's call in chunks of ``run.row_chunk`` rows, each one call of
-    the policy over the keys up to its last row, through PyTorch's fused kernel under its
-    keep-mask: no (Tq, Tk) float matrix is held at once, only (B, H, row_chunk, Tk) ones
-    (scores, weights and what the policy derives from them). The policy's state carries
-    from chunk to chunk as from one decode step to the next (received attention, earlier
-    queries, SnapKV's window), so a policy without eviction chooses exactly as in one
-    call; an evicting one drops keys between chunks: each row chooses from the keys its
-    chunk's cache held plus its chunk's own. query: (B, H, Tq, D); key, value:
-    (B, Hkv, Tk, D). Returns (B, Tq, H, D)."""
-    layer, h = module.layer_idx, query.shape[1]
-    tq, tk = query.shape[2], key.shape[2]
-    gqa = {"enable_gqa": True} if key.shape[1] != h else {}
-    visible = visible_mask(attention_mask, tq, tk, query.device)  # (B, 1, Tq, Tk) bool
-    out = torch.empty_like(query)
-    run.took("sdpa keep-mask in row chunks", tq)
-    for lo in range(0, tq, run.row_chunk):
-        hi = min(lo + run.row_chunk, tq)
-        end = tk - tq + hi  # the keys up to the chunk's last row
-        q, k, v = query[..., lo:hi, :], key[..., :end, :], value[..., :end, :]
-        vis = visible[..., lo:hi, :end]
-        keep = run.mask(
-            layer, q, expand_kv(k, h), vis, scaling, None, key.shape[1], module, v, hi == tq
-        )
-        out[..., lo:hi, :] = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, scale=scaling, **gqa
-        )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs=None) -> None:
-    """The run's record of a call without a policy mask: full attention's pairs where it
-    acts; a dense prefill handed to a ``cache``-regime run and to the run's followers; the
-    layer's prefill marked done. visible: (B, 1, Tq, Tk); probs: the weights when
-    computed."""
-    layer, h = module.layer_idx, query.shape[1]
-    if acts:
-        run.account(layer, visible.expand(-1, h, -1, -1), visible)
-    if layer not in run.histories and (run.regime == "cache" or run.followers):
-        k = expand_kv(key, h)
-        run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value, probs)
-    run.histories.setdefault(layer, LayerHistory())
-
-
-def install(model: torch.nn.Module) -> torch.nn.Module:
-    """Register the ``attnlab`` attention (and its mask builder) and switch ``model`` to it."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(IMPLEMENTATION, attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
-    model.set_attn_implementation(IMPLEMENTATION)
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and hasattr(module, "o_proj"):  # an attention module
-            if not getattr(module, "_attnlab_hooked", False):
-                module.register_forward_pre_hook(_keep_inputs, with_kwargs=True)
-                module._attnlab_hooked = True
-    return model
-
-
-def _keep_inputs(module, args, kwargs):
-    """Hand a call's keyword inputs (hidden states, position embeddings) to the active
-    run's policy when it reads them (``needs_inputs``); kept only for that call."""
-    run = _ACTIVE.get()
-    module._attnlab_inputs = kwargs if run is not None and run.needs_inputs else None
-
-
-def _eos(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
-@torch.inference_mode()
-def prefill(model: torch.nn.Module, input_ids: torch.Tensor, run: SparseRun):
-    """The prompt's forward pass under ``run``; input_ids (1, T). Returns the cache and
-    the last row's logits (V,).
-
-    The cache is created without the model's config so it keeps every key (sliding-window
-    layers are windowed by the mask, not by dropping keys), which keeps key positions
-    absolute for the policies.
-    """
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    with run:
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache, out.logits[0, -1]
-
-
-@torch.inference_mode()
-def decode(
-    model: torch.nn.Module,
-    cache,
-    logits: torch.Tensor,
-    run: SparseRun,
-    max_new_tokens: int,
-    stop: Callable[[list[int]], bool] = lambda ids: False,
-) -> list[int]:
-    """Greedy decoding of at most ``max_new_tokens`` under ``run`` from a prefilled
-    ``cache`` and its last logits (V,); ``stop(new_ids)`` ends early."""
-    eos, new = _eos(model), []
-    device = logits.device
-    with run:
-        for step in range(max_new_tokens):
-            nxt = int(logits.argmax())
-            if nxt in eos:
-                break
-            new.append(nxt)
-            if stop(new) or step == max_new_tokens - 1:
-                break
-            ids = torch.tensor([[nxt]], device=device)
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1]
-    return new
-
-
-def generate(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    run: SparseRun,
-    max_new_tokens: int,
-    stop: Callable[[list[int]], bool] = lambda ids: False,
-) -> list[int]:
-    """Greedy decoding under ``run``: :func:`prefill`, then :func:`decode`."""
-    cache, logits = prefill(model, input_ids, run)
-    return decode(model, cache, logits, run, max_new_tokens, stop)
-
-
-def generate_shared(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    runs: Sequence[SparseRun],
-    max_new_tokens: int,
-    stop: Callable[[list[int]], bool] = lambda ids: False,
-    leader: SparseRun | None = None,
-) -> list[list[int]]:
-    """Greedy decoding of one prompt under several ``cache``-regime runs that share one
-    dense prefill: each run records what its policy needs from that prefill, then
-    decodes from its own copy of the cache (the prefill's tensors, rewound after each).
-    ``leader``: the full-attention run that computes the prefill (a ``prefill``-regime
-    one accounts its prompt rows, as full attention's prefill-regime record); by default
-    an unrecorded one. Returns each run's new tokens, in order."""
-    from attnlab.policies.full import Full
-
-    if any(r.regime != "cache" for r in runs):
-        raise ValueError("only cache-regime runs share a prefill")
-    if leader is None:
-        leader = SparseRun(Full(), regime="cache")
-    if leader.policy.name != "full" or leader.followers:
-        raise ValueError("the leader of a shared prefill is a full-attention run of its own")
-    leader.followers = list(runs)
-    cache, logits = prefill(model, input_ids, leader)
-    t, out = input_ids.shape[-1], []
-    for run in runs:
-        out.append(decode(model, cache, logits, run, max_new_tokens, stop))
-        rewind(cache, t)
-    return out
-
-
-def rewind(cache, length: int) -> None:
-    """Drop what decoding appended to ``cache`` beyond its first ``length`` tokens. The
-    prefill's tensors are never written in place (each step concatenates), so this gives
-    back the prefilled cache without a copy."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)

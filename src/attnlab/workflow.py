@@ -1,6 +1,7 @@
 """Pure-Python helpers for the Snakefile: file names, model keys, code dependencies.
 
-Nothing here imports torch, so Snakemake starts fast.
+Nothing here imports torch, so Snakemake starts fast (policies' parameters are read from
+their source, :mod:`attnlab.policies.fields`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,9 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+
+from attnlab.errors import UserError
+from attnlab.policies import fields
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -76,42 +80,61 @@ def module_sources(*modules: str, root: str | Path | None = None) -> list[str]:
     return [str(p) for p in out]
 
 
-def policy_spec(name: str, policies: dict) -> dict:
-    """Hyper-parameters of a configured policy. A variant is a ``policies`` entry with a
-    ``base`` (``cab_b64: {base: cab, block_size: 64}``): its base's parameters with its
-    own on top. A name ``<policy>_lam<percent>`` is that policy at another lambda. Either
-    way ``base`` names the policy that runs (see :func:`attnlab.policies.make`)."""
-    spec = policies.get(name, {})
+def _variant(name: str, policies: dict) -> tuple[str | None, dict]:
+    """A configured name's base policy (None: the name is a policy itself) and the
+    settings configured for it, its base's under its own."""
+    spec = dict(policies.get(name, {}))
     if "base" in spec:
-        return {**policies.get(spec["base"], {}), **spec}
+        base = spec.pop("base")
+        return base, {**policies.get(base, {}), **spec}
     m = re.fullmatch(r"([a-z0-9_]+?)_lam(\d+)", name)
-    if m and m[1] in policies:
-        return {**policies[m[1]], "lam": int(m[2]) / 100, "base": m[1]}
-    return spec
+    if m and (m[1] in policies or m[1] in fields.registry()):
+        return m[1], {**policies.get(m[1], {}), "lam": int(m[2]) / 100}
+    return None, spec
 
 
-def undefined_policies(config: dict) -> list[str]:
-    """Policy names the grids use that neither the registry nor ``policies`` defines (a
-    variant ``cab_<name>`` must be configured; ``<policy>_lam<percent>`` need not be)."""
+def policy_spec(name: str, policies: dict) -> dict:
+    """Hyper-parameters of a configured policy, every one of its dataclass's fields (the
+    defaults filled in, :func:`attnlab.policies.fields.check`). A variant is a
+    ``policies`` entry with a ``base`` (``cab_b64: {base: cab, block_size: 64}``): its
+    base's parameters with its own on top. A name ``<policy>_lam<percent>`` is that
+    policy at another lambda. Either way ``base`` names the policy that runs (see
+    :func:`attnlab.policies.make`)."""
+    base, spec = _variant(name, policies)
+    filled = fields.check(base or name, spec)
+    return {**filled, "base": base} if base else filled
+
+
+def policy_errors(config: dict) -> list[str]:
+    """One line per problem with the config's policies: an entry that is neither a policy
+    nor a variant of one (``base``), a parameter its dataclass does not have or a value
+    it does not allow, a name the grids use that nothing defines."""
+    policies, errors = config["policies"], []
+    for name, entry in policies.items():
+        if "base" in policies.get(entry.get("base"), {}):
+            errors.append(f"policies.{name}: its base {entry['base']} is a variant itself")
+            continue
+        try:
+            policy_spec(name, policies)
+        except UserError as e:
+            errors.append(f"policies.{name}: {e}")
     ablation, regimes = config["ablation"], config["niah"]["regimes"]
     names = [*regimes["cache"], *regimes["prefill"], *config["pareto"]["policies"]]
     names += [*ablation["baselines"], *ablation["variants"]]
-    return sorted(
-        {
-            n
-            for n in names
-            if n.startswith("cab_")
-            and n not in config["policies"]
-            and not re.fullmatch(r"cab_lam\d+", n)
-        }
-    )
+    for name in dict.fromkeys(names):
+        if name in policies or name.startswith("kvpress:"):
+            continue
+        if _variant(name, policies)[0] is None and name not in fields.names():
+            errors.append(
+                f"policy {name!r} is neither a policy ({', '.join(fields.names())}) "
+                "nor configured under policies"
+            )
+    return errors
 
 
 def policy_module(name: str, policies: dict) -> str:
     """The module under ``attnlab.policies`` that a configured policy name runs."""
-    if name.startswith("kvpress:"):
-        return "kvpress_press"
-    return policy_spec(name, policies).get("base", name)
+    return fields.info(_variant(name, policies)[0] or name).module
 
 
 def ablation_policies(
@@ -119,5 +142,5 @@ def ablation_policies(
 ) -> list[str]:
     """The ablation's baselines, CAB at each lambda (the configured one is ``cab``), then
     CAB's named variants."""
-    lam_runs = ["cab" if lam == cab.get("lam", 1.0) else f"cab_lam{pct(lam)}" for lam in lams]
+    lam_runs = ["cab" if lam == cab["lam"] else f"cab_lam{pct(lam)}" for lam in lams]
     return [*baselines, *lam_runs, *(v for v in variants if v not in lam_runs)]

@@ -30,7 +30,7 @@ def straightforward(
 ) -> dict[str, np.ndarray]:
     """output_attentions=True, then metrics of every stored layer: name -> (B, L, H, T).
     ``logits_to_keep=0`` computes the logits of every position, as a plain call does."""
-    from attnlab import metrics, sparse
+    from attnlab import attention, metrics
 
     model.set_attn_implementation("eager")
     try:
@@ -40,7 +40,7 @@ def straightforward(
             q_pos = torch.arange(ids.shape[1])
             per_layer = [metrics.row_metrics(a, q_pos, mass) for a in out.attentions]
     finally:
-        sparse.install(model)
+        attention.install(model)
     return {m: torch.stack([p[m] for p in per_layer], 1).numpy() for m in metrics.METRICS}
 
 
@@ -70,13 +70,13 @@ def corpus_tokens(tokenizer, chunks: int, chunk_len: int) -> np.ndarray:
 
 def run(args, model_name: str) -> list[dict]:
     """Time the methods on one model; rows of the table (one per method and repeat)."""
-    from attnlab import metrics, models, sparse
+    from attnlab import attention, metrics, models
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rss_exact = args.device == "cpu" and return_freed_memory()
     model, tokenizer, info = models.load(model_name, device=args.device)
-    sparse.install(model)
+    attention.install(model)
     if args.manifest:
         from attnlab.corpus import read_corpus
 

@@ -1,7 +1,7 @@
 """Real-model prefill latency under each policy at one prompt length: the speed half of
 the long-context study's accuracy-matched table (README: Long context).
 
-Each (policy, sparsity) times :func:`attnlab.sparse.prefill` of one NIAH prompt in the
+Each (policy, sparsity) times :func:`attnlab.decoding.prefill` of one NIAH prompt in the
 ``prefill`` regime, the whole forward pass (the policy's selection, its attention kernel,
 the rest of the model), as the NIAH jobs run it. The kernels each used are in the table
 with their layer counts (``SparseRun.kernels``): full attention PyTorch's fused SDPA,
@@ -41,11 +41,11 @@ def prompt_ids(path: str, length: int, device) -> torch.Tensor:
 def run(args: argparse.Namespace) -> list[dict]:
     """One row per (policy, target sparsity): median prefill milliseconds, repetitions,
     achieved sparsity, peak memory and the kernel."""
-    from attnlab import models, policies, sparse
+    from attnlab import attention, decoding, models, policies, sparse
 
     torch.set_num_threads(args.threads)
     model, _, _ = models.load(args.model, device=args.device, dtype=args.dtype)
-    model = sparse.install(model)
+    model = attention.install(model)
     ids = prompt_ids(args.prompts, args.length, model.device)
     cuda = model.device.type == "cuda"
     rows = []
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
             def prefill(policy=policy, s=s):
                 r = sparse.SparseRun(policy, s, regime="prefill", row_chunk=args.row_chunk)
-                sparse.prefill(model, ids, r)
+                decoding.prefill(model, ids, r)
                 return r
 
             if cuda:

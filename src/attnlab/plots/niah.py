@@ -10,7 +10,6 @@ import polars as pl
 from matplotlib.patches import Rectangle
 
 from attnlab import tables
-from attnlab.errors import UserError
 from attnlab.plots import needs, save_figure
 from attnlab.stats import bootstrap_ci
 
@@ -31,7 +30,7 @@ REGIME_TITLES = {
 }
 
 
-def _rows(df: pl.DataFrame) -> list[tuple[str, str]]:
+def panel_rows(df: pl.DataFrame) -> list[tuple[str, str]]:
     """The (model, regime) pairs of a table, in its order: one figure row each."""
     return [tuple(r) for r in df.select("model", "regime").unique(maintain_order=True).rows()]
 
@@ -48,7 +47,7 @@ TASK_TITLES = {
 }
 
 
-def _one_task(df: pl.DataFrame) -> tuple[pl.DataFrame, str]:
+def one_task(df: pl.DataFrame) -> tuple[pl.DataFrame, str]:
     """The rows of the table's first task (passkey when present): the heatmaps and the
     summary show one task; figs/niah_tasks.png shows them all."""
     tasks = df["task"].unique(maintain_order=True).to_list()
@@ -75,9 +74,9 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
     reach the target sparsity are hatched; the number in each cell is the accuracy; a
     policy not run in a row's regime leaves its panel blank.
     """
-    df, task = _one_task(tables.read(table, COLUMNS))
+    df, task = one_task(tables.read(table, COLUMNS))
     meta = tables.meta(table)
-    rows = _rows(df)
+    rows = panel_rows(df)
     policies = ["full"] + [p for p in df["policy"].unique(maintain_order=True) if p != "full"]
     lengths = sorted(df["length"].unique().to_list())
     depths = sorted(df["depth"].unique().to_list())
@@ -189,11 +188,11 @@ def plot_summary(
     (niah-paired), a point is marked where the paired interval of its difference to full
     attention (†) or to the best other policy (*) excludes zero.
     """
-    df, task = _one_task(tables.read(table, COLUMNS))
+    df, task = one_task(tables.read(table, COLUMNS))
     marks = None
     if paired is not None:
         marks = tables.read(paired, PAIRED_COLUMNS).filter(pl.col("task") == task)
-    rows = _rows(df)
+    rows = panel_rows(df)
     fig, axes = plt.subplots(1, len(rows), squeeze=False, figsize=(4.5 * len(rows), 3.6))
     for ax, (model, regime) in zip(axes[0], rows, strict=True):
         d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
@@ -258,7 +257,7 @@ def plot_tasks(table: str | Path, out: str | Path, seed: int = 0) -> None:
     """Accuracy against target sparsity per policy for every task: a column per task, a
     row per (model, regime); a prompt counts only when every asked value was generated."""
     df = tables.read(table, COLUMNS)
-    rows = _rows(df)
+    rows = panel_rows(df)
     tasks = df["task"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(
         len(rows),
@@ -287,8 +286,8 @@ def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
     """Accuracy against prompt length per policy: a row per (model, regime), a column per
     target sparsity; full attention (the same in every column) dashed, bootstrap 95%
     intervals over the prompts of each length, hollow where the target was missed."""
-    df, task = _one_task(tables.read(table, COLUMNS))
-    rows = _rows(df)
+    df, task = one_task(tables.read(table, COLUMNS))
+    rows = panel_rows(df)
     sparsities = sorted(s for s in df["target_sparsity"].unique() if s > 0)
     fig, axes = plt.subplots(
         len(rows),
@@ -350,121 +349,7 @@ def _accuracy_line(ax, d: pl.DataFrame, x: str, label: str, seed: int, **style) 
     )
 
 
-def accuracy_latency(niah_table: str | Path, bench_table: str | Path) -> pl.DataFrame:
-    """Each (policy, target sparsity) of a prefill benchmark beside its ``prefill``-regime
-    NIAH accuracy at the benchmark's prompt length: the accuracy-matched speed table (the
-    regime whose prompt the benchmark times; a ``cache``-regime prefill is full
-    attention's). Columns: policy, target_sparsity, kernel, ms, speedup_vs_full,
-    achieved_sparsity (of the timed prefill), regime, accuracy, prompts."""
-    bench = pl.read_parquet(bench_table)
-    length = bench["length"].unique().to_list()
-    if len(length) != 1:
-        raise ValueError(f"{bench_table} times {len(length)} lengths; expected one")
-    df, _ = _one_task(tables.read(niah_table, COLUMNS))
-    acc = (
-        df.filter((pl.col("length") == length[0]) & (pl.col("regime") == "prefill"))
-        .group_by("regime", "policy", "target_sparsity")
-        .agg(
-            pl.col("correct").cast(pl.Float64).mean().alias("accuracy"),
-            pl.len().alias("prompts"),
-        )
-    )
-    keys = ["policy", "target_sparsity"]
-    cols = [*keys, "kernel", "ms", "speedup_vs_full", "achieved_sparsity"]
-    return bench.select(cols).join(acc, on=keys, how="inner").sort("regime", *keys)
-
-
-def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Path) -> None:
-    """Prefill-regime NIAH accuracy against real-model prefill latency at the benchmark's
-    length: one colour per policy, its target sparsities written beside the points; full
-    attention a black star."""
-    df = accuracy_latency(niah_table, bench_table)
-    regimes = df["regime"].unique(maintain_order=True).to_list()
-    fig, axes = plt.subplots(1, len(regimes), squeeze=False, sharey=True)
-    fig.set_size_inches(5.2 * len(regimes), 4.0)
-    for ax, regime in zip(axes[0], regimes, strict=True):
-        d = df.filter(pl.col("regime") == regime)
-        for policy in d["policy"].unique(maintain_order=True):
-            p = d.filter(pl.col("policy") == policy).sort("target_sparsity")
-            style = {"color": "k", "marker": "*", "s": 140} if policy == "full" else {"s": 36}
-            label = f"{policy} ({p['kernel'][0]})"
-            ax.scatter(p["ms"], p["accuracy"], label=label, zorder=3, **style)
-            if policy != "full":
-                ax.plot(p["ms"], p["accuracy"], alpha=0.4)
-                for row in p.iter_rows(named=True):
-                    _sparsity_label(ax, row["target_sparsity"], row["ms"], row["accuracy"])
-        ax.set_xscale("log")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("prefill latency (ms, median)")
-        ax.set_title(REGIME_TITLES.get(regime, regime), fontsize=9)
-    axes[0][0].set_ylabel("retrieval accuracy")
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    length = pl.read_parquet(bench_table)["length"][0]
-    fig.suptitle(f"Accuracy against prefill latency at {length} tokens", fontsize=10)
-    save_figure(fig, out)
-
-
-def plot_recall(table: str | Path, out: str | Path) -> None:
-    """Attention-mass recall of the answering rows (``recall_by_layer``) at the longest
-    prompt length that has it: for each (model, regime) a row of panels, one per target
-    sparsity, with each policy's recall against layer (mean over prompts and heads; the
-    top-k oracle's is the ceiling at that budget), and a last panel of accuracy against
-    mean recall, a point per (policy, sparsity). Full attention keeps every weight (recall
-    1) and is left out of the curves; rows scored before recall was recorded are too."""
-    cols = [*COLUMNS, "attention_recall", "recall_by_layer"]
-    df, task = _one_task(tables.read(table, cols))
-    df = df.filter((pl.col("policy") != "full") & pl.col("recall_by_layer").is_not_null())
-    if df.is_empty():
-        raise UserError(f"{table}: no rows with attention-mass recall")
-    length = df["length"].max()
-    df = df.filter(pl.col("length") == length)
-    rows = _rows(df)
-    sparsities = sorted(df["target_sparsity"].unique())
-    fig, axes = plt.subplots(
-        len(rows),
-        len(sparsities) + 1,
-        squeeze=False,
-        figsize=(3.8 * (len(sparsities) + 1), 3.2 * len(rows) + 0.6),
-    )
-    styles = policy_styles(df["policy"].unique(maintain_order=True))
-    for r, (model, regime) in enumerate(rows):
-        d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
-        for c, s in enumerate(sparsities):
-            ax = axes[r][c]
-            for policy, run in d.filter(pl.col("target_sparsity") == s).group_by(
-                "policy", maintain_order=True
-            ):
-                curves = np.array(run["recall_by_layer"].to_list(), dtype=float)
-                ax.plot(curves.mean(0), marker=".", label=policy[0], **styles[policy[0]])
-            ax.set_ylim(-0.05, 1.05)
-            ax.set_xlabel("layer")
-            ax.set_title(f"{model}, {regime}, {s:.0%}", fontsize=8)
-            if c == 0:
-                ax.set_ylabel("attention mass kept")
-        ax = axes[r][-1]
-        pts = d.group_by("policy", "target_sparsity", maintain_order=True).agg(
-            pl.col("attention_recall").mean(), pl.col("correct").cast(pl.Float64).mean()
-        )
-        for row in pts.iter_rows(named=True):
-            x, y = row["attention_recall"], row["correct"]
-            ax.scatter(x, y, color=styles[row["policy"]]["color"], label=row["policy"])
-            _sparsity_label(ax, row["target_sparsity"], x, y)
-        ax.set_xlim(-0.05, 1.05)
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("mean attention mass kept")
-        ax.set_ylabel("retrieval accuracy")
-        handles, labels = axes[r][-2].get_legend_handles_labels()
-        ax.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.subplots_adjust(hspace=0.5, wspace=0.3)
-    fig.suptitle(
-        f"{TASK_TITLES[task]} at {length} tokens: full attention's weight on the kept keys "
-        "at the answering rows, by layer",
-        fontsize=10,
-    )
-    save_figure(fig, out)
-
-
-def _sparsity_label(ax, sparsity: float, x: float, y: float) -> None:
+def sparsity_label(ax, sparsity: float, x: float, y: float) -> None:
     """The target sparsity written beside a point."""
     ax.annotate(f"{sparsity:.0%}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
 
@@ -472,21 +357,14 @@ def _sparsity_label(ax, sparsity: float, x: float, y: float) -> None:
 def render(
     figure: str, table: list[str], out: str, sparsity=None, resamples=None, seed=None
 ) -> None:
-    """Draw the NIAH figure ``figure`` from ``table`` to ``out`` (``niah-latency``: the
-    NIAH table and the prefill benchmark's; ``niah-summary``: the NIAH table and, if
-    given, its paired table)."""
+    """Draw the NIAH figure ``figure`` from ``table`` to ``out`` (``niah-summary``: the
+    NIAH table and, if given, its paired table)."""
     if figure == "niah-heatmap":
         plot_heatmap(table[0], out=out, **needs(figure, sparsity=sparsity))
     elif figure == "niah-tasks":
         plot_tasks(table[0], out, **needs(figure, seed=seed))
     elif figure == "niah-length":
         plot_length(table[0], out, **needs(figure, seed=seed))
-    elif figure == "niah-recall":
-        plot_recall(table[0], out)
-    elif figure == "niah-latency":
-        if len(table) != 2:
-            raise UserError("niah-latency takes --table NIAH_TABLE PREFILL_BENCH_TABLE")
-        plot_latency(*table, out)
     else:
         paired = (table[1:] or [None])[0]
         plot_summary(table[0], out, paired=paired, **needs(figure, seed=seed))

@@ -1,39 +1,17 @@
-"""Perplexity against latency, the CAB ablation, and curvature against coarse weight."""
+"""Perplexity against latency, and the CAB ablation."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
 import numpy as np
 import polars as pl
-import scipy.stats as sps
 
 from attnlab import tables
 from attnlab.plots import save_figure
-
-
-def policy_label(policy: str) -> str:
-    """Readable name of a policy or variant: cab_lam30 -> 'CAB λ=0.3'."""
-    m = re.fullmatch(r"(\w+?)_lam(\d+)", policy)
-    if m:
-        return f"{m[1].upper()} λ={int(m[2]) / 100:g}"
-    return {
-        "cab": "CAB",
-        "coarse_magnitude": "coarse magnitude (λ=0)",
-        "random_block": "random blocks",
-        "streamingllm": "StreamingLLM",
-        "h2o": "H2O",
-        "full": "full attention",
-        "topk": "top-k oracle",
-        "cab_plan": "CAB, plan's formula",
-        "cab_directed": "CAB, directed graph",
-        "cab_b64": "CAB, blocks of 64",
-        "cab_query": "CAB, query-aware",
-    }.get(policy, policy)
-
+from attnlab.policies.fields import label as policy_label
 
 REGIME_NOTE = {
     "prefill": "every row under the policy",
@@ -192,54 +170,12 @@ def _ablation_row(axes, df: pl.DataFrame, regime: str) -> None:
     axes[3].set_ylim(0, 1.05)
 
 
-def plot_frc_magnitude(table: str | Path, out: str | Path) -> None:
-    """Coarse curvature against coarse attention weight per block pair (every head of one
-    layer, diagonal blocks left out), pairs whose key block holds the needle in red."""
-    df = tables.read(table, ["weight", "curvature", "needle", "diagonal"]).filter(
-        ~pl.col("diagonal")
-    )
-    meta = tables.meta(table)
-    fig, ax = plt.subplots(figsize=(6, 4.4))
-    rest, needle = df.filter(~pl.col("needle")), df.filter(pl.col("needle"))
-    floor = 1e-8
-    ax.scatter(
-        rest["weight"].clip(lower_bound=floor),
-        rest["curvature"],
-        s=3,
-        alpha=0.25,
-        color="0.4",
-        label="block pairs",
-        rasterized=True,
-    )
-    if not needle.is_empty():
-        ax.scatter(
-            needle["weight"].clip(lower_bound=floor),
-            needle["curvature"],
-            s=10,
-            color="tab:red",
-            label="key block holds the needle",
-        )
-    w, f = df["weight"].to_numpy(), df["curvature"].to_numpy()
-    rho = float(sps.spearmanr(w, f).statistic) if len(w) > 1 else float("nan")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"coarse attention weight A ({meta.get('adjacency', '?')})")
-    ax.set_ylabel(f"Forman-Ricci curvature F ({meta.get('graph', '?')})")
-    ax.set_title(
-        f"{meta.get('model', '?')} layer {meta.get('layer', '?')}, {meta.get('length', '?')} "
-        f"tokens, needle depth {meta.get('depth', '?')} ({meta.get('haystack', '?')} haystack)\n"
-        f"blocks of {meta.get('block_size', '?')}; Spearman ρ(A, F) = {rho:.2f}",
-        fontsize=9,
-    )
-    ax.legend(fontsize=8)
-    save_figure(fig, out)
-
-
-FIGURES = {"pareto": plot_pareto, "ablation": plot_ablation, "frc-magnitude": plot_frc_magnitude}
+FIGURES = {"pareto": plot_pareto, "ablation": plot_ablation}
 
 
 def render(
     figure: str, table: list[str], out: str, sparsity=None, resamples=None, seed=None
 ) -> None:
-    """Draw the perplexity, ablation or curvature figure ``figure`` from ``table[0]`` to
+    """Draw the perplexity or ablation figure ``figure`` from ``table[0]`` to
     ``out``."""
     FIGURES[figure](table[0], out)

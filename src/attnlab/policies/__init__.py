@@ -1,59 +1,53 @@
-"""Sparse-attention policies: one module each, one registry line each."""
+"""Sparse-attention policies: one module each, and nothing else to touch.
+
+A policy is a dataclass in its own module of this package (:mod:`attnlab.policies.fields`
+reads its name, label and parameters from the source). :func:`make` imports only the
+module of the policy it builds; ``REGISTRY`` (every class by name) imports them all.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from attnlab.errors import UserError
-from attnlab.policies.base import Policy, ScoreContext, keep_mask
-from attnlab.policies.cab import CAB
-from attnlab.policies.coarse_magnitude import CoarseMagnitude
-from attnlab.policies.full import Full
-from attnlab.policies.h2o import H2O
-from attnlab.policies.quest import Quest
-from attnlab.policies.random_block import RandomBlock
-from attnlab.policies.snapkv import SnapKV
-from attnlab.policies.streamingllm import StreamingLLM
-from attnlab.policies.topk import TopK
-from attnlab.policies.xattention import XAttention
-
-REGISTRY: dict[str, type[Policy]] = {
-    cls.name: cls
-    for cls in (
-        Full,
-        TopK,
-        H2O,
-        StreamingLLM,
-        CAB,
-        CoarseMagnitude,
-        RandomBlock,
-        SnapKV,
-        Quest,
-        XAttention,
-    )
-}
+from attnlab.policies import fields
 
 
-def make(name: str, **params) -> Policy:
-    """Build a policy by registry name with the given hyper-parameters.
+def policy_class(name: str) -> type:
+    """The class of the registered policy ``name`` (``kvpress:<Press>``: the kvpress one),
+    its module imported now."""
+    pi = fields.info(name)
+    return getattr(import_module(f"attnlab.policies.{pi.module}"), pi.cls)
+
+
+def make(name: str, **params):
+    """Build a policy by registry name with the given hyper-parameters, checked against
+    its dataclass's fields (:func:`attnlab.policies.fields.check`; a bad one raises a
+    one-line UserError).
 
     A ``base`` parameter names the registry policy of a variant (a config entry such as
     ``cab_lam30: {base: cab, lam: 0.3}``), so one policy can be scored under several
     settings side by side. A name ``kvpress:<Press>`` runs kvpress's scoring press of
-    that class (``KVPress``; its constructor's arguments go in ``options``).
+    that class (its constructor's arguments go in ``options``).
     """
     name = params.pop("base", name)
+    params = fields.check(name, params)
     if name.startswith("kvpress:"):
-        from attnlab.policies.kvpress_press import KVPress
-
-        try:
-            return KVPress(press=name.removeprefix("kvpress:"), **params)
-        except TypeError as e:
-            raise UserError(f"policy {name!r}: {e}") from e
-    if name not in REGISTRY:
-        raise UserError(f"unknown policy {name!r}; known: {', '.join(REGISTRY)}")
+        params["press"] = name.removeprefix("kvpress:")
     try:
-        return REGISTRY[name](**params)
+        return policy_class(name)(**params)
     except TypeError as e:
         raise UserError(f"policy {name!r}: {e}") from e
 
 
-__all__ = ["REGISTRY", "Policy", "ScoreContext", "keep_mask", "make"]
+def __getattr__(attr: str):
+    """``REGISTRY``: every registered policy class by name (imports every policy module);
+    ``Policy``, ``ScoreContext``, ``keep_mask``: from :mod:`attnlab.policies.base`."""
+    if attr == "REGISTRY":
+        return {n: policy_class(n) for n in fields.registry() if n != "kvpress"}
+    if attr in ("Policy", "ScoreContext", "keep_mask"):
+        return getattr(import_module("attnlab.policies.base"), attr)
+    raise AttributeError(f"module 'attnlab.policies' has no attribute {attr!r}")
+
+
+__all__ = ["REGISTRY", "Policy", "ScoreContext", "keep_mask", "make", "policy_class"]

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
 
 from attnlab.blocks import block_of, visible_per_block
+from attnlab.policies.fields import Range
 
 INF = float("inf")
 
@@ -71,6 +72,15 @@ class ScoreContext:
     inputs: dict | None = None
     row_eviction: bool = True  # False: an evicting cache drops keys only between calls
 
+    def provide(self, **values: torch.Tensor) -> None:
+        """Hand over cached properties computed elsewhere (the attention's own ``scores``,
+        a shared prefill's ``probs``), so reading them costs nothing."""
+        self.__dict__.update(values)
+
+    def computed(self, name: str) -> bool:
+        """Whether the cached property ``name`` is already at hand."""
+        return name in self.__dict__
+
     @property
     def groups(self) -> int:
         """Query heads per key/value head."""
@@ -110,7 +120,7 @@ class ScoreContext:
         (all by default; a row's weights beyond its own position are 0, so the keys up to
         the last row's position hold them all): (B, H, stop - start, keys)."""
         keys = self.k.shape[-2] if keys is None else keys
-        if "probs" in self.__dict__:
+        if self.computed("probs"):
             return self.probs[..., start:stop, :keys]
         q, k = self.q[..., start:stop, :].float(), self.k[..., :keys, :].float()
         s = torch.einsum("bhqd,bhkd->bhqk", q, k)
@@ -165,11 +175,11 @@ class ScoreContext:
             history=self.history,
             kv_heads=self.kv_heads,
         )
-        if "scores" in self.__dict__:
-            sub.__dict__["scores"] = self.scores[..., -1:, :]
-        sub.__dict__["q_all"] = self.q_all
+        if self.computed("scores"):
+            sub.provide(scores=self.scores[..., -1:, :])
+        sub.provide(q_all=self.q_all)
         if received:
-            sub.__dict__["received"] = self.received_total.unsqueeze(-2)
+            sub.provide(received=self.received_total.unsqueeze(-2))
         return sub
 
 
@@ -186,7 +196,7 @@ class Policy:
     # an evicting policy whose per-row choice already never re-admits a key (a sliding
     # window): its prefill rows need no sequential pass
     static_eviction: ClassVar[bool] = False
-    block_size: int = 64
+    label: ClassVar[str] = ""  # the policy's name in figures
 
     def score(self, ctx: ScoreContext) -> torch.Tensor | None:
         """(B, H, Tq, Tk) token scores, (B, H, Tq, Mk) block scores, or None to keep all."""
@@ -199,7 +209,15 @@ class Policy:
         return keep_mask(self, ctx.last_row(self.needs_received))[..., 0, :]
 
     def remember(self, ctx: ScoreContext) -> None:
-        """Keep what later calls of this layer need in ``ctx.history.state`` (after a call)."""
+        """The one hook for state between calls, run after each call of a layer (and after
+        :meth:`compress`): keep in ``ctx.history`` what this layer's later calls need. By
+        default the earlier query rows (``needs_query_history``) and the attention each
+        key has received (``needs_received``); a policy with more to keep extends it into
+        ``ctx.history.state``."""
+        if self.needs_query_history:
+            ctx.history.q = ctx.q_all
+        if self.needs_received:
+            ctx.history.received = ctx.received_total  # (B, H, Tk) totals so far
 
     def params(self) -> dict:
         """Hyper-parameters as plain values, for result tables."""
@@ -211,7 +229,7 @@ class BlockPolicy(Policy):
     """A policy that ranks key blocks; :func:`with_must_keep_blocks` reads its two flags."""
 
     level: ClassVar[str] = "block"
-    block_size: int = 16
+    block_size: Annotated[int, Range(1)] = 16
     """Tokens per block."""
     keep_diagonal: bool = True
     """Always keep the query's own block."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 
 from attnlab.kernels.reference import cab_row_scores
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
+from attnlab.policies.fields import Range
 
 
 @dataclass
@@ -22,17 +24,18 @@ class CAB(BlockPolicy):
     """
 
     name = "cab"
+    label = "CAB"
     needs_query_history = True
-    lam: float = 1.0
+    lam: Annotated[float, Range(0, 1)] = 1.0
     """Weight of curvature against coarse magnitude (1 = pure curvature)."""
-    adjacency: str = "softmax"
+    adjacency: Literal["softmax", "scores", "dot"] = "softmax"
     """Coarse graph weights: "softmax" (row-normalised), "scores" (shifted scaled scores)
     or "dot" (Q_c K_c^T unscaled, the research plan's formula)."""
-    graph: str = "symmetric"
+    graph: Literal["symmetric", "directed", "rowsum"] = "symmetric"
     """"symmetric" ((A + A^T) / 2, diagonal dropped: the default, DESIGN's barbell rule),
     "directed" (out-degree of the query block, in-degree of the key block) or "rowsum"
     (row sums at both ends, the research plan's formula)."""
-    query: str = "block"
+    query: Literal["block", "row"] = "block"
     """Who stands for the row's own block in its coarse row: "block" (the block's max-L2
     query so far) or "row" (the row's own query: query-aware)."""
 

@@ -12,6 +12,7 @@ class Full(Policy):
     """Keeps every key the model itself lets a query see (sparsity 0)."""
 
     name = "full"
+    label = "full attention"
 
     def score(self, ctx: ScoreContext) -> None:
         return None

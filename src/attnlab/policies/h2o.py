@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from attnlab.policies.base import INF, Policy, ScoreContext
+from attnlab.policies.fields import Range
 
 
 @dataclass
@@ -18,9 +20,10 @@ class H2O(Policy):
     """
 
     name = "h2o"
+    label = "H2O"
     needs_received = True
     evicts = True
-    recent_ratio: float = 0.5
+    recent_ratio: Annotated[float, Range(0, 1)] = 0.5
     """Share of each row's budget given to the most recent keys."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:

@@ -87,6 +87,7 @@ class KVPress(Policy):
     """
 
     name = "kvpress"
+    label = "kvpress"
     evicts = True
     needs_inputs = True
     press: str = "KnormPress"
@@ -118,7 +119,7 @@ class KVPress(Policy):
         if not inputs or inputs.get("hidden_states") is None:
             raise UserError(
                 f"kvpress:{self.press} needs the attention's inputs: run the model after "
-                "attnlab.sparse.install(model)"
+                "attnlab.attention.install(model)"
             )
         module, t = ctx.module, ctx.k.shape[-2]
         keys = ctx.k[:, :: ctx.groups]  # (B, Hkv, T, D): one head per key/value group

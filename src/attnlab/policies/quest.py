@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from attnlab.blocks import n_blocks
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
+from attnlab.policies.fields import Range
 
 
 def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +47,10 @@ class Quest(BlockPolicy):
     """
 
     name = "quest"
+    label = "Quest"
     sink_block: bool = False
     """Always keep the first page (block_size: tokens per page)."""
-    dense_layers: int = 0
+    dense_layers: Annotated[int, Range(0)] = 0
     """Leading layers left dense (the paper's setting: 2)."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor | None:

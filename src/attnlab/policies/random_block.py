@@ -18,6 +18,7 @@ class RandomBlock(BlockPolicy):
     """
 
     name = "random_block"
+    label = "random blocks"
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         b, h, tq, _ = ctx.q.shape

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 
 from attnlab.policies.base import INF, Policy, ScoreContext, select_tokens
+from attnlab.policies.fields import Range
 
 
 @dataclass
@@ -27,12 +29,13 @@ class SnapKV(Policy):
     """
 
     name = "snapkv"
+    label = "SnapKV"
     evicts = True
-    window: int = 32
+    window: Annotated[int, Range(1)] = 32
     """Observation window: the last queries of the prompt, whose keys are always kept."""
-    kernel: int = 5
+    kernel: Literal[1, 3, 5, 7, 9] = 5
     """Width of the 1-D pooling over key positions (odd)."""
-    pooling: str = "avgpool"
+    pooling: Literal["avgpool", "maxpool"] = "avgpool"
     """"avgpool" (the official code's and kvpress's default) or "maxpool"."""
 
     def __post_init__(self) -> None:
@@ -87,8 +90,9 @@ class SnapKV(Policy):
     def remember(self, ctx: ScoreContext) -> None:
         """In the prefill regime, keep the last window - 1 rows' weights for the rows of
         the next call (a chunked prefill); nothing once the cache is compressed."""
+        super().remember(ctx)
         w = self.window
-        if w > 1 and "probs" in ctx.__dict__ and not ctx.history.state.get("compressed"):
+        if w > 1 and ctx.computed("probs") and not ctx.history.state.get("compressed"):
             rows = ctx.probs if ctx.q.shape[-2] >= w - 1 else self._window_rows(ctx)
             ctx.history.state["window_probs"] = rows[..., 1 - w :, :]
 

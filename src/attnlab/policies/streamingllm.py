@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from attnlab.policies.base import INF, Policy, ScoreContext
+from attnlab.policies.fields import Range
 
 
 @dataclass
@@ -17,9 +19,10 @@ class StreamingLLM(Policy):
     """
 
     name = "streamingllm"
+    label = "StreamingLLM"
     evicts = True
     static_eviction = True
-    n_sink: int = 4
+    n_sink: Annotated[int, Range(0)] = 4
     """Leading tokens always kept."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:

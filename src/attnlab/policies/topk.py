@@ -18,6 +18,7 @@ class TopK(Policy):
     """
 
     name = "topk"
+    label = "top-k oracle"
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         return ctx.scores  # (B, H, Tq, Tk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
@@ -13,6 +14,7 @@ from attnlab.policies.base import (
     ScoreContext,
     with_must_keep_blocks,
 )
+from attnlab.policies.fields import Range
 
 
 def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Tensor:
@@ -44,12 +46,13 @@ class XAttention(BlockPolicy):
     """
 
     name = "xattention"
+    label = "XAttention"
     needs_query_history = True
-    block_size: int = 128
+    block_size: Annotated[int, Range(1)] = 128
     """Tokens per block."""
-    stride: int = 8
+    stride: Annotated[int, Range(1)] = 8
     """Antidiagonal stride (8 or 16 in the paper); divides block_size."""
-    threshold: float = 0.9
+    threshold: Annotated[float, Range(0, 1)] = 0.9
     """Cumulative share of the estimated attention at which selection stops."""
     sink_block: bool = False
     """Always keep the first block."""

@@ -1,0 +1,86 @@
+"""Attention-mass recall of the NIAH answering rows, by layer, beside accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+
+from attnlab import tables
+from attnlab.errors import UserError
+from attnlab.plots import save_figure
+from attnlab.plots.niah import (
+    COLUMNS,
+    TASK_TITLES,
+    one_task,
+    panel_rows,
+    policy_styles,
+    sparsity_label,
+)
+
+
+def plot_recall(table: str | Path, out: str | Path) -> None:
+    """Attention-mass recall of the answering rows (``recall_by_layer``) at the longest
+    prompt length that has it: for each (model, regime) a row of panels, one per target
+    sparsity, with each policy's recall against layer (mean over prompts and heads; the
+    top-k oracle's is the ceiling at that budget), and a last panel of accuracy against
+    mean recall, a point per (policy, sparsity). Full attention keeps every weight (recall
+    1) and is left out of the curves; rows scored before recall was recorded are too."""
+    cols = [*COLUMNS, "attention_recall", "recall_by_layer"]
+    df, task = one_task(tables.read(table, cols))
+    df = df.filter((pl.col("policy") != "full") & pl.col("recall_by_layer").is_not_null())
+    if df.is_empty():
+        raise UserError(f"{table}: no rows with attention-mass recall")
+    length = df["length"].max()
+    df = df.filter(pl.col("length") == length)
+    rows = panel_rows(df)
+    sparsities = sorted(df["target_sparsity"].unique())
+    fig, axes = plt.subplots(
+        len(rows),
+        len(sparsities) + 1,
+        squeeze=False,
+        figsize=(3.8 * (len(sparsities) + 1), 3.2 * len(rows) + 0.6),
+    )
+    styles = policy_styles(df["policy"].unique(maintain_order=True))
+    for r, (model, regime) in enumerate(rows):
+        d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
+        for c, s in enumerate(sparsities):
+            ax = axes[r][c]
+            for policy, run in d.filter(pl.col("target_sparsity") == s).group_by(
+                "policy", maintain_order=True
+            ):
+                curves = np.array(run["recall_by_layer"].to_list(), dtype=float)
+                ax.plot(curves.mean(0), marker=".", label=policy[0], **styles[policy[0]])
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_xlabel("layer")
+            ax.set_title(f"{model}, {regime}, {s:.0%}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("attention mass kept")
+        ax = axes[r][-1]
+        pts = d.group_by("policy", "target_sparsity", maintain_order=True).agg(
+            pl.col("attention_recall").mean(), pl.col("correct").cast(pl.Float64).mean()
+        )
+        for row in pts.iter_rows(named=True):
+            x, y = row["attention_recall"], row["correct"]
+            ax.scatter(x, y, color=styles[row["policy"]]["color"], label=row["policy"])
+            sparsity_label(ax, row["target_sparsity"], x, y)
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("mean attention mass kept")
+        ax.set_ylabel("retrieval accuracy")
+        handles, labels = axes[r][-2].get_legend_handles_labels()
+        ax.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.subplots_adjust(hspace=0.5, wspace=0.3)
+    fig.suptitle(
+        f"{TASK_TITLES[task]} at {length} tokens: full attention's weight on the kept keys "
+        "at the answering rows, by layer",
+        fontsize=10,
+    )
+    save_figure(fig, out)
+
+
+def render(figure: str, table: list[str], out: str, **_) -> None:
+    """Draw ``niah-recall`` from the NIAH table ``table[0]`` to ``out``."""
+    plot_recall(table[0], out)
