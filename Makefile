@@ -38,8 +38,11 @@ slurm-deps:
 	  || echo "slurm-deps: apt-get install $(SLURM_DEPS) failed; the SLURM test will skip"; \
 	else echo "slurm-deps: not root or no apt-get; the SLURM test will skip"; fi
 
+# Two workers, each taking whole test files (a file's module fixtures stay in one worker),
+# the slow files first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install slurm-deps
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(PY) -m ruff check src tests

@@ -13,7 +13,29 @@ import pydoc_data.topics  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads, or the cores shared among pytest-xdist's workers (oversubscribed torch
+# threads spin and slow every worker down).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
+
+
+# The files whose runs take minutes, longest first: `make test`'s two workers take whole
+# files in collection order (--dist loadfile --no-loadscope-reorder), so these start first
+# and the many short files fill in behind them.
+SLOW_FILES = [
+    "test_workflow_reruns.py",
+    "test_e2e_pareto.py",
+    "test_e2e_capture.py",
+    "test_slurm.py",
+    "test_e2e_niah.py",
+    "test_e2e_induction.py",
+    "test_workflow.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
