@@ -19,7 +19,6 @@ include: "rules/induction.smk"
 include: "rules/niah.smk"
 include: "rules/pareto.smk"
 include: "rules/curvature.smk"
-include: "rules/figures.smk"
 include: "rules/bench.smk"
 
 

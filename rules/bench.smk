@@ -13,7 +13,7 @@ rule bench_kernels:
         table="results/bench/kernels.parquet",
         csv="results/bench/kernels.csv",
         fig=report(
-            "figs/kernel_speed.png",
+            "figs/bench_kernels.png",
             caption="../report/bench_kernels.rst",
             category="Benchmarks",
         ),

@@ -208,7 +208,7 @@ def target_sparsity(wildcards):
 def all_targets():
     """The default targets (all): every stage's figures for every model, on the configured
     corpus (the built-in one needs no hub), and the figures of the committed GPU study.
-    The GPU benchmarks (figs/kernel_speed.png, figs/bench_capture.png) are asked for by
+    The GPU benchmarks (figs/bench_kernels.png, figs/bench_capture.png) are asked for by
     name."""
     per_model = [
         f"capture_{{m}}_{k}" for k in ("entropy", "qnorm_entropy", "keff", "sink")

@@ -61,7 +61,7 @@ def _rule_code(proc, rule: str) -> set[str]:
 
 def test_kernel_benchmark_code_is_the_kernels_not_the_models(tmp_path):
     copy_workflow(tmp_path)
-    proc = snakemake(tmp_path, "-n", "--forceall", "figs/kernel_speed.png")
+    proc = snakemake(tmp_path, "-n", "--forceall", "figs/bench_kernels.png")
     code = _rule_code(proc, "bench_kernels")
     assert {"bench/kernels.py", "bench/timing.py", "flex.py", "plots/kernels.py"} <= code
     assert not code & {"capture.py", "corpus.py", "models.py", "bench/capture.py", "sparse.py"}
@@ -71,12 +71,12 @@ def test_editing_the_capture_stage_reruns_the_capture_benchmark_alone(tmp_path):
 
     copy_workflow(tmp_path, source=True)
     outputs = ["results/bench/kernels.parquet", "results/bench/kernels.csv"]
-    outputs += ["figs/kernel_speed.png", "results/bench/capture.parquet"]
+    outputs += ["figs/bench_kernels.png", "results/bench/capture.parquet"]
     outputs += ["results/bench/capture.csv", "figs/bench_capture.png"]
     for name in outputs:  # outputs newer than their code: nothing to do
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
-    targets = ["-n", "figs/kernel_speed.png", "figs/bench_capture.png", "--rerun-triggers=mtime"]
+    targets = ["-n", "figs/bench_kernels.png", "figs/bench_capture.png", "--rerun-triggers=mtime"]
     assert planned_jobs(snakemake(tmp_path, *targets)) == {}
     later = (tmp_path / outputs[0]).stat().st_mtime + 10
     os.utime(tmp_path / "src/attnlab/capture.py", (later, later))
@@ -94,7 +94,7 @@ EVERY_STAGE = {
     "pareto": {"policies": ["cab"], "sparsities": [0.9]},
     "ablation": {"lams": [1.0], "variants": [], "baselines": ["topk"]},
 }
-EVERY_TARGET = ["all", "figs/kernel_speed.png", "figs/bench_capture.png"] + [
+EVERY_TARGET = ["all", "figs/bench_kernels.png", "figs/bench_capture.png"] + [
     f"figs/{name}.png"
     for name in (
         "capture_smollm2-135m_entropy",

@@ -4,7 +4,7 @@
 causal attention (SDPA flash, SDPA cuDNN, flex) and CAB (the Triton predictor alone, and
 predictor + BlockMask + flex block-sparse attention at each sparsity), for B = 1, H = 32,
 D = 128, bf16 and N from 16k to 128k, then writes a table (CSV always, Parquet when pyarrow
-imports) and ``figs/kernel_speed.png``. Without CUDA it runs a small-N CPU variant with the
+imports) and ``figs/bench_kernels.png``. Without CUDA it runs a small-N CPU variant with the
 PyTorch predictor and eager flex, so the pipeline runs everywhere. The kernels' checks
 against their references on the GPU are tests (``tests/test_kernels_cuda.py``).
 
@@ -292,7 +292,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default="results/bench", help="folder for kernels.csv / kernels.parquet"
     )
-    p.add_argument("--fig", default="figs/kernel_speed.png", help="figure path ('' for none)")
+    p.add_argument("--fig", default="figs/bench_kernels.png", help="figure path ('' for none)")
     p.add_argument(
         "--lengths", type=int, nargs="+", help="context lengths (default: 16k..128k, CPU 512, 1k)"
     )
