@@ -10,6 +10,7 @@ from snakemake.utils import validate
 from attnlab.cli import FIGURES
 from attnlab.workflow import model_key, module_sources, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
+from attnlab.workflow import default_targets as workflow_default_targets
 from attnlab.workflow import policy_module as workflow_policy_module
 from attnlab.workflow import policy_errors as workflow_policy_errors
 from attnlab.workflow import policy_spec as workflow_policy_spec
@@ -206,22 +207,7 @@ def target_sparsity(wildcards):
 
 
 def all_targets():
-    """The default targets (all): every stage's figures for every model, on the configured
-    corpus (the built-in one needs no hub), and the figures of the committed GPU study.
-    The GPU benchmarks (figs/bench_kernels.png, figs/bench_capture.png) are asked for by
-    name."""
-    per_model = [
-        f"capture_{{m}}_{k}" for k in ("entropy", "qnorm_entropy", "keff", "sink")
-    ]
-    per_model += ["intervention_{m}", "gain_{m}", "pareto_{m}", "ablation_{m}"]
-    per_model += ["curvature_{m}"]
-    per_model += [f"induction_{k}_{{m}}" for k in ("heatmap", "profile", "nulls")]
-    figs = [f"niah_heatmap_{pct(s)}" for s in NIAH["sparsities"]]
-    figs += ["niah_summary", "niah_tasks", "niah_recall"]
-    figs += [f"induction_{k}" for k in ("cross_model", "causal", "lag")]
-    figs += [f.format(m=m) for f in per_model for m in MODELS]
-    figs += ["long_context_length", "long_context_latency", "long_context_recall"]
-    return [f"figs/{f}.png" for f in figs] + ["results/long_context/paired.parquet"]
+    return workflow_default_targets(list(MODELS), NIAH["sparsities"])
 
 
 def intervention_heads_input(wildcards):

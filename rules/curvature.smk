@@ -1,6 +1,8 @@
 # Coarse curvature against coarse attention weight: one NIAH prompt, one layer, CAB's
 # block settings (attnlab.curvature).
 
+CAB = policy_spec("cab")
+
 
 rule curvature:
     input:
@@ -18,9 +20,9 @@ rule curvature:
         length=CURVATURE["length"],
         depth=CURVATURE["depth"],
         layer=CURVATURE["layer"],
-        block_size=policy_spec("cab")["block_size"],
-        adjacency=policy_spec("cab")["adjacency"],
-        graph=policy_spec("cab")["graph"],
+        block_size=CAB["block_size"],
+        adjacency=CAB["adjacency"],
+        graph=CAB["graph"],
         device=config["device"],
         dtype=config["dtype"],
     shell:

@@ -7,7 +7,6 @@ their source, :mod:`attnlab.policies.fields`).
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 from attnlab.errors import UserError
@@ -87,9 +86,9 @@ def _variant(name: str, policies: dict) -> tuple[str | None, dict]:
     if "base" in spec:
         base = spec.pop("base")
         return base, {**policies.get(base, {}), **spec}
-    m = re.fullmatch(r"([a-z0-9_]+?)_lam(\d+)", name)
-    if m and (m[1] in policies or m[1] in fields.registry()):
-        return m[1], {**policies.get(m[1], {}), "lam": int(m[2]) / 100}
+    lam = fields.lam_variant(name)
+    if lam and (lam[0] in policies or lam[0] in fields.registry()):
+        return lam[0], {**policies.get(lam[0], {}), "lam": lam[1]}
     return None, spec
 
 
@@ -144,3 +143,18 @@ def ablation_policies(
     CAB's named variants."""
     lam_runs = ["cab" if lam == cab["lam"] else f"cab_lam{pct(lam)}" for lam in lams]
     return [*baselines, *lam_runs, *(v for v in variants if v not in lam_runs)]
+
+
+def default_targets(models: list[str], sparsities: list[float]) -> list[str]:
+    """``rule all``: every stage's figures for every model (keys of the ``models``), the
+    NIAH heatmap at each sparsity, and the committed GPU study's figures. The GPU
+    benchmarks (figs/bench_kernels.png, figs/bench_capture.png) are asked for by name."""
+    capture = [f"capture_{{m}}_{k}" for k in ("entropy", "qnorm_entropy", "keff", "sink")]
+    induction = [f"induction_{k}_{{m}}" for k in ("heatmap", "profile", "nulls")]
+    stages = ["intervention_{m}", "gain_{m}", "pareto_{m}", "ablation_{m}", "curvature_{m}"]
+    figs = [f"niah_heatmap_{pct(s)}" for s in sparsities]
+    figs += ["niah_summary", "niah_tasks", "niah_recall"]
+    figs += [f"induction_{k}" for k in ("cross_model", "causal", "lag")]
+    figs += [f.format(m=m) for f in [*capture, *stages, *induction] for m in models]
+    figs += ["long_context_length", "long_context_latency", "long_context_recall"]
+    return [f"figs/{f}.png" for f in figs] + ["results/long_context/paired.parquet"]

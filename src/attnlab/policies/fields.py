@@ -12,6 +12,7 @@ imports torch), and :func:`attnlab.policies.make` checks the same before it buil
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -21,8 +22,13 @@ from attnlab.errors import UserError
 HERE = Path(__file__).resolve().parent
 REQUIRED = object()  # a field without a default
 _TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string", "dict": "object"}
-_PYTHON = {"integer": (int,), "number": (int, float), "boolean": (bool,), "string": (str,)}
-_PYTHON["object"] = (dict,)
+_PYTHON = {
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "string": (str,),
+    "object": (dict,),
+}
 
 
 @dataclass(frozen=True)
@@ -168,16 +174,7 @@ def _lineage(cls: str) -> list[PolicyClass]:
     classes = _all_classes()
     pc = classes[cls]
     parents = [c for b in pc.bases if b in classes for c in _lineage(b)]
-    return _unique([*parents, pc])
-
-
-def _unique(items: list[PolicyClass]) -> list[PolicyClass]:
-    seen, out = set(), []
-    for pc in items:
-        if pc.cls not in seen:
-            seen.add(pc.cls)
-            out.append(pc)
-    return out
+    return list({c.cls: c for c in [*parents, pc]}.values())  # each class once
 
 
 @dataclass
@@ -269,6 +266,13 @@ def show() -> None:
     print(describe())
 
 
+def lam_variant(name: str) -> tuple[str, float] | None:
+    """``<policy>_lam<percent>`` -> (policy, lambda), e.g. cab_lam30 -> ("cab", 0.3);
+    None for any other name."""
+    m = re.fullmatch(r"([a-z0-9_]+?)_lam(\d+)", name)
+    return (m[1], int(m[2]) / 100) if m else None
+
+
 def label(name: str) -> str:
     """A policy's name in figures: its class's ``label``; a variant ``<policy>_lam<pct>``
     its base's label and lambda; another ``<policy>_<suffix>`` its base's label and the
@@ -276,10 +280,9 @@ def label(name: str) -> str:
     reg = registry()
     if name in reg:
         return reg[name].label
+    if (lam := lam_variant(name)) and lam[0] in reg:
+        return f"{reg[lam[0]].label} λ={lam[1]:g}"
     for base in sorted(reg, key=len, reverse=True):
         if name.startswith(base + "_"):
-            suffix = name.removeprefix(base + "_")
-            if suffix.startswith("lam") and suffix[3:].isdigit():
-                return f"{reg[base].label} λ={int(suffix[3:]) / 100:g}"
-            return f"{reg[base].label} ({suffix})"
+            return f"{reg[base].label} ({name.removeprefix(base + '_')})"
     return name
