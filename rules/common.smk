@@ -11,6 +11,9 @@ from attnlab.cli import FIGURES
 from attnlab.workflow import model_key, module_sources, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
 from attnlab.workflow import default_targets as workflow_default_targets
+from attnlab.workflow import gpu_mem_gb as workflow_gpu_mem_gb
+from attnlab.workflow import latency_policies as workflow_latency_policies
+from attnlab.workflow import policy_level as workflow_policy_level
 from attnlab.workflow import policy_module as workflow_policy_module
 from attnlab.workflow import policy_errors as workflow_policy_errors
 from attnlab.workflow import policy_spec as workflow_policy_spec
@@ -79,6 +82,42 @@ NIAH_TABLES = {
 
 def niah_table(wildcards):
     return NIAH_TABLES[wildcards.study]
+
+
+def prefill_latency_table(wildcards):
+    """The prefill latency table beside a study's NIAH table: the pipeline's benchmark of
+    its first model, or the committed GPU study's."""
+    if wildcards.study == "long_context":
+        return "results_ref/long_context/prefill_latency.parquet"
+    return f"results/bench/{next(iter(MODELS))}/prefill.parquet"
+
+
+def latency_policies():
+    """The prefill benchmark's policies: full attention and the prefill-regime block
+    policies of the NIAH grid (the ones FlexAttention runs)."""
+    return workflow_latency_policies(NIAH["regimes"]["prefill"], config["policies"])
+
+
+def niah_study_targets():
+    """The NIAH study of this config: its table, the prefill latency table of each model,
+    the heatmap at each sparsity, and the length, latency and recall figures."""
+    figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
+    figs += [f"figs/niah_{k}.png" for k in ("length", "latency", "recall")]
+    bench = [f"results/bench/{m}/prefill.parquet" for m in MODELS]
+    return ["results/niah/niah.parquet", *bench, *figs]
+
+
+def gpu_mem_gb(wildcards):
+    """A GPU job's memory claim (GiB), from its kind and the longest NIAH prompt: see
+    :func:`attnlab.workflow.gpu_mem_gb`. The GPU profile caps the claims' sum."""
+    return workflow_gpu_mem_gb(gpu_job_kind(wildcards), max(NIAH["lengths"]))
+
+
+def gpu_job_kind(wildcards):
+    policy = getattr(wildcards, "policy", None)
+    if policy is None:
+        return "dense"
+    return workflow_policy_level(policy, config["policies"])
 
 
 def niah_cache_grid(wildcards):

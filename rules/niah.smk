@@ -66,6 +66,8 @@ rule niah_cache:
     conda:
         "../envs/attnlab.yaml"
     threads: config["threads"]
+    resources:
+        gpu_mem_gb=gpu_mem_gb,
     params:
         name=model_name,
         runs=niah_cache_runs,
@@ -94,6 +96,8 @@ rule niah_score:
     conda:
         "../envs/attnlab.yaml"
     threads: config["threads"]
+    resources:
+        gpu_mem_gb=gpu_mem_gb,
     params:
         name=model_name,
         policy_params=policy_params,
@@ -195,24 +199,6 @@ rule niah_summary:
         " --seed {params.seed} --out {output} 2> {log}"
 
 
-rule niah_recall:
-    input:
-        table="results/niah/niah.parquet",
-        code=figure_code("niah-recall"),
-    output:
-        report(
-            "figs/niah_recall.png",
-            caption="../report/niah_recall.rst",
-            category="Needle in a haystack",
-        ),
-    log:
-        "logs/figures/niah_recall.log",
-    conda:
-        "../envs/attnlab.yaml"
-    shell:
-        "attnlab plot niah-recall --table {input.table} --out {output} 2> {log}"
-
-
 rule niah_tasks:
     input:
         table="results/niah/niah.parquet",
@@ -234,23 +220,24 @@ rule niah_tasks:
         " --out {output} 2> {log}"
 
 
-# The long-context study (configs/long_context.yaml, run on a GPU): figures from its
-# committed table, on any machine (its heatmaps: rule niah_heatmap).
+# Figures of a whole study's table: the pipeline's (study "niah") and the committed GPU
+# study's (results_ref/long_context, on any machine).
 
 
-rule long_context_length:
+rule niah_length:
     input:
-        table=NIAH_TABLES["long_context"],
+        table=niah_table,
         code=figure_code("niah-length"),
     output:
         report(
-            "figs/long_context_length.png",
+            "figs/{study}_length.png",
             caption="../report/long_context_length.rst",
             category="Needle in a haystack",
-            subcategory="long context",
         ),
     log:
-        "logs/figures/long_context_length.log",
+        "logs/figures/{study}_length.log",
+    wildcard_constraints:
+        study="|".join(NIAH_TABLES),
     conda:
         "../envs/attnlab.yaml"
     params:
@@ -260,40 +247,50 @@ rule long_context_length:
         " --out {output} 2> {log}"
 
 
-rule long_context_latency:
+rule niah_latency:
     input:
-        table=NIAH_TABLES["long_context"],
-        bench="results_ref/long_context/prefill_latency.parquet",
+        table=niah_table,
+        bench=prefill_latency_table,
         code=figure_code("niah-latency"),
     output:
         report(
-            "figs/long_context_latency.png",
+            "figs/{study}_latency.png",
             caption="../report/long_context_latency.rst",
             category="Needle in a haystack",
-            subcategory="long context",
         ),
     log:
-        "logs/figures/long_context_latency.log",
+        "logs/figures/{study}_latency.log",
+    wildcard_constraints:
+        study="|".join(NIAH_TABLES),
     conda:
         "../envs/attnlab.yaml"
     shell:
         "attnlab plot niah-latency --table {input.table} {input.bench} --out {output} 2> {log}"
 
 
-rule long_context_recall:
+rule niah_recall:
     input:
-        table=NIAH_TABLES["long_context"],
+        table=niah_table,
         code=figure_code("niah-recall"),
     output:
         report(
-            "figs/long_context_recall.png",
+            "figs/{study}_recall.png",
             caption="../report/niah_recall.rst",
             category="Needle in a haystack",
-            subcategory="long context",
         ),
     log:
-        "logs/figures/long_context_recall.log",
+        "logs/figures/{study}_recall.log",
+    wildcard_constraints:
+        study="|".join(NIAH_TABLES),
     conda:
         "../envs/attnlab.yaml"
     shell:
         "attnlab plot niah-recall --table {input.table} --out {output} 2> {log}"
+
+
+# The whole NIAH study of a config in one target: its table, the prefill latency table,
+# every figure. The long-context study on a GPU machine:
+#   snakemake --profile profiles/gpu --configfile=configs/long_context.yaml niah_study
+rule niah_study:
+    input:
+        niah_study_targets(),

@@ -30,6 +30,7 @@ SLOW_FILES = [
     "test_e2e_niah.py",
     "test_e2e_induction.py",
     "test_workflow.py",
+    "test_gpu_profile.py",
 ]
 
 

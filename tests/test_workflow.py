@@ -1,5 +1,7 @@
 """Workflow plumbing: names, code dependencies, and config validation by the real Snakemake."""
 
+import shutil
+
 from attnlab.workflow import model_key, module_sources, pct, sparsity
 from workflow_helpers import copy_workflow, planned_jobs, snakemake
 
@@ -112,7 +114,8 @@ def test_rule_all_plans_induction_for_every_model_and_refuses_lag_one(tmp_path):
     assert jobs["induction_scores"] == 2 and jobs["induction_causal"] == 2
     assert jobs["induction_cross_figure"] == 3 and jobs["induction_model_figure"] == 6
     assert jobs["niah_paired"] == 2  # the pipeline's NIAH table and the long-context one
-    assert jobs["long_context_latency"] == jobs["long_context_recall"] == 1  # committed GPU tables
+    assert jobs["niah_latency"] == jobs["niah_length"] == 1  # the committed GPU study's
+    assert jobs["niah_recall"] == 2  # the pipeline's and the GPU study's
     copy_workflow(tmp_path / "lag1", {"induction": {"lags": [1, 4]}})
     proc = snakemake(tmp_path / "lag1", "-n", check=False)
     assert proc.returncode != 0
@@ -131,7 +134,46 @@ def test_the_slurm_profile_sizes_every_rule():
     for f in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]:
         rules |= set(re.findall(r"^(?:rule|checkpoint) (\w+):", f.read_text(), re.M))
     sized = set(yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["set-resources"])
-    assert rules - {"all"} == sized
+    assert rules - {"all", "niah_study"} == sized
+
+
+def test_the_gpu_profile_puts_each_model_job_on_the_card_within_its_memory(tmp_path):
+    """The long-context study under profiles/gpu: every model job takes the card (gpu=1)
+    and claims GPU memory from its kind, block policies more than token ones, none more
+    than the card offers; the prefill benchmark claims all of it, so it times alone."""
+    import re
+
+    import yaml
+
+    from workflow_helpers import REPO
+
+    cap = yaml.safe_load((REPO / "profiles/gpu/config.yaml").read_text())["resources"]
+    copy_workflow(tmp_path)
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    proc = snakemake(
+        tmp_path,
+        "-n",
+        "--profile",
+        "profiles/gpu",
+        "--configfile=configs/long_context.yaml",
+        "niah_study",
+    )
+    claims = {}
+    for rule, wildcards, res in re.findall(
+        r"^(?:local)?rule (\w+):.*?(?:wildcards: ([^\n]*)\n.*?)?resources: ([^\n]*)",
+        proc.stdout,
+        re.M | re.S,
+    ):
+        fields = dict(kv.split("=", 1) for kv in res.split(", "))
+        claims.setdefault(rule, []).append((wildcards, fields))
+    for rule in ("niah_score", "niah_cache", "bench_prefill"):
+        for _, fields in claims[rule]:
+            assert fields["gpu"] == "1" and 0 < int(fields["gpu_mem_gb"]) <= cap["gpu_mem_gb"]
+    assert int(claims["bench_prefill"][0][1]["gpu_mem_gb"]) == cap["gpu_mem_gb"]
+    score = {w: int(f["gpu_mem_gb"]) for w, f in claims["niah_score"]}
+    cab = next(v for w, v in score.items() if "policy=cab," in w)
+    snapkv = next(v for w, v in score.items() if "policy=snapkv," in w)
+    assert cab > snapkv
 
 
 def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(tmp_path):

@@ -105,6 +105,7 @@ def score_prefill(
         r.update(policy_params=params, haystack=pmeta.get("haystack"))
     meta = {**pmeta, **marks, "regime": "prefill", "decode": "dense", "row_chunk": row_chunk}
     tables.write(rows, out, meta=meta)
+    scoring.log_gpu_peak(device)
 
 
 def score_cache_runs(
@@ -152,6 +153,7 @@ def score_cache_runs(
         )
     meta = {**pmeta, "regime": "cache", "runs": json.loads(runs), "tolerance": tolerance}
     tables.write(rows, out, meta=meta)
+    scoring.log_gpu_peak(device)
 
 
 def join_tables(inputs: list[str], out: str) -> None:

@@ -57,3 +57,19 @@ def mark_rows(
         "target_sparsity": sparsity,
         "tolerance": tolerance,
     }
+
+
+def log_gpu_peak(device: str) -> None:
+    """Write the job's peak GPU memory to its log (stderr), when it ran on CUDA: what the
+    GPU profile's memory claims (``gpu_mem_gb``) are sized from."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available() and device != "cpu":
+        gib = 2**30
+        print(
+            f"peak GPU memory: {torch.cuda.max_memory_reserved() / gib:.1f} GiB reserved, "
+            f"{torch.cuda.max_memory_allocated() / gib:.1f} GiB allocated",
+            file=sys.stderr,
+        )

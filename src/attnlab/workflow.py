@@ -131,6 +131,40 @@ def policy_errors(config: dict) -> list[str]:
     return errors
 
 
+def policy_level(name: str, policies: dict) -> str:
+    """``token`` or ``block``: the level of the policy a configured name runs."""
+    return fields.info(_variant(name, policies)[0] or name).level
+
+
+def latency_policies(prefill: list[str], policies: dict) -> list[str]:
+    """The prefill benchmark's policies: full attention, then the block policies among
+    ``prefill`` (the NIAH grid's prefill regime) that are policies by name, not variants
+    (the benchmark builds each from its name)."""
+    return ["full"] + [
+        p for p in prefill if p in fields.names() and policy_level(p, policies) == "block"
+    ]
+
+
+# Peak GPU memory (GiB, torch's reserved pool) of one job at 32768 tokens: Gemma-3-270M in
+# bfloat16 on an H200 (configs/long_context.yaml; each job's log ends with its peak). What
+# holds it grows with the square of the length where a (T, T) mask or score matrix is
+# built (a block policy's prefill, whose sliding-window layers take a keep-mask; a dense
+# prefill of the cache regime, its sliding-window layers under the model's mask) and
+# linearly where rows go in chunks (token policies, ``niah.row_chunk`` 1024).
+GPU_PEAK_GIB_32K = {"block": 45.0, "token": 28.0, "dense": 64.0}
+GPU_MEM_FLOOR_GIB = 4.0  # the model, its cache and CUDA's own context
+
+
+def gpu_mem_gb(kind: str, length: int) -> int:
+    """A GPU job's memory claim in whole GiB for prompts of up to ``length`` tokens (the
+    ``gpu_mem_gb`` resource that profiles/gpu caps): the peak measured at 32k for its kind
+    (``block``, ``token`` or ``dense``), scaled by length (squared, or linearly for token
+    policies), plus 10%. Other models need the profile's ``set-resources``."""
+    ratio = length / 32768
+    scale = ratio if kind == "token" else ratio**2
+    return int(-(-max(GPU_MEM_FLOOR_GIB, GPU_PEAK_GIB_32K[kind] * scale) * 1.1 // 1))
+
+
 def policy_module(name: str, policies: dict) -> str:
     """The module under ``attnlab.policies`` that a configured policy name runs."""
     return fields.info(_variant(name, policies)[0] or name).module
