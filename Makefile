@@ -55,7 +55,12 @@ wheelhouse: $(STAMP)
 
 install-offline:
 	@test -d "$(WHEELHOUSE)" || { echo "install-offline: no wheelhouse at $(WHEELHOUSE) (make wheelhouse on a machine with the index)"; exit 1; }
-	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	# the venv sees what python3 sees (its site-packages, after the venv's own), also where
+	# python3 is itself a venv, as on GPU images; --system-site-packages would not
+	test -x $(PY) || { seen=$$(python3 -c \
+	  'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))') \
+	  && python3 -m venv $(VENV) && echo "$$seen" \
+	  > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-site.pth"; }
 	$(PY) -c 'import torch' || { echo "install-offline: this Python has no torch; the GPU image brings it"; exit 1; }
 	$(PY) -m pip install -q --disable-pip-version-check --no-index --find-links $(WHEELHOUSE) -e '.$(EXTRAS)'
 	# the --no-deps packages of make install, where the wheelhouse has them
