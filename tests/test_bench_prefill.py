@@ -21,9 +21,15 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
     args += [str(tmp_path / "prompts.parquet"), "--length", "128", "--rep-ms", "1"]
     args += ["--policies", "full", "topk", "cab", "--sparsities", "0.5", "0.8"]
     args += ["--row-chunk", "32", "--threads", "1", "--out", str(tmp_path)]
+    args += ["--transformers", "sdpa"]
     proc = subprocess.run([ATTNLAB, *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     bench = pl.read_parquet(tmp_path / "prefill.parquet")
+    hf = bench.filter(pl.col("implementation") != "attnlab")
+    assert hf.select("policy", "implementation", "kernel").rows() == [
+        ("full", "transformers sdpa", "sdpa")
+    ]
+    bench = bench.filter(pl.col("implementation") == "attnlab")
     assert bench.select("policy", "target_sparsity").rows() == [
         ("full", 0.0),
         ("topk", 0.5),

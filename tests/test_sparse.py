@@ -191,3 +191,26 @@ def test_attention_recall_of_a_planted_pattern():
     by = run.recall_by_layer()
     assert by["overlap"] == [1.0]  # all 16 oracle keys kept (not 16 of a 40-key budget)
     assert by["recall"] == pytest.approx([1.0]) and by["oracle"] == pytest.approx([1.0])
+
+
+def test_full_attention_in_sliding_window_layers_runs_flex_under_the_models_own_mask(gemma3):
+    """With no policy acting, Gemma's sliding-window layers run FlexAttention under the
+    model's own mask as a BlockMask (no (T, T) tensor; eager on the CPU here, compiled on
+    CUDA) and give the logits of SDPA under the dense mask. 600 tokens: past the 512-token
+    window. The two kernels sum in different orders: their float32 logits (magnitude ~100)
+    differed by at most 1.5e-3 at 1100 tokens here; 1e-2 allows 6x that."""
+    model, _, _ = gemma3
+    ids = torch.randint(300, 20000, (1, 600), generator=torch.Generator().manual_seed(0))
+    logits, kernels = {}, {}
+    for kernel in ("sdpa", "flex"):
+        run = sparse.SparseRun(policies.make("full"), 0.0)
+        with torch.inference_mode(), attention.window_kernel(kernel), run:
+            logits[kernel] = model(ids, use_cache=False).logits[0]
+        kernels[kernel] = run.kernels
+        assert run.achieved_sparsity == pytest.approx(run.model_sparsity) and run.hidden > 0
+    assert kernels["flex"] == {"flex model mask": 15, "sdpa causal": 3}
+    assert kernels["sdpa"] == {"sdpa model mask": 15, "sdpa causal": 3}
+    torch.testing.assert_close(logits["flex"], logits["sdpa"], rtol=0, atol=1e-2)
+    with torch.inference_mode():  # no run at all: the same kernels, the same logits
+        plain = model(ids, use_cache=False).logits[0]
+    torch.testing.assert_close(plain, logits["sdpa"], rtol=0, atol=0)

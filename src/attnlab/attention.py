@@ -2,9 +2,12 @@
 
 :func:`install` registers this attention in transformers' ``AttentionInterface`` and
 switches a model to it. With no :class:`~attnlab.sparse.SparseRun` active it is plain
-attention through PyTorch's fused kernel; with one, each call where the run's policy
-acts takes the run's keep-mask. Grouped-query attention is handled by expanding
-key/value heads.
+attention through fused kernels and no (T, T) mask tensor (:mod:`attnlab.masks`): a
+causal layer through PyTorch's SDPA with ``is_causal``, a sliding-window layer's prefill
+on CUDA through FlexAttention with the model's own mask as a ``BlockMask``; with one,
+each call where the run's policy acts takes the run's keep-mask. Grouped-query attention
+is passed to the kernels (``enable_gqa``), or handled by expanding key/value heads where
+scores are materialised.
 
 On CUDA, the causal prefill of a block-level policy (CAB and its ablations) runs through
 FlexAttention's block-sparse kernel instead of a masked softmax: the selection is then
@@ -24,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from attnlab.blocks import expand_kv
+from attnlab.masks import ModelMask, model_mask
 from attnlab.policies.base import LayerHistory
 from attnlab.sparse import active, visible_mask
 
@@ -32,6 +36,28 @@ IMPLEMENTATION = "attnlab"
 _OBSERVER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
     "attention_observer", default=None
 )
+# The kernel of a sliding-window layer's prefill with no policy mask: "auto" (FlexAttention
+# on CUDA, SDPA under the dense mask elsewhere), "flex" or "sdpa" (see window_kernel).
+_WINDOW_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "window_kernel", default="auto"
+)
+
+
+class window_kernel:
+    """Context manager: run sliding-window prefills through ``"flex"`` (FlexAttention,
+    eager on the CPU), ``"sdpa"`` (SDPA under the dense mask) or ``"auto"``."""
+
+    def __init__(self, kernel: str) -> None:
+        if kernel not in ("auto", "flex", "sdpa"):
+            raise ValueError(f"window kernel must be auto, flex or sdpa, got {kernel!r}")
+        self.kernel = kernel
+
+    def __enter__(self) -> window_kernel:
+        self._token = _WINDOW_KERNEL.set(self.kernel)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _WINDOW_KERNEL.reset(self._token)
 
 
 class observe:
@@ -50,11 +76,22 @@ class observe:
         _OBSERVER.reset(self._token)
 
 
-def _causal(attention_mask: torch.Tensor | None, t: int) -> bool:
-    """Whether the model's own mask is plain causal (no window, no padding) over t tokens."""
-    return attention_mask is None or int(
-        torch.count_nonzero(visible_mask(attention_mask, t, t, "cpu"))
-    ) == (attention_mask.shape[0] * t * (t + 1) // 2)
+def _causal(attention_mask, t: int, module: torch.nn.Module) -> bool:
+    """Whether the model's own mask (None, a :class:`~attnlab.masks.ModelMask` or a
+    tensor) is plain causal (no window, no padding) over t tokens."""
+    if attention_mask is None:
+        return True
+    if isinstance(attention_mask, ModelMask):
+        return attention_mask.plain_causal(module)
+    visible = visible_mask(attention_mask, t, t, "cpu")
+    return int(torch.count_nonzero(visible)) == (attention_mask.shape[0] * t * (t + 1) // 2)
+
+
+def _window_flex(attention_mask, query: torch.Tensor, tq: int, tk: int) -> bool:
+    """Whether a prefill under the model's own (non-causal) mask runs through FlexAttention."""
+    kernel = _WINDOW_KERNEL.get()
+    wanted = kernel == "flex" or (kernel == "auto" and query.is_cuda)
+    return wanted and tq == tk and isinstance(attention_mask, ModelMask)
 
 
 def attention_forward(
@@ -85,7 +122,7 @@ def attention_forward(
         and softcap is None
         and run.uses_flex(query, tq, tk)
         and _OBSERVER.get() is None
-        and _causal(attention_mask, tq)
+        and _causal(attention_mask, tq, module)
     ):
         out = run.flex_attention(layer, query, key, value, scaling)
         run.took("flex block-sparse", tq)
@@ -123,26 +160,39 @@ def attention_forward(
 
 
 def _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep=None):
-    """Attention through PyTorch's fused kernel (no float (Tq, Tk) weights in memory):
-    under the policy's ``keep`` mask (B, H, Tq, Tk) when given, else over every key the
-    model's own mask allows (full attention, and the calls where the policy does not
-    act). A ``cache``-regime prefill hands the run what its policy needs. Returns
-    (B, Tq, H, D)."""
+    """Attention through fused kernels (no float (Tq, Tk) weights in memory): SDPA under
+    the policy's ``keep`` mask (B, H, Tq, Tk) when given, else over every key the model's
+    own mask allows (full attention, and the calls where the policy does not act): SDPA
+    with ``is_causal`` for a plain causal prefill, FlexAttention under the model's mask for
+    a sliding-window prefill on CUDA, SDPA under the dense mask otherwise (decode steps). A
+    ``cache``-regime prefill hands the run what its policy needs. Returns (B, Tq, H, D)."""
     h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
     gqa = {"enable_gqa": True} if key.shape[1] != h else {}  # no copies of K and V
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if keep is not None:
-        out, kernel = sdpa(query, key, value, attn_mask=keep, scale=scaling, **gqa), "keep-mask"
-    elif (attention_mask is None or _causal(attention_mask, tq)) and tq == tk:
-        out, kernel = sdpa(query, key, value, is_causal=True, scale=scaling, **gqa), "causal"
+        out, kernel = (
+            sdpa(query, key, value, attn_mask=keep, scale=scaling, **gqa),
+            "sdpa keep-mask",
+        )
+    elif tq == tk and _causal(attention_mask, tq, module):
+        out, kernel = sdpa(query, key, value, is_causal=True, scale=scaling, **gqa), "sdpa causal"
+    elif _window_flex(attention_mask, query, tq, tk):
+        from attnlab.flex import run_flex
+
+        out, kernel = (
+            run_flex(query, key, value, attention_mask.block_mask(), scaling),
+            "flex model mask",
+        )
     else:
         visible = visible_mask(attention_mask, tq, tk, query.device)
-        out, kernel = sdpa(query, key, value, attn_mask=visible, scale=scaling, **gqa), "model mask"
+        out, kernel = (
+            sdpa(query, key, value, attn_mask=visible, scale=scaling, **gqa),
+            "sdpa model mask",
+        )
     if run is not None:
-        run.took(f"sdpa {kernel}", tq)
+        run.took(kernel, tq)
     if run is not None and keep is None:
-        visible = visible_mask(attention_mask, tq, tk, query.device)
-        _unmasked_call(run, acts, module, query, key, value, visible, scaling)
+        _unmasked_call(run, acts, module, query, key, value, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -176,15 +226,19 @@ def chunked_attention(run, module, query, key, value, attention_mask, scaling):
     return out.transpose(1, 2).contiguous(), None
 
 
-def _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs=None) -> None:
+def _unmasked_call(run, acts, module, query, key, value, attention_mask, scaling, probs=None):
     """The run's record of a call without a policy mask: full attention's pairs where it
     acts; a dense prefill handed to a ``cache``-regime run and to the run's followers; the
-    layer's prefill marked done. visible: (B, 1, Tq, Tk); probs: the weights when
-    computed."""
+    layer's prefill marked done. The model's mask is built as a tensor (B, 1, Tq, Tk) only
+    for these records; probs: the weights when computed."""
     layer, h = module.layer_idx, query.shape[1]
+    tq, tk = query.shape[2], key.shape[2]
+    observes = layer not in run.histories and (run.regime == "cache" or run.followers)
+    if acts or observes:
+        visible = visible_mask(attention_mask, tq, tk, query.device)
     if acts:
         run.account(layer, visible.expand(-1, h, -1, -1), visible)
-    if layer not in run.histories and (run.regime == "cache" or run.followers):
+    if observes:
         k = expand_kv(key, h)
         run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value, probs)
     run.histories.setdefault(layer, LayerHistory())
@@ -193,10 +247,10 @@ def _unmasked_call(run, acts, module, query, key, value, visible, scaling, probs
 def install(model: torch.nn.Module) -> torch.nn.Module:
     """Register the ``attnlab`` attention (and its mask builder) and switch ``model`` to it."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, model_mask)
     model.set_attn_implementation(IMPLEMENTATION)
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "o_proj"):  # an attention module

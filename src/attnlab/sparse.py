@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnlab.blocks import expand_kv, n_blocks, visible_per_block
+from attnlab.masks import ModelMask
 from attnlab.policies.base import (
     LayerHistory,
     Policy,
@@ -320,9 +321,13 @@ class SparseRun:
         """
         b, h, tq, tk = keep.shape
         causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
-        self.kept += int(torch.count_nonzero(keep))  # far faster than a bool sum
+        seen = int(torch.count_nonzero(visible))  # far faster than a bool sum
+        if h > 1 and keep.stride(1) == 0:  # one mask broadcast over the heads: count once
+            self.kept += int(torch.count_nonzero(keep[:, :1])) * h
+        else:
+            self.kept += int(torch.count_nonzero(keep))
         self.causal += causal * b * h
-        self.hidden += (causal * b - int(torch.count_nonzero(visible))) * h
+        self.hidden += (causal * b - seen) * h
         if answering:
             self._note_needle(layer, keep[:, :, -1], visible[:, :, -1])
 
@@ -354,8 +359,11 @@ def causal_block_pairs(t: int, block_size: int, device) -> torch.Tensor:
     return pairs
 
 
-def visible_mask(attention_mask: torch.Tensor | None, tq: int, tk: int, device) -> torch.Tensor:
-    """The model's own mask as bool (B or 1, 1, Tq, Tk), True where a key may be seen."""
+def visible_mask(attention_mask, tq: int, tk: int, device) -> torch.Tensor:
+    """The model's own mask (None, a :class:`~attnlab.masks.ModelMask` or a tensor) as
+    bool (B or 1, 1, Tq, Tk), True where a key may be seen."""
+    if isinstance(attention_mask, ModelMask):
+        attention_mask = attention_mask.dense()
     if attention_mask is None:
         q_pos = torch.arange(tk - tq, tk, device=device).unsqueeze(-1)
         return (torch.arange(tk, device=device) <= q_pos)[None, None]

@@ -7,8 +7,10 @@ the rest of the model), as the NIAH jobs run it. The kernels each used are in th
 with their layer counts (``SparseRun.kernels``): full attention PyTorch's fused SDPA,
 causal or under the model's own mask (sliding-window layers); a block policy
 FlexAttention's block-sparse kernel in causal layers on CUDA; a token-level policy SDPA
-under its keep-mask (in row chunks with ``--row-chunk``). Peak memory is the whole
-process's, model included.
+under its keep-mask (in row chunks with ``--row-chunk``). Beside them, the same model's
+prefill through transformers' own attention implementations (``--transformers``: sdpa,
+flex_attention), the reference attnlab's full attention is measured against. Peak memory
+is the whole process's, model included.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ def kernel(run) -> str:
     """The attention kernels a prefill under ``run`` took, with their layer counts (for
     example sliding-window layers apart from global ones)."""
     return ", ".join(f"{name} x{n}" for name, n in sorted(run.kernels.items()))
+
+
+@torch.inference_mode()
+def hf_prefill(model, ids: torch.Tensor) -> None:
+    """The prompt's forward pass as :func:`attnlab.decoding.prefill` runs it (a cache that
+    keeps every key, the last row's logits), through the model's current implementation."""
+    from transformers import DynamicCache
+
+    model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
 
 
 def prompt_ids(path: str, length: int, device) -> torch.Tensor:
@@ -49,6 +60,39 @@ def run(args: argparse.Namespace) -> list[dict]:
     ids = prompt_ids(args.prompts, args.length, model.device)
     cuda = model.device.type == "cuda"
     rows = []
+
+    def add(policy, s, ms, reps, implementation, kernel_used, achieved):
+        rows.append(
+            {
+                "model": args.model,
+                "length": ids.shape[-1],
+                "regime": "prefill",
+                "policy": policy,
+                "implementation": implementation,
+                "target_sparsity": s,
+                "achieved_sparsity": achieved,
+                "ms": ms,
+                "reps": reps,
+                "kernel": kernel_used,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            }
+        )
+        print(
+            f"{policy:<18} {implementation:<26} {s:5.2f} {ms:10.1f} ms"
+            f"  ({reps} reps, {kernel_used})"
+        )
+
+    for impl in args.transformers:  # the model's own attention, no attnlab run
+        model.set_attn_implementation(impl)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        ms, reps = median_ms(
+            lambda: hf_prefill(model, ids), model.device.type, args.rep_ms, args.min_reps, 50
+        )
+        add("full", 0.0, ms, reps, f"transformers {impl}", impl, float("nan"))
+    model.set_attn_implementation(attention.IMPLEMENTATION)
     for name in args.policies:
         policy = policies.make(name)
         for s in [0.0] if name == "full" else args.sparsities:
@@ -63,23 +107,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             ms, reps = median_ms(prefill, model.device.type, args.rep_ms, args.min_reps, 50)
             r = prefill()
-            rows.append(
-                {
-                    "model": args.model,
-                    "length": ids.shape[-1],
-                    "regime": "prefill",
-                    "policy": name,
-                    "target_sparsity": s,
-                    "achieved_sparsity": r.achieved_sparsity,
-                    "ms": ms,
-                    "reps": reps,
-                    "kernel": kernel(r),
-                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                }
-            )
-            print(f"{name:<18} {s:5.2f} {ms:10.1f} ms  ({reps} reps, {rows[-1]['kernel']})")
-    full = [r["ms"] for r in rows if r["policy"] == "full"]
+            add(name, s, ms, reps, "attnlab", kernel(r), r.achieved_sparsity)
+    full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
     for r in rows:  # the side-by-side ratio, measured in this run
         r["speedup_vs_full"] = full[0] / r["ms"] if full else float("nan")
     return rows
@@ -93,6 +122,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", required=True)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.99])
     p.add_argument("--row-chunk", type=int, default=0, help="rows per call, token policies")
+    p.add_argument(
+        "--transformers",
+        nargs="*",
+        default=["sdpa", "flex_attention"],
+        help="transformers' own attention implementations to time beside (none: no rows)",
+    )
     p.add_argument("--rep-ms", type=float, default=3000.0, help="time budget per entry")
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)

@@ -25,6 +25,8 @@ def accuracy_latency(niah_table: str | Path, bench_table: str | Path) -> pl.Data
     attention's). Columns: policy, target_sparsity, kernel, ms, speedup_vs_full,
     achieved_sparsity (of the timed prefill), regime, accuracy, prompts."""
     bench = pl.read_parquet(bench_table)
+    if "implementation" in bench.columns:  # transformers' own rows have no accuracy here
+        bench = bench.filter(pl.col("implementation") == "attnlab")
     length = bench["length"].unique().to_list()
     if len(length) != 1:
         raise ValueError(f"{bench_table} times {len(length)} lengths; expected one")
