@@ -230,15 +230,19 @@ def _unmasked_call(run, acts, module, query, key, value, attention_mask, scaling
     """The run's record of a call without a policy mask: full attention's pairs where it
     acts; a dense prefill handed to a ``cache``-regime run and to the run's followers; the
     layer's prefill marked done. The model's mask is built as a tensor (B, 1, Tq, Tk) only
-    for these records; probs: the weights when computed."""
+    for the cache regime's dense prefill (its followers' scores) and for calls other than
+    a prefill; probs: the weights when computed."""
     layer, h = module.layer_idx, query.shape[1]
     tq, tk = query.shape[2], key.shape[2]
     observes = layer not in run.histories and (run.regime == "cache" or run.followers)
-    if acts or observes:
+    if acts and tq == tk and isinstance(attention_mask, ModelMask):  # a prefill: no dense mask
+        seen = attention_mask.visible_pairs(module)
+        run.account_visible(layer, h, tq, tk, seen, attention_mask.last_row())
+    elif acts:
         visible = visible_mask(attention_mask, tq, tk, query.device)
-    if acts:
         run.account(layer, visible.expand(-1, h, -1, -1), visible)
     if observes:
+        visible = visible_mask(attention_mask, tq, tk, query.device)
         k = expand_kv(key, h)
         run.observe_dense(layer, query, k, visible, scaling, key.shape[1], module, value, probs)
     run.histories.setdefault(layer, LayerHistory())

@@ -44,6 +44,49 @@ class ModelMask:
             self._built["blocks"] = flex_attention_mask(**self.recipe)
         return self._built["blocks"]
 
+    def visible_pairs(self, module: torch.nn.Module) -> int:
+        """The (query, key) pairs a prefill's mask shows, summed over the batch, with no
+        (Tq, Tk) tensor: t (t + 1) / 2 a row where the mask is plain causal, else from its
+        BlockMask, whole blocks by their area and partial ones (the window's edges, the
+        diagonal) pair by pair."""
+        if "pairs" not in self._built:
+            self._built["pairs"] = self._count_pairs(module)
+        return self._built["pairs"]
+
+    def _count_pairs(self, module) -> int:
+        bm = self.block_mask()
+        q_len, kv_len = bm.seq_lengths
+        b = bm.kv_num_blocks.shape[0]
+        if self.plain_causal(module) and q_len == kv_len:
+            return b * q_len * (q_len + 1) // 2
+        qb, kb = bm.BLOCK_SIZE
+        total = 0
+        if bm.full_kv_num_blocks is not None:  # whole blocks: their area inside the lengths
+            num, idx = bm.full_kv_num_blocks, bm.full_kv_indices  # (B, 1, Mq), (B, 1, Mq, Mk)
+            listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+            rows = (q_len - torch.arange(num.shape[-1], device=idx.device) * qb).clamp(max=qb)
+            cols = (kv_len - idx * kb).clamp(min=0, max=kb)
+            total += int((listed * rows[:, None] * cols).sum())
+        num, idx = bm.kv_num_blocks, bm.kv_indices  # partial blocks: the mask, pair by pair
+        listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+        bi, hi, qi, slot = torch.nonzero(listed, as_tuple=True)
+        q = (qi * qb)[:, None, None] + torch.arange(qb, device=idx.device)[None, :, None]
+        k = (idx[bi, hi, qi, slot] * kb)[:, None, None] + torch.arange(kb, device=idx.device)
+        inside = (q < q_len) & (k < kv_len)
+        seen = bm.mask_mod(bi[:, None, None], hi[:, None, None], q, k) & inside  # (P, qb, kb)
+        return total + int(seen.sum())
+
+    def last_row(self) -> torch.Tensor:
+        """The last query row's visible keys: (B, 1, Tk) bool, from the mask's pattern."""
+        bm = self.block_mask()
+        q_len, kv_len = bm.seq_lengths
+        b = bm.kv_num_blocks.shape[0]
+        device = bm.kv_num_blocks.device
+        batch = torch.arange(b, device=device)[:, None]
+        kv = torch.arange(kv_len, device=device)[None, :]
+        q = torch.full_like(kv, q_len - 1)
+        return bm.mask_mod(batch, torch.zeros_like(batch), q, kv)[:, None, :]
+
     def plain_causal(self, module: torch.nn.Module) -> bool:
         """Whether the mask is causal and nothing else (no window, no padding, no extra
         pattern): transformers' own test for skipping the mask (``allow_is_causal_skip``,

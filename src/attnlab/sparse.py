@@ -320,16 +320,27 @@ class SparseRun:
         keep: (B, H, Tq, Tk) bool (may be a broadcast view); visible: (B, 1, Tq, Tk).
         """
         b, h, tq, tk = keep.shape
-        causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
         seen = int(torch.count_nonzero(visible))  # far faster than a bool sum
         if h > 1 and keep.stride(1) == 0:  # one mask broadcast over the heads: count once
-            self.kept += int(torch.count_nonzero(keep[:, :1])) * h
+            kept = int(torch.count_nonzero(keep[:, :1])) * h
         else:
-            self.kept += int(torch.count_nonzero(keep))
-        self.causal += causal * b * h
-        self.hidden += (causal * b - seen) * h
+            kept = int(torch.count_nonzero(keep))
+        self._count(b, h, tq, tk, kept, seen)
         if answering:
             self._note_needle(layer, keep[:, :, -1], visible[:, :, -1])
+
+    def account_visible(self, layer: int, h: int, tq: int, tk: int, seen: int, last) -> None:
+        """Count a call that keeps every pair its model's mask shows (full attention's
+        prefill) from that count alone: ``seen`` pairs over the batch, ``last`` (B, 1, Tk)
+        the last row's visible keys (for the needle)."""
+        self._count(last.shape[0], h, tq, tk, seen * h, seen)
+        self._note_needle(layer, last.expand(-1, h, -1), last)
+
+    def _count(self, b: int, h: int, tq: int, tk: int, kept: int, seen: int) -> None:
+        causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
+        self.kept += kept
+        self.causal += causal * b * h
+        self.hidden += (causal * b - seen) * h
 
     def _note_needle(self, layer: int, kept: torch.Tensor, visible=None) -> None:
         """At a layer's first answering row, whether it keeps a watched key, per head.
