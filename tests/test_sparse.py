@@ -198,8 +198,9 @@ def test_full_attention_in_sliding_window_layers_runs_flex_under_the_models_own_
     model's own mask as a BlockMask (no (T, T) tensor; eager on the CPU here, compiled on
     CUDA) and give the logits of SDPA under the dense mask. 600 tokens: past the 512-token
     window (and not a multiple of the BlockMask's 128). The run counts the pairs the
-    windows hide from the BlockMask, exactly. The two kernels sum in different orders: their float32 logits (magnitude ~100)
-    differed by at most 1.5e-3 at 1100 tokens here; 1e-2 allows 6x that."""
+    windows hide from the BlockMask, exactly. The two kernels sum in different orders:
+    their float32 logits (magnitude ~100) differed by at most 1.5e-3 at 1100 tokens here;
+    1e-2 allows 6x that."""
     model, _, _ = gemma3
     ids = torch.randint(300, 20000, (1, 600), generator=torch.Generator().manual_seed(0))
     logits, kernels = {}, {}
