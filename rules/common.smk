@@ -8,7 +8,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from attnlab.cli import FIGURES
-from attnlab.workflow import model_key, module_sources, pct, sparsity
+from attnlab.sources import module_sources
+from attnlab.workflow import model_key, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
 from attnlab.workflow import default_targets as workflow_default_targets
 from attnlab.workflow import gpu_mem_gb as workflow_gpu_mem_gb

@@ -1,11 +1,11 @@
 """The package's shape: no import circle, and no module past the size that says it holds
 several ideas.
 
-Imports are read the way the rules' code inputs read them (:mod:`attnlab.workflow`): every
+Imports are read the way the rules' code inputs read them (:mod:`attnlab.sources`): every
 ``attnlab`` import in a file, at the top or inside a function.
 """
 
-from attnlab.workflow import PACKAGE, _imported_modules
+from attnlab.sources import PACKAGE, _imported_modules
 
 MAX_LINES = 400
 
@@ -48,3 +48,24 @@ def test_the_cycle_check_finds_a_circle():
 def test_no_module_is_longer_than_the_limit():
     lines = {name: len((PACKAGE / name).read_text().splitlines()) for name in _modules()}
     assert not {name: n for name, n in lines.items() if n > MAX_LINES}
+
+
+# Modules that run a model or its attention: a figure reads a table, never these.
+MODEL_MODULES = {"attention.py", "models.py", "induction.py", "intervention.py", "capture.py"}
+
+
+def _reached(start: str, graph: dict[str, list[str]]) -> set[str]:
+    todo, seen = [start], set()
+    while todo:
+        for m in graph[todo.pop()]:
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def test_figures_read_tables_and_the_library_does_not_import_the_snakefile_helper():
+    graph = _modules()
+    plots = {m: _reached(m, graph) & MODEL_MODULES for m in graph if m.startswith("plots/")}
+    assert not {m: sorted(r) for m, r in plots.items() if r}
+    assert not [m for m in graph if "workflow.py" in _reached(m, graph)]

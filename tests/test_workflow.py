@@ -2,7 +2,8 @@
 
 import shutil
 
-from attnlab.workflow import model_key, module_sources, pct, sparsity
+from attnlab.sources import module_sources
+from attnlab.workflow import model_key, pct, sparsity
 from workflow_helpers import copy_workflow, planned_jobs, snakemake
 
 

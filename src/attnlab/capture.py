@@ -290,7 +290,7 @@ def capture_corpus(
     from tqdm import tqdm
 
     from attnlab import models
-    from attnlab.workflow import module_sources
+    from attnlab.sources import module_sources
 
     torch.set_num_threads(threads)
     corpus = json.loads(Path(manifest).read_text())

@@ -2,7 +2,7 @@
 
 This module only parses: each command calls one verb of its stage's module, named in
 :data:`VERBS` and imported when called, so that the rules' code inputs
-(:func:`attnlab.workflow.module_sources` follows imports, not these names) hold this
+(:func:`attnlab.sources.module_sources` follows imports, not these names) hold this
 module and the stage a rule runs, never every stage. The options the rules pass are
 required and have no default: the config schema holds the defaults.
 

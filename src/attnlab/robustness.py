@@ -105,6 +105,7 @@ def _profile(df, meta: dict, how: str, quantile: float, resamples: int, seed: in
             by_prompt["lag"].to_numpy()[:: n_layers * n_heads],
         )
     short = pl.col("lag") <= SHORT_LAG
+    profile["short_lag"] = SHORT_LAG  # the split, for the figure
     for name, cond in (("short", short), ("long", ~short)):
         part = df.filter(cond & (pl.col("family") == "random"))
         if part.height:

@@ -2,7 +2,7 @@
 policy and the model it runs in, and the columns that mark each result row with its run.
 
 The policy registry is imported by name (:func:`importlib.import_module`), so that
-:func:`attnlab.workflow.module_sources` does not follow it into every policy's module: a
+:func:`attnlab.sources.module_sources` does not follow it into every policy's module: a
 rule lists the one policy module its job runs, and editing another policy reruns nothing.
 """
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.induction import SHORT_LAG
 from attnlab.plots import save_figure
 
 
@@ -131,9 +130,10 @@ def plot_causal(paths, out) -> None:
 
 
 def plot_lag(paths, out) -> None:
-    """Profiles for short (<= SHORT_LAG) and long lags, a panel per model, with the
-    previous-token profile (attention from t to t - 1 at the same queries) beside them
-    and, per lag, the correlation across heads of induction and previous-token scores."""
+    """Profiles for short (<= the profile's ``short_lag``) and long lags, a panel per
+    model, with the previous-token profile (attention from t to t - 1 at the same
+    queries) beside them and, per lag, the correlation across heads of induction and
+    previous-token scores."""
     profiles = [_json(p) for p in paths]
     fig, axes = plt.subplots(
         1, len(profiles), figsize=(4.2 * len(profiles), 3.8), squeeze=False, layout="constrained"
@@ -159,8 +159,9 @@ def plot_lag(paths, out) -> None:
         ax.set_xlabel("relative depth")
         ax.set_ylabel("mean score over heads")
         ax.legend(fontsize=7)
+    split = profiles[0]["short_lag"]
     fig.suptitle(
-        f"Induction profile by lag (short <= {SHORT_LAG} < long) and the previous-token profile",
+        f"Induction profile by lag (short <= {split} < long) and the previous-token profile",
         fontsize=9,
     )
     save_figure(fig, out)

@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 
 from attnlab import tables
-from attnlab.intervention import EXPECTED, SWEEP_METRICS
 from attnlab.plots import needs, save_figure
 from attnlab.stats import bootstrap_ci
 
@@ -20,15 +19,17 @@ COLORS = {"target": "tab:red", "control": "tab:gray"}
 def plot_sweep(sweeps: list[str | Path], out: str | Path, seed: int = 0) -> None:
     """Entropy, max attention and k_eff of the scaled head against the scale (log axis):
     mean over tokens with a 95% bootstrap interval, target and control."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained")
+    expected = tables.meta(sweeps[0])["expected"]  # each metric's expected direction
+    metrics = list(expected)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.6), layout="constrained")
     model = "?"
     for path in sweeps:
-        df = tables.read(path, ["scale", "role", "layer", "head", *SWEEP_METRICS])
+        df = tables.read(path, ["scale", "role", "layer", "head", *metrics])
         meta = tables.meta(path)
         model = meta.get("model", model)
         role = df["role"][0]
         label = f"{role} L{df['layer'][0]}H{df['head'][0]}"
-        for ax, metric in zip(axes, SWEEP_METRICS, strict=True):
+        for ax, metric in zip(axes, metrics, strict=True):
             pts = df.group_by("scale").agg(pl.col(metric).fill_nan(None).drop_nulls()).sort("scale")
             xs, ys, err = [], [], [[], []]
             for row in pts.iter_rows(named=True):
@@ -39,13 +40,13 @@ def plot_sweep(sweeps: list[str | Path], out: str | Path, seed: int = 0) -> None
                 err[0].append(v.mean() - lo)
                 err[1].append(hi - v.mean())
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=COLORS[role], label=label)
-    for ax, metric in zip(axes, SWEEP_METRICS, strict=True):
+    for ax, metric in zip(axes, metrics, strict=True):
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.minorticks_off()
         ax.set_xlabel("query scale")
         ax.set_ylabel(LABELS[metric])
-        ax.set_title(f"{metric}: expected {EXPECTED[metric]}", fontsize=9)
+        ax.set_title(f"{metric}: expected {expected[metric]}", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"{model}: query-scaling sweep (mean over tokens, 95% bootstrap CI)", fontsize=10)
     save_figure(fig, out)
@@ -56,8 +57,9 @@ def plot_gain(table: str | Path, out: str | Path) -> None:
     the target/control ratio and the monotonicity verdict."""
     cols = ["metric", "role", "gain", "gain_lo", "gain_hi", "ratio", "ratio_lo", "ratio_hi"]
     df = tables.read(table, [*cols, "verdict", "resampled", "chunks"])
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), layout="constrained")
-    for ax, metric in zip(axes, SWEEP_METRICS, strict=True):
+    metrics = df["metric"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.8), layout="constrained")
+    for ax, metric in zip(axes, metrics, strict=True):
         d = df.filter(pl.col("metric") == metric)
         roles = d["role"].to_list()
         g = d["gain"].to_numpy()
