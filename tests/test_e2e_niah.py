@@ -13,7 +13,10 @@ TINY = {
         "lengths": [512],
         "depths": [0.0, 0.5, 1.0],
         "samples": 1,
-        "regimes": {"cache": ["streamingllm", "snapkv", "quest"], "prefill": ["xattention"]},
+        "regimes": {
+            "cache": ["streamingllm", "snapkv", "quest", "sparq"],
+            "prefill": ["xattention"],
+        },
         "sparsities": [0.9],
         "tasks": ["passkey", "multikey"],
         "needles": 3,
@@ -32,7 +35,7 @@ def run_dir(tmp_path_factory):
 def test_full_attention_retrieves_every_passkey(run_dir):
     df = pl.read_parquet(run_dir / "results/niah/niah.parquet")
     counts = df.group_by("regime", "task", "policy").len()
-    assert counts["len"].to_list() == [3] * 12  # full in both regimes, 3 + 1 policies
+    assert counts["len"].to_list() == [3] * 14  # full in both regimes, 4 + 1 policies
     full = df.filter(pl.col("policy") == "full")
     assert full.filter(pl.col("task") == "passkey")["correct"].all()
     assert (full["needle_kept"] == 1.0).all()
@@ -48,7 +51,7 @@ def test_full_attention_retrieves_every_passkey(run_dir):
     sparse = df.filter(pl.col("policy") == "streamingllm")
     assert sparse.height == 6 and (sparse["regime"] == "cache").all()
     assert ((sparse["achieved_sparsity"] - 0.9).abs() < 0.01).all()
-    for policy in ("snapkv", "quest", "xattention"):  # the peers ran, their sparsity measured
+    for policy in ("snapkv", "quest", "sparq", "xattention"):  # they ran, sparsity measured
         peer = df.filter(pl.col("policy") == policy)
         assert peer.height == 6 and (peer["achieved_sparsity"] > 0.5).all()
         assert peer["feasible"].to_list() == (peer["achieved_sparsity"] >= 0.895).to_list()
@@ -68,7 +71,13 @@ def test_full_attention_retrieves_every_passkey(run_dir):
         "needle_kept",
         "generated",
         "feasible",
+        "read_cost",
     }
+    # the share of the keys' bytes each predictor reads per row to choose, where stated:
+    # Quest two vectors a 16-key page, SparQ 32 of Gemma's 256 channels
+    cost = dict(df.group_by("policy").agg(pl.col("read_cost").first()).iter_rows())
+    assert cost["quest"] == 2 / 16 and cost["sparq"] == 32 / 256
+    assert cost["full"] != cost["full"] and cost["snapkv"] != cost["snapkv"]  # NaN: unstated
     assert "seconds" not in df.columns  # wall time is in benchmarks/, so tables are reproducible
     # attention-mass recall at the answering rows: every layer of Gemma 3 for a sparse
     # policy (its windowed layers too), nothing for full attention, which keeps it all

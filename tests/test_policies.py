@@ -380,3 +380,27 @@ def test_cab_row_scores_of_a_prompts_last_row_equal_the_whole_graph():
         whole = cab_block_scores(q, k, 8, 0.3, 0.7, "softmax", graph)[..., -1, :]
         last = cab_row_scores(q, k, torch.tensor([31]), 8, 0.3, 0.7, "softmax", graph)[..., 0, :]
         torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_sparq_finds_the_oracles_keys_from_the_querys_largest_channels():
+    """Keys that match the query on its two large channels are the oracle's top keys;
+    SparQ reading those 2 of 16 channels (1/8) finds them, where the other 14 channels
+    carry only noise. With every channel it is the oracle itself."""
+    g = torch.Generator().manual_seed(3)
+    q = 0.05 * torch.randn(1, 2, 1, 16, generator=g)
+    q[..., 0, 3], q[..., 0, 11] = 2.0, -2.0
+    k = 0.3 * torch.randn(1, 2, 64, 16, generator=g)
+    wanted = [5, 17, 40, 41]
+    k[..., wanted, 3], k[..., wanted, 11] = 1.5, -1.5
+    ctx = context(q, k, 0.9375)  # the last row keeps 4 of 64
+    sparq = policies.make("sparq", channels=0.125)
+    assert sparq.rank(16) == 2 and sparq.read_cost(16) == 0.125
+    keep = keep_mask(sparq, ctx)[0, :, 0]
+    oracle = keep_mask(policies.make("topk"), ctx)[0, :, 0]
+    assert keep.nonzero()[:, 1].view(2, 4).tolist() == [wanted, wanted]
+    assert torch.equal(keep, oracle)
+    every = policies.make("sparq", channels=1.0)
+    noise = context(
+        torch.randn(1, 2, 8, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g), 0.8
+    )
+    assert torch.equal(keep_mask(every, noise), keep_mask(policies.make("topk"), noise))

@@ -219,6 +219,11 @@ class Policy:
         if self.needs_received:
             ctx.history.received = ctx.received_total  # (B, H, Tk) totals so far
 
+    def read_cost(self, head_dim: int) -> float:
+        """Share of the keys' bytes the policy reads per row to choose its keys (DESIGN:
+        read cost), recorded beside accuracy; NaN where a policy does not state it."""
+        return float("nan")
+
     def params(self) -> dict:
         """Hyper-parameters as plain values, for result tables."""
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

@@ -20,5 +20,9 @@ class TopK(Policy):
     name = "topk"
     label = "top-k oracle"
 
+    def read_cost(self, head_dim: int) -> float:
+        """Every key, whole: the exact score row."""
+        return 1.0
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         return ctx.scores  # (B, H, Tq, Tk)
