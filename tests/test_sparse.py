@@ -147,12 +147,18 @@ def test_chunked_eviction_drops_keys_between_chunks_only(smollm2):
     assert not torch.allclose(out, ref, atol=1e-3)
 
 
-def test_causal_block_pairs_count_the_causal_pairs_of_each_block():
-    t, bs = 100, 16
+@pytest.mark.parametrize("window", [None, 20])
+def test_visible_block_pairs_count_the_visible_pairs_of_each_block(window):
+    from attnlab.blocks import visible_block_pairs
+
+    t, bs = 2100, 16  # past one row chunk (1024), a ragged last block
     tokens = torch.tril(torch.ones(t, t, dtype=torch.long))
-    pad = 7 * bs - t
-    want = torch.nn.functional.pad(tokens, (0, pad, 0, pad)).view(7, bs, 7, bs).sum((1, 3))
-    assert torch.equal(sparse.causal_block_pairs(t, bs, "cpu"), want)
+    if window:
+        tokens = tokens.triu(-(window - 1))  # row q sees keys q - 19 .. q
+    m = -(-t // bs)
+    pad = m * bs - t
+    want = torch.nn.functional.pad(tokens, (0, pad, 0, pad)).view(m, bs, m, bs).sum((1, 3))
+    assert torch.equal(visible_block_pairs(tokens.bool(), bs), want)
 
 
 def test_attention_recall_of_a_planted_pattern():

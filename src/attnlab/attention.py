@@ -9,12 +9,13 @@ each call where the run's policy acts takes the run's keep-mask. Grouped-query a
 is passed to the kernels (``enable_gqa``), or handled by expanding key/value heads where
 scores are materialised.
 
-On CUDA, the causal prefill of a block-level policy (CAB and its ablations) runs through
-FlexAttention's block-sparse kernel instead of a masked softmax: the selection is then
-made per query block (each block takes its first row's choice, so no row sees a choice
-made with later tokens, and its last row's budget), the granularity a BlockMask can
-express. Decode steps, token-level policies and layers with sliding windows take the
-masked path; a token-level policy's long call runs in row chunks (``row_chunk``,
+On CUDA, the prefill of a block-level policy (CAB and its ablations, Quest, XAttention)
+runs through FlexAttention's block-sparse kernel instead of a masked softmax: the
+selection is then made per query block (each block takes its first row's choice, so no
+row sees a choice made with later tokens, and its last row's budget), the granularity a
+BlockMask can express; in a sliding-window layer the model's window is applied pair by
+pair over the kept blocks. Decode steps and token-level policies take the masked path;
+a token-level policy's long call runs in row chunks (``row_chunk``,
 :func:`chunked_attention`). :class:`observe` hands every layer's weights to a function
 (the capture stage), through the eager path.
 """
@@ -87,6 +88,12 @@ def _causal(attention_mask, t: int, module: torch.nn.Module) -> bool:
     return int(torch.count_nonzero(visible)) == (attention_mask.shape[0] * t * (t + 1) // 2)
 
 
+def _unpadded(attention_mask) -> bool:
+    """Whether the model's mask is a :class:`~attnlab.masks.ModelMask` without padding
+    (its pattern alone: a sliding window), which FlexAttention applies pair by pair."""
+    return isinstance(attention_mask, ModelMask) and attention_mask.unpadded()
+
+
 def _window_flex(attention_mask, query: torch.Tensor, tq: int, tk: int) -> bool:
     """Whether a prefill under the model's own (non-causal) mask runs through FlexAttention."""
     kernel = _WINDOW_KERNEL.get()
@@ -122,10 +129,12 @@ def attention_forward(
         and softcap is None
         and run.uses_flex(query, tq, tk)
         and _OBSERVER.get() is None
-        and _causal(attention_mask, tq, module)
+        and (_causal(attention_mask, tq, module) or _unpadded(attention_mask))
     ):
-        out = run.flex_attention(layer, query, key, value, scaling)
-        run.took("flex block-sparse", tq)
+        causal = _causal(attention_mask, tq, module)
+        model_mask = None if causal else attention_mask  # a sliding window, pair by pair
+        out = run.flex_attention(layer, query, key, value, scaling, model_mask)
+        run.took("flex block-sparse" if causal else "flex block-sparse, model mask", tq)
         return out.transpose(1, 2).contiguous(), None
     observer = _OBSERVER.get()
     masked = acts and run.policy.name != "full"

@@ -37,3 +37,17 @@ def expand_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Repeat key/value heads for grouped-query attention: (B, Hkv, ., D) -> (B, H, ., D)."""
     groups = n_heads // k.shape[1]
     return k if groups == 1 else k.repeat_interleave(groups, dim=1)
+
+
+def visible_block_pairs(visible: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Visible (query, key) pairs in each (query block, key block) of a prefill: (T, T)
+    bool -> (Mq, Mk) long, in row chunks of 1024 so no (T, T) integer tensor is made."""
+    t = visible.shape[0]
+    m = n_blocks(t, block_size)
+    pairs = torch.zeros(m, m, dtype=torch.long, device=visible.device)
+    for lo in range(0, t, 1024):
+        rows = visible[lo : lo + 1024]
+        counts = visible_per_block(rows, block_size)  # (rows, Mk)
+        idx = torch.arange(lo, lo + rows.shape[0], device=visible.device) // block_size
+        pairs.index_add_(0, idx, counts)
+    return pairs

@@ -114,24 +114,32 @@ def _ordered(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
-def block_mask_from_keep(block_keep: torch.Tensor, block_size: int, n: int) -> BlockMask:
+def block_mask_from_keep(
+    block_keep: torch.Tensor, block_size: int, n: int, mask_mod=None
+) -> BlockMask:
     """BlockMask attending token pairs (q, k) with k <= q and block_keep[b, h, q // bs, k // bs].
 
     block_keep: (B, H, M, M) bool, M = ceil(n / block_size); blocks above the diagonal are
-    ignored. Blocks strictly below the diagonal are full, diagonal blocks partial.
+    ignored. Blocks strictly below the diagonal are full, diagonal blocks partial. With a
+    ``mask_mod`` (the model's own mask: a sliding window) every kept block is partial,
+    that mask applied pair by pair.
     """
     m = block_keep.shape[-1]
     below = torch.ones(m, m, dtype=torch.bool, device=block_keep.device).tril(-1)
     diag = torch.eye(m, dtype=torch.bool, device=block_keep.device)
-    full_num, full_idx = _ordered(block_keep & below)
-    part_num, part_idx = _ordered(block_keep & diag)
+    if mask_mod is None:
+        full_num, full_idx = _ordered(block_keep & below)
+        part_num, part_idx = _ordered(block_keep & diag)
+    else:
+        full_num = full_idx = None
+        part_num, part_idx = _ordered(block_keep & (below | diag))
     return BlockMask.from_kv_blocks(
         part_num,
         part_idx,
         full_num,
         full_idx,
         BLOCK_SIZE=block_size,
-        mask_mod=causal_mask,
+        mask_mod=causal_mask if mask_mod is None else mask_mod,
         seq_lengths=(n, n),
         compute_q_blocks=False,
     )
@@ -148,14 +156,16 @@ def flex_block_sparse_attention(
     block_keep: torch.Tensor,
     block_size: int,
     scaling: float,
+    mask_mod=None,
 ) -> torch.Tensor:
     """Causal attention restricted to the kept blocks, through FlexAttention.
 
     q: (B, H, N, D); k, v: (B, Hkv, N, D), H a multiple of Hkv (GQA); block_keep: (B or 1,
     H or 1, M, M) bool, M = ceil(N / block_size). Query t attends key s when s <= t and
     block_keep[b, h, t // block_size, s // block_size]; equal to a masked softmax over
-    those pairs. A query row with nothing kept gets zeros. Returns (B, H, N, D). Forward
-    only (the BlockMask has no transposed lists).
+    those pairs, and, with a ``mask_mod`` (the model's own mask), only the pairs it
+    allows. A query row with nothing kept gets zeros. Returns (B, H, N, D). Forward only
+    (the BlockMask has no transposed lists).
     """
     b, h, n, _ = q.shape
     m = block_keep.shape[-1]
@@ -163,7 +173,7 @@ def flex_block_sparse_attention(
         raise ValueError(f"block_keep has {m} blocks, N = {n} needs {n_blocks(n, block_size)}")
     keep = block_keep.to(device=q.device, dtype=torch.bool).expand(b, h, m, m)
     n_pad = m * block_size - n
-    block_mask = block_mask_from_keep(keep, block_size, n + n_pad)
+    block_mask = block_mask_from_keep(keep, block_size, n + n_pad, mask_mod)
     out = run_flex(
         _pad_tokens(q, n_pad),
         _pad_tokens(k, n_pad),

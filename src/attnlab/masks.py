@@ -87,16 +87,20 @@ class ModelMask:
         q = torch.full_like(kv, q_len - 1)
         return bm.mask_mod(batch, torch.zeros_like(batch), q, kv)[:, None, :]
 
+    def unpadded(self) -> bool:
+        """Whether no key is padding (the pattern alone decides)."""
+        padding = self.recipe.get("attention_mask")
+        return padding is None or bool(padding.all())
+
     def plain_causal(self, module: torch.nn.Module) -> bool:
         """Whether the mask is causal and nothing else (no window, no padding, no extra
         pattern): transformers' own test for skipping the mask (``allow_is_causal_skip``,
         ``local_size``), and the layer's ``sliding_window`` where the model has one."""
-        padding = self.recipe.get("attention_mask")
         return (
             self.recipe.get("allow_is_causal_skip", True)
             and self.recipe.get("local_size") is None
             and getattr(module, "sliding_window", None) is None
-            and (padding is None or bool(padding.all()))
+            and self.unpadded()
         )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnlab.blocks import expand_kv, n_blocks, visible_per_block
+from attnlab.blocks import expand_kv, visible_block_pairs, visible_per_block
 from attnlab.masks import ModelMask
 from attnlab.policies.base import (
     LayerHistory,
@@ -264,51 +264,64 @@ class SparseRun:
         return wanted and self.policy.level == "block" and tq == tk
 
     def block_mask(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float, kv_heads=None
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scaling: float,
+        kv_heads=None,
+        visible: torch.Tensor | None = None,
     ):
-        """Block selection of a causal prefill at query-block granularity, for FlexAttention.
+        """Block selection of a prefill at query-block granularity, for FlexAttention.
 
         Each query block takes the selection of its first row (made from tokens up to that
         row alone, so no row of the block sees a choice made with later tokens) under the
-        budget of its last row. q: (B, H, T, D), k: (B, H, T, D). Returns ``(keep,
-        visible)``: (B, H, Mq, Mk) bool blocks and the (1, 1, T, T) causal mask.
+        budget of its last row, among the key blocks some row of it sees. q: (B, H, T, D),
+        k: (B, H, T, D); visible: the model's own mask (1, 1, T, T) bool (a sliding
+        window), causal when None. Returns ``(keep, visible)``: (B, H, Mq, Mk) bool blocks
+        and the mask.
         """
         t, bs = q.shape[-2], self.policy.block_size
-        visible = visible_mask(None, t, t, q.device)
+        if visible is None:
+            visible = visible_mask(None, t, t, q.device)
         ctx = self._context(layer, q, k, visible, scaling, kv_heads)
         score = self.policy.score(ctx)  # (B, H, T, Mk)
         starts = torch.arange(0, t, bs, device=q.device)
         ends = (starts + bs - 1).clamp(max=t - 1)
+        seen = visible[..., starts, :] | visible[..., ends, :]  # a window's both edges
         keep = keep_blocks_by_budget(
-            score[..., starts, :],
-            visible_per_block(visible[..., ends, :], bs),
-            ctx.budget[..., ends],
+            score[..., starts, :], visible_per_block(seen, bs), ctx.budget[..., ends]
         )  # (B, H, Mq, Mk)
         self.policy.remember(ctx)
         return keep, visible
 
-    def flex_attention(self, layer, query, key, value, scaling) -> torch.Tensor:
-        """Prefill under a block policy through FlexAttention's block-sparse kernel.
+    def flex_attention(self, layer, query, key, value, scaling, model_mask=None):
+        """Prefill under a block policy through FlexAttention's block-sparse kernel, under
+        the model's own mask where it is not plain causal (``model_mask``, a
+        :class:`~attnlab.masks.ModelMask`: a sliding window), applied pair by pair.
 
         query: (B, H, T, D); key, value: (B, Hkv, T, D). Returns (B, H, T, D).
         """
         from attnlab.flex import flex_block_sparse_attention
 
         t, bs = query.shape[-2], self.policy.block_size
-        keep, _ = self.block_mask(
-            layer, query, expand_kv(key, query.shape[1]), scaling, key.shape[1]
-        )
+        k = expand_kv(key, query.shape[1])
+        visible = None if model_mask is None else model_mask.dense()[..., :t]
+        keep, visible = self.block_mask(layer, query, k, scaling, key.shape[1], visible)
         b, h = keep.shape[:2]
-        last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t]  # the last row's keys (B, H, T)
+        shown = visible[:, :, -1]  # the last row's visible keys (1, 1, T)
+        last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown  # (B, H, T)
         if layer not in self.recall_sums:
-            k = expand_kv(key, query.shape[1])
-            causal = torch.ones(1, 1, t, dtype=torch.bool, device=query.device)
             budget = row_budget(torch.tensor([t], device=query.device), self.sparsity)
-            self.record_recall(layer, query[..., -1, :], k, causal, scaling, last, budget[None])
-        self.kept += int((keep * causal_block_pairs(t, bs, query.device)).sum())
-        self.causal += b * h * t * (t + 1) // 2
-        self._note_needle(layer, last)
-        return flex_block_sparse_attention(query, key, value, keep, bs, scaling)
+            self.record_recall(layer, query[..., -1, :], k, shown, scaling, last, budget[None])
+        pairs = visible_block_pairs(visible[0, 0], bs)  # (Mq, Mk) visible pairs per block
+        self.kept += int((keep * pairs).sum())
+        causal = t * (t + 1) // 2
+        self.causal += b * h * causal
+        self.hidden += b * h * (causal - int(pairs.sum()))
+        self._note_needle(layer, last, shown)
+        mask_mod = None if model_mask is None else model_mask.block_mask().mask_mod
+        return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask_mod)
 
     def account(
         self, layer: int, keep: torch.Tensor, visible: torch.Tensor, answering: bool = True
@@ -353,21 +366,6 @@ class SparseRun:
         self._watched.add(layer)
         if visible is None or visible[..., watch].any():
             self.watch_kept.extend(kept[..., watch].any(-1).float().flatten().tolist())
-
-
-def causal_block_pairs(t: int, block_size: int, device) -> torch.Tensor:
-    """Causal (query, key) pairs of each (query block, key block) of a ``t``-token
-    prefill: (Mq, Mk) long, summing to t (t + 1) / 2. Row chunks of 4096 keep the
-    intermediate small."""
-    m = n_blocks(t, block_size)
-    starts = torch.arange(m, device=device) * block_size
-    lengths = (t - starts).clamp(max=block_size)
-    pairs = torch.zeros(m, m, dtype=torch.long, device=device)
-    for lo in range(0, t, 4096):
-        rows = torch.arange(lo, min(lo + 4096, t), device=device)
-        seen = (rows[:, None] - starts + 1).clamp(min=0).minimum(lengths)  # (rows, Mk)
-        pairs.index_add_(0, rows // block_size, seen)
-    return pairs
 
 
 def visible_mask(attention_mask, tq: int, tk: int, device) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Real-model prefill latency under each policy at one prompt length: the speed half of
-the long-context study's accuracy-matched table (README: Long context).
+the long-context study's accuracy-matched table (results_ref/long_context/README.md).
 
 Each (policy, sparsity) times :func:`attnlab.decoding.prefill` of one NIAH prompt in the
 ``prefill`` regime, the whole forward pass (the policy's selection, its attention kernel,
