@@ -69,3 +69,17 @@ def test_figures_read_tables_and_the_library_does_not_import_the_snakefile_helpe
     plots = {m: _reached(m, graph) & MODEL_MODULES for m in graph if m.startswith("plots/")}
     assert not {m: sorted(r) for m, r in plots.items() if r}
     assert not [m for m in graph if "workflow.py" in _reached(m, graph)]
+
+
+def test_the_readme_is_short_and_the_docs_keep_no_history():
+    """README for users in at most 250 lines; no history in README, docs or results READMEs
+    (git log holds it)."""
+    import re
+
+    repo = PACKAGE.parents[1]
+    assert len((repo / "README.md").read_text().splitlines()) <= 250
+    texts = [repo / "README.md", repo / "RESULTS.md", *sorted((repo / "docs").glob("*.md"))]
+    texts += sorted((repo / "results_ref").glob("*/README.md"))
+    history = re.compile(r"before this change|since this change|the run before|session", re.I)
+    found = {str(p.relative_to(repo)): history.findall(p.read_text()) for p in texts}
+    assert not {p: h for p, h in found.items() if h}
