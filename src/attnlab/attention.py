@@ -22,6 +22,7 @@ a token-level policy's long call runs in row chunks (``row_chunk``,
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Callable
 
@@ -44,21 +45,17 @@ _WINDOW_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar(
 )
 
 
-class window_kernel:
-    """Context manager: run sliding-window prefills through ``"flex"`` (FlexAttention,
-    eager on the CPU), ``"sdpa"`` (SDPA under the dense mask) or ``"auto"``."""
-
-    def __init__(self, kernel: str) -> None:
-        if kernel not in ("auto", "flex", "sdpa"):
-            raise ValueError(f"window kernel must be auto, flex or sdpa, got {kernel!r}")
-        self.kernel = kernel
-
-    def __enter__(self) -> window_kernel:
-        self._token = _WINDOW_KERNEL.set(self.kernel)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _WINDOW_KERNEL.reset(self._token)
+@contextlib.contextmanager
+def window_kernel(kernel: str):
+    """Run sliding-window prefills through ``"flex"`` (FlexAttention, eager on the CPU),
+    ``"sdpa"`` (SDPA under the dense mask) or ``"auto"`` while the block runs."""
+    if kernel not in ("auto", "flex", "sdpa"):
+        raise ValueError(f"window kernel must be auto, flex or sdpa, got {kernel!r}")
+    token = _WINDOW_KERNEL.set(kernel)
+    try:
+        yield
+    finally:
+        _WINDOW_KERNEL.reset(token)
 
 
 class observe:

@@ -102,8 +102,8 @@ def latency_policies(prefill: list[str], policies: dict) -> list[str]:
 # FlexAttention under the window: an upper bound until measured again), token policies'
 # in row chunks of 1024 9.1-22.9 (SnapKV the most). A dense cache-regime job (every cache
 # policy's state beside one dense prefill) has not finished on that machine yet: 64 is an
-# allowance, not a measurement. What holds the memory grows with the square of the length where a (T, T)
-# mask is built, linearly where rows go in chunks (token policies).
+# allowance, not a measurement. What holds the memory grows with the square of the
+# length where a (T, T) mask is built, linearly where rows go in chunks (token policies).
 GPU_PEAK_GIB_32K = {"block": 52.0, "token": 23.0, "dense": 64.0}
 GPU_MEM_FLOOR_GIB = 4.0  # the model, its cache and CUDA's own context
 
