@@ -186,7 +186,7 @@ def _fused_attention(run, acts, module, query, key, value, attention_mask, scali
         from attnlab.flex import run_flex
 
         out, kernel = (
-            run_flex(query, key, value, attention_mask.block_mask(), scaling),
+            run_flex(query, key, value, attention_mask.block_mask(query.device), scaling),
             "flex model mask",
         )
     else:
@@ -242,8 +242,8 @@ def _unmasked_call(run, acts, module, query, key, value, attention_mask, scaling
     tq, tk = query.shape[2], key.shape[2]
     observes = layer not in run.histories and (run.regime == "cache" or run.followers)
     if acts and tq == tk and isinstance(attention_mask, ModelMask):  # a prefill: no dense mask
-        seen = attention_mask.visible_pairs(module)
-        run.account_visible(layer, h, tq, tk, seen, attention_mask.last_row())
+        seen = attention_mask.visible_pairs(module, query)
+        run.account_visible(layer, h, tq, tk, seen, attention_mask.last_row(query))
     elif acts:
         visible = visible_mask(attention_mask, tq, tk, query.device)
         run.account(layer, visible.expand(-1, h, -1, -1), visible)

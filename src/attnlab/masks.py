@@ -36,54 +36,45 @@ class ModelMask:
             self._built["dense"] = sdpa_mask(**recipe, allow_is_bidirectional_skip=False)
         return self._built["dense"]
 
-    def block_mask(self):
-        """The same pattern as a FlexAttention ``BlockMask`` (blocks of 128 tokens)."""
+    def block_mask(self, device):
+        """The same pattern as a FlexAttention ``BlockMask`` (blocks of 128 tokens). On CUDA
+        transformers builds it from the pattern (``flex_attention_mask``, no (T, T)
+        tensor); elsewhere from the dense mask, whose pairs its ``mask_mod`` looks up
+        (building it from the pattern compiles C++ code on the CPU)."""
         if "blocks" not in self._built:
-            from transformers.masking_utils import flex_attention_mask
+            if torch.device(device).type == "cuda":
+                from transformers.masking_utils import flex_attention_mask
 
-            self._built["blocks"] = flex_attention_mask(**self.recipe)
+                self._built["blocks"] = flex_attention_mask(**self.recipe)
+            else:
+                self._built["blocks"] = _block_mask_of(self.dense())
         return self._built["blocks"]
 
-    def visible_pairs(self, module: torch.nn.Module) -> int:
-        """The (query, key) pairs a prefill's mask shows, summed over the batch, with no
-        (Tq, Tk) tensor: t (t + 1) / 2 a row where the mask is plain causal, else from its
-        BlockMask, whole blocks by their area and partial ones (the window's edges, the
-        diagonal) pair by pair."""
+    def visible_pairs(self, module: torch.nn.Module, query: torch.Tensor) -> int:
+        """The (query, key) pairs a prefill's mask shows, summed over the batch, for
+        ``query`` (B, H, T, D): B t (t + 1) / 2 where the mask is plain causal; on CUDA from
+        the BlockMask, whole blocks by their area and partial ones (the window's edges,
+        the diagonal) pair by pair, with no (T, T) tensor; elsewhere from the dense mask."""
         if "pairs" not in self._built:
-            self._built["pairs"] = self._count_pairs(module)
+            b, t = query.shape[0], query.shape[-2]
+            if self.plain_causal(module):
+                pairs = b * t * (t + 1) // 2
+            elif query.is_cuda:
+                pairs = _block_mask_pairs(self.block_mask(query.device))
+            else:
+                pairs = int(torch.count_nonzero(self.dense()))
+            self._built["pairs"] = pairs
         return self._built["pairs"]
 
-    def _count_pairs(self, module) -> int:
-        bm = self.block_mask()
+    def last_row(self, query: torch.Tensor) -> torch.Tensor:
+        """The last query row's visible keys: (B, 1, Tk) bool, from the mask's pattern on
+        CUDA, from the dense mask elsewhere."""
+        if not query.is_cuda:
+            return self.dense()[:, :, -1]
+        bm = self.block_mask(query.device)
         q_len, kv_len = bm.seq_lengths
-        b = bm.kv_num_blocks.shape[0]
-        if self.plain_causal(module) and q_len == kv_len:
-            return b * q_len * (q_len + 1) // 2
-        qb, kb = bm.BLOCK_SIZE
-        total = 0
-        if bm.full_kv_num_blocks is not None:  # whole blocks: their area inside the lengths
-            num, idx = bm.full_kv_num_blocks, bm.full_kv_indices  # (B, 1, Mq), (B, 1, Mq, Mk)
-            listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
-            rows = (q_len - torch.arange(num.shape[-1], device=idx.device) * qb).clamp(max=qb)
-            cols = (kv_len - idx * kb).clamp(min=0, max=kb)
-            total += int((listed * rows[:, None] * cols).sum())
-        num, idx = bm.kv_num_blocks, bm.kv_indices  # partial blocks: the mask, pair by pair
-        listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
-        bi, hi, qi, slot = torch.nonzero(listed, as_tuple=True)
-        q = (qi * qb)[:, None, None] + torch.arange(qb, device=idx.device)[None, :, None]
-        k = (idx[bi, hi, qi, slot] * kb)[:, None, None] + torch.arange(kb, device=idx.device)
-        inside = (q < q_len) & (k < kv_len)
-        seen = bm.mask_mod(bi[:, None, None], hi[:, None, None], q, k) & inside  # (P, qb, kb)
-        return total + int(seen.sum())
-
-    def last_row(self) -> torch.Tensor:
-        """The last query row's visible keys: (B, 1, Tk) bool, from the mask's pattern."""
-        bm = self.block_mask()
-        q_len, kv_len = bm.seq_lengths
-        b = bm.kv_num_blocks.shape[0]
-        device = bm.kv_num_blocks.device
-        batch = torch.arange(b, device=device)[:, None]
-        kv = torch.arange(kv_len, device=device)[None, :]
+        batch = torch.arange(bm.kv_num_blocks.shape[0], device=query.device)[:, None]
+        kv = torch.arange(kv_len, device=query.device)[None, :]
         q = torch.full_like(kv, q_len - 1)
         return bm.mask_mod(batch, torch.zeros_like(batch), q, kv)[:, None, :]
 
@@ -108,3 +99,45 @@ def model_mask(**recipe) -> ModelMask:
     """The mask function registered for the ``attnlab`` attention (transformers'
     ``AttentionMaskInterface``): the recipe, nothing built yet."""
     return ModelMask(recipe)
+
+
+def _block_mask_pairs(bm) -> int:
+    """The pairs a BlockMask shows: its whole blocks by their area inside the lengths,
+    its partial blocks pair by pair through its ``mask_mod``."""
+    q_len, kv_len = bm.seq_lengths
+    qb, kb = bm.BLOCK_SIZE
+    total = 0
+    if bm.full_kv_num_blocks is not None:
+        num, idx = bm.full_kv_num_blocks, bm.full_kv_indices  # (B, 1, Mq), (B, 1, Mq, Mk)
+        listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+        rows = (q_len - torch.arange(num.shape[-1], device=idx.device) * qb).clamp(max=qb)
+        cols = (kv_len - idx * kb).clamp(min=0, max=kb)
+        total += int((listed * rows[:, None] * cols).sum())
+    num, idx = bm.kv_num_blocks, bm.kv_indices
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    bi, hi, qi, slot = torch.nonzero(listed, as_tuple=True)
+    q = (qi * qb)[:, None, None] + torch.arange(qb, device=idx.device)[None, :, None]
+    k = (idx[bi, hi, qi, slot] * kb)[:, None, None] + torch.arange(kb, device=idx.device)
+    inside = (q < q_len) & (k < kv_len)
+    seen = bm.mask_mod(bi[:, None, None], hi[:, None, None], q, k) & inside  # (P, qb, kb)
+    return total + int(seen.sum())
+
+
+def _block_mask_of(dense: torch.Tensor, block: int = 128):
+    """A BlockMask of a dense mask (B, 1, Tq, Tk) bool: every block holding a visible pair
+    listed as partial, its ``mask_mod`` a look-up into the mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, _, tq, tk = dense.shape
+    mq, mk = -(-tq // block), -(-tk // block)
+    padded = torch.nn.functional.pad(dense, (0, mk * block - tk, 0, mq * block - tq))
+    shown = padded.view(b, 1, mq, block, mk, block).any(5).any(3)  # (B, 1, Mq, Mk)
+    num = shown.sum(-1, dtype=torch.int32)
+    idx = shown.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return padded[batch, 0, q_idx, kv_idx]
+
+    return BlockMask.from_kv_blocks(
+        num, idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(tq, tk)
+    )

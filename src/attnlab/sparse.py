@@ -320,7 +320,7 @@ class SparseRun:
         self.causal += b * h * causal
         self.hidden += b * h * (causal - int(pairs.sum()))
         self._note_needle(layer, last, shown)
-        mask_mod = None if model_mask is None else model_mask.block_mask().mask_mod
+        mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
         return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask_mod)
 
     def account(
