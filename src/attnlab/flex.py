@@ -107,7 +107,7 @@ def causal_block_mask(n: int, device: torch.device | str, block_size: int = 128)
     return block_mask_from_keep(keep, block_size, n)
 
 
-def _ordered(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ordered_blocks(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, Mq, Mk) bool -> number kept (B, H, Mq) and their indices, kept first, ascending."""
     num = keep.sum(-1, dtype=torch.int32)
     idx = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
@@ -128,11 +128,11 @@ def block_mask_from_keep(
     below = torch.ones(m, m, dtype=torch.bool, device=block_keep.device).tril(-1)
     diag = torch.eye(m, dtype=torch.bool, device=block_keep.device)
     if mask_mod is None:
-        full_num, full_idx = _ordered(block_keep & below)
-        part_num, part_idx = _ordered(block_keep & diag)
+        full_num, full_idx = ordered_blocks(block_keep & below)
+        part_num, part_idx = ordered_blocks(block_keep & diag)
     else:
         full_num = full_idx = None
-        part_num, part_idx = _ordered(block_keep & (below | diag))
+        part_num, part_idx = ordered_blocks(block_keep & (below | diag))
     return BlockMask.from_kv_blocks(
         part_num,
         part_idx,

@@ -128,12 +128,13 @@ def _block_mask_of(dense: torch.Tensor, block: int = 128):
     listed as partial, its ``mask_mod`` a look-up into the mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    from attnlab.flex import ordered_blocks
+
     b, _, tq, tk = dense.shape
     mq, mk = -(-tq // block), -(-tk // block)
     padded = torch.nn.functional.pad(dense, (0, mk * block - tk, 0, mq * block - tq))
     shown = padded.view(b, 1, mq, block, mk, block).any(5).any(3)  # (B, 1, Mq, Mk)
-    num = shown.sum(-1, dtype=torch.int32)
-    idx = shown.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    num, idx = ordered_blocks(shown)
 
     def mask_mod(batch, head, q_idx, kv_idx):
         return padded[batch, 0, q_idx, kv_idx]

@@ -101,7 +101,7 @@ def score_prefill(
     )
     marks = scoring.mark_rows(rows, model, policy, run, target, tolerance)
     params = json.dumps(run.params(), sort_keys=True)
-    cost = run.read_cost(scoring.head_dim(net))
+    cost = run.read_cost(models.model_info(model, net).head_dim)
     for r in rows:
         r.update(policy_params=params, haystack=pmeta.get("haystack"), read_cost=cost)
     meta = {**pmeta, **marks, "regime": "prefill", "decode": "dense", "row_chunk": row_chunk}
@@ -134,7 +134,7 @@ def score_cache_runs(
     made = []
     for name, params, target in json.loads(runs):
         made.append((name, *scoring.make_policy(name, params, target)))
-    net, tokenizer, _ = models.load(model, device=device, dtype=dtype)
+    net, tokenizer, info = models.load(model, device=device, dtype=dtype)
     rows = niah.score_cache(
         attention.install(net),
         tokenizer,
@@ -145,7 +145,7 @@ def score_cache_runs(
         desc=f"{model} cache ({len(made)} runs)",
     )
     params = {name: json.dumps(p.params(), sort_keys=True) for name, p, _ in made}
-    cost = {name: p.read_cost(scoring.head_dim(net)) for name, p, _ in made}
+    cost = {name: p.read_cost(info.head_dim) for name, p, _ in made}
     for r in rows:
         r.update(
             model=model,

@@ -39,12 +39,6 @@ def load_job(
     return run, target, attention.install(net), tokenizer
 
 
-def head_dim(net) -> int:
-    """The model's attention head size."""
-    cfg = net.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 def mark_rows(
     rows: list[dict], model: str, name: str, policy, sparsity: float, tolerance: float
 ) -> dict:
