@@ -279,6 +279,9 @@ def _result(prompt: Prompt, run: sparse.SparseRun, text: str) -> dict:
         "key": prompt.key,
         "regime": run.regime,
         "decode": "policy" if run.regime == "cache" else run.decode,
+        "selection": run.selection,
+        # the method in a form of this project's (Quest, H2O in the prefill regime)
+        "extension": run.regime == "prefill" and run.policy.prefill_extension,
         "achieved_sparsity": run.achieved_sparsity,
         "model_sparsity": run.model_sparsity,
         "correct": all(a in out for a in prompt.answers),
@@ -333,6 +336,7 @@ def score_prompt(
         watch=prompt.needle_positions,
         regime=regime,
         row_chunk=row_chunk,
+        whole_prompt=True,
     )
     ids = torch.tensor([prompt.input_ids], device=model.device)
     budget = max_new_tokens * len(prompt.answers)

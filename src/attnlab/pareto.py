@@ -322,7 +322,7 @@ def score_corpus(
         )
     first = len(tokens) - chunks
     job = (model, policy, policy_params, sparsity, threads, device, dtype)
-    run, target, net, _ = scoring.load_job(*job)
+    run, target, net, _ = scoring.load_job(*job, whole_prompt=False)
     rows = score_chunks(
         net,
         tokens[first:],

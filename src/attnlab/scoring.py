@@ -26,15 +26,20 @@ def load_job(
     threads: int,
     device: str,
     dtype: str,
+    whole_prompt: bool = True,
 ):
     """``(policy, sparsity, model, tokenizer)`` of a job: the policy from its name and JSON
-    parameters, its target sparsity, and the model with attnlab's attention on ``device``."""
+    parameters, its target sparsity, and the model with attnlab's attention on ``device``.
+    ``whole_prompt`` False (teacher-forced rows): a policy asking for the prompt selection
+    form is refused before the model loads."""
     import torch
 
     from attnlab import attention, models
+    from attnlab.policies.base import selection_form
 
     torch.set_num_threads(threads)
     run, target = make_policy(policy, json.loads(policy_params), sparsity)
+    selection_form(run, whole_prompt)
     net, tokenizer, _ = models.load(model, device=device, dtype=dtype)
     return run, target, attention.install(net), tokenizer
 

@@ -9,6 +9,8 @@ A :class:`SparseRun` is a context manager; while it is active, the ``attnlab`` a
   they dropped; query-aware policies choose per generated token from the whole cache.
 - ``prefill`` (sparse prefill): every prompt row runs under the policy; decode steps are
   dense unless ``decode="policy"``. This is the regime of perplexity and the GPU kernels.
+  A block policy chooses once per query block there (:meth:`SparseRun.block_selection`),
+  on every device the selection FlexAttention runs on the GPU, in its selection form.
 
 For each call where the policy acts the run builds the keep-mask under the per-row budget
 (a row at position p keeps about (1 - s)(p + 1) keys) on top of the model's own mask
@@ -35,6 +37,7 @@ from attnlab.policies.base import (
     keep_blocks_by_budget,
     keep_mask,
     row_budget,
+    selection_form,
 )
 
 REGIMES = ("cache", "prefill")
@@ -70,10 +73,16 @@ class SparseRun:
     kept: int = 0  # kept (query, key) pairs of the rows the policy acts on
     causal: int = 0  # causal pairs of those rows
     hidden: int = 0  # causal pairs the model's own mask hides (sliding windows)
-    backend: str = "auto"  # "auto": FlexAttention on CUDA; "eager"; or "flex" anywhere
+    # the kernel of a block policy's prefill (one selection whichever runs): "auto",
+    # FlexAttention on CUDA and a keep-mask elsewhere; "eager", a keep-mask; "flex" anywhere
+    backend: str = "auto"
     # rows per attention call of a token-level policy (0: a call's rows at once); an
     # evicting policy then drops keys between these calls only (see chunked_attention)
     row_chunk: int = 0
+    # the prompt is given whole and answered after it (NIAH): a block policy may choose in
+    # its prompt form (policies.base.selection_form); ``selection`` is the form it takes
+    whole_prompt: bool = False
+    selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
     # per layer: sums over the answering rows of (kept mass, oracle overlap, oracle mass),
@@ -91,6 +100,7 @@ class SparseRun:
             raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
         if self.row_chunk < 0:
             raise ValueError(f"row_chunk must be >= 0, got {self.row_chunk}")
+        self.selection = selection_form(self.policy, self.whole_prompt)
 
     def __enter__(self) -> SparseRun:
         self._token = _ACTIVE.set(self)
@@ -218,7 +228,13 @@ class SparseRun:
         ctx = self._context(layer, q, k, visible, scaling, kv_heads, module, value)
         if scores is not None:  # already computed for the attention itself
             ctx.provide(scores=scores)
-        keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
+        if self.policy.level == "block" and q.shape[-2] == k.shape[-2]:  # a prefill
+            bs, t = self.policy.block_size, q.shape[-2]
+            blocks = self.block_selection(ctx)  # (B, H, Mq, Mk), as FlexAttention runs it
+            keep = blocks.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :t, :t]
+            keep = keep & visible
+        else:
+            keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
         if answering and (self.regime == "cache" or layer not in self.recall_sums):
@@ -258,10 +274,29 @@ class SparseRun:
                 shared["received_total"] = ctx.received_total
 
     def uses_flex(self, query: torch.Tensor, tq: int, tk: int) -> bool:
-        """Whether a call runs through FlexAttention: a block policy's causal prefill, on
-        CUDA (``backend="auto"``) or wherever ``backend="flex"`` asks for it."""
+        """Whether a call runs through FlexAttention: a block policy's prefill, on CUDA
+        (``backend="auto"``) or wherever ``backend="flex"`` asks for it (elsewhere the
+        same selection runs as a keep-mask, :meth:`mask`)."""
         wanted = self.backend == "flex" or (self.backend == "auto" and query.is_cuda)
         return wanted and self.policy.level == "block" and tq == tk
+
+    def block_selection(self, ctx: ScoreContext) -> torch.Tensor:
+        """A block policy's selection for a prefill, once per query block: from the
+        block's first row (``causal``) or from all its queries (``prompt``,
+        :meth:`~attnlab.policies.base.BlockPolicy.block_scores`), under the budget of its
+        last row, among the key blocks some row of it sees (both edges of a window).
+        ctx: every row of the prefill. Returns (B, H, Mq, Mk) bool kept blocks."""
+        t, bs = ctx.q.shape[-2], self.policy.block_size
+        b, h = ctx.q.shape[:2]
+        starts = torch.arange(0, t, bs, device=ctx.q.device)
+        ends = (starts + bs - 1).clamp(max=t - 1)
+        seen = ctx.visible[..., starts, :] | ctx.visible[..., ends, :]
+        count = visible_per_block(seen, bs)  # (B, 1, Mq, Mk)
+        rows = starts if self.selection == "causal" else ends
+        score = self.policy.block_scores(ctx, rows, self.selection)
+        if score is None:  # a layer the policy leaves dense
+            return (count > 0).expand(b, h, *count.shape[-2:])
+        return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
 
     def block_mask(
         self,
@@ -272,26 +307,16 @@ class SparseRun:
         kv_heads=None,
         visible: torch.Tensor | None = None,
     ):
-        """Block selection of a prefill at query-block granularity, for FlexAttention.
-
-        Each query block takes the selection of its first row (made from tokens up to that
-        row alone, so no row of the block sees a choice made with later tokens) under the
-        budget of its last row, among the key blocks some row of it sees. q: (B, H, T, D),
+        """:meth:`block_selection` of a prefill, for FlexAttention. q: (B, H, T, D),
         k: (B, H, T, D); visible: the model's own mask (1, 1, T, T) bool (a sliding
-        window), causal when None. Returns ``(keep, visible)``: (B, H, Mq, Mk) bool blocks
-        and the mask.
+        window), causal when None. Returns ``(keep, visible)``: (B, H, Mq, Mk) bool
+        blocks and the mask.
         """
-        t, bs = q.shape[-2], self.policy.block_size
+        t = q.shape[-2]
         if visible is None:
             visible = visible_mask(None, t, t, q.device)
         ctx = self._context(layer, q, k, visible, scaling, kv_heads)
-        score = self.policy.score(ctx)  # (B, H, T, Mk)
-        starts = torch.arange(0, t, bs, device=q.device)
-        ends = (starts + bs - 1).clamp(max=t - 1)
-        seen = visible[..., starts, :] | visible[..., ends, :]  # a window's both edges
-        keep = keep_blocks_by_budget(
-            score[..., starts, :], visible_per_block(seen, bs), ctx.budget[..., ends]
-        )  # (B, H, Mq, Mk)
+        keep = self.block_selection(ctx)
         self.policy.remember(ctx)
         return keep, visible
 

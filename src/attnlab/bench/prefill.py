@@ -61,13 +61,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     cuda = model.device.type == "cuda"
     rows = []
 
-    def add(policy, s, ms, reps, implementation, kernel_used, achieved):
+    def add(policy, s, ms, reps, implementation, kernel_used, achieved, selection="causal"):
         rows.append(
             {
                 "model": args.model,
                 "length": ids.shape[-1],
                 "regime": "prefill",
                 "policy": policy,
+                "selection": selection,
                 "implementation": implementation,
                 "target_sparsity": s,
                 "achieved_sparsity": achieved,
@@ -101,7 +102,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         for s in [0.0] if name == "full" else args.sparsities:
 
             def prefill(policy=policy, s=s):
-                r = sparse.SparseRun(policy, s, regime="prefill", row_chunk=args.row_chunk)
+                r = sparse.SparseRun(
+                    policy, s, regime="prefill", row_chunk=args.row_chunk, whole_prompt=True
+                )
                 decoding.prefill(model, ids, r)
                 return r
 
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             ms, reps = median_ms(prefill, model.device.type, args.rep_ms, args.min_reps, 50)
             r = prefill()
-            add(name, s, ms, reps, "attnlab", kernel(r), r.achieved_sparsity)
+            add(name, s, ms, reps, "attnlab", kernel(r), r.achieved_sparsity, r.selection)
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
     for r in rows:  # the side-by-side ratio, measured in this run
         r["speedup_vs_full"] = full[0] / r["ms"] if full else float("nan")

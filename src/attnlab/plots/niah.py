@@ -55,6 +55,16 @@ def one_task(df: pl.DataFrame) -> tuple[pl.DataFrame, str]:
     return df.filter(pl.col("task") == task), task
 
 
+def shown_name(d: pl.DataFrame, policy: str) -> str:
+    """A policy's name in a panel of rows ``d``: marked "(ext.)" where those rows ran a
+    form of the method that this project extends it to (the table's ``extension``
+    column: Quest and H2O in the prefill regime); unmarked in tables without it."""
+    if "extension" in d.columns:
+        if d.filter((pl.col("policy") == policy) & pl.col("extension")).height:
+            return f"{policy} (ext.)"
+    return policy
+
+
 def policy_styles(policies) -> dict[str, dict]:
     """One line style per policy, the same in every panel of a figure: full attention dark
     grey and dashed, the top-k oracle (the ceiling) black and dotted, the others 20
@@ -147,7 +157,8 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
                 ax.set_xlabel("context length (tokens)")
             if c == 0:
                 ax.set_ylabel(f"{_row_label(model, regime)}\nneedle depth (0 = start)")
-            title = "full attention" if policy == "full" else f"{policy} @ {sparsity:.0%}"
+            shown = shown_name(sel.filter(pl.col("regime") == regime), policy)
+            title = "full attention" if policy == "full" else f"{shown} @ {sparsity:.0%}"
             if r == 0:
                 ax.set_title(title, fontsize=9)
     haystack = meta.get("haystack", "?")
@@ -307,7 +318,8 @@ def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
             )
             for policy in runs["policy"].unique(maintain_order=True):
                 run = runs.filter(pl.col("policy") == policy)
-                _accuracy_line(ax, run, "length", policy, seed, **styles[policy])
+                label = shown_name(run, policy)
+                _accuracy_line(ax, run, "length", label, seed, **styles[policy])
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
             ax.set_ylim(-0.05, 1.05)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from attnlab.blocks import block_of, visible_per_block
+from attnlab.errors import UserError
 from attnlab.policies.fields import Range
 
 INF = float("inf")
@@ -156,19 +157,21 @@ class ScoreContext:
     def key_pos(self) -> torch.Tensor:
         return torch.arange(self.k.shape[-2], device=self.k.device)
 
-    def last_row(self, received: bool = False) -> ScoreContext:
-        """The context of the last query row alone, sharing this one's history: what a
-        policy sees when it compresses a cache at the end of a prompt. ``received``: carry
-        the attention every key received over all rows (a pass over them all)."""
+    def rows(self, index: torch.Tensor, received: bool = False) -> ScoreContext:
+        """The context of the rows ``index`` (Tq,) alone, sharing this one's history and
+        every query so far: what a policy sees when it chooses once for a query block
+        (from one of its rows) or compresses a cache at the end of a prompt (the last
+        row). ``received``: carry the attention every key received over all rows (a pass
+        over them all), as of the last row."""
         sub = ScoreContext(
             module=self.module,
             value=self.value,
             inputs=self.inputs,
-            q=self.q[..., -1:, :],
+            q=self.q[..., index, :],
             k=self.k,
-            visible=self.visible[..., -1:, :],
-            q_pos=self.q_pos[-1:],
-            budget=self.budget[..., -1:],
+            visible=self.visible[..., index, :],
+            q_pos=self.q_pos[index],
+            budget=self.budget[..., index],
             scaling=self.scaling,
             layer=self.layer,
             seed=self.seed,
@@ -176,11 +179,15 @@ class ScoreContext:
             kv_heads=self.kv_heads,
         )
         if self.computed("scores"):
-            sub.provide(scores=self.scores[..., -1:, :])
+            sub.provide(scores=self.scores[..., index, :])
         sub.provide(q_all=self.q_all)
         if received:
             sub.provide(received=self.received_total.unsqueeze(-2))
         return sub
+
+    def last_row(self, received: bool = False) -> ScoreContext:
+        """:meth:`rows` of the last row alone."""
+        return self.rows(torch.tensor([self.q.shape[-2] - 1], device=self.q.device), received)
 
 
 @dataclass
@@ -197,6 +204,9 @@ class Policy:
     # window): its prefill rows need no sequential pass
     static_eviction: ClassVar[bool] = False
     label: ClassVar[str] = ""  # the policy's name in figures
+    # the method has no prefill form of its own (it selects per generated token or evicts
+    # from a cache): its prefill-regime rows are this project's extension, marked so
+    prefill_extension: ClassVar[bool] = False
 
     def score(self, ctx: ScoreContext) -> torch.Tensor | None:
         """(B, H, Tq, Tk) token scores, (B, H, Tq, Mk) block scores, or None to keep all."""
@@ -229,17 +239,59 @@ class Policy:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
+SELECTIONS = ("causal", "prompt")
+
+
 @dataclass
 class BlockPolicy(Policy):
-    """A policy that ranks key blocks; :func:`with_must_keep_blocks` reads its two flags."""
+    """A policy that ranks key blocks; :func:`with_must_keep_blocks` reads its two flags.
+
+    In the prefill regime a block policy chooses once per query block (the granularity a
+    block-sparse kernel runs), in one of two forms (DESIGN: Selection form): ``causal``,
+    the block's first row chooses, from tokens at or before every row of the block; or
+    ``prompt``, the block chooses from all of its queries (:meth:`block_scores`), which a
+    later row of the block reaches: the form of methods that select over a prompt given
+    whole (retrieval), wrong where a row predicts the next token of the same text.
+    """
 
     level: ClassVar[str] = "block"
+    paper_selection: ClassVar[str] = "causal"  # the method's own form, for a whole prompt
     block_size: Annotated[int, Range(1)] = 16
     """Tokens per block."""
     keep_diagonal: bool = True
     """Always keep the query's own block."""
     sink_block: bool = True
     """Always keep the first block."""
+    selection: Literal["paper", "causal", "prompt"] = "paper"
+    """Prefill regime: each query block's keys chosen by its first row ("causal") or from
+    all its queries ("prompt"); "paper": the method's own form where a prompt is given
+    whole (NIAH), "causal" where rows predict their text's next token (perplexity)."""
+
+    def block_scores(self, ctx: ScoreContext, rows: torch.Tensor, form: str) -> torch.Tensor | None:
+        """Key-block scores of each query block of a prefill in selection ``form``, from
+        the row of that block in ``rows`` (Mq,): its first (``causal``) or its last
+        (``prompt``: a row that has every query of its block before it) -> (B, H, Mq, Mk)
+        or None (keep every block). A policy whose method scores a block otherwise in the
+        prompt form (CAB's whole graph) overrides this."""
+        return self.score(ctx.rows(rows))
+
+
+def selection_form(policy: Policy, whole_prompt: bool) -> str:
+    """The selection form a run of ``policy`` takes: ``causal`` or ``prompt`` (block
+    policies only, see :class:`BlockPolicy`). ``whole_prompt``: the prompt is given whole
+    and answered after it (NIAH's prefill regime); otherwise (perplexity, teacher-forced
+    rows) ``prompt`` would let a later token reach its own prediction and is refused."""
+    asked = getattr(policy, "selection", "causal")
+    form = policy.paper_selection if asked == "paper" else asked
+    if form == "prompt" and not whole_prompt:
+        if asked == "prompt":
+            raise UserError(
+                f"{policy.name}: selection 'prompt' chooses a query block's keys with its"
+                " later rows, which teacher-forced rows (perplexity) must not see; use"
+                " 'causal'"
+            )
+        return "causal"
+    return form
 
 
 def select_tokens(score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
@@ -359,6 +411,19 @@ def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
     return select_evicting(score, ctx.visible, ctx.budget, kept)
 
 
+def must_keep_blocks(q_pos: torch.Tensor, mk: int, policy: BlockPolicy) -> torch.Tensor:
+    """The key blocks a block policy keeps whatever their score: the query's own block
+    and block 0, where the policy asks for them. q_pos: (Tq,) -> (Tq, Mk) bool."""
+    own = block_of(q_pos, policy.block_size).unsqueeze(-1)  # (Tq, 1)
+    blocks = torch.arange(mk, device=q_pos.device)
+    must = torch.zeros(own.shape[0], mk, dtype=torch.bool, device=q_pos.device)
+    if policy.keep_diagonal:
+        must |= blocks == own
+    if policy.sink_block:
+        must |= blocks == 0
+    return must
+
+
 def with_must_keep_blocks(
     score: torch.Tensor, q_pos: torch.Tensor, policy: BlockPolicy
 ) -> torch.Tensor:
@@ -366,12 +431,4 @@ def with_must_keep_blocks(
 
     score: (B, H, Tq, Mk) block scores of the rows at positions q_pos.
     """
-    mk = score.shape[-1]
-    own = block_of(q_pos, policy.block_size).unsqueeze(-1)  # (Tq, 1)
-    blocks = torch.arange(mk, device=score.device)
-    must = torch.zeros(own.shape[0], mk, dtype=torch.bool, device=score.device)
-    if policy.keep_diagonal:
-        must |= blocks == own
-    if policy.sink_block:
-        must |= blocks == 0
-    return score.masked_fill(must, INF)
+    return score.masked_fill(must_keep_blocks(q_pos, score.shape[-1], policy), INF)

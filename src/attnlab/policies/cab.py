@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import torch
 
-from attnlab.kernels.reference import cab_row_scores
+from attnlab.kernels.reference import cab_block_scores, cab_row_scores
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 from attnlab.policies.fields import Range
 
@@ -20,12 +20,16 @@ class CAB(BlockPolicy):
     (most negatively curved) edges are kept first, within the budget. Each row is scored
     from tokens at or before it alone (:func:`~attnlab.kernels.reference.cab_row_scores`:
     degrees are prefix sums over query blocks, its own block's representatives are
-    those of the block so far), so a later token never reaches an earlier row.
+    those of the block so far), so a later token never reaches an earlier row. Its own
+    form for a prompt given whole (``selection: prompt``, the research plan's) scores
+    each query block from the whole prompt's coarse graph, degrees over every query block
+    (:func:`~attnlab.kernels.reference.cab_block_scores`, what the Triton kernels compute).
     """
 
     name = "cab"
     label = "CAB"
     needs_query_history = True
+    paper_selection = "prompt"
     lam: Annotated[float, Range(0, 1)] = 1.0
     """Weight of curvature against coarse magnitude (1 = pure curvature)."""
     adjacency: Literal["softmax", "scores", "dot"] = "softmax"
@@ -53,3 +57,15 @@ class CAB(BlockPolicy):
             self.query,
         )  # (B, H, Tq, M)
         return with_must_keep_blocks(score, ctx.q_pos, self)
+
+    def block_scores(self, ctx: ScoreContext, rows: torch.Tensor, form: str) -> torch.Tensor:
+        """The prompt form with the block's representative as its query (``query:
+        block``): every query block's row of the whole prompt's curvature scores; else the
+        chosen row's scores (the query-aware variant: the block's last query)."""
+        if form != "prompt" or self.query != "block":
+            return super().block_scores(ctx, rows, form)
+        q = ctx.q_all[..., : ctx.k.shape[-2], :]
+        score = cab_block_scores(
+            q, ctx.k, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
+        )  # (B, H, M, M)
+        return with_must_keep_blocks(score, ctx.q_pos[rows], self)

@@ -22,6 +22,7 @@ class H2O(Policy):
     name = "h2o"
     label = "H2O"
     needs_received = True
+    prefill_extension = True
     evicts = True
     recent_ratio: Annotated[float, Range(0, 1)] = 0.5
     """Share of each row's budget given to the most recent keys."""

@@ -48,6 +48,7 @@ class Quest(BlockPolicy):
 
     name = "quest"
     label = "Quest"
+    prefill_extension = True
     sink_block: bool = False
     """Always keep the first page (block_size: tokens per page)."""
     dense_layers: Annotated[int, Range(0)] = 0

@@ -12,6 +12,7 @@ from attnlab.policies.base import (
     INF,
     BlockPolicy,
     ScoreContext,
+    must_keep_blocks,
     with_must_keep_blocks,
 )
 from attnlab.policies.fields import Range
@@ -38,24 +39,31 @@ class XAttention(BlockPolicy):
     """The attention scores are summed along antidiagonals of stride x stride tiles (a
     cheap estimate that touches every row and column of a block), softmax-normalised
     over the causal strided keys of each strided query, and summed into ``block_size``
-    x ``block_size`` blocks: each query block gets a distribution over key blocks. Key
-    blocks are kept in decreasing share until their cumulative share reaches
-    ``threshold`` (the rest score -inf) or the budget is met; the query's own block is
-    always kept. A row uses the strided queries complete at it (:meth:`shares`), and
-    shares only among the blocks its model's mask shows (a sliding-window layer's).
+    x ``block_size`` blocks: each query block gets a distribution over key blocks. As
+    released, the first block and the query's own block are kept and their share counted
+    first; the other key blocks follow in decreasing share while the share of the blocks
+    before them stays under ``threshold`` (the rest score -inf); the budget then caps
+    the kept keys, unless ``threshold_only``. Its own form (``selection: prompt``) has
+    each query block choose from all its strided queries; a row (the causal form, the
+    cache regime) uses the strided queries complete at it (:meth:`shares`). Shares only
+    among the blocks the model's mask shows the row (a sliding-window layer's).
     """
 
     name = "xattention"
     label = "XAttention"
     needs_query_history = True
+    paper_selection = "prompt"
     block_size: Annotated[int, Range(1)] = 128
     """Tokens per block."""
     stride: Annotated[int, Range(1)] = 8
     """Antidiagonal stride (8 or 16 in the paper); divides block_size."""
     threshold: Annotated[float, Range(0, 1)] = 0.9
     """Cumulative share of the estimated attention at which selection stops."""
-    sink_block: bool = False
-    """Always keep the first block."""
+    sink_block: bool = True
+    """Always keep the first block (as released)."""
+    threshold_only: bool = False
+    """Keep every block the threshold asks for, whatever the budget (the method as
+    released has no budget): the run's achieved sparsity is the threshold's."""
 
     def __post_init__(self) -> None:
         if self.block_size % self.stride or not 0 < self.threshold <= 1:
@@ -98,10 +106,13 @@ class XAttention(BlockPolicy):
         # sliding window hides the rest; the estimate itself runs over every causal key)
         share = share * (visible_per_block(ctx.visible, self.block_size) > 0)
         share = share / share.sum(-1, keepdim=True).clamp(min=1e-12)
-        order = share.sort(dim=-1, descending=True)
-        before = order.values.cumsum(-1) - order.values  # share of the blocks ranked above
+        must = must_keep_blocks(ctx.q_pos, share.shape[-1], self)  # (Tq, Mk)
+        first = (share * must).sum(-1, keepdim=True)  # counted before any other block
+        order = share.masked_fill(must, -1.0).sort(dim=-1, descending=True)
+        ranked = order.values.clamp(min=0)
+        before = first + ranked.cumsum(-1) - ranked  # share of the blocks ranked above
         needed = torch.zeros_like(share, dtype=torch.bool).scatter_(
             -1, order.indices, before < self.threshold
         )
-        score = torch.where(needed, share, -INF)
+        score = torch.where(needed, INF if self.threshold_only else share, -INF)
         return with_must_keep_blocks(score, ctx.q_pos, self)
