@@ -97,14 +97,14 @@ def latency_policies(prefill: list[str], policies: dict) -> list[str]:
 
 # Peak GPU memory (GiB, torch's reserved pool) of one NIAH job at 32768 tokens: Gemma-3-270M
 # in bfloat16 on an H200 (configs/long_context.yaml; each job's log ends with its peak).
-# Measured 2026-12-03 over 5 prompts a job (commit 9f64eb6): block policies' prefill
-# 48.6-51.4, when their sliding-window layers took a (T, T) keep-mask (they now run
-# FlexAttention under the window: an upper bound until measured again), token policies'
-# in row chunks of 1024 9.1-22.9 (SnapKV the most). A dense cache-regime job (every cache
-# policy's state beside one dense prefill) has not finished on that machine yet: 64 is an
-# allowance, not a measurement. What holds the memory grows with the square of the
-# length where a (T, T) mask is built, linearly where rows go in chunks (token policies).
-GPU_PEAK_GIB_32K = {"block": 52.0, "token": 23.0, "dense": 64.0}
+# Measured over 5 prompts a job (commit 9f64eb6): token policies' prefill in row chunks of
+# 1024 9.1-22.9 (SnapKV the most). Block policies took 48.6-51.4 there, when they scored
+# every row and their sliding-window layers took a (T, T) keep-mask; they now score one row
+# per query block under FlexAttention, and 16 is an allowance until measured again. A
+# dense cache-regime job (every cache policy's state beside one dense prefill): 64, an
+# allowance. What holds the memory grows with the square of the length where a (T, T)
+# mask is built, linearly where rows go in chunks (token policies).
+GPU_PEAK_GIB_32K = {"block": 16.0, "token": 23.0, "dense": 64.0}
 GPU_MEM_FLOOR_GIB = 4.0  # the model, its cache and CUDA's own context
 
 
