@@ -32,6 +32,37 @@ rule bench_kernels:
         "attnlab bench kernels --out {params.out_dir} --fig {output.fig} > {log} 2>&1"
 
 
+# Decode benchmark: one generated token's attention over a 32k and a 128k cache, dense
+# against each query-aware policy's select + gather + attend and an evicted cache of the
+# same budget, on a Llama-3-8B-like layer and Gemma-3-270M's (torch only, no model).
+rule bench_decode:
+    input:
+        code=module_sources(
+            "cli", "bench", "bench.decode", "plots.decode", root=workflow.basedir
+        ),
+    output:
+        table="results/bench/decode.parquet",
+        csv="results/bench/decode.csv",
+        fig=report(
+            "figs/bench_decode.png",
+            caption="../report/bench_decode.rst",
+            category="Benchmarks",
+        ),
+    log:
+        "logs/bench/decode.log",
+    benchmark:
+        "benchmarks/bench/decode.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+    params:
+        out_dir=subpath(output.table, parent=True),
+    shell:
+        "attnlab bench decode --out {params.out_dir} --fig {output.fig} > {log} 2>&1"
+
+
 # Capture benchmark: the capture stage against output_attentions=True on the real models,
 # tokens per second and peak memory side by side in one run (CPU).
 rule bench_capture:

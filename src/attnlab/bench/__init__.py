@@ -2,8 +2,10 @@
 
 ``kernels`` times CAB's predictor and block-sparse attention against dense attention (torch
 and triton only), ``capture`` the capture stage against ``output_attentions=True`` on the
-real models, ``prefill`` a real model's prefill under each policy. Only the benchmark named
-is imported, so ``bench kernels`` never loads the models, the corpus or the capture stage.
+real models, ``prefill`` a real model's prefill under each policy, ``decode`` one generated
+token's attention over a long cache under each query-aware policy and an evicted cache.
+Only the benchmark named is imported, so ``bench kernels`` never loads the models, the
+corpus or the capture stage.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ BENCHMARKS = {
     "kernels": "dense attention against CAB, latency by context length",
     "capture": "capture stage against output_attentions=True (real model)",
     "prefill": "real-model prefill latency per policy and sparsity",
+    "decode": "one generated token's attention over a long cache, per policy and sparsity",
 }
 
 

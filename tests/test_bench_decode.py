@@ -1,0 +1,56 @@
+"""``attnlab bench decode``: each timed step attends over the keys its policy defines."""
+
+import torch
+
+from attnlab.bench import decode
+
+H, HKV, D, T, N = 4, 2, 16, 256, 32  # grouped-query attention, two query heads a KV head
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, 1, D, generator=g)
+    k, v = torch.randn(1, HKV, T, D, generator=g), torch.randn(1, HKV, T, D, generator=g)
+    return q, k, v
+
+
+def _over(q, k, v, keep):
+    """Attention of each query head over the keys ``keep`` (H, T) bool shows."""
+    kx, vx = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
+    s = (q @ kx.transpose(-1, -2))[:, :, 0] * D**-0.5  # (1, H, T)
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
+    return p.unsqueeze(2) @ vx  # (1, H, 1, D)
+
+
+def test_decode_steps_attend_over_their_policys_keys():
+    q, k, v = _inputs()
+    kx = k.repeat_interleave(H // HKV, 1)[0]  # (H, T, D)
+    scale = D**-0.5
+    pages = k.view(1, HKV, T // 16, 16, D)
+    bounds = (pages.amin(3), pages.amax(3))
+    kt = k.transpose(-1, -2).contiguous()
+    every = torch.ones(H, T, dtype=torch.bool)
+    dense = decode.step("dense", q, k, v, T, scale)
+    torch.testing.assert_close(dense, _over(q, k, v, every))
+    # top-k: the N keys of largest score per query head
+    s = (q[0] @ kx.transpose(-1, -2))[:, 0]  # (H, T)
+    keep = torch.zeros(H, T, dtype=torch.bool).scatter_(-1, s.topk(N, -1).indices, True)
+    torch.testing.assert_close(decode.step("topk", q, k, v, N, scale), _over(q, k, v, keep))
+    # Quest: the N / 16 pages of largest bound sum_d max(q_d min_d, q_d max_d)
+    kmin, kmax = (b.repeat_interleave(H // HKV, 1)[0] for b in bounds)  # (H, P, D)
+    qd = q[0, :, 0, None, :]  # (H, 1, D)
+    ub = torch.maximum(qd * kmin, qd * kmax).sum(-1)  # (H, P)
+    keep = ub.topk(N // 16, -1).indices
+    keep = torch.zeros(H, T // 16, dtype=torch.bool).scatter_(-1, keep, True)
+    keep = keep.repeat_interleave(16, -1)
+    got = decode.step("quest", q, k, v, N, scale, 16, bounds)
+    torch.testing.assert_close(got, _over(q, k, v, keep))
+    # SparQ: the N keys of largest q . k over the query's D / 8 largest-|q| channels
+    ch = q[0, :, 0].abs().topk(D // 8, -1).indices  # (H, r)
+    approx = torch.einsum(
+        "hr,htr->ht", q[0, :, 0].gather(-1, ch), kx.gather(-1, ch[:, None].expand(-1, T, -1))
+    )
+    keep = torch.zeros(H, T, dtype=torch.bool).scatter_(-1, approx.topk(N, -1).indices, True)
+    got = decode.step("sparq", q, k, v, N, scale, kt=kt)
+    torch.testing.assert_close(got, _over(q, k, v, keep))
+    assert not torch.allclose(got, dense, atol=1e-3)  # the selection changes the output
