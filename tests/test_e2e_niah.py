@@ -53,7 +53,8 @@ def test_full_attention_retrieves_every_passkey(run_dir):
     assert ((sparse["achieved_sparsity"] - 0.9).abs() < 0.01).all()
     for policy in ("snapkv", "quest", "sparq", "xattention"):  # they ran, sparsity measured
         peer = df.filter(pl.col("policy") == policy)
-        assert peer.height == 6 and (peer["achieved_sparsity"] > 0.5).all()
+        assert peer.height == 6  # each masks pairs beyond those the model's windows hide
+        assert (peer["achieved_sparsity"] > peer["model_sparsity"] + 0.2).all()
         assert peer["feasible"].to_list() == (peer["achieved_sparsity"] >= 0.895).to_list()
     assert set(df.columns) >= {
         "model",

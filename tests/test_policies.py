@@ -5,15 +5,8 @@ import torch
 
 from attnlab import policies
 from attnlab.kernels.reference import coarse_adjacency, coarsen_max_l2, forman_ricci
-from attnlab.policies.base import (
-    INF,
-    LayerHistory,
-    ScoreContext,
-    keep_block_tokens_by_budget,
-    keep_mask,
-    row_budget,
-    select_tokens,
-)
+from attnlab.policies.base import LayerHistory, ScoreContext, keep_mask, row_budget
+from attnlab.policies.selection import INF, keep_block_tokens_by_budget, select_tokens
 
 
 def causal(tq, tk):

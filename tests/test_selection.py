@@ -101,9 +101,7 @@ def test_prompt_form_lets_the_question_choose_the_needle_block():
     q[0, 0, 96:112, 1] = 4.0  # the block before the question's
     q[0, 0, 124:128, 0] = 4.0  # the question: the last strided query
     for form, needle in (("prompt", True), ("causal", False)):
-        policy = policies.make(
-            "xattention", block_size=bs, stride=4, threshold=0.9, selection=form
-        )
+        policy = policies.make("xattention", block_size=bs, stride=4, threshold=0.9, selection=form)
         keep = _blocks(policy, q, k, 0.5, scaling=1.0)
         assert bool(keep[0, 0, 7, 2]) is needle, form
     assert bool(keep[0, 0, 7, 4]) and bool(keep[0, 0, 7, 5])  # causal: the earlier block's

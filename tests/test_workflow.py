@@ -50,6 +50,7 @@ def test_a_variant_is_its_base_with_its_own_settings_on_top_and_the_defaults_fil
         "adjacency": "softmax",
         "graph": "symmetric",
         "query": "block",
+        "selection": "paper",
     }
     assert policy_spec("cab", policies) == cab
     assert policy_spec("cab_b64", policies) == {**cab, "block_size": 64, "base": "cab"}
@@ -174,7 +175,7 @@ def test_the_gpu_profile_puts_each_model_job_on_the_card_within_its_memory(tmp_p
     score = {w: int(f["gpu_mem_gb"]) for w, f in claims["niah_score"]}
     cab = next(v for w, v in score.items() if "policy=cab," in w)
     snapkv = next(v for w, v in score.items() if "policy=snapkv," in w)
-    assert cab > snapkv
+    assert snapkv > cab  # measured: SnapKV's row chunks, a row per query block for CAB
 
 
 def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(tmp_path):

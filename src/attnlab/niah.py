@@ -34,31 +34,12 @@ INSTRUCTION = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASKS = ("passkey", "multikey", "multivalue", "multiquery")
 # Keys of the multi-needle tasks, as in RULER's word keys.
-NAMES = (
-    "apple",
-    "river",
-    "lantern",
-    "copper",
-    "meadow",
-    "falcon",
-    "harbor",
-    "violet",
-    "granite",
-    "thunder",
-    "pepper",
-    "glacier",
-    "orchid",
-    "compass",
-    "saddle",
-    "marble",
-    "cactus",
-    "beacon",
-    "walnut",
-    "comet",
-    "anchor",
-    "willow",
-    "ember",
-    "quartz",
+NAMES = tuple(
+    (
+        "apple river lantern copper meadow falcon harbor violet granite thunder pepper "
+        "glacier orchid compass saddle marble cactus beacon walnut comet anchor willow "
+        "ember quartz"
+    ).split()
 )
 
 
@@ -280,7 +261,6 @@ def _result(prompt: Prompt, run: sparse.SparseRun, text: str) -> dict:
         "regime": run.regime,
         "decode": "policy" if run.regime == "cache" else run.decode,
         "selection": run.selection,
-        # the method in a form of this project's (Quest, H2O in the prefill regime)
         "extension": run.regime == "prefill" and run.policy.prefill_extension,
         "achieved_sparsity": run.achieved_sparsity,
         "model_sparsity": run.model_sparsity,

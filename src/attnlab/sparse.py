@@ -34,11 +34,11 @@ from attnlab.policies.base import (
     LayerHistory,
     Policy,
     ScoreContext,
-    keep_blocks_by_budget,
     keep_mask,
     row_budget,
     selection_form,
 )
+from attnlab.policies.selection import keep_blocks_by_budget
 
 REGIMES = ("cache", "prefill")
 _ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
@@ -80,7 +80,7 @@ class SparseRun:
     # evicting policy then drops keys between these calls only (see chunked_attention)
     row_chunk: int = 0
     # the prompt is given whole and answered after it (NIAH): a block policy may choose in
-    # its prompt form (policies.base.selection_form); ``selection`` is the form it takes
+    # its prompt form (policies.base.selection_form); ``selection``: the prefill's form
     whole_prompt: bool = False
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
@@ -100,7 +100,8 @@ class SparseRun:
             raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
         if self.row_chunk < 0:
             raise ValueError(f"row_chunk must be >= 0, got {self.row_chunk}")
-        self.selection = selection_form(self.policy, self.whole_prompt)
+        if self.regime == "prefill":  # the cache regime's rows choose one at a time
+            self.selection = selection_form(self.policy, self.whole_prompt)
 
     def __enter__(self) -> SparseRun:
         self._token = _ACTIVE.set(self)
@@ -298,23 +299,12 @@ class SparseRun:
             return (count > 0).expand(b, h, *count.shape[-2:])
         return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
 
-    def block_mask(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        scaling: float,
-        kv_heads=None,
-        visible: torch.Tensor | None = None,
-    ):
-        """:meth:`block_selection` of a prefill, for FlexAttention. q: (B, H, T, D),
-        k: (B, H, T, D); visible: the model's own mask (1, 1, T, T) bool (a sliding
-        window), causal when None. Returns ``(keep, visible)``: (B, H, Mq, Mk) bool
-        blocks and the mask.
-        """
+    def block_mask(self, layer, q, k, scaling, kv_heads=None, visible=None):
+        """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);
+        visible: the model's own mask (1, 1, T, T) bool (a sliding window), causal when
+        None. Returns ``(keep, visible)``: (B, H, Mq, Mk) bool blocks and the mask."""
         t = q.shape[-2]
-        if visible is None:
-            visible = visible_mask(None, t, t, q.device)
+        visible = visible_mask(None, t, t, q.device) if visible is None else visible
         ctx = self._context(layer, q, k, visible, scaling, kv_heads)
         keep = self.block_selection(ctx)
         self.policy.remember(ctx)

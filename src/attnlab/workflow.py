@@ -97,14 +97,12 @@ def latency_policies(prefill: list[str], policies: dict) -> list[str]:
 
 # Peak GPU memory (GiB, torch's reserved pool) of one NIAH job at 32768 tokens: Gemma-3-270M
 # in bfloat16 on an H200 (configs/long_context.yaml; each job's log ends with its peak).
-# Measured over 5 prompts a job (commit 9f64eb6): token policies' prefill in row chunks of
-# 1024 9.1-22.9 (SnapKV the most). Block policies took 48.6-51.4 there, when they scored
-# every row and their sliding-window layers took a (T, T) keep-mask; they now score one row
-# per query block under FlexAttention, and 16 is an allowance until measured again. A
-# dense cache-regime job (every cache policy's state beside one dense prefill): 64, an
-# allowance. What holds the memory grows with the square of the length where a (T, T)
-# mask is built, linearly where rows go in chunks (token policies).
-GPU_PEAK_GIB_32K = {"block": 16.0, "token": 23.0, "dense": 64.0}
+# Measured over 15 prompts a job at commit f3d03af: block policies (a row per query block,
+# FlexAttention) 4.8-6.1, token policies in row chunks of 1024 8.7-13.6 and SnapKV 35.9.
+# The dense cache-regime job (every cache policy's state beside one dense prefill) did not
+# finish within that session: 64 is an allowance. What holds the memory grows with the
+# square of the length where a (T, T) mask is built, linearly where rows go in chunks.
+GPU_PEAK_GIB_32K = {"block": 6.1, "token": 35.9, "dense": 64.0}
 GPU_MEM_FLOOR_GIB = 4.0  # the model, its cache and CUDA's own context
 
 

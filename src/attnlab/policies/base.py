@@ -2,11 +2,11 @@
 
 A policy only ranks keys. Token-level policies return a score per (query row, key);
 block-level policies a score per (query row, key block). Must-keep entries score +inf.
-This module turns scores into a keep-mask under the per-row budget, so no policy
-re-implements selection: a row at position p has p + 1 causal keys and keeps at most
-``budget(p + 1) = max(1, round((1 - s)(p + 1)))`` of them, plus whatever its policy
-marks must-keep. Eviction policies (``evicts``) select with memory: a key a row dropped
-is never seen again by a later row (:func:`select_evicting`).
+:func:`keep_mask` turns scores into a keep-mask under the per-row budget
+(:mod:`attnlab.policies.selection`), so no policy re-implements selection: a row at
+position p has p + 1 causal keys and keeps at most ``budget(p + 1) = max(1, round((1 -
+s)(p + 1)))`` of them, plus whatever its policy marks must-keep. Eviction policies
+(``evicts``) select with memory: a key a row dropped is never seen again by a later row.
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Annotated, ClassVar, Literal
 
-import numpy as np
 import torch
 
-from attnlab.blocks import block_of, visible_per_block
+from attnlab.blocks import block_of
 from attnlab.errors import UserError
 from attnlab.policies.fields import Range
-
-INF = float("inf")
+from attnlab.policies.selection import (
+    INF,
+    alive_keys,
+    keep_block_tokens_by_budget,
+    select_evicting,
+    select_tokens,
+)
 
 
 def row_budget(n_visible: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -292,101 +296,6 @@ def selection_form(policy: Policy, whole_prompt: bool) -> str:
             )
         return "causal"
     return form
-
-
-def select_tokens(score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Keep, per row, the ``budget`` best visible keys and every +inf key.
-
-    score: (B, H, Tq, Tk); visible: broadcastable bool; budget: (B, 1 or H, Tq) long.
-    Returns a (B, H, Tq, Tk) bool keep-mask.
-    """
-    s = torch.where(visible, score.float(), -INF)
-    n_inf = int((s == INF).sum(-1).max())
-    kk = min(max(int(budget.max()), n_inf), s.shape[-1])
-    top_val, top_idx = s.topk(kk, dim=-1)  # (B, H, Tq, kk)
-    rank = torch.arange(kk, device=s.device)
-    keep_top = (rank < budget.unsqueeze(-1)) | (top_val == INF)
-    keep_top &= top_val > -INF
-    mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
-    return mask.scatter_(-1, top_idx, keep_top)
-
-
-def keep_blocks_by_budget(
-    score: torch.Tensor, count: torch.Tensor, budget: torch.Tensor
-) -> torch.Tensor:
-    """Keep, per row, key blocks in score order while their visible keys fit the budget.
-
-    score: (B, H, Tq, Mk) with +inf for must-keep blocks; count: (B, 1|H, Tq, Mk) visible
-    keys per block; budget: (B, 1|H, Tq). The best visible block is always kept, so no row
-    is left empty; must-keep blocks are kept whatever the budget. Returns (B, H, Tq, Mk).
-    """
-    s = score.float().masked_fill(count == 0, -INF)
-    order = s.argsort(dim=-1, descending=True, stable=True)  # (B, H, Tq, Mk)
-    s_sorted = s.gather(-1, order)
-    c_sorted = count.expand_as(s).gather(-1, order)
-    fits = c_sorted.cumsum(-1) <= budget.unsqueeze(-1)
-    fits[..., 0] = True
-    keep_sorted = (fits | (s_sorted == INF)) & (s_sorted > -INF)
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-
-
-def keep_block_tokens_by_budget(
-    score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor, block_size: int
-) -> torch.Tensor:
-    """:func:`keep_blocks_by_budget` at token resolution: a (B, H, Tq, Tk) bool mask of the
-    kept blocks' keys inside ``visible``."""
-    keep = keep_blocks_by_budget(score, visible_per_block(visible, block_size), budget)
-    return keep.repeat_interleave(block_size, dim=-1)[..., : visible.shape[-1]] & visible
-
-
-def select_evicting(
-    score: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor, kept: torch.Tensor | None
-) -> torch.Tensor:
-    """:func:`select_tokens` with eviction memory, row after row: a row's candidates are
-    the keys no earlier row (nor ``kept``, the cache before these rows) dropped, and a row
-    over its budget drops its lowest-scoring candidates that are not must-keep.
-
-    score: (B, H, Tq, Tk) for rows at positions Tk - Tq .. Tk - 1; visible: broadcastable
-    bool; budget: (B, 1 or H, Tq); kept: (B, H, Tp) bool, Tp <= Tk, or None (no key dropped
-    yet). Returns a (B, H, Tq, Tk) bool keep-mask; its last row is the cache afterwards.
-    """
-    b, h, tq, tk = score.shape
-    vis = visible.expand(b, h, tq, tk)
-    alive = torch.ones(b, h, tk, dtype=torch.bool, device=score.device)
-    if kept is not None:
-        alive[..., : kept.shape[-1]] = kept
-    if tq == 1:
-        return select_tokens(score, vis & alive.unsqueeze(-2), budget)
-    # Rows one at a time on the host: each drops at most a key or two, so a loop of small
-    # numpy steps beats a top-k per row.
-    s = score.detach().float().cpu().numpy().reshape(b * h, tq, tk)
-    v = vis.cpu().numpy().reshape(b * h, tq, tk)
-    bud = budget.expand(b, h, tq).cpu().numpy().reshape(b * h, tq)
-    live = alive.cpu().numpy().reshape(b * h, tk)
-    out = np.zeros((b * h, tq, tk), dtype=bool)
-    rows = np.arange(b * h)
-    for i in range(tq):
-        cand = live & v[:, i]
-        over = cand.sum(-1) - bud[:, i]  # (BH,) candidates beyond the budget
-        while (over > 0).any():
-            r = np.where(cand, s[:, i], np.inf)  # must-keep (+inf) never goes
-            j = r.argmin(-1)
-            drop = (over > 0) & (r[rows, j] < np.inf)
-            if not drop.any():
-                break
-            cand[rows[drop], j[drop]] = False
-            live[rows[drop], j[drop]] = False
-            over = over - drop
-        out[:, i] = cand
-    return torch.from_numpy(out).view(b, h, tq, tk).to(score.device)
-
-
-def alive_keys(kept: torch.Tensor, tk: int) -> torch.Tensor:
-    """An evicting cache's keys among ``tk``: ``kept`` (B, H, Tp) and every key after it
-    (not yet seen by the eviction) -> (B, H, 1, Tk) bool."""
-    alive = torch.ones(*kept.shape[:2], 1, tk, dtype=torch.bool, device=kept.device)
-    alive[..., 0, : kept.shape[-1]] = kept
-    return alive
 
 
 def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:

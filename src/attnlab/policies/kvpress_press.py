@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from attnlab.errors import UserError
-from attnlab.policies.base import INF, Policy, ScoreContext, select_tokens
+from attnlab.policies.base import Policy, ScoreContext
+from attnlab.policies.selection import INF, select_tokens
 
 INSTALL = (
     "kvpress is not installed; `make install` installs it, or by hand: "

@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 
 import torch
 
-from attnlab.policies.base import INF, Policy, ScoreContext, select_tokens
+from attnlab.policies.base import Policy, ScoreContext
 from attnlab.policies.fields import Range
+from attnlab.policies.selection import INF, select_tokens
 
 
 @dataclass
