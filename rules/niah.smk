@@ -63,6 +63,8 @@ rule niah_cache:
         "benchmarks/niah_cache/{grid}/{model}.tsv"
     wildcard_constraints:
         grid="niah|ablation",
+    # the longest job of a NIAH grid: first in line, so that it is not left to run alone
+    priority: 10
     conda:
         "../envs/attnlab.yaml"
     threads: config["threads"]
