@@ -132,8 +132,9 @@ def ablation_policies(
 
 def default_targets(models: list[str], sparsities: list[float]) -> list[str]:
     """``rule all``: every stage's figures for every model (keys of the ``models``), the
-    NIAH heatmap at each sparsity, and the committed GPU study's figures. The GPU
-    benchmarks (figs/bench_kernels.png, figs/bench_capture.png) are asked for by name."""
+    NIAH heatmap at each sparsity, and the committed GPU study's figures. The benchmarks
+    (figs/bench_kernels.png, figs/bench_capture.png, figs/bench_decode.png) are asked for
+    by name."""
     capture = [f"capture_{{m}}_{k}" for k in ("entropy", "qnorm_entropy", "keff", "sink")]
     induction = [f"induction_{k}_{{m}}" for k in ("heatmap", "profile", "nulls")]
     stages = ["intervention_{m}", "gain_{m}", "pareto_{m}", "ablation_{m}", "curvature_{m}"]
