@@ -65,45 +65,109 @@ def shown_name(d: pl.DataFrame, policy: str) -> str:
     return policy
 
 
+# Every policy's place in legends and its colour, the same in every figure; groups of at
+# most about six lines a panel (full attention and the oracle drawn in each).
+POLICY_GROUPS = {
+    "token-level peers": ("h2o", "streamingllm", "snapkv", "sparq"),
+    "Quest and XAttention": (
+        "quest",
+        "quest_dense2",
+        "xattention",
+        "xattention_causal",
+        "xattention_free",
+    ),
+    "CAB and its ablations": ("cab", "cab_causal", "coarse_magnitude", "random_block"),
+    "CAB's variants": ("cab_plan", "cab_directed", "cab_b64", "cab_query"),
+}
+POLICY_ORDER = ("full", "topk", *(p for g in POLICY_GROUPS.values() for p in g))
+
+
+def policy_group(policy: str) -> str:
+    """The group a policy is drawn with: its entry in POLICY_GROUPS; CAB at another lambda
+    with CAB's variants, a kvpress press with the token-level peers."""
+    for group, names in POLICY_GROUPS.items():
+        if policy in names:
+            return group
+    return "CAB's variants" if policy.startswith("cab_") else "token-level peers"
+
+
+def ordered(policies) -> list[str]:
+    """Policies in legend order: POLICY_ORDER, then any other in name order."""
+    rank = {p: i for i, p in enumerate(POLICY_ORDER)}
+    return sorted(dict.fromkeys(policies), key=lambda p: (rank.get(p, len(rank)), p))
+
+
 def policy_styles(policies) -> dict[str, dict]:
-    """One line style per policy, the same in every panel of a figure: full attention dark
-    grey and dashed, the top-k oracle (the ceiling) black and dotted, the others 20
-    distinct colours in the order given."""
-    others = [p for p in dict.fromkeys(policies) if p not in ("full", "topk")]
+    """One line style per policy, the same in every figure: full attention dark grey and
+    dashed, the top-k oracle (the ceiling) black and dotted, the others a colour fixed by
+    their place in POLICY_ORDER (policies outside it after, in name order)."""
+    others = [p for p in ordered([*POLICY_ORDER, *policies]) if p not in ("full", "topk")]
     styles = {p: {"color": plt.cm.tab20(i % 20)} for i, p in enumerate(others)}
     styles["full"] = {"color": "0.35", "linestyle": "--", "zorder": 4}
     styles["topk"] = {"color": "black", "linestyle": ":", "zorder": 4}
     return styles
 
 
+HEATMAP_WIDTH = 6  # heatmap panels per figure row
+
+
+def haystack_of(df: pl.DataFrame, meta: dict) -> str:
+    """The haystacks a table's rows hid their needles in (its ``haystack`` column, else its
+    metadata's), for a figure's title."""
+    if "haystack" in df.columns:
+        found = [h for h in df["haystack"].unique().sort().to_list() if h is not None]
+        if found:
+            return ", ".join(found)
+    return meta.get("haystack") or "not recorded"
+
+
+def in_group(policy: str, group: str) -> bool:
+    """Whether a panel of ``group`` draws ``policy`` (full attention and the oracle: always)."""
+    return policy in ("full", "topk") or policy_group(policy) == group
+
+
+def group_rows(df: pl.DataFrame) -> list[tuple[str, str, str]]:
+    """(model, regime, group) of every policy group a (model, regime) ran: a figure row each."""
+    out = []
+    for model, regime in panel_rows(df):
+        d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
+        ran = {policy_group(p) for p in d["policy"].unique() if p not in ("full", "topk")}
+        out += [(model, regime, g) for g in POLICY_GROUPS if g in ran]
+    return out
+
+
 def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
     """Accuracy per (context length, needle depth): a panel per policy, a row per (model,
     regime).
 
-    Full attention has its own first panel in every row. Cells where the policy could not
+    Full attention has its own first panel in every row; a (model, regime) with more than
+    ``HEATMAP_WIDTH`` panels wraps into several rows. Cells where the policy could not
     reach the target sparsity are hatched; the number in each cell is the accuracy; a
     policy not run in a row's regime leaves its panel blank.
     """
     df, task = one_task(tables.read(table, COLUMNS))
-    meta = tables.meta(table)
     rows = panel_rows(df)
-    policies = ["full"] + [p for p in df["policy"].unique(maintain_order=True) if p != "full"]
+    policies = ordered(df["policy"].unique())
+    width = min(len(policies), HEATMAP_WIDTH)
+    wraps = -(-len(policies) // width)
     lengths = sorted(df["length"].unique().to_list())
     depths = sorted(df["depth"].unique().to_list())
     sel = df.filter(
         (pl.col("policy") == "full") | (pl.col("target_sparsity") - sparsity).abs().lt(1e-9)
     )
     fig, axes = plt.subplots(
-        len(rows),
-        len(policies),
+        len(rows) * wraps,
+        width,
         squeeze=False,
-        figsize=(2.6 * len(policies) + 1, 2.4 * len(rows) + 0.8),
+        figsize=(2.6 * width + 1, 2.4 * len(rows) * wraps + 0.8),
     )
     cmap = plt.get_cmap("viridis")
     n_per_cell = 0
     for r, (model, regime) in enumerate(rows):
+        for c in range(len(policies), wraps * width):  # the wrapped row's empty panels
+            axes[r * wraps + c // width][c % width].axis("off")
         for c, policy in enumerate(policies):
-            ax = axes[r][c]
+            ax = axes[r * wraps + c // width][c % width]
             cell = (
                 sel.filter(
                     (pl.col("model") == model)
@@ -153,20 +217,19 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
                 )
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
-            if r == len(rows) - 1:
-                ax.set_xlabel("context length (tokens)")
-            if c == 0:
+            ax.set_xlabel("tokens", fontsize=7)
+            if c % width == 0:
                 ax.set_ylabel(f"{_row_label(model, regime)}\nneedle depth (0 = start)")
             shown = shown_name(sel.filter(pl.col("regime") == regime), policy)
             title = "full attention" if policy == "full" else f"{shown} @ {sparsity:.0%}"
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-    haystack = meta.get("haystack", "?")
+            ax.set_title(title, fontsize=9)
+    haystack = haystack_of(df, tables.meta(table))
     fig.suptitle(
         f"{TASK_TITLES[task]}, target sparsity {sparsity:.0%} (haystack: {haystack}; "
         f"n = {n_per_cell} per cell; hatched = target not reached)",
         fontsize=10,
     )
+    fig.subplots_adjust(hspace=0.6, top=1 - 0.9 / fig.get_figheight())
     fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
     save_figure(fig, out)
 
@@ -286,7 +349,7 @@ def plot_tasks(table: str | Path, out: str | Path, seed: int = 0) -> None:
     meta = tables.meta(table)
     fig.suptitle(
         f"Retrieval tasks against sparsity ({meta.get('needles', '?')} needles in the "
-        f"multi-needle tasks; haystack: {meta.get('haystack', '?')}; bootstrap 95% "
+        f"multi-needle tasks; haystack: {haystack_of(df, meta)}; bootstrap 95% "
         "intervals; hollow = target not reached)",
         fontsize=10,
     )
@@ -294,41 +357,43 @@ def plot_tasks(table: str | Path, out: str | Path, seed: int = 0) -> None:
 
 
 def plot_length(table: str | Path, out: str | Path, seed: int = 0) -> None:
-    """Accuracy against prompt length per policy: a row per (model, regime), a column per
-    target sparsity; full attention (the same in every column) dashed, bootstrap 95%
-    intervals over the prompts of each length, hollow where the target was missed."""
+    """Accuracy against prompt length per policy: a row per (model, regime, policy group),
+    a column per target sparsity; full attention (the same in every column) dashed and the
+    oracle dotted in every panel, bootstrap 95% intervals over the prompts of each length,
+    hollow where the target was missed."""
     df, task = one_task(tables.read(table, COLUMNS))
-    rows = panel_rows(df)
+    rows = group_rows(df)
     sparsities = sorted(s for s in df["target_sparsity"].unique() if s > 0)
     fig, axes = plt.subplots(
         len(rows),
         len(sparsities),
         squeeze=False,
         sharey=True,
-        figsize=(4.4 * len(sparsities), 3.4 * len(rows) + 0.6),
+        figsize=(4.4 * len(sparsities), 3.0 * len(rows) + 0.6),
     )
     lengths = sorted(df["length"].unique())
-    styles = policy_styles(df["policy"].unique(maintain_order=True))
-    for r, (model, regime) in enumerate(rows):
+    styles = policy_styles(df["policy"].unique())
+    for r, (model, regime, group) in enumerate(rows):
         d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
         for c, s in enumerate(sparsities):
             ax = axes[r][c]
             runs = d.filter(
                 (pl.col("policy") == "full") | ((pl.col("target_sparsity") - s).abs() < 1e-9)
             )
-            for policy in runs["policy"].unique(maintain_order=True):
+            for policy in (p for p in ordered(runs["policy"].unique()) if in_group(p, group)):
                 run = runs.filter(pl.col("policy") == policy)
                 label = shown_name(run, policy)
                 _accuracy_line(ax, run, "length", label, seed, **styles[policy])
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
             ax.set_ylim(-0.05, 1.05)
-            ax.set_title(f"{model}, {regime} regime, {s:.0%} sparsity", fontsize=9)
-            ax.set_xlabel("prompt length (tokens)")
+            ax.set_title(f"{model}, {regime} regime, {s:.0%}: {group}", fontsize=8)
+            if r == len(rows) - 1:
+                ax.set_xlabel("prompt length (tokens)")
             if c == 0:
                 ax.set_ylabel("retrieval accuracy")
         axes[r][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.subplots_adjust(hspace=0.45)
+    fig.subplots_adjust(hspace=0.5, top=1 - 0.9 / fig.get_figheight())
     fig.suptitle(
         f"{TASK_TITLES[task]} against length, bootstrap 95% intervals over the prompts of "
         "each length (hollow = target not reached)",

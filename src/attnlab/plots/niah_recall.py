@@ -14,8 +14,10 @@ from attnlab.plots import save_figure
 from attnlab.plots.niah import (
     COLUMNS,
     TASK_TITLES,
+    group_rows,
+    in_group,
     one_task,
-    panel_rows,
+    ordered,
     policy_styles,
     sparsity_label,
 )
@@ -23,8 +25,8 @@ from attnlab.plots.niah import (
 
 def plot_recall(table: str | Path, out: str | Path) -> None:
     """Attention-mass recall of the answering rows (``recall_by_layer``) at the longest
-    prompt length that has it: for each (model, regime) a row of panels, one per target
-    sparsity, with each policy's recall against layer (mean over prompts and heads; the
+    prompt length that has it: for each (model, regime, policy group) a row of panels, one
+    per target sparsity, with each policy's recall against layer (mean over prompts and heads; the
     top-k oracle's is the ceiling at that budget), and a last panel of accuracy against
     mean recall, a point per (policy, sparsity). Full attention keeps every weight (recall
     1) and is left out of the curves; rows scored before recall was recorded are too."""
@@ -35,7 +37,7 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         raise UserError(f"{table}: no rows with attention-mass recall")
     length = df["length"].max()
     df = df.filter(pl.col("length") == length)
-    rows = panel_rows(df)
+    rows = group_rows(df)
     sparsities = sorted(df["target_sparsity"].unique())
     fig, axes = plt.subplots(
         len(rows),
@@ -43,19 +45,22 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         squeeze=False,
         figsize=(3.8 * (len(sparsities) + 1), 3.2 * len(rows) + 0.6),
     )
-    styles = policy_styles(df["policy"].unique(maintain_order=True))
-    for r, (model, regime) in enumerate(rows):
+    styles = policy_styles(df["policy"].unique())
+    for r, (model, regime, group) in enumerate(rows):
         d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
+        d = d.filter(
+            pl.col("policy").is_in([p for p in d["policy"].unique() if in_group(p, group)])
+        )
         for c, s in enumerate(sparsities):
             ax = axes[r][c]
-            for policy, run in d.filter(pl.col("target_sparsity") == s).group_by(
-                "policy", maintain_order=True
-            ):
+            at = d.filter(pl.col("target_sparsity") == s)
+            for policy in ordered(at["policy"].unique()):
+                run = at.filter(pl.col("policy") == policy)
                 curves = np.array(run["recall_by_layer"].to_list(), dtype=float)
-                ax.plot(curves.mean(0), marker=".", label=policy[0], **styles[policy[0]])
+                ax.plot(curves.mean(0), marker=".", label=policy, **styles[policy])
             ax.set_ylim(-0.05, 1.05)
             ax.set_xlabel("layer")
-            ax.set_title(f"{model}, {regime}, {s:.0%}", fontsize=8)
+            ax.set_title(f"{model}, {regime}, {s:.0%}: {group}", fontsize=8)
             if c == 0:
                 ax.set_ylabel("attention mass kept")
         ax = axes[r][-1]
@@ -72,7 +77,7 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         ax.set_ylabel("retrieval accuracy")
         handles, labels = axes[r][-2].get_legend_handles_labels()
         ax.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.subplots_adjust(hspace=0.5, wspace=0.3)
+    fig.subplots_adjust(hspace=0.5, wspace=0.3, top=1 - 0.9 / fig.get_figheight())
     fig.suptitle(
         f"{TASK_TITLES[task]} at {length} tokens: full attention's weight on the kept keys "
         "at the answering rows, by layer",
