@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from attnlab import niah, tables
+from attnlab.errors import UserError
 from attnlab.plots import niah_latency
 
 ATTNLAB = str(Path(sys.executable).parent / "attnlab")
@@ -62,6 +64,7 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
             "depth": d,
             "correct": c,
             "feasible": True,
+            "selection": "prompt" if p == "cab" else "causal",  # as the benchmark timed
         }
         for r in ("prefill", "cache")
         for p, s, c in [
@@ -91,3 +94,16 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
         tmp_path / "niah.parquet", tmp_path / "prefill.parquet", tmp_path / "fig.png"
     )
     assert (tmp_path / "fig.png").stat().st_size > 10_000
+    # a speed counts only for the selection scored: CAB's rows scored in the causal form do
+    # not pair with its prompt-form timing; a benchmark that records no form is refused
+    causal = pl.read_parquet(tmp_path / "niah.parquet").with_columns(selection=pl.lit("causal"))
+    tables.write(causal.to_arrow(), tmp_path / "causal.parquet")
+    joined = niah_latency.accuracy_latency(
+        tmp_path / "causal.parquet", tmp_path / "prefill.parquet"
+    )
+    assert "cab" not in joined["policy"].to_list() and "topk" in joined["policy"].to_list()
+    pl.read_parquet(tmp_path / "prefill.parquet").drop("selection").write_parquet(
+        tmp_path / "old.parquet"
+    )
+    with pytest.raises(UserError, match="predates the selection forms"):
+        niah_latency.accuracy_latency(tmp_path / "niah.parquet", tmp_path / "old.parquet")

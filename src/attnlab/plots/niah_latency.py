@@ -10,57 +10,64 @@ import polars as pl
 from attnlab import tables
 from attnlab.errors import UserError
 from attnlab.plots import save_figure
-from attnlab.plots.niah import (
-    COLUMNS,
-    REGIME_TITLES,
-    one_task,
-    sparsity_label,
-)
+from attnlab.plots.niah import COLUMNS, REGIME_TITLES, one_task, sparsity_label
+from attnlab.plots.styles import ordered, policy_styles
 
 
 def accuracy_latency(niah_table: str | Path, bench_table: str | Path) -> pl.DataFrame:
     """Each (policy, target sparsity) of a prefill benchmark beside its ``prefill``-regime
     NIAH accuracy at the benchmark's prompt length: the accuracy-matched speed table (the
     regime whose prompt the benchmark times; a ``cache``-regime prefill is full
-    attention's). Columns: policy, target_sparsity, kernel, ms, speedup_vs_full,
-    achieved_sparsity (of the timed prefill), regime, accuracy, prompts."""
+    attention's). A speed counts only for the selection whose accuracy is scored: rows
+    pair where their selection forms agree, and a benchmark that does not record its
+    forms (timed before they existed) is refused. Columns: policy, target_sparsity,
+    selection, kernel, ms, speedup_vs_full, achieved_sparsity (of the timed prefill),
+    regime, accuracy, prompts."""
     bench = pl.read_parquet(bench_table)
+    if "selection" not in bench.columns:
+        raise UserError(
+            f"{bench_table} predates the selection forms, so its selections may not be the"
+            " ones the NIAH table scored: rerun attnlab bench prefill"
+        )
     if "implementation" in bench.columns:  # transformers' own rows have no accuracy here
         bench = bench.filter(pl.col("implementation") == "attnlab")
     length = bench["length"].unique().to_list()
     if len(length) != 1:
         raise ValueError(f"{bench_table} times {len(length)} lengths; expected one")
-    df, _ = one_task(tables.read(niah_table, COLUMNS))
+    df, _ = one_task(tables.read(niah_table, [*COLUMNS, "selection"]))
+    full = pl.col("policy") == "full"  # no selection to differ
+    df = df.with_columns(selection=pl.when(full).then(pl.lit("causal")).otherwise("selection"))
     acc = (
         df.filter((pl.col("length") == length[0]) & (pl.col("regime") == "prefill"))
-        .group_by("regime", "policy", "target_sparsity")
+        .group_by("regime", "policy", "target_sparsity", "selection")
         .agg(
             pl.col("correct").cast(pl.Float64).mean().alias("accuracy"),
             pl.len().alias("prompts"),
         )
     )
-    keys = ["policy", "target_sparsity"]
+    keys = ["policy", "target_sparsity", "selection"]
     cols = [*keys, "kernel", "ms", "speedup_vs_full", "achieved_sparsity"]
     return bench.select(cols).join(acc, on=keys, how="inner").sort("regime", *keys)
 
 
 def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Path) -> None:
     """Prefill-regime NIAH accuracy against real-model prefill latency at the benchmark's
-    length: one colour per policy, its target sparsities written beside the points; full
-    attention a black star."""
+    length: one colour per policy (the same in every NIAH figure), its target sparsities
+    written beside the points; full attention a grey star."""
     df = accuracy_latency(niah_table, bench_table)
     regimes = df["regime"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, len(regimes), squeeze=False, sharey=True)
     fig.set_size_inches(5.2 * len(regimes), 4.0)
+    colors = {p: s["color"] for p, s in policy_styles(df["policy"].unique()).items()}
     for ax, regime in zip(axes[0], regimes, strict=True):
         d = df.filter(pl.col("regime") == regime)
-        for policy in d["policy"].unique(maintain_order=True):
+        for policy in ordered(d["policy"].unique()):
             p = d.filter(pl.col("policy") == policy).sort("target_sparsity")
-            style = {"color": "k", "marker": "*", "s": 140} if policy == "full" else {"s": 36}
+            style = {"marker": "*", "s": 140} if policy == "full" else {"s": 36}
             label = f"{policy} ({p['kernel'][0]})"
-            ax.scatter(p["ms"], p["accuracy"], label=label, zorder=3, **style)
+            ax.scatter(p["ms"], p["accuracy"], label=label, zorder=3, c=[colors[policy]], **style)
             if policy != "full":
-                ax.plot(p["ms"], p["accuracy"], alpha=0.4)
+                ax.plot(p["ms"], p["accuracy"], alpha=0.4, color=colors[policy])
                 for row in p.iter_rows(named=True):
                     sparsity_label(ax, row["target_sparsity"], row["ms"], row["accuracy"])
         ax.set_xscale("log")

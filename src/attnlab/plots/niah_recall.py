@@ -11,23 +11,15 @@ import polars as pl
 from attnlab import tables
 from attnlab.errors import UserError
 from attnlab.plots import save_figure
-from attnlab.plots.niah import (
-    COLUMNS,
-    TASK_TITLES,
-    group_rows,
-    in_group,
-    one_task,
-    ordered,
-    policy_styles,
-    sparsity_label,
-)
+from attnlab.plots.niah import COLUMNS, TASK_TITLES, one_task, sparsity_label
+from attnlab.plots.styles import group_rows, in_group, ordered, policy_styles
 
 
 def plot_recall(table: str | Path, out: str | Path) -> None:
     """Attention-mass recall of the answering rows (``recall_by_layer``) at the longest
     prompt length that has it: for each (model, regime, policy group) a row of panels, one
-    per target sparsity, with each policy's recall against layer (mean over prompts and heads; the
-    top-k oracle's is the ceiling at that budget), and a last panel of accuracy against
+    per target sparsity, with each policy's recall against layer (mean over prompts and
+    heads; the top-k oracle's is the ceiling at that budget), and a last panel of accuracy against
     mean recall, a point per (policy, sparsity). Full attention keeps every weight (recall
     1) and is left out of the curves; rows scored before recall was recorded are too."""
     cols = [*COLUMNS, "attention_recall", "recall_by_layer"]
