@@ -388,7 +388,7 @@ def test_sparq_finds_the_oracles_keys_from_the_querys_largest_channels():
     k[..., wanted, 3], k[..., wanted, 11] = 1.5, -1.5
     ctx = context(q, k, 0.9375)  # the last row keeps 4 of 64
     sparq = policies.make("sparq", channels=0.125)
-    assert sparq.rank(16) == 2 and sparq.read_cost(16) == 0.125
+    assert sparq.rank(16) == 2 and sparq.read_cost(16, 0.99) == 0.125
     keep = keep_mask(sparq, ctx)[0, :, 0]
     oracle = keep_mask(policies.make("topk"), ctx)[0, :, 0]
     assert keep.nonzero()[:, 1].view(2, 4).tolist() == [wanted, wanted]
@@ -398,3 +398,48 @@ def test_sparq_finds_the_oracles_keys_from_the_querys_largest_channels():
         torch.randn(1, 2, 8, 16, generator=g), torch.randn(1, 2, 64, 16, generator=g), 0.8
     )
     assert torch.equal(keep_mask(every, noise), keep_mask(policies.make("topk"), noise))
+
+
+def test_loki_finds_the_oracles_keys_in_the_keys_principal_axes():
+    """Keys in a 4-dimensional subspace of 16 channels (rotated, so no channel holds it):
+    Loki's axes, fitted on the cached keys, put the subspace first, and reading 4 of 16
+    (1/4) it scores every key exactly, so it keeps the oracle's keys; the first 4 channels
+    as they are (no axes yet) do not."""
+    g = torch.Generator().manual_seed(4)
+    rot = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    k = (torch.randn(1, 2, 96, 4, generator=g) @ rot[:4]).contiguous()  # (1, 2, 96, 16)
+    q = torch.randn(1, 2, 1, 16, generator=g)
+    loki = policies.make("loki", channels=0.25)
+    assert loki.rank(16) == 4 and loki.read_cost(16, 0.9) == 0.25
+    oracle = keep_mask(policies.make("topk"), context(q, k, 0.9))
+    cold = keep_mask(loki, context(q, k, 0.9))  # no axes yet: the first 4 channels
+    assert not torch.equal(cold, oracle)
+    history = LayerHistory()
+    loki.remember(context(q, k, 0.9, history))  # axes fitted on the cached keys
+    assert torch.equal(keep_mask(loki, context(q, k, 0.9, history)), oracle)
+
+
+def test_two_stage_reads_quests_candidates_then_exact_scores():
+    """Two-stage selection keeps the oracle's keys when the oracle's pages are among
+    Quest's candidates: here, with every page a candidate, exactly the oracle; with a few
+    candidate pages, the best keys inside the pages Quest ranks first (a page holding a
+    key aligned with the query). Twilight's top-p keeps fewer keys where the attention is
+    concentrated."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 4, 16, generator=g)
+    k = torch.randn(1, 2, 128, 16, generator=g)
+    ctx = context(q, k, 0.9)
+    every = policies.make("two_stage", page=16, expand=10.0)
+    assert torch.equal(keep_mask(every, ctx), keep_mask(policies.make("topk"), ctx))
+    k[..., 40, :] = 4.0 * q[..., -1, :]  # one key of page 2 that the last row attends to
+    ctx = context(q, k, 0.9)
+    two = policies.make("two_stage", page=16, expand=2.0)  # the last row: 2 pages of 16
+    assert two.read_cost(16, 0.9) == pytest.approx(2 / 16 + 0.2)
+    cand = two.candidates(ctx)[0, :, -1]  # (H, T): the last row's candidates
+    assert cand[:, 32:48].all() and cand[:, 112:].all()  # the aligned page, its own page
+    assert cand.sum(-1).tolist() == [32, 32]
+    keep = keep_mask(two, ctx)[0, :, -1]
+    assert keep[:, 40].all() and (keep & ~cand).sum() == 0
+    twilight = policies.make("two_stage", page=16, expand=4.0, top_p=0.5)
+    kept = keep_mask(twilight, ctx)[0, :, -1].sum(-1)
+    assert (kept >= 1).all() and (kept < keep.sum(-1)).all()  # concentrated: fewer keys

@@ -101,7 +101,7 @@ def score_prefill(
     )
     marks = scoring.mark_rows(rows, model, policy, run, target, tolerance)
     params = json.dumps(run.params(), sort_keys=True)
-    cost = run.read_cost(models.model_info(model, net).head_dim)
+    cost = run.read_cost(models.model_info(model, net).head_dim, target)
     for r in rows:
         r.update(policy_params=params, haystack=pmeta.get("haystack"), read_cost=cost)
     meta = {**pmeta, **marks, "regime": "prefill", "decode": "dense", "row_chunk": row_chunk}
@@ -145,14 +145,14 @@ def score_cache_runs(
         desc=f"{model} cache ({len(made)} runs)",
     )
     params = {name: json.dumps(p.params(), sort_keys=True) for name, p, _ in made}
-    cost = {name: p.read_cost(info.head_dim) for name, p, _ in made}
+    cost = {(name, s): p.read_cost(info.head_dim, s) for name, p, s in made}
     for r in rows:
         r.update(
             model=model,
             feasible=r["achieved_sparsity"] >= r["target_sparsity"] - tolerance,
             policy_params=params[r["policy"]],
             haystack=pmeta.get("haystack"),
-            read_cost=cost[r["policy"]],
+            read_cost=cost[r["policy"], r["target_sparsity"]],
         )
     meta = {**pmeta, "regime": "cache", "runs": json.loads(runs), "tolerance": tolerance}
     tables.write(rows, out, meta=meta)

@@ -26,7 +26,8 @@ def shown_name(d: pl.DataFrame, policy: str) -> str:
 # Every policy's place in legends and its colour, the same in every figure; groups of at
 # most about six lines a panel (full attention and the oracle drawn in each).
 POLICY_GROUPS = {
-    "token-level peers": ("h2o", "streamingllm", "snapkv", "sparq"),
+    "token-level peers": ("h2o", "streamingllm", "snapkv"),
+    "estimated top-k": ("sparq", "loki", "two_stage", "twilight"),
     "Quest and XAttention": (
         "quest",
         "quest_dense2",

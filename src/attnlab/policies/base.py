@@ -233,9 +233,10 @@ class Policy:
         if self.needs_received:
             ctx.history.received = ctx.received_total  # (B, H, Tk) totals so far
 
-    def read_cost(self, head_dim: int) -> float:
-        """Share of the keys' bytes the policy reads per row to choose its keys (DESIGN:
-        read cost), recorded beside accuracy; NaN where a policy does not state it."""
+    def read_cost(self, head_dim: int, sparsity: float) -> float:
+        """Share of the keys' bytes the policy reads per row to choose its keys at target
+        ``sparsity`` (DESIGN: read cost), recorded beside accuracy; NaN where a policy does
+        not state it."""
         return float("nan")
 
     def params(self) -> dict:

@@ -54,7 +54,7 @@ class Quest(BlockPolicy):
     dense_layers: Annotated[int, Range(0)] = 0
     """Leading layers left dense (the paper's setting: 2)."""
 
-    def read_cost(self, head_dim: int) -> float:
+    def read_cost(self, head_dim: int, sparsity: float) -> float:
         """Two vectors (the channel-wise minimum and maximum) per page of ``block_size``
         keys."""
         return 2 / self.block_size

@@ -31,7 +31,7 @@ class SparQ(Policy):
         """r: the channels the estimate reads."""
         return max(1, min(head_dim, round(self.channels * head_dim)))
 
-    def read_cost(self, head_dim: int) -> float:
+    def read_cost(self, head_dim: int, sparsity: float) -> float:
         """Share of the keys' bytes a row reads to choose: r of each key's head_dim channels."""
         return self.rank(head_dim) / head_dim
 

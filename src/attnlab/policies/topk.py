@@ -20,7 +20,7 @@ class TopK(Policy):
     name = "topk"
     label = "top-k oracle"
 
-    def read_cost(self, head_dim: int) -> float:
+    def read_cost(self, head_dim: int, sparsity: float) -> float:
         """Every key, whole: the exact score row."""
         return 1.0
 
