@@ -100,3 +100,13 @@ def test_a_policy_run_on_part_of_the_prompts_is_paired_on_those_alone():
     c_at_4096 = [c[i] for i in range(N) if i % 4 == 3]  # lengths cycle fastest
     assert rows["c"]["accuracy"] == pytest.approx(np.mean(c_at_4096))
     assert rows["c"]["diff_full"] == pytest.approx(np.mean(c_at_4096) - 1.0)
+
+
+def test_separation_auc_is_the_chance_a_correct_answer_scores_higher():
+    from attnlab.stats import separation_auc
+
+    assert separation_auc([0.9, 0.8, 0.2, 0.1], [True, True, False, False]) == 1.0
+    assert separation_auc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
+    # pairs (correct, wrong): (0.5, 0.5) a tie, (0.5, 0.2) and (0.9, .) above: 3.5 of 4
+    assert separation_auc([0.5, 0.9, 0.5, 0.2], [True, True, False, False]) == 0.875
+    assert np.isnan(separation_auc([0.3, 0.4], [True, True]))  # one class: undefined

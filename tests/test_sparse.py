@@ -1,5 +1,7 @@
 """The sparse runner on the real models: full equals eager; decode equals prefill."""
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -222,3 +224,27 @@ def test_full_attention_in_sliding_window_layers_runs_flex_under_the_models_own_
     with torch.inference_mode():  # no run at all: the same kernels, the same logits
         plain = model(ids, use_cache=False).logits[0]
     torch.testing.assert_close(plain, logits["sdpa"], rtol=0, atol=0)
+
+
+def test_needle_recall_counts_the_retrieval_heads_alone():
+    """Two heads of one answering row: head 0 puts most of full attention's weight on the
+    needle (keys 50-52), head 1 almost none (below the 5% rule: not a retrieval head).
+    A keep-mask holding key 50 and 51 of the needle in head 0 keeps their share of head
+    0's needle weight, whatever head 1 keeps."""
+    t = 100
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(2, t, generator=g)
+    s[0, 50:53] += torch.tensor([6.0, 5.0, 4.0])  # head 0 attends to the needle
+    s[1, 50:53] -= 8.0  # head 1 does not
+    k = torch.diag_embed(s)[None]  # (1, 2, T, T): key j of head h = s[h, j] e_j
+    q = torch.ones(1, 2, t)
+    keep = torch.ones(1, 2, t, dtype=torch.bool)
+    keep[0, 0, 52] = keep[0, 1, 50:53] = False
+    run = sparse.SparseRun(policies.make("topk"), 0.5, watch=[50, 51, 52])
+    visible = torch.ones(1, 1, t, dtype=torch.bool)
+    run.record_recall(0, q, k, visible, 1.0, keep, torch.tensor([[50]]))
+    p = torch.softmax(s, -1)
+    assert p[1, 50:53].sum() < 0.05 < p[0, 50:53].sum()
+    want = float(p[0, 50:52].sum() / p[0, 50:53].sum())
+    assert run.needle_recall == pytest.approx(want, abs=1e-6)
+    assert math.isnan(sparse.SparseRun(policies.make("full")).needle_recall)  # nothing kept

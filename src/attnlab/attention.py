@@ -29,9 +29,9 @@ from collections.abc import Callable
 import torch
 
 from attnlab.blocks import expand_kv
-from attnlab.masks import ModelMask, model_mask
+from attnlab.masks import ModelMask, model_mask, visible_mask
 from attnlab.policies.base import LayerHistory
-from attnlab.sparse import active, visible_mask
+from attnlab.sparse import active
 
 IMPLEMENTATION = "attnlab"
 # Called as observer(layer, query, probs) with the weights each eager call used.

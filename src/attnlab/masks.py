@@ -142,3 +142,16 @@ def _block_mask_of(dense: torch.Tensor, block: int = 128):
     return BlockMask.from_kv_blocks(
         num, idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(tq, tk)
     )
+
+
+def visible_mask(attention_mask, tq: int, tk: int, device) -> torch.Tensor:
+    """The model's own mask (None, a :class:`ModelMask` or a tensor) as
+    bool (B or 1, 1, Tq, Tk), True where a key may be seen."""
+    if isinstance(attention_mask, ModelMask):
+        attention_mask = attention_mask.dense()
+    if attention_mask is None:
+        q_pos = torch.arange(tk - tq, tk, device=device).unsqueeze(-1)
+        return (torch.arange(tk, device=device) <= q_pos)[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :tk]
+    return attention_mask[..., :tk] > torch.finfo(attention_mask.dtype).min / 2

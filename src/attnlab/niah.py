@@ -281,6 +281,7 @@ def _recall_columns(run: sparse.SparseRun) -> dict:
         "attention_recall": mean["recall"],
         "oracle_overlap": mean["overlap"],
         "oracle_recall": mean["oracle"],
+        "needle_recall": run.needle_recall,
         "recall_by_layer": by["recall"],
     }
 

@@ -17,7 +17,7 @@ For each call where the policy acts the run builds the keep-mask under the per-r
 (causality, sliding windows), and counts kept pairs against the causal pairs of those
 rows, so the achieved sparsity is measured, not assumed; the pairs the model's own mask
 hides are counted apart (``model_sparsity``). At the answering rows it also records how
-much of full attention's weight its policy kept, per layer (:meth:`SparseRun.record_recall`).
+much of full attention's weight its policy kept, per layer (:class:`attnlab.recall.Recorder`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnlab.blocks import expand_kv, visible_block_pairs, visible_per_block
-from attnlab.masks import ModelMask
+from attnlab.masks import visible_mask
 from attnlab.policies.base import (
     LayerHistory,
     Policy,
@@ -39,6 +39,7 @@ from attnlab.policies.base import (
     selection_form,
 )
 from attnlab.policies.selection import keep_blocks_by_budget
+from attnlab.recall import Recorder
 
 REGIMES = ("cache", "prefill")
 _ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
@@ -52,7 +53,7 @@ def active() -> SparseRun | None:
 
 
 @dataclass
-class SparseRun:
+class SparseRun(Recorder):
     """A policy at a target sparsity in a regime, applied while the run is active
     (``with run:``).
 
@@ -85,12 +86,7 @@ class SparseRun:
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
-    # per layer: sums over the answering rows of (kept mass, oracle overlap, oracle mass),
-    # each (B * H,), and the number of rows (see record_recall)
-    recall_sums: dict[int, list] = field(default_factory=dict)
-    watch_kept: list[float] = field(default_factory=list)
     histories: dict[int, LayerHistory] = field(default_factory=dict)
-    _watched: set[int] = field(default_factory=set)
     _token: contextvars.Token | None = None
 
     def __post_init__(self) -> None:
@@ -121,51 +117,6 @@ class SparseRun:
         """Fraction of those causal pairs that the model's own mask hides (sliding-window
         layers): the part of the achieved sparsity no policy chose."""
         return self.hidden / self.causal if self.causal else 0.0
-
-    def recall_by_layer(self) -> dict[str, list[float]]:
-        """Per layer (in order) the mean over heads and answering rows of the attention
-        mass the policy kept (``recall``), the overlap of its kept keys with the oracle's
-        at the row's budget (``overlap``) and the oracle's own mass (``oracle``): see
-        :meth:`record_recall`. Empty lists where nothing was recorded (full attention)."""
-        out = {"recall": [], "overlap": [], "oracle": []}
-        for layer in sorted(self.recall_sums):
-            *sums, rows = self.recall_sums[layer]
-            for name, total in zip(out, sums, strict=True):
-                out[name].append(float(total.mean()) / rows)
-        return out
-
-    def record_recall(self, layer, q, k, visible, scaling, keep, budget) -> None:
-        """Attention-mass recall of an answering row: the share of full attention's weight
-        that falls on the keys the policy keeps, the share of the oracle's keys (the
-        ``budget`` keys of largest weight) among them, and the oracle's own kept mass.
-
-        q: (B, H, D) the row's queries; k: (B, H, Tk, D) keys expanded to the query heads;
-        visible, keep: (B, 1|H, Tk) bool; budget: (B, 1|H) long (the oracle keeps at most
-        the visible keys: all of a sliding window narrower than the budget). Summed per layer over
-        the rows recorded (the last prompt row in the ``prefill`` regime, every generated
-        token's row in ``cache``).
-        """
-        s = torch.einsum("bhd,bhkd->bhk", q.float(), k.float()) * scaling
-        probs = torch.softmax(torch.where(visible, s, -float("inf")), dim=-1)  # (B, H, Tk)
-        budget = torch.minimum(budget, visible.sum(-1))  # a window may show fewer keys
-        n = int(budget.max())
-        top_p, top_i = probs.topk(min(n, probs.shape[-1]), dim=-1)  # the oracle's keys
-        in_budget = torch.arange(top_p.shape[-1], device=q.device) < budget.unsqueeze(-1)
-        keep = keep.expand_as(probs)
-        mass = (probs * keep).sum(-1).flatten()
-        overlap = (keep.gather(-1, top_i) & in_budget).sum(-1) / in_budget.sum(-1)
-        oracle = (top_p * in_budget).sum(-1).flatten()
-        new = [mass, overlap.flatten().float(), oracle, 1]
-        prev = self.recall_sums.get(layer)
-        self.recall_sums[layer] = (
-            new if prev is None else [a + b for a, b in zip(prev, new, strict=True)]
-        )
-
-    @property
-    def needle_kept(self) -> float:
-        """Share of (layer, head) pairs whose answering row keeps a watched key, among
-        the layers whose own mask lets that row see it."""
-        return sum(self.watch_kept) / len(self.watch_kept) if self.watch_kept else float("nan")
 
     def acts(self, layer: int) -> bool:
         """Whether the policy acts on this layer's next call: the first call of a layer is
@@ -369,28 +320,3 @@ class SparseRun:
         self.kept += kept
         self.causal += causal * b * h
         self.hidden += (causal * b - seen) * h
-
-    def _note_needle(self, layer: int, kept: torch.Tensor, visible=None) -> None:
-        """At a layer's first answering row, whether it keeps a watched key, per head.
-        kept: (B, H, Tk) bool; visible: (B, 1|H, Tk), None when the row sees every key.
-        Layers whose own window hides the needle from the row (sliding-window layers)
-        have nothing a policy could keep and are not counted."""
-        watch = list(self.watch)
-        if not watch or layer in self._watched:
-            return
-        self._watched.add(layer)
-        if visible is None or visible[..., watch].any():
-            self.watch_kept.extend(kept[..., watch].any(-1).float().flatten().tolist())
-
-
-def visible_mask(attention_mask, tq: int, tk: int, device) -> torch.Tensor:
-    """The model's own mask (None, a :class:`~attnlab.masks.ModelMask` or a tensor) as
-    bool (B or 1, 1, Tq, Tk), True where a key may be seen."""
-    if isinstance(attention_mask, ModelMask):
-        attention_mask = attention_mask.dense()
-    if attention_mask is None:
-        q_pos = torch.arange(tk - tq, tk, device=device).unsqueeze(-1)
-        return (torch.arange(tk, device=device) <= q_pos)[None, None]
-    if attention_mask.dtype == torch.bool:
-        return attention_mask[..., :tk]
-    return attention_mask[..., :tk] > torch.finfo(attention_mask.dtype).min / 2

@@ -118,3 +118,14 @@ def head_pearson(df, x: str, y: str, n_resamples: int = 2000, seed: int = 0) -> 
         seed=seed,
     )
     return {k: v.reshape(-1, n_heads) for k, v in res.items()}
+
+
+def separation_auc(scores, labels) -> float:
+    """How well ``scores`` separate True from False ``labels``: the probability that a
+    random True item scores above a random False one, ties counting half (the area under
+    the ROC curve; 0.5: no separation). NaN where either class is empty or a score is."""
+    x, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    if np.isnan(x).any() or y.all() or not y.any():
+        return float("nan")
+    pos, neg = x[y][:, None], x[~y][None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())

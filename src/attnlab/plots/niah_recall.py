@@ -13,6 +13,7 @@ from attnlab.errors import UserError
 from attnlab.plots import save_figure
 from attnlab.plots.niah import COLUMNS, TASK_TITLES, one_task, sparsity_label
 from attnlab.plots.styles import group_rows, in_group, ordered, policy_styles
+from attnlab.stats import separation_auc
 
 
 def plot_recall(table: str | Path, out: str | Path) -> None:
@@ -67,6 +68,7 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("mean attention mass kept")
         ax.set_ylabel("retrieval accuracy")
+        ax.set_title(separation_title(df, model, regime), fontsize=7)
         handles, labels = axes[r][-2].get_legend_handles_labels()
         ax.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.subplots_adjust(hspace=0.5, wspace=0.3, top=1 - 0.9 / fig.get_figheight())
@@ -76,6 +78,26 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         fontsize=10,
     )
     save_figure(fig, out)
+
+
+RECALLS = {  # the recalls whose separation of correct from wrong answers is reported
+    "attention_recall": "attention",
+    "oracle_overlap": "oracle overlap",
+    "needle_recall": "needle (retrieval heads)",
+}
+
+
+def separation_title(df: pl.DataFrame, model: str, regime: str) -> str:
+    """AUC of each recall (per prompt row, every policy and sparsity of the model and
+    regime) at telling correct answers from wrong ones: which recall to read."""
+    d = df.filter((pl.col("model") == model) & (pl.col("regime") == regime))
+    parts = []
+    for column, name in RECALLS.items():
+        if column in d.columns:
+            rows = d.filter(pl.col(column).is_not_null() & pl.col(column).is_not_nan())
+            auc = separation_auc(rows[column].to_numpy(), rows["correct"].to_numpy())
+            parts.append(f"{name} {auc:.2f}")
+    return "AUC, correct vs wrong: " + ", ".join(parts)
 
 
 def render(figure: str, table: list[str], out: str, **_) -> None:
