@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attnlab import policies
+from attnlab.errors import UserError
 from attnlab.kernels.reference import coarse_adjacency, coarsen_max_l2, forman_ricci
 from attnlab.policies.base import LayerHistory, ScoreContext, keep_mask, row_budget
 from attnlab.policies.selection import INF, keep_block_tokens_by_budget, select_tokens
@@ -443,3 +444,21 @@ def test_two_stage_reads_quests_candidates_then_exact_scores():
     twilight = policies.make("two_stage", page=16, expand=4.0, top_p=0.5)
     kept = keep_mask(twilight, ctx)[0, :, -1].sum(-1)
     assert (kept >= 1).all() and (kept < keep.sum(-1)).all()  # concentrated: fewer keys
+
+
+def test_xattention_takes_a_calibrated_threshold_per_head():
+    """Per-head thresholds (the released RULER runs'): with every share equal, a head at
+    threshold 1.0 keeps every block, a head at 0.3 fewer, under a budget that allows all."""
+    q = torch.zeros(1, 2, 64, 4)
+    k = torch.zeros(1, 2, 64, 4)  # uniform estimated attention
+    per_head = policies.make(
+        "xattention",
+        block_size=8,
+        stride=4,
+        threshold_only=True,
+        head_thresholds={"0": [1.0, 0.3]},
+    )
+    row = keep_mask(per_head, context(q, k, 0.0))[0, :, -1]  # (H, T): the last row
+    assert row[0].all() and 0 < int(row[1].sum()) < 64
+    with pytest.raises(UserError, match="needs 2 values"):
+        keep_mask(policies.make("xattention", head_thresholds={"0": [0.5]}), context(q, k, 0.5))

@@ -9,12 +9,11 @@ each call where the run's policy acts takes the run's keep-mask. Grouped-query a
 is passed to the kernels (``enable_gqa``), or handled by expanding key/value heads where
 scores are materialised.
 
-On CUDA, the prefill of a block-level policy (CAB and its ablations, Quest, XAttention)
-runs through FlexAttention's block-sparse kernel instead of a masked softmax: the
-selection is then made per query block (each block takes its first row's choice, so no
-row sees a choice made with later tokens, and its last row's budget), the granularity a
-BlockMask can express; in a sliding-window layer the model's window is applied pair by
-pair over the kept blocks. Decode steps and token-level policies take the masked path;
+The prefill of a block-level policy (CAB and its ablations, Quest, XAttention) chooses
+once per query block (:meth:`~attnlab.sparse.SparseRun.block_selection`, in the policy's
+selection form), the granularity a BlockMask expresses; on CUDA it runs through
+FlexAttention's block-sparse kernel, elsewhere as the same selection's keep-mask; in a
+sliding-window layer the model's window is applied pair by pair over the kept blocks. Decode steps and token-level policies take the masked path;
 a token-level policy's long call runs in row chunks (``row_chunk``,
 :func:`chunked_attention`). :class:`observe` hands every layer's weights to a function
 (the capture stage), through the eager path.

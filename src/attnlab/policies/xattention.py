@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
 
 from attnlab.blocks import n_blocks, visible_per_block
+from attnlab.errors import UserError
 from attnlab.policies.base import (
     INF,
     BlockPolicy,
@@ -64,6 +65,9 @@ class XAttention(BlockPolicy):
     threshold_only: bool = False
     """Keep every block the threshold asks for, whatever the budget (the method as
     released has no budget): the run's achieved sparsity is the threshold's."""
+    head_thresholds: dict = field(default_factory=dict)
+    """Calibrated thresholds, as the released RULER runs use: {"<layer>": [one per query
+    head]}; a layer not listed takes ``threshold``."""
 
     def __post_init__(self) -> None:
         if self.block_size % self.stride or not 0 < self.threshold <= 1:
@@ -99,6 +103,18 @@ class XAttention(BlockPolicy):
         blocks = rows.view(*rows.shape[:-1], mk, per).sum(-1)  # (B, H, Tq, Mk)
         return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-12)
 
+    def thresholds(self, layer: int, share: torch.Tensor) -> torch.Tensor | float:
+        """The layer's threshold: one per query head, (H, 1, 1), where calibrated."""
+        per_head = self.head_thresholds.get(str(layer))
+        if per_head is None:
+            return self.threshold
+        if len(per_head) != share.shape[1] or not all(0 < t <= 1 for t in per_head):
+            raise UserError(
+                f"xattention: head_thresholds[{layer!r}] needs {share.shape[1]} values in"
+                f" (0, 1], got {per_head}"
+            )
+        return torch.tensor(per_head, device=share.device, dtype=share.dtype)[:, None, None]
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]
         share = self.shares(q, ctx.k, ctx.q_pos, ctx.scaling)  # (B, H, Tq, Mk)
@@ -112,7 +128,7 @@ class XAttention(BlockPolicy):
         ranked = order.values.clamp(min=0)
         before = first + ranked.cumsum(-1) - ranked  # share of the blocks ranked above
         needed = torch.zeros_like(share, dtype=torch.bool).scatter_(
-            -1, order.indices, before < self.threshold
+            -1, order.indices, before < self.thresholds(ctx.layer, share)
         )
         score = torch.where(needed, INF if self.threshold_only else share, -INF)
         return with_must_keep_blocks(score, ctx.q_pos, self)
