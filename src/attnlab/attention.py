@@ -15,8 +15,8 @@ selection form), the granularity a BlockMask expresses; on CUDA it runs through
 FlexAttention's block-sparse kernel, elsewhere as the same selection's keep-mask; in a
 sliding-window layer the model's window is applied pair by pair over the kept blocks.
 Decode steps and token-level policies take the masked path; a token-level policy's long
-call runs in row chunks (``row_chunk``, :func:`chunked_attention`). :class:`observe` hands every layer's weights to a function
-(the capture stage), through the eager path.
+call runs in row chunks (``row_chunk``, :func:`chunked_attention`). :class:`observe`
+hands every layer's weights to a function (the capture stage), through the eager path.
 """
 
 from __future__ import annotations
