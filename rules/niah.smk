@@ -179,6 +179,32 @@ rule niah_paired:
         " --seed {params.seed} --out {output} 2> {log}"
 
 
+# The committed GPU study's accuracy-matched table (DESIGN: Accuracy-matched point) and its
+# figure: each policy's highest sparsity keeping 90% of full attention's passkeys at the
+# longest length, with the speedups measured for that selection (decode: the committed
+# H200 decode benchmark).
+rule long_context_matched:
+    input:
+        table="results_ref/long_context/niah.parquet",
+        decode="benchmarks_ref/decode_h200.csv",
+        code=module_sources("cli", "matched", "plots.matched", root=workflow.basedir),
+    output:
+        table="results/long_context/matched.parquet",
+        points="results/long_context/matched_points.parquet",
+        fig=report(
+            "figs/long_context_matched.png",
+            caption="../report/long_context_matched.rst",
+            category="Needle in a haystack",
+        ),
+    log:
+        "logs/niah_matched/long_context.log",
+    conda:
+        "../envs/attnlab.yaml"
+    shell:
+        "attnlab niah-matched --table {input.table} --decode {input.decode}"
+        " --out {output.table} --fig {output.fig} 2> {log}"
+
+
 rule niah_summary:
     input:
         table="results/niah/niah.parquet",

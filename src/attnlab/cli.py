@@ -28,6 +28,7 @@ VERBS = {
     "niah-cache": "attnlab.niah_jobs:score_cache_runs",
     "niah-table": "attnlab.niah_jobs:join_tables",
     "niah-paired": "attnlab.niah_paired:write_paired",
+    "niah-matched": "attnlab.matched:write_matched",
     "corpus-shard": "attnlab.corpus:shard",
     "capture": "attnlab.capture:capture_corpus",
     "intervention-heads": "attnlab.intervention:choose_heads",
@@ -142,6 +143,14 @@ def _niah_parsers(sub) -> None:
     _required(s, "--table", help="a NIAH table (niah-table)")
     _required(s, "--resamples", "--seed", type=int)
     _required(s, "--out")
+
+    s = sub.add_parser(
+        "niah-matched", help="each policy's highest sparsity keeping 90%% of full's answers"
+    )
+    _required(s, "--table", help="a NIAH table (niah-table)")
+    _required(s, "--decode", help="an attnlab bench decode table (csv or parquet)")
+    s.add_argument("--prefill", default="", help="an attnlab bench prefill table")
+    _required(s, "--out", "--fig")
 
 
 def _corpus_parsers(sub) -> None:

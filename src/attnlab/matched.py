@@ -1,0 +1,122 @@
+"""The accuracy-matched table (DESIGN: Accuracy-matched point): per (regime, policy) the
+highest sparsity at which it keeps at least 90% of full attention's correct answers on
+the same prompts, and its measured speedup there, the attention's alone and end to end.
+
+Speeds come from the benchmarks, each only for the selection it timed: the cache regime
+from ``attnlab bench decode`` (one generated token's attention over a cache of the
+prompt's length: Quest and SparQ their own select + gather + attend, top-k the oracle's,
+an evicting policy an evicted cache of the budget's size); the prefill regime from
+``attnlab bench prefill`` (the whole prefill), where its rows record the selection form
+the NIAH rows scored. A speed not measured is NaN, and a policy that qualifies at no
+sparsity has a null ``matched_sparsity``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from attnlab import tables
+from attnlab.errors import UserError
+
+SHARE = 0.9  # of full attention's correct answers
+EVICTING = {"h2o", "streamingllm", "snapkv"}  # decode over an evicted cache
+DECODE_KERNELS = {"topk", "quest", "sparq"}  # their own step in the decode benchmark
+
+
+def points(niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=None):
+    """Per (regime, policy, target sparsity) of a NIAH table's ``length`` passkey prompts:
+    correct answers beside full attention's, whether every prompt reached the target,
+    and the measured speedups (see :func:`_speeds`). decode, prefill: the benchmarks'
+    tables or None; shape: the decode benchmark's layer shape."""
+    df = niah.filter((pl.col("length") == length) & (pl.col("task") == "passkey"))
+    full = (
+        df.filter(pl.col("policy") == "full")
+        .group_by("regime")
+        .agg(pl.col("correct").sum().alias("full_correct"))
+    )
+    per = (
+        df.filter(pl.col("policy") != "full")
+        .group_by("regime", "policy", "target_sparsity")
+        .agg(
+            pl.col("correct").sum(),
+            pl.col("feasible").all(),
+            pl.col("achieved_sparsity").mean(),
+            pl.len().alias("prompts"),
+        )
+        .join(full, on="regime", how="left")
+        .sort("regime", "policy", "target_sparsity")
+    )
+    speeds = [
+        _speeds(r["regime"], r["policy"], r["target_sparsity"], length, decode, prefill, shape)
+        for r in per.iter_rows(named=True)
+    ]
+    return per.with_columns(
+        share=pl.col("correct") / pl.col("full_correct"),
+        attention_speedup=pl.Series([a for a, _ in speeds], dtype=pl.Float64),
+        end_to_end_speedup=pl.Series([e for _, e in speeds], dtype=pl.Float64),
+    )
+
+
+def matched(pts: pl.DataFrame) -> pl.DataFrame:
+    """Per (regime, policy) the highest target sparsity whose prompts all reached it and
+    kept at least ``SHARE`` of full attention's correct answers, with its point's values;
+    null sparsity (and values) where none did."""
+    ok = pts.filter((pl.col("share") >= SHARE) & pl.col("feasible"))
+    best = ok.sort("target_sparsity").group_by("regime", "policy").last()
+    keys = pts.select("regime", "policy", "full_correct", "prompts").unique(["regime", "policy"])
+    cols = ["achieved_sparsity", "correct", "share", "attention_speedup", "end_to_end_speedup"]
+    best = best.select(
+        "regime", "policy", pl.col("target_sparsity").alias("matched_sparsity"), *cols
+    )
+    return keys.join(best, on=["regime", "policy"], how="left").sort("regime", "policy")
+
+
+def _speeds(regime, policy, sparsity, length, decode, prefill, shape) -> tuple[float, float]:
+    """(attention, end to end) speedups at ``sparsity`` from the benchmarks, NaN where
+    none measured that selection."""
+    nan = float("nan")
+    if sparsity is None:
+        return nan, nan
+    if regime == "cache" and decode is not None:
+        step = "evicted" if policy in EVICTING else policy
+        if step in DECODE_KERNELS or step == "evicted":
+            d = decode.filter(
+                (pl.col("shape") == shape)
+                & (pl.col("cache") == length)
+                & (pl.col("policy") == step)
+                & ((pl.col("target_sparsity") - sparsity).abs() < 1e-9)
+            )
+            if d.height:
+                return float(d["speedup_vs_dense"][0]), nan
+    if regime == "prefill" and prefill is not None and "selection" in prefill.columns:
+        p = prefill.filter(
+            (pl.col("policy") == policy)
+            & (pl.col("implementation") == "attnlab")
+            & ((pl.col("target_sparsity") - sparsity).abs() < 1e-9)
+        )
+        if p.height:
+            return nan, float(p["speedup_vs_full"][0])
+    return nan, nan
+
+
+def write_matched(table: str, decode: str, out: str, fig: str, prefill: str = "") -> None:
+    """``attnlab niah-matched``: the matched table at ``out`` (its points beside it,
+    ``<out>_points.parquet``) and the figure at ``fig``, at the NIAH table's longest
+    prompt length and its model's layer shape in the decode benchmark."""
+    cols = ["model", "regime", "policy", "target_sparsity", "achieved_sparsity", "length", "task"]
+    niah = tables.read(table, cols)
+    bench = pl.read_csv(decode) if decode.endswith(".csv") else pl.read_parquet(decode)
+    models = niah["model"].unique().to_list()
+    if len(models) != 1 or models[0] not in bench["shape"].to_list():
+        raise UserError(f"{table}: one model whose shape {decode} times is needed, got {models}")
+    pre = pl.read_parquet(prefill) if prefill else None
+    length = int(niah["length"].max())
+    pts = points(niah, length, bench, pre, models[0])
+    meta = {"length": length, "share": SHARE, "shape": models[0]}
+    tables.write(matched(pts).to_arrow(), out, meta=meta)
+    tables.write(pts.to_arrow(), Path(out).with_name(Path(out).stem + "_points.parquet"), meta=meta)
+    from attnlab.plots.matched import plot_matched
+
+    plot_matched(pts, meta, fig)

@@ -1,0 +1,61 @@
+"""The accuracy-matched table: each policy's highest sparsity keeping 90% of full
+attention's answers, with the speed measured for that selection, on tables of known
+content."""
+
+import math
+
+import polars as pl
+
+from attnlab.matched import matched, points
+
+
+def _niah():
+    """Ten prompts per cell at one length: full attention answers all ten; Quest 10, 9, 6
+    at 90 / 95 / 99%; H2O 5 everywhere (never 90%); top-k 10 everywhere, but its 99% row
+    missed its target."""
+    correct = {"quest": (10, 9, 6), "h2o": (5, 5, 5), "topk": (10, 10, 10)}
+    rows = [
+        dict(regime="cache", policy="full", target_sparsity=0.0, correct=True, feasible=True)
+        for _ in range(10)
+    ]
+    for policy, counts in correct.items():
+        for s, n in zip((0.9, 0.95, 0.99), counts, strict=True):
+            feasible = not (policy == "topk" and s == 0.99)
+            rows += [
+                dict(
+                    regime="cache",
+                    policy=policy,
+                    target_sparsity=s,
+                    correct=i < n,
+                    feasible=feasible,
+                )
+                for i in range(10)
+            ]
+    df = pl.DataFrame(rows)
+    return df.with_columns(
+        length=pl.lit(4096), task=pl.lit("passkey"), achieved_sparsity=pl.col("target_sparsity")
+    )
+
+
+def _decode():
+    rows = [
+        dict(shape="m", cache=4096, policy=p, target_sparsity=s, speedup_vs_dense=x)
+        for p, x in (("quest", 0.5), ("topk", 0.2), ("evicted", 3.0))
+        for s in (0.9, 0.95, 0.99)
+    ]
+    return pl.DataFrame(rows)
+
+
+def test_each_policy_keeps_its_highest_qualifying_sparsity_and_its_speed():
+    got = {
+        r["policy"]: r
+        for r in matched(points(_niah(), 4096, _decode(), None, "m")).iter_rows(named=True)
+    }
+    assert got["quest"]["matched_sparsity"] == 0.95 and got["quest"]["correct"] == 9
+    assert got["quest"]["attention_speedup"] == 0.5  # its own decode step
+    assert got["topk"]["matched_sparsity"] == 0.95  # 99% missed its target
+    assert got["h2o"]["matched_sparsity"] is None  # 5 of 10 is below 90% everywhere
+    pts = points(_niah(), 4096, _decode(), None, "m")
+    h2o = pts.filter(pl.col("policy") == "h2o")
+    assert (h2o["attention_speedup"] == 3.0).all()  # an evicting policy: the evicted cache
+    assert math.isnan(got["quest"]["end_to_end_speedup"])  # not measured
