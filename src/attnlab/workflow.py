@@ -98,7 +98,8 @@ def latency_policies(prefill: list[str], policies: dict) -> list[str]:
 # Peak GPU memory (GiB, torch's reserved pool) of one NIAH job at 32768 tokens: Gemma-3-270M
 # in bfloat16 on an H200 (configs/long_context.yaml; each job's log ends with its peak).
 # Measured over 15 prompts a job at commit f3d03af: block policies (a row per query block,
-# FlexAttention) 4.8-6.1, token policies in row chunks of 1024 8.7-13.6 and SnapKV 35.9.
+# FlexAttention) 4.8-6.1, token policies in row chunks of 1024 8.7-13.6 and SnapKV 35.9
+# (18.4 allocated: the allocator's cache over three prompt lengths holds the rest).
 # The dense cache-regime job (every cache policy's state beside one dense prefill) did not
 # finish within that session: 64 is an allowance. What holds the memory grows with the
 # square of the length where a (T, T) mask is built, linearly where rows go in chunks.
