@@ -462,3 +462,26 @@ def test_xattention_takes_a_calibrated_threshold_per_head():
     assert row[0].all() and 0 < int(row[1].sum()) < 64
     with pytest.raises(UserError, match="needs 2 values"):
         keep_mask(policies.make("xattention", head_thresholds={"0": [0.5]}), context(q, k, 0.5))
+
+
+def test_cab_as_a_reranker_keeps_only_quests_candidates():
+    """With candidates, CAB ranks only the key blocks a Quest stage keeps for that many
+    times the row's budget (its own block and block 0 always); with room for every block
+    it is CAB itself."""
+    from attnlab.policies.quest import page_bounds, upper_bound
+
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(1, 2, 160, 16, generator=g), torch.randn(1, 2, 160, 16, generator=g)
+    ctx = context(q, k, 0.5)
+    plain = keep_mask(policies.make("cab", block_size=16), ctx)
+    wide = policies.make("cab", block_size=16, candidates=100.0)
+    assert torch.equal(keep_mask(wide, context(q, k, 0.5)), plain)
+    narrow = policies.make("cab", block_size=16, candidates=1.0)
+    keep = keep_mask(narrow, context(q, k, 0.5))[0, :, -1]  # (H, T): the last row
+    kmin, kmax = page_bounds(k, 16)
+    bound = upper_bound(q[..., -1:, :], kmin, kmax)[0, :, 0]  # (H, M)
+    best = bound.topk(5, dim=-1).indices  # ceil(1.0 x 80 / 16) = 5 candidate blocks
+    for h in range(2):
+        blocks = set(keep[h].view(10, 16).any(-1).nonzero().flatten().tolist())
+        assert blocks - {0, 9} <= set(best[h].tolist())
+    assert not torch.equal(keep, plain[0, :, -1])

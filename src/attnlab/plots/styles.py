@@ -35,7 +35,7 @@ POLICY_GROUPS = {
         "xattention_causal",
         "xattention_free",
     ),
-    "CAB and its ablations": ("cab", "cab_causal", "coarse_magnitude", "random_block"),
+    "CAB and its ablations": ("cab", "cab_causal", "cab_quest", "coarse_magnitude", "random_block"),
     "CAB's variants": ("cab_plan", "cab_directed", "cab_b64", "cab_query"),
 }
 POLICY_ORDER = ("full", "topk", *(p for g in POLICY_GROUPS.values() for p in g))

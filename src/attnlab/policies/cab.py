@@ -10,6 +10,8 @@ import torch
 from attnlab.kernels.reference import cab_block_scores, cab_row_scores
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 from attnlab.policies.fields import Range
+from attnlab.policies.quest import page_bounds, upper_bound
+from attnlab.policies.selection import INF
 
 
 @dataclass
@@ -42,6 +44,10 @@ class CAB(BlockPolicy):
     query: Literal["block", "row"] = "block"
     """Who stands for the row's own block in its coarse row: "block" (the block's max-L2
     query so far) or "row" (the row's own query: query-aware)."""
+    candidates: Annotated[float, Range(0)] = 0.0
+    """Curvature as a re-ranker: only the key blocks among a Quest stage's best (bound
+    sum_d max(q_d min_d, q_d max_d) per block) for this many times the row's budget in
+    keys can be kept (0: every block)."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]  # (B, H, Tk, D): queries of the key prefix
@@ -56,7 +62,7 @@ class CAB(BlockPolicy):
             self.graph,
             self.query,
         )  # (B, H, Tq, M)
-        return with_must_keep_blocks(score, ctx.q_pos, self)
+        return self.among_candidates(with_must_keep_blocks(score, ctx.q_pos, self), ctx)
 
     def block_scores(self, ctx: ScoreContext, rows: torch.Tensor, form: str) -> torch.Tensor:
         """The prompt form with the block's representative as its query (``query:
@@ -68,4 +74,21 @@ class CAB(BlockPolicy):
         score = cab_block_scores(
             q, ctx.k, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
         )  # (B, H, M, M)
-        return with_must_keep_blocks(score, ctx.q_pos[rows], self)
+        return self.among_candidates(
+            with_must_keep_blocks(score, ctx.q_pos[rows], self), ctx.rows(rows)
+        )
+
+    def among_candidates(self, score: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        """``score`` (B, H, Tq, M) of the rows of ``ctx`` with every block outside the
+        Quest stage's candidates at -inf (must-keep blocks stay); as is without
+        ``candidates``."""
+        if not self.candidates:
+            return score
+        kmin, kmax = page_bounds(ctx.k, self.block_size)
+        bound = upper_bound(ctx.q, kmin, kmax).masked_fill(score == -INF, -INF)
+        n = torch.ceil(self.candidates * ctx.budget.float() / self.block_size).long()
+        top = bound.topk(min(int(n.max()), bound.shape[-1]), dim=-1)
+        kept = torch.arange(top.indices.shape[-1], device=score.device) < n.unsqueeze(-1)
+        chosen = torch.zeros_like(score, dtype=torch.bool)
+        chosen.scatter_(-1, top.indices, kept.expand_as(top.indices))
+        return score.masked_fill(~chosen & (score < INF), -INF)
