@@ -1,5 +1,7 @@
 """Paired NIAH comparisons on a synthetic NIAH table with known answers."""
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -110,3 +112,35 @@ def test_separation_auc_is_the_chance_a_correct_answer_scores_higher():
     # pairs (correct, wrong): (0.5, 0.5) a tie, (0.5, 0.2) and (0.9, .) above: 3.5 of 4
     assert separation_auc([0.5, 0.9, 0.5, 0.2], [True, True, False, False]) == 0.875
     assert np.isnan(separation_auc([0.3, 0.4], [True, True]))  # one class: undefined
+
+
+def test_a_threshold_only_run_is_drawn_once_at_its_achieved_sparsity(tmp_path):
+    """XAttention without a budget cap gives one run whatever the target: the summary
+    panels draw it once, at the sparsity it achieved."""
+    import matplotlib.pyplot as plt
+
+    from attnlab.plots.niah import _accuracy_panel
+
+    rows = [
+        dict(
+            policy=p,
+            target_sparsity=s,
+            achieved_sparsity=a,
+            correct=c,
+            feasible=True,
+            policy_params=json.dumps({"threshold_only": p == "xattention_free"}),
+        )
+        for p, a in (("full", 0.0), ("topk", None), ("xattention_free", 0.7))
+        for s in ((0.0,) if p == "full" else (0.9, 0.95))
+        for c in (True, False)
+    ]
+    d = pl.DataFrame(rows).with_columns(
+        achieved_sparsity=pl.col("achieved_sparsity").fill_null(pl.col("target_sparsity"))
+    )
+    fig, ax = plt.subplots()
+    _accuracy_panel(ax, d, 0)
+    lines = {c.get_label(): c for c in ax.containers}
+    free = next(v for k, v in lines.items() if k.startswith("xattention_free"))
+    assert free.lines[0].get_xdata().tolist() == [0.7] and "70.0% achieved" in free.get_label()
+    assert lines["topk"].lines[0].get_xdata().tolist() == [0.9, 0.95]
+    plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -158,6 +159,14 @@ def plot_heatmap(table: str | Path, sparsity: float, out: str | Path) -> None:
     save_figure(fig, out)
 
 
+def _threshold_only(run: pl.DataFrame) -> bool:
+    """Whether a policy's rows ran without a budget cap (XAttention's ``threshold_only``):
+    every target then gives the same run."""
+    if "policy_params" not in run.columns or run["policy_params"].is_null().all():
+        return False
+    return bool(json.loads(run["policy_params"][0]).get("threshold_only", False))
+
+
 def _accuracy_panel(ax, d: pl.DataFrame, seed: int) -> int:
     """Accuracy against target sparsity per policy on one axis, full attention dashed
     with its band, bootstrap 95% intervals, hollow where the target was missed.
@@ -170,6 +179,13 @@ def _accuracy_panel(ax, d: pl.DataFrame, seed: int) -> int:
     styles = policy_styles(d["policy"].unique())
     for policy in [p for p in ordered(d["policy"].unique()) if p != "full"]:
         run = d.filter(pl.col("policy") == policy)
+        if _threshold_only(run):  # no budget: one run, drawn at the sparsity it achieved
+            run = run.filter(pl.col("target_sparsity") == run["target_sparsity"].min())
+            at = float(run["achieved_sparsity"].mean())
+            run = run.with_columns(target_sparsity=pl.lit(at))
+            label = f"{policy} (threshold only: {at:.1%} achieved)"
+            _accuracy_line(ax, run, "target_sparsity", label, seed, **styles[policy])
+            continue
         _accuracy_line(ax, run, "target_sparsity", policy, seed, **styles[policy])
     ax.set_xlabel("target sparsity")
     ax.set_ylabel("retrieval accuracy")
