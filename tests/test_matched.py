@@ -59,3 +59,33 @@ def test_each_policy_keeps_its_highest_qualifying_sparsity_and_its_speed():
     h2o = pts.filter(pl.col("policy") == "h2o")
     assert (h2o["attention_speedup"] == 3.0).all()  # an evicting policy: the evicted cache
     assert math.isnan(got["quest"]["end_to_end_speedup"])  # not measured
+
+
+def test_a_prefill_speed_counts_only_for_the_selection_form_scored():
+    rows = [
+        dict(
+            regime="prefill", policy=p, target_sparsity=s, correct=True, feasible=True, selection=f
+        )
+        for p, s, f in (("full", 0.0, "causal"), ("cab", 0.9, "prompt"))
+        for _ in range(4)
+    ]
+    niah = pl.DataFrame(rows).with_columns(
+        length=pl.lit(4096), task=pl.lit("passkey"), achieved_sparsity=pl.col("target_sparsity")
+    )
+
+    def bench(form):
+        return pl.DataFrame(
+            [
+                dict(
+                    policy="cab",
+                    selection=form,
+                    implementation="attnlab",
+                    target_sparsity=0.9,
+                    speedup_vs_full=1.5,
+                )
+            ]
+        )
+
+    timed = points(niah, 4096, None, bench("prompt"), "m")["end_to_end_speedup"].to_list()
+    other = points(niah, 4096, None, bench("causal"), "m")["end_to_end_speedup"].to_list()
+    assert timed == [1.5] and math.isnan(other[0])

@@ -31,6 +31,8 @@ def points(niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=Non
     and the measured speedups (see :func:`_speeds`). decode, prefill: the benchmarks'
     tables or None; shape: the decode benchmark's layer shape."""
     df = niah.filter((pl.col("length") == length) & (pl.col("task") == "passkey"))
+    if "selection" not in df.columns:
+        df = df.with_columns(selection=pl.lit(None, pl.String))
     full = (
         df.filter(pl.col("policy") == "full")
         .group_by("regime")
@@ -43,15 +45,13 @@ def points(niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=Non
             pl.col("correct").sum(),
             pl.col("feasible").all(),
             pl.col("achieved_sparsity").mean(),
+            pl.col("selection").first(),
             pl.len().alias("prompts"),
         )
         .join(full, on="regime", how="left")
         .sort("regime", "policy", "target_sparsity")
     )
-    speeds = [
-        _speeds(r["regime"], r["policy"], r["target_sparsity"], length, decode, prefill, shape)
-        for r in per.iter_rows(named=True)
-    ]
+    speeds = [_speeds(r, length, decode, prefill, shape) for r in per.iter_rows(named=True)]
     return per.with_columns(
         share=pl.col("correct") / pl.col("full_correct"),
         attention_speedup=pl.Series([a for a, _ in speeds], dtype=pl.Float64),
@@ -73,10 +73,12 @@ def matched(pts: pl.DataFrame) -> pl.DataFrame:
     return keys.join(best, on=["regime", "policy"], how="left").sort("regime", "policy")
 
 
-def _speeds(regime, policy, sparsity, length, decode, prefill, shape) -> tuple[float, float]:
-    """(attention, end to end) speedups at ``sparsity`` from the benchmarks, NaN where
-    none measured that selection."""
+def _speeds(point: dict, length: int, decode, prefill, shape) -> tuple[float, float]:
+    """(attention, end to end) speedups of a point (regime, policy, target sparsity and
+    the selection form its rows record) from the benchmarks, NaN where none measured
+    that selection."""
     nan = float("nan")
+    regime, policy, sparsity = point["regime"], point["policy"], point["target_sparsity"]
     if sparsity is None:
         return nan, nan
     if regime == "cache" and decode is not None:
@@ -93,6 +95,7 @@ def _speeds(regime, policy, sparsity, length, decode, prefill, shape) -> tuple[f
     if regime == "prefill" and prefill is not None and "selection" in prefill.columns:
         p = prefill.filter(
             (pl.col("policy") == policy)
+            & (pl.col("selection") == point["selection"])
             & (pl.col("implementation") == "attnlab")
             & ((pl.col("target_sparsity") - sparsity).abs() < 1e-9)
         )
