@@ -10,7 +10,7 @@ import torch
 from attnlab.kernels.reference import cab_block_scores, cab_row_scores
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 from attnlab.policies.fields import Range
-from attnlab.policies.quest import page_bounds, upper_bound
+from attnlab.policies.quest import candidate_pages
 from attnlab.policies.selection import INF
 
 
@@ -84,11 +84,6 @@ class CAB(BlockPolicy):
         ``candidates``."""
         if not self.candidates:
             return score
-        kmin, kmax = page_bounds(ctx.k, self.block_size)
-        bound = upper_bound(ctx.q, kmin, kmax).masked_fill(score == -INF, -INF)
-        n = torch.ceil(self.candidates * ctx.budget.float() / self.block_size).long()
-        top = bound.topk(min(int(n.max()), bound.shape[-1]), dim=-1)
-        kept = torch.arange(top.indices.shape[-1], device=score.device) < n.unsqueeze(-1)
-        chosen = torch.zeros_like(score, dtype=torch.bool)
-        chosen.scatter_(-1, top.indices, kept.expand_as(top.indices))
+        keys = self.candidates * ctx.budget.float()
+        chosen = candidate_pages(ctx.q, ctx.k, self.block_size, keys, excluded=score == -INF)
         return score.masked_fill(~chosen & (score < INF), -INF)

@@ -10,6 +10,7 @@ import torch
 from attnlab.blocks import n_blocks
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 from attnlab.policies.fields import Range
+from attnlab.policies.selection import INF
 
 
 def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +34,24 @@ def upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     qf = q.float()
     pos = qf.clamp(min=0)
     return pos @ kmax.transpose(-1, -2) + (qf - pos) @ kmin.transpose(-1, -2)
+
+
+def candidate_pages(q, k, page: int, keys: torch.Tensor, excluded=None, forced=None):
+    """Quest as a first stage: each row's pages of largest bound (:func:`upper_bound`),
+    as many as hold ``keys`` (B, 1|H, Tq) keys, among the pages not ``excluded``, the
+    ``forced`` ones ranked first (both bool, broadcastable to (B, H, Tq, P)).
+    q: (B, H, Tq, D), k: (B, H, T, D) -> (B, H, Tq, P) bool."""
+    bound = upper_bound(q, *page_bounds(k, page))
+    if excluded is not None:
+        bound = bound.masked_fill(excluded, -INF)
+    if forced is not None:
+        bound = bound.masked_fill(forced, INF)
+    n = torch.ceil(keys.float() / page).long()
+    top = bound.topk(min(int(n.max()), bound.shape[-1]), dim=-1)
+    kept = (torch.arange(top.indices.shape[-1], device=q.device) < n.unsqueeze(-1)) & (
+        top.values > -INF
+    )
+    return torch.zeros_like(bound, dtype=torch.bool).scatter_(-1, top.indices, kept)
 
 
 @dataclass

@@ -9,10 +9,10 @@ from typing import Annotated
 
 import torch
 
-from attnlab.blocks import block_of, visible_per_block
+from attnlab.blocks import block_of, n_blocks, visible_per_block
 from attnlab.policies.base import Policy, ScoreContext
 from attnlab.policies.fields import Range
-from attnlab.policies.quest import page_bounds, upper_bound
+from attnlab.policies.quest import candidate_pages
 from attnlab.policies.selection import INF
 
 
@@ -46,16 +46,16 @@ class TwoStage(Policy):
     def candidates(self, ctx: ScoreContext) -> torch.Tensor:
         """The first stage: each row's candidate keys, (B, H, Tq, Tk) bool."""
         tk = ctx.k.shape[-2]
-        kmin, kmax = page_bounds(ctx.k, self.page)
-        bound = upper_bound(ctx.q, kmin, kmax)  # (B, H, Tq, P)
-        bound = bound.masked_fill(visible_per_block(ctx.visible, self.page) == 0, -INF)
+        pages = n_blocks(tk, self.page)
         own = block_of(ctx.q_pos, self.page).unsqueeze(-1)  # (Tq, 1)
-        bound = bound.masked_fill(torch.arange(bound.shape[-1], device=own.device) == own, INF)
-        pages = torch.ceil(self.expand * ctx.budget.float() / self.page).long()  # (B, 1|H, Tq)
-        kk = min(int(pages.max()), bound.shape[-1])
-        top = bound.topk(kk, dim=-1)
-        kept = (torch.arange(kk, device=bound.device) < pages.unsqueeze(-1)) & (top.values > -INF)
-        chosen = torch.zeros_like(bound, dtype=torch.bool).scatter_(-1, top.indices, kept)
+        chosen = candidate_pages(
+            ctx.q,
+            ctx.k,
+            self.page,
+            self.expand * ctx.budget.float(),
+            excluded=visible_per_block(ctx.visible, self.page) == 0,
+            forced=torch.arange(pages, device=own.device) == own,
+        )  # (B, H, Tq, P)
         return chosen.repeat_interleave(self.page, dim=-1)[..., :tk] & ctx.visible
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
