@@ -123,3 +123,35 @@ rule bench_prefill:
         " --length {params.length} --policies {params.policies}"
         " --sparsities {params.sparsities} --threads {threads} --device {params.device}"
         " --dtype {params.dtype} --out {params.out_dir} > {log} 2>&1"
+
+
+
+# A real model's per-token decode latency at the longest NIAH prompt, per cache-regime
+# policy (the scored path: the policy's keep-mask over every cached key, every layer).
+rule bench_generate:
+    input:
+        prompts="results/niah/{model}/prompts.parquet",
+        code=module_sources("cli", "bench", "bench.generate", root=workflow.basedir),
+    output:
+        table="results/bench/{model}/generate.parquet",
+        csv="results/bench/{model}/generate.csv",
+    log:
+        "logs/bench/generate_{model}.log",
+    benchmark:
+        "benchmarks/bench/generate_{model}.tsv"
+    conda:
+        "../envs/attnlab.yaml"
+    threads: config["threads"]
+    params:
+        name=model_name,
+        length=max(NIAH["lengths"]),
+        policies=generate_policies(),
+        sparsities=NIAH["sparsities"],
+        device=config["device"],
+        dtype=config["dtype"],
+        out_dir=subpath(output.table, parent=True),
+    shell:
+        "attnlab bench generate --model {params.name} --prompts {input.prompts}"
+        " --length {params.length} --policies {params.policies}"
+        " --sparsities {params.sparsities} --threads {threads} --device {params.device}"
+        " --dtype {params.dtype} --out {params.out_dir} > {log} 2>&1"

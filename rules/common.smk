@@ -99,12 +99,20 @@ def latency_policies():
     return workflow_latency_policies(NIAH["regimes"]["prefill"], config["policies"])
 
 
+def generate_policies():
+    """The per-token decode benchmark's policies: the oracle, Quest and SnapKV where the
+    NIAH grid's cache regime scores them (full attention is its reference)."""
+    cache = NIAH["regimes"]["cache"]
+    return [p for p in ("topk", "quest", "snapkv") if p in cache] or ["topk"]
+
+
 def niah_study_targets():
-    """The NIAH study of this config: its table, the prefill latency table of each model,
-    the heatmap at each sparsity, and the length, latency and recall figures."""
+    """The NIAH study of this config: its table, the prefill latency and per-token decode
+    tables of each model, the heatmap at each sparsity, and the length, latency and
+    recall figures."""
     figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
     figs += [f"figs/niah_{k}.png" for k in ("length", "latency", "recall")]
-    bench = [f"results/bench/{m}/prefill.parquet" for m in MODELS]
+    bench = [f"results/bench/{m}/{b}.parquet" for m in MODELS for b in ("prefill", "generate")]
     return ["results/niah/niah.parquet", *bench, *figs]
 
 

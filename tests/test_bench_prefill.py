@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 
 from attnlab import niah, tables
 from attnlab.errors import UserError
@@ -107,3 +108,39 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
     )
     with pytest.raises(UserError, match="predates the selection forms"):
         niah_latency.accuracy_latency(tmp_path / "niah.parquet", tmp_path / "old.parquet")
+
+
+def test_generate_bench_times_one_token_per_cache_policy(smollm2, tmp_path):
+    _, tok, _ = smollm2
+    prompts = niah.make_prompts(tok, [128], [0.5], 1, 0)
+    tables.write([p.__dict__ for p in prompts], tmp_path / "prompts.parquet")
+    args = ["bench", "generate", "--model", "smollm2-135m", "--prompts"]
+    args += [str(tmp_path / "prompts.parquet"), "--length", "128", "--rep-ms", "1"]
+    args += ["--policies", "topk", "snapkv", "--sparsities", "0.5", "0.9"]
+    args += ["--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run([ATTNLAB, *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bench = pl.read_parquet(tmp_path / "generate.parquet")
+    assert bench.select("policy", "target_sparsity").rows() == [
+        ("full", 0.0),
+        ("topk", 0.5),
+        ("topk", 0.9),
+        ("snapkv", 0.5),
+        ("snapkv", 0.9),
+    ]
+    assert (bench["regime"] == "cache").all() and (bench["length"] == 128).all()
+    assert (bench["ms"] > 0).all() and (bench["reps"] >= 5).all()
+    assert bench["speedup_vs_full"][0] == 1.0
+
+
+def test_a_run_that_records_nothing_selects_the_same(smollm2):
+    from attnlab import decoding, policies, sparse
+
+    model, tok, _ = smollm2
+    ids = torch.tensor([niah.make_prompts(tok, [128], [0.5], 1, 0)[0].input_ids])
+    runs = [
+        sparse.SparseRun(policies.make("quest"), 0.8, records=records) for records in (True, False)
+    ]
+    logits = [decoding.prefill(model, ids, r)[1] for r in runs]
+    assert torch.equal(logits[0], logits[1])
+    assert runs[0].kept == runs[1].kept and runs[0].recall_sums and not runs[1].recall_sums

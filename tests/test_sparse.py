@@ -147,7 +147,7 @@ def test_chunked_eviction_drops_keys_between_chunks_only(smollm2):
 
 @pytest.mark.parametrize("window", [None, 20])
 def test_visible_block_pairs_count_the_visible_pairs_of_each_block(window):
-    from attnlab.blocks import visible_block_pairs
+    from attnlab.blocks import causal_block_pairs, visible_block_pairs
 
     t, bs = 2100, 16  # past one row chunk (1024), a ragged last block
     tokens = torch.tril(torch.ones(t, t, dtype=torch.long))
@@ -157,6 +157,8 @@ def test_visible_block_pairs_count_the_visible_pairs_of_each_block(window):
     pad = m * bs - t
     want = torch.nn.functional.pad(tokens, (0, pad, 0, pad)).view(m, bs, m, bs).sum((1, 3))
     assert torch.equal(visible_block_pairs(tokens.bool(), bs), want)
+    if window is None:  # the causal prefill's count by formula
+        assert torch.equal(causal_block_pairs(t, bs), want)
 
 
 def test_attention_recall_of_a_planted_pattern():

@@ -51,3 +51,14 @@ def visible_block_pairs(visible: torch.Tensor, block_size: int) -> torch.Tensor:
         idx = torch.arange(lo, lo + rows.shape[0], device=visible.device) // block_size
         pairs.index_add_(0, idx, counts)
     return pairs
+
+
+def causal_block_pairs(t: int, block_size: int, device=None) -> torch.Tensor:
+    """:func:`visible_block_pairs` of a plain causal prefill of t tokens, by formula (no
+    (T, T) mask): a query block of r rows sees r * block_size pairs in each earlier key
+    block and r (r + 1) / 2 in its own. Returns (Mq, Mk) long."""
+    m = n_blocks(t, block_size)
+    rows = (t - torch.arange(m, device=device) * block_size).clamp(max=block_size)  # (M,)
+    below = torch.ones(m, m, dtype=torch.bool, device=device).tril(-1)
+    pairs = below * (rows[:, None] * block_size)
+    return pairs + torch.diag(rows * (rows + 1) // 2)

@@ -66,6 +66,17 @@ class ModelMask:
             self._built["pairs"] = pairs
         return self._built["pairs"]
 
+    def block_pairs(self, block_size: int) -> torch.Tensor:
+        """Visible pairs per (query block, key block) of a prefill under this mask (its
+        first batch row), (Mq, Mk) long; counted once per forward pass and block size,
+        for every layer of this type."""
+        key = ("block_pairs", block_size)
+        if key not in self._built:
+            from attnlab.blocks import visible_block_pairs
+
+            self._built[key] = visible_block_pairs(self.dense()[0, 0], block_size)
+        return self._built[key]
+
     def last_row(self, query: torch.Tensor) -> torch.Tensor:
         """The last query row's visible keys: (B, 1, Tk) bool, from the mask's pattern on
         CUDA, from the dense mask elsewhere."""

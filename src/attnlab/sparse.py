@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnlab.blocks import expand_kv, visible_block_pairs, visible_per_block
+from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
 from attnlab.masks import visible_mask
 from attnlab.policies.base import (
     LayerHistory,
@@ -71,9 +71,9 @@ class SparseRun(Recorder):
     watch: Sequence[int] = ()
     regime: str = "prefill"
     decode: str = "dense"  # prefill regime: decode steps "dense" or under the "policy"
-    kept: int = 0  # kept (query, key) pairs of the rows the policy acts on
+    kept: int = 0  # kept (query, key) pairs of the rows the policy acts on (or a 0-d tensor)
     causal: int = 0  # causal pairs of those rows
-    hidden: int = 0  # causal pairs the model's own mask hides (sliding windows)
+    hidden: int = 0  # causal pairs the model's own mask hides (sliding windows), or 0-d
     # the kernel of a block policy's prefill (one selection whichever runs): "auto",
     # FlexAttention on CUDA and a keep-mask elsewhere; "eager", a keep-mask; "flex" anywhere
     backend: str = "auto"
@@ -83,6 +83,7 @@ class SparseRun(Recorder):
     # the prompt is given whole and answered after it (NIAH): a block policy may choose in
     # its prompt form (policies.base.selection_form); ``selection``: the prefill's form
     whole_prompt: bool = False
+    records: bool = True  # recall at the answering rows (False: timing the policy alone)
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
@@ -110,13 +111,13 @@ class SparseRun(Recorder):
     def achieved_sparsity(self) -> float:
         """Fraction of causal (query, key) pairs masked, by the policy or by the model's own
         mask, over every layer, head and row the policy acted on."""
-        return 1.0 - self.kept / self.causal if self.causal else 0.0
+        return 1.0 - float(self.kept) / self.causal if self.causal else 0.0
 
     @property
     def model_sparsity(self) -> float:
         """Fraction of those causal pairs that the model's own mask hides (sliding-window
         layers): the part of the achieved sparsity no policy chose."""
-        return self.hidden / self.causal if self.causal else 0.0
+        return float(self.hidden) / self.causal if self.causal else 0.0
 
     def acts(self, layer: int) -> bool:
         """Whether the policy acts on this layer's next call: the first call of a layer is
@@ -189,7 +190,8 @@ class SparseRun(Recorder):
             keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
-        if answering and (self.regime == "cache" or layer not in self.recall_sums):
+        recall = self.regime == "cache" or layer not in self.recall_sums
+        if answering and self.records and recall:
             self.record_recall(
                 layer,
                 q[..., -1, :],
@@ -277,14 +279,18 @@ class SparseRun(Recorder):
         b, h = keep.shape[:2]
         shown = visible[:, :, -1]  # the last row's visible keys (1, 1, T)
         last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown  # (B, H, T)
-        if layer not in self.recall_sums:
+        if self.records and layer not in self.recall_sums:
             budget = row_budget(torch.tensor([t], device=query.device), self.sparsity)
             self.record_recall(layer, query[..., -1, :], k, shown, scaling, last, budget[None])
-        pairs = visible_block_pairs(visible[0, 0], bs)  # (Mq, Mk) visible pairs per block
-        self.kept += int((keep * pairs).sum())
+        if model_mask is None:  # (Mq, Mk) visible pairs per block, once per mask
+            pairs = causal_block_pairs(t, bs, query.device)
+        else:
+            pairs = model_mask.block_pairs(bs)
+        # summed on the device, read once (achieved_sparsity): no wait per layer
+        self.kept += (keep * pairs).sum()
         causal = t * (t + 1) // 2
         self.causal += b * h * causal
-        self.hidden += b * h * (causal - int(pairs.sum()))
+        self.hidden += b * h * (causal - pairs.sum())
         self._note_needle(layer, last, shown)
         mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
         return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask_mod)

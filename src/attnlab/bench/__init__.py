@@ -3,7 +3,8 @@
 ``kernels`` times CAB's predictor and block-sparse attention against dense attention (torch
 and triton only), ``capture`` the capture stage against ``output_attentions=True`` on the
 real models, ``prefill`` a real model's prefill under each policy, ``decode`` one generated
-token's attention over a long cache under each query-aware policy and an evicted cache.
+token's attention over a long cache under each query-aware policy and an evicted cache,
+``generate`` a real model's generated token under each cache-regime policy.
 Only the benchmark named is imported, so ``bench kernels`` never loads the models, the
 corpus or the capture stage.
 """
@@ -18,6 +19,7 @@ BENCHMARKS = {
     "capture": "capture stage against output_attentions=True (real model)",
     "prefill": "real-model prefill latency per policy and sparsity",
     "decode": "one generated token's attention over a long cache, per policy and sparsity",
+    "generate": "a real model's per-token decode latency over a long prompt, per policy",
 }
 
 
