@@ -485,3 +485,32 @@ def test_cab_as_a_reranker_keeps_only_quests_candidates():
         blocks = set(keep[h].view(10, 16).any(-1).nonzero().flatten().tolist())
         assert blocks - {0, 9} <= set(best[h].tolist())
     assert not torch.equal(keep, plain[0, :, -1])
+
+
+def test_cab_reranker_spends_its_candidates_on_blocks_the_rows_see():
+    """CAB's scores cover blocks a row cannot see (the prompt form's later blocks, and in
+    both forms the keys a sliding window hides): a row's Quest candidates must be blocks
+    it sees, or they are spent on keys it cannot keep and it keeps fewer than its budget
+    (the achieved sparsity above the target)."""
+    from attnlab import sparse
+    from attnlab.blocks import visible_per_block
+
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(1, 2, 640, 16, generator=g), torch.randn(1, 2, 640, 16, generator=g)
+
+    def windowed():  # every row sees its last 256 keys
+        ctx = context(q, k, 0.5)
+        ctx.visible = ctx.visible & torch.ones(640, 640, dtype=torch.bool).triu(-255)
+        ctx.budget = row_budget(ctx.visible.sum(-1), 0.5)
+        return ctx
+
+    ends = torch.arange(15, 640, 16)
+    ctx = windowed()
+    count = visible_per_block(ctx.visible[..., ends, :], 16)  # (1, 1, Mq, Mk)
+    for form in ("prompt", "causal"):
+        for params in [{}, {"candidates": 1.0}]:
+            policy = policies.make("cab", block_size=16, selection=form, **params)
+            run = sparse.SparseRun(policy, 0.5, whole_prompt=True)
+            blocks = run.block_selection(windowed())  # (1, H, Mq, Mk)
+            kept = (blocks * count).sum(-1)  # each query block's last row's kept keys
+            assert (kept >= ctx.budget[..., ends] - 32).all(), (form, params)
