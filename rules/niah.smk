@@ -187,6 +187,7 @@ rule long_context_matched:
     input:
         table="results_ref/long_context/niah.parquet",
         decode="benchmarks_ref/decode_h200.csv",
+        prefill="results_ref/long_context/prefill_latency.parquet",
         code=module_sources("cli", "matched", "plots.matched", root=workflow.basedir),
     output:
         table="results/long_context/matched.parquet",
@@ -202,7 +203,7 @@ rule long_context_matched:
         "../envs/attnlab.yaml"
     shell:
         "attnlab niah-matched --table {input.table} --decode {input.decode}"
-        " --out {output.table} --fig {output.fig} 2> {log}"
+        " --prefill {input.prefill} --out {output.table} --fig {output.fig} 2> {log}"
 
 
 rule niah_summary:
