@@ -6,7 +6,7 @@ CORES ?= 8
 TARGET ?= figs/niah_heatmap_99.png
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install wheelhouse install-offline slurm-deps run test lint format clean
+.PHONY: install wheelhouse install-offline slurm-deps run test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -92,6 +92,11 @@ slurm-deps:
 TEST_WORKERS ?= 2
 test: install slurm-deps
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The fast tier: no real model, no Snakemake run (tests/conftest.py marks those e2e); the
+# tiny random-weight models of tests/tiny_models.py stand in. About a minute on 2 cores.
+test-fast: install
+	$(PY) -m pytest -q -rs -m "not e2e" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(PY) -m ruff check src tests

@@ -34,9 +34,20 @@ SLOW_FILES = [
 ]
 
 
+# The real models' fixtures: a test that takes one, or that runs Snakemake or the command
+# line on the real models (the files below), is marked e2e; the rest is the fast tier
+# (`make test-fast`: pytest -m "not e2e"), its models the tiny ones of tiny_models.py.
+REAL_MODEL_FIXTURES = {"smollm2", "gemma3"}
+E2E_FILES = {*SLOW_FILES, "test_bench_capture.py", "test_bench_prefill.py"}
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & REAL_MODEL_FIXTURES or item.path.name in E2E_FILES:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +66,22 @@ def gemma3():
 
     model, tokenizer, info = models.load("gemma3-270m")
     return attention.install(model), tokenizer, info
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A tiny random-weight Llama (tiny_models.py), attnlab attention."""
+    from tiny_models import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    """A tiny random-weight Gemma 3 with sliding-window layers, attnlab attention."""
+    from tiny_models import tiny_gemma3
+
+    return tiny_gemma3()
 
 
 @pytest.fixture(scope="session")
