@@ -119,3 +119,46 @@ def test_multikey_is_retrieved_with_full_attention_and_scored_on_every_value(gem
     row = niah.score_prompt(model, tok, q, policies.make("full"), 0.0)
     found = [v in niah.digits(row["generated"]) for v in q.answers]
     assert row["correct"] == all(found)
+
+
+def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(
+    smollm2, tmp_path
+):
+    """The cache job (every cache-regime run over one dense prefill per prompt, the
+    study's longest) keeps each prompt's rows as it goes: run again after a kill, it takes
+    the finished prompts' rows from its checkpoint (a last line cut short ignored) and
+    scores the rest; other settings never read that checkpoint; a finished job leaves
+    none behind."""
+    import json
+
+    import polars as pl
+
+    from attnlab import niah_jobs, tables
+
+    _, tok, _ = smollm2
+    prompts = niah.make_prompts(tok, [96], [0.0, 1.0], 1, 0)
+    tables.write([p.__dict__ for p in prompts], tmp_path / "prompts.parquet")
+    runs = json.dumps([["full", {}, 0.0], ["topk", {}, 0.5]])
+    args = dict(model="smollm2-135m", prompts=str(tmp_path / "prompts.parquet"), runs=runs)
+    job = dict(args, tolerance=0.01, max_new_tokens=4, seed=0, threads=1, device="cpu")
+    out = str(tmp_path / "cache.parquet")
+    niah_jobs.score_cache_runs(**job, dtype="auto", out=out)
+    whole = pl.read_parquet(out)
+    assert not list(tmp_path.glob("*.partial-*"))
+
+    settings = ["smollm2-135m", json.loads(runs), 4, 0, "cpu", "auto"]
+    checkpoint = niah_jobs.Checkpoint(out, settings, args["prompts"])
+    first = niah.prompt_id(prompts[0])
+    kept = [dict(r, generated="from the checkpoint") for r in whole.to_dicts()[:3]]
+    assert {f"{r['task']}/{r['length']}/{r['depth']}/{r['sample']}" for r in kept} == {first}
+    checkpoint.keep(prompts[0], kept)
+    with checkpoint.path.open("a") as f:
+        f.write('{"prompt": "cut sho')  # the kill
+    other = niah_jobs.Checkpoint(out, [*settings[:3], 1, "cpu", "auto"], args["prompts"])
+    assert other.path != checkpoint.path and not other.load()
+    niah_jobs.score_cache_runs(**job, dtype="auto", out=out)
+    resumed = pl.read_parquet(out)
+    assert resumed["generated"].to_list()[:3] == ["from the checkpoint"] * 3
+    assert resumed.drop("generated")[3:].equals(whole.drop("generated")[3:])
+    assert resumed["generated"][3:].equals(whole["generated"][3:])
+    assert not checkpoint.path.exists()

@@ -352,8 +352,12 @@ def score_cache(
     max_new_tokens: int = 8,
     seed: int = 0,
     desc: str = "niah cache",
+    done: dict | None = None,
+    keep=None,
 ) -> list[dict]:
     """Score every prompt under every ``(name, policy, sparsity)`` in the ``cache`` regime.
+    ``done``: rows already scored, by :func:`prompt_id` (skipped here); ``keep(prompt,
+    rows)`` is called with each prompt's rows once scored (a checkpoint).
 
     Each prompt's dense prefill runs once and is shared by every run
     (:func:`attnlab.decoding.generate_shared`); each run then decodes from it, the cache
@@ -366,8 +370,11 @@ def score_cache(
     """
     from attnlab.policies.full import Full
 
-    rows = []
+    rows, done = [], done or {}
     for p in tqdm(prompts, desc=desc, unit="prompt", mininterval=5):
+        if prompt_id(p) in done:
+            rows += done[prompt_id(p)]
+            continue
         ids = torch.tensor([p.input_ids], device=model.device)
         live = [
             sparse.SparseRun(policy, s, seed=seed, watch=p.needle_positions, regime="cache")
@@ -376,9 +383,18 @@ def score_cache(
         leader = sparse.SparseRun(Full(), watch=p.needle_positions, regime="prefill")
         budget = max_new_tokens * len(p.answers)
         news = decoding.generate_shared(model, ids, live, budget, _stop(tokenizer, p), leader)
+        scored = []
         for (name, policy, s), run, new in zip(runs, live, news, strict=True):
             text = tokenizer.decode(new)
-            rows.append({"policy": name, "target_sparsity": s} | _result(p, run, text))
+            scored.append({"policy": name, "target_sparsity": s} | _result(p, run, text))
             if policy.name == "full":
-                rows.append({"policy": name, "target_sparsity": s} | _result(p, leader, text))
+                scored.append({"policy": name, "target_sparsity": s} | _result(p, leader, text))
+        if keep is not None:
+            keep(p, scored)
+        rows += scored
     return rows
+
+
+def prompt_id(p: Prompt) -> str:
+    """A prompt's identity in a table: task, length, depth, sample."""
+    return f"{p.task}/{p.length}/{p.depth}/{p.sample}"

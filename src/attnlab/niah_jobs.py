@@ -3,7 +3,10 @@ policy (prefill regime) or under every cache-regime run at once, and the one tab
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 from attnlab import models, niah, scoring, tables
 from attnlab.errors import UserError
@@ -135,6 +138,8 @@ def score_cache_runs(
     for name, params, target in json.loads(runs):
         made.append((name, *scoring.make_policy(name, params, target)))
     net, tokenizer, info = models.load(model, device=device, dtype=dtype)
+    settings = [model, json.loads(runs), max_new_tokens, seed, device, dtype]
+    checkpoint = Checkpoint(out, settings, prompts)
     rows = niah.score_cache(
         attention.install(net),
         tokenizer,
@@ -143,6 +148,8 @@ def score_cache_runs(
         max_new_tokens,
         seed,
         desc=f"{model} cache ({len(made)} runs)",
+        done=checkpoint.load(),
+        keep=checkpoint.keep,
     )
     params = {name: json.dumps(p.params(), sort_keys=True) for name, p, _ in made}
     cost = {(name, s): p.read_cost(info.head_dim, s) for name, p, s in made}
@@ -156,7 +163,43 @@ def score_cache_runs(
         )
     meta = {**pmeta, "regime": "cache", "runs": json.loads(runs), "tolerance": tolerance}
     tables.write(rows, out, meta=meta)
+    checkpoint.path.unlink(missing_ok=True)
     scoring.log_gpu_peak(device)
+
+
+class Checkpoint:
+    """Each prompt's rows of a long job, appended to ``<out>.partial-<digest>.jsonl`` as it
+    is scored, so a job killed midway and run again scores only the prompts it had not
+    finished. The digest covers the job's settings, the prompts table and the package's
+    source, so rows of other settings or other code are never reused."""
+
+    def __init__(self, out: str, settings: list, prompts: str) -> None:
+        h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        h.update(Path(prompts).read_bytes())
+        for src in sorted(Path(__file__).parent.rglob("*.py")):
+            h.update(src.read_bytes())
+        self.path = Path(f"{out}.partial-{h.hexdigest()[:16]}.jsonl")
+
+    def load(self) -> dict[str, list[dict]]:
+        """The rows already scored, by prompt (a last line cut short by a kill is ignored)."""
+        done = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[entry["prompt"]] = entry["rows"]
+        if done:
+            print(f"resuming: {len(done)} prompts already scored in {self.path}", flush=True)
+        return done
+
+    def keep(self, prompt, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"prompt": niah.prompt_id(prompt), "rows": rows}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def join_tables(inputs: list[str], out: str) -> None:
