@@ -125,7 +125,6 @@ rule bench_prefill:
         " --dtype {params.dtype} --out {params.out_dir} > {log} 2>&1"
 
 
-
 # A real model's per-token decode latency at the longest NIAH prompt, per cache-regime
 # policy (the scored path: the policy's keep-mask over every cached key, every layer).
 rule bench_generate:

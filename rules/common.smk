@@ -112,7 +112,11 @@ def niah_study_targets():
     recall figures."""
     figs = [f"figs/niah_heatmap_{pct(s)}.png" for s in NIAH["sparsities"]]
     figs += [f"figs/niah_{k}.png" for k in ("length", "latency", "recall")]
-    bench = [f"results/bench/{m}/{b}.parquet" for m in MODELS for b in ("prefill", "generate")]
+    bench = [
+        f"results/bench/{m}/{b}.parquet"
+        for m in MODELS
+        for b in ("prefill", "generate")
+    ]
     return ["results/niah/niah.parquet", *bench, *figs]
 
 
