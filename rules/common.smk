@@ -11,6 +11,7 @@ from attnlab.cli import FIGURES
 from attnlab.sources import module_sources
 from attnlab.workflow import model_key, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
+from attnlab.workflow import generate_policies as workflow_generate_policies
 from attnlab.workflow import default_targets as workflow_default_targets
 from attnlab.workflow import gpu_mem_gb as workflow_gpu_mem_gb
 from attnlab.workflow import latency_policies as workflow_latency_policies
@@ -100,10 +101,8 @@ def latency_policies():
 
 
 def generate_policies():
-    """The per-token decode benchmark's policies: the oracle, Quest and SnapKV where the
-    NIAH grid's cache regime scores them (full attention is its reference)."""
-    cache = NIAH["regimes"]["cache"]
-    return [p for p in ("topk", "quest", "snapkv") if p in cache] or ["topk"]
+    """The per-token decode benchmark's policies (:func:`attnlab.workflow.generate_policies`)."""
+    return workflow_generate_policies(NIAH["regimes"]["cache"])
 
 
 def niah_study_targets():

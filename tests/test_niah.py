@@ -121,9 +121,7 @@ def test_multikey_is_retrieved_with_full_attention_and_scored_on_every_value(gem
     assert row["correct"] == all(found)
 
 
-def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(
-    smollm2, tmp_path
-):
+def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(smollm2, tmp_path):
     """The cache job (every cache-regime run over one dense prefill per prompt, the
     study's longest) keeps each prompt's rows as it goes: run again after a kill, it takes
     the finished prompts' rows from its checkpoint (a last line cut short ignored) and

@@ -13,23 +13,23 @@ WINDOW = 24  # Gemma's sliding window here: rows past it see only their last 24 
 # weights 5x transformers' default spread, so that attention is peaked, not near uniform
 # (near-uniform weights would make every selection a near tie)
 INIT = 0.1
+# what both architectures share: hidden size 64, 4 query heads of dimension 16
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    head_dim=16,
+    max_position_embeddings=1024,
+    initializer_range=INIT,
+)
 
 
 def tiny_llama(seed: int = 0):
     """Llama: 2 layers, 4 query heads over 2 key/value heads (GQA), head dim 16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        initializer_range=INIT,
-    )
+    config = LlamaConfig(**COMMON, num_hidden_layers=2, num_key_value_heads=2)
     return _build(LlamaForCausalLM, config, seed)
 
 
@@ -39,17 +39,11 @@ def tiny_gemma3(seed: int = 0):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        **COMMON,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=1,
-        head_dim=16,
         sliding_window=WINDOW,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=1024,
-        initializer_range=INIT,
     )
     return _build(Gemma3ForCausalLM, config, seed)
 

@@ -95,6 +95,12 @@ def latency_policies(prefill: list[str], policies: dict) -> list[str]:
     ]
 
 
+def generate_policies(cache: list[str]) -> list[str]:
+    """The per-token decode benchmark's policies: the oracle, Quest and SnapKV where the
+    NIAH grid's cache regime (``cache``) scores them; full attention is its reference."""
+    return [p for p in ("topk", "quest", "snapkv") if p in cache] or ["topk"]
+
+
 # Peak GPU memory (GiB, torch's reserved pool) of one NIAH job at 32768 tokens: Gemma-3-270M
 # in bfloat16 on an H200 (configs/long_context.yaml; each job's log ends with its peak).
 # Measured over 15 prompts a job at commit f3d03af: block policies (a row per query block,

@@ -72,18 +72,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``attnlab bench generate``."""
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompts", required=True, help="a niah-prompts table")
-    p.add_argument("--length", type=int, required=True, help="prompt length to time")
-    p.add_argument("--policies", nargs="+", required=True, help="cache-regime policies")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.99])
-    p.add_argument("--rep-ms", type=float, default=1000.0, help="time budget per entry")
-    p.add_argument("--min-reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--out", default="results/bench", help="folder for generate.parquet / .csv")
+    """The options of ``attnlab bench generate`` (``--policies``: cache-regime policies;
+    full attention, the reference, always runs)."""
+    from attnlab.bench.prefill import model_arguments
+
+    model_arguments(p, "generate", rep_ms=1000.0, min_reps=5)
 
 
 def main(args: argparse.Namespace) -> list[dict]:

@@ -120,13 +120,25 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``attnlab bench prefill``."""
+def model_arguments(p: argparse.ArgumentParser, table: str, rep_ms: float, min_reps: int) -> None:
+    """The options every real-model benchmark takes (``prefill``, ``generate``): the
+    model, the prompt timed, the policies and sparsities, timing, device and output."""
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, help="a niah-prompts table")
     p.add_argument("--length", type=int, required=True, help="prompt length to time")
     p.add_argument("--policies", nargs="+", required=True)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.99])
+    p.add_argument("--rep-ms", type=float, default=rep_ms, help="time budget per entry")
+    p.add_argument("--min-reps", type=int, default=min_reps)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default="results/bench", help=f"folder for {table}.parquet / .csv")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``attnlab bench prefill``."""
+    model_arguments(p, "prefill", rep_ms=3000.0, min_reps=3)
     p.add_argument("--row-chunk", type=int, default=0, help="rows per call, token policies")
     p.add_argument(
         "--transformers",
@@ -135,12 +147,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="transformers' own attention implementations to time beside (none: no rows; "
         "flex_attention on CUDA only)",
     )
-    p.add_argument("--rep-ms", type=float, default=3000.0, help="time budget per entry")
-    p.add_argument("--min-reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--out", default="results/bench", help="folder for prefill.parquet / .csv")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
