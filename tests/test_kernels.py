@@ -222,3 +222,45 @@ def test_fused_select_launched_in_bands_by_row_length():
     torch.testing.assert_close(sel.score, expected, **F_TOL)
     assert torch.equal(sel.mask, ref.top_blocks_grouped(sel.score, keep, q_group, must))
     assert torch.equal(_dense_from_lists(sel), sel.mask)
+
+
+def _boundary_gap(score: torch.Tensor, keep: torch.Tensor, must: torch.Tensor) -> float:
+    """The smallest gap, over query blocks, between the last kept and the first dropped
+    score (must-keep blocks first): a selection is exact only where it is not a near-tie."""
+    s = score.masked_fill(must, float("inf")).sort(-1, descending=True).values
+    gaps = [
+        (s[..., i, keep[i] - 1] - s[..., i, keep[i]]).min().item()
+        for i in range(s.shape[-2])
+        if keep[i] < i + 1 and torch.isfinite(s[..., i, keep[i]]).all()
+    ]
+    return min(gaps)
+
+
+@pytest.mark.parametrize(
+    "lam, graph, sparsity, n",
+    [(1.0, "symmetric", 0.75, 256), (0.5, "directed", 0.5, 256), (0.0, "symmetric", 0.9, 640)],
+)
+def test_cab_select_keeps_the_selection_the_prefill_regime_scores(lam, graph, sparsity, n):
+    """The Triton predictor at the scored budgets (bench.budgets) selects, block for block,
+    what CAB's prompt form selects where its accuracy is scored (SparseRun.block_selection:
+    whole-prompt curvature, each query block under its last row's budget, block 0 and its
+    own block kept), with GQA."""
+    from attnlab import policies, sparse
+    from attnlab.bench.budgets import must_keep_mask, scored_blocks_per_query_block
+    from attnlab.blocks import expand_kv
+
+    bs, scaling = 16, 0.25
+    q, k = _rand(1, 2, n, 16, seed=21), _rand(1, 1, n, 16, seed=22)
+    policy = policies.make("cab", block_size=bs, lam=lam, graph=graph, selection="prompt")
+    run = sparse.SparseRun(policy, sparsity, whole_prompt=True)
+    scored, _ = run.block_mask(0, q, expand_kv(k, 2), scaling, kv_heads=1)
+    m = n // bs
+    keep = scored_blocks_per_query_block(n, bs, sparsity).to(DEVICE)
+    must = must_keep_mask(m, 1, 1).to(DEVICE)
+    sel = cab_select(
+        q, k, bs, scaling, keep, lam=lam, graph=graph, must_keep=must, write_score=True,
+        write_mask=True, precision="ieee",
+    )  # fmt: skip
+    assert _boundary_gap(sel.score, keep, must) > 1e-3  # not decided by rounding
+    assert torch.equal(sel.mask, scored)
+    assert bool((scored.sum(-1) >= keep).all())  # every block spends its budget

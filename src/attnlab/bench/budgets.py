@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attnlab.blocks import ceil_div
+from attnlab.policies.base import row_budget
 
 
 def blocks_per_query_block(m: int, q_group: int, sparsity: float) -> torch.Tensor:
@@ -19,6 +20,23 @@ def blocks_per_query_block(m: int, q_group: int, sparsity: float) -> torch.Tenso
     """
     seen = ((torch.arange(ceil_div(m, q_group)) + 1) * q_group).clamp(max=m)
     return ((1.0 - sparsity) * seen).round().clamp(min=1).to(torch.int32)
+
+
+def scored_blocks_per_query_block(
+    n: int, block_size: int, sparsity: float, q_group: int = 1
+) -> torch.Tensor:
+    """Key blocks kept per query block as the scoring path keeps them (the prefill
+    regime's block selection, :meth:`attnlab.sparse.SparseRun.block_selection`): the
+    budget of the query block's last row, max(1, round((1 - s) * keys it sees)), in whole
+    blocks, at least one. With ``q_group = 1`` and ``block_size`` dividing ``n`` this is
+    the count the scored selection keeps (must-keep blocks count toward it); a pooled
+    group (``q_group > 1``) takes its last row's budget, a selection no scoring path makes.
+
+    (Mg,) int, Mg = ceil(ceil(n / block_size) / q_group).
+    """
+    m = ceil_div(n, block_size)
+    rows = ((torch.arange(ceil_div(m, q_group)) + 1) * q_group * block_size).clamp(max=n)
+    return (row_budget(rows, sparsity) // block_size).clamp(min=1).to(torch.int32)
 
 
 def must_keep_mask(m: int, q_group: int, sink_blocks: int) -> torch.Tensor:
