@@ -264,3 +264,29 @@ def test_cab_select_keeps_the_selection_the_prefill_regime_scores(lam, graph, sp
     assert _boundary_gap(sel.score, keep, must) > 1e-3  # not decided by rounding
     assert torch.equal(sel.mask, scored)
     assert bool((scored.sum(-1) >= keep).all())  # every block spends its budget
+
+
+def test_kernel_benchmark_times_the_scored_selection():
+    """``attnlab bench kernels`` times CAB at the selection the prefill regime scores: its
+    rows say so, and the density they time is that of SparseRun's prompt-form selection
+    on the same Q and K."""
+    from attnlab import policies, sparse
+    from attnlab.bench import kernels as kb
+    from attnlab.blocks import causal_block_pairs
+
+    n, s = 256, 0.75
+    cfg = kb.cpu_variant()
+    cfg.heads = cfg.kv_heads = 2
+    cfg.head_dim, cfg.block_size, cfg.sparsities = 16, 16, (s,)
+    cfg.rep_ms, cfg.min_reps, cfg.methods = 1.0, 1, ("cab_flex",)
+    (row,) = kb._bench_length(cfg, n, "cpu", torch.Generator().manual_seed(0), print)
+    assert row["selection"] == "prompt"
+
+    gen = torch.Generator().manual_seed(0)  # the benchmark's Q and K
+    q, k = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(2))
+    policy = policies.make("cab", block_size=16, selection="prompt", lam=cfg.lam,
+                           adjacency=cfg.adjacency, graph=cfg.graph)  # fmt: skip
+    run = sparse.SparseRun(policy, s, whole_prompt=True)
+    keep, _ = run.block_mask(0, q, k, cfg.head_dim**-0.5)
+    pairs = (keep * causal_block_pairs(n, 16)).sum().item()
+    assert row["density"] == pytest.approx(pairs / (2 * n * (n + 1) / 2), rel=1e-12)

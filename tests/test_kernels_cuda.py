@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.skipif(not ON_GPU, reason="needs CUDA and TRITON_INTERPRET=0"),
 ]
 
-from attnlab.bench.budgets import blocks_per_query_block, must_keep_mask  # noqa: E402
+from attnlab.bench.budgets import must_keep_mask, scored_blocks_per_query_block  # noqa: E402
 from attnlab.kernels import reference as ref  # noqa: E402
 
 DEV = "cuda"
@@ -151,7 +151,7 @@ def test_flex_on_cab_selection_128x64_matches_eager_masked(flex_inputs):
 
     q, k, v, t, causal = flex_inputs
     m = len(t) // BLOCK
-    keep = blocks_per_query_block(m, 2, 0.9).to(DEV)
+    keep = scored_blocks_per_query_block(len(t), BLOCK, 0.9, 2).to(DEV)
     must = must_keep_mask(m, 2, 1).to(DEV)
     sel = cab_select(q, k, BLOCK, SCALING, keep, must_keep=must, q_group=2, write_mask=True)
     out = flex_attention_from_selection(q, k, v, sel, BLOCK, SCALING)

@@ -1,8 +1,10 @@
-"""The budgets CAB is timed at: key blocks kept per query block at a target sparsity,
-the blocks every query block keeps, and the token pairs a selection attends (its density).
+"""The budgets CAB is timed at: key blocks kept per query block at a target sparsity (the
+scored selection's), the blocks every query block keeps, and the token pairs a selection
+attends (its density).
 
-A query block is ``q_group`` consecutive key blocks of queries (2 x 64 = 128 tokens, flex's
-own tile), so ``Mg = ceil(m / q_group)`` query blocks face ``m`` key blocks.
+A query block is ``q_group`` consecutive key blocks of queries (1: the scored selection;
+2 x 64 = 128 tokens is flex's own tile), so ``Mg = ceil(m / q_group)`` query blocks face
+``m`` key blocks.
 """
 
 from __future__ import annotations
@@ -11,15 +13,6 @@ import torch
 
 from attnlab.blocks import ceil_div
 from attnlab.policies.base import row_budget
-
-
-def blocks_per_query_block(m: int, q_group: int, sparsity: float) -> torch.Tensor:
-    """Key blocks kept per query block: (1 - s) of the causal key blocks it sees, at least 1.
-
-    (Mg,) int, Mg = ceil(m / q_group); must-keep blocks count toward it.
-    """
-    seen = ((torch.arange(ceil_div(m, q_group)) + 1) * q_group).clamp(max=m)
-    return ((1.0 - sparsity) * seen).round().clamp(min=1).to(torch.int32)
 
 
 def scored_blocks_per_query_block(

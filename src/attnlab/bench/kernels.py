@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from attnlab.bench.budgets import blocks_per_query_block, kept_pairs, must_keep_mask
+from attnlab.bench.budgets import kept_pairs, must_keep_mask, scored_blocks_per_query_block
 from attnlab.bench.timing import environment, median_ms, write_table
 from attnlab.blocks import n_blocks
 
@@ -40,7 +40,10 @@ class KernelBench:
     head_dim: int = 128
     dtype: str = "bfloat16"
     block_size: int = 64  # CAB score blocks (tokens)
-    q_group: int = 2  # score rows pooled per selected query block: 2 x 64 = 128 tokens
+    # score rows pooled per selected query block: 1 is the selection the prefill regime
+    # scores (CAB's prompt form); 2 (2 x 64 = 128 tokens, flex's own tile) a faster
+    # selection no scoring path makes, its rows marked so
+    q_group: int = 1
     sparsities: tuple[float, ...] = (0.90, 0.95, 0.99)
     lam: float = 1.0
     adjacency: str = "softmax"
@@ -163,6 +166,7 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
         for _ in range(2)
     )
     predictor = _gpu_selection if device == "cuda" else _torch_selection
+    form = "prompt" if cfg.q_group == 1 else f"pooled {cfg.q_group} rows (not scored)"
     rows = []
 
     def timed(method, fn, **extra):
@@ -174,6 +178,8 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
         except Exception as err:  # a backend that cannot run this shape is a row, not a crash
             msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
             row = _row(device, method, n, float("nan"), 0, status=msg)
+        # which selection a CAB row times: the scored one (CAB's prompt form) or pooled
+        row["selection"] = form if method.startswith("cab") else "dense"
         rows.append(row)
         status = row["status"] if row["status"] != "ok" else ""
         eff = row["tflops_effective"]
@@ -198,7 +204,7 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
     predictor_flops = 4 * cfg.head_dim * m * (m + 1) / 2 + 2 * m**3 / 6  # two sweeps, A @ A
     predictor_flops *= cfg.batch * cfg.heads
     s_max = max(cfg.sparsities)
-    keep_max = blocks_per_query_block(m, cfg.q_group, s_max).to(device)
+    keep_max = scored_blocks_per_query_block(n, cfg.block_size, s_max, cfg.q_group).to(device)
     timed(
         "cab_predictor",
         lambda: predictor(q, k, cfg, keep_max, must, scaling),
@@ -214,7 +220,7 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
         )
 
     for s in cfg.sparsities:
-        keep = blocks_per_query_block(m, cfg.q_group, s).to(device)
+        keep = scored_blocks_per_query_block(n, cfg.block_size, s, cfg.q_group).to(device)
         sel = predictor(q, k, cfg, keep, must, scaling)
         pairs = kept_pairs(sel, cfg.block_size, n)
         sparse = dict(
