@@ -181,13 +181,14 @@ rule niah_paired:
 
 # The committed GPU study's accuracy-matched table (DESIGN: Accuracy-matched point) and its
 # figure: each policy's highest sparsity keeping 90% of full attention's passkeys at the
-# longest length, with the speedups measured for that selection (decode: the committed
-# H200 decode benchmark).
+# longest length, with the speedups measured for that selection (the attention's decode
+# step: the committed H200 decode benchmark; the real model's: the study's own).
 rule long_context_matched:
     input:
         table="results_ref/long_context/niah.parquet",
         decode="benchmarks_ref/decode_h200.csv",
         prefill="results_ref/long_context/prefill_latency.parquet",
+        generate="results_ref/long_context/generate_latency.parquet",
         code=module_sources("cli", "matched", "plots.matched", root=workflow.basedir),
     output:
         table="results/long_context/matched.parquet",
@@ -203,7 +204,8 @@ rule long_context_matched:
         "../envs/attnlab.yaml"
     shell:
         "attnlab niah-matched --table {input.table} --decode {input.decode}"
-        " --prefill {input.prefill} --out {output.table} --fig {output.fig} 2> {log}"
+        " --prefill {input.prefill} --generate {input.generate} --out {output.table}"
+        " --fig {output.fig} 2> {log}"
 
 
 rule niah_summary:

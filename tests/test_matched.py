@@ -89,3 +89,22 @@ def test_a_prefill_speed_counts_only_for_the_selection_form_scored():
     timed = points(niah, 4096, None, bench("prompt"), "m")["end_to_end_speedup"].to_list()
     other = points(niah, 4096, None, bench("causal"), "m")["end_to_end_speedup"].to_list()
     assert timed == [1.5] and math.isnan(other[0])
+
+
+def test_cache_end_to_end_speed_is_the_real_models_decode_of_the_scored_policy():
+    generate = pl.DataFrame(
+        [
+            dict(policy=p, length=n, target_sparsity=s, speedup_vs_full=x)
+            for p, n, x in (("quest", 4096, 0.7), ("quest", 8192, 9.0), ("topk", 4096, 0.6))
+            for s in (0.9, 0.95, 0.99)
+        ]
+    )
+    pts = points(_niah(), 4096, _decode(), None, "m", generate)
+    speed = {
+        (r["policy"], r["target_sparsity"]): r["end_to_end_speedup"]
+        for r in pts.iter_rows(named=True)
+    }
+    assert speed[("quest", 0.95)] == 0.7  # its own length, not the 8k row
+    assert speed[("topk", 0.9)] == 0.6
+    assert math.isnan(speed[("h2o", 0.9)])  # not timed in the real model
+    assert pts.filter(pl.col("policy") == "quest")["attention_speedup"].to_list() == [0.5] * 3

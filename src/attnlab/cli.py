@@ -150,6 +150,7 @@ def _niah_parsers(sub) -> None:
     _required(s, "--table", help="a NIAH table (niah-table)")
     _required(s, "--decode", help="an attnlab bench decode table (csv or parquet)")
     s.add_argument("--prefill", default="", help="an attnlab bench prefill table")
+    s.add_argument("--generate", default="", help="an attnlab bench generate table")
     _required(s, "--out", "--fig")
 
 

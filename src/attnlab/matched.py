@@ -5,7 +5,9 @@ the same prompts, and its measured speedup there, the attention's alone and end 
 Speeds come from the benchmarks, each only for the selection it timed: the cache regime
 from ``attnlab bench decode`` (one generated token's attention over a cache of the
 prompt's length: Quest and SparQ their own select + gather + attend, top-k the oracle's,
-an evicting policy an evicted cache of the budget's size); the prefill regime from
+an evicting policy an evicted cache of the budget's size) and, end to end, from
+``attnlab bench generate`` (the real model's decode step under the scored policy, where it
+was timed); the prefill regime from
 ``attnlab bench prefill`` (the whole prefill), where its rows record the selection form
 the NIAH rows scored. A speed not measured is NaN, and a policy that qualifies at no
 sparsity has a null ``matched_sparsity``.
@@ -25,11 +27,13 @@ EVICTING = {"h2o", "streamingllm", "snapkv"}  # decode over an evicted cache
 DECODE_KERNELS = {"topk", "quest", "sparq"}  # their own step in the decode benchmark
 
 
-def points(niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=None):
+def points(
+    niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=None, generate=None
+):
     """Per (regime, policy, target sparsity) of a NIAH table's ``length`` passkey prompts:
     correct answers beside full attention's, whether every prompt reached the target,
-    and the measured speedups (see :func:`_speeds`). decode, prefill: the benchmarks'
-    tables or None; shape: the decode benchmark's layer shape."""
+    and the measured speedups (see :func:`_speeds`). decode, prefill, generate: the
+    benchmarks' tables or None; shape: the decode benchmark's layer shape."""
     df = niah.filter((pl.col("length") == length) & (pl.col("task") == "passkey"))
     if "selection" not in df.columns:
         df = df.with_columns(selection=pl.lit(None, pl.String))
@@ -51,7 +55,9 @@ def points(niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=Non
         .join(full, on="regime", how="left")
         .sort("regime", "policy", "target_sparsity")
     )
-    speeds = [_speeds(r, length, decode, prefill, shape) for r in per.iter_rows(named=True)]
+    speeds = [
+        _speeds(r, length, decode, prefill, shape, generate) for r in per.iter_rows(named=True)
+    ]
     return per.with_columns(
         share=pl.col("correct") / pl.col("full_correct"),
         attention_speedup=pl.Series([a for a, _ in speeds], dtype=pl.Float64),
@@ -73,7 +79,7 @@ def matched(pts: pl.DataFrame) -> pl.DataFrame:
     return keys.join(best, on=["regime", "policy"], how="left").sort("regime", "policy")
 
 
-def _speeds(point: dict, length: int, decode, prefill, shape) -> tuple[float, float]:
+def _speeds(point: dict, length: int, decode, prefill, shape, generate=None):
     """(attention, end to end) speedups of a point (regime, policy, target sparsity and
     the selection form its rows record) from the benchmarks, NaN where none measured
     that selection."""
@@ -81,30 +87,39 @@ def _speeds(point: dict, length: int, decode, prefill, shape) -> tuple[float, fl
     regime, policy, sparsity = point["regime"], point["policy"], point["target_sparsity"]
     if sparsity is None:
         return nan, nan
-    if regime == "cache" and decode is not None:
+    same = (pl.col("target_sparsity") - sparsity).abs() < 1e-9
+    if regime == "cache":
+        attention = end_to_end = nan
         step = "evicted" if policy in EVICTING else policy
-        if step in DECODE_KERNELS or step == "evicted":
+        if decode is not None and (step in DECODE_KERNELS or step == "evicted"):
             d = decode.filter(
                 (pl.col("shape") == shape)
                 & (pl.col("cache") == length)
                 & (pl.col("policy") == step)
-                & ((pl.col("target_sparsity") - sparsity).abs() < 1e-9)
+                & same
             )
-            if d.height:
-                return float(d["speedup_vs_dense"][0]), nan
+            attention = float(d["speedup_vs_dense"][0]) if d.height else nan
+        if generate is not None:  # the scored policy itself, in the real model
+            g = generate.filter(
+                (pl.col("policy") == policy) & (pl.col("length") == length) & same
+            )
+            end_to_end = float(g["speedup_vs_full"][0]) if g.height else nan
+        return attention, end_to_end
     if regime == "prefill" and prefill is not None and "selection" in prefill.columns:
         p = prefill.filter(
             (pl.col("policy") == policy)
             & (pl.col("selection") == point["selection"])
             & (pl.col("implementation") == "attnlab")
-            & ((pl.col("target_sparsity") - sparsity).abs() < 1e-9)
+            & same
         )
         if p.height:
             return nan, float(p["speedup_vs_full"][0])
     return nan, nan
 
 
-def write_matched(table: str, decode: str, out: str, fig: str, prefill: str = "") -> None:
+def write_matched(
+    table: str, decode: str, out: str, fig: str, prefill: str = "", generate: str = ""
+) -> None:
     """``attnlab niah-matched``: the matched table at ``out`` (its points beside it,
     ``<out>_points.parquet``) and the figure at ``fig``, at the NIAH table's longest
     prompt length and its model's layer shape in the decode benchmark."""
@@ -116,7 +131,8 @@ def write_matched(table: str, decode: str, out: str, fig: str, prefill: str = ""
         raise UserError(f"{table}: one model whose shape {decode} times is needed, got {models}")
     pre = pl.read_parquet(prefill) if prefill else None
     length = int(niah["length"].max())
-    pts = points(niah, length, bench, pre, models[0])
+    gen = pl.read_parquet(generate) if generate else None
+    pts = points(niah, length, bench, pre, models[0], gen)
     meta = {"length": length, "share": SHARE, "shape": models[0]}
     tables.write(matched(pts).to_arrow(), out, meta=meta)
     tables.write(pts.to_arrow(), Path(out).with_name(Path(out).stem + "_points.parquet"), meta=meta)
