@@ -4,10 +4,9 @@ import re
 import sys
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
-
 from attnlab.cli import FIGURES
+from attnlab.workflow import validate as config_validate
+from attnlab.errors import UserError
 from attnlab.sources import module_sources
 from attnlab.workflow import model_key, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
@@ -24,14 +23,9 @@ from attnlab.workflow import policy_spec as workflow_policy_spec
 def validate_config(cfg):
     """Validate against the schema (filling defaults); a bad value stops with one line."""
     try:
-        validate(cfg, schema="../schemas/config.schema.yaml")
-    except WorkflowError as e:
-        cause = e.__cause__ or e.__context__ or e
-        where = (
-            ".".join(str(p) for p in getattr(cause, "absolute_path", [])) or "config"
-        )
-        msg = getattr(cause, "message", str(e).splitlines()[-1])
-        sys.exit(f"attnlab: config error at {where}: {msg}")
+        config_validate(cfg, schema=Path(workflow.basedir) / "schemas/config.schema.yaml")
+    except UserError as e:
+        sys.exit(f"attnlab: {e}")
 
 
 validate_config(config)

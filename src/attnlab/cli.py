@@ -22,6 +22,7 @@ NIAH_TASKS = ["passkey", "multikey", "multivalue", "multiquery"]  # attnlab.niah
 # Command -> "module:function", the verb it calls with its options as keywords.
 VERBS = {
     "policies": "attnlab.policies.fields:show",
+    "config": "attnlab.workflow:show_config",
     "model-info": "attnlab.models:write_info",
     "niah-prompts": "attnlab.niah_jobs:write_prompts",
     "niah-score": "attnlab.niah_jobs:score_prefill",
@@ -283,6 +284,12 @@ def parser() -> argparse.ArgumentParser:
     _pareto_parsers(sub)
     _plot_parser(sub)
     sub.add_parser("policies", help="every policy: its label, level and parameters")
+    s = sub.add_parser(
+        "config", help="the config a run uses: workflow_config.yaml, overrides, defaults"
+    )
+    s.add_argument(
+        "--configfile", nargs="+", help="config files on top, as snakemake's --configfile"
+    )
     sub.add_parser("bench", add_help=False, help="benchmarks: attnlab bench kernels --help")
     return p
 

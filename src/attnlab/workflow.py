@@ -1,4 +1,8 @@
-"""Pure-Python helpers for the Snakefile: file names, model keys, code dependencies.
+"""Pure-Python helpers for the Snakefile: file names, model keys, code dependencies, and
+the effective config (``workflow_config.yaml`` with any ``--configfile`` on top, merged
+key by key as Snakemake merges them, validated against ``schemas/config.schema.yaml``
+with its defaults filled in: :func:`validate`, which the Snakefile calls, and
+``attnlab config``, which prints it).
 
 Nothing here imports torch, so Snakemake starts fast (policies' parameters are read from
 their source, :mod:`attnlab.policies.fields`).
@@ -6,7 +10,10 @@ their source, :mod:`attnlab.policies.fields`).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+
+import yaml
 
 from attnlab.errors import UserError
 from attnlab.policies import fields
@@ -152,3 +159,76 @@ def default_targets(models: list[str], sparsities: list[float]) -> list[str]:
     figs += ["long_context_length", "long_context_recall", "long_context_latency"]
     figs += ["long_context_matched"]
     return [f"figs/{f}.png" for f in figs] + ["results/long_context/paired.parquet"]
+
+
+BASE = "workflow_config.yaml"
+SCHEMA = "schemas/config.schema.yaml"
+
+
+def validate(config: dict, schema: str | Path) -> None:
+    """Validate ``config`` in place against ``schema``, filling in its defaults; a bad
+    value raises one line naming the key and what is wrong."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate as snakemake_validate
+
+    try:
+        snakemake_validate(config, schema=str(schema))
+    except WorkflowError as e:
+        cause = e.__cause__ or e.__context__ or e
+        where = ".".join(str(p) for p in getattr(cause, "absolute_path", [])) or "config"
+        msg = getattr(cause, "message", str(e).splitlines()[-1])
+        raise UserError(f"config error at {where}: {msg}") from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, nested mappings merged key by key (Snakemake's rule)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file holds a mapping of keys")
+    return data
+
+
+def policies_used(config: dict) -> list[str]:
+    """Every policy name the grids run, in first-mention order: both NIAH regimes, the
+    perplexity runs and the ablation's baselines and variants, with full attention."""
+    niah, ablation = config["niah"], config["ablation"]
+    names = ["full", *niah["regimes"]["cache"], *niah["regimes"]["prefill"]]
+    names += config["pareto"]["policies"]
+    cab = policy_spec("cab", config["policies"])
+    names += ablation_policies(ablation["baselines"], ablation["lams"], cab, ablation["variants"])
+    return list(dict.fromkeys(names))
+
+
+def effective(configfiles=(), base: str | Path = BASE, schema: str | Path = SCHEMA) -> dict:
+    """The config a run with these ``--configfile`` options would use (paths relative to
+    the workflow directory): defaults filled in, and ``policy_params``, each used
+    policy's every parameter (:func:`attnlab.workflow.policy_spec`)."""
+    config = _read(base)
+    for path in configfiles:
+        config = _merge(config, _read(path))
+    validate(config, Path(schema).resolve())
+    if errors := policy_errors(config):
+        raise UserError(f"config error: {errors[0]}")
+    used = policies_used(config)
+    return config | {"policy_params": {n: policy_spec(n, config["policies"]) for n in used}}
+
+
+def show_config(configfile: list[str] | None = None) -> None:
+    """``attnlab config``: print the effective config as YAML."""
+    print(yaml.safe_dump(effective(configfile or ()), sort_keys=False), end="")

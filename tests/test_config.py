@@ -1,0 +1,48 @@
+"""``attnlab config``: the effective config a run uses, the schema's defaults filled in."""
+
+from pathlib import Path
+
+import yaml
+
+from attnlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(capsys, monkeypatch, *configfiles):
+    monkeypatch.chdir(ROOT)
+    args = ["config", "--configfile", *configfiles] if configfiles else ["config"]
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_config_merges_overrides_over_the_workflow_config_and_fills_defaults(
+    capsys, monkeypatch, tmp_path
+):
+    override = tmp_path / "over.yaml"
+    override.write_text("niah:\n  lengths: [256]\npolicies:\n  h2o: {recent_ratio: 0.25}\n")
+    code, out, _ = _config(capsys, monkeypatch, "configs/long_context.yaml", str(override))
+    assert code == 0
+    cfg = yaml.safe_load(out)
+    base = yaml.safe_load((ROOT / "workflow_config.yaml").read_text())
+    assert cfg["models"] == ["gemma3-270m"]  # the first override
+    assert cfg["niah"]["lengths"] == [256]  # the second, over the first
+    assert cfg["niah"]["depths"] == [0.0, 0.25, 0.5, 0.75, 1.0]  # the first, merged key by key
+    assert cfg["niah"]["max_new_tokens"] == base["niah"]["max_new_tokens"]  # the base's
+    assert "split" not in base["corpus"] and cfg["corpus"]["split"] == "train"  # the schema's
+    params = cfg["policy_params"]
+    assert params["h2o"]["recent_ratio"] == 0.25
+    assert params["cab_b64"]["base"] == "cab" and params["cab_b64"]["block_size"] == 64
+    assert set(cfg["niah"]["regimes"]["prefill"]) <= set(params)
+
+
+def test_config_refuses_a_bad_value_in_one_line(capsys, monkeypatch, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("niah:\n  sparsities: [1.5]\n")
+    code, out, err = _config(capsys, monkeypatch, str(bad))
+    assert code == 1 and out == ""
+    assert err.startswith("attnlab: error: config error at niah.sparsities.0")
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = _config(capsys, monkeypatch, str(tmp_path / "missing.yaml"))
+    assert code == 1 and "no such config file" in err
