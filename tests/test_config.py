@@ -29,7 +29,7 @@ def test_config_merges_overrides_over_the_workflow_config_and_fills_defaults(
     assert cfg["models"] == ["gemma3-270m"]  # the first override
     assert cfg["niah"]["lengths"] == [256]  # the second, over the first
     assert cfg["niah"]["depths"] == [0.0, 0.25, 0.5, 0.75, 1.0]  # the first, merged key by key
-    assert cfg["niah"]["max_new_tokens"] == base["niah"]["max_new_tokens"]  # the base's
+    assert cfg["niah"]["haystack"] == base["niah"]["haystack"]  # the base's
     assert "split" not in base["corpus"] and cfg["corpus"]["split"] == "train"  # the schema's
     params = cfg["policy_params"]
     assert params["h2o"]["recent_ratio"] == 0.25
@@ -46,3 +46,19 @@ def test_config_refuses_a_bad_value_in_one_line(capsys, monkeypatch, tmp_path):
     assert len(err.strip().splitlines()) == 1
     code, out, err = _config(capsys, monkeypatch, str(tmp_path / "missing.yaml"))
     assert code == 1 and "no such config file" in err
+
+
+def test_the_schema_is_the_one_source_of_defaults(tmp_path, monkeypatch):
+    """workflow_config.yaml lists the knobs a user is expected to change at the schema's
+    (and the policies' dataclasses') defaults: a default changed in one place and not the
+    other fails here, so the file never silently overrides the schema."""
+    from attnlab.workflow import effective
+
+    monkeypatch.chdir(ROOT)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    shipped, defaults = effective(), effective(base=empty)
+    assert {k: v for k, v in shipped.items() if k != "policies"} == {
+        k: v for k, v in defaults.items() if k != "policies"
+    }  # policy_params included: every policy the grids run, every parameter
+    assert len(yaml.safe_load((ROOT / "workflow_config.yaml").read_text())) < len(shipped)
