@@ -23,7 +23,9 @@ from attnlab.workflow import policy_spec as workflow_policy_spec
 def validate_config(cfg):
     """Validate against the schema (filling defaults); a bad value stops with one line."""
     try:
-        config_validate(cfg, schema=Path(workflow.basedir) / "schemas/config.schema.yaml")
+        config_validate(
+            cfg, schema=Path(workflow.basedir) / "schemas/config.schema.yaml"
+        )
     except UserError as e:
         sys.exit(f"attnlab: {e}")
 
