@@ -62,3 +62,14 @@ def test_the_schema_is_the_one_source_of_defaults(tmp_path, monkeypatch):
         k: v for k, v in defaults.items() if k != "policies"
     }  # policy_params included: every policy the grids run, every parameter
     assert len(yaml.safe_load((ROOT / "workflow_config.yaml").read_text())) < len(shipped)
+
+
+def test_the_configuration_doc_lists_every_key_of_the_schema():
+    """docs/configuration.md ends with ``attnlab config --table``: every key of the schema,
+    its description and default; a key added, removed or changed there fails here."""
+    from attnlab.workflow import config_table
+
+    table = config_table(ROOT / "schemas/config.schema.yaml")
+    doc = (ROOT / "docs/configuration.md").read_text()
+    assert doc.endswith(table)
+    assert "| `niah.sparsities` |" in table and "| `policies` |" in table

@@ -290,6 +290,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--configfile", nargs="+", help="config files on top, as snakemake's --configfile"
     )
+    s.add_argument(
+        "--table", action="store_true", help="every key, its meaning and default (Markdown)"
+    )
     sub.add_parser("bench", add_help=False, help="benchmarks: attnlab bench kernels --help")
     return p
 

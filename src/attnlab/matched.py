@@ -27,9 +27,7 @@ EVICTING = {"h2o", "streamingllm", "snapkv"}  # decode over an evicted cache
 DECODE_KERNELS = {"topk", "quest", "sparq"}  # their own step in the decode benchmark
 
 
-def points(
-    niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=None, generate=None
-):
+def points(niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=None, generate=None):
     """Per (regime, policy, target sparsity) of a NIAH table's ``length`` passkey prompts:
     correct answers beside full attention's, whether every prompt reached the target,
     and the measured speedups (see :func:`_speeds`). decode, prefill, generate: the
@@ -100,9 +98,7 @@ def _speeds(point: dict, length: int, decode, prefill, shape, generate=None):
             )
             attention = float(d["speedup_vs_dense"][0]) if d.height else nan
         if generate is not None:  # the scored policy itself, in the real model
-            g = generate.filter(
-                (pl.col("policy") == policy) & (pl.col("length") == length) & same
-            )
+            g = generate.filter((pl.col("policy") == policy) & (pl.col("length") == length) & same)
             end_to_end = float(g["speedup_vs_full"][0]) if g.height else nan
         return attention, end_to_end
     if regime == "prefill" and prefill is not None and "selection" in prefill.columns:

@@ -229,6 +229,48 @@ def effective(configfiles=(), base: str | Path = BASE, schema: str | Path = SCHE
     return config | {"policy_params": {n: policy_spec(n, config["policies"]) for n in used}}
 
 
-def show_config(configfile: list[str] | None = None) -> None:
-    """``attnlab config``: print the effective config as YAML."""
+def _schema_keys(node: dict, path: str = ""):
+    """(dotted key, schema node) of every documented key: sections are walked into, a key
+    with its own description is one row (``niah.templates``, ``policies``)."""
+    props = node.get("properties")
+    if props and (not path or "description" not in node):
+        for key, sub in props.items():
+            yield from _schema_keys(sub, f"{path}.{key}" if path else key)
+    else:
+        yield path, node
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(value) if value else "{}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def config_table(schema: str | Path = SCHEMA) -> str:
+    """Every config key of ``schema`` as a Markdown table: key, meaning, default (a
+    mapping's default by its keys). docs/configuration.md holds it, a test keeps it
+    current."""
+    root = yaml.safe_load(Path(schema).read_text())
+    lines = ["| key | meaning | default |", "| --- | --- | --- |"]
+    for key, node in _schema_keys(root):
+        if "description" not in node:
+            raise UserError(f"{schema}: {key} has no description")
+        meaning = node["description"].replace("|", "\\|")
+        default = node.get("default", "")
+        inner = {k: v["default"] for k, v in node.get("properties", {}).items() if "default" in v}
+        if default == {} and inner:  # an object whose keys carry the defaults
+            default = "; ".join(f"{k}: {_cell(v)}" for k, v in inner.items())
+        default = _cell(default).replace("|", "\\|")
+        lines.append(f"| `{key}` | {meaning} | {default} |")
+    return "\n".join(lines) + "\n"
+
+
+def show_config(configfile: list[str] | None = None, table: bool = False) -> None:
+    """``attnlab config``: print the effective config as YAML, or (``table``) every key
+    of the schema with its meaning and default as Markdown."""
+    if table:
+        print(config_table(), end="")
+        return
     print(yaml.safe_dump(effective(configfile or ()), sort_keys=False), end="")

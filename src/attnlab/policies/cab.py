@@ -39,9 +39,10 @@ class CAB(BlockPolicy):
     """Coarse graph weights: "softmax" (row-normalised), "scores" (shifted scaled scores)
     or "dot" (Q_c K_c^T unscaled, the research plan's formula)."""
     graph: Literal["symmetric", "directed", "rowsum"] = "symmetric"
-    """"symmetric" ((A + A^T) / 2, diagonal dropped: the default, DESIGN's barbell rule),
-    "directed" (out-degree of the query block, in-degree of the key block) or "rowsum"
-    (row sums at both ends, the research plan's formula)."""
+    """"symmetric" ((A + A^T) / 2, diagonal dropped: the default, the graph in which a
+    barbell's bridge is the most negative edge, docs/curvature.md), "directed" (out-degree
+    of the query block, in-degree of the key block) or "rowsum" (row sums at both ends,
+    the research plan's formula)."""
     query: Literal["block", "row"] = "block"
     """Who stands for the row's own block in its coarse row: "block" (the block's max-L2
     query so far) or "row" (the row's own query: query-aware)."""
