@@ -73,3 +73,17 @@ def test_the_configuration_doc_lists_every_key_of_the_schema():
     doc = (ROOT / "docs/configuration.md").read_text()
     assert doc.endswith(table)
     assert "| `niah.sparsities` |" in table and "| `policies` |" in table
+
+
+def test_help_and_policies_speak_to_users(capsys):
+    """What a user reads names commands and docs/, not the code's internals or DESIGN (a
+    file a user's clone does not have)."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert main(["policies"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "attnlab config" in out and "attnlab policies" in out
+    for internal in (":func:", ":data:", "DESIGN", "VERBS"):
+        assert internal not in out

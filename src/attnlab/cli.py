@@ -274,8 +274,16 @@ def _plot_parser(sub) -> None:
     s.add_argument("--seed", type=int)
 
 
+USAGE = """Every stage of the attnlab pipeline as a command. The Snakemake rules call these
+with every option filled in from the config (snakemake --cores 8 figs/niah_heatmap_99.png
+runs them for you); by hand, start with: attnlab policies (each policy and its
+parameters), attnlab config (the config a run uses), attnlab bench --help (the
+benchmarks), attnlab plot --help (the figures). Bad input ends with one line on stderr
+and exit status 1."""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
+    p = argparse.ArgumentParser(prog="attnlab", description=USAGE)
     sub = p.add_subparsers(dest="command", required=True)
     _niah_parsers(sub)
     _corpus_parsers(sub)
