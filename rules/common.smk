@@ -36,6 +36,10 @@ if policy_errors := workflow_policy_errors(config):
 
 MODELS = {model_key(m): m for m in config["models"]}
 NIAH = config["niah"]
+# one haystack or a list of them
+HAYSTACKS = (
+    [NIAH["haystack"]] if isinstance(NIAH["haystack"], str) else NIAH["haystack"]
+)
 CORPUS = config["corpus"]
 CAPTURE = config["capture"]
 INTERVENTION = config["intervention"]
@@ -60,11 +64,23 @@ def model_name(wildcards):
     return MODELS[wildcards.model]
 
 
+def cache_files(grid, model):
+    """A cache-regime job's table, or its shards' (niah.cache_shards)."""
+    n = NIAH["cache_shards"]
+    shards = [""] if n == 1 else [f"_{i}of{n}" for i in range(1, n + 1)]
+    return [f"results/{grid}/{model}/cache{s}.parquet" for s in shards]
+
+
+def cache_shard(wildcards):
+    """The ``--shard`` of a cache job, ``<i>of<n>``, from its file name (1of1: cache.parquet)."""
+    return wildcards.shard[1:] or "1of1"
+
+
 def niah_score_files(wildcards=None):
     """Every model's cache-regime table (it holds full attention's rows of both regimes:
     one dense prefill, dense decoding) and prefill-regime tables."""
     prefill = NIAH["regimes"]["prefill"]
-    return [f"results/niah/{m}/cache.parquet" for m in MODELS] + [
+    return [f for m in MODELS for f in cache_files("niah", m)] + [
         f
         for m in MODELS
         for f in run_files("niah/prefill", m, prefill, NIAH["sparsities"], full=False)
@@ -226,7 +242,7 @@ def ablation_inputs(wildcards):
         ABLATION["sparsities"],
     )
     regimes = ABLATION["regimes"]
-    niah = [f"results/ablation/{m}/cache.parquet"] if "cache" in regimes else []
+    niah = cache_files("ablation", m) if "cache" in regimes else []
     if "prefill" in regimes:
         full = "cache" not in regimes
         niah += run_files("niah/prefill", m, policies, sparsities, full=full)
@@ -240,7 +256,7 @@ def ablation_inputs(wildcards):
 
 def niah_haystack_input(wildcards):
     """The corpus, when the haystack is drawn from it."""
-    if NIAH["haystack"] == "corpus":
+    if "corpus" in HAYSTACKS:
         return {"corpus": f"results/corpus/{wildcards.model}/manifest.json"}
     return {}
 

@@ -1,6 +1,7 @@
-# Needle-in-a-haystack: prompts per model; the cache regime in one job per model (one
-# dense prefill per prompt shared by every policy and sparsity; the ablation's variants
-# in one more); the prefill regime in one job per (model, policy, sparsity); one table.
+# Needle-in-a-haystack: prompts per model; the cache regime in one job per model, or in
+# niah.cache_shards jobs of every n-th prompt (one dense prefill per prompt shared by every
+# policy and sparsity; the ablation's variants in more); the prefill regime in one job per
+# (model, policy, sparsity); one table.
 
 
 rule model_info:
@@ -37,7 +38,7 @@ rule niah_prompts:
         lengths=NIAH["lengths"],
         depths=NIAH["depths"],
         samples=NIAH["samples"],
-        haystack=NIAH["haystack"],
+        haystack=HAYSTACKS,
         seed=config["seed"],
         corpus=niah_haystack_arg,
         tasks=NIAH["tasks"],
@@ -56,13 +57,14 @@ rule niah_cache:
         prompts="results/niah/{model}/prompts.parquet",
         code=niah_cache_sources,
     output:
-        "results/{grid}/{model}/cache.parquet",
+        "results/{grid}/{model}/cache{shard}.parquet",
     log:
-        "logs/niah_cache/{grid}/{model}.log",
+        "logs/niah_cache/{grid}/{model}{shard}.log",
     benchmark:
-        "benchmarks/niah_cache/{grid}/{model}.tsv"
+        "benchmarks/niah_cache/{grid}/{model}{shard}.tsv"
     wildcard_constraints:
         grid="niah|ablation",
+        shard="(_[0-9]+of[0-9]+)?",
     # the longest job of a NIAH grid: first in line, so that it is not left to run alone
     priority: 10
     conda:
@@ -73,6 +75,7 @@ rule niah_cache:
     params:
         name=model_name,
         runs=niah_cache_runs,
+        shard=cache_shard,
         tolerance=NIAH["sparsity_tolerance"],
         max_new_tokens=NIAH["max_new_tokens"],
         seed=config["seed"],
@@ -80,7 +83,7 @@ rule niah_cache:
         dtype=config["dtype"],
     shell:
         "attnlab niah-cache --model {params.name} --prompts {input.prompts}"
-        " --runs {params.runs:q} --tolerance {params.tolerance}"
+        " --runs {params.runs:q} --shard {params.shard} --tolerance {params.tolerance}"
         " --max-new-tokens {params.max_new_tokens} --seed {params.seed}"
         " --threads {threads} --device {params.device} --dtype {params.dtype} --out {output} 2> {log}"
 

@@ -88,3 +88,13 @@ def test_a_figure_without_the_option_it_takes(tmp_path):
     out = tmp_path / "heatmap.png"
     line = refused("plot", "niah-heatmap", "--table", "t.parquet", "--out", str(out), out=out)
     assert line == "attnlab: error: figure niah-heatmap needs --sparsity"
+
+
+@pytest.mark.parametrize("shard", ["3of2", "0of4", "two"])
+def test_a_cache_shard_outside_its_count(tmp_path, shard):
+    out = tmp_path / "cache.parquet"
+    args = ["niah-cache", "--model", "smollm2-135m", "--prompts", str(tmp_path / "p.parquet")]
+    args += ["--runs", "[]", "--shard", shard, "--tolerance", "0.005", "--seed", "0"]
+    args += ["--max-new-tokens", "8", "--threads", "1", "--device", "cpu", "--dtype", "auto"]
+    line = refused(*args, "--out", str(out), out=out)
+    assert "--shard" in line and shard in line

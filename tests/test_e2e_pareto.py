@@ -1,5 +1,6 @@
 """End-to-end: perplexity, ablation and curvature figures with SmolLM2-135M on the built-in
-corpus, the needle hidden in corpus text."""
+corpus, the needle hidden in corpus text and in the noise filler, the cache regime in two
+shards."""
 
 import json
 
@@ -15,11 +16,17 @@ PARETO_FIGS = [f"figs/{k}_smollm2-135m.png" for k in ("pareto", "ablation", "cur
 @pytest.fixture(scope="module")
 def pareto_dir(tmp_path_factory):
     """The perplexity, ablation and curvature figures from the built-in corpus, with the
-    needle hidden in corpus text."""
+    needle hidden in corpus text and in the noise filler (two prompts), the cache jobs in
+    two shards of one prompt each."""
     cfg = {
         "models": ["smollm2-135m"],
         "corpus": {"chunk_len": 96, "max_chunks": 24, "shard_size": 8},
-        "niah": {"lengths": [256], "depths": [0.5], "haystack": "corpus"},
+        "niah": {
+            "lengths": [256],
+            "depths": [0.5],
+            "haystack": ["corpus", "noise"],
+            "cache_shards": 2,
+        },
         "pareto": {"policies": ["cab"], "sparsities": [0.75], "chunks": 3, "repeats": 2},
         # CAB and a named variant: the variant machinery (lambda variants are named the
         # same way, tests/test_workflow.py); baselines are ordinary policies
@@ -80,8 +87,19 @@ def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
     assert (plan["graph"], plan["adjacency"]) == ("rowsum", "dot")  # CAB's fields, the plan's
     assert plan["block_size"] == 16 and plan["lam"] == 1.0  # values; the rest is cab's
     prompts = pl.read_parquet(pareto_dir / "results/niah/smollm2-135m/prompts.parquet")
-    assert prompts["haystack"].to_list() == ["corpus"]
-    assert "The grass is green" not in _decode_smollm2(prompts["input_ids"][0].to_list())
+    assert prompts["haystack"].to_list() == ["corpus", "noise"]
+    assert prompts["key"].n_unique() == 1  # a cell's key is the same on each haystack
+    texts = [_decode_smollm2(ids) for ids in prompts["input_ids"].to_list()]
+    assert "The grass is green" not in texts[0] and "The grass is green" in texts[1]
+    # the cache regime in two shards, one prompt each, every run on each
+    shards = [
+        pl.read_parquet(pareto_dir / f"results/ablation/smollm2-135m/cache_{i}of2.parquet")
+        for i in (1, 2)
+    ]
+    assert [s["haystack"].unique().to_list() for s in shards] == [["corpus"], ["noise"]]
+    assert shards[0].select("regime", "policy").sort("regime", "policy").rows() == (
+        shards[1].select("regime", "policy").sort("regime", "policy").rows()
+    )
 
 
 def test_curvature_table_marks_the_needle_blocks(pareto_dir):

@@ -138,21 +138,23 @@ def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(s
     tables.write([p.__dict__ for p in prompts], tmp_path / "prompts.parquet")
     runs = json.dumps([["full", {}, 0.0], ["topk", {}, 0.5]])
     args = dict(model="smollm2-135m", prompts=str(tmp_path / "prompts.parquet"), runs=runs)
-    job = dict(args, tolerance=0.01, max_new_tokens=4, seed=0, threads=1, device="cpu")
+    job = dict(args, shard="1of1", tolerance=0.01, max_new_tokens=4, seed=0, threads=1)
+    job["device"] = "cpu"
     out = str(tmp_path / "cache.parquet")
     niah_jobs.score_cache_runs(**job, dtype="auto", out=out)
     whole = pl.read_parquet(out)
     assert not list(tmp_path.glob("*.partial-*"))
 
-    settings = ["smollm2-135m", json.loads(runs), 4, 0, "cpu", "auto"]
+    settings = ["smollm2-135m", json.loads(runs), "1of1", 4, 0, "cpu", "auto"]
     checkpoint = niah_jobs.Checkpoint(out, settings, args["prompts"])
     first = niah.prompt_id(prompts[0])
     kept = [dict(r, generated="from the checkpoint") for r in whole.to_dicts()[:3]]
-    assert {f"{r['task']}/{r['length']}/{r['depth']}/{r['sample']}" for r in kept} == {first}
+    ids = {f"{r['haystack']}/{r['task']}/{r['length']}/{r['depth']}/{r['sample']}" for r in kept}
+    assert ids == {first}
     checkpoint.keep(prompts[0], kept)
     with checkpoint.path.open("a") as f:
         f.write('{"prompt": "cut sho')  # the kill
-    other = niah_jobs.Checkpoint(out, [*settings[:3], 1, "cpu", "auto"], args["prompts"])
+    other = niah_jobs.Checkpoint(out, [*settings[:4], 1, "cpu", "auto"], args["prompts"])
     assert other.path != checkpoint.path and not other.load()
     niah_jobs.score_cache_runs(**job, dtype="auto", out=out)
     resumed = pl.read_parquet(out)

@@ -28,6 +28,7 @@ def _table(correct: dict[tuple[str, str, float], list[int]], seed=0) -> pl.DataF
             "length": int(lengths.ravel()[i]),
             "depth": float(depths.ravel()[i]),
             "sample": 0,
+            "haystack": "noise",
             "correct": bool(c),
             "feasible": True,
         }

@@ -35,11 +35,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 TASKS = ("passkey", "multikey", "multivalue", "multiquery")
 # Keys of the multi-needle tasks, as in RULER's word keys.
 NAMES = tuple(
-    (
-        "apple river lantern copper meadow falcon harbor violet granite thunder pepper "
-        "glacier orchid compass saddle marble cactus beacon walnut comet anchor willow "
-        "ember quartz"
-    ).split()
+    "apple river lantern copper meadow falcon harbor violet granite thunder pepper glacier "
+    "orchid compass saddle marble cactus beacon walnut comet anchor willow ember quartz".split()
 )
 
 
@@ -80,7 +77,8 @@ class Prompt:
     """One retrieval prompt: token ids, the asked values, and where their tokens sit.
 
     ``key`` holds the values the question asks for, separated by spaces (one for
-    passkey and multikey); ``needle_positions`` the positions of their tokens.
+    passkey and multikey); ``needle_positions`` the positions of their tokens;
+    ``haystack`` the filler's kind (``noise`` or ``corpus``).
     """
 
     length: int
@@ -90,6 +88,7 @@ class Prompt:
     input_ids: list[int]
     needle_positions: list[int]
     task: str = "passkey"
+    haystack: str = "noise"
 
     @property
     def answers(self) -> list[str]:
@@ -254,6 +253,7 @@ def _result(prompt: Prompt, run: sparse.SparseRun, text: str) -> dict:
     out = digits(text)
     return {
         "task": prompt.task,
+        "haystack": prompt.haystack,
         "length": prompt.length,
         "depth": prompt.depth,
         "sample": prompt.sample,
@@ -396,5 +396,5 @@ def score_cache(
 
 
 def prompt_id(p: Prompt) -> str:
-    """A prompt's identity in a table: task, length, depth, sample."""
-    return f"{p.task}/{p.length}/{p.depth}/{p.sample}"
+    """A prompt's identity in a table: haystack, task, length, depth, sample."""
+    return f"{p.haystack}/{p.task}/{p.length}/{p.depth}/{p.sample}"

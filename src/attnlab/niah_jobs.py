@@ -19,48 +19,56 @@ def write_prompts(
     depths: list[float],
     samples: int,
     seed: int,
-    haystack: str,
+    haystack: list[str],
     corpus: str | None,
     tasks: list[str],
     needles: int,
     templates: str,
     out: str,
 ) -> None:
-    """The prompts of every (task, length, depth, sample) in ``model``'s tokenizer, written
-    to ``out``. ``haystack`` is ``noise`` or ``corpus`` (then ``corpus`` is the corpus
-    manifest); ``templates`` is JSON of :class:`attnlab.niah.Templates` fields."""
+    """The prompts of every (haystack, task, length, depth, sample) in ``model``'s
+    tokenizer, written to ``out``. ``haystack``: ``noise`` and/or ``corpus`` (then
+    ``corpus`` is the corpus manifest); a cell's keys are the same on every haystack.
+    ``templates`` is JSON of :class:`attnlab.niah.Templates` fields."""
+    from dataclasses import replace
+
     from transformers import AutoTokenizer
 
     info = json.loads(open(model_info).read())
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
-    filler = None
-    if haystack == "corpus":
+    haystacks = list(dict.fromkeys(haystack))
+    fillers = {"noise": None}
+    if "corpus" in haystacks:
         from attnlab.corpus import read_corpus
 
         if corpus is None:
             raise UserError("the corpus haystack needs --corpus (the corpus manifest)")
-        filler = read_corpus(corpus).reshape(-1)
+        fillers["corpus"] = read_corpus(corpus).reshape(-1)
     try:
         phrasing = niah.Templates(**json.loads(templates))
     except TypeError as e:
         raise UserError(f"niah.templates: {e}") from e
-    prompts = niah.make_prompts(
-        tokenizer,
-        lengths,
-        depths,
-        samples,
-        seed,
-        info["max_positions"],
-        filler,
-        tasks,
-        needles,
-        phrasing,
-    )
-    rows = [dict(p.__dict__, model=model, haystack=haystack) for p in prompts]
+    prompts = [
+        replace(p, haystack=name)
+        for name in haystacks
+        for p in niah.make_prompts(
+            tokenizer,
+            lengths,
+            depths,
+            samples,
+            seed,
+            info["max_positions"],
+            fillers[name],
+            tasks,
+            needles,
+            phrasing,
+        )
+    ]
+    rows = [dict(p.__dict__, model=model) for p in prompts]
     meta = {
         "model": model,
         "seed": seed,
-        "haystack": haystack,
+        "haystack": " ".join(haystacks),
         "tasks": tasks,
         "needles": needles,
         "templates": phrasing.__dict__,
@@ -106,7 +114,7 @@ def score_prefill(
     params = json.dumps(run.params(), sort_keys=True)
     cost = run.read_cost(models.model_info(model, net).head_dim, target)
     for r in rows:
-        r.update(policy_params=params, haystack=pmeta.get("haystack"), read_cost=cost)
+        r.update(policy_params=params, read_cost=cost)
     meta = {**pmeta, **marks, "regime": "prefill", "decode": "dense", "row_chunk": row_chunk}
     tables.write(rows, out, meta=meta)
     scoring.log_gpu_peak(device)
@@ -116,6 +124,7 @@ def score_cache_runs(
     model: str,
     prompts: str,
     runs: str,
+    shard: str,
     tolerance: float,
     max_new_tokens: int,
     seed: int,
@@ -126,19 +135,21 @@ def score_cache_runs(
 ) -> None:
     """Score the prompts under every cache-regime run in ``runs`` (JSON ``[[policy,
     params, sparsity], ...]``) on one model, one dense prefill per prompt shared by all of
-    them; write the rows to ``out``."""
+    them; write the rows to ``out``. ``shard`` ``<i>of<n>``: the prompts i, i + n, ... (from 1)
+    only, so that n jobs share the card (their tables together are the whole)."""
     import torch
 
     from attnlab import attention
 
     torch.set_num_threads(threads)
-    rows_in = niah.read_prompts(prompts)
+    part, parts = _shard(shard)
+    rows_in = niah.read_prompts(prompts)[part - 1 :: parts]
     pmeta = tables.meta(prompts)
     made = []
     for name, params, target in json.loads(runs):
         made.append((name, *scoring.make_policy(name, params, target)))
     net, tokenizer, info = models.load(model, device=device, dtype=dtype)
-    settings = [model, json.loads(runs), max_new_tokens, seed, device, dtype]
+    settings = [model, json.loads(runs), shard, max_new_tokens, seed, device, dtype]
     checkpoint = Checkpoint(out, settings, prompts)
     rows = niah.score_cache(
         attention.install(net),
@@ -158,13 +169,24 @@ def score_cache_runs(
             model=model,
             feasible=r["achieved_sparsity"] >= r["target_sparsity"] - tolerance,
             policy_params=params[r["policy"]],
-            haystack=pmeta.get("haystack"),
             read_cost=cost[r["policy"], r["target_sparsity"]],
         )
     meta = {**pmeta, "regime": "cache", "runs": json.loads(runs), "tolerance": tolerance}
+    meta["shard"] = shard
     tables.write(rows, out, meta=meta)
     checkpoint.path.unlink(missing_ok=True)
     scoring.log_gpu_peak(device)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``<i>of<n>`` as (i, n), 1 <= i <= n."""
+    try:
+        part, parts = (int(x) for x in text.split("of"))
+    except ValueError:
+        raise UserError(f"--shard must be <i>of<n> (e.g. 2of4), got {text!r}") from None
+    if not 1 <= part <= parts:
+        raise UserError(f"--shard {text}: i must be in 1..n")
+    return part, parts
 
 
 class Checkpoint:

@@ -19,7 +19,7 @@ import polars as pl
 from attnlab.errors import UserError
 from attnlab.stats import cluster_bootstrap, percentile_interval
 
-PROMPT_KEYS = ["length", "depth", "sample"]
+PROMPT_KEYS = ["haystack", "length", "depth", "sample"]
 GROUP_KEYS = ["model", "regime", "task"]
 COLUMNS = [*GROUP_KEYS, *PROMPT_KEYS, "policy", "target_sparsity", "correct", "feasible"]
 ORACLES = ("topk",)
