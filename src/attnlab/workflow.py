@@ -114,8 +114,9 @@ def generate_policies(cache: list[str]) -> list[str]:
 # FlexAttention) 4.8-6.1, token policies in row chunks of 1024 8.7-13.6 and SnapKV 35.9
 # (18.4 allocated: the allocator's cache over three prompt lengths holds the rest).
 # The dense cache-regime job (every cache policy's state beside one dense prefill, whose
-# full attention peaks at 1.9 GiB with the model: `attnlab bench prefill`): 16 is an
-# allowance, not a measurement. What holds the memory grows with the square of the length
+# full attention peaks at 1.9 GiB with the model: `attnlab bench prefill`; a shard of the
+# oracle-gap study held 2.2 GiB on its first 8k prompts, by nvidia-smi): 16 is an
+# allowance, not a measured peak at 32k. What holds the memory grows with the square of the length
 # where a (T, T) mask is built, linearly where rows go in chunks.
 GPU_PEAK_GIB_32K = {"block": 6.1, "token": 35.9, "dense": 16.0}
 GPU_MEM_FLOOR_GIB = 4.0  # the model, its cache and CUDA's own context
