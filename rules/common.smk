@@ -12,9 +12,9 @@ from attnlab.workflow import model_key, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
 from attnlab.workflow import generate_policies as workflow_generate_policies
 from attnlab.workflow import default_targets as workflow_default_targets
+from attnlab.workflow import gpu_job_kind as workflow_gpu_job_kind
 from attnlab.workflow import gpu_mem_gb as workflow_gpu_mem_gb
 from attnlab.workflow import latency_policies as workflow_latency_policies
-from attnlab.workflow import policy_level as workflow_policy_level
 from attnlab.workflow import policy_module as workflow_policy_module
 from attnlab.workflow import policy_errors as workflow_policy_errors
 from attnlab.workflow import policy_spec as workflow_policy_spec
@@ -138,10 +138,7 @@ def gpu_mem_gb(wildcards):
 
 
 def gpu_job_kind(wildcards):
-    policy = getattr(wildcards, "policy", None)
-    if policy is None:
-        return "dense"
-    return workflow_policy_level(policy, config["policies"])
+    return workflow_gpu_job_kind(getattr(wildcards, "policy", None), config["policies"])
 
 
 def niah_cache_grid(wildcards):

@@ -213,3 +213,18 @@ def test_wrong_type_and_zero_sparsity_stop_with_one_line(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if "config error" in ln]
         assert len(lines) == 1 and f"config error at {key}:" in lines[0], proc.stderr
+
+
+def test_gpu_memory_claims_follow_the_measured_kinds():
+    """SnapKV (and a variant of it) claims its own measured peak, above the other token
+    policies', above a block policy's; the cache-regime job claims the dense allowance;
+    claims shrink with the prompt length."""
+    from attnlab import workflow
+
+    policies = {"snap_w64": {"base": "snapkv", "window": 64}}
+    kinds = {p: workflow.gpu_job_kind(p, policies) for p in ("snapkv", "snap_w64", "topk", "cab")}
+    assert kinds == {"snapkv": "snapkv", "snap_w64": "snapkv", "topk": "token", "cab": "block"}
+    assert workflow.gpu_job_kind(None, policies) == "dense"
+    claim = {k: workflow.gpu_mem_gb(k, 32768) for k in ("snapkv", "token", "block", "dense")}
+    assert claim["snapkv"] > claim["token"] > claim["dense"] > claim["block"]
+    assert workflow.gpu_mem_gb("token", 8192) < claim["token"]

@@ -111,24 +111,35 @@ def generate_policies(cache: list[str]) -> list[str]:
 # Peak GPU memory (GiB, torch's reserved pool) of one NIAH job at 32768 tokens: Gemma-3-270M
 # in bfloat16 on an H200 (configs/long_context.yaml; each job's log ends with its peak).
 # Measured over 15 prompts a job at commit f3d03af: block policies (a row per query block,
-# FlexAttention) 4.8-6.1, token policies in row chunks of 1024 8.7-13.6 and SnapKV 35.9
-# (18.4 allocated: the allocator's cache over three prompt lengths holds the rest).
-# The dense cache-regime job (every cache policy's state beside one dense prefill, whose
-# full attention peaks at 1.9 GiB with the model: `attnlab bench prefill`; a shard of the
-# oracle-gap study held 2.2 GiB on its first 8k prompts, by nvidia-smi): 16 is an
-# allowance, not a measured peak at 32k. What holds the memory grows with the square of the length
-# where a (T, T) mask is built, linearly where rows go in chunks.
-GPU_PEAK_GIB_32K = {"block": 6.1, "token": 35.9, "dense": 16.0}
+# FlexAttention) 4.8-6.1, token policies in row chunks of 1024 8.7-13.6, and SnapKV 35.9
+# (18.4 allocated: the allocator's cache over three prompt lengths holds the rest), its own
+# claim; the whole prefill at 32k by `attnlab bench prefill` (model included) took up to
+# 19.0 for a token policy (StreamingLLM), the token claim. The dense cache-regime job
+# (every cache policy's state beside one dense prefill, whose full attention peaks at 1.9
+# with the model; a shard of the oracle-gap study held 2.2 on its first 8k prompts, by
+# nvidia-smi): 8 is an allowance, not a measured peak at 32k. What holds the memory grows
+# with the square of the length where a (T, T) mask is built, linearly where rows go in
+# chunks (token policies, SnapKV).
+GPU_PEAK_GIB_32K = {"block": 6.1, "token": 19.0, "snapkv": 35.9, "dense": 8.0}
 GPU_MEM_FLOOR_GIB = 4.0  # the model, its cache and CUDA's own context
+
+
+def gpu_job_kind(policy: str | None, policies: dict) -> str:
+    """The memory kind of a GPU job: ``dense`` (no policy: the cache-regime job),
+    ``snapkv`` (SnapKV and its variants), else the policy's level."""
+    if policy is None:
+        return "dense"
+    base = _variant(policy, policies)[0] or policy
+    return "snapkv" if base == "snapkv" else policy_level(policy, policies)
 
 
 def gpu_mem_gb(kind: str, length: int) -> int:
     """A GPU job's memory claim in whole GiB for prompts of up to ``length`` tokens (the
     ``gpu_mem_gb`` resource that profiles/gpu caps): the peak measured at 32k for its kind
-    (``block``, ``token`` or ``dense``), scaled by length (squared, or linearly for token
-    policies), plus 10%. Other models need the profile's ``set-resources``."""
+    (:func:`gpu_job_kind`), scaled by length (squared, or linearly for the row-chunked
+    token policies), plus 10%. Other models need the profile's ``set-resources``."""
     ratio = length / 32768
-    scale = ratio if kind == "token" else ratio**2
+    scale = ratio if kind in ("token", "snapkv") else ratio**2
     return int(-(-max(GPU_MEM_FLOOR_GIB, GPU_PEAK_GIB_32K[kind] * scale) * 1.1 // 1))
 
 
