@@ -162,3 +162,39 @@ def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(s
     assert resumed.drop("generated")[3:].equals(whole.drop("generated")[3:])
     assert resumed["generated"][3:].equals(whole["generated"][3:])
     assert not checkpoint.path.exists()
+
+
+@pytest.mark.parametrize("length", [1024, 2000])
+def test_common_words_list_has_exact_length_and_counts(smollm2, length):
+    """RULER's aggregation task: a list of exactly ``length`` tokens in which each asked
+    word appears 30 times, at the tracked positions, and every other word at most 3 times;
+    the same cell gives the same list; an answer naming the asked words in any case and
+    order is correct, one missing a word is not."""
+    from collections import Counter
+
+    from attnlab import niah_tasks
+
+    _, tok, _ = smollm2
+    p = niah.make_prompt(tok, length, 0.5, 0, 7, task="common_words", needles=3)
+    assert len(p.input_ids) == length and p.task == "common_words"
+    words = p.answers
+    assert len(words) == 3 and len(p.needle_positions) == 3 * niah_tasks.COMMON
+    assert sorted(tok.decode([p.input_ids[i]]).strip() for i in p.needle_positions) == sorted(
+        w for w in words for _ in range(niah_tasks.COMMON)
+    )
+    text = tok.decode(p.input_ids, skip_special_tokens=True)
+    assert text.startswith(niah_tasks.HEAD) and text.endswith("in the list are:")
+    listed = Counter(text.split("?")[0].split())
+    assert all(listed[w] == niah_tasks.COMMON for w in words)
+    others = [n for w, n in listed.items() if w not in words and w.isalpha() and w.islower()]
+    assert others and max(others) <= niah_tasks.RARE
+    assert niah.make_prompt(tok, length, 0.5, 0, 7, task="common_words", needles=3) == p
+    assert niah.make_prompt(tok, length, 0.5, 1, 7, task="common_words", needles=3).key != p.key
+    answer = " " + ", ".join(w.capitalize() for w in reversed(words)) + "."
+    assert niah_tasks.found(answer, words) and not niah_tasks.found(answer, [*words, "zzzz"])
+
+
+def test_common_words_too_short_is_refused(smollm2):
+    _, tok, _ = smollm2
+    with pytest.raises(UserError, match="common_words: 300 tokens hold"):
+        niah.make_prompt(tok, 300, 0.5, 0, 7, task="common_words", needles=4)

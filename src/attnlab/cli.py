@@ -17,7 +17,8 @@ from importlib import import_module
 
 from attnlab.errors import UserError
 
-NIAH_TASKS = ["passkey", "multikey", "multivalue", "multiquery"]  # attnlab.niah.TASKS
+# attnlab.niah.TASKS
+NIAH_TASKS = ["passkey", "multikey", "multivalue", "multiquery", "common_words"]
 
 # Command -> "module:function", the verb it calls with its options as keywords.
 VERBS = {

@@ -11,7 +11,8 @@ repeated sentences (``noise``, the paper's) or a stretch of real text from the c
 shards (``corpus``), so the needles hide in prose. Prompts are built from token ids
 segment by segment, so every prompt has exactly the requested length and the asked
 values' tokens have known positions. Retrieval is correct when the model, running
-under the policy, generates every asked value.
+under the policy, generates every asked value. ``common_words`` (RULER's aggregation
+task) is built by :mod:`attnlab.niah_tasks`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnlab import decoding, sparse
+from attnlab import decoding, niah_tasks, sparse
 from attnlab.errors import UserError
 from attnlab.policies.base import Policy
 
@@ -32,12 +33,7 @@ INSTRUCTION = (
     "Find it and memorize it. I will quiz you about it."
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-TASKS = ("passkey", "multikey", "multivalue", "multiquery")
-# Keys of the multi-needle tasks, as in RULER's word keys.
-NAMES = tuple(
-    "apple river lantern copper meadow falcon harbor violet granite thunder pepper glacier "
-    "orchid compass saddle marble cactus beacon walnut comet anchor willow ember quartz".split()
-)
+TASKS = ("passkey", "multikey", "multivalue", "multiquery", "common_words")
 
 
 @dataclass(frozen=True)
@@ -113,30 +109,6 @@ def _needle_ids(tokenizer, template: str, value: str, name: str = "") -> tuple[l
     return pre + value_ids + post, range(len(pre), len(pre) + len(value_ids))
 
 
-def _join_names(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def _needles(task: str, rng: np.random.Generator, n: int, t: Templates):
-    """(template, value, name, asked) of each needle, and the question's text."""
-    if task == "passkey":
-        value = str(int(rng.integers(10_000, 100_000)))
-        return [(t.passkey_needle, value, "", True)], t.passkey_question
-    values = [str(v) for v in rng.choice(np.arange(10_000, 100_000), size=n, replace=False)]
-    names = [str(x) for x in rng.choice(NAMES, size=n, replace=False)]
-    if task == "multikey":  # n keys, one asked
-        pairs = zip(values, names, strict=True)
-        needles = [(t.needle, v, name, i == 0) for i, (v, name) in enumerate(pairs)]
-        return needles, t.question_one.replace("{name}", names[0])
-    if task == "multivalue":  # one key, n values, all asked
-        needles = [(t.needle, v, names[0], True) for v in values]
-        return needles, t.question_all.replace("{names}", names[0])
-    if task == "multiquery":  # n keys, all asked
-        needles = [(t.needle, v, name, True) for v, name in zip(values, names, strict=True)]
-        return needles, t.question_all.replace("{names}", _join_names(names))
-    raise AssertionError(task)  # make_prompt checked it
-
-
 def make_prompt(
     tokenizer,
     length: int,
@@ -165,15 +137,18 @@ def make_prompt(
         raise UserError(
             f"niah length {length} exceeds the model's context of {max_positions} tokens"
         )
-    if task != "passkey" and not 2 <= needles <= len(NAMES):
-        raise UserError(f"niah.needles must be in [2, {len(NAMES)}], got {needles}")
+    if task != "passkey" and not 2 <= needles <= len(niah_tasks.NAMES):
+        raise UserError(f"niah.needles must be in [2, {len(niah_tasks.NAMES)}], got {needles}")
     if task not in TASKS:
         raise UserError(f"unknown niah task {task!r}; known: {', '.join(TASKS)}")
     stream = [seed, length, round(depth * 1000), sample]
     if task != "passkey":  # the passkey prompts stay those of the single-task versions
         stream.append(TASKS.index(task))
     rng = np.random.default_rng(stream)
-    spec, question = _needles(task, rng, 1 if task == "passkey" else needles, t)
+    if task == "common_words":  # the list is the haystack; depth only seeds it
+        ids, positions, key = niah_tasks.build(tokenizer, length, needles, rng)
+        return Prompt(length, depth, sample, key, ids, positions, task)
+    spec, question = niah_tasks.needles(task, rng, 1 if task == "passkey" else needles, t)
     built = [(*_needle_ids(tokenizer, tmpl, v, name), v, asked) for tmpl, v, name, asked in spec]
     depths = [depth]
     if len(built) > 1:
@@ -250,7 +225,10 @@ def digits(text: str) -> str:
 
 def _result(prompt: Prompt, run: sparse.SparseRun, text: str) -> dict:
     """One result row: the prompt, the run's regime and measured sparsity, the answer."""
-    out = digits(text)
+    if prompt.task == "common_words":
+        correct = niah_tasks.found(text, prompt.answers)
+    else:
+        correct = all(a in digits(text) for a in prompt.answers)
     return {
         "task": prompt.task,
         "haystack": prompt.haystack,
@@ -264,7 +242,7 @@ def _result(prompt: Prompt, run: sparse.SparseRun, text: str) -> dict:
         "extension": run.regime == "prefill" and run.policy.prefill_extension,
         "achieved_sparsity": run.achieved_sparsity,
         "model_sparsity": run.model_sparsity,
-        "correct": all(a in out for a in prompt.answers),
+        "correct": correct,
         "needle_kept": run.needle_kept,
         **_recall_columns(run),
         "generated": text,
@@ -287,7 +265,9 @@ def _recall_columns(run: sparse.SparseRun) -> dict:
 
 
 def _stop(tokenizer, prompt: Prompt):
-    """Stop once as many digits are out as the asked values hold."""
+    """Stop once as many digits are out as the asked values hold (words: once all are)."""
+    if prompt.task == "common_words":
+        return lambda new: niah_tasks.found(tokenizer.decode(new), prompt.answers)
     n_digits = sum(len(a) for a in prompt.answers)
     return lambda new: len(digits(tokenizer.decode(new))) >= n_digits
 
