@@ -198,3 +198,29 @@ def test_common_words_too_short_is_refused(smollm2):
     _, tok, _ = smollm2
     with pytest.raises(UserError, match="common_words: 300 tokens hold"):
         niah.make_prompt(tok, 300, 0.5, 0, 7, task="common_words", needles=4)
+
+
+def test_common_words_lists_are_made_once_whatever_the_fillers(tmp_path):
+    """A list has no filler: asked beside passkey on the noise haystack, the common-words
+    prompt is made once and labelled ``list``, the passkey prompt ``noise``."""
+    import json
+
+    import polars as pl
+
+    from attnlab import niah_jobs
+
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"max_positions": 8192}))
+    out = tmp_path / "prompts.parquet"
+    grid = dict(lengths=[1024], depths=[0.5], samples=1, seed=0, needles=3, templates="{}")
+    niah_jobs.write_prompts(
+        "smollm2-135m",
+        str(info),
+        haystack=["noise", "noise"],
+        corpus=None,
+        tasks=["passkey", "common_words"],
+        out=str(out),
+        **grid,
+    )
+    df = pl.read_parquet(out)
+    assert df.select("task", "haystack").rows() == [("passkey", "noise"), ("common_words", "list")]

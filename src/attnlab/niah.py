@@ -74,7 +74,7 @@ class Prompt:
 
     ``key`` holds the values the question asks for, separated by spaces (one for
     passkey and multikey); ``needle_positions`` the positions of their tokens;
-    ``haystack`` the filler's kind (``noise`` or ``corpus``).
+    ``haystack`` the filler's kind (``noise``, ``corpus``, or ``list``: common_words).
     """
 
     length: int

@@ -29,6 +29,7 @@ def write_prompts(
     """The prompts of every (haystack, task, length, depth, sample) in ``model``'s
     tokenizer, written to ``out``. ``haystack``: ``noise`` and/or ``corpus`` (then
     ``corpus`` is the corpus manifest); a cell's keys are the same on every haystack.
+    ``common_words`` prompts (a list, no filler) are made once, haystack ``list``.
     ``templates`` is JSON of :class:`attnlab.niah.Templates` fields."""
     from dataclasses import replace
 
@@ -48,21 +49,16 @@ def write_prompts(
         phrasing = niah.Templates(**json.loads(templates))
     except TypeError as e:
         raise UserError(f"niah.templates: {e}") from e
+    # common_words' list is its own haystack ("list"): built once, not once per filler
+    per_filler = [t for t in tasks if t != "common_words"]
+    plan = [(name, fillers[name], per_filler) for name in haystacks]
+    if "common_words" in tasks:
+        plan.append(("list", None, ["common_words"]))
+    grid = (lengths, depths, samples, seed, info["max_positions"])
     prompts = [
         replace(p, haystack=name)
-        for name in haystacks
-        for p in niah.make_prompts(
-            tokenizer,
-            lengths,
-            depths,
-            samples,
-            seed,
-            info["max_positions"],
-            fillers[name],
-            tasks,
-            needles,
-            phrasing,
-        )
+        for name, filler, its_tasks in plan
+        for p in niah.make_prompts(tokenizer, *grid, filler, its_tasks, needles, phrasing)
     ]
     rows = [dict(p.__dict__, model=model) for p in prompts]
     meta = {
