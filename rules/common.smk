@@ -12,7 +12,9 @@ from attnlab.workflow import model_key, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
 from attnlab.workflow import generate_policies as workflow_generate_policies
 from attnlab.workflow import default_targets as workflow_default_targets
+from attnlab.workflow import cache_shards as workflow_cache_shards
 from attnlab.workflow import gpu_job_kind as workflow_gpu_job_kind
+from attnlab.workflow import haystacks as workflow_haystacks
 from attnlab.workflow import gpu_mem_gb as workflow_gpu_mem_gb
 from attnlab.workflow import latency_policies as workflow_latency_policies
 from attnlab.workflow import policy_module as workflow_policy_module
@@ -36,10 +38,7 @@ if policy_errors := workflow_policy_errors(config):
 
 MODELS = {model_key(m): m for m in config["models"]}
 NIAH = config["niah"]
-# one haystack or a list of them
-HAYSTACKS = (
-    [NIAH["haystack"]] if isinstance(NIAH["haystack"], str) else NIAH["haystack"]
-)
+HAYSTACKS = workflow_haystacks(NIAH["haystack"])
 CORPUS = config["corpus"]
 CAPTURE = config["capture"]
 INTERVENTION = config["intervention"]
@@ -66,8 +65,7 @@ def model_name(wildcards):
 
 def cache_files(grid, model):
     """A cache-regime job's table, or its shards' (niah.cache_shards)."""
-    n = NIAH["cache_shards"]
-    shards = [""] if n == 1 else [f"_{i}of{n}" for i in range(1, n + 1)]
+    shards = workflow_cache_shards(NIAH["cache_shards"])
     return [f"results/{grid}/{model}/cache{s}.parquet" for s in shards]
 
 

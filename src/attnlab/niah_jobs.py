@@ -167,8 +167,13 @@ def score_cache_runs(
             policy_params=params[r["policy"]],
             read_cost=cost[r["policy"], r["target_sparsity"]],
         )
-    meta = {**pmeta, "regime": "cache", "runs": json.loads(runs), "tolerance": tolerance}
-    meta["shard"] = shard
+    meta = {
+        **pmeta,
+        "regime": "cache",
+        "runs": json.loads(runs),
+        "tolerance": tolerance,
+        "shard": shard,
+    }
     tables.write(rows, out, meta=meta)
     checkpoint.path.unlink(missing_ok=True)
     scoring.log_gpu_peak(device)

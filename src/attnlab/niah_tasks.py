@@ -17,6 +17,7 @@ left below the length after the last whole item is newlines. The phrasing is RUL
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import numpy as np
 
@@ -64,8 +65,10 @@ def needles(task: str, rng: np.random.Generator, n: int, t):
     raise AssertionError(task)  # make_prompt checked it
 
 
+@lru_cache(maxsize=4)
 def _vocabulary(tokenizer) -> list[tuple[str, int]]:
-    """(word, token id) of every whole-word token: a space, then 4-10 lowercase letters."""
+    """(word, token id) of every whole-word token: a space, then 4-10 lowercase letters
+    (once per tokenizer: decoding a 262k vocabulary takes a second)."""
     words = {}
     for tok_id in sorted(tokenizer.get_vocab().values()):
         text = tokenizer.decode([tok_id])
@@ -103,14 +106,14 @@ def build(tokenizer, length: int, n_words: int, rng: np.random.Generator):
     common, rare = chosen[:n_words], chosen[n_words:]
     items = np.concatenate([np.repeat(common, COMMON), np.tile(rare, RARE)])
     items = rng.permutation(items[: len(numbers)])  # the last rare word's copies cut to fit
-    out, positions = list(head), []
+    out, positions, asked = list(head), [], set(common.tolist())
     for number, word in zip(numbers, items, strict=True):
         out += number
-        if word in common:
+        if word in asked:
             positions.append(len(out))
         out.append(vocab[word][1])
     out += ids("\n") * (budget - used) + tail
-    if len(out) != length or len(ids("\n")) != 1:
+    if len(out) != length:  # a newline of more than one token
         raise UserError(f"common_words: this tokenizer cannot build a {length}-token list")
     return out, positions, " ".join(vocab[w][0] for w in common)
 

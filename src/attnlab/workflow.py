@@ -124,6 +124,17 @@ GPU_PEAK_GIB_32K = {"block": 6.1, "token": 19.0, "snapkv": 35.9, "dense": 8.0}
 GPU_MEM_FLOOR_GIB = 4.0  # the model, its cache and CUDA's own context
 
 
+def haystacks(value: str | list[str]) -> list[str]:
+    """``niah.haystack`` as a list: one haystack or several."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def cache_shards(n: int) -> list[str]:
+    """The file-name suffixes of a cache-regime job's ``n`` shards (``niah.cache_shards``):
+    ``_<i>of<n>``, or none for one job (``cache.parquet``)."""
+    return [""] if n == 1 else [f"_{i}of{n}" for i in range(1, n + 1)]
+
+
 def gpu_job_kind(policy: str | None, policies: dict) -> str:
     """The memory kind of a GPU job: ``dense`` (no policy: the cache-regime job),
     ``snapkv`` (SnapKV and its variants), else the policy's level."""
