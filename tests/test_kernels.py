@@ -254,7 +254,7 @@ def test_cab_select_keeps_the_selection_the_prefill_regime_scores(lam, graph, sp
     q, k = _rand(1, 2, n, 16, seed=21), _rand(1, 1, n, 16, seed=22)
     policy = policies.make("cab", block_size=bs, lam=lam, graph=graph, selection="prompt")
     run = sparse.SparseRun(policy, sparsity, whole_prompt=True)
-    scored, _ = run.block_mask(0, q, expand_kv(k, 2), scaling, kv_heads=1)
+    scored = run.block_mask(0, q, expand_kv(k, 2), scaling, kv_heads=1)
     m = n // bs
     keep = scored_blocks_per_query_block(n, bs, sparsity).to(DEVICE)
     must = must_keep_mask(m, 1, 1).to(DEVICE)
@@ -288,7 +288,7 @@ def test_kernel_benchmark_times_the_scored_selection():
     policy = policies.make("cab", block_size=16, selection="prompt", lam=cfg.lam,
                            adjacency=cfg.adjacency, graph=cfg.graph)  # fmt: skip
     run = sparse.SparseRun(policy, s, whole_prompt=True)
-    keep, _ = run.block_mask(0, q, k, cfg.head_dim**-0.5)
+    keep = run.block_mask(0, q, k, cfg.head_dim**-0.5)
     pairs = (keep * causal_block_pairs(n, 16)).sum().item()
     assert row["density"] == pytest.approx(pairs / (2 * n * (n + 1) / 2), rel=1e-12)
 
@@ -316,7 +316,7 @@ def test_cab_select_keeps_the_scored_selection_on_a_real_prompt(smollm2):
     h, bs, s = q.shape[1], 16, 0.9
     scaling = q.shape[-1] ** -0.5
     run = sparse.SparseRun(policies.make("cab", selection="prompt"), s, whole_prompt=True)
-    scored, _ = run.block_mask(10, q, expand_kv(k, h), scaling, kv_heads=k.shape[1])
+    scored = run.block_mask(10, q, expand_kv(k, h), scaling, kv_heads=k.shape[1])
     m = 512 // bs
     budget = scored_blocks_per_query_block(512, bs, s).to(DEVICE)
     must = must_keep_mask(m, 1, 1).to(DEVICE)

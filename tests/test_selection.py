@@ -17,7 +17,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def _blocks(policy, q, k, sparsity, scaling=0.25):
     """The run's per-query-block selection of a causal prefill: (B, H, Mq, Mk) bool."""
     run = sparse.SparseRun(policy, sparsity, whole_prompt=True)
-    keep, _ = run.block_mask(0, q, k, scaling)
+    keep = run.block_mask(0, q, k, scaling)
     return keep
 
 

@@ -78,7 +78,8 @@ def test_flex_prefill_matches_masked_attention_with_the_same_mask(name, device):
     run = sparse.SparseRun(policy, 0.7, backend="flex", watch=[5, 40])
     with run:
         out, _ = attention.attention_forward(module, q, k, v, None, scaling=0.25)
-    keep, visible = sparse.SparseRun(policy, 0.7).block_mask(0, q, k.repeat_interleave(2, 1), 0.25)
+    keep = sparse.SparseRun(policy, 0.7).block_mask(0, q, k.repeat_interleave(2, 1), 0.25)
+    visible = torch.ones(100, 100, dtype=torch.bool, device=device).tril()[None, None]
     tokens = keep.repeat_interleave(16, -2).repeat_interleave(16, -1)[..., :100, :100] & visible
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     scores = (q @ kk.transpose(-1, -2) * 0.25).masked_fill(~tokens, float("-inf"))

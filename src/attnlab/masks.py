@@ -66,16 +66,27 @@ class ModelMask:
             self._built["pairs"] = pairs
         return self._built["pairs"]
 
-    def block_pairs(self, block_size: int) -> torch.Tensor:
+    def block_pairs(self, block_size: int, device=None) -> torch.Tensor:
         """Visible pairs per (query block, key block) of a prefill under this mask (its
         first batch row), (Mq, Mk) long; counted once per forward pass and block size,
-        for every layer of this type."""
+        for every layer of this type. On CUDA from the BlockMask (:func:`pairs_per_block`,
+        no (T, T) tensor), elsewhere from the dense mask."""
         key = ("block_pairs", block_size)
         if key not in self._built:
             from attnlab.blocks import visible_block_pairs
 
-            self._built[key] = visible_block_pairs(self.dense()[0, 0], block_size)
+            bm = self.block_mask(device) if _is_cuda(device) else None
+            if bm is not None and all(b % block_size == 0 for b in bm.BLOCK_SIZE):
+                self._built[key] = pairs_per_block(bm, block_size)
+            else:
+                self._built[key] = visible_block_pairs(self.dense()[0, 0], block_size)
         return self._built[key]
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The visible keys of the query rows ``index`` (R,): (B, 1, R, Tk) bool, read from
+        the dense mask (built once per forward pass and layer type; reading a few rows of
+        it is cheaper than evaluating the pattern for them in every layer)."""
+        return self.dense()[:, :, index]
 
     def last_row(self, query: torch.Tensor) -> torch.Tensor:
         """The last query row's visible keys: (B, 1, Tk) bool, from the mask's pattern on
@@ -132,6 +143,48 @@ def _block_mask_pairs(bm) -> int:
     inside = (q < q_len) & (k < kv_len)
     seen = bm.mask_mod(bi[:, None, None], hi[:, None, None], q, k) & inside  # (P, qb, kb)
     return total + int(seen.sum())
+
+
+def _is_cuda(device) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def pairs_per_block(bm, block_size: int) -> torch.Tensor:
+    """The visible pairs of a BlockMask (its first batch row and head) per (query block,
+    key block) of ``block_size`` tokens, which must divide its own blocks: its whole
+    blocks by their area inside the lengths, its partial ones pair by pair through its
+    ``mask_mod``. Returns (Mq, Mk) long, Mq = ceil(q_len / block_size)."""
+    q_len, kv_len = bm.seq_lengths
+    qb, kb = bm.BLOCK_SIZE
+    rq, rk = qb // block_size, kb // block_size
+    dev = bm.kv_indices.device
+    mq, mk = -(-q_len // qb), -(-kv_len // kb)  # the BlockMask's own blocks
+    pairs = torch.zeros(mq * rq, mk * rk, dtype=torch.long, device=dev)
+    lists = [(bm.kv_num_blocks, bm.kv_indices, False)]
+    if bm.full_kv_num_blocks is not None:
+        lists.append((bm.full_kv_num_blocks, bm.full_kv_indices, True))
+    zero = torch.zeros(1, 1, 1, dtype=torch.long, device=dev)
+    for num, idx, whole in lists:
+        num, idx = num[0, 0, :mq], idx[0, 0, :mq]  # (Mq,), (Mq, Mk)
+        listed = torch.arange(idx.shape[-1], device=dev) < num[:, None]
+        qi, slot = torch.nonzero(listed, as_tuple=True)
+        kj = idx[qi, slot].long()
+        q = (qi * qb)[:, None, None] + torch.arange(qb, device=dev)[None, :, None]
+        k = (kj * kb)[:, None, None] + torch.arange(kb, device=dev)[None, None, :]
+        seen = (q < q_len) & (k < kv_len)  # (P, qb, kb)
+        if not whole:
+            seen = seen & bm.mask_mod(zero, zero, q, k)
+        per = seen.view(-1, rq, block_size, rk, block_size).sum((2, 4))  # (P, rq, rk)
+        rows = (qi[:, None] * rq + torch.arange(rq, device=dev))[:, :, None].expand(-1, rq, rk)
+        cols = (kj[:, None] * rk + torch.arange(rk, device=dev))[:, None, :].expand(-1, rq, rk)
+        pairs.index_put_((rows, cols), per, accumulate=True)
+    return pairs[: -(-q_len // block_size), : -(-kv_len // block_size)]
+
+
+def causal_rows(index: torch.Tensor, tk: int) -> torch.Tensor:
+    """The visible keys of rows ``index`` (R,) of a plain causal prefill of ``tk`` tokens:
+    (1, 1, R, Tk) bool."""
+    return (torch.arange(tk, device=index.device) <= index[:, None])[None, None]
 
 
 def _block_mask_of(dense: torch.Tensor, block: int = 128):

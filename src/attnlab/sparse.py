@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
-from attnlab.masks import visible_mask
+from attnlab.masks import causal_rows
 from attnlab.policies.base import (
     LayerHistory,
     Policy,
@@ -141,7 +141,7 @@ class SparseRun(Recorder):
         return 0 < self.row_chunk < tq and self.policy.level == "token"
 
     def _context(
-        self, layer, q, k, visible, scaling, kv_heads=None, module=None, value=None
+        self, layer, q, k, visible, scaling, kv_heads=None, module=None, value=None, rows=None
     ) -> ScoreContext:
         tq, tk = q.shape[-2], k.shape[-2]
         q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
@@ -160,6 +160,7 @@ class SparseRun(Recorder):
             value=value,
             inputs=getattr(module, "_attnlab_inputs", None),
             row_eviction=self.row_chunk == 0,
+            row_mask=rows,
         )
 
     def mask(
@@ -244,7 +245,7 @@ class SparseRun(Recorder):
         b, h = ctx.q.shape[:2]
         starts = torch.arange(0, t, bs, device=ctx.q.device)
         ends = (starts + bs - 1).clamp(max=t - 1)
-        seen = ctx.visible[..., starts, :] | ctx.visible[..., ends, :]
+        seen = ctx.visible_rows(starts) | ctx.visible_rows(ends)
         count = visible_per_block(seen, bs)  # (B, 1, Mq, Mk)
         rows = starts if self.selection == "causal" else ends
         score = self.policy.block_scores(ctx, rows, self.selection)
@@ -252,21 +253,24 @@ class SparseRun(Recorder):
             return (count > 0).expand(b, h, *count.shape[-2:])
         return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
 
-    def block_mask(self, layer, q, k, scaling, kv_heads=None, visible=None):
+    def block_mask(self, layer, q, k, scaling, kv_heads=None, rows=None) -> torch.Tensor:
         """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);
-        visible: the model's own mask (1, 1, T, T) bool (a sliding window), causal when
-        None. Returns ``(keep, visible)``: (B, H, Mq, Mk) bool blocks and the mask."""
+        rows: what the model's own mask shows some rows, (R,) -> (B, 1, R, T) bool
+        (:meth:`attnlab.masks.ModelMask.rows`: a sliding window), causal when None (then
+        only those rows are built). Returns (B, H, Mq, Mk) bool kept blocks."""
         t = q.shape[-2]
-        visible = visible_mask(None, t, t, q.device) if visible is None else visible
-        ctx = self._context(layer, q, k, visible, scaling, kv_heads)
+        rows = (lambda index: causal_rows(index, t)) if rows is None else rows
+        ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows)
         keep = self.block_selection(ctx)
         self.policy.remember(ctx)
-        return keep, visible
+        return keep
 
     def flex_attention(self, layer, query, key, value, scaling, model_mask=None):
         """Prefill under a block policy through FlexAttention's block-sparse kernel, under
         the model's own mask where it is not plain causal (``model_mask``, a
-        :class:`~attnlab.masks.ModelMask`: a sliding window), applied pair by pair.
+        :class:`~attnlab.masks.ModelMask`: a sliding window), applied pair by pair. The
+        selection reads the mask a set of rows at a time (a causal layer builds only those
+        rows) and the kept pairs are counted per block, from the BlockMask on CUDA.
 
         query: (B, H, T, D); key, value: (B, Hkv, T, D). Returns (B, H, T, D).
         """
@@ -274,18 +278,20 @@ class SparseRun(Recorder):
 
         t, bs = query.shape[-2], self.policy.block_size
         k = expand_kv(key, query.shape[1])
-        visible = None if model_mask is None else model_mask.dense()[..., :t]
-        keep, visible = self.block_mask(layer, query, k, scaling, key.shape[1], visible)
+        if model_mask is None:
+            rows = None
+            pairs = causal_block_pairs(t, bs, query.device)  # (Mq, Mk) visible pairs
+            shown = causal_rows(torch.tensor([t - 1], device=query.device), t)[:, :, 0]
+        else:
+            rows = model_mask.rows
+            pairs = model_mask.block_pairs(bs, query.device)  # once per forward pass
+            shown = model_mask.last_row(query)  # the last row's visible keys (B, 1, T)
+        keep = self.block_mask(layer, query, k, scaling, key.shape[1], rows)
         b, h = keep.shape[:2]
-        shown = visible[:, :, -1]  # the last row's visible keys (1, 1, T)
         last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown  # (B, H, T)
         if self.records and layer not in self.recall_sums:
             budget = row_budget(torch.tensor([t], device=query.device), self.sparsity)
             self.record_recall(layer, query[..., -1, :], k, shown, scaling, last, budget[None])
-        if model_mask is None:  # (Mq, Mk) visible pairs per block, once per mask
-            pairs = causal_block_pairs(t, bs, query.device)
-        else:
-            pairs = model_mask.block_pairs(bs)
         # summed on the device, read once (achieved_sparsity): no wait per layer
         self.kept += (keep * pairs).sum()
         causal = t * (t + 1) // 2

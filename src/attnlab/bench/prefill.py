@@ -103,7 +103,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
             def prefill(policy=policy, s=s):
                 r = sparse.SparseRun(
-                    policy, s, regime="prefill", row_chunk=args.row_chunk, whole_prompt=True
+                    policy,
+                    s,
+                    regime="prefill",
+                    row_chunk=args.row_chunk,
+                    whole_prompt=True,
+                    records=False,  # the policy alone: no recall against full attention
                 )
                 decoding.prefill(model, ids, r)
                 return r

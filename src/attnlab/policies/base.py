@@ -11,6 +11,7 @@ s)(p + 1)))`` of them, plus whatever its policy marks must-keep. Eviction polici
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Annotated, ClassVar, Literal
@@ -64,7 +65,7 @@ class ScoreContext:
 
     q: torch.Tensor
     k: torch.Tensor
-    visible: torch.Tensor
+    visible: torch.Tensor | None  # None: only ``row_mask`` (rows one set at a time)
     q_pos: torch.Tensor
     budget: torch.Tensor
     scaling: float
@@ -76,6 +77,9 @@ class ScoreContext:
     value: torch.Tensor | None = None
     inputs: dict | None = None
     row_eviction: bool = True  # False: an evicting cache drops keys only between calls
+    # the visible keys of some rows, (R,) -> (B, 1, R, Tk) bool, where the (Tq, Tk) mask
+    # is never built (a block policy's prefill through FlexAttention): see visible_rows
+    row_mask: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def provide(self, **values: torch.Tensor) -> None:
         """Hand over cached properties computed elsewhere (the attention's own ``scores``,
@@ -161,6 +165,13 @@ class ScoreContext:
     def key_pos(self) -> torch.Tensor:
         return torch.arange(self.k.shape[-2], device=self.k.device)
 
+    def visible_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """What the model's own mask lets the rows ``index`` (R,) see: (B, 1 or H, R, Tk)
+        bool, from ``visible`` or, where none was built, from ``row_mask``."""
+        if self.visible is None:
+            return self.row_mask(index)
+        return self.visible[..., index, :]
+
     def rows(self, index: torch.Tensor, received: bool = False) -> ScoreContext:
         """The context of the rows ``index`` (Tq,) alone, sharing this one's history and
         every query so far: what a policy sees when it chooses once for a query block
@@ -173,7 +184,7 @@ class ScoreContext:
             inputs=self.inputs,
             q=self.q[..., index, :],
             k=self.k,
-            visible=self.visible[..., index, :],
+            visible=self.visible_rows(index),
             q_pos=self.q_pos[index],
             budget=self.budget[..., index],
             scaling=self.scaling,

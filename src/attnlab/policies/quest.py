@@ -19,10 +19,11 @@ def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]
     b, h, t, d = k.shape
     n = n_blocks(t, page)
     pad = n * page - t
-    kf = k.float()
-    lo = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")) if pad else kf
-    hi = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")) if pad else kf
-    return lo.view(b, h, n, page, d).amin(3), hi.view(b, h, n, page, d).amax(3)
+    # the extremes in the keys' own dtype, then float32: exact (a minimum is one of the
+    # values), and no float32 copy of every key
+    lo = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("inf")) if pad else k
+    hi = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf")) if pad else k
+    return lo.view(b, h, n, page, d).amin(3).float(), hi.view(b, h, n, page, d).amax(3).float()
 
 
 def upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
