@@ -195,3 +195,23 @@ def test_flex_prefill_keeping_every_block_is_full_attention_under_the_window(tin
     per_head = sum(max(0, q + 1 - cfg.sliding_window) for q in range(GEMMA_T))
     assert run.hidden == per_head * cfg.num_attention_heads * 2  # two window layers
     assert run.kept == run.causal - run.hidden
+
+
+@pytest.mark.parametrize("name", BLOCK)
+def test_flex_prefill_selects_as_the_keep_mask_path_under_the_window(tiny_gemma3, name):
+    """The FlexAttention path reads the model's mask a set of rows at a time and keeps
+    what it read for the next layer of the same mask (Gemma's two window layers share
+    one); it keeps exactly the pairs the keep-mask path keeps (the CPU's kernel, which
+    builds the whole mask in every layer), and the logits agree to float32 noise of two
+    kernels (1e-4 at logits of ~1)."""
+    model = tiny_gemma3
+    ids = torch.randint(300, 5000, (1, GEMMA_T), generator=torch.Generator().manual_seed(9))
+    runs, out = {}, {}
+    for backend in ("flex", "eager"):
+        runs[backend] = sparse.SparseRun(_policy(name), 0.8, backend=backend, whole_prompt=True)
+        with torch.inference_mode(), runs[backend]:
+            out[backend] = model(ids, use_cache=False).logits[0]
+    assert runs["flex"].kernels == {"flex block-sparse, model mask": 2, "flex block-sparse": 1}
+    assert int(runs["flex"].kept) == int(runs["eager"].kept) > 0
+    assert runs["flex"].causal == runs["eager"].causal
+    torch.testing.assert_close(out["flex"], out["eager"], rtol=0, atol=1e-4)

@@ -23,13 +23,14 @@ much of full attention's weight its policy kept, per layer (:class:`attnlab.reca
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
-from attnlab.masks import causal_rows
+from attnlab.masks import ModelMask, causal_rows
 from attnlab.policies.base import (
     LayerHistory,
     Policy,
@@ -88,6 +89,8 @@ class SparseRun(Recorder):
     followers: list[SparseRun] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
     histories: dict[int, LayerHistory] = field(default_factory=dict)
+    # a causal prefill's rows and counts per (length, device), read by every causal layer
+    _causal_cache: dict = field(default_factory=dict, repr=False)
     _token: contextvars.Token | None = None
 
     def __post_init__(self) -> None:
@@ -141,7 +144,17 @@ class SparseRun(Recorder):
         return 0 < self.row_chunk < tq and self.policy.level == "token"
 
     def _context(
-        self, layer, q, k, visible, scaling, kv_heads=None, module=None, value=None, rows=None
+        self,
+        layer,
+        q,
+        k,
+        visible,
+        scaling,
+        kv_heads=None,
+        module=None,
+        value=None,
+        rows=None,
+        cache=None,
     ) -> ScoreContext:
         tq, tk = q.shape[-2], k.shape[-2]
         q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
@@ -161,6 +174,7 @@ class SparseRun(Recorder):
             inputs=getattr(module, "_attnlab_inputs", None),
             row_eviction=self.row_chunk == 0,
             row_mask=rows,
+            mask_cache=cache,
         )
 
     def mask(
@@ -243,10 +257,14 @@ class SparseRun(Recorder):
         ctx: every row of the prefill. Returns (B, H, Mq, Mk) bool kept blocks."""
         t, bs = ctx.q.shape[-2], self.policy.block_size
         b, h = ctx.q.shape[:2]
-        starts = torch.arange(0, t, bs, device=ctx.q.device)
-        ends = (starts + bs - 1).clamp(max=t - 1)
-        seen = ctx.visible_rows(starts) | ctx.visible_rows(ends)
-        count = visible_per_block(seen, bs)  # (B, 1, Mq, Mk)
+        dev = ctx.q.device
+        starts = ctx.cached(("starts", t, bs), lambda: torch.arange(0, t, bs, device=dev))
+        ends = ctx.cached(("ends", t, bs), lambda: (starts + bs - 1).clamp(max=t - 1))
+
+        def seen():  # (B, 1, Mq, Mk): once per mask where the mask's rows are cached
+            return visible_per_block(ctx.visible_rows(starts) | ctx.visible_rows(ends), bs)
+
+        count = ctx.cached(("seen", t, bs), seen)
         rows = starts if self.selection == "causal" else ends
         score = self.policy.block_scores(ctx, rows, self.selection)
         if score is None:  # a layer the policy leaves dense
@@ -259,8 +277,13 @@ class SparseRun(Recorder):
         (:meth:`attnlab.masks.ModelMask.rows`: a sliding window), causal when None (then
         only those rows are built). Returns (B, H, Mq, Mk) bool kept blocks."""
         t = q.shape[-2]
-        rows = (lambda index: causal_rows(index, t)) if rows is None else rows
-        ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows)
+        if rows is None:  # causal: what it reads of the mask kept for the run's next layers
+            cache = self._causal_cache.setdefault((t, q.device), {})
+            rows = functools.partial(causal_rows, tk=t)
+        else:
+            cache = getattr(rows, "__self__", None)
+            cache = cache._built if isinstance(cache, ModelMask) else None
+        ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
         keep = self.block_selection(ctx)
         self.policy.remember(ctx)
         return keep

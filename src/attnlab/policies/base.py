@@ -18,7 +18,7 @@ from typing import Annotated, ClassVar, Literal
 
 import torch
 
-from attnlab.blocks import block_of
+from attnlab.blocks import block_of, visible_per_block
 from attnlab.errors import UserError
 from attnlab.policies.fields import Range
 from attnlab.policies.selection import (
@@ -80,6 +80,9 @@ class ScoreContext:
     # the visible keys of some rows, (R,) -> (B, 1, R, Tk) bool, where the (Tq, Tk) mask
     # is never built (a block policy's prefill through FlexAttention): see visible_rows
     row_mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # what is read from the model's mask, kept for the next layers under the same mask (a
+    # block policy's prefill through FlexAttention: one forward pass and layer type)
+    mask_cache: dict | None = None
 
     def provide(self, **values: torch.Tensor) -> None:
         """Hand over cached properties computed elsewhere (the attention's own ``scores``,
@@ -165,12 +168,28 @@ class ScoreContext:
     def key_pos(self) -> torch.Tensor:
         return torch.arange(self.k.shape[-2], device=self.k.device)
 
+    def cached(self, key, make: Callable[[], torch.Tensor]):
+        """``make()``, kept in ``mask_cache`` under ``key`` where there is one (a key may
+        hold the ``id`` of a tensor kept in the same cache)."""
+        if self.mask_cache is None:
+            return make()
+        if key not in self.mask_cache:
+            self.mask_cache[key] = make()
+        return self.mask_cache[key]
+
     def visible_rows(self, index: torch.Tensor) -> torch.Tensor:
         """What the model's own mask lets the rows ``index`` (R,) see: (B, 1 or H, R, Tk)
-        bool, from ``visible`` or, where none was built, from ``row_mask``."""
+        bool, from ``visible`` or, where none was built, from ``row_mask`` (once per
+        ``index`` tensor and mask)."""
         if self.visible is None:
-            return self.row_mask(index)
+            return self.cached(("rows", id(index)), lambda: self.row_mask(index))
         return self.visible[..., index, :]
+
+    def blocks_seen(self, block_size: int) -> torch.Tensor:
+        """Visible keys of each row per key block of ``block_size`` keys: (B, 1 or H, Tq,
+        Mk) long (once per mask where rows are cached)."""
+        make = lambda: visible_per_block(self.visible, block_size)  # noqa: E731
+        return self.cached(("blocks", id(self.visible), block_size), make)
 
     def rows(self, index: torch.Tensor, received: bool = False) -> ScoreContext:
         """The context of the rows ``index`` (Tq,) alone, sharing this one's history and
@@ -192,6 +211,7 @@ class ScoreContext:
             seed=self.seed,
             history=self.history,
             kv_heads=self.kv_heads,
+            mask_cache=self.mask_cache,
         )
         if self.computed("scores"):
             sub.provide(scores=self.scores[..., index, :])

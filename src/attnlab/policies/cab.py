@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 
 import torch
 
-from attnlab.blocks import visible_per_block
 from attnlab.kernels.reference import cab_block_scores, cab_row_scores
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 from attnlab.policies.fields import Range
@@ -89,7 +88,7 @@ class CAB(BlockPolicy):
         keys = self.candidates * ctx.budget.float()
         # only blocks the row sees: the scores also cover later blocks (the prompt form's
         # whole graph) and blocks a sliding window hides, whose keys it cannot keep
-        unseen = visible_per_block(ctx.visible, self.block_size) == 0
+        unseen = ctx.blocks_seen(self.block_size) == 0
         chosen = candidate_pages(
             ctx.q, ctx.k, self.block_size, keys, excluded=(score == -INF) | unseen
         )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from attnlab.blocks import n_blocks, visible_per_block
+from attnlab.blocks import n_blocks
 from attnlab.errors import UserError
 from attnlab.policies.base import (
     INF,
@@ -120,7 +120,7 @@ class XAttention(BlockPolicy):
         share = self.shares(q, ctx.k, ctx.q_pos, ctx.scaling)  # (B, H, Tq, Mk)
         # only the blocks the model's own mask lets the row see share its attention (a
         # sliding window hides the rest; the estimate itself runs over every causal key)
-        share = share * (visible_per_block(ctx.visible, self.block_size) > 0)
+        share = share * (ctx.blocks_seen(self.block_size) > 0)
         share = share / share.sum(-1, keepdim=True).clamp(min=1e-12)
         must = must_keep_blocks(ctx.q_pos, share.shape[-1], self)  # (Tq, Mk)
         first = (share * must).sum(-1, keepdim=True)  # counted before any other block
