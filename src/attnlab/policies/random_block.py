@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,13 @@ class RandomBlock(BlockPolicy):
         b, h, tq, _ = ctx.q.shape
         mk = n_blocks(ctx.k.shape[-2], self.block_size)
         m = max(mk, int(block_of(ctx.q_pos[-1:], self.block_size)) + 1)
-        gen = torch.Generator().manual_seed(ctx.seed * 100_003 + ctx.layer)
-        table = torch.rand(b, h, m, m, generator=gen)  # (B, H, Mq, Mk), same for any call
-        score = table[:, :, block_of(ctx.q_pos, self.block_size).cpu(), :mk]
-        return with_must_keep_blocks(score.to(ctx.q.device), ctx.q_pos, self)
+        table = _draw(ctx.seed * 100_003 + ctx.layer, (b, h, m, m), ctx.q.device)
+        score = table[:, :, block_of(ctx.q_pos, self.block_size), :mk]
+        return with_must_keep_blocks(score, ctx.q_pos, self)
+
+
+@functools.lru_cache(maxsize=64)
+def _draw(seed: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(B, H, Mq, Mk) uniform scores from a CPU generator seeded per layer (the same draw
+    on any device, for any call of the layer), drawn once and kept on ``device``."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
