@@ -54,3 +54,47 @@ def test_decode_steps_attend_over_their_policys_keys():
     got = decode.step("sparq", q, k, v, N, scale, kt=kt)
     torch.testing.assert_close(got, _over(q, k, v, keep))
     assert not torch.allclose(got, dense, atol=1e-3)  # the selection changes the output
+
+
+def test_loki_and_two_stage_steps_attend_over_their_policys_keys():
+    """Loki: the N keys of largest score from the first D / 4 coordinates in the keys'
+    rotated axes; two-stage: Quest's best pages holding 4 N keys, then the N of largest
+    exact score among them."""
+    q, k, v = _inputs()
+    kx = k.repeat_interleave(H // HKV, 1)[0]  # (H, T, D)
+    scale = D**-0.5
+    g = torch.Generator().manual_seed(1)
+    axes = torch.linalg.qr(torch.randn(HKV, D, D, generator=g)).Q  # (Hkv, D, D)
+    rotated = (axes, (k[0] @ axes).transpose(-1, -2).contiguous().unsqueeze(0))
+    r = D // 4
+    ax = axes.repeat_interleave(H // HKV, 0)[:, :, :r]  # (H, D, r)
+    approx = ((q[0] @ ax) @ (kx @ ax).transpose(-1, -2))[:, 0]  # (H, T)
+    keep = torch.zeros(H, T, dtype=torch.bool).scatter_(-1, approx.topk(N, -1).indices, True)
+    got = decode.step("loki", q, k, v, N, scale, rotated=rotated)
+    torch.testing.assert_close(got, _over(q, k, v, keep), rtol=1e-5, atol=1e-5)
+    pages = k.view(1, HKV, T // 16, 16, D)
+    bounds = (pages.amin(3), pages.amax(3))
+    kmin, kmax = (b.repeat_interleave(H // HKV, 1)[0] for b in bounds)  # (H, P, D)
+    qd = q[0, :, 0, None, :]
+    ub = torch.maximum(qd * kmin, qd * kmax).sum(-1)  # (H, P)
+    cand = torch.zeros(H, T // 16, dtype=torch.bool)
+    cand = cand.scatter_(-1, ub.topk(4 * N // 16, -1).indices, True).repeat_interleave(16, -1)
+    s = (q[0] @ kx.transpose(-1, -2))[:, 0].masked_fill(~cand, float("-inf"))  # (H, T)
+    keep = torch.zeros(H, T, dtype=torch.bool).scatter_(-1, s.topk(N, -1).indices, True)
+    got = decode.step("two_stage", q, k, v, N, scale, 16, bounds)
+    torch.testing.assert_close(got, _over(q, k, v, keep))
+
+
+def test_the_decode_benchmark_times_every_policy(tmp_path):
+    """Every policy's step runs at every budget and has its speedup against dense."""
+    import argparse
+
+    args = argparse.Namespace(
+        shapes=["gemma3-270m"], lengths=[1024], policies=list(decode.POLICIES),
+        sparsities=[0.9, 0.99], page=16, dtype="float32", rep_ms=1.0, min_reps=1,
+        device="cpu", out=str(tmp_path), fig="",
+    )  # fmt: skip
+    rows = decode.main(args)
+    assert {r["policy"] for r in rows} == set(decode.POLICIES)
+    assert len(rows) == 1 + 2 * (len(decode.POLICIES) - 1)
+    assert all(r["speedup_vs_dense"] > 0 for r in rows)

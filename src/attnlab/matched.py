@@ -24,7 +24,8 @@ from attnlab.errors import UserError
 
 SHARE = 0.9  # of full attention's correct answers
 EVICTING = {"h2o", "streamingllm", "snapkv"}  # decode over an evicted cache
-DECODE_KERNELS = {"topk", "quest", "sparq"}  # their own step in the decode benchmark
+# their own step in the decode benchmark
+DECODE_KERNELS = {"topk", "quest", "sparq", "loki", "two_stage"}
 
 
 def points(niah: pl.DataFrame, length: int, decode=None, prefill=None, shape=None, generate=None):

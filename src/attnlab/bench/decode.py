@@ -12,7 +12,12 @@ query-aware policy's select + gather + attend at the same budget:
   Quest does), the upper bound per page, the n / page best pages per query head, their
   keys gathered;
 - ``sparq``: the r = D / 8 largest-|q| channels, approximate scores from those channels
-  of every key, the n best, their keys gathered.
+  of every key, the n best, their keys gathered;
+- ``loki``: the query rotated into the keys' principal axes, approximate scores from the
+  first r = D / 4 coordinates of every key (kept rotated and channel-major, as Loki
+  stores them), the n best, their keys gathered;
+- ``two_stage``: Quest's bound per page, the best pages holding 4 n keys (the policy's
+  ``expand``), those candidates' keys gathered and scored exactly, the n best.
 
 Selections are per query head as the policies make them (``attnlab.policies``); each row
 has its speedup against dense in the same run. Inputs are random (latency does not depend
@@ -33,7 +38,8 @@ SHAPES = {  # name: (query heads, key/value heads, head dim)
     "llama3-8b": (32, 8, 128),
     "gemma3-270m": (4, 1, 256),
 }
-POLICIES = ("dense", "evicted", "topk", "quest", "sparq")
+POLICIES = ("dense", "evicted", "topk", "quest", "sparq", "loki", "two_stage")
+EXPAND = 4  # two-stage's candidate keys per kept key (policies.two_stage.TwoStage.expand)
 
 
 def _attend(q, k, v, scale):
@@ -54,10 +60,37 @@ def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
     return q.view(1, hkv, -1, q.shape[-1])
 
 
-def step(policy: str, q, k, v, n: int, scale: float, page: int = 16, bounds=None, kt=None):
+def _page_bounds(q, bounds, hkv: int) -> torch.Tensor:
+    """Quest's upper bound of q . k over each page: (1, H, P)."""
+    kmin, kmax = bounds  # (1, Hkv, P, D)
+    qg = _grouped(q, hkv)
+    pos = qg.clamp(min=0)
+    return (pos @ kmax.transpose(-1, -2) + (qg - pos) @ kmin.transpose(-1, -2)).view(
+        1, q.shape[1], -1
+    )
+
+
+def _page_keys(pages: torch.Tensor, page: int) -> torch.Tensor:
+    """Key indices of pages (1, H, c) -> (1, H, c * page)."""
+    return (pages.unsqueeze(-1) * page + torch.arange(page, device=pages.device)).flatten(2)
+
+
+def step(
+    policy: str,
+    q,
+    k,
+    v,
+    n: int,
+    scale: float,
+    page: int = 16,
+    bounds=None,
+    kt=None,
+    rotated=None,
+):
     """One decode step's attention under ``policy`` keeping n keys per query head; bounds:
     Quest's page minima and maxima (1, Hkv, P, D); kt: the keys channel-major (1, Hkv, D,
-    T), the second copy SparQ keeps so that reading r channels of every key is r rows."""
+    T), the second copy SparQ keeps so that reading r channels of every key is r rows;
+    rotated: Loki's (axes (Hkv, D, D), the keys in them channel-major (1, Hkv, D, T))."""
     h, hkv = q.shape[1], k.shape[1]
     groups = h // hkv
     if policy in ("dense", "evicted"):  # an evicted cache is dense over its n keys
@@ -66,12 +99,19 @@ def step(policy: str, q, k, v, n: int, scale: float, page: int = 16, bounds=None
         s = (_grouped(q, hkv) @ k.transpose(-1, -2)).view(1, h, -1)  # (1, H, T)
         idx = s.topk(n, dim=-1).indices
     elif policy == "quest":
-        kmin, kmax = bounds  # (1, Hkv, P, D)
-        qg = _grouped(q, hkv)
-        pos = qg.clamp(min=0)
-        ub = (pos @ kmax.transpose(-1, -2) + (qg - pos) @ kmin.transpose(-1, -2)).view(1, h, -1)
-        pages = ub.topk(max(1, n // page), dim=-1).indices  # (1, H, n / page)
-        idx = (pages.unsqueeze(-1) * page + torch.arange(page, device=q.device)).flatten(2)
+        pages = _page_bounds(q, bounds, hkv).topk(max(1, n // page), dim=-1).indices
+        idx = _page_keys(pages, page)  # (1, H, n)
+    elif policy == "two_stage":
+        ub = _page_bounds(q, bounds, hkv)  # (1, H, P)
+        pages = ub.topk(min(ub.shape[-1], max(1, -(-EXPAND * n // page))), dim=-1).indices
+        cand = _page_keys(pages, page)  # (1, H, c): the candidates, then exact scores
+        s = (q @ _gather(k, cand, groups).transpose(-1, -2))[:, :, 0]  # (1, H, c)
+        idx = cand.gather(-1, s.topk(min(n, cand.shape[-1]), dim=-1).indices)
+    elif policy == "loki":
+        axes, krt = rotated
+        r = q.shape[-1] // 4
+        qr = _grouped(q, hkv)[0] @ axes[:, :, :r]  # (Hkv, G, r): the query, rotated
+        idx = (qr @ krt[0, :, :r]).reshape(1, h, -1).topk(n, dim=-1).indices
     elif policy == "sparq":
         r = q.shape[-1] // 8
         ch = q.abs().topk(r, dim=-1).indices  # (1, H, 1, r)
@@ -102,13 +142,18 @@ def run(args: argparse.Namespace) -> list[dict]:
             pages = k.view(1, hkv, t // args.page, args.page, d)
             bounds = (pages.amin(3), pages.amax(3))
             kt = k.transpose(-1, -2).contiguous()
+            axes = torch.linalg.qr(torch.randn(hkv, d, d, generator=gen, device=device).float())
+            axes = axes.Q.to(dtype)  # orthonormal: Loki's principal axes stand-in
+            rotated = (axes, (k[0] @ axes).transpose(-1, -2).contiguous().unsqueeze(0))
             dense = None
             for policy in args.policies:
                 for s in [0.0] if policy == "dense" else args.sparsities:
                     n = max(1, round((1 - s) * t))
                     kk, vv = (k[:, :, :n], v[:, :, :n]) if policy == "evicted" else (k, v)
 
-                    fn = functools.partial(step, policy, q, kk, vv, n, scale, args.page, bounds, kt)
+                    fn = functools.partial(
+                        step, policy, q, kk, vv, n, scale, args.page, bounds, kt, rotated
+                    )
                     with torch.inference_mode():
                         ms, reps = median_ms(fn, device, args.rep_ms, args.min_reps, 1000)
                     dense = ms if policy == "dense" else dense

@@ -15,6 +15,8 @@ STYLES = {
     "topk": {"color": "black", "linestyle": ":"},
     "quest": {"color": "tab:blue"},
     "sparq": {"color": "tab:orange"},
+    "loki": {"color": "tab:green"},
+    "two_stage": {"color": "tab:purple"},
 }
 
 
