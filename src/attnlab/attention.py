@@ -234,7 +234,7 @@ def _unmasked_call(run, acts, module, query, key, value, attention_mask, scaling
     a prefill; probs: the weights when computed."""
     layer, h = module.layer_idx, query.shape[1]
     tq, tk = query.shape[2], key.shape[2]
-    observes = layer not in run.histories and (run.regime == "cache" or run.followers)
+    observes = layer not in run.histories and (run.regime.dense_prefill or run.followers)
     if acts and tq == tk and isinstance(attention_mask, ModelMask):  # a prefill: no dense mask
         seen = attention_mask.visible_pairs(module, query)
         run.account_visible(layer, h, tq, tk, seen, attention_mask.last_row(query))

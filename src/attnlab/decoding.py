@@ -86,7 +86,7 @@ def generate_shared(
     an unrecorded one. Returns each run's new tokens, in order."""
     from attnlab.policies.full import Full
 
-    if any(r.regime != "cache" for r in runs):
+    if any(not r.regime.dense_prefill for r in runs):
         raise ValueError("only cache-regime runs share a prefill")
     if leader is None:
         leader = SparseRun(Full(), regime="cache")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attnlab import decoding, sparse
+from attnlab import decoding, regimes, sparse
 from attnlab.errors import UserError
 from attnlab.policies.base import Policy
 from attnlab.stats import cluster_bootstrap, percentile_interval
@@ -75,7 +75,7 @@ def chunk_pass(
     """
     run = sparse.SparseRun(policy, sparsity, seed=seed, regime=regime)
     first, cache = 0, None
-    if regime == "cache":
+    if run.regime.dense_prefill:  # the context's prefill dense, the policy's rows after it
         first = context_length(ids.shape[1], context)
         cache, _ = decoding.prefill(model, ids[:, :first], run)  # dense, not timed
     _sync(ids.device)
@@ -343,7 +343,7 @@ def score_corpus(
         "model": model,
         **marks,
         "regime": regime,
-        "context": context if regime == "cache" else None,
+        "context": context if regimes.get(regime).dense_prefill else None,
         "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
         "repeats": repeats,
         "threads": threads,

@@ -1,16 +1,12 @@
 """A sparse-attention run: a policy at a target sparsity in a regime (DESIGN: Regime).
 
 A :class:`SparseRun` is a context manager; while it is active, the ``attnlab`` attention
-(:mod:`attnlab.attention`) applies its policy. The regime decides where the policy acts:
-
-- ``cache`` (KV-cache compression): the prompt's prefill is the model's own dense
-  attention; each generated token then sees the cached keys the policy chooses. Eviction
-  policies compress the cache once at the end of the prompt and never re-admit a key
-  they dropped; query-aware policies choose per generated token from the whole cache.
-- ``prefill`` (sparse prefill): every prompt row runs under the policy; decode steps are
-  dense unless ``decode="policy"``. This is the regime of perplexity and the GPU kernels.
-  A block policy chooses once per query block there (:meth:`SparseRun.block_selection`),
-  on every device the selection FlexAttention runs on the GPU, in its selection form.
+(:mod:`attnlab.attention`) applies its policy where its regime (:mod:`attnlab.regimes`)
+says the policy acts: after a dense prefill (``cache``: each generated token chooses from
+the whole cache, an eviction policy compresses it once at the end of the prompt and never
+re-admits a key) or on every prompt row (``prefill``: the regime of perplexity and the GPU
+kernels; a block policy chooses once per query block, :meth:`SparseRun.block_selection`,
+on every device the selection FlexAttention runs on the GPU, in its selection form).
 
 For each call where the policy acts the run builds the keep-mask under the per-row budget
 (a row at position p keeps about (1 - s)(p + 1) keys) on top of the model's own mask
@@ -29,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attnlab import regimes
 from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
 from attnlab.masks import ModelMask, causal_rows
 from attnlab.policies.base import (
@@ -37,12 +34,12 @@ from attnlab.policies.base import (
     ScoreContext,
     keep_mask,
     row_budget,
-    selection_form,
 )
 from attnlab.policies.selection import keep_blocks_by_budget
 from attnlab.recall import Recorder
+from attnlab.regimes import Regime
 
-REGIMES = ("cache", "prefill")
+REGIMES = tuple(regimes.REGIMES)
 _ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
     "sparse_run", default=None
 )
@@ -70,7 +67,7 @@ class SparseRun(Recorder):
     sparsity: float = 0.0
     seed: int = 0
     watch: Sequence[int] = ()
-    regime: str = "prefill"
+    regime: Regime | str = "prefill"  # a name is replaced by its Regime
     decode: str = "dense"  # prefill regime: decode steps "dense" or under the "policy"
     kept: int = 0  # kept (query, key) pairs of the rows the policy acts on (or a 0-d tensor)
     causal: int = 0  # causal pairs of those rows
@@ -94,14 +91,12 @@ class SparseRun(Recorder):
     _token: contextvars.Token | None = None
 
     def __post_init__(self) -> None:
-        if self.regime not in REGIMES:
-            raise ValueError(f"regime must be one of {REGIMES}, got {self.regime!r}")
+        self.regime = regimes.get(self.regime)
         if self.decode not in ("dense", "policy"):
             raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
         if self.row_chunk < 0:
             raise ValueError(f"row_chunk must be >= 0, got {self.row_chunk}")
-        if self.regime == "prefill":  # the cache regime's rows choose one at a time
-            self.selection = selection_form(self.policy, self.whole_prompt)
+        self.selection = self.regime.selection(self.policy, self.whole_prompt)
 
     def __enter__(self) -> SparseRun:
         self._token = _ACTIVE.set(self)
@@ -125,9 +120,7 @@ class SparseRun(Recorder):
     def acts(self, layer: int) -> bool:
         """Whether the policy acts on this layer's next call: the first call of a layer is
         its prefill."""
-        if layer not in self.histories:
-            return self.regime == "prefill"
-        return self.regime == "cache" or self.decode == "policy"
+        return self.regime.acts(layer not in self.histories, self.decode)
 
     @property
     def needs_inputs(self) -> bool:
@@ -205,7 +198,7 @@ class SparseRun(Recorder):
             keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
-        recall = self.regime == "cache" or layer not in self.recall_sums
+        recall = self.regime.records_recall(layer not in self.recall_sums)
         if answering and self.records and recall:
             self.record_recall(
                 layer,
@@ -232,7 +225,7 @@ class SparseRun(Recorder):
         caller has them, else what a policy reads is computed in row chunks.
         """
         shared = {} if probs is None else {"probs": probs}  # computed once for all runs
-        runs = [self] * (self.regime == "cache") + self.followers
+        runs = [self] * self.regime.dense_prefill + self.followers
         for run in runs:
             ctx = run._context(layer, q, k, visible, scaling, kv_heads, module, value)
             ctx.provide(**shared)
