@@ -125,7 +125,6 @@ def attention_forward(
         if causal or _unpadded(attention_mask):
             model_mask = None if causal else attention_mask  # a sliding window, pair by pair
             out = run.flex_attention(layer, query, key, value, scaling, model_mask)
-            run.took("flex block-sparse" if causal else "flex block-sparse, model mask", tq)
             return out.transpose(1, 2).contiguous(), None
     observer = _OBSERVER.get()
     masked = acts and run.policy.name != "full"

@@ -133,6 +133,15 @@ def block_mask_from_keep(
     else:
         full_num = full_idx = None
         part_num, part_idx = ordered_blocks(block_keep & (below | diag))
+    return block_mask_from_lists((full_num, full_idx, part_num, part_idx), block_size, n, mask_mod)
+
+
+def block_mask_from_lists(lists, block_size: int, n: int, mask_mod=None) -> BlockMask:
+    """The BlockMask of :func:`block_mask_from_keep` from its lists, made elsewhere:
+    ``lists`` (full_num, full_idx, part_num, part_idx) as
+    :func:`attnlab.kernels.budget.budget_select` returns them (no full lists under a
+    ``mask_mod``)."""
+    full_num, full_idx, part_num, part_idx = lists
     return BlockMask.from_kv_blocks(
         part_num,
         part_idx,
@@ -157,6 +166,7 @@ def flex_block_sparse_attention(
     block_size: int,
     scaling: float,
     mask_mod=None,
+    lists=None,
 ) -> torch.Tensor:
     """Causal attention restricted to the kept blocks, through FlexAttention.
 
@@ -165,7 +175,9 @@ def flex_block_sparse_attention(
     block_keep[b, h, t // block_size, s // block_size]; equal to a masked softmax over
     those pairs, and, with a ``mask_mod`` (the model's own mask), only the pairs it
     allows. A query row with nothing kept gets zeros. Returns (B, H, N, D). Forward only
-    (the BlockMask has no transposed lists).
+    (the BlockMask has no transposed lists). ``lists``: (full_num, full_idx, part_num,
+    part_idx) of ``block_keep`` as :func:`block_mask_from_keep` would make them, where
+    the caller has them (:func:`attnlab.kernels.budget.budget_select`).
     """
     b, h, n, _ = q.shape
     m = block_keep.shape[-1]
@@ -173,7 +185,10 @@ def flex_block_sparse_attention(
         raise ValueError(f"block_keep has {m} blocks, N = {n} needs {n_blocks(n, block_size)}")
     keep = block_keep.to(device=q.device, dtype=torch.bool).expand(b, h, m, m)
     n_pad = m * block_size - n
-    block_mask = block_mask_from_keep(keep, block_size, n + n_pad, mask_mod)
+    if lists is None:
+        block_mask = block_mask_from_keep(keep, block_size, n + n_pad, mask_mod)
+    else:
+        block_mask = block_mask_from_lists(lists, block_size, n + n_pad, mask_mod)
     out = run_flex(
         _pad_tokens(q, n_pad),
         _pad_tokens(k, n_pad),

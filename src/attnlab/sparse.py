@@ -82,6 +82,9 @@ class SparseRun(Recorder):
     # its prompt form (policies.base.selection_form); ``selection``: the prefill's form
     whole_prompt: bool = False
     records: bool = True  # recall at the answering rows (False: timing the policy alone)
+    # a block policy's GPU prefill selects and lists its blocks in one Triton kernel
+    # (kernels.budget); False: the same selection in PyTorch
+    fused: bool = True
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
@@ -242,12 +245,15 @@ class SparseRun(Recorder):
         wanted = self.backend == "flex" or (self.backend == "auto" and query.is_cuda)
         return wanted and self.policy.level == "block" and tq == tk
 
-    def block_selection(self, ctx: ScoreContext) -> torch.Tensor:
+    def block_selection(self, ctx: ScoreContext, lists: bool | None = None):
         """A block policy's selection for a prefill, once per query block: from the
         block's first row (``causal``) or from all its queries (``prompt``,
         :meth:`~attnlab.policies.base.BlockPolicy.block_scores`), under the budget of its
         last row, among the key blocks some row of it sees (both edges of a window).
-        ctx: every row of the prefill. Returns (B, H, Mq, Mk) bool kept blocks."""
+        ctx: every row of the prefill. Returns (B, H, Mq, Mk) bool kept blocks; with
+        ``lists`` (True: under the model's own mask, False: causal) also the BlockMask's
+        lists, from the fused kernel (:func:`attnlab.kernels.budget.budget_select`, the
+        same selection), or None where the policy leaves the layer dense."""
         t, bs = ctx.q.shape[-2], self.policy.block_size
         b, h = ctx.q.shape[:2]
         dev = ctx.q.device
@@ -261,14 +267,22 @@ class SparseRun(Recorder):
         rows = starts if self.selection == "causal" else ends
         score = self.policy.block_scores(ctx, rows, self.selection)
         if score is None:  # a layer the policy leaves dense
-            return (count > 0).expand(b, h, *count.shape[-2:])
-        return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
+            keep = (count > 0).expand(b, h, *count.shape[-2:])
+            return keep if lists is None else (keep, None)
+        if lists is None:
+            return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
+        from attnlab.kernels.budget import MAX_BLOCKS, budget_select
 
-    def block_mask(self, layer, q, k, scaling, kv_heads=None, rows=None) -> torch.Tensor:
+        if score.shape[-1] > MAX_BLOCKS:  # a row too long for one program's registers
+            return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None
+        return budget_select(score, count, ctx.budget[..., ends], all_partial=lists)
+
+    def block_mask(self, layer, q, k, scaling, kv_heads=None, rows=None, lists=None):
         """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);
         rows: what the model's own mask shows some rows, (R,) -> (B, 1, R, T) bool
         (:meth:`attnlab.masks.ModelMask.rows`: a sliding window), causal when None (then
-        only those rows are built). Returns (B, H, Mq, Mk) bool kept blocks."""
+        only those rows are built). Returns (B, H, Mq, Mk) bool kept blocks (and the
+        BlockMask's lists with ``lists``, see :meth:`block_selection`)."""
         t = q.shape[-2]
         if rows is None:  # causal: what it reads of the mask kept for the run's next layers
             cache = self._causal_cache.setdefault((t, q.device), {})
@@ -277,7 +291,7 @@ class SparseRun(Recorder):
             cache = getattr(rows, "__self__", None)
             cache = cache._built if isinstance(cache, ModelMask) else None
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
-        keep = self.block_selection(ctx)
+        keep = self.block_selection(ctx, lists)
         self.policy.remember(ctx)
         return keep
 
@@ -302,7 +316,12 @@ class SparseRun(Recorder):
             rows = model_mask.rows
             pairs = model_mask.block_pairs(bs, query.device)  # once per forward pass
             shown = model_mask.last_row(query)  # the last row's visible keys (B, 1, T)
-        keep = self.block_mask(layer, query, k, scaling, key.shape[1], rows)
+        fused = query.is_cuda and self.fused  # the selection and its lists in one kernel
+        lists = (model_mask is not None) if fused else None
+        keep = self.block_mask(layer, query, k, scaling, key.shape[1], rows, lists)
+        keep, lists = keep if fused else (keep, None)
+        kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
+        self.took(kernel + (", fused selection" if lists is not None else ""), t)
         b, h = keep.shape[:2]
         last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown  # (B, H, T)
         if self.records and layer not in self.recall_sums:
@@ -315,7 +334,7 @@ class SparseRun(Recorder):
         self.hidden += b * h * (causal - pairs.sum())
         self._note_needle(layer, last, shown)
         mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
-        return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask_mod)
+        return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask_mod, lists)
 
     def account(
         self, layer: int, keep: torch.Tensor, visible: torch.Tensor, answering: bool = True

@@ -1,0 +1,118 @@
+"""Triton kernel: a block policy's budgeted selection and its FlexAttention lists, fused.
+
+The selection every block policy's prefill makes (:func:`attnlab.policies.selection.
+keep_blocks_by_budget`): per query block, key blocks in descending score order (ties to
+the earlier block, as a stable sort) while their visible keys fit the row's budget; the
+best visible block always, every +inf (must-keep) block whatever the budget, no block the
+row does not see. In PyTorch that is a sort of every row, gathers, a prefix sum and a
+scatter, then two more sorts for the BlockMask's lists (:func:`attnlab.flex.
+block_mask_from_keep`), each a pass over a (B, H, Mq, Mk) grid: at 32k tokens and
+16-token blocks a 2048 x 2048 grid per head, a dozen kernels per layer.
+
+Here one program owns one query block's row: it packs each block's score (as an
+order-preserving integer), its index and its visible keys into one 64-bit key, sorts the
+row in registers (``tl.sort``), takes the prefix that fits, writes the keep-mask back by
+index, and writes the lists from running counts: kept blocks ascending (strictly left of
+the diagonal "full", the diagonal "partial"; every kept block partial under the model's
+own mask), then the others ascending, exactly as ``flex.ordered_blocks`` orders them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCKS = 8192  # key blocks a row may have (128k tokens in blocks of 16): one program
+# sorts its row in registers
+
+
+@triton.jit
+def _budget_kernel(
+    score_ptr, count_ptr, budget_ptr, keep_ptr,
+    full_num_ptr, full_idx_ptr, part_num_ptr, part_idx_ptr,
+    M, H, s_sc_b, s_sc_h, s_sc_m, s_ct_b, s_ct_m, s_bu_b, s_bu_h,
+    BLOCK: tl.constexpr, ALL_PARTIAL: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0)  # the query block
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = tl.arange(0, BLOCK)
+    in_m = cols < M
+    s = tl.load(score_ptr + b * s_sc_b + h * s_sc_h + i * s_sc_m + cols, mask=in_m, other=0.0)
+    c = tl.load(count_ptr + b * s_ct_b + i * s_ct_m + cols, mask=in_m, other=0)
+    budget = tl.load(budget_ptr + b * s_bu_b + h * s_bu_h + i)
+    s = tl.where(c == 0, float("-inf"), s.to(tl.float32) + 0.0)  # + 0.0: -0.0 is +0.0
+    s = tl.where(in_m, s, float("-inf"))
+    bits = s.to(tl.int32, bitcast=True)
+    order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # int order: float's
+    # score, then the earlier block first, then its count riding along (16 bits each)
+    key = (order << 32) | ((BLOCK - 1 - cols).to(tl.int64) << 16) | c.to(tl.int64)
+    key = tl.sort(key, descending=True)
+    rank = tl.arange(0, BLOCK)
+    count = (key & 0xFFFF).to(tl.int32)
+    col = BLOCK - 1 - ((key >> 16) & 0xFFFF).to(tl.int32)
+    o = (key >> 32).to(tl.int32)
+    ninf = tl.full((1,), float("-inf"), tl.float32).to(tl.int32, bitcast=True) ^ 0x7FFFFFFF
+    top = o == 0x7F800000  # +inf (positive: its bits are its order)
+    bottom = o == ninf  # -inf
+    fits = (tl.cumsum(count, axis=0) <= budget) | (rank == 0)
+    keep = (fits | top) & ~bottom & (col < M)
+    row = (bh * M + i) * M
+    tl.store(keep_ptr + row + col, keep.to(tl.int8), mask=col < M)
+    tl.debug_barrier()
+    kept = tl.load(keep_ptr + row + cols, mask=in_m, other=0) != 0
+    if ALL_PARTIAL:
+        full = kept & (cols < 0)
+        part = kept & (cols <= i)
+    else:
+        full = kept & (cols < i)
+        part = kept & (cols == i)
+    n_full = tl.sum(full.to(tl.int32), axis=0)
+    n_part = tl.sum(part.to(tl.int32), axis=0)
+    lists = bh * tl.num_programs(0) + i
+    for is_full in tl.static_range(2):
+        sel = full if is_full == 1 else part
+        num = n_full if is_full == 1 else n_part
+        before = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        others = tl.cumsum((~sel).to(tl.int32), axis=0) - 1
+        slot = tl.where(sel, before, num + others)
+        idx_ptr = full_idx_ptr if is_full == 1 else part_idx_ptr
+        num_ptr = full_num_ptr if is_full == 1 else part_num_ptr
+        tl.store(idx_ptr + lists * M + slot, cols, mask=in_m)
+        tl.store(num_ptr + lists, num)
+
+
+def budget_select(
+    score: torch.Tensor, count: torch.Tensor, budget: torch.Tensor, all_partial: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The selection of ``keep_blocks_by_budget`` and the BlockMask lists of
+    ``block_mask_from_keep`` (query blocks as tall as key blocks), in one kernel.
+
+    score: (B, H, Mq, Mk) with +inf for must-keep blocks, Mq = Mk; count: (B or 1, 1, Mq,
+    Mk) visible keys per block (< 2^16); budget: (B or 1, 1 or H, Mq) keys per query block.
+    ``all_partial``: the model's own mask applies pair by pair (a window), so every kept
+    block at or left of the diagonal is partial; else blocks strictly left of it are full.
+    Returns the keep-mask (B, H, Mq, Mk) bool and (full_num, full_idx, part_num, part_idx),
+    each list of kept blocks ascending, then the others ascending (full_num None under
+    ``all_partial``).
+    """
+    b, h, m, mk = score.shape
+    if m != mk or mk > 2**15:
+        raise ValueError(f"budget_select needs square grids of at most 2^15 blocks, got {m} x {mk}")
+    dev = score.device
+    score = score.float().contiguous()
+    count = count.to(torch.int32).expand(b, 1, m, mk).contiguous()
+    budget = budget.to(torch.int64).expand(b, h, m).contiguous()
+    keep = torch.zeros(b, h, m, mk, dtype=torch.int8, device=dev)
+    nums = [torch.empty(b, h, m, dtype=torch.int32, device=dev) for _ in range(2)]
+    idxs = [torch.empty(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(2)]
+    _budget_kernel[(m, b * h)](
+        score, count, budget, keep, nums[0], idxs[0], nums[1], idxs[1],
+        mk, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m,
+        BLOCK=triton.next_power_of_2(mk), ALL_PARTIAL=all_partial,
+        num_warps=4 if mk <= 1024 else 8,
+    )  # fmt: skip
+    full = (None, None) if all_partial else (nums[0], idxs[0])
+    return keep.view(torch.bool), (*full, nums[1], idxs[1])

@@ -1,0 +1,79 @@
+"""The fused budget kernel (Triton, run by the interpreter on the CPU) selects exactly what
+the PyTorch selection does and lists the blocks exactly as the BlockMask path does."""
+
+import pytest
+import torch
+
+from attnlab.flex import ordered_blocks
+from attnlab.kernels.budget import budget_select
+from attnlab.policies.selection import INF, keep_blocks_by_budget
+
+
+def _case(m: int, seed: int, heads: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    # few distinct values, so that ties are common; must-keep and excluded blocks
+    score = torch.randint(0, 5, (1, heads, m, m), generator=g).float() - 2.0
+    score[torch.rand(score.shape, generator=g) < 0.05] = INF
+    score[torch.rand(score.shape, generator=g) < 0.05] = -INF
+    score[..., 0, 1] = -0.0  # -0.0 ties with +0.0, as in a sort
+    count = torch.randint(0, 17, (1, 1, m, m), generator=g)
+    count = count * torch.ones(m, m).tril().long()  # a causal grid: nothing above the diagonal
+    count[..., 3, :] = 0  # a row that sees nothing
+    budget = torch.randint(1, 16 * m, (1, heads, m), generator=g)
+    return score, count, budget
+
+
+@pytest.mark.parametrize("m, seed", [(5, 0), (37, 1)])
+@pytest.mark.parametrize("all_partial", [False, True])
+def test_fused_budget_selection_equals_the_pytorch_selection(m, seed, all_partial):
+    score, count, budget = _case(m, seed)
+    want = keep_blocks_by_budget(score, count, budget)
+    keep, (full_num, full_idx, part_num, part_idx) = budget_select(
+        score, count, budget, all_partial
+    )
+    assert torch.equal(keep, want)
+    assert want.any() and not want.all()
+    below = torch.ones(m, m, dtype=torch.bool).tril(-1)
+    diag = torch.eye(m, dtype=torch.bool)
+    if all_partial:
+        assert full_num is None
+        num, idx = ordered_blocks(want & (below | diag))
+        assert torch.equal(part_num, num) and torch.equal(part_idx, idx)
+    else:
+        for got, sel in (((full_num, full_idx), below), ((part_num, part_idx), diag)):
+            num, idx = ordered_blocks(want & sel)
+            assert torch.equal(got[0], num) and torch.equal(got[1], idx)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_flex_attention_from_the_fused_lists_equals_the_keep_mask_path(window):
+    """FlexAttention over the kernel's lists attends exactly as over the BlockMask built
+    from its keep-mask (the path without the kernel), causal or under a window applied
+    pair by pair; 90 tokens in blocks of 16, so the last block is ragged."""
+    from attnlab.flex import (
+        block_mask_from_keep,
+        block_mask_from_lists,
+        flex_block_sparse_attention,
+    )
+
+    n, bs, m = 90, 16, 6
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
+    score, count, budget = _case(m, 4)
+    keep, lists = budget_select(score, count, budget, all_partial=window is not None)
+
+    def in_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+
+    mask_mod = None if window is None else in_window
+    want = flex_block_sparse_attention(q, k, v, keep, bs, 0.25, mask_mod)
+    got = flex_block_sparse_attention(q, k, v, keep, bs, 0.25, mask_mod, lists)
+    assert torch.equal(got, want)
+    # the same BlockMask, list for list (the CPU's eager kernel applies the mask to
+    # every pair, so only the lists tell whole blocks from partial ones)
+    a = block_mask_from_keep(keep, bs, m * bs, mask_mod)
+    b = block_mask_from_lists(lists, bs, m * bs, mask_mod)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
+    assert (a.full_kv_num_blocks is None) == (window is not None)
