@@ -7,7 +7,10 @@ the rest of the model), as the NIAH jobs run it. The kernels each used are in th
 with their layer counts (``SparseRun.kernels``): full attention PyTorch's fused SDPA,
 causal or under the model's own mask (sliding-window layers); a block policy
 FlexAttention's block-sparse kernel in causal layers on CUDA; a token-level policy SDPA
-under its keep-mask (in row chunks with ``--row-chunk``). Beside them, the same model's
+under its keep-mask (in row chunks with ``--row-chunk``). On CUDA each block policy is
+timed twice side by side: its selection in PyTorch (``attnlab``, the NIAH jobs' path)
+and the same selection in the fused Triton kernel (``attnlab, fused selection``,
+:mod:`attnlab.kernels.budget`). Beside them, the same model's
 prefill through transformers' own attention implementations (``--transformers``: sdpa,
 flex_attention), the reference attnlab's full attention is measured against. Peak memory
 is the whole process's, model included.
@@ -16,6 +19,7 @@ is the whole process's, model included.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import torch
@@ -99,9 +103,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     model.set_attn_implementation(attention.IMPLEMENTATION)
     for name in args.policies:
         policy = policies.make(name)
-        for s in [0.0] if name == "full" else args.sparsities:
+        # a block policy's selection in PyTorch and, on CUDA, in the fused Triton kernel
+        paths = [False, True] if cuda and policy.level == "block" else [False]
+        for s, fused in itertools.product([0.0] if name == "full" else args.sparsities, paths):
 
-            def prefill(policy=policy, s=s):
+            def prefill(policy=policy, s=s, fused=fused):
                 r = sparse.SparseRun(
                     policy,
                     s,
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     row_chunk=args.row_chunk,
                     whole_prompt=True,
                     records=False,  # the policy alone: no recall against full attention
+                    fused=fused,
                 )
                 decoding.prefill(model, ids, r)
                 return r
@@ -118,7 +125,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             ms, reps = median_ms(prefill, model.device.type, args.rep_ms, args.min_reps, 50)
             r = prefill()
-            add(name, s, ms, reps, "attnlab", kernel(r), r.achieved_sparsity, r.selection)
+            impl = "attnlab, fused selection" if fused else "attnlab"
+            add(name, s, ms, reps, impl, kernel(r), r.achieved_sparsity, r.selection)
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
     for r in rows:  # the side-by-side ratio, measured in this run
         r["speedup_vs_full"] = full[0] / r["ms"] if full else float("nan")
