@@ -77,3 +77,29 @@ def test_flex_attention_from_the_fused_lists_equals_the_keep_mask_path(window):
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None and y is None) or torch.equal(x, y), name
     assert (a.full_kv_num_blocks is None) == (window is not None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernel)")
+@pytest.mark.parametrize("name", ["quest", "cab", "xattention"])
+def test_a_gpu_prefill_with_the_fused_selection_equals_the_pytorch_one(name):
+    """On CUDA, a block policy's prefill with the fused selection keeps exactly the pairs
+    the PyTorch selection keeps, with the same logits (Gemma's window layers and its
+    global one), and names the path it took."""
+    from tests.tiny_models import tiny_gemma3
+
+    from attnlab import policies, sparse
+
+    model = tiny_gemma3().cuda()
+    ids = torch.randint(300, 5000, (1, 200), generator=torch.Generator().manual_seed(2)).cuda()
+    runs, out = {}, {}
+    for fused in (False, True):
+        policy = policies.make(name, block_size=16)
+        runs[fused] = sparse.SparseRun(policy, 0.8, fused=fused, whole_prompt=True)
+        with torch.inference_mode(), runs[fused]:
+            out[fused] = model(ids, use_cache=False).logits[0]
+    assert int(runs[True].kept) == int(runs[False].kept)
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-5)
+    assert runs[True].kernels == {
+        "flex block-sparse, model mask, fused selection": 2,
+        "flex block-sparse, fused selection": 1,
+    }
