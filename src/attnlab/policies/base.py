@@ -169,8 +169,8 @@ class ScoreContext:
         return torch.arange(self.k.shape[-2], device=self.k.device)
 
     def cached(self, key, make: Callable[[], torch.Tensor]):
-        """``make()``, kept in ``mask_cache`` under ``key`` where there is one (a key may
-        hold the ``id`` of a tensor kept in the same cache)."""
+        """``make()``, kept in ``mask_cache`` under ``key`` where there is one (a key that
+        holds a tensor's ``id`` keeps that tensor in its value, so the id is not reused)."""
         if self.mask_cache is None:
             return make()
         if key not in self.mask_cache:
@@ -182,14 +182,14 @@ class ScoreContext:
         bool, from ``visible`` or, where none was built, from ``row_mask`` (once per
         ``index`` tensor and mask)."""
         if self.visible is None:
-            return self.cached(("rows", id(index)), lambda: self.row_mask(index))
+            return self.cached(("rows", id(index)), lambda: (index, self.row_mask(index)))[1]
         return self.visible[..., index, :]
 
     def blocks_seen(self, block_size: int) -> torch.Tensor:
         """Visible keys of each row per key block of ``block_size`` keys: (B, 1 or H, Tq,
         Mk) long (once per mask where rows are cached)."""
-        make = lambda: visible_per_block(self.visible, block_size)  # noqa: E731
-        return self.cached(("blocks", id(self.visible), block_size), make)
+        make = lambda: (self.visible, visible_per_block(self.visible, block_size))  # noqa: E731
+        return self.cached(("blocks", id(self.visible), block_size), make)[1]
 
     def rows(self, index: torch.Tensor, received: bool = False) -> ScoreContext:
         """The context of the rows ``index`` (Tq,) alone, sharing this one's history and
