@@ -23,7 +23,7 @@ def _case(m: int, seed: int, heads: int = 2):
     return score, count, budget
 
 
-@pytest.mark.parametrize("m, seed", [(5, 0), (37, 1)])
+@pytest.mark.parametrize("m, seed", [(5, 0), (23, 1)])
 @pytest.mark.parametrize("all_partial", [False, True])
 def test_fused_budget_selection_equals_the_pytorch_selection(m, seed, all_partial):
     score, count, budget = _case(m, seed)
