@@ -14,6 +14,13 @@ def _inputs():
     return q, k, v
 
 
+def _cut_gap(score: torch.Tensor, n: int) -> float:
+    """The smallest gap, over the heads, between the n-th and (n+1)-th largest of ``score``
+    (H, T): above float noise, the selection does not depend on how a path rounds."""
+    top = score.topk(n + 1, -1).values
+    return float((top[:, n - 1] - top[:, n]).min())
+
+
 def _over(q, k, v, keep):
     """Attention of each query head over the keys ``keep`` (H, T) bool shows."""
     kx, vx = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
@@ -69,6 +76,7 @@ def test_loki_and_two_stage_steps_attend_over_their_policys_keys():
     r = D // 4
     ax = axes.repeat_interleave(H // HKV, 0)[:, :, :r]  # (H, D, r)
     approx = ((q[0] @ ax) @ (kx @ ax).transpose(-1, -2))[:, 0]  # (H, T)
+    assert _cut_gap(approx, N) > 1e-3  # not decided by rounding
     keep = torch.zeros(H, T, dtype=torch.bool).scatter_(-1, approx.topk(N, -1).indices, True)
     got = decode.step("loki", q, k, v, N, scale, rotated=rotated)
     torch.testing.assert_close(got, _over(q, k, v, keep), rtol=1e-5, atol=1e-5)
@@ -77,9 +85,11 @@ def test_loki_and_two_stage_steps_attend_over_their_policys_keys():
     kmin, kmax = (b.repeat_interleave(H // HKV, 1)[0] for b in bounds)  # (H, P, D)
     qd = q[0, :, 0, None, :]
     ub = torch.maximum(qd * kmin, qd * kmax).sum(-1)  # (H, P)
+    assert _cut_gap(ub, 4 * N // 16) > 1e-3
     cand = torch.zeros(H, T // 16, dtype=torch.bool)
     cand = cand.scatter_(-1, ub.topk(4 * N // 16, -1).indices, True).repeat_interleave(16, -1)
     s = (q[0] @ kx.transpose(-1, -2))[:, 0].masked_fill(~cand, float("-inf"))  # (H, T)
+    assert _cut_gap(s, N) > 1e-3
     keep = torch.zeros(H, T, dtype=torch.bool).scatter_(-1, s.topk(N, -1).indices, True)
     got = decode.step("two_stage", q, k, v, N, scale, 16, bounds)
     torch.testing.assert_close(got, _over(q, k, v, keep))

@@ -82,6 +82,12 @@ class ModelMask:
                 self._built[key] = visible_block_pairs(self.dense()[0, 0], block_size)
         return self._built[key]
 
+    @property
+    def store(self) -> dict:
+        """What this forward pass has built from the mask, for every layer of its type
+        (a block policy's prefill keeps what its selection reads here)."""
+        return self._built
+
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The visible keys of the query rows ``index`` (R,): (B, 1, R, Tk) bool, read from
         the dense mask (built once per forward pass and layer type; reading a few rows of

@@ -27,7 +27,7 @@ import torch
 
 from attnlab import regimes
 from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
-from attnlab.masks import ModelMask, causal_rows
+from attnlab.masks import causal_rows
 from attnlab.policies.base import (
     LayerHistory,
     Policy,
@@ -39,7 +39,6 @@ from attnlab.policies.selection import keep_blocks_by_budget
 from attnlab.recall import Recorder
 from attnlab.regimes import Regime
 
-REGIMES = tuple(regimes.REGIMES)
 _ACTIVE: contextvars.ContextVar[SparseRun | None] = contextvars.ContextVar(
     "sparse_run", default=None
 )
@@ -278,19 +277,19 @@ class SparseRun(Recorder):
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None
         return budget_select(score, count, ctx.budget[..., ends], all_partial=lists)
 
-    def block_mask(self, layer, q, k, scaling, kv_heads=None, rows=None, lists=None):
+    def block_mask(self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None):
         """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);
-        rows: what the model's own mask shows some rows, (R,) -> (B, 1, R, T) bool
-        (:meth:`attnlab.masks.ModelMask.rows`: a sliding window), causal when None (then
-        only those rows are built). Returns (B, H, Mq, Mk) bool kept blocks (and the
-        BlockMask's lists with ``lists``, see :meth:`block_selection`)."""
+        model_mask: the model's own :class:`~attnlab.masks.ModelMask` (a sliding window),
+        causal when None. What the selection reads of the mask (rows, counts per block)
+        is kept in the mask's store, or for a causal prefill on the run, for the next
+        layers. Returns (B, H, Mq, Mk) bool kept blocks (and the BlockMask's lists with
+        ``lists``, see :meth:`block_selection`)."""
         t = q.shape[-2]
-        if rows is None:  # causal: what it reads of the mask kept for the run's next layers
+        if model_mask is None:  # only the rows the selection reads are built
             cache = self._causal_cache.setdefault((t, q.device), {})
             rows = functools.partial(causal_rows, tk=t)
         else:
-            cache = getattr(rows, "__self__", None)
-            cache = cache._built if isinstance(cache, ModelMask) else None
+            cache, rows = model_mask.store, model_mask.rows
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
         keep = self.block_selection(ctx, lists)
         self.policy.remember(ctx)
@@ -310,16 +309,14 @@ class SparseRun(Recorder):
         t, bs = query.shape[-2], self.policy.block_size
         k = expand_kv(key, query.shape[1])
         if model_mask is None:
-            rows = None
             pairs = causal_block_pairs(t, bs, query.device)  # (Mq, Mk) visible pairs
             shown = causal_rows(torch.tensor([t - 1], device=query.device), t)[:, :, 0]
         else:
-            rows = model_mask.rows
             pairs = model_mask.block_pairs(bs, query.device)  # once per forward pass
             shown = model_mask.last_row(query)  # the last row's visible keys (B, 1, T)
         fused = query.is_cuda and self.fused  # the selection and its lists in one kernel
         lists = (model_mask is not None) if fused else None
-        keep = self.block_mask(layer, query, k, scaling, key.shape[1], rows, lists)
+        keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists)
         keep, lists = keep if fused else (keep, None)
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         self.took(kernel + (", fused selection" if lists is not None else ""), t)

@@ -28,18 +28,22 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from pathlib import Path
 
 import torch
 
 from attnlab.bench.timing import environment, median_ms, write_table
+from attnlab.policies.loki import Loki
+from attnlab.policies.two_stage import TwoStage
 
 SHAPES = {  # name: (query heads, key/value heads, head dim)
     "llama3-8b": (32, 8, 128),
     "gemma3-270m": (4, 1, 256),
 }
 POLICIES = ("dense", "evicted", "topk", "quest", "sparq", "loki", "two_stage")
-EXPAND = 4  # two-stage's candidate keys per kept key (policies.two_stage.TwoStage.expand)
+EXPAND = TwoStage.expand  # two-stage's candidate keys per kept key (its default)
+LOKI_CHANNELS = Loki.channels  # the share of the rotated coordinates Loki reads
 
 
 def _attend(q, k, v, scale):
@@ -103,13 +107,13 @@ def step(
         idx = _page_keys(pages, page)  # (1, H, n)
     elif policy == "two_stage":
         ub = _page_bounds(q, bounds, hkv)  # (1, H, P)
-        pages = ub.topk(min(ub.shape[-1], max(1, -(-EXPAND * n // page))), dim=-1).indices
+        pages = ub.topk(min(ub.shape[-1], max(1, math.ceil(EXPAND * n / page))), dim=-1).indices
         cand = _page_keys(pages, page)  # (1, H, c): the candidates, then exact scores
         s = (q @ _gather(k, cand, groups).transpose(-1, -2))[:, :, 0]  # (1, H, c)
         idx = cand.gather(-1, s.topk(min(n, cand.shape[-1]), dim=-1).indices)
     elif policy == "loki":
         axes, krt = rotated
-        r = q.shape[-1] // 4
+        r = round(LOKI_CHANNELS * q.shape[-1])
         qr = _grouped(q, hkv)[0] @ axes[:, :, :r]  # (Hkv, G, r): the query, rotated
         idx = (qr @ krt[0, :, :r]).reshape(1, h, -1).topk(n, dim=-1).indices
     elif policy == "sparq":

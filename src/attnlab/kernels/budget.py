@@ -63,25 +63,22 @@ def _budget_kernel(
     tl.store(keep_ptr + row + col, keep.to(tl.int8), mask=col < M)
     tl.debug_barrier()
     kept = tl.load(keep_ptr + row + cols, mask=in_m, other=0) != 0
-    if ALL_PARTIAL:
-        full = kept & (cols < 0)
-        part = kept & (cols <= i)
-    else:
-        full = kept & (cols < i)
-        part = kept & (cols == i)
-    n_full = tl.sum(full.to(tl.int32), axis=0)
-    n_part = tl.sum(part.to(tl.int32), axis=0)
     lists = bh * tl.num_programs(0) + i
-    for is_full in tl.static_range(2):
-        sel = full if is_full == 1 else part
-        num = n_full if is_full == 1 else n_part
-        before = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        others = tl.cumsum((~sel).to(tl.int32), axis=0) - 1
-        slot = tl.where(sel, before, num + others)
-        idx_ptr = full_idx_ptr if is_full == 1 else part_idx_ptr
-        num_ptr = full_num_ptr if is_full == 1 else part_num_ptr
-        tl.store(idx_ptr + lists * M + slot, cols, mask=in_m)
-        tl.store(num_ptr + lists, num)
+    if ALL_PARTIAL:  # every kept block at or left of the diagonal, pair by pair
+        _write_list(kept & (cols <= i), cols, in_m, part_idx_ptr + lists * M, part_num_ptr + lists)
+    else:
+        _write_list(kept & (cols < i), cols, in_m, full_idx_ptr + lists * M, full_num_ptr + lists)
+        _write_list(kept & (cols == i), cols, in_m, part_idx_ptr + lists * M, part_num_ptr + lists)
+
+
+@triton.jit
+def _write_list(sel, cols, in_m, idx_ptr, num_ptr):
+    # the selected blocks ascending, then the others ascending (flex.ordered_blocks)
+    num = tl.sum(sel.to(tl.int32), axis=0)
+    before = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    others = tl.cumsum((~sel).to(tl.int32), axis=0) - 1
+    tl.store(idx_ptr + tl.where(sel, before, num + others), cols, mask=in_m)
+    tl.store(num_ptr, num)
 
 
 def budget_select(
@@ -99,20 +96,23 @@ def budget_select(
     ``all_partial``).
     """
     b, h, m, mk = score.shape
-    if m != mk or mk > 2**15:
-        raise ValueError(f"budget_select needs square grids of at most 2^15 blocks, got {m} x {mk}")
+    if m != mk or mk > MAX_BLOCKS:
+        raise ValueError(
+            f"budget_select needs square grids of at most {MAX_BLOCKS} blocks, got {m} x {mk}"
+        )
     dev = score.device
     score = score.float().contiguous()
     count = count.to(torch.int32).expand(b, 1, m, mk).contiguous()
     budget = budget.to(torch.int64).expand(b, h, m).contiguous()
     keep = torch.zeros(b, h, m, mk, dtype=torch.int8, device=dev)
-    nums = [torch.empty(b, h, m, dtype=torch.int32, device=dev) for _ in range(2)]
-    idxs = [torch.empty(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(2)]
+    lists = 1 if all_partial else 2  # no full lists under the model's own mask
+    nums = [torch.empty(b, h, m, dtype=torch.int32, device=dev) for _ in range(lists)]
+    idxs = [torch.empty(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
     _budget_kernel[(m, b * h)](
-        score, count, budget, keep, nums[0], idxs[0], nums[1], idxs[1],
+        score, count, budget, keep, nums[0], idxs[0], nums[-1], idxs[-1],
         mk, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m,
         BLOCK=triton.next_power_of_2(mk), ALL_PARTIAL=all_partial,
         num_warps=4 if mk <= 1024 else 8,
     )  # fmt: skip
     full = (None, None) if all_partial else (nums[0], idxs[0])
-    return keep.view(torch.bool), (*full, nums[1], idxs[1])
+    return keep.view(torch.bool), (*full, nums[-1], idxs[-1])

@@ -77,8 +77,8 @@ class ScoreContext:
     value: torch.Tensor | None = None
     inputs: dict | None = None
     row_eviction: bool = True  # False: an evicting cache drops keys only between calls
-    # the visible keys of some rows, (R,) -> (B, 1, R, Tk) bool, where the (Tq, Tk) mask
-    # is never built (a block policy's prefill through FlexAttention): see visible_rows
+    # the visible keys of some rows, (R,) -> (B, 1, R, Tk) bool, where the prefill reads
+    # the mask a set of rows at a time (a block policy's FlexAttention path): visible_rows
     row_mask: Callable[[torch.Tensor], torch.Tensor] | None = None
     # what is read from the model's mask, kept for the next layers under the same mask (a
     # block policy's prefill through FlexAttention: one forward pass and layer type)
