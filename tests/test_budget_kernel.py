@@ -1,12 +1,17 @@
 """The fused budget kernel (Triton, run by the interpreter on the CPU) selects exactly what
 the PyTorch selection does and lists the blocks exactly as the BlockMask path does."""
 
+import os
+
 import pytest
 import torch
 
 from attnlab.flex import ordered_blocks
 from attnlab.kernels.budget import budget_select
 from attnlab.policies.selection import INF, keep_blocks_by_budget
+
+# the compiled kernel where there is a GPU and the interpreter is off, else the interpreter
+DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"
 
 
 def _case(m: int, seed: int, heads: int = 2):
@@ -20,7 +25,7 @@ def _case(m: int, seed: int, heads: int = 2):
     count = count * torch.ones(m, m).tril().long()  # a causal grid: nothing above the diagonal
     count[..., 3, :] = 0  # a row that sees nothing
     budget = torch.randint(1, 16 * m, (1, heads, m), generator=g)
-    return score, count, budget
+    return score.to(DEVICE), count.to(DEVICE), budget.to(DEVICE)
 
 
 @pytest.mark.parametrize("m, seed", [(5, 0), (23, 1)])
@@ -33,8 +38,8 @@ def test_fused_budget_selection_equals_the_pytorch_selection(m, seed, all_partia
     )
     assert torch.equal(keep, want)
     assert want.any() and not want.all()
-    below = torch.ones(m, m, dtype=torch.bool).tril(-1)
-    diag = torch.eye(m, dtype=torch.bool)
+    below = torch.ones(m, m, dtype=torch.bool, device=DEVICE).tril(-1)
+    diag = torch.eye(m, dtype=torch.bool, device=DEVICE)
     if all_partial:
         assert full_num is None
         num, idx = ordered_blocks(want & (below | diag))
@@ -58,7 +63,7 @@ def test_flex_attention_from_the_fused_lists_equals_the_keep_mask_path(window):
 
     n, bs, m = 90, 16, 6
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).to(DEVICE) for _ in range(3))
     score, count, budget = _case(m, 4)
     keep, lists = budget_select(score, count, budget, all_partial=window is not None)
 
