@@ -89,6 +89,7 @@ def niah_score_files(wildcards=None):
 NIAH_TABLES = {
     "niah": "results/niah/niah.parquet",
     "long_context": "results_ref/long_context/niah.parquet",
+    "oracle_gap": "results_ref/oracle_gap/niah.parquet",
 }
 
 

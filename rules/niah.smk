@@ -255,7 +255,7 @@ rule niah_tasks:
 
 
 # Figures of a whole study's table: the pipeline's (study "niah") and the committed GPU
-# study's (results_ref/long_context, on any machine).
+# studies' (results_ref/long_context and results_ref/oracle_gap, on any machine).
 
 
 rule niah_length:

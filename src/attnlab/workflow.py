@@ -170,7 +170,7 @@ def ablation_policies(
 
 def default_targets(models: list[str], sparsities: list[float]) -> list[str]:
     """``rule all``: every stage's figures for every model (keys of the ``models``), the
-    NIAH heatmap at each sparsity, and the committed GPU study's figures. The benchmarks
+    NIAH heatmap at each sparsity, and the committed GPU studies' figures. The benchmarks
     (figs/bench_kernels.png, figs/bench_capture.png, figs/bench_decode.png) are asked for
     by name."""
     capture = [f"capture_{{m}}_{k}" for k in ("entropy", "qnorm_entropy", "keff", "sink")]
@@ -181,7 +181,7 @@ def default_targets(models: list[str], sparsities: list[float]) -> list[str]:
     figs += [f"induction_{k}" for k in ("cross_model", "causal", "lag")]
     figs += [f.format(m=m) for f in [*capture, *stages, *induction] for m in models]
     figs += ["long_context_length", "long_context_recall", "long_context_latency"]
-    figs += ["long_context_matched"]
+    figs += ["long_context_matched", "oracle_gap_length", "oracle_gap_recall"]
     return [f"figs/{f}.png" for f in figs] + ["results/long_context/paired.parquet"]
 
 
