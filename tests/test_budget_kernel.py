@@ -1,5 +1,6 @@
-"""The fused budget kernel (Triton, run by the interpreter on the CPU) selects exactly what
-the PyTorch selection does and lists the blocks exactly as the BlockMask path does."""
+"""The fused budget kernel (Triton: the interpreter on the CPU, compiled on a GPU) selects
+exactly what the PyTorch selection does and lists the blocks exactly as the BlockMask path
+does."""
 
 import os
 

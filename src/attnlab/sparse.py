@@ -82,9 +82,9 @@ class SparseRun(Recorder):
     whole_prompt: bool = False
     records: bool = True  # recall at the answering rows (False: timing the policy alone)
     # a block policy's GPU prefill selects and lists its blocks in one Triton kernel
-    # (kernels.budget), the same selection as in PyTorch (False); off until it is timed
-    # faster on a GPU (attnlab bench prefill times both)
-    fused: bool = False
+    # (kernels.budget); False: the same selection in PyTorch (attnlab bench prefill times
+    # both side by side; the kernel is the faster)
+    fused: bool = True
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel

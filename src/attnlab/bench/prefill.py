@@ -8,9 +8,9 @@ with their layer counts (``SparseRun.kernels``): full attention PyTorch's fused 
 causal or under the model's own mask (sliding-window layers); a block policy
 FlexAttention's block-sparse kernel in causal layers on CUDA; a token-level policy SDPA
 under its keep-mask (in row chunks with ``--row-chunk``). On CUDA each block policy is
-timed twice side by side: its selection in PyTorch (``attnlab``, the NIAH jobs' path)
-and the same selection in the fused Triton kernel (``attnlab, fused selection``,
-:mod:`attnlab.kernels.budget`). Beside them, the same model's
+timed twice side by side: its selection in the fused Triton kernel (``attnlab``, the
+NIAH jobs' path, :mod:`attnlab.kernels.budget`) and the same selection in PyTorch
+(``attnlab, PyTorch selection``). Beside them, the same model's
 prefill through transformers' own attention implementations (``--transformers``: sdpa,
 flex_attention), the reference attnlab's full attention is measured against. Peak memory
 is the whole process's, model included.
@@ -103,8 +103,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     model.set_attn_implementation(attention.IMPLEMENTATION)
     for name in args.policies:
         policy = policies.make(name)
-        # a block policy's selection in PyTorch and, on CUDA, in the fused Triton kernel
-        paths = [False, True] if cuda and policy.level == "block" else [False]
+        # a block policy's selection in the fused Triton kernel (the default, used on CUDA
+        # only) and, on CUDA, in PyTorch
+        paths = [True, False] if cuda and policy.level == "block" else [True]
         for s, fused in itertools.product([0.0] if name == "full" else args.sparsities, paths):
 
             def prefill(policy=policy, s=s, fused=fused):
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             ms, reps = median_ms(prefill, model.device.type, args.rep_ms, args.min_reps, 50)
             r = prefill()
-            impl = "attnlab, fused selection" if fused else "attnlab"
+            impl = "attnlab" if fused else "attnlab, PyTorch selection"
             add(name, s, ms, reps, impl, kernel(r), r.achieved_sparsity, r.selection)
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
     for r in rows:  # the side-by-side ratio, measured in this run
