@@ -27,6 +27,8 @@ VARIANTS = {
     "cab_plan": {"adjacency": "dot", "graph": "rowsum"},
     "cab_directed": {"graph": "directed"},
     "cab_query": {"query": "row"},
+    "cab_quest_blend": {"magnitude": "quest", "lam": 0.5},
+    "cab_sparq_blend": {"magnitude": "sparq", "lam": 0.5},
 }
 NAMES = sorted(policies.REGISTRY) + sorted(VARIANTS)
 ATOL = 1e-5

@@ -514,3 +514,33 @@ def test_cab_reranker_spends_its_candidates_on_blocks_the_rows_see():
             blocks = run.block_selection(windowed())  # (1, H, Mq, Mk)
             kept = (blocks * count).sum(-1)  # each query block's last row's kept keys
             assert (kept >= ctx.budget[..., ends] - 32).all(), (form, params)
+
+
+@pytest.mark.parametrize("magnitude", ["quest", "sparq"])
+def test_cab_blends_curvature_with_another_predictor(magnitude):
+    """``magnitude``: at lam 0 CAB ranks key blocks by the other predictor alone (Quest's
+    page bound: Quest's own choice; SparQ's estimate: its largest key per block), at lam 1
+    by curvature alone, whatever the predictor; a planted key the last query points at is
+    kept by the blend at lam 0.5."""
+    from attnlab.policies.sparq import SparQ
+
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(1, 2, 160, 16, generator=g), torch.randn(1, 2, 160, 16, generator=g)
+    k[..., 37, :] = 4.0 * q[..., -1, :]  # block 2 holds the key of the last row's largest score
+    common = dict(block_size=16, sink_block=False)
+
+    def last_row_blocks(policy):  # (H, M) bool: the blocks the last row keeps
+        return keep_mask(policy, context(q, k, 0.8))[0, :, -1].view(2, 10, 16).any(-1)
+
+    alone = last_row_blocks(policies.make("cab", magnitude=magnitude, lam=0.0, **common))
+    if magnitude == "quest":
+        assert torch.equal(alone, last_row_blocks(policies.make("quest", **common)))
+    else:
+        est = SparQ().score(context(q, k, 0.8))[0, :, -1].view(2, 10, 16).amax(-1)
+        for h in range(2):  # 32 keys: the own block and the best other one
+            best = set(est[h, :9].topk(1).indices.tolist()) | {9}
+            assert set(alone[h].nonzero().flatten().tolist()) == best
+    curvature = last_row_blocks(policies.make("cab", magnitude=magnitude, lam=1.0, **common))
+    assert torch.equal(curvature, last_row_blocks(policies.make("cab", lam=1.0, **common)))
+    half = last_row_blocks(policies.make("cab", magnitude=magnitude, lam=0.5, **common))
+    assert half[:, 2].all()

@@ -69,8 +69,14 @@ def plot_recall(table: str | Path, out: str | Path) -> None:
         ax.set_xlabel("mean attention mass kept")
         ax.set_ylabel("retrieval accuracy")
         # inside the panel, top left (low recall with high accuracy: rarely a point there)
-        ax.text(0.02, 0.98, separation_title(df, model, regime), transform=ax.transAxes,
-                fontsize=7, va="top")
+        ax.text(
+            0.02,
+            0.98,
+            separation_title(df, model, regime),
+            transform=ax.transAxes,
+            fontsize=7,
+            va="top",
+        )
         handles, labels = axes[r][-2].get_legend_handles_labels()
         ax.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.subplots_adjust(hspace=0.5, wspace=0.3, top=1 - 0.9 / fig.get_figheight())

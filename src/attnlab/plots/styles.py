@@ -36,7 +36,14 @@ POLICY_GROUPS = {
         "xattention_free",
     ),
     "CAB and its ablations": ("cab", "cab_causal", "cab_quest", "coarse_magnitude", "random_block"),
-    "CAB's variants": ("cab_plan", "cab_directed", "cab_b64", "cab_query"),
+    "CAB's variants": (
+        "cab_plan",
+        "cab_directed",
+        "cab_b64",
+        "cab_query",
+        "cab_quest_blend",
+        "cab_sparq_blend",
+    ),
 }
 POLICY_ORDER = ("full", "topk", *(p for g in POLICY_GROUPS.values() for p in g))
 

@@ -7,11 +7,12 @@ from typing import Annotated, Literal
 
 import torch
 
-from attnlab.kernels.reference import cab_block_scores, cab_row_scores
+from attnlab.kernels.reference import cab_block_scores, cab_row_scores, causal_zscore
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 from attnlab.policies.fields import Range
-from attnlab.policies.quest import candidate_pages
+from attnlab.policies.quest import candidate_pages, page_bounds, upper_bound
 from attnlab.policies.selection import INF
+from attnlab.policies.sparq import SparQ
 
 
 @dataclass
@@ -49,27 +50,56 @@ class CAB(BlockPolicy):
     """Curvature as a re-ranker: only the key blocks among a Quest stage's best (bound
     sum_d max(q_d min_d, q_d max_d) per block) for this many times the row's budget in
     keys can be kept (0: every block)."""
+    magnitude: Literal["coarse", "quest", "sparq"] = "coarse"
+    """What the (1 - lam) term ranks key blocks by: "coarse" (the coarse graph's weight A,
+    CAB's own), "quest" (Quest's page bound for the row's query) or "sparq" (SparQ's
+    estimate from the query's 1/8 largest channels, its largest key per block)."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]  # (B, H, Tk, D): queries of the key prefix
+        other = self.magnitude != "coarse" and self.lam < 1.0
         score = cab_row_scores(
             q,
             ctx.k,
             ctx.q_pos,
             self.block_size,
             ctx.scaling,
-            self.lam,
+            1.0 if other else self.lam,  # another predictor's term is blended below
             self.adjacency,
             self.graph,
             self.query,
         )  # (B, H, Tq, M)
+        if other:
+            score = self.blend(score, ctx)
         return self.among_candidates(with_must_keep_blocks(score, ctx.q_pos, self), ctx)
+
+    def blend(self, curvature: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        """lam * z(-F) + (1 - lam) * z(P), P the ``magnitude`` predictor's block scores,
+        each z-scored over the row's blocks at or before its own, as CAB blends with A.
+        ``curvature``: (B, H, Tq, M) z(-F), -inf beyond the row's block."""
+        m = curvature.shape[-1]
+        causal = curvature > -INF  # (B, H, Tq, M): the row's blocks, the same in every head
+        if self.magnitude == "quest":
+            pred = upper_bound(ctx.q, *page_bounds(ctx.k, self.block_size))
+        else:  # sparq: its estimate of every key the row sees, the block's largest
+            est = SparQ().score(ctx)  # (B, H, Tq, Tk), -inf where the row does not see
+            est = torch.nn.functional.pad(
+                est, (0, m * self.block_size - est.shape[-1]), value=-torch.inf
+            )
+            pred = est.unflatten(-1, (m, self.block_size)).amax(-1)
+            # a block the row cannot see (beyond it, or hidden by a window): the row's least
+            low = pred.masked_fill(~torch.isfinite(pred), torch.inf).amin(-1, keepdim=True)
+            pred = torch.where(torch.isfinite(pred), pred, low.nan_to_num(posinf=0.0))
+        z = causal_zscore(pred.float(), causal)
+        score = self.lam * curvature.masked_fill(~causal, 0.0) + (1.0 - self.lam) * z
+        return score.masked_fill(~causal, -INF)
 
     def block_scores(self, ctx: ScoreContext, rows: torch.Tensor, form: str) -> torch.Tensor:
         """The prompt form with the block's representative as its query (``query:
         block``): every query block's row of the whole prompt's curvature scores; else the
-        chosen row's scores (the query-aware variant: the block's last query)."""
-        if form != "prompt" or self.query != "block":
+        chosen row's scores (the query-aware variant and the blends with another
+        predictor: the block's last query)."""
+        if form != "prompt" or self.query != "block" or self.magnitude != "coarse":
             return super().block_scores(ctx, rows, form)
         q = ctx.q_all[..., : ctx.k.shape[-2], :]
         score = cab_block_scores(
