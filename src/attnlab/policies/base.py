@@ -42,7 +42,10 @@ class LayerHistory:
     q: torch.Tensor | None = None  # (B, H, Tp, D) earlier query rows
     received: torch.Tensor | None = None  # (B, H, Tp) attention each key received so far
     kept: torch.Tensor | None = None  # (B, H, Tp) bool: keys still in an evicting cache
-    state: dict = field(default_factory=dict)  # whatever a policy's ``remember`` keeps
+    # what a policy's ``remember`` keeps beyond these, one typed field per use:
+    axes: torch.Tensor | None = None  # (B, H, D, D) Loki's principal axes of the keys
+    window_probs: torch.Tensor | None = None  # (B, H, w - 1, Tp) SnapKV's last rows' weights
+    compressed: bool = False  # SnapKV: the cache is compressed (once)
 
 
 @dataclass
@@ -258,7 +261,7 @@ class Policy:
         :meth:`compress`): keep in ``ctx.history`` what this layer's later calls need. By
         default the earlier query rows (``needs_query_history``) and the attention each
         key has received (``needs_received``); a policy with more to keep extends it into
-        ``ctx.history.state``."""
+        its own field of :class:`LayerHistory`."""
         if self.needs_query_history:
             ctx.history.q = ctx.q_all
         if self.needs_received:

@@ -11,8 +11,6 @@ import torch
 from attnlab.policies.base import Policy, ScoreContext
 from attnlab.policies.fields import Range
 
-BASIS = "loki_basis"  # the layer's principal axes in LayerHistory.state
-
 
 def principal_axes(k: torch.Tensor) -> torch.Tensor:
     """Orthonormal axes of the keys k (B, H, T, D), by decreasing energy sum_t (k_t . u)^2:
@@ -50,7 +48,7 @@ class Loki(Policy):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         r = self.rank(ctx.q.shape[-1])
-        axes = ctx.history.state.get(BASIS)
+        axes = ctx.history.axes
         if axes is None:
             q_r, k_r = ctx.q[..., :r].float(), ctx.k[..., :r].float()
         else:
@@ -61,5 +59,5 @@ class Loki(Policy):
     def remember(self, ctx: ScoreContext) -> None:
         """Fit the axes on the keys cached after the layer's first call; keep them."""
         super().remember(ctx)
-        if BASIS not in ctx.history.state:
-            ctx.history.state[BASIS] = principal_axes(ctx.k)
+        if ctx.history.axes is None:
+            ctx.history.axes = principal_axes(ctx.k)

@@ -69,14 +69,14 @@ class SnapKV(Policy):
         """Full-attention weights of the call's rows after those of the (up to) window - 1
         rows before them (a chunked prefill's earlier call, kept by :meth:`remember`):
         (B, H, P + Tq, Tk), P the earlier rows."""
-        prev = ctx.history.state.get("window_probs")
+        prev = ctx.history.window_probs
         if prev is None:
             return ctx.probs
         prev = torch.nn.functional.pad(prev, (0, ctx.k.shape[-2] - prev.shape[-1]))
         return torch.cat([prev, ctx.probs], dim=-2)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        if ctx.history.state.get("compressed"):  # compressed once: every cached key stays
+        if ctx.history.compressed:  # compressed once: every cached key stays
             return torch.full(ctx.q.shape[:3] + ctx.k.shape[-2:-1], INF, device=ctx.q.device)
         # prefill regime: row t votes with rows t - window + 1 .. t for the keys before them
         w, tq = self.window, ctx.q.shape[-2]
@@ -93,12 +93,12 @@ class SnapKV(Policy):
         the next call (a chunked prefill); nothing once the cache is compressed."""
         super().remember(ctx)
         w = self.window
-        if w > 1 and ctx.computed("probs") and not ctx.history.state.get("compressed"):
+        if w > 1 and ctx.computed("probs") and not ctx.history.compressed:
             rows = ctx.probs if ctx.q.shape[-2] >= w - 1 else self._window_rows(ctx)
-            ctx.history.state["window_probs"] = rows[..., 1 - w :, :]
+            ctx.history.window_probs = rows[..., 1 - w :, :]
 
     def compress(self, ctx: ScoreContext) -> torch.Tensor:
-        ctx.history.state["compressed"] = True
+        ctx.history.compressed = True
         t = ctx.k.shape[-2]
         w = min(self.window, t)
         probs = ctx.window_probs(w)  # (B, H, w, T) the window's attention
