@@ -52,6 +52,7 @@ def test_a_variant_is_its_base_with_its_own_settings_on_top_and_the_defaults_fil
         "query": "block",
         "selection": "paper",
         "candidates": 0.0,
+        "magnitude": "coarse",
     }
     assert policy_spec("cab", policies) == cab
     assert policy_spec("cab_b64", policies) == {**cab, "block_size": 64, "base": "cab"}
@@ -117,10 +118,11 @@ def test_rule_all_plans_induction_for_every_model_and_refuses_lag_one(tmp_path):
     assert jobs["induction_scores"] == 2 and jobs["induction_causal"] == 2
     assert jobs["induction_cross_figure"] == 3 and jobs["induction_model_figure"] == 6
     assert jobs["niah_paired"] == 2  # the pipeline's NIAH table and the long-context one
-    assert jobs["niah_length"] == 1  # the committed GPU study's, and its latency figure
-    assert jobs["niah_latency"] == 1  # (its table records the selection each row timed)
+    assert jobs["niah_length"] == 2  # the committed GPU studies' (long context, oracle gap)
+    assert jobs["niah_latency"] == 1  # the long-context study's (its table records the
+    # selection each row timed)
     assert jobs["long_context_matched"] == 1  # its accuracy-matched table and figure
-    assert jobs["niah_recall"] == 2  # the pipeline's and the GPU study's
+    assert jobs["niah_recall"] == 3  # the pipeline's and the two GPU studies'
     copy_workflow(tmp_path / "lag1", {"induction": {"lags": [1, 4]}})
     proc = snakemake(tmp_path / "lag1", "-n", check=False)
     assert proc.returncode != 0
