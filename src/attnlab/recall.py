@@ -1,7 +1,9 @@
-"""What a sparse run records at its answering rows (the last prompt row in the ``prefill``
-regime, every generated token's row in ``cache``): how much of full attention's weight
-its policy kept against the oracle at the same budget, how much of the weight on the
-needle it kept over the retrieval heads, and whether it kept a needle token at all.
+"""What a sparse run records: the (query, key) pairs its policy kept against the causal
+pairs and those the model's own mask hides (the achieved sparsity), and at its answering
+rows (the last prompt row in the ``prefill`` regime, every generated token's row in
+``cache``) how much of full attention's weight its policy kept against the oracle at the
+same budget, how much of the weight on the needle it kept over the retrieval heads, and
+whether it kept a needle token at all.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ RETRIEVAL_SHARE = 0.05
 
 @dataclass(kw_only=True)
 class Recorder:
-    """The records of :class:`attnlab.sparse.SparseRun`, which holds ``watch``: the key
-    positions of the needle's value tokens."""
+    """The records of :class:`attnlab.sparse.SparseRun` (which chooses the keys; this
+    counts and measures what it chose), which holds ``watch``: the key positions of the
+    needle's value tokens."""
 
+    kept: int = 0  # kept (query, key) pairs of the rows the policy acts on (or a 0-d tensor)
+    causal: int = 0  # causal pairs of those rows
+    hidden: int = 0  # causal pairs the model's own mask hides (sliding windows), or 0-d
     # per layer: sums over the answering rows of (kept mass, oracle overlap, oracle mass),
     # each (B * H,), and the number of rows (see record_recall)
     recall_sums: dict[int, list] = field(default_factory=dict)
@@ -28,6 +34,50 @@ class Recorder:
     needle_sums: dict[int, list] = field(default_factory=dict)
     watch_kept: list[float] = field(default_factory=list)
     _watched: set[int] = field(default_factory=set)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Fraction of causal (query, key) pairs masked, by the policy or by the model's own
+        mask, over every layer, head and row the policy acted on."""
+        return 1.0 - float(self.kept) / self.causal if self.causal else 0.0
+
+    @property
+    def model_sparsity(self) -> float:
+        """Fraction of those causal pairs that the model's own mask hides (sliding-window
+        layers): the part of the achieved sparsity no policy chose."""
+        return float(self.hidden) / self.causal if self.causal else 0.0
+
+    def account(
+        self, layer: int, keep: torch.Tensor, visible: torch.Tensor, answering: bool = True
+    ) -> None:
+        """Count kept, causal and model-hidden pairs of rows the policy acted on, and
+        note, at the layer's first call whose last row is ``answering``, whether that row
+        keeps the needle.
+
+        keep: (B, H, Tq, Tk) bool (may be a broadcast view); visible: (B, 1, Tq, Tk).
+        """
+        b, h, tq, tk = keep.shape
+        seen = int(torch.count_nonzero(visible))  # far faster than a bool sum
+        if h > 1 and keep.stride(1) == 0:  # one mask broadcast over the heads: count once
+            kept = int(torch.count_nonzero(keep[:, :1])) * h
+        else:
+            kept = int(torch.count_nonzero(keep))
+        self._count(b, h, tq, tk, kept, seen)
+        if answering:
+            self._note_needle(layer, keep[:, :, -1], visible[:, :, -1])
+
+    def account_visible(self, layer: int, h: int, tq: int, tk: int, seen: int, last) -> None:
+        """Count a call that keeps every pair its model's mask shows (full attention's
+        prefill) from that count alone: ``seen`` pairs over the batch, ``last`` (B, 1, Tk)
+        the last row's visible keys (for the needle)."""
+        self._count(last.shape[0], h, tq, tk, seen * h, seen)
+        self._note_needle(layer, last.expand(-1, h, -1), last)
+
+    def _count(self, b: int, h: int, tq: int, tk: int, kept: int, seen: int) -> None:
+        causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
+        self.kept += kept
+        self.causal += causal * b * h
+        self.hidden += (causal * b - seen) * h
 
     def recall_by_layer(self) -> dict[str, list[float]]:
         """Per layer (in order) the mean over heads and answering rows of the attention

@@ -10,10 +10,11 @@ on every device the selection FlexAttention runs on the GPU, in its selection fo
 
 For each call where the policy acts the run builds the keep-mask under the per-row budget
 (a row at position p keeps about (1 - s)(p + 1) keys) on top of the model's own mask
-(causality, sliding windows), and counts kept pairs against the causal pairs of those
-rows, so the achieved sparsity is measured, not assumed; the pairs the model's own mask
-hides are counted apart (``model_sparsity``). At the answering rows it also records how
-much of full attention's weight its policy kept, per layer (:class:`attnlab.recall.Recorder`).
+(causality, sliding windows). What it records lives in :class:`attnlab.recall.Recorder`,
+which it extends: kept pairs counted against the causal pairs of those rows, so the
+achieved sparsity is measured, not assumed, the pairs the model's own mask hides apart
+(``model_sparsity``), and at the answering rows how much of full attention's weight its
+policy kept, per layer.
 """
 
 from __future__ import annotations
@@ -68,9 +69,6 @@ class SparseRun(Recorder):
     watch: Sequence[int] = ()
     regime: Regime | str = "prefill"  # a name is replaced by its Regime
     decode: str = "dense"  # prefill regime: decode steps "dense" or under the "policy"
-    kept: int = 0  # kept (query, key) pairs of the rows the policy acts on (or a 0-d tensor)
-    causal: int = 0  # causal pairs of those rows
-    hidden: int = 0  # causal pairs the model's own mask hides (sliding windows), or 0-d
     # the kernel of a block policy's prefill (one selection whichever runs): "auto",
     # FlexAttention on CUDA and a keep-mask elsewhere; "eager", a keep-mask; "flex" anywhere
     backend: str = "auto"
@@ -107,18 +105,6 @@ class SparseRun(Recorder):
 
     def __exit__(self, *exc) -> None:
         _ACTIVE.reset(self._token)
-
-    @property
-    def achieved_sparsity(self) -> float:
-        """Fraction of causal (query, key) pairs masked, by the policy or by the model's own
-        mask, over every layer, head and row the policy acted on."""
-        return 1.0 - float(self.kept) / self.causal if self.causal else 0.0
-
-    @property
-    def model_sparsity(self) -> float:
-        """Fraction of those causal pairs that the model's own mask hides (sliding-window
-        layers): the part of the achieved sparsity no policy chose."""
-        return float(self.hidden) / self.causal if self.causal else 0.0
 
     def acts(self, layer: int) -> bool:
         """Whether the policy acts on this layer's next call: the first call of a layer is
@@ -333,35 +319,3 @@ class SparseRun(Recorder):
         self._note_needle(layer, last, shown)
         mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
         return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask_mod, lists)
-
-    def account(
-        self, layer: int, keep: torch.Tensor, visible: torch.Tensor, answering: bool = True
-    ) -> None:
-        """Count kept, causal and model-hidden pairs of rows the policy acted on, and
-        note, at the layer's first call whose last row is ``answering``, whether that row
-        keeps the needle.
-
-        keep: (B, H, Tq, Tk) bool (may be a broadcast view); visible: (B, 1, Tq, Tk).
-        """
-        b, h, tq, tk = keep.shape
-        seen = int(torch.count_nonzero(visible))  # far faster than a bool sum
-        if h > 1 and keep.stride(1) == 0:  # one mask broadcast over the heads: count once
-            kept = int(torch.count_nonzero(keep[:, :1])) * h
-        else:
-            kept = int(torch.count_nonzero(keep))
-        self._count(b, h, tq, tk, kept, seen)
-        if answering:
-            self._note_needle(layer, keep[:, :, -1], visible[:, :, -1])
-
-    def account_visible(self, layer: int, h: int, tq: int, tk: int, seen: int, last) -> None:
-        """Count a call that keeps every pair its model's mask shows (full attention's
-        prefill) from that count alone: ``seen`` pairs over the batch, ``last`` (B, 1, Tk)
-        the last row's visible keys (for the needle)."""
-        self._count(last.shape[0], h, tq, tk, seen * h, seen)
-        self._note_needle(layer, last.expand(-1, h, -1), last)
-
-    def _count(self, b: int, h: int, tq: int, tk: int, kept: int, seen: int) -> None:
-        causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
-        self.kept += kept
-        self.causal += causal * b * h
-        self.hidden += (causal * b - seen) * h
