@@ -544,3 +544,38 @@ def test_cab_blends_curvature_with_another_predictor(magnitude):
     assert torch.equal(curvature, last_row_blocks(policies.make("cab", lam=1.0, **common)))
     half = last_row_blocks(policies.make("cab", magnitude=magnitude, lam=0.5, **common))
     assert half[:, 2].all()
+
+
+@pytest.mark.parametrize("name", ["sparq", "quest", "topk"])
+def test_top_p_keeps_the_fewest_of_the_budgets_keys_holding_p_of_their_attention(name):
+    """Twilight's budget mode on any policy that does not evict: of the keys the budget
+    keeps for a row, the most attended first until their share of those keys' attention
+    reaches top_p; so a subset of the plain policy's keys, and none of them left out whose
+    weight exceeds a kept one's."""
+    g = torch.Generator().manual_seed(9)
+    q, k = torch.randn(1, 2, 4, 16, generator=g), torch.randn(1, 2, 160, 16, generator=g)
+    k[..., 40, :] = 3.0 * q[..., -1, :]  # concentrate the last row's attention
+    ctx = context(q, k, 0.5)
+    plain = keep_mask(policies.make(name), ctx)
+    pruned = keep_mask(policies.make(name, top_p=0.8), context(q, k, 0.5))
+    assert (pruned & ~plain).sum() == 0 and pruned.sum() < plain.sum()
+    weight = torch.softmax(ctx.scores.masked_fill(~plain, -INF), dim=-1)  # over the kept
+    share = (weight * pruned).sum(-1)
+    least = weight.masked_fill(~pruned, INF).amin(-1)  # the least attended key it keeps
+    assert (share >= 0.8 - 1e-6).all()
+    assert (share - least < 0.8).all()  # without its least key a row falls below top_p
+    dropped = weight.masked_fill(~(plain & ~pruned), -INF).amax(-1)
+    assert (dropped <= least).all()
+
+
+def test_top_p_is_refused_where_it_cannot_prune_per_generated_token():
+    """An evicting policy has no top_p (its cache, not each row, is chosen) and the
+    prefill regime's rows are not Twilight's setting: one line, before anything runs."""
+    from attnlab import sparse
+
+    with pytest.raises(UserError, match="'h2o' has no parameter 'top_p'"):
+        policies.make("h2o", top_p=0.9)
+    with pytest.raises(UserError, match="top_p .* the cache regime only"):
+        sparse.SparseRun(policies.make("sparq", top_p=0.9), 0.9, regime="prefill")
+    sparse.SparseRun(policies.make("sparq", top_p=0.9), 0.9, regime="cache")
+    sparse.SparseRun(policies.make("two_stage", top_p=0.9), 0.9, regime="prefill")

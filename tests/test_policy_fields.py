@@ -43,7 +43,7 @@ def test_make_checks_each_value_against_its_field_in_one_line():
         "must be <= 1, got 1.5": {"lam": 1.5},
         "graph must be one of 'symmetric', 'directed', 'rowsum'": {"graph": "dense"},
         "block_size must be integer, got True": {"block_size": True},
-        "has no parameter 'lamda' (it has: block_size, keep_diagonal": {"lamda": 0.5},
+        "has no parameter 'lamda' (it has: top_p, block_size, keep_diagonal": {"lamda": 0.5},
     }
     for message, params in cases.items():
         with pytest.raises(UserError, match=message.replace("(", r"\(")) as e:

@@ -53,6 +53,7 @@ def test_a_variant_is_its_base_with_its_own_settings_on_top_and_the_defaults_fil
         "selection": "paper",
         "candidates": 0.0,
         "magnitude": "coarse",
+        "top_p": 0.0,
     }
     assert policy_spec("cab", policies) == cab
     assert policy_spec("cab_b64", policies) == {**cab, "block_size": 64, "base": "cab"}

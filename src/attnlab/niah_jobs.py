@@ -108,7 +108,7 @@ def score_prefill(
     )
     marks = scoring.mark_rows(rows, model, policy, run, target, tolerance)
     params = json.dumps(run.params(), sort_keys=True)
-    cost = run.read_cost(models.model_info(model, net).head_dim, target)
+    cost = choice_read_cost(run, models.model_info(model, net).head_dim, target)
     for r in rows:
         r.update(policy_params=params, read_cost=cost)
     meta = {**pmeta, **marks, "regime": "prefill", "decode": "dense", "row_chunk": row_chunk}
@@ -159,7 +159,7 @@ def score_cache_runs(
         keep=checkpoint.keep,
     )
     params = {name: json.dumps(p.params(), sort_keys=True) for name, p, _ in made}
-    cost = {(name, s): p.read_cost(info.head_dim, s) for name, p, s in made}
+    cost = {(name, s): choice_read_cost(p, info.head_dim, s) for name, p, s in made}
     for r in rows:
         r.update(
             model=model,
@@ -234,3 +234,13 @@ def join_tables(inputs: list[str], out: str) -> None:
         "full_attention": "both regimes' rows from the cache job: one dense prefill and decoding",
     }
     tables.write(df.to_arrow(), out, meta=meta)
+
+
+def choice_read_cost(policy, head_dim: int, sparsity: float) -> float:
+    """The share of the keys' bytes a row reads to choose (the tables' ``read_cost``): the
+    policy's own, and with Twilight's ``top_p`` the budget's keys, read to prune them
+    (whole here; the paper reads them at 4 bits)."""
+    from attnlab.policies.selection import twilight
+
+    cost = policy.read_cost(head_dim, sparsity)
+    return cost + (1.0 - sparsity) if twilight(policy) else cost

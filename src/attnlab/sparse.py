@@ -28,6 +28,7 @@ import torch
 
 from attnlab import regimes
 from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
+from attnlab.errors import UserError
 from attnlab.masks import causal_rows
 from attnlab.policies.base import (
     LayerHistory,
@@ -36,7 +37,7 @@ from attnlab.policies.base import (
     keep_mask,
     row_budget,
 )
-from attnlab.policies.selection import keep_blocks_by_budget
+from attnlab.policies.selection import keep_blocks_by_budget, twilight
 from attnlab.recall import Recorder
 from attnlab.regimes import Regime
 
@@ -97,6 +98,11 @@ class SparseRun(Recorder):
             raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
         if self.row_chunk < 0:
             raise ValueError(f"row_chunk must be >= 0, got {self.row_chunk}")
+        if twilight(self.policy) and not self.regime.dense_prefill:
+            raise UserError(
+                f"{self.policy.name}: top_p (Twilight's budget mode) prunes the keys chosen"
+                " per generated token: the cache regime only"
+            )
         self.selection = self.regime.selection(self.policy, self.whole_prompt)
 
     def __enter__(self) -> SparseRun:

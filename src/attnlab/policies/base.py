@@ -25,8 +25,10 @@ from attnlab.policies.selection import (
     INF,
     alive_keys,
     keep_block_tokens_by_budget,
+    prune_top_p,
     select_evicting,
     select_tokens,
+    twilight,
 )
 
 
@@ -278,11 +280,18 @@ class Policy:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
-SELECTIONS = ("causal", "prompt")
+@dataclass
+class Selector(Policy):
+    """Chooses each row's keys from the whole cache: takes Twilight's ``top_p``."""
+
+    prunes_itself: ClassVar[bool] = False  # applies top_p in its own score (two-stage)
+    top_p: Annotated[float, Range(0, 1)] = 0.0
+    """Twilight's budget mode (cache regime): of the keys the budget keeps for a generated
+    token, the fewest whose share of their attention reaches top_p (0: all of them)."""
 
 
 @dataclass
-class BlockPolicy(Policy):
+class BlockPolicy(Selector):
     """A policy that ranks key blocks; :func:`with_must_keep_blocks` reads its two flags.
 
     In the prefill regime a block policy chooses once per query block (the granularity a
@@ -346,9 +355,20 @@ def keep_mask(policy: Policy, ctx: ScoreContext) -> torch.Tensor:
     if score is None:
         return ctx.visible.expand(*ctx.q.shape[:2], *ctx.visible.shape[-2:])
     if policy.level == "block":
-        return keep_block_tokens_by_budget(score, ctx.visible, ctx.budget, policy.block_size)
+        keep = keep_block_tokens_by_budget(score, ctx.visible, ctx.budget, policy.block_size)
+    elif policy.evicts:
+        return _evicting_keep(policy, score, ctx)
+    else:
+        keep = select_tokens(score, ctx.visible, ctx.budget)
+    if twilight(policy):  # Twilight's mode on the budget's keys
+        keep = prune_top_p(keep, ctx.scores, policy.top_p)
+    return keep
+
+
+def _evicting_keep(policy: Policy, score: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """:func:`keep_mask` of an evicting policy."""
     kept = ctx.history.kept
-    if not policy.evicts or (kept is None and (policy.static_eviction or not ctx.row_eviction)):
+    if kept is None and (policy.static_eviction or not ctx.row_eviction):
         return select_tokens(score, ctx.visible, ctx.budget)
     if policy.static_eviction or not ctx.row_eviction:
         return select_tokens(score, ctx.visible & alive_keys(kept, score.shape[-1]), ctx.budget)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import torch
 
-from attnlab.policies.base import Policy, ScoreContext
+from attnlab.policies.base import ScoreContext, Selector
 from attnlab.policies.fields import Range
 
 
@@ -21,7 +21,7 @@ def principal_axes(k: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Loki(Policy):
+class Loki(Selector):
     """Each row rotates its query and the keys onto the keys' principal axes and estimates
     every key's score from the first r = ``channels`` x head_dim of them, then keeps the
     keys of largest estimate under the budget; attention over them is exact. The paper

@@ -108,3 +108,24 @@ def alive_keys(kept: torch.Tensor, tk: int) -> torch.Tensor:
     alive = torch.ones(*kept.shape[:2], 1, tk, dtype=torch.bool, device=kept.device)
     alive[..., 0, : kept.shape[-1]] = kept
     return alive
+
+
+def prune_top_p(keep: torch.Tensor, scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Twilight's pruning (arXiv:2502.02770): of each row's ``keep`` keys, the fewest
+    whose share of the row's attention over those keys reaches ``p``, the largest first.
+
+    keep: (B, 1 or H, Tq, Tk) bool; scores: (B, H, Tq, Tk) the rows' scaled logits.
+    Returns a (B, H, Tq, Tk) bool mask within ``keep``; a row keeping nothing stays so.
+    """
+    keep = keep.expand_as(scores)
+    order = scores.float().masked_fill(~keep, -INF).sort(dim=-1, descending=True)
+    share = torch.softmax(order.values, dim=-1)  # over the kept keys alone
+    before = share.cumsum(-1) - share  # the share of the keys ranked above each
+    needed = torch.zeros_like(keep).scatter_(-1, order.indices, before < p)
+    return keep & needed
+
+
+def twilight(policy) -> bool:
+    """Whether ``policy`` prunes its budget's keys to its ``top_p`` after choosing them
+    (:class:`~attnlab.policies.base.Selector`; two-stage prunes inside its own score)."""
+    return bool(getattr(policy, "top_p", 0.0)) and not policy.prunes_itself

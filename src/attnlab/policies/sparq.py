@@ -8,12 +8,12 @@ from typing import Annotated
 
 import torch
 
-from attnlab.policies.base import Policy, ScoreContext
+from attnlab.policies.base import ScoreContext, Selector
 from attnlab.policies.fields import Range
 
 
 @dataclass
-class SparQ(Policy):
+class SparQ(Selector):
     """Each row reads only the ``r`` channels where its query is largest in magnitude and
     estimates every key's score from them (q[i] . k[i] over those channels), then keeps
     the keys of largest estimate under the budget; attention over them is exact. The

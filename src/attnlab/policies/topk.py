@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.policies.base import Policy, ScoreContext
+from attnlab.policies.base import ScoreContext, Selector
 
 
 @dataclass
-class TopK(Policy):
+class TopK(Selector):
     """Oracle that keeps, for each query, the keys with the largest attention scores.
 
     It needs the full score row, so it is an upper bound on what a score-based policy

@@ -10,14 +10,14 @@ from typing import Annotated
 import torch
 
 from attnlab.blocks import block_of, n_blocks, visible_per_block
-from attnlab.policies.base import Policy, ScoreContext
+from attnlab.policies.base import ScoreContext, Selector
 from attnlab.policies.fields import Range
 from attnlab.policies.quest import candidate_pages
-from attnlab.policies.selection import INF
+from attnlab.policies.selection import INF, prune_top_p
 
 
 @dataclass
-class TwoStage(Policy):
+class TwoStage(Selector):
     """Each row first keeps, as Quest does, the pages of ``page`` keys whose bound
     sum_d max(q_d min_d, q_d max_d) is largest (its own page always), ``expand`` times as
     many keys as its budget; it then scores those candidates exactly and keeps the best
@@ -31,6 +31,7 @@ class TwoStage(Policy):
 
     name = "two_stage"
     label = "Quest pages, then exact"
+    prunes_itself = True  # top_p among the candidates, before the budget's cap
     page: Annotated[int, Range(1)] = 16
     """Keys per page (Quest's)."""
     expand: Annotated[float, Range(1)] = 4.0
@@ -59,13 +60,7 @@ class TwoStage(Policy):
         return chosen.repeat_interleave(self.page, dim=-1)[..., :tk] & ctx.visible
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        score = torch.where(self.candidates(ctx), ctx.scores, -INF)  # (B, H, Tq, Tk)
-        if not self.top_p:
-            return score
-        order = score.sort(dim=-1, descending=True)
-        share = torch.softmax(order.values, dim=-1)  # over the candidates alone
-        before = share.cumsum(-1) - share
-        needed = torch.zeros_like(score, dtype=torch.bool).scatter_(
-            -1, order.indices, before < self.top_p
-        )
-        return score.masked_fill(~needed, -INF)
+        chosen = self.candidates(ctx)  # (B, H, Tq, Tk)
+        if self.top_p:  # the fewest candidates holding top_p of the candidates' attention
+            chosen = prune_top_p(chosen, ctx.scores, self.top_p)
+        return torch.where(chosen, ctx.scores, -INF)
