@@ -34,9 +34,16 @@ NAMES = sorted(policies.REGISTRY) + sorted(VARIANTS)
 ATOL = 1e-5
 
 
+# Twilight's top-p on two selectors (cache regime only: the prefill regime refuses it)
+TWILIGHT = {"sparq_twilight": ("sparq", 0.9), "quest_twilight": ("quest", 0.9)}
+
+
 def _policy(name):
     if name in VARIANTS:
         return policies.make("cab", **PARAMS["cab"], **VARIANTS[name])
+    if name in TWILIGHT:
+        base, top_p = TWILIGHT[name]
+        return policies.make(base, **PARAMS.get(base, {}), top_p=top_p)
     return policies.make(name, **PARAMS.get(name, {}))
 
 
@@ -120,6 +127,17 @@ def test_cache_regime_rows_before_a_changed_token_keep_their_logits(tiny_llama, 
     _, multi = _continuation_logits(model, ids, name)
     # the budgets are per row: the same count of kept pairs whichever keys near ties keep
     assert multi.achieved_sparsity == pytest.approx(run.achieved_sparsity, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(TWILIGHT))
+def test_top_p_pruning_keeps_rows_before_a_changed_token(tiny_llama, name):
+    """Pruning to top_p reads only a row's own scores over the keys it sees."""
+    ids, other = _ids(P_DECODE)
+    (a, run), (b, _) = _cache_logits(tiny_llama, ids, name), _cache_logits(tiny_llama, other, name)
+    n = P_DECODE - PROMPT
+    torch.testing.assert_close(a[:n], b[:n], rtol=0, atol=ATOL)
+    assert not torch.allclose(a[n:], b[n:], atol=1e-3)
+    assert run.achieved_sparsity > 0.75  # pruned beyond the run's 75% budget
 
 
 @pytest.fixture(scope="module")
