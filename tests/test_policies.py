@@ -579,3 +579,31 @@ def test_top_p_is_refused_where_it_cannot_prune_per_generated_token():
         sparse.SparseRun(policies.make("sparq", top_p=0.9), 0.9, regime="prefill")
     sparse.SparseRun(policies.make("sparq", top_p=0.9), 0.9, regime="cache")
     sparse.SparseRun(policies.make("two_stage", top_p=0.9), 0.9, regime="prefill")
+
+
+@pytest.mark.parametrize("magnitude", ["coarse", "quest", "sparq"])
+def test_cab_blend_scores_a_row_from_keys_at_or_before_it(magnitude):
+    """A key after a row (here inside the row's own block) leaves that row's block scores
+    unchanged: Quest's bound of the own page, which reads the page's later keys, must not
+    reach the blend's z-score."""
+    g = torch.Generator().manual_seed(10)
+    q, k = torch.randn(1, 2, 160, 16, generator=g), torch.randn(1, 2, 160, 16, generator=g)
+    policy = policies.make("cab", magnitude=magnitude, lam=0.5, block_size=16)
+    before = policy.score(context(q, k, 0.5))[..., 80, :]
+    k[..., 85, :] += 3.0  # a later key of row 80's block
+    after = policy.score(context(q, k, 0.5))[..., 80, :]
+    # equal up to float noise (the batched products over every row change, ~1e-7); a
+    # leak moves the scores by tenths
+    torch.testing.assert_close(before, after, rtol=0, atol=1e-4)
+
+
+def test_the_read_cost_counts_the_keys_top_p_reads():
+    """With top_p a row also reads the budget's keys (1 - s of them) to prune; two-stage's
+    own pruning reads candidates its cost already counts."""
+    from attnlab.niah_jobs import choice_read_cost
+
+    sparq = policies.make("sparq")
+    assert choice_read_cost(sparq, 64, 0.95) == pytest.approx(0.125)
+    assert choice_read_cost(policies.make("sparq", top_p=0.9), 64, 0.95) == pytest.approx(0.175)
+    two = policies.make("two_stage", top_p=0.9)
+    assert choice_read_cost(two, 64, 0.95) == pytest.approx(two.read_cost(64, 0.95))

@@ -27,7 +27,14 @@ def shown_name(d: pl.DataFrame, policy: str) -> str:
 # most about six lines a panel (full attention and the oracle drawn in each).
 POLICY_GROUPS = {
     "token-level peers": ("h2o", "streamingllm", "snapkv"),
-    "estimated top-k": ("sparq", "loki", "two_stage", "twilight"),
+    "estimated top-k": (
+        "sparq",
+        "loki",
+        "two_stage",
+        "twilight",
+        "quest_twilight",
+        "sparq_twilight",
+    ),
     "Quest and XAttention": (
         "quest",
         "quest_dense2",

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import torch
 
+from attnlab.blocks import block_of
 from attnlab.kernels.reference import cab_block_scores, cab_row_scores, causal_zscore
 from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
 from attnlab.policies.fields import Range
@@ -57,7 +58,7 @@ class CAB(BlockPolicy):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]  # (B, H, Tk, D): queries of the key prefix
-        other = self.magnitude != "coarse" and self.lam < 1.0
+        other = self.blends_other
         score = cab_row_scores(
             q,
             ctx.k,
@@ -73,14 +74,27 @@ class CAB(BlockPolicy):
             score = self.blend(score, ctx)
         return self.among_candidates(with_must_keep_blocks(score, ctx.q_pos, self), ctx)
 
+    @property
+    def blends_other(self) -> bool:
+        """Whether the (1 - lam) term is another predictor's (``magnitude``) and counts."""
+        return self.magnitude != "coarse" and self.lam < 1.0
+
     def blend(self, curvature: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
         """lam * z(-F) + (1 - lam) * z(P), P the ``magnitude`` predictor's block scores,
-        each z-scored over the row's blocks at or before its own, as CAB blends with A.
-        ``curvature``: (B, H, Tq, M) z(-F), -inf beyond the row's block."""
+        each z-scored over the row's blocks at or before its own, as CAB blends with A
+        (Quest's bound of the row's own page, which reads that page's later keys, is left
+        out: z 0). ``curvature``: (B, H, Tq, M) z(-F), -inf beyond the row's block."""
         m = curvature.shape[-1]
         causal = curvature > -INF  # (B, H, Tq, M): the row's blocks, the same in every head
+        stats = causal  # the blocks whose P the z-score reads
         if self.magnitude == "quest":
             pred = upper_bound(ctx.q, *page_bounds(ctx.k, self.block_size))
+            # the own page's bound reads the page's keys after the row: left out (z 0)
+            own = (
+                torch.arange(m, device=causal.device)
+                == block_of(ctx.q_pos, self.block_size)[:, None]
+            )
+            stats = causal & ~own
         else:  # sparq: its estimate of every key the row sees, the block's largest
             est = SparQ().score(ctx)  # (B, H, Tq, Tk), -inf where the row does not see
             est = torch.nn.functional.pad(
@@ -90,7 +104,7 @@ class CAB(BlockPolicy):
             # a block the row cannot see (beyond it, or hidden by a window): the row's least
             low = pred.masked_fill(~torch.isfinite(pred), torch.inf).amin(-1, keepdim=True)
             pred = torch.where(torch.isfinite(pred), pred, low.nan_to_num(posinf=0.0))
-        z = causal_zscore(pred.float(), causal)
+        z = causal_zscore(pred.float(), stats)
         score = self.lam * curvature.masked_fill(~causal, 0.0) + (1.0 - self.lam) * z
         return score.masked_fill(~causal, -INF)
 
@@ -99,7 +113,7 @@ class CAB(BlockPolicy):
         block``): every query block's row of the whole prompt's curvature scores; else the
         chosen row's scores (the query-aware variant and the blends with another
         predictor: the block's last query)."""
-        if form != "prompt" or self.query != "block" or self.magnitude != "coarse":
+        if form != "prompt" or self.query != "block" or self.blends_other:
             return super().block_scores(ctx, rows, form)
         q = ctx.q_all[..., : ctx.k.shape[-2], :]
         score = cab_block_scores(
