@@ -10,6 +10,7 @@ from pathlib import Path
 
 from attnlab import models, niah, scoring, tables
 from attnlab.errors import UserError
+from attnlab.policies.selection import twilight
 
 
 def write_prompts(
@@ -240,7 +241,5 @@ def choice_read_cost(policy, head_dim: int, sparsity: float) -> float:
     """The share of the keys' bytes a row reads to choose (the tables' ``read_cost``): the
     policy's own, and with Twilight's ``top_p`` the budget's keys, read to prune them
     (whole here; the paper reads them at 4 bits)."""
-    from attnlab.policies.selection import twilight
-
     cost = policy.read_cost(head_dim, sparsity)
     return cost + (1.0 - sparsity) if twilight(policy) else cost
