@@ -19,20 +19,10 @@ rule capture:
         "../envs/attnlab.yaml"
     threads: config["threads"]
     params:
-        name=model_name,
-        chunks=CAPTURE["chunks"],
-        batch_size=CAPTURE["batch_size"],
-        mass=CAPTURE["mass"],
-        layers=CAPTURE["layers"],
-        qk_chunks=CAPTURE["qk_chunks"],
-        device=config["device"],
-        dtype=config["dtype"],
+        job=job("capture", model=model_name),
     shell:
-        "attnlab capture --model {params.name} --manifest {input.manifest}"
-        " --metrics {output.metrics} --qk {output.qk} --chunks {params.chunks}"
-        " --batch-size {params.batch_size} --mass {params.mass}"
-        " --qk-layers {params.layers} --qk-chunks {params.qk_chunks}"
-        " --threads {threads} --device {params.device} --dtype {params.dtype} 2> {log}"
+        "attnlab capture --job {params.job:q} --manifest {input.manifest}"
+        " --metrics {output.metrics} --qk {output.qk} --threads {threads} 2> {log}"
 
 
 rule capture_figure:

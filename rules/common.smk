@@ -7,6 +7,7 @@ from pathlib import Path
 from attnlab.cli import FIGURES
 from attnlab.workflow import validate as config_validate
 from attnlab.errors import UserError
+from attnlab.jobs import job_json as jobs_job_json
 from attnlab.sources import module_sources
 from attnlab.workflow import model_key, pct, sparsity
 from attnlab.workflow import ablation_policies as workflow_ablation_policies
@@ -20,6 +21,19 @@ from attnlab.workflow import latency_policies as workflow_latency_policies
 from attnlab.workflow import policy_module as workflow_policy_module
 from attnlab.workflow import policy_errors as workflow_policy_errors
 from attnlab.workflow import policy_spec as workflow_policy_spec
+from attnlab.workflow import policy_params as workflow_policy_params
+
+
+def job(command, **given):
+    """A rule's ``--job`` (:mod:`attnlab.jobs`): its record's settings from the config and
+    ``given``, values or functions of the wildcards. A function of the wildcards alone,
+    so that Snakemake reruns a job whose settings changed (params trigger)."""
+
+    def record(wildcards):
+        values = {k: v(wildcards) if callable(v) else v for k, v in given.items()}
+        return jobs_job_json(command, JOB_CONFIG, **values)
+
+    return record
 
 
 def validate_config(cfg):
@@ -36,16 +50,16 @@ validate_config(config)
 if policy_errors := workflow_policy_errors(config):
     sys.exit(f"attnlab: config error: {policy_errors[0]}")
 
+# the config the job records read: the used policies' parameters beside it
+JOB_CONFIG = config | {"policy_params": workflow_policy_params(config)}
 MODELS = {model_key(m): m for m in config["models"]}
 NIAH = config["niah"]
 HAYSTACKS = workflow_haystacks(NIAH["haystack"])
 CORPUS = config["corpus"]
 CAPTURE = config["capture"]
 INTERVENTION = config["intervention"]
-INDUCTION = config["induction"]
 PARETO = config["pareto"]
 ABLATION = config["ablation"]
-CURVATURE = config["curvature"]
 
 
 wildcard_constraints:
@@ -148,12 +162,11 @@ def niah_cache_grid(wildcards):
 
 
 def niah_cache_runs(wildcards):
-    """The cache regime's runs as JSON: full attention, then each policy at each sparsity."""
+    """The cache regime's runs: full attention, then each policy at each sparsity."""
     policies, sparsities = niah_cache_grid(wildcards)
-    runs = [("full", {}, 0.0)] + [
-        (p, policy_spec(p), s) for p in policies for s in sparsities
+    return [["full", {}, 0.0]] + [
+        [p, policy_spec(p), s] for p in policies for s in sparsities
     ]
-    return json.dumps(runs, sort_keys=True)
 
 
 def niah_cache_sources(wildcards):
@@ -191,10 +204,6 @@ def figure_code(figure):
 
 def policy_spec(name):
     return workflow_policy_spec(name, config["policies"])
-
-
-def policy_params(wildcards):
-    return json.dumps(policy_spec(wildcards.policy), sort_keys=True)
 
 
 def ablation_policies():

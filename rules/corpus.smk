@@ -17,16 +17,7 @@ rule corpus_shards:
         "../envs/attnlab.yaml"
     threads: 2
     params:
-        name=model_name,
-        source=CORPUS["source"],
-        split=CORPUS["split"],
-        keep_sets=CORPUS["keep_sets"],
-        chunk_len=CORPUS["chunk_len"],
-        max_chunks=CORPUS["max_chunks"],
-        shard_size=CORPUS["shard_size"],
+        job=job("corpus-shard", model=model_name),
     shell:
-        "attnlab corpus-shard --model {params.name} --source {params.source}"
-        " --split {params.split} --keep-sets {params.keep_sets}"
-        " --chunk-len {params.chunk_len} --max-chunks {params.max_chunks}"
-        " --shard-size {params.shard_size} --shards {output.shards}"
+        "attnlab corpus-shard --job {params.job:q} --shards {output.shards}"
         " --manifest {output.manifest} 2> {log}"

@@ -1,8 +1,6 @@
 # Coarse curvature against coarse attention weight: one NIAH prompt, one layer, CAB's
 # block settings (attnlab.curvature).
 
-CAB = policy_spec("cab")
-
 
 rule curvature:
     input:
@@ -16,21 +14,10 @@ rule curvature:
         "../envs/attnlab.yaml"
     threads: config["threads"]
     params:
-        name=model_name,
-        length=CURVATURE["length"],
-        depth=CURVATURE["depth"],
-        layer=CURVATURE["layer"],
-        block_size=CAB["block_size"],
-        adjacency=CAB["adjacency"],
-        graph=CAB["graph"],
-        device=config["device"],
-        dtype=config["dtype"],
+        job=job("curvature", model=model_name),
     shell:
-        "attnlab curvature --model {params.name} --prompts {input.prompts}"
-        " --length {params.length} --depth {params.depth} --layer {params.layer}"
-        " --block-size {params.block_size} --adjacency {params.adjacency}"
-        " --graph {params.graph} --threads {threads} --device {params.device} --dtype {params.dtype}"
-        " --out {output} 2> {log}"
+        "attnlab curvature --job {params.job:q} --prompts {input.prompts}"
+        " --threads {threads} --out {output} 2> {log}"
 
 
 rule curvature_figure:

@@ -18,19 +18,10 @@ rule induction_scores:
         "../envs/attnlab.yaml"
     threads: config["threads"]
     params:
-        name=model_name,
-        families=INDUCTION["families"],
-        lags=INDUCTION["lags"],
-        seq_len=INDUCTION["seq_len"],
-        per_lag=INDUCTION["per_lag"],
-        batch_size=INDUCTION["batch_size"],
-        seed=config["seed"],
+        job=job("induction-scores", model=model_name),
     shell:
-        "attnlab induction-scores --model {params.name} --model-info {input.info}"
-        " --families {params.families}"
-        " --lags {params.lags} --seq-len {params.seq_len} --per-lag {params.per_lag}"
-        " --batch-size {params.batch_size} --seed {params.seed} --threads {threads}"
-        " --out {output.scores} --prompts-out {output.prompts} 2> {log}"
+        "attnlab induction-scores --job {params.job:q} --model-info {input.info}"
+        " --threads {threads} --out {output.scores} --prompts-out {output.prompts} 2> {log}"
 
 
 rule induction_analysis:
@@ -45,15 +36,9 @@ rule induction_analysis:
     conda:
         "../envs/attnlab.yaml"
     params:
-        profile=INDUCTION["profile"],
-        quantile=INDUCTION["quantile"],
-        bootstrap=INDUCTION["bootstrap"],
-        permutations=INDUCTION["permutations"],
-        seed=config["seed"],
+        job=job("induction-analysis"),
     shell:
-        "attnlab induction-analysis --scores {input.scores} --profile {params.profile}"
-        " --quantile {params.quantile} --bootstrap {params.bootstrap}"
-        " --permutations {params.permutations} --seed {params.seed}"
+        "attnlab induction-analysis --job {params.job:q} --scores {input.scores}"
         " --profile-out {output.profile} --nulls-out {output.nulls} 2> {log}"
 
 
@@ -72,20 +57,10 @@ rule induction_causal:
         "../envs/attnlab.yaml"
     threads: config["threads"]
     params:
-        name=model_name,
-        k=INDUCTION["causal"]["k"],
-        mode=INDUCTION["causal"]["mode"],
-        draws=INDUCTION["causal"]["draws"],
-        prompts=INDUCTION["causal"]["prompts"],
-        bootstrap=INDUCTION["bootstrap"],
-        batch_size=INDUCTION["batch_size"],
-        seed=config["seed"],
+        job=job("induction-causal", model=model_name),
     shell:
-        "attnlab induction-causal --model {params.name} --prompts {input.prompts}"
-        " --profile {input.profile} --k {params.k} --mode {params.mode}"
-        " --draws {params.draws} --n-prompts {params.prompts}"
-        " --bootstrap {params.bootstrap} --batch-size {params.batch_size}"
-        " --seed {params.seed} --threads {threads} --out {output} 2> {log}"
+        "attnlab induction-causal --job {params.job:q} --prompts {input.prompts}"
+        " --profile {input.profile} --threads {threads} --out {output} 2> {log}"
 
 
 rule induction_model_figure:

@@ -12,15 +12,10 @@ checkpoint intervention_heads:
     conda:
         "../envs/attnlab.yaml"
     params:
-        target=INTERVENTION["target"],
-        control=INTERVENTION["control"],
+        job=job("intervention-heads", model=lambda w: w.model),
         metrics=capture_metrics_arg,
-        resamples=CAPTURE["bootstrap"],
-        seed=config["seed"],
     shell:
-        "attnlab intervention-heads --model {wildcards.model} --target {params.target}"
-        " --control {params.control} {params.metrics} --resamples {params.resamples}"
-        " --seed {params.seed} --out {output} 2> {log}"
+        "attnlab intervention-heads --job {params.job:q} {params.metrics} --out {output} 2> {log}"
 
 
 rule intervention_sweep:
@@ -43,16 +38,10 @@ rule intervention_sweep:
         "../envs/attnlab.yaml"
     threads: config["threads"]
     params:
-        name=model_name,
-        scales=INTERVENTION["scales"],
-        chunks=INTERVENTION["chunks"],
-        batch_size=INTERVENTION["batch_size"],
-        mass=CAPTURE["mass"],
+        job=job("intervention", model=model_name, head=lambda w: w.head),
     shell:
-        "attnlab intervention --model {params.name} --manifest {input.manifest}"
-        " --heads {input.heads} --head {wildcards.head} --scales {params.scales}"
-        " --chunks {params.chunks} --batch-size {params.batch_size} --mass {params.mass}"
-        " --threads {threads} --out {output} 2> {log}"
+        "attnlab intervention --job {params.job:q} --manifest {input.manifest}"
+        " --heads {input.heads} --threads {threads} --out {output} 2> {log}"
 
 
 rule gain:
@@ -66,12 +55,10 @@ rule gain:
     conda:
         "../envs/attnlab.yaml"
     params:
+        job=job("gain"),
         sweeps=sweep_args,
-        resamples=INTERVENTION["bootstrap"],
-        seed=config["seed"],
     shell:
-        "attnlab gain {params.sweeps}"
-        " --resamples {params.resamples} --seed {params.seed} --out {output} 2> {log}"
+        "attnlab gain --job {params.job:q} {params.sweeps} --out {output} 2> {log}"
 
 
 rule intervention_figure:

@@ -17,9 +17,9 @@ rule model_info:
         "../envs/attnlab.yaml"
     threads: 2
     params:
-        name=model_name,
+        job=job("model-info", model=model_name),
     shell:
-        "attnlab model-info --model {params.name} --out {output} 2> {log}"
+        "attnlab model-info --job {params.job:q} --out {output} 2> {log}"
 
 
 rule niah_prompts:
@@ -34,22 +34,11 @@ rule niah_prompts:
     conda:
         "../envs/attnlab.yaml"
     params:
-        name=model_name,
-        lengths=NIAH["lengths"],
-        depths=NIAH["depths"],
-        samples=NIAH["samples"],
-        haystack=HAYSTACKS,
-        seed=config["seed"],
+        job=job("niah-prompts", model=model_name),
         corpus=niah_haystack_arg,
-        tasks=NIAH["tasks"],
-        needles=NIAH["needles"],
-        templates=json.dumps(NIAH["templates"], sort_keys=True),
     shell:
-        "attnlab niah-prompts --model {params.name} --model-info {input.info}"
-        " --lengths {params.lengths} --depths {params.depths} --samples {params.samples}"
-        " --haystack {params.haystack} {params.corpus} --tasks {params.tasks}"
-        " --needles {params.needles} --templates {params.templates:q}"
-        " --seed {params.seed} --out {output} 2> {log}"
+        "attnlab niah-prompts --job {params.job:q} --model-info {input.info} {params.corpus}"
+        " --out {output} 2> {log}"
 
 
 rule niah_cache:
@@ -73,19 +62,10 @@ rule niah_cache:
     resources:
         gpu_mem_gb=gpu_mem_gb,
     params:
-        name=model_name,
-        runs=niah_cache_runs,
-        shard=cache_shard,
-        tolerance=NIAH["sparsity_tolerance"],
-        max_new_tokens=NIAH["max_new_tokens"],
-        seed=config["seed"],
-        device=config["device"],
-        dtype=config["dtype"],
+        job=job("niah-cache", model=model_name, runs=niah_cache_runs, shard=cache_shard),
     shell:
-        "attnlab niah-cache --model {params.name} --prompts {input.prompts}"
-        " --runs {params.runs:q} --shard {params.shard} --tolerance {params.tolerance}"
-        " --max-new-tokens {params.max_new_tokens} --seed {params.seed}"
-        " --threads {threads} --device {params.device} --dtype {params.dtype} --out {output} 2> {log}"
+        "attnlab niah-cache --job {params.job:q} --prompts {input.prompts}"
+        " --threads {threads} --out {output} 2> {log}"
 
 
 rule niah_score:
@@ -104,22 +84,15 @@ rule niah_score:
     resources:
         gpu_mem_gb=gpu_mem_gb,
     params:
-        name=model_name,
-        policy_params=policy_params,
-        sparsity=target_sparsity,
-        tolerance=NIAH["sparsity_tolerance"],
-        max_new_tokens=NIAH["max_new_tokens"],
-        row_chunk=NIAH["row_chunk"],
-        seed=config["seed"],
-        device=config["device"],
-        dtype=config["dtype"],
+        job=job(
+            "niah-score",
+            model=model_name,
+            policy=lambda w: w.policy,
+            sparsity=target_sparsity,
+        ),
     shell:
-        "attnlab niah-score --model {params.name} --prompts {input.prompts}"
-        " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
-        " --sparsity {params.sparsity} --tolerance {params.tolerance}"
-        " --max-new-tokens {params.max_new_tokens} --row-chunk {params.row_chunk}"
-        " --seed {params.seed}"
-        " --threads {threads} --device {params.device} --dtype {params.dtype} --out {output} 2> {log}"
+        "attnlab niah-score --job {params.job:q} --prompts {input.prompts}"
+        " --threads {threads} --out {output} 2> {log}"
 
 
 rule niah_table:
@@ -133,7 +106,7 @@ rule niah_table:
     conda:
         "../envs/attnlab.yaml"
     shell:
-        "attnlab niah-table --out {output} {input.tables} 2> {log}"
+        "attnlab niah-table --inputs {input.tables} --out {output} 2> {log}"
 
 
 # Figures of the NIAH tables, each rendered from a table alone.
@@ -175,11 +148,9 @@ rule niah_paired:
     conda:
         "../envs/attnlab.yaml"
     params:
-        resamples=NIAH["bootstrap"],
-        seed=config["seed"],
+        job=job("niah-paired"),
     shell:
-        "attnlab niah-paired --table {input.table} --resamples {params.resamples}"
-        " --seed {params.seed} --out {output} 2> {log}"
+        "attnlab niah-paired --job {params.job:q} --table {input.table} --out {output} 2> {log}"
 
 
 # The committed GPU study's accuracy-matched table (DESIGN: Accuracy-matched point) and its

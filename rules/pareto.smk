@@ -18,23 +18,16 @@ rule pareto_score:
         "../envs/attnlab.yaml"
     threads: config["threads"]
     params:
-        name=model_name,
-        policy_params=policy_params,
-        sparsity=target_sparsity,
-        tolerance=NIAH["sparsity_tolerance"],
-        chunks=PARETO["chunks"],
-        repeats=PARETO["repeats"],
-        context=PARETO["context"],
-        seed=config["seed"],
-        device=config["device"],
-        dtype=config["dtype"],
+        job=job(
+            "pareto-score",
+            model=model_name,
+            policy=lambda w: w.policy,
+            sparsity=target_sparsity,
+            regime=lambda w: w.regime,
+        ),
     shell:
-        "attnlab pareto-score --model {params.name} --manifest {input.manifest}"
-        " --policy {wildcards.policy} --policy-params '{params.policy_params}'"
-        " --sparsity {params.sparsity} --tolerance {params.tolerance}"
-        " --regime {wildcards.regime} --context {params.context}"
-        " --chunks {params.chunks} --repeats {params.repeats} --seed {params.seed}"
-        " --threads {threads} --device {params.device} --dtype {params.dtype} --out {output} 2> {log}"
+        "attnlab pareto-score --job {params.job:q} --manifest {input.manifest}"
+        " --threads {threads} --out {output} 2> {log}"
 
 
 rule pareto_table:
@@ -48,11 +41,9 @@ rule pareto_table:
     conda:
         "../envs/attnlab.yaml"
     params:
-        resamples=PARETO["bootstrap"],
-        seed=config["seed"],
+        job=job("pareto-table"),
     shell:
-        "attnlab pareto-table --resamples {params.resamples} --seed {params.seed}"
-        " --out {output} {input.runs} 2> {log}"
+        "attnlab pareto-table --job {params.job:q} --inputs {input.runs} --out {output} 2> {log}"
 
 
 rule ablation_table:
@@ -66,11 +57,10 @@ rule ablation_table:
     conda:
         "../envs/attnlab.yaml"
     params:
-        resamples=PARETO["bootstrap"],
-        seed=config["seed"],
+        job=job("ablation-table"),
     shell:
-        "attnlab ablation-table --niah {input.niah} --pareto {input.pareto}"
-        " --resamples {params.resamples} --seed {params.seed} --out {output} 2> {log}"
+        "attnlab ablation-table --job {params.job:q} --niah {input.niah} --pareto {input.pareto}"
+        " --out {output} 2> {log}"
 
 
 rule pareto_figure:

@@ -73,17 +73,6 @@ def test_table_from_an_older_schema(tmp_path):
     assert str(old) in line and "older version" in line
 
 
-def test_an_option_the_rules_pass_has_no_default(tmp_path):
-    out = tmp_path / "heads.json"
-    proc = subprocess.run(
-        [ATTNLAB, "intervention-heads", "--model", "m", "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "required: --target, --control, --resamples" in proc.stderr
-    assert not out.exists()
-
-
 def test_a_figure_without_the_option_it_takes(tmp_path):
     out = tmp_path / "heatmap.png"
     line = refused("plot", "niah-heatmap", "--table", "t.parquet", "--out", str(out), out=out)

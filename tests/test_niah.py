@@ -92,10 +92,14 @@ def test_multi_needle_prompts_track_every_asked_value(smollm2, task):
     assert p == niah.make_prompt(tok, 700, 0.25, 0, 5, task=task, needles=4)
 
 
-def test_the_command_line_offers_every_task():
-    from attnlab.cli import NIAH_TASKS
+def test_the_config_schema_offers_every_task():
+    from pathlib import Path
 
-    assert NIAH_TASKS == list(niah.TASKS)
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "schemas/config.schema.yaml").read_text())
+    tasks = schema["properties"]["niah"]["properties"]["tasks"]["items"]["enum"]
+    assert tasks == list(niah.TASKS)
 
 
 def test_passkey_prompts_are_unchanged_by_the_tasks_and_templates_are_config(smollm2):
@@ -127,26 +131,36 @@ def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(s
     the finished prompts' rows from its checkpoint (a last line cut short ignored) and
     scores the rest; other settings never read that checkpoint; a finished job leaves
     none behind."""
-    import json
 
     import polars as pl
 
     from attnlab import niah_jobs, tables
+    from attnlab.jobs import NiahCache
 
     _, tok, _ = smollm2
     prompts = niah.make_prompts(tok, [96], [0.0, 1.0], 1, 0)
     tables.write([p.__dict__ for p in prompts], tmp_path / "prompts.parquet")
-    runs = json.dumps([["full", {}, 0.0], ["topk", {}, 0.5]])
-    args = dict(model="smollm2-135m", prompts=str(tmp_path / "prompts.parquet"), runs=runs)
-    job = dict(args, shard="1of1", tolerance=0.01, max_new_tokens=4, seed=0, threads=1)
-    job["device"] = "cpu"
+    runs = [["full", {}, 0.0], ["topk", {}, 0.5]]
     out = str(tmp_path / "cache.parquet")
-    niah_jobs.score_cache_runs(**job, dtype="auto", out=out)
+    job = NiahCache(
+        model="smollm2-135m",
+        prompts=str(tmp_path / "prompts.parquet"),
+        runs=runs,
+        shard="1of1",
+        tolerance=0.01,
+        max_new_tokens=4,
+        seed=0,
+        threads=1,
+        device="cpu",
+        dtype="auto",
+        out=out,
+    )
+    niah_jobs.score_cache_runs(job)
     whole = pl.read_parquet(out)
     assert not list(tmp_path.glob("*.partial-*"))
 
-    settings = ["smollm2-135m", json.loads(runs), "1of1", 4, 0, "cpu", "auto"]
-    checkpoint = niah_jobs.Checkpoint(out, settings, args["prompts"])
+    settings = ["smollm2-135m", runs, "1of1", 4, 0, "cpu", "auto"]
+    checkpoint = niah_jobs.Checkpoint(out, settings, job.prompts)
     first = niah.prompt_id(prompts[0])
     kept = [dict(r, generated="from the checkpoint") for r in whole.to_dicts()[:3]]
     ids = {f"{r['haystack']}/{r['task']}/{r['length']}/{r['depth']}/{r['sample']}" for r in kept}
@@ -154,9 +168,9 @@ def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(s
     checkpoint.keep(prompts[0], kept)
     with checkpoint.path.open("a") as f:
         f.write('{"prompt": "cut sho')  # the kill
-    other = niah_jobs.Checkpoint(out, [*settings[:4], 1, "cpu", "auto"], args["prompts"])
+    other = niah_jobs.Checkpoint(out, [*settings[:4], 1, "cpu", "auto"], job.prompts)
     assert other.path != checkpoint.path and not other.load()
-    niah_jobs.score_cache_runs(**job, dtype="auto", out=out)
+    niah_jobs.score_cache_runs(job)
     resumed = pl.read_parquet(out)
     assert resumed["generated"].to_list()[:3] == ["from the checkpoint"] * 3
     assert resumed.drop("generated")[3:].equals(whole.drop("generated")[3:])
@@ -208,19 +222,20 @@ def test_common_words_lists_are_made_once_whatever_the_fillers(tmp_path):
     import polars as pl
 
     from attnlab import niah_jobs
+    from attnlab.jobs import NiahPrompts
 
     info = tmp_path / "info.json"
     info.write_text(json.dumps({"max_positions": 8192}))
     out = tmp_path / "prompts.parquet"
-    grid = dict(lengths=[1024], depths=[0.5], samples=1, seed=0, needles=3, templates="{}")
-    niah_jobs.write_prompts(
-        "smollm2-135m",
-        str(info),
+    grid = dict(lengths=[1024], depths=[0.5], samples=1, seed=0, needles=3, templates={})
+    job = NiahPrompts(
+        model="smollm2-135m",
+        model_info=str(info),
         haystack=["noise", "noise"],
-        corpus=None,
         tasks=["passkey", "common_words"],
         out=str(out),
         **grid,
     )
+    niah_jobs.write_prompts(job)
     df = pl.read_parquet(out)
     assert df.select("task", "haystack").rows() == [("passkey", "noise"), ("common_words", "list")]

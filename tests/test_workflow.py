@@ -202,7 +202,7 @@ def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(
     for regime in ("prefill", "cache"):
         assert f"results/pareto/{regime}/smollm2-135m/cab_75.parquet" in proc.stdout
     assert "results/niah/prefill/smollm2-135m/full_0.parquet" not in proc.stdout
-    assert "cab_lam100" not in proc.stdout and '--policy-params \'{"adjacency"' in proc.stdout
+    assert "cab_lam100" not in proc.stdout and '"policy_params": {"adjacency"' in proc.stdout
 
 
 def test_wrong_type_and_zero_sparsity_stop_with_one_line(tmp_path):

@@ -30,6 +30,7 @@ import torch
 
 from attnlab import attention, hooks, tables
 from attnlab.errors import UserError
+from attnlab.jobs import Capture
 from attnlab.metrics import METRICS, row_metrics
 
 QK_SUFFIX = ".arrow"
@@ -268,23 +269,10 @@ def _finish(work: Path, metrics_dir: Path, qk_dir: Path, done: dict) -> dict:
     return done
 
 
-def capture_corpus(
-    model: str,
-    manifest: str,
-    metrics: str,
-    qk: str,
-    chunks: int,
-    batch_size: int,
-    mass: float,
-    qk_layers: list[int],
-    qk_chunks: int,
-    threads: int,
-    device: str,
-    dtype: str,
-) -> None:
-    """Capture the corpus's first ``chunks`` chunks (:class:`CorpusCapture`): per-token
-    metrics to the folder ``metrics``, Q/K of ``qk_layers`` on the first ``qk_chunks``
-    chunks to the folder ``qk``."""
+def capture_corpus(job: Capture) -> None:
+    """Capture the corpus's first ``job.chunks`` chunks (:class:`CorpusCapture`):
+    per-token metrics to the folder ``job.metrics``, Q/K of ``job.qk_layers`` on the
+    first ``job.qk_chunks`` chunks to the folder ``job.qk``."""
     import sys
 
     from tqdm import tqdm
@@ -292,43 +280,44 @@ def capture_corpus(
     from attnlab import models
     from attnlab.sources import module_sources
 
-    torch.set_num_threads(threads)
-    corpus = json.loads(Path(manifest).read_text())
-    chunks = min(chunks, corpus["chunks"])
+    torch.set_num_threads(job.threads)
+    corpus = json.loads(Path(job.manifest).read_text())
+    chunks = min(job.chunks, corpus["chunks"])
+    layers = sorted(job.qk_layers)
     # The resume folder is keyed by every module the capture runs, as the rule's inputs are.
     code = b"".join(Path(f).read_bytes() for f in module_sources("capture"))
     meta = {
-        "model": model,
-        "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
+        "model": job.model,
+        "manifest_sha256": hashlib.sha256(Path(job.manifest).read_bytes()).hexdigest(),
         "chunk_len": corpus["chunk_len"],
         "chunks": chunks,
-        "mass": mass,
-        "qk_layers": sorted(qk_layers),
-        "qk_chunks": qk_chunks,
+        "mass": job.mass,
+        "qk_layers": layers,
+        "qk_chunks": job.qk_chunks,
         "code_sha256": hashlib.sha256(code).hexdigest(),
     }
-    net, _, info = models.load(model, device=device, dtype=dtype)
+    net, _, info = models.load(job.model, device=job.device, dtype=job.dtype)
     attention.install(net)
     total = chunks * corpus["chunk_len"]
     with tqdm(
         total=total,
         unit="tok",
         unit_scale=True,
-        desc=f"capture {model}",
+        desc=f"capture {job.model}",
         mininterval=5,
         file=sys.stderr,
     ) as bar:
-        job = CorpusCapture(
+        run = CorpusCapture(
             net,
             info.n_kv_heads,
-            Path(manifest),
+            Path(job.manifest),
             chunks,
-            batch_size,
-            mass,
-            sorted(qk_layers),
-            qk_chunks,
+            job.batch_size,
+            job.mass,
+            layers,
+            job.qk_chunks,
             meta,
             bar,
         )
-        counts = job.run(metrics, qk)
+        counts = run.run(job.metrics, job.qk)
     print(f"captured {counts}", file=sys.stderr)

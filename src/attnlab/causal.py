@@ -18,6 +18,7 @@ import torch
 from attnlab import hooks
 from attnlab.errors import UserError
 from attnlab.induction import InductionPrompt
+from attnlab.jobs import InductionCausal
 from attnlab.stats import bootstrap_ci
 
 
@@ -118,23 +119,10 @@ def causal_check(
     }
 
 
-def write_causal(
-    model: str,
-    prompts: str,
-    profile: str,
-    k: int,
-    mode: str,
-    draws: int,
-    n_prompts: int,
-    bootstrap: int,
-    seed: int,
-    batch_size: int,
-    threads: int,
-    out: str,
-) -> None:
-    """:func:`causal_check` of the ``k`` top-scoring heads (``profile.json``'s head scores)
-    on the first ``n_prompts`` unshuffled random prompts of the table ``prompts`` (every
-    lag in turn), written to ``out`` as JSON."""
+def write_causal(job: InductionCausal) -> None:
+    """:func:`causal_check` of the ``job.k`` top-scoring heads (the head scores of
+    ``job.profile``) on the first ``job.n_prompts`` unshuffled random prompts of the table
+    ``job.prompts`` (every lag in turn), written to ``job.out`` as JSON."""
     import json
     import sys
 
@@ -142,18 +130,28 @@ def write_causal(
 
     from attnlab import induction, models, tables
 
-    torch.set_num_threads(threads)
-    head_scores = np.asarray(json.loads(open(profile).read())["head_scores"])
-    df = tables.read(prompts, induction.ROW_COLUMNS)
+    torch.set_num_threads(job.threads)
+    head_scores = np.asarray(json.loads(open(job.profile).read())["head_scores"])
+    df = tables.read(job.prompts, induction.ROW_COLUMNS)
     df = df.filter((pl.col("family") == "random") & ~pl.col("shuffled"))
-    df = df.sort(["prompt", "lag"]).head(n_prompts)  # every lag in turn
+    df = df.sort(["prompt", "lag"]).head(job.n_prompts)  # every lag in turn
     chosen = [InductionPrompt.from_row(r) for r in df.iter_rows(named=True)]
-    net, _, _ = models.load(model)
-    result = causal_check(net, chosen, head_scores, k, mode, draws, seed, bootstrap, batch_size)
-    result["model"] = model
+    net, _, _ = models.load(job.model)
+    result = causal_check(
+        net,
+        chosen,
+        head_scores,
+        job.k,
+        job.mode,
+        job.draws,
+        job.seed,
+        job.bootstrap,
+        job.batch_size,
+    )
+    result["model"] = job.model
     print(
-        f"copy accuracy {result['baseline']:.3f}; top-{k} ablated {result['topk']:.3f}; "
-        f"random-{k} ablated {result['random']:.3f}",
+        f"copy accuracy {result['baseline']:.3f}; top-{job.k} ablated {result['topk']:.3f}; "
+        f"random-{job.k} ablated {result['random']:.3f}",
         file=sys.stderr,
     )
-    tables.write_json(result, out)
+    tables.write_json(result, job.out)

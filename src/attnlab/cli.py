@@ -3,8 +3,10 @@
 This module only parses: each command calls one verb of its stage's module, named in
 :data:`VERBS` and imported when called, so that the rules' code inputs
 (:func:`attnlab.sources.module_sources` follows imports, not these names) hold this
-module and the stage a rule runs, never every stage. The options the rules pass are
-required and have no default: the config schema holds the defaults.
+module and the stage a rule runs, never every stage. A verb takes one record
+(:mod:`attnlab.jobs`): the rules pass its settings as ``--job`` JSON and its files as
+flags; by hand the flags alone do, the settings not given read from the effective config
+(the config schema holds the defaults).
 
 Bad input ends with one line on stderr and exit status 1, never a traceback.
 """
@@ -12,13 +14,12 @@ Bad input ends with one line on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import fields
 from importlib import import_module
 
 from attnlab.errors import UserError
-
-# attnlab.niah.TASKS
-NIAH_TASKS = ["passkey", "multikey", "multivalue", "multiquery", "common_words"]
 
 # Command -> "module:function", the verb it calls with its options as keywords.
 VERBS = {
@@ -84,180 +85,31 @@ def _required(s: argparse.ArgumentParser, *flags: str, **kw) -> None:
         s.add_argument(flag, required=True, **kw)
 
 
-def _policy_args(s: argparse.ArgumentParser) -> None:
-    """Arguments of a scoring job under one policy (see :mod:`attnlab.scoring`)."""
-    _required(s, "--policy", "--policy-params")
-    _required(s, "--sparsity", "--tolerance", type=float)
-    _required(s, "--seed", "--threads", type=int)
-    _device_args(s)
+def _record_parser(sub, command: str) -> None:
+    """A command's options: ``--job`` (the rules' JSON) and a flag per field of its
+    record (:mod:`attnlab.jobs`), typed from the field."""
+    import typing
 
+    from attnlab.jobs import RECORDS
+    from attnlab.record import flag
 
-def _device_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--device", required=True, help="cpu, cuda, or auto (the GPU when there is one)")
-    s.add_argument(
-        "--dtype",
-        required=True,
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and activations; auto: bfloat16 on a GPU, float32 on the CPU",
-    )
-
-
-def _niah_parsers(sub) -> None:
-    s = sub.add_parser(
-        "model-info", help="load a model once (builds the cache), write its geometry"
-    )
-    _required(s, "--model", "--out")
-
-    s = sub.add_parser("niah-prompts", help="passkey prompts for one model's tokenizer")
-    _required(s, "--model", "--model-info", "--out")
-    _required(s, "--lengths", type=int, nargs="+")
-    _required(s, "--depths", type=float, nargs="+")
-    _required(s, "--samples", "--seed", type=int)
-    _required(s, "--haystack", nargs="+", choices=["noise", "corpus"])
-    # passed by the rule only for the corpus haystack
-    s.add_argument("--corpus", help="the corpus manifest, for the corpus haystack")
-    _required(s, "--tasks", nargs="+", choices=NIAH_TASKS)
-    _required(s, "--needles", type=int, help="needles of the multi-needle tasks")
-    _required(s, "--templates", help="JSON: phrasing (attnlab.niah.Templates)")
-
-    s = sub.add_parser("niah-score", help="score prompts under one policy and sparsity")
-    _required(s, "--model", "--prompts", "--out")
-    _policy_args(s)
-    _required(s, "--max-new-tokens", type=int)
-    _required(s, "--row-chunk", type=int, help="prompt rows per call (0: all)")
-
-    s = sub.add_parser(
-        "niah-cache", help="score prompts under every cache-regime run, one prefill each"
-    )
-    _required(s, "--model", "--prompts", "--out")
-    _required(s, "--runs", help="JSON: [[policy, params, sparsity], ...]")
-    _required(s, "--shard", help="<i>of<n>: the i-th of n interleaved parts of the prompts")
-    _required(s, "--tolerance", type=float)
-    _required(s, "--max-new-tokens", "--seed", "--threads", type=int)
-    _device_args(s)
-
-    s = sub.add_parser("niah-table", help="concatenate NIAH score tables")
-    _required(s, "--out")
-    s.add_argument("inputs", nargs="+")
-
-    s = sub.add_parser(
-        "niah-paired", help="each policy's accuracy against full attention and the best other"
-    )
-    _required(s, "--table", help="a NIAH table (niah-table)")
-    _required(s, "--resamples", "--seed", type=int)
-    _required(s, "--out")
-
-    s = sub.add_parser(
-        "niah-matched", help="each policy's highest sparsity keeping 90%% of full's answers"
-    )
-    _required(s, "--table", help="a NIAH table (niah-table)")
-    _required(s, "--decode", help="an attnlab bench decode table (csv or parquet)")
-    s.add_argument("--prefill", default="", help="an attnlab bench prefill table")
-    s.add_argument("--generate", default="", help="an attnlab bench generate table")
-    _required(s, "--out", "--fig")
-
-
-def _corpus_parsers(sub) -> None:
-    s = sub.add_parser("corpus-shard", help="filter, tokenize and chunk a corpus into shards")
-    _required(s, "--model", "--split", "--manifest")
-    _required(s, "--source", help="local jsonl/parquet path or HF dataset id")
-    _required(s, "--keep-sets", nargs="+")
-    _required(s, "--chunk-len", "--max-chunks", "--shard-size", type=int)
-    _required(s, "--shards", help="directory of the shards")
-
-    s = sub.add_parser("capture", help="per-token attention metrics and Q/K of a corpus")
-    _required(s, "--model")
-    _required(s, "--manifest", help="the corpus stage's manifest.json")
-    _required(s, "--metrics", help="directory: one Parquet file per shard")
-    _required(s, "--qk", help="directory: one Arrow IPC file per shard")
-    _required(s, "--chunks", type=int, help="capture at most this many chunks")
-    _required(s, "--batch-size", "--qk-chunks", "--threads", type=int)
-    _required(s, "--mass", type=float, help="attention mass that k_eff covers")
-    _required(s, "--qk-layers", type=int, nargs="*")
-    _device_args(s)
-
-
-def _intervention_parsers(sub) -> None:
-    s = sub.add_parser("intervention-heads", help="resolve the target and control heads")
-    _required(s, "--model", "--out")
-    _required(s, "--target", "--control", help="L<layer>H<head>, or auto")
-    # passed by the rule only when a head is auto
-    s.add_argument("--capture-metrics", help="capture tables, for auto")
-    _required(s, "--resamples", "--seed", type=int)
-
-    s = sub.add_parser("intervention", help="query-scaling sweep of one head")
-    _required(s, "--model", "--out")
-    _required(s, "--manifest", help="the corpus stage's manifest.json")
-    _required(s, "--heads", help="heads.json from intervention-heads")
-    _required(s, "--head", help="L<layer>H<head>")
-    _required(s, "--scales", type=float, nargs="+")
-    _required(s, "--chunks", "--batch-size", "--threads", type=int)
-    _required(s, "--mass", type=float)
-
-    s = sub.add_parser("gain", help="gain of the target and control sweeps")
-    _required(s, "--target", "--control", "--out")
-    _required(s, "--resamples", "--seed", type=int)
-
-
-def _induction_parsers(sub) -> None:
-    s = sub.add_parser("induction-scores", help="induction prompts and per-prompt head scores")
-    _required(s, "--model")
-    _required(s, "--model-info", help="the model's geometry (model-info)")
-    _required(s, "--families", nargs="+")
-    _required(s, "--lags", type=int, nargs="+")
-    _required(s, "--seq-len", "--seed", "--batch-size", "--threads", type=int)
-    _required(s, "--per-lag", type=int, help="prompts per lag (and family)")
-    _required(s, "--out", help="scores.parquet")
-    _required(s, "--prompts-out", help="prompts.parquet")
-
-    s = sub.add_parser("induction-analysis", help="layer profile, bootstrap, nulls")
-    _required(s, "--scores", "--profile-out", "--nulls-out")
-    _required(s, "--profile", choices=["mean", "top"])
-    _required(s, "--quantile", type=float)
-    _required(s, "--bootstrap", "--permutations", "--seed", type=int)
-
-    s = sub.add_parser("induction-causal", help="ablate top-k and random-k heads")
-    _required(s, "--model", "--prompts", "--out")
-    _required(s, "--profile", help="profile.json (head scores)")
-    _required(s, "--mode", choices=["zero", "mean"])
-    _required(s, "--k", "--draws", "--n-prompts", "--bootstrap", type=int)
-    _required(s, "--seed", "--batch-size", "--threads", type=int)
-
-
-def _pareto_parsers(sub) -> None:
-    s = sub.add_parser("pareto-score", help="perplexity and latency of one policy and sparsity")
-    _required(s, "--model", "--out")
-    _required(s, "--manifest", help="the corpus stage's manifest.json")
-    _policy_args(s)
-    _required(s, "--chunks", type=int, help="held-out chunks: the corpus's last")
-    _required(s, "--repeats", type=int, help="timed passes per chunk")
-    _required(s, "--regime", choices=["prefill", "cache"])
-    _required(
-        s,
-        "--context",
-        type=float,
-        help="cache regime: share of each chunk densely prefilled; perplexity of the rest",
-    )
-
-    s = sub.add_parser("pareto-table", help="perplexity with intervals and latency per run")
-    _required(s, "--resamples", "--seed", type=int)
-    _required(s, "--out")
-    s.add_argument("inputs", nargs="+", help="pareto-score tables")
-
-    s = sub.add_parser("ablation-table", help="NIAH accuracy and perplexity per policy variant")
-    _required(s, "--niah", nargs="+", help="niah-score tables")
-    _required(s, "--pareto", nargs="+", help="pareto-score tables")
-    _required(s, "--resamples", "--seed", type=int)
-    _required(s, "--out")
-
-    s = sub.add_parser("curvature", help="coarse curvature and weight of a NIAH prompt")
-    _required(s, "--model", "--out")
-    _required(s, "--prompts", help="NIAH prompts.parquet")
-    _required(s, "--length", "--layer", "--block-size", "--threads", type=int)
-    _required(s, "--depth", type=float)
-    _required(s, "--adjacency", choices=["softmax", "scores", "dot"])
-    _required(s, "--graph", choices=["symmetric", "directed", "rowsum"])
-    _device_args(s)
+    record = RECORDS[command]
+    s = sub.add_parser(command, help=record.__doc__.strip().replace("%", "%%"))
+    s.add_argument("--job", help="JSON: the record's fields, as the rules pass them")
+    hints = typing.get_type_hints(record)
+    for f in fields(record):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        listed = typing.get_origin(hint) is list or list in map(typing.get_origin, args)
+        inner = (typing.get_args(hint) or [None])[0] if listed else None
+        kind = {int: int, float: float, dict: json.loads}.get(inner or hint, str)
+        if f.metadata.get("setting"):
+            help_ = f"from the config: {f.metadata['setting']}"
+        else:
+            help_ = f.metadata.get("help", "").replace("%", "%%")
+        if hint is list:  # a JSON list (niah-cache --runs)
+            kind, listed = json.loads, False
+        s.add_argument(flag(f.name), type=kind, nargs="*" if listed else None, help=help_)
 
 
 def _plot_parser(sub) -> None:
@@ -277,21 +129,21 @@ def _plot_parser(sub) -> None:
 
 
 USAGE = """Every stage of the attnlab pipeline as a command. The Snakemake rules call these
-with every option filled in from the config (snakemake --cores 8 figs/niah_heatmap_99.png
-runs them for you); by hand, start with: attnlab policies (each policy and its
-parameters), attnlab config (the config a run uses), attnlab bench --help (the
-benchmarks), attnlab plot --help (the figures). Bad input ends with one line on stderr
-and exit status 1."""
+(snakemake --cores 8 figs/niah_heatmap_99.png runs them for you); by hand, in the
+workflow folder, give a command its files (attnlab niah-score --help lists them) and any
+setting to change: the others come from workflow_config.yaml. Start with: attnlab
+policies (each policy and its parameters), attnlab config (the config a run uses),
+attnlab bench --help (the benchmarks), attnlab plot --help (the figures). Bad input ends
+with one line on stderr and exit status 1."""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnlab", description=USAGE)
     sub = p.add_subparsers(dest="command", required=True)
-    _niah_parsers(sub)
-    _corpus_parsers(sub)
-    _intervention_parsers(sub)
-    _induction_parsers(sub)
-    _pareto_parsers(sub)
+    from attnlab.jobs import RECORDS
+
+    for command in RECORDS:
+        _record_parser(sub, command)
     _plot_parser(sub)
     sub.add_parser("policies", help="every policy: its label, level and parameters")
     s = sub.add_parser(
@@ -317,8 +169,42 @@ def run(argv: list[str]) -> None:
     if command == "plot":
         figure = options["figure"]
         import_module(f"attnlab.plots.{FIGURES[figure]}").render(**options)
-    else:
+    elif command in ("policies", "config"):
         _verb(command)(**options)
+    else:
+        _verb(command)(record(command, options.pop("job"), options))
+
+
+def record(command: str, job: str | None, flags: dict):
+    """The record of ``command`` from its ``--job`` JSON and flags (flags win); by hand,
+    without ``--job``, the settings not given come from the effective config."""
+    from attnlab.jobs import RECORDS
+
+    cls = RECORDS[command]
+    given = {k: v for k, v in flags.items() if v is not None}
+    wanted = [f for f in fields(cls) if f.metadata.get("setting") and f.name not in given]
+    if job is None and not wanted:  # nothing to read from a config
+        values = {}
+    elif job is not None:
+        try:
+            values = json.loads(job)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{command}: --job is not JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{command}: --job is a JSON object of fields")
+    else:
+        # imported by name, as the verbs are: only a person's command reads the config
+        # (the rules pass --job), so the Snakefile helper is no rule's code input
+        effective = import_module("attnlab.workflow").effective
+        try:
+            config = effective()
+        except UserError as e:
+            raise UserError(
+                f"{command}: without --job the settings come from workflow_config.yaml"
+                f" in the working directory ({e})"
+            ) from None
+        values = cls.settings(config, given)
+    return cls.make({**values, **given})
 
 
 def main(argv: list[str] | None = None) -> int:

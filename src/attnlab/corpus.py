@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from attnlab import tables
 from attnlab.errors import UserError
+from attnlab.jobs import CorpusShard
 
 SET_KEY = "redpajama_set_name"
 DEFAULT_KEEP = (
@@ -270,38 +271,30 @@ def read_corpus(manifest_path: str | Path) -> np.ndarray:
     return np.concatenate([read_shard(manifest_path, s["file"]) for s in manifest["shards"]])
 
 
-def shard(
-    model: str,
-    source: str,
-    split: str,
-    keep_sets: list[str],
-    chunk_len: int,
-    max_chunks: int,
-    shard_size: int,
-    shards: str,
-    manifest: str,
-) -> None:
-    """Filter ``source``'s records to ``keep_sets``, tokenize them with ``model``'s
-    tokenizer and cut at most ``max_chunks`` chunks of ``chunk_len`` tokens, written to the
-    folder ``shards`` (``shard_size`` chunks each) and described by ``manifest``."""
+def shard(job: CorpusShard) -> None:
+    """Filter the source's records to ``job.keep_sets``, tokenize them with the model's
+    tokenizer and cut at most ``job.max_chunks`` chunks of ``job.chunk_len`` tokens,
+    written to the folder ``job.shards`` (``job.shard_size`` chunks each) and described
+    by ``job.manifest``."""
     from transformers import AutoTokenizer
 
     from attnlab import models
 
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
-    records = read_records(source, split)
-    local = Path(source).exists() or source == BUILTIN
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(job.model))
+    records = read_records(job.source, job.split)
+    local = Path(job.source).exists() or job.source == BUILTIN
     chunks, counts = chunk_documents(
-        records, tokenizer, chunk_len, keep_sets, max_chunks, scan_all=local
+        records, tokenizer, job.chunk_len, job.keep_sets, job.max_chunks, scan_all=local
     )
     pad = tokenizer.pad_token_id
     pad = None if pad in (tokenizer.eos_token_id, tokenizer.bos_token_id) else pad
     meta = {
-        "model": model,
-        "source": source,
-        "split": split,
-        "keep_sets": sorted(keep_sets),
-        "max_chunks": max_chunks,
+        "model": job.model,
+        "source": job.source,
+        "split": job.split,
+        "keep_sets": sorted(job.keep_sets),
+        "max_chunks": job.max_chunks,
         **counts,
     }
-    write_shards(chunks, shards, manifest, chunk_len, len(tokenizer), pad, shard_size, meta)
+    sizes = (job.chunk_len, len(tokenizer), pad, job.shard_size)
+    write_shards(chunks, job.shards, job.manifest, *sizes, meta)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from attnlab import capture, hooks
+from attnlab.jobs import Curvature
 from attnlab.kernels.reference import coarse_adjacency, coarsen_max_l2, forman_ricci
 
 COLUMNS = ["head", "q_block", "k_block", "weight", "curvature", "needle", "diagonal"]
@@ -59,52 +60,50 @@ def block_pairs(
     }
 
 
-def write_block_pairs(
-    model: str,
-    prompts: str,
-    length: int,
-    depth: float,
-    layer: int,
-    block_size: int,
-    adjacency: str,
-    graph: str,
-    threads: int,
-    device: str,
-    dtype: str,
-    out: str,
-) -> None:
-    """:func:`block_pairs` of ``layer`` on the first NIAH prompt of ``length`` tokens with
-    its needle at ``depth`` (from the table ``prompts``), written to ``out``."""
+def write_block_pairs(job: Curvature) -> None:
+    """:func:`block_pairs` of ``job.layer`` on the first NIAH prompt of ``job.length``
+    tokens with its needle at ``job.depth`` (from the table ``job.prompts``), written to
+    ``job.out``."""
     import pyarrow as pa
 
     from attnlab import models, tables
     from attnlab.errors import UserError
     from attnlab.niah import read_prompts
 
-    torch.set_num_threads(threads)
-    pick = [p for p in read_prompts(prompts) if p.length == length and abs(p.depth - depth) < 1e-9]
+    torch.set_num_threads(job.threads)
+    pick = [
+        p
+        for p in read_prompts(job.prompts)
+        if p.length == job.length and abs(p.depth - job.depth) < 1e-9
+    ]
     if not pick:
         raise UserError(
-            f"no NIAH prompt of length {length} and depth {depth} in {prompts}; "
+            f"no NIAH prompt of length {job.length} and depth {job.depth} in {job.prompts}; "
             "pick one from niah.lengths and niah.depths"
         )
     prompt = pick[0]
-    net, _, info = models.load(model, device=device, dtype=dtype)
-    if not 0 <= layer < info.n_layers:
+    net, _, info = models.load(job.model, device=job.device, dtype=job.dtype)
+    if not 0 <= job.layer < info.n_layers:
         last = info.n_layers - 1
-        raise UserError(f"curvature.layer {layer} outside the model's layers 0..{last}")
+        raise UserError(f"curvature.layer {job.layer} outside the model's layers 0..{last}")
     cols = block_pairs(
-        net, prompt.input_ids, layer, block_size, adjacency, graph, prompt.needle_positions
+        net,
+        prompt.input_ids,
+        job.layer,
+        job.block_size,
+        job.adjacency,
+        job.graph,
+        prompt.needle_positions,
     )
     meta = {
-        "model": model,
-        "layer": layer,
-        "length": length,
-        "depth": depth,
-        "block_size": block_size,
-        "adjacency": adjacency,
-        "graph": graph,
-        "haystack": tables.meta(prompts).get("haystack"),
+        "model": job.model,
+        "layer": job.layer,
+        "length": job.length,
+        "depth": job.depth,
+        "block_size": job.block_size,
+        "adjacency": job.adjacency,
+        "graph": job.graph,
+        "haystack": tables.meta(job.prompts).get("haystack"),
         "needle_positions": prompt.needle_positions,
     }
-    tables.write(pa.table(cols), out, meta=meta)
+    tables.write(pa.table(cols), job.out, meta=meta)

@@ -17,6 +17,7 @@ import polars as pl
 from scipy import stats as sps
 
 from attnlab.intervention import EXPECTED, SWEEP_METRICS
+from attnlab.jobs import Gain
 from attnlab.stats import cluster_bootstrap, cluster_sums, percentile_interval
 
 
@@ -131,20 +132,22 @@ def gain_rows(
     return rows
 
 
-def write_gain(target: str, control: str, resamples: int, seed: int, out: str) -> None:
+def write_gain(job: Gain) -> None:
     """The gain rows (:func:`gain_rows`) of the target's and the control's sweep tables,
-    each also printed to stderr, written to ``out``."""
+    each also printed to stderr, written to ``job.out``."""
     import sys
 
     from attnlab import tables
 
     cols = ["scale", "sample", "token", "layer", "head", *SWEEP_METRICS]
-    rows = gain_rows(tables.read(target, cols), tables.read(control, cols), resamples, seed)
+    rows = gain_rows(
+        tables.read(job.target, cols), tables.read(job.control, cols), job.resamples, job.seed
+    )
     meta = {
-        "target": tables.meta(target),
-        "control": tables.meta(control),
-        "resamples": resamples,
-        "seed": seed,
+        "target": tables.meta(job.target),
+        "control": tables.meta(job.control),
+        "resamples": job.resamples,
+        "seed": job.seed,
     }
     for r in rows:
         r["model"] = meta["target"].get("model")
@@ -153,4 +156,4 @@ def write_gain(target: str, control: str, resamples: int, seed: int, out: str) -
             f"[{r['gain_lo']:+.4f}, {r['gain_hi']:+.4f}]  {r['verdict']}",
             file=sys.stderr,
         )
-    tables.write(rows, out, meta=meta)
+    tables.write(rows, job.out, meta=meta)

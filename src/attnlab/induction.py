@@ -28,6 +28,7 @@ import torch
 
 from attnlab import attention
 from attnlab.errors import UserError
+from attnlab.jobs import InductionScores
 
 NAMES = (
     "Alice Bob Carol David Emma Frank Grace Henry Irene James Karen Louis Maria Nathan "
@@ -233,22 +234,10 @@ def lag_confound(induction: np.ndarray, previous: np.ndarray, lags: np.ndarray, 
     return out
 
 
-def write_scores(
-    model: str,
-    model_info: str,
-    families: list[str],
-    lags: list[int],
-    seq_len: int,
-    per_lag: int,
-    seed: int,
-    batch_size: int,
-    threads: int,
-    out: str,
-    prompts_out: str,
-) -> None:
-    """Make the induction prompts of every family and lag (``per_lag`` each, ``seq_len``
-    tokens) and score every head on each; write one row per (prompt, layer, head) to
-    ``out`` and the prompts to ``prompts_out``."""
+def write_scores(job: InductionScores) -> None:
+    """Make the induction prompts of every family and lag (``job.per_lag`` each,
+    ``job.seq_len`` tokens) and score every head on each; write one row per (prompt,
+    layer, head) to ``job.out`` and the prompts to ``job.prompts_out``."""
     import json
     import sys
 
@@ -257,17 +246,23 @@ def write_scores(
 
     from attnlab import models, tables
 
-    info = json.loads(open(model_info).read())
-    if seq_len > info["max_positions"]:
-        raise UserError(f"induction seq_len {seq_len} exceeds the model's {info['max_positions']}")
-    torch.set_num_threads(threads)
-    net, tokenizer, _ = models.load(model)
+    info = json.loads(open(job.model_info).read())
+    if job.seq_len > info["max_positions"]:
+        raise UserError(
+            f"induction seq_len {job.seq_len} exceeds the model's {info['max_positions']}"
+        )
+    torch.set_num_threads(job.threads)
+    net, tokenizer, _ = models.load(job.model)
     attention.install(net)
-    prompts = make_prompts(tokenizer, families, lags, seq_len, per_lag, seed)
+    prompts = make_prompts(tokenizer, job.families, job.lags, job.seq_len, job.per_lag, job.seed)
     with tqdm(
-        total=len(prompts), unit="prompt", desc=f"induction {model}", mininterval=5, file=sys.stderr
+        total=len(prompts),
+        unit="prompt",
+        desc=f"induction {job.model}",
+        mininterval=5,
+        file=sys.stderr,
     ) as bar:
-        scored = list(score_prompts(net, prompts, batch_size, bar))
+        scored = list(score_prompts(net, prompts, job.batch_size, bar))
     scores = np.stack([s for _, s, _ in scored])  # (prompts, layers, heads)
     previous = np.stack([s for _, _, s in scored])  # (prompts, layers, heads)
     n, cells = len(prompts), scores[0].size
@@ -278,14 +273,14 @@ def write_scores(
     rows["score"] = scores.ravel().astype(np.float64)
     rows["prev_score"] = previous.ravel().astype(np.float64)
     meta = {
-        "model": model,
-        "families": families,
-        "lags": lags,
-        "seq_len": seq_len,
-        "per_lag": per_lag,
-        "seed": seed,
+        "model": job.model,
+        "families": job.families,
+        "lags": job.lags,
+        "seq_len": job.seq_len,
+        "per_lag": job.per_lag,
+        "seed": job.seed,
         "n_layers": info["n_layers"],
         "n_heads": info["n_heads"],
     }
-    tables.write(pa.table(rows), out, meta=meta)
-    tables.write([p.to_row() for p in prompts], prompts_out, meta=meta)
+    tables.write(pa.table(rows), job.out, meta=meta)
+    tables.write([p.to_row() for p in prompts], job.prompts_out, meta=meta)

@@ -20,6 +20,7 @@ import torch
 
 from attnlab import attention, hooks
 from attnlab.errors import UserError
+from attnlab.jobs import Intervention, InterventionHeads
 from attnlab.metrics import row_metrics
 
 SWEEP_METRICS = ("entropy", "max_weight", "k_eff")
@@ -183,28 +184,20 @@ def pick_heads(metrics_dir, resamples: int = 2000, seed: int = 0) -> dict:
     return out
 
 
-def choose_heads(
-    model: str,
-    target: str,
-    control: str,
-    capture_metrics: str | None,
-    resamples: int,
-    seed: int,
-    out: str,
-) -> None:
+def choose_heads(job: InterventionHeads) -> None:
     """Resolve the target and control heads (``L<layer>H<head>``, or ``auto``: picked
-    from the capture tables ``capture_metrics`` by :func:`pick_heads`) and write them,
-    with how each was chosen, to ``out`` as JSON."""
+    from the capture tables ``job.capture_metrics`` by :func:`pick_heads`) and write
+    them, with how each was chosen, as JSON."""
     from attnlab import tables
 
     chosen = {}
     auto = None
-    for role, value in (("target", target), ("control", control)):
+    for role, value in (("target", job.target), ("control", job.control)):
         if value == "auto":
-            if capture_metrics is None:
+            if job.capture_metrics is None:
                 raise UserError(f"intervention.{role} is auto but no capture tables were given")
             if auto is None:
-                auto = pick_heads(capture_metrics, resamples, seed)
+                auto = pick_heads(job.capture_metrics, job.resamples, job.seed)
             chosen[role] = auto[role] | {
                 "how": "auto: |r(query norm, entropy)| "
                 + ("largest" if role == "target" else "smallest")
@@ -213,7 +206,7 @@ def choose_heads(
             chosen[role] = {"head": Head.parse(value).name, "how": "config"}
     if chosen["target"]["head"] == chosen["control"]["head"]:
         raise UserError(f"target and control are the same head {chosen['target']['head']}")
-    tables.write_json({"model": model, **chosen}, out)
+    tables.write_json({"model": job.model, **chosen}, job.out)
 
 
 def _checked(model, tokens: np.ndarray, head: Head, scale: float) -> dict:
@@ -238,21 +231,10 @@ def _checked(model, tokens: np.ndarray, head: Head, scale: float) -> dict:
     return {"scale_one_max_logit_diff": sanity, "isolation": isolation}
 
 
-def run_sweep(
-    model: str,
-    manifest: str,
-    heads: str,
-    head: str,
-    scales: list[float],
-    chunks: int,
-    batch_size: int,
-    mass: float,
-    threads: int,
-    out: str,
-) -> None:
-    """Sweep the query scale of ``head`` (the target or the control in ``heads.json``)
-    over the corpus's first ``chunks`` chunks, after the checks, and write the per-token
-    metrics to ``out``."""
+def run_sweep(job: Intervention) -> None:
+    """Sweep the query scale of ``job.head`` (the target or the control in
+    ``job.heads``) over the corpus's first ``job.chunks`` chunks, after the checks, and
+    write the per-token metrics."""
     import json
     import sys
     from pathlib import Path
@@ -263,42 +245,42 @@ def run_sweep(
     from attnlab import models, tables
     from attnlab.corpus import read_corpus
 
-    torch.set_num_threads(threads)
-    chosen = json.loads(Path(heads).read_text())
-    role = next((r for r in ("target", "control") if chosen[r]["head"] == head), None)
+    torch.set_num_threads(job.threads)
+    chosen = json.loads(Path(job.heads).read_text())
+    role = next((r for r in ("target", "control") if chosen[r]["head"] == job.head), None)
     if role is None:
-        raise UserError(f"{head} is neither the target nor the control in {heads}")
-    swept = Head.parse(head)
-    tokens = read_corpus(manifest)[:chunks].astype("int64")
-    net, _, _ = models.load(model)
+        raise UserError(f"{job.head} is neither the target nor the control in {job.heads}")
+    swept = Head.parse(job.head)
+    tokens = read_corpus(job.manifest)[: job.chunks].astype("int64")
+    net, _, _ = models.load(job.model)
     attention.install(net)
     swept.check(net)
-    checks = _checked(net, tokens, swept, max(scales))
+    checks = _checked(net, tokens, swept, max(job.scales))
     with tqdm(
-        total=len(scales) * tokens.size,
+        total=len(job.scales) * tokens.size,
         unit="tok",
         unit_scale=True,
-        desc=f"sweep {model} {swept.name}",
+        desc=f"sweep {job.model} {swept.name}",
         mininterval=5,
         file=sys.stderr,
     ) as bar:
-        cols = sweep(net, tokens, swept, scales, batch_size, mass, bar)
+        cols = sweep(net, tokens, swept, job.scales, job.batch_size, job.mass, bar)
     n = len(cols["scale"])
     cols |= {
-        "model": [model] * n,
+        "model": [job.model] * n,
         "role": [role] * n,
         "layer": [swept.layer] * n,
         "head": [swept.head] * n,
     }
     meta = {
-        "model": model,
+        "model": job.model,
         "role": role,
         "head": swept.name,
         "selection": chosen[role],
-        "scales": scales,
+        "scales": job.scales,
         "chunks": int(len(tokens)),
-        "mass": mass,
+        "mass": job.mass,
         "expected": EXPECTED,
         "checks": checks,
     }
-    tables.write(pa.table(cols), out, meta=meta)
+    tables.write(pa.table(cols), job.out, meta=meta)

@@ -21,6 +21,7 @@ import polars as pl
 
 from attnlab import tables
 from attnlab.errors import UserError
+from attnlab.jobs import NiahMatched
 
 SHARE = 0.9  # of full attention's correct answers
 EVICTING = {"h2o", "streamingllm", "snapkv"}  # decode over an evicted cache
@@ -114,25 +115,27 @@ def _speeds(point: dict, length: int, decode, prefill, shape, generate=None):
     return nan, nan
 
 
-def write_matched(
-    table: str, decode: str, out: str, fig: str, prefill: str = "", generate: str = ""
-) -> None:
-    """``attnlab niah-matched``: the matched table at ``out`` (its points beside it,
-    ``<out>_points.parquet``) and the figure at ``fig``, at the NIAH table's longest
+def write_matched(job: NiahMatched) -> None:
+    """``attnlab niah-matched``: the matched table at ``job.out`` (its points beside it,
+    ``<out>_points.parquet``) and the figure at ``job.fig``, at the NIAH table's longest
     prompt length and its model's layer shape in the decode benchmark."""
     cols = ["model", "regime", "policy", "target_sparsity", "achieved_sparsity", "length", "task"]
-    niah = tables.read(table, cols)
+    niah = tables.read(job.table, cols)
+    decode = job.decode
     bench = pl.read_csv(decode) if decode.endswith(".csv") else pl.read_parquet(decode)
     models = niah["model"].unique().to_list()
     if len(models) != 1 or models[0] not in bench["shape"].to_list():
-        raise UserError(f"{table}: one model whose shape {decode} times is needed, got {models}")
-    pre = pl.read_parquet(prefill) if prefill else None
+        raise UserError(
+            f"{job.table}: one model whose shape {decode} times is needed, got {models}"
+        )
+    pre = pl.read_parquet(job.prefill) if job.prefill else None
     length = int(niah["length"].max())
-    gen = pl.read_parquet(generate) if generate else None
+    gen = pl.read_parquet(job.generate) if job.generate else None
     pts = points(niah, length, bench, pre, models[0], gen)
     meta = {"length": length, "share": SHARE, "shape": models[0]}
-    tables.write(matched(pts).to_arrow(), out, meta=meta)
-    tables.write(pts.to_arrow(), Path(out).with_name(Path(out).stem + "_points.parquet"), meta=meta)
+    out = Path(job.out)
+    tables.write(matched(pts).to_arrow(), job.out, meta=meta)
+    tables.write(pts.to_arrow(), out.with_name(out.stem + "_points.parquet"), meta=meta)
     from attnlab.plots.matched import plot_matched
 
-    plot_matched(pts, meta, fig)
+    plot_matched(pts, meta, job.fig)

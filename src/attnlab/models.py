@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab import jobs
 from attnlab.errors import UserError
 
 
@@ -204,12 +205,12 @@ def model_info(name: str, model) -> ModelInfo:
     )
 
 
-def write_info(model: str, out: str) -> None:
-    """Load ``model`` once (which fills the model cache) and write its geometry to ``out``
-    as JSON."""
+def write_info(job: jobs.ModelInfo) -> None:
+    """``attnlab model-info`` (:class:`attnlab.jobs.ModelInfo`): load the model once
+    (which fills the model cache) and write its geometry as JSON."""
     from dataclasses import asdict
 
     from attnlab import tables
 
-    _, _, info = load(model)
-    tables.write_json(asdict(info), out)
+    _, _, info = load(job.model)
+    tables.write_json(asdict(info), job.out)

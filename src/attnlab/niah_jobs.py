@@ -10,152 +10,116 @@ from pathlib import Path
 
 from attnlab import models, niah, scoring, tables
 from attnlab.errors import UserError
+from attnlab.jobs import NiahCache, NiahPrompts, NiahScore, NiahTable
 from attnlab.policies.selection import twilight
 
 
-def write_prompts(
-    model: str,
-    model_info: str,
-    lengths: list[int],
-    depths: list[float],
-    samples: int,
-    seed: int,
-    haystack: list[str],
-    corpus: str | None,
-    tasks: list[str],
-    needles: int,
-    templates: str,
-    out: str,
-) -> None:
-    """The prompts of every (haystack, task, length, depth, sample) in ``model``'s
-    tokenizer, written to ``out``. ``haystack``: ``noise`` and/or ``corpus`` (then
-    ``corpus`` is the corpus manifest); a cell's keys are the same on every haystack.
-    ``common_words`` prompts (a list, no filler) are made once, haystack ``list``.
-    ``templates`` is JSON of :class:`attnlab.niah.Templates` fields."""
+def write_prompts(job: NiahPrompts) -> None:
+    """The prompts of every (haystack, task, length, depth, sample) in the model's
+    tokenizer. ``haystack``: ``noise`` and/or ``corpus`` (then ``corpus`` is the corpus
+    manifest); a cell's keys are the same on every haystack. ``common_words`` prompts (a
+    list, no filler) are made once, haystack ``list``. ``templates``: the fields of
+    :class:`attnlab.niah.Templates`."""
     from dataclasses import replace
 
     from transformers import AutoTokenizer
 
-    info = json.loads(open(model_info).read())
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
+    info = json.loads(open(job.model_info).read())
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(job.model))
+    haystack = [job.haystack] if isinstance(job.haystack, str) else job.haystack
     haystacks = list(dict.fromkeys(haystack))
     fillers = {"noise": None}
     if "corpus" in haystacks:
         from attnlab.corpus import read_corpus
 
-        if corpus is None:
+        if job.corpus is None:
             raise UserError("the corpus haystack needs --corpus (the corpus manifest)")
-        fillers["corpus"] = read_corpus(corpus).reshape(-1)
+        fillers["corpus"] = read_corpus(job.corpus).reshape(-1)
+    if unknown := [t for t in job.tasks if t not in niah.TASKS]:
+        raise UserError(f"no task {unknown[0]!r}: the tasks are {', '.join(niah.TASKS)}")
     try:
-        phrasing = niah.Templates(**json.loads(templates))
+        phrasing = niah.Templates(**job.templates)
     except TypeError as e:
         raise UserError(f"niah.templates: {e}") from e
     # common_words' list is its own haystack ("list"): built once, not once per filler
-    per_filler = [t for t in tasks if t != "common_words"]
+    per_filler = [t for t in job.tasks if t != "common_words"]
     plan = [(name, fillers[name], per_filler) for name in haystacks]
-    if "common_words" in tasks:
+    if "common_words" in job.tasks:
         plan.append(("list", None, ["common_words"]))
-    grid = (lengths, depths, samples, seed, info["max_positions"])
+    grid = (job.lengths, job.depths, job.samples, job.seed, info["max_positions"])
     prompts = [
         replace(p, haystack=name)
         for name, filler, its_tasks in plan
-        for p in niah.make_prompts(tokenizer, *grid, filler, its_tasks, needles, phrasing)
+        for p in niah.make_prompts(tokenizer, *grid, filler, its_tasks, job.needles, phrasing)
     ]
-    rows = [dict(p.__dict__, model=model) for p in prompts]
+    rows = [dict(p.__dict__, model=job.model) for p in prompts]
     meta = {
-        "model": model,
-        "seed": seed,
+        "model": job.model,
+        "seed": job.seed,
         "haystack": " ".join(haystacks),
-        "tasks": tasks,
-        "needles": needles,
+        "tasks": job.tasks,
+        "needles": job.needles,
         "templates": phrasing.__dict__,
     }
-    tables.write(rows, out, meta=meta)
+    tables.write(rows, job.out, meta=meta)
 
 
-def score_prefill(
-    model: str,
-    prompts: str,
-    policy: str,
-    policy_params: str,
-    sparsity: float,
-    tolerance: float,
-    max_new_tokens: int,
-    row_chunk: int,
-    seed: int,
-    threads: int,
-    device: str,
-    dtype: str,
-    out: str,
-) -> None:
-    """Score the prompts in ``prompts`` under one policy (JSON ``policy_params``) at one
-    target sparsity in the prefill regime (sparse prefill, dense decoding); write the
-    rows to ``out``."""
-    rows_in = niah.read_prompts(prompts)
-    pmeta = tables.meta(prompts)
-    job = (model, policy, policy_params, sparsity, threads, device, dtype)
-    run, target, net, tokenizer = scoring.load_job(*job)
+def score_prefill(job: NiahScore) -> None:
+    """Score the prompts under one policy at one target sparsity in the prefill regime
+    (sparse prefill, dense decoding); write the rows to ``job.out``."""
+    rows_in = niah.read_prompts(job.prompts)
+    pmeta = tables.meta(job.prompts)
+    run, target, net, tokenizer = scoring.load_job(job)
     rows = niah.score_niah(
         net,
         tokenizer,
         rows_in,
         run,
         target,
-        max_new_tokens,
-        seed,
-        desc=f"{model} {policy} {target:g} prefill",
+        job.max_new_tokens,
+        job.seed,
+        desc=f"{job.model} {job.policy} {target:g} prefill",
         regime="prefill",
-        row_chunk=row_chunk,
+        row_chunk=job.row_chunk,
     )
-    marks = scoring.mark_rows(rows, model, policy, run, target, tolerance)
+    marks = scoring.mark_rows(rows, job.model, job.policy, run, target, job.tolerance)
     params = json.dumps(run.params(), sort_keys=True)
-    cost = choice_read_cost(run, models.model_info(model, net).head_dim, target)
+    cost = choice_read_cost(run, models.model_info(job.model, net).head_dim, target)
     for r in rows:
         r.update(policy_params=params, read_cost=cost)
-    meta = {**pmeta, **marks, "regime": "prefill", "decode": "dense", "row_chunk": row_chunk}
-    tables.write(rows, out, meta=meta)
-    scoring.log_gpu_peak(device)
+    meta = {**pmeta, **marks, "regime": "prefill", "decode": "dense", "row_chunk": job.row_chunk}
+    tables.write(rows, job.out, meta=meta)
+    scoring.log_gpu_peak(job.device)
 
 
-def score_cache_runs(
-    model: str,
-    prompts: str,
-    runs: str,
-    shard: str,
-    tolerance: float,
-    max_new_tokens: int,
-    seed: int,
-    threads: int,
-    device: str,
-    dtype: str,
-    out: str,
-) -> None:
-    """Score the prompts under every cache-regime run in ``runs`` (JSON ``[[policy,
+def score_cache_runs(job: NiahCache) -> None:
+    """Score the prompts under every cache-regime run of ``job.runs`` (``[[policy,
     params, sparsity], ...]``) on one model, one dense prefill per prompt shared by all of
-    them; write the rows to ``out``. ``shard`` ``<i>of<n>``: the prompts i, i + n, ... (from 1)
-    only, so that n jobs share the card (their tables together are the whole)."""
+    them; write the rows to ``job.out``. ``job.shard`` ``<i>of<n>``: the prompts i, i + n,
+    ... (from 1) only, so that n jobs share the card (their tables together are the
+    whole)."""
     import torch
 
     from attnlab import attention
 
-    torch.set_num_threads(threads)
-    part, parts = _shard(shard)
-    rows_in = niah.read_prompts(prompts)[part - 1 :: parts]
-    pmeta = tables.meta(prompts)
+    torch.set_num_threads(job.threads)
+    part, parts = _shard(job.shard)
+    rows_in = niah.read_prompts(job.prompts)[part - 1 :: parts]
+    pmeta = tables.meta(job.prompts)
     made = []
-    for name, params, target in json.loads(runs):
+    for name, params, target in job.runs:
         made.append((name, *scoring.make_policy(name, params, target)))
-    net, tokenizer, info = models.load(model, device=device, dtype=dtype)
-    settings = [model, json.loads(runs), shard, max_new_tokens, seed, device, dtype]
-    checkpoint = Checkpoint(out, settings, prompts)
+    net, tokenizer, info = models.load(job.model, device=job.device, dtype=job.dtype)
+    settings = [job.model, job.runs, job.shard, job.max_new_tokens, job.seed, job.device]
+    checkpoint = Checkpoint(job.out, [*settings, job.dtype], job.prompts)
     rows = niah.score_cache(
         attention.install(net),
         tokenizer,
         rows_in,
         made,
-        max_new_tokens,
-        seed,
-        desc=f"{model} cache ({len(made)} runs)",
+        job.max_new_tokens,
+        job.seed,
+        desc=f"{job.model} cache ({len(made)} runs)",
         done=checkpoint.load(),
         keep=checkpoint.keep,
     )
@@ -163,21 +127,21 @@ def score_cache_runs(
     cost = {(name, s): choice_read_cost(p, info.head_dim, s) for name, p, s in made}
     for r in rows:
         r.update(
-            model=model,
-            feasible=r["achieved_sparsity"] >= r["target_sparsity"] - tolerance,
+            model=job.model,
+            feasible=r["achieved_sparsity"] >= r["target_sparsity"] - job.tolerance,
             policy_params=params[r["policy"]],
             read_cost=cost[r["policy"], r["target_sparsity"]],
         )
     meta = {
         **pmeta,
         "regime": "cache",
-        "runs": json.loads(runs),
-        "tolerance": tolerance,
-        "shard": shard,
+        "runs": job.runs,
+        "tolerance": job.tolerance,
+        "shard": job.shard,
     }
-    tables.write(rows, out, meta=meta)
+    tables.write(rows, job.out, meta=meta)
     checkpoint.path.unlink(missing_ok=True)
-    scoring.log_gpu_peak(device)
+    scoring.log_gpu_peak(job.device)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -226,15 +190,15 @@ class Checkpoint:
             os.fsync(f.fileno())
 
 
-def join_tables(inputs: list[str], out: str) -> None:
-    """The score tables ``inputs`` as one table ``out`` (the first one's metadata, and the
+def join_tables(job: NiahTable) -> None:
+    """The score tables ``job.inputs`` as one table (the first one's metadata, and the
     inputs' names)."""
-    df = tables.read_all(inputs)
-    meta = tables.meta(inputs[0]) | {
-        "inputs": inputs,
+    df = tables.read_all(job.inputs)
+    meta = tables.meta(job.inputs[0]) | {
+        "inputs": job.inputs,
         "full_attention": "both regimes' rows from the cache job: one dense prefill and decoding",
     }
-    tables.write(df.to_arrow(), out, meta=meta)
+    tables.write(df.to_arrow(), job.out, meta=meta)
 
 
 def choice_read_cost(policy, head_dim: int, sparsity: float) -> float:

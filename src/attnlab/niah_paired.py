@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from attnlab.errors import UserError
+from attnlab.jobs import NiahPaired
 from attnlab.stats import cluster_bootstrap, percentile_interval
 
 PROMPT_KEYS = ["haystack", "length", "depth", "sample"]
@@ -116,9 +117,10 @@ def _difference(name: str, diff: float, boot: np.ndarray) -> dict:
     }
 
 
-def write_paired(table: str, resamples: int, seed: int, out: str) -> None:
-    """The paired rows (:func:`paired_rows`) of the NIAH table ``table``, written to ``out``."""
+def write_paired(job: NiahPaired) -> None:
+    """The paired rows (:func:`paired_rows`) of the NIAH table ``job.table``."""
     from attnlab import tables
 
-    rows = paired_rows(tables.read(table, COLUMNS), resamples, seed)
-    tables.write(rows, out, meta={"table": table, "resamples": resamples, "seed": seed})
+    rows = paired_rows(tables.read(job.table, COLUMNS), job.resamples, job.seed)
+    meta = {"table": job.table, "resamples": job.resamples, "seed": job.seed}
+    tables.write(rows, job.out, meta=meta)

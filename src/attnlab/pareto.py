@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from attnlab import decoding, regimes, sparse
 from attnlab.errors import UserError
+from attnlab.jobs import AblationTable, ParetoScore, ParetoTable
 from attnlab.policies.base import Policy
 from attnlab.stats import cluster_bootstrap, percentile_interval
 
@@ -287,83 +288,70 @@ def ablation(
     return rows
 
 
-def score_corpus(
-    model: str,
-    manifest: str,
-    policy: str,
-    policy_params: str,
-    sparsity: float,
-    tolerance: float,
-    regime: str,
-    context: float,
-    chunks: int,
-    repeats: int,
-    seed: int,
-    threads: int,
-    device: str,
-    dtype: str,
-    out: str,
-) -> None:
+def score_corpus(job: ParetoScore) -> None:
     """Perplexity and latency of one policy at one target sparsity on the corpus's last
-    ``chunks`` chunks (held out: the capture reads the first), each timed ``repeats``
-    times, in ``regime`` (cache: perplexity of each chunk after its first ``context``
-    share, densely prefilled); write the rows to ``out``."""
+    ``job.chunks`` chunks (held out: the capture reads the first), each timed
+    ``job.repeats`` times, in ``job.regime`` (cache: perplexity of each chunk after its
+    first ``job.context`` share, densely prefilled); write the rows to ``job.out``."""
     import hashlib
     from pathlib import Path
 
     from attnlab import scoring, tables
     from attnlab.corpus import read_corpus
 
-    tokens = read_corpus(manifest)
-    if not 0 < chunks <= len(tokens):
+    if job.regime not in regimes.REGIMES:
+        raise UserError(f"--regime must be one of {', '.join(regimes.REGIMES)}, got {job.regime!r}")
+    regime = regimes.get(job.regime)
+    tokens = read_corpus(job.manifest)
+    if not 0 < job.chunks <= len(tokens):
         raise UserError(
-            f"pareto.chunks is {chunks} but the corpus holds {len(tokens)} chunks; "
+            f"pareto.chunks is {job.chunks} but the corpus holds {len(tokens)} chunks; "
             "raise corpus.max_chunks or lower pareto.chunks"
         )
-    first = len(tokens) - chunks
-    job = (model, policy, policy_params, sparsity, threads, device, dtype)
-    run, target, net, _ = scoring.load_job(*job, whole_prompt=False)
+    first = len(tokens) - job.chunks
+    run, target, net, _ = scoring.load_job(job, whole_prompt=False)
     rows = score_chunks(
         net,
         tokens[first:],
         run,
         target,
-        repeats,
-        seed,
+        job.repeats,
+        job.seed,
         chunk_ids=range(first, len(tokens)),
-        desc=f"{model} {policy} {target:g} {regime}",
-        regime=regime,
-        context=context,
+        desc=f"{job.model} {job.policy} {target:g} {job.regime}",
+        regime=job.regime,
+        context=job.context,
     )
     device_used = device_name(net.device)
-    marks = scoring.mark_rows(rows, model, policy, run, target, tolerance)
+    marks = scoring.mark_rows(rows, job.model, job.policy, run, target, job.tolerance)
     for r in rows:
-        r.update(device=device_used, regime=regime)
+        r.update(device=device_used, regime=job.regime)
     meta = {
-        "model": model,
+        "model": job.model,
         **marks,
-        "regime": regime,
-        "context": context if regimes.get(regime).dense_prefill else None,
-        "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
-        "repeats": repeats,
-        "threads": threads,
+        "regime": job.regime,
+        "context": job.context if regime.dense_prefill else None,
+        "manifest_sha256": hashlib.sha256(Path(job.manifest).read_bytes()).hexdigest(),
+        "repeats": job.repeats,
+        "threads": job.threads,
         "device": device_used,
     }
-    tables.write(rows, out, meta=meta)
+    tables.write(rows, job.out, meta=meta)
 
 
-def write_table(inputs: list[str], resamples: int, seed: int, out: str) -> None:
-    """One row per run of the pareto-score tables ``inputs`` (:func:`collect`), to ``out``."""
+def write_table(job: ParetoTable) -> None:
+    """One row per run of the pareto-score tables ``job.inputs`` (:func:`collect`)."""
     from attnlab import tables
 
-    rows = collect(inputs, resamples, seed)
-    tables.write(rows, out, meta=tables.meta(inputs[0]) | {"inputs": inputs})
+    rows = collect(job.inputs, job.resamples, job.seed)
+    tables.write(rows, job.out, meta=tables.meta(job.inputs[0]) | {"inputs": job.inputs})
 
 
-def write_ablation(niah: list[str], pareto: list[str], resamples: int, seed: int, out: str) -> None:
-    """The ablation table (:func:`ablation`) of NIAH tables ``niah`` and pareto-score
-    tables ``pareto``, to ``out``."""
+def write_ablation(job: AblationTable) -> None:
+    """The ablation table (:func:`ablation`) of the NIAH tables ``job.niah`` and the
+    pareto-score tables ``job.pareto``."""
     from attnlab import tables
 
-    rows = ablation(niah, pareto, resamples, seed)
-    tables.write(rows, out, meta={"niah": niah, "pareto": pareto, "resamples": resamples})
+    rows = ablation(job.niah, job.pareto, job.resamples, job.seed)
+    meta = {"niah": job.niah, "pareto": job.pareto, "resamples": job.resamples}
+    tables.write(rows, job.out, meta=meta)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from attnlab.induction import SHORT_LAG, lag_confound, layer_profile, peak_and_bandwidth
+from attnlab.jobs import InductionAnalysis
 from attnlab.stats import percentile_interval, resample_counts
 
 
@@ -114,35 +115,32 @@ def _profile(df, meta: dict, how: str, quantile: float, resamples: int, seed: in
     return profile
 
 
-def analyse_scores(
-    scores: str,
-    profile: str,
-    quantile: float,
-    bootstrap: int,
-    permutations: int,
-    seed: int,
-    profile_out: str,
-    nulls_out: str,
-) -> None:
-    """The layer profile (``profile``: ``mean`` or ``top`` of the heads, see
+def analyse_scores(job: InductionAnalysis) -> None:
+    """The layer profile (``job.profile``: ``mean`` or ``top`` of the heads, see
     :func:`attnlab.induction.layer_profile`) of an induction scores table with its
-    bootstrap intervals, written to ``profile_out``; the shuffled-antecedent and
-    head-permutation nulls, to ``nulls_out`` (both JSON)."""
+    bootstrap intervals, written to ``job.profile_out``; the shuffled-antecedent and
+    head-permutation nulls, to ``job.nulls_out`` (both JSON)."""
     from attnlab import tables
 
     cols = ["family", "lag", "prompt", "shuffled", "layer", "head", "score", "prev_score"]
-    df = tables.read(scores, cols)
-    meta = tables.meta(scores)
+    df = tables.read(job.scores, cols)
+    meta = tables.meta(job.scores)
     n_layers, n_heads = meta["n_layers"], meta["n_heads"]
     observed = _score_array(df, False, n_layers, n_heads)
     nulls = {
         "model": meta["model"],
         "shuffled_antecedent": shuffled_null(
-            _score_array(df, True, n_layers, n_heads), profile, quantile, bootstrap, seed
+            _score_array(df, True, n_layers, n_heads),
+            job.profile,
+            job.quantile,
+            job.bootstrap,
+            job.seed,
         ),
         "head_permutation": head_permutation_null(
-            observed.mean(0), profile, quantile, permutations, seed
+            observed.mean(0), job.profile, job.quantile, job.permutations, job.seed
         ),
     }
-    tables.write_json(_profile(df, meta, profile, quantile, bootstrap, seed), profile_out)
-    tables.write_json(nulls, nulls_out)
+    tables.write_json(
+        _profile(df, meta, job.profile, job.quantile, job.bootstrap, job.seed), job.profile_out
+    )
+    tables.write_json(nulls, job.nulls_out)

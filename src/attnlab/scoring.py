@@ -8,7 +8,6 @@ rule lists the one policy module its job runs, and editing another policy reruns
 
 from __future__ import annotations
 
-import json
 from importlib import import_module
 
 
@@ -18,29 +17,21 @@ def make_policy(name: str, params: dict, target: float):
     return policy, 0.0 if policy.name == "full" else target
 
 
-def load_job(
-    model: str,
-    policy: str,
-    policy_params: str,
-    sparsity: float,
-    threads: int,
-    device: str,
-    dtype: str,
-    whole_prompt: bool = True,
-):
-    """``(policy, sparsity, model, tokenizer)`` of a job: the policy from its name and JSON
-    parameters, its target sparsity, and the model with attnlab's attention on ``device``.
-    ``whole_prompt`` False (teacher-forced rows): a policy asking for the prompt selection
-    form is refused before the model loads."""
+def load_job(job, whole_prompt: bool = True):
+    """``(policy, sparsity, model, tokenizer)`` of a job's record (a ``niah-score`` or
+    ``pareto-score`` one): the policy from its name and parameters, its target sparsity,
+    and the model with attnlab's attention on the record's device. ``whole_prompt`` False
+    (teacher-forced rows): a policy asking for the prompt selection form is refused
+    before the model loads."""
     import torch
 
     from attnlab import attention, models
     from attnlab.policies.base import selection_form
 
-    torch.set_num_threads(threads)
-    run, target = make_policy(policy, json.loads(policy_params), sparsity)
+    torch.set_num_threads(job.threads)
+    run, target = make_policy(job.policy, job.policy_params, job.sparsity)
     selection_form(run, whole_prompt)
-    net, tokenizer, _ = models.load(model, device=device, dtype=dtype)
+    net, tokenizer, _ = models.load(job.model, device=job.device, dtype=job.dtype)
     return run, target, attention.install(net), tokenizer
 
 

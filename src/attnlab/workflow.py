@@ -230,9 +230,10 @@ def _read(path: str | Path) -> dict:
 
 def policies_used(config: dict) -> list[str]:
     """Every policy name the grids run, in first-mention order: both NIAH regimes, the
-    perplexity runs and the ablation's baselines and variants, with full attention."""
+    perplexity runs and the ablation's baselines and variants, with full attention and
+    CAB (the curvature stage's settings)."""
     niah, ablation = config["niah"], config["ablation"]
-    names = ["full", *niah["regimes"]["cache"], *niah["regimes"]["prefill"]]
+    names = ["full", *niah["regimes"]["cache"], *niah["regimes"]["prefill"], "cab"]
     names += config["pareto"]["policies"]
     cab = policy_spec("cab", config["policies"])
     names += ablation_policies(ablation["baselines"], ablation["lams"], cab, ablation["variants"])
@@ -249,8 +250,13 @@ def effective(configfiles=(), base: str | Path = BASE, schema: str | Path = SCHE
     validate(config, Path(schema).resolve())
     if errors := policy_errors(config):
         raise UserError(f"config error: {errors[0]}")
-    used = policies_used(config)
-    return config | {"policy_params": {n: policy_spec(n, config["policies"]) for n in used}}
+    return config | {"policy_params": policy_params(config)}
+
+
+def policy_params(config: dict) -> dict:
+    """Every used policy's parameters (:func:`policies_used`, :func:`policy_spec`): the
+    effective config's ``policy_params``, which job records read (attnlab.jobs)."""
+    return {n: policy_spec(n, config["policies"]) for n in policies_used(config)}
 
 
 def _schema_keys(node: dict, path: str = ""):

@@ -1,0 +1,106 @@
+"""Job records (attnlab.jobs): every setting read from the config at a key the schema has,
+the rules' JSON and a person's flags making the same record, bad values refused in one
+line."""
+
+import json
+import subprocess
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from attnlab.errors import UserError
+from attnlab.jobs import RECORDS, NiahScore, job_json
+from attnlab.record import lookup
+from attnlab.workflow import effective, policy_spec
+
+ROOT = Path(__file__).parents[1]
+ATTNLAB = str(Path(sys.executable).parent / "attnlab")
+EXAMPLE = {str: "x", int: 3, float: 0.5, dict: {}, list: [], list[str]: ["a"]}
+
+
+def _given(record) -> dict:
+    """A value of its type for every field a job gives (the policy one that exists)."""
+    hints = typing.get_type_hints(record)
+    out = {}
+    for f in fields(record):
+        if f.metadata.get("setting"):
+            continue
+        out[f.name] = "cab" if f.name == "policy" else EXAMPLE.get(hints[f.name], "x")
+    return out
+
+
+@pytest.fixture(scope="module")
+def config():
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(ROOT)
+        return effective()
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("command", list(RECORDS))
+def test_every_setting_is_a_config_key_of_the_fields_type(command, config):
+    """Made from the shipped config alone, every record's settings are the config's values
+    at their keys, of the field's type (a wrong key or type fails here, not in a job)."""
+    record = RECORDS[command]
+    given = _given(record)
+    job = record.make({**record.settings(config, given), **given})
+    for f in fields(record):
+        if key := f.metadata.get("setting"):
+            assert getattr(job, f.name) == lookup(config, key.format(**given)), f.name
+
+
+def test_a_rules_json_and_a_persons_flags_make_one_record(config):
+    """The rule's ``--job`` (settings and wildcards) with its file flags, and the same job
+    typed by hand (the settings from the config), are equal; a configured policy's
+    parameters are its every field."""
+    files = {"prompts": "p.parquet", "out": "o.parquet", "threads": 2}
+    rule = json.loads(job_json("niah-score", config, model="m", policy="cab", sparsity=0.99))
+    assert "threads" not in rule  # the scheduler's count, as a flag
+    by_rule = NiahScore.make({**rule, **files})
+    given = {"model": "m", "policy": "cab", "sparsity": 0.99, **files}
+    by_hand = NiahScore.make({**NiahScore.settings(config, given), **given})
+    assert by_rule == by_hand
+    assert by_rule.policy_params == policy_spec("cab", config["policies"])
+    assert by_rule.max_new_tokens == config["niah"]["max_new_tokens"]
+
+
+def test_bad_values_are_refused_in_one_line(config):
+    given = {"model": "m", "policy": "cab", "sparsity": 0.99, "prompts": "p", "out": "o"}
+    values = {**NiahScore.settings(config, given), **given}
+    assert NiahScore.make({**values, "sparsity": 1}).sparsity == 1.0  # an int is a float
+    with pytest.raises(UserError, match=r"^niah-score: --sparsity must be float, got 'high'$"):
+        NiahScore.make({**values, "sparsity": "high"})
+    with pytest.raises(UserError, match=r"--row-chunk must be int, got True"):
+        NiahScore.make({**values, "row_chunk": True})
+    with pytest.raises(UserError, match=r"^niah-score: no such field --bogus$"):
+        NiahScore.make({**values, "bogus": 1})
+    with pytest.raises(UserError, match=r"^niah-score needs --prompts, --out$"):
+        NiahScore.make({k: v for k, v in values.items() if k not in ("prompts", "out")})
+    with pytest.raises(UserError, match="config has no key niah.nothing"):
+        lookup(config, "niah.nothing")
+
+
+def _attnlab(*args, cwd):
+    return subprocess.run([ATTNLAB, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_by_hand_the_settings_come_from_the_working_directorys_config(tmp_path):
+    """Typed by hand in the workflow directory, a command needs only what no config key
+    gives; elsewhere, without --job, it says where the settings come from. One line each,
+    nothing written."""
+    out = tmp_path / "paired.parquet"
+    proc = _attnlab("niah-paired", "--out", str(out), cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr == "attnlab: error: niah-paired needs --table\n"
+    proc = _attnlab("niah-paired", "--table", "t.parquet", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert "without --job the settings come from workflow_config.yaml" in proc.stderr
+    proc = _attnlab("niah-paired", "--job", "[1]", "--out", str(out), cwd=tmp_path)
+    assert proc.stderr == "attnlab: error: niah-paired: --job is a JSON object of fields\n"
+    assert not out.exists()
