@@ -78,14 +78,33 @@ def model_name(wildcards):
 
 
 def cache_files(grid, model):
-    """A cache-regime job's table, or its shards' (niah.cache_shards)."""
+    """A grid's cache-regime table, or its shards' (niah.cache_shards)."""
     shards = workflow_cache_shards(NIAH["cache_shards"])
-    return [f"results/{grid}/{model}/cache{s}.parquet" for s in shards]
+    return [f"results/{grid}/cache/{model}/all{s}.parquet" for s in shards]
 
 
-def cache_shard(wildcards):
-    """The ``--shard`` of a cache job, ``<i>of<n>``, from its file name (1of1: cache.parquet)."""
-    return wildcards.shard[1:] or "1of1"
+def niah_run(wildcards):
+    """The (policy, sparsity) of a one-run NIAH part ``<policy>_<pct>``; None for ``all``."""
+    if wildcards.part.startswith("all"):
+        return None
+    policy, p = wildcards.part.rsplit("_", 1)
+    return policy, sparsity(p)
+
+
+def niah_runs(wildcards):
+    """A NIAH job's runs, ``[policy, params, sparsity]``: one, or for the part ``all``
+    every run of the grid, full attention first."""
+    if (run := niah_run(wildcards)) is not None:
+        return [[run[0], policy_spec(run[0]), run[1]]]
+    policies, sparsities = niah_grid(wildcards)
+    return [["full", {}, 0.0]] + [
+        [p, policy_spec(p), s] for p in policies for s in sparsities
+    ]
+
+
+def niah_shard(wildcards):
+    """A NIAH job's shard of the prompts, ``<i>of<n>``, from its part (``all_<i>of<n>``)."""
+    return wildcards.part.removeprefix("all_") if "of" in wildcards.part else "1of1"
 
 
 def niah_score_files(wildcards=None):
@@ -151,48 +170,42 @@ def gpu_mem_gb(wildcards):
 
 
 def gpu_job_kind(wildcards):
-    return workflow_gpu_job_kind(getattr(wildcards, "policy", None), config["policies"])
+    if hasattr(wildcards, "part"):  # a NIAH job: one run, or the dense prefill of all
+        policy = (niah_run(wildcards) or (None,))[0]
+    else:
+        policy = getattr(wildcards, "policy", None)
+    return workflow_gpu_job_kind(policy, config["policies"])
 
 
-def niah_cache_grid(wildcards):
-    """The cache job's policies and sparsities: the NIAH grid's, or the ablation's."""
+def niah_grid(wildcards):
+    """The policies and sparsities of a NIAH job's grid in its regime: the NIAH grid's,
+    or the ablation's."""
     if wildcards.grid == "ablation":
         return ablation_policies(), ABLATION["sparsities"]
-    return NIAH["regimes"]["cache"], NIAH["sparsities"]
-
-
-def niah_cache_runs(wildcards):
-    """The cache regime's runs: full attention, then each policy at each sparsity."""
-    policies, sparsities = niah_cache_grid(wildcards)
-    return [["full", {}, 0.0]] + [
-        [p, policy_spec(p), s] for p in policies for s in sparsities
-    ]
-
-
-def niah_cache_sources(wildcards):
-    """Modules the cache job runs: every cache-regime policy's, so editing one reruns it."""
-    names = ["full", *niah_cache_grid(wildcards)[0]]
-    mods = [f"policies.{workflow_policy_module(p, config['policies'])}" for p in names]
-    return module_sources(
-        "cli", "niah_jobs", "attention", "models", *mods, root=workflow.basedir
-    )
+    return NIAH["regimes"][wildcards.regime], NIAH["sparsities"]
 
 
 def niah_sources(wildcards):
-    """Package modules a scoring job runs: editing one re-runs just the jobs that use it."""
-    return policy_sources(wildcards, "niah_jobs")
+    """Package modules a NIAH job runs: its run's policy module, or every policy's of the
+    grid, so that editing one reruns just the jobs that use it."""
+    run = niah_run(wildcards)
+    names = ["full", *niah_grid(wildcards)[0]] if run is None else [run[0]]
+    return policy_sources(names, "niah_jobs")
 
 
 def pareto_sources(wildcards):
-    return policy_sources(wildcards, "pareto")
+    return policy_sources([wildcards.policy], "pareto")
 
 
-def policy_sources(wildcards, stage):
+def policy_sources(policies, stage):
     """The command line, the stage module ``stage`` whose verb the job runs, and its
-    policy's module (the verbs import the policy registry by name, not every policy)."""
-    base = workflow_policy_module(wildcards.policy, config["policies"])
+    policies' modules (the verbs import the policy registry by name, not every policy).
+    """
+    mods = [
+        f"policies.{workflow_policy_module(p, config['policies'])}" for p in policies
+    ]
     return module_sources(
-        "cli", stage, "attention", "models", f"policies.{base}", root=workflow.basedir
+        "cli", stage, "attention", "models", *dict.fromkeys(mods), root=workflow.basedir
     )
 
 

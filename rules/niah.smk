@@ -1,7 +1,8 @@
-# Needle-in-a-haystack: prompts per model; the cache regime in one job per model, or in
-# niah.cache_shards jobs of every n-th prompt (one dense prefill per prompt shared by every
-# policy and sparsity; the ablation's variants in more); the prefill regime in one job per
-# (model, policy, sparsity); one table.
+# Needle-in-a-haystack: prompts per model; one rule scores them in either regime
+# (results/<grid>/<regime>/<model>/<part>.parquet): the cache regime's part "all" is every
+# run of the grid over one dense prefill per prompt (all_<i>of<n>: the i-th of
+# niah.cache_shards jobs of every n-th prompt; the ablation's variants in a grid of their
+# own), a prefill-regime part "<policy>_<pct>" one run; one table.
 
 
 rule model_info:
@@ -41,43 +42,23 @@ rule niah_prompts:
         " --out {output} 2> {log}"
 
 
-rule niah_cache:
-    input:
-        prompts="results/niah/{model}/prompts.parquet",
-        code=niah_cache_sources,
-    output:
-        "results/{grid}/{model}/cache{shard}.parquet",
-    log:
-        "logs/niah_cache/{grid}/{model}{shard}.log",
-    benchmark:
-        "benchmarks/niah_cache/{grid}/{model}{shard}.tsv"
-    wildcard_constraints:
-        grid="niah|ablation",
-        shard="(_[0-9]+of[0-9]+)?",
-    # the longest job of a NIAH grid: first in line, so that it is not left to run alone
-    priority: 10
-    conda:
-        "../envs/attnlab.yaml"
-    threads: config["threads"]
-    resources:
-        gpu_mem_gb=gpu_mem_gb,
-    params:
-        job=job("niah-cache", model=model_name, runs=niah_cache_runs, shard=cache_shard),
-    shell:
-        "attnlab niah-cache --job {params.job:q} --prompts {input.prompts}"
-        " --threads {threads} --out {output} 2> {log}"
-
-
 rule niah_score:
     input:
         prompts="results/niah/{model}/prompts.parquet",
         code=niah_sources,
     output:
-        "results/niah/prefill/{model}/{policy}_{pct}.parquet",
+        "results/{grid}/{regime}/{model}/{part}.parquet",
     log:
-        "logs/niah_score/{model}/{policy}_{pct}.log",
+        "logs/niah_score/{grid}/{regime}/{model}/{part}.log",
     benchmark:
-        "benchmarks/niah_score/{model}/{policy}_{pct}.tsv"
+        "benchmarks/niah_score/{grid}/{regime}/{model}/{part}.tsv"
+    wildcard_constraints:
+        grid="niah|ablation",
+        regime="cache|prefill",
+        part=r"all(_[0-9]+of[0-9]+)?|[a-z0-9_]+_[0-9]+(\.[0-9]+)?",
+    # a grid's cache-regime job, its longest: first in line, so that it is not left to
+    # run alone
+    priority: lambda w: 10 if w.part.startswith("all") else 0
     conda:
         "../envs/attnlab.yaml"
     threads: config["threads"]
@@ -87,8 +68,9 @@ rule niah_score:
         job=job(
             "niah-score",
             model=model_name,
-            policy=lambda w: w.policy,
-            sparsity=target_sparsity,
+            regime=lambda w: w.regime,
+            runs=niah_runs,
+            shard=niah_shard,
         ),
     shell:
         "attnlab niah-score --job {params.job:q} --prompts {input.prompts}"

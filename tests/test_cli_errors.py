@@ -65,9 +65,9 @@ def test_table_from_an_older_schema(tmp_path):
     old = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"length": [512], "depth": [0.5], "tokens": [[1, 2, 3]]}), old)
     out = tmp_path / "scores.parquet"
-    args = ["niah-score", "--model", "smollm2-135m", "--prompts", str(old), "--policy", "full"]
-    args += ["--policy-params", "{}", "--sparsity", "0", "--tolerance", "0.005", "--seed", "0"]
-    args += ["--threads", "1", "--device", "cpu", "--dtype", "float32"]
+    args = ["niah-score", "--model", "smollm2-135m", "--prompts", str(old), "--regime"]
+    args += ["prefill", "--runs", '[["full", {}, 0]]', "--shard", "1of1", "--tolerance"]
+    args += ["0.005", "--seed", "0", "--threads", "1", "--device", "cpu", "--dtype", "float32"]
     args += ["--max-new-tokens", "8", "--row-chunk", "0"]
     line = refused(*args, "--out", str(out), out=out)
     assert str(old) in line and "older version" in line
@@ -79,11 +79,24 @@ def test_a_figure_without_the_option_it_takes(tmp_path):
     assert line == "attnlab: error: figure niah-heatmap needs --sparsity"
 
 
+def _niah_score(tmp_path, regime, runs, shard):
+    args = ["niah-score", "--model", "smollm2-135m", "--prompts", str(tmp_path / "p.parquet")]
+    args += ["--regime", regime, "--runs", runs, "--shard", shard, "--tolerance", "0.005"]
+    args += ["--max-new-tokens", "8", "--threads", "1", "--device", "cpu", "--dtype", "auto"]
+    return args + ["--seed", "0", "--row-chunk", "0"]
+
+
 @pytest.mark.parametrize("shard", ["3of2", "0of4", "two"])
 def test_a_cache_shard_outside_its_count(tmp_path, shard):
     out = tmp_path / "cache.parquet"
-    args = ["niah-cache", "--model", "smollm2-135m", "--prompts", str(tmp_path / "p.parquet")]
-    args += ["--runs", "[]", "--shard", shard, "--tolerance", "0.005", "--seed", "0"]
-    args += ["--max-new-tokens", "8", "--threads", "1", "--device", "cpu", "--dtype", "auto"]
-    line = refused(*args, "--out", str(out), out=out)
+    line = refused(*_niah_score(tmp_path, "cache", "[]", shard), "--out", str(out), out=out)
     assert "--shard" in line and shard in line
+
+
+def test_the_prefill_regime_scores_one_run_a_job(tmp_path):
+    out = tmp_path / "scores.parquet"
+    runs = '[["topk", {}, 0.9], ["topk", {}, 0.99]]'
+    line = refused(*_niah_score(tmp_path, "prefill", runs, "1of1"), "--out", str(out), out=out)
+    assert line == "attnlab: error: the prefill regime scores one run over every prompt in a job"
+    args = _niah_score(tmp_path, "decode", "[]", "1of1")
+    assert "--regime must be one of cache, prefill" in refused(*args, "--out", str(out), out=out)

@@ -101,7 +101,7 @@ def test_rerun_has_nothing_to_do(run_dir):
 
 
 def test_editing_a_policy_module_reruns_only_that_policys_scoring(run_dir):
-    for name, job in (("streamingllm", "niah_cache"), ("xattention", "niah_score")):
+    for name in ("streamingllm", "xattention"):
         module = run_dir / f"src/attnlab/policies/{name}.py"
         text = module.read_text()
         module.write_text(text + "# an edit\n")
@@ -110,7 +110,7 @@ def test_editing_a_policy_module_reruns_only_that_policys_scoring(run_dir):
         finally:
             module.write_text(text)
         assert f"src/attnlab/policies/{name}.py" in proc.stdout
-        assert planned_jobs(proc) == {job: 1, "niah_table": 1, "niah_heatmap": 1}
+        assert planned_jobs(proc) == {"niah_score": 1, "niah_table": 1, "niah_heatmap": 1}
 
 
 def test_report_holds_the_figure_with_its_caption(run_dir):
@@ -131,4 +131,4 @@ def test_new_sparsity_reruns_only_scoring_and_figures(run_dir):
     (run_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(run_dir, "-n", "figs/niah_heatmap_90.png"))
     # the cache job reruns with its new runs; xattention at 95% in the prefill regime
-    assert jobs == {"niah_cache": 1, "niah_score": 1, "niah_table": 1, "niah_heatmap": 1}
+    assert jobs == {"niah_score": 2, "niah_table": 1, "niah_heatmap": 1}

@@ -93,7 +93,7 @@ def test_ablation_table_has_every_variant_with_intervals(pareto_dir):
     assert "The grass is green" not in texts[0] and "The grass is green" in texts[1]
     # the cache regime in two shards, one prompt each, every run on each
     shards = [
-        pl.read_parquet(pareto_dir / f"results/ablation/smollm2-135m/cache_{i}of2.parquet")
+        pl.read_parquet(pareto_dir / f"results/ablation/cache/smollm2-135m/all_{i}of2.parquet")
         for i in (1, 2)
     ]
     assert [s["haystack"].unique().to_list() for s in shards] == [["corpus"], ["noise"]]

@@ -25,7 +25,7 @@ TINY = {
 }
 PREFILL = f"results/niah/prefill/{MODEL}"
 FINE = [  # every table the study writes that the failing job does not hold up
-    f"results/niah/{MODEL}/cache.parquet",
+    f"results/niah/cache/{MODEL}/all.parquet",
     f"{PREFILL}/streamingllm_90.parquet",
     f"{PREFILL}/cab_90.parquet",
     f"results/bench/{MODEL}/prefill.parquet",

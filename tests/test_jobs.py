@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from attnlab.errors import UserError
-from attnlab.jobs import RECORDS, NiahScore, job_json
+from attnlab.jobs import RECORDS, NiahScore, ParetoScore, job_json
 from attnlab.record import lookup
 from attnlab.workflow import effective, policy_spec
 
@@ -60,23 +60,24 @@ def test_a_rules_json_and_a_persons_flags_make_one_record(config):
     """The rule's ``--job`` (settings and wildcards) with its file flags, and the same job
     typed by hand (the settings from the config), are equal; a configured policy's
     parameters are its every field."""
-    files = {"prompts": "p.parquet", "out": "o.parquet", "threads": 2}
-    rule = json.loads(job_json("niah-score", config, model="m", policy="cab", sparsity=0.99))
+    files = {"manifest": "m.json", "out": "o.parquet", "threads": 2}
+    wildcards = {"model": "m", "policy": "cab", "sparsity": 0.5, "regime": "cache"}
+    rule = json.loads(job_json("pareto-score", config, **wildcards))
     assert "threads" not in rule  # the scheduler's count, as a flag
-    by_rule = NiahScore.make({**rule, **files})
-    given = {"model": "m", "policy": "cab", "sparsity": 0.99, **files}
-    by_hand = NiahScore.make({**NiahScore.settings(config, given), **given})
+    by_rule = ParetoScore.make({**rule, **files})
+    given = {**wildcards, **files}
+    by_hand = ParetoScore.make({**ParetoScore.settings(config, given), **given})
     assert by_rule == by_hand
     assert by_rule.policy_params == policy_spec("cab", config["policies"])
-    assert by_rule.max_new_tokens == config["niah"]["max_new_tokens"]
+    assert by_rule.repeats == config["pareto"]["repeats"]
 
 
 def test_bad_values_are_refused_in_one_line(config):
-    given = {"model": "m", "policy": "cab", "sparsity": 0.99, "prompts": "p", "out": "o"}
-    values = {**NiahScore.settings(config, given), **given}
-    assert NiahScore.make({**values, "sparsity": 1}).sparsity == 1.0  # an int is a float
-    with pytest.raises(UserError, match=r"^niah-score: --sparsity must be float, got 'high'$"):
-        NiahScore.make({**values, "sparsity": "high"})
+    given = {"model": "m", "prompts": "p", "out": "o", "regime": "cache", "shard": "1of1"}
+    values = {**NiahScore.settings(config, given), **given, "runs": [["topk", {}, 0.99]]}
+    assert NiahScore.make({**values, "tolerance": 0}).tolerance == 0.0  # an int is a float
+    with pytest.raises(UserError, match=r"^niah-score: --tolerance must be float, got 'low'$"):
+        NiahScore.make({**values, "tolerance": "low"})
     with pytest.raises(UserError, match=r"--row-chunk must be int, got True"):
         NiahScore.make({**values, "row_chunk": True})
     with pytest.raises(UserError, match=r"^niah-score: no such field --bogus$"):

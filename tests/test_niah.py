@@ -135,17 +135,19 @@ def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(s
     import polars as pl
 
     from attnlab import niah_jobs, tables
-    from attnlab.jobs import NiahCache
+    from attnlab.jobs import NiahScore
 
     _, tok, _ = smollm2
     prompts = niah.make_prompts(tok, [96], [0.0, 1.0], 1, 0)
     tables.write([p.__dict__ for p in prompts], tmp_path / "prompts.parquet")
     runs = [["full", {}, 0.0], ["topk", {}, 0.5]]
     out = str(tmp_path / "cache.parquet")
-    job = NiahCache(
+    job = NiahScore(
         model="smollm2-135m",
         prompts=str(tmp_path / "prompts.parquet"),
+        regime="cache",
         runs=runs,
+        row_chunk=0,
         shard="1of1",
         tolerance=0.01,
         max_new_tokens=4,
@@ -155,7 +157,7 @@ def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(s
         dtype="auto",
         out=out,
     )
-    niah_jobs.score_cache_runs(job)
+    niah_jobs.score(job)
     whole = pl.read_parquet(out)
     assert not list(tmp_path.glob("*.partial-*"))
 
@@ -170,7 +172,7 @@ def test_a_cache_job_killed_midway_scores_only_the_prompts_it_had_not_finished(s
         f.write('{"prompt": "cut sho')  # the kill
     other = niah_jobs.Checkpoint(out, [*settings[:4], 1, "cpu", "auto"], job.prompts)
     assert other.path != checkpoint.path and not other.load()
-    niah_jobs.score_cache_runs(job)
+    niah_jobs.score(job)
     resumed = pl.read_parquet(out)
     assert resumed["generated"].to_list()[:3] == ["from the checkpoint"] * 3
     assert resumed.drop("generated")[3:].equals(whole.drop("generated")[3:])

@@ -85,11 +85,13 @@ def test_a_variant_must_be_configured_and_its_settings_are_its_base_fields(tmp_p
 
 def test_default_config_plans_the_main_job(tmp_path):
     copy_workflow(tmp_path)
-    jobs = planned_jobs(snakemake(tmp_path, "-n", "figs/niah_heatmap_99.png"))
+    proc = snakemake(tmp_path, "-n", "figs/niah_heatmap_99.png")
+    jobs = planned_jobs(proc)
     # per model: one cache-regime job (full + 4 policies x 3 sparsities, one prefill per
     # prompt, full attention's prefill-regime rows with it) and prefill-regime jobs for
     # the top-k oracle and CAB at 3 sparsities
-    assert jobs["niah_cache"] == 2 and jobs["niah_score"] == 2 * 2 * 3
+    assert jobs["niah_score"] == 2 + 2 * 2 * 3
+    assert "results/niah/cache/smollm2-135m/all.parquet" in proc.stdout
     assert jobs["niah_prompts"] == 2 and jobs["niah_heatmap"] == 1
 
 
@@ -174,14 +176,14 @@ def test_the_gpu_profile_puts_each_model_job_on_the_card_within_its_memory(tmp_p
     ):
         fields = dict(kv.split("=", 1) for kv in res.split(", "))
         claims.setdefault(rule, []).append((wildcards, fields))
-    for rule in ("niah_score", "niah_cache", "bench_prefill", "bench_generate"):
+    for rule in ("niah_score", "bench_prefill", "bench_generate"):
         for _, fields in claims[rule]:
             assert fields["gpu"] == "1" and 0 < int(fields["gpu_mem_gb"]) <= cap["gpu_mem_gb"]
     for rule in ("bench_prefill", "bench_generate"):  # a benchmark times alone
         assert int(claims[rule][0][1]["gpu_mem_gb"]) == cap["gpu_mem_gb"]
     score = {w: int(f["gpu_mem_gb"]) for w, f in claims["niah_score"]}
-    cab = next(v for w, v in score.items() if "policy=cab," in w)
-    snapkv = next(v for w, v in score.items() if "policy=snapkv," in w)
+    cab = next(v for w, v in score.items() if "part=cab_" in w)
+    snapkv = next(v for w, v in score.items() if "part=snapkv_" in w)
     assert snapkv > cab  # measured: SnapKV's row chunks, a row per query block for CAB
 
 
@@ -193,12 +195,12 @@ def test_ablation_plans_each_variant_once_and_shares_runs_with_the_other_stages(
     # oracle, coarse magnitude, random blocks, CAB at lambda 0.3, 0.5, 0.7 at 75% (lambda
     # 1.0 is cab) and CAB's four named variants, + cab_75; full attention runs once per
     # model and grid, in the cache jobs
-    assert jobs["niah_score"] == 2 * 2 * 3 + 6 + 4 + 1
-    assert jobs["niah_cache"] == 2 + 1  # one per model, and the ablation's variants
+    # + the cache regime's: one per model, and the ablation's variants
+    assert jobs["niah_score"] == 2 * 2 * 3 + 6 + 4 + 1 + 2 + 1
     assert jobs["pareto_score"] == 2 * (1 + 11)  # both regimes: full + the eleven runs
     assert "results/niah/prefill/smollm2-135m/cab_lam30_75.parquet" in proc.stdout
     assert "results/niah/prefill/smollm2-135m/cab_query_75.parquet" in proc.stdout
-    assert "results/ablation/smollm2-135m/cache.parquet" in proc.stdout
+    assert "results/ablation/cache/smollm2-135m/all.parquet" in proc.stdout
     for regime in ("prefill", "cache"):
         assert f"results/pareto/{regime}/smollm2-135m/cab_75.parquet" in proc.stdout
     assert "results/niah/prefill/smollm2-135m/full_0.parquet" not in proc.stdout

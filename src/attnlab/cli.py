@@ -27,8 +27,7 @@ VERBS = {
     "config": "attnlab.workflow:show_config",
     "model-info": "attnlab.models:write_info",
     "niah-prompts": "attnlab.niah_jobs:write_prompts",
-    "niah-score": "attnlab.niah_jobs:score_prefill",
-    "niah-cache": "attnlab.niah_jobs:score_cache_runs",
+    "niah-score": "attnlab.niah_jobs:score",
     "niah-table": "attnlab.niah_jobs:join_tables",
     "niah-paired": "attnlab.niah_paired:write_paired",
     "niah-matched": "attnlab.matched:write_matched",
@@ -107,7 +106,7 @@ def _record_parser(sub, command: str) -> None:
             help_ = f"from the config: {f.metadata['setting']}"
         else:
             help_ = f.metadata.get("help", "").replace("%", "%%")
-        if hint is list:  # a JSON list (niah-cache --runs)
+        if hint is list:  # a JSON list (niah-score --runs)
             kind, listed = json.loads, False
         s.add_argument(flag(f.name), type=kind, nargs="*" if listed else None, help=help_)
 

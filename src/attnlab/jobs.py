@@ -86,30 +86,17 @@ class NiahPrompts(Job):
 
 @dataclass(frozen=True, kw_only=True)
 class NiahScore(DeviceJob):
-    """score prompts under one policy and sparsity (the prefill regime)"""
+    """score prompts in one regime: every cache-regime run over one prefill, or one run"""
 
     command = "niah-score"
     prompts: str = given("the prompts table (niah-prompts)")
     out: str = given("the scores table")
-    policy: str = given("a policy or a configured variant (attnlab policies)")
-    sparsity: float = given("the target sparsity")
-    policy_params: dict = setting("policy_params.{policy}")
-    tolerance: float = setting("niah.sparsity_tolerance")
-    max_new_tokens: int = setting("niah.max_new_tokens")
-    row_chunk: int = setting("niah.row_chunk")
-
-
-@dataclass(frozen=True, kw_only=True)
-class NiahCache(DeviceJob):
-    """score prompts under every cache-regime run, one prefill each"""
-
-    command = "niah-cache"
-    prompts: str = given("the prompts table (niah-prompts)")
-    out: str = given("the scores table")
-    runs: list = given("[[policy, params, sparsity], ...]: full attention's first")
+    regime: str = given("cache or prefill (attnlab.regimes)")
+    runs: list = given("[[policy, params, sparsity], ...]: the prefill regime's one run")
     shard: str = given("<i>of<n>: the i-th of n interleaved parts of the prompts")
     tolerance: float = setting("niah.sparsity_tolerance")
     max_new_tokens: int = setting("niah.max_new_tokens")
+    row_chunk: int = setting("niah.row_chunk")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +104,7 @@ class NiahTable(Job):
     """concatenate NIAH score tables"""
 
     command = "niah-table"
-    inputs: list[str] = given("score tables (niah-score, niah-cache)")
+    inputs: list[str] = given("score tables (niah-score)")
     out: str = given("the one table")
 
 
@@ -300,7 +287,7 @@ class AblationTable(Job):
     """NIAH accuracy and perplexity per policy variant"""
 
     command = "ablation-table"
-    niah: list[str] = given("niah-score and niah-cache tables")
+    niah: list[str] = given("niah-score tables")
     pareto: list[str] = given("pareto-score tables")
     out: str = given("the table")
     resamples: int = setting("pareto.bootstrap")

@@ -1,5 +1,6 @@
-"""The needle-in-a-haystack stage's verbs: one model's prompts, their scores under one
-policy (prefill regime) or under every cache-regime run at once, and the one table."""
+"""The needle-in-a-haystack stage's verbs: one model's prompts, their scores in a regime
+(every cache-regime run over one dense prefill per prompt, or one prefill-regime run), and
+the one table."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from attnlab import models, niah, scoring, tables
+from attnlab import models, niah, regimes, scoring, tables
 from attnlab.errors import UserError
-from attnlab.jobs import NiahCache, NiahPrompts, NiahScore, NiahTable
+from attnlab.jobs import NiahPrompts, NiahScore, NiahTable
 from attnlab.policies.selection import twilight
 
 
@@ -64,12 +65,27 @@ def write_prompts(job: NiahPrompts) -> None:
     tables.write(rows, job.out, meta=meta)
 
 
-def score_prefill(job: NiahScore) -> None:
-    """Score the prompts under one policy at one target sparsity in the prefill regime
-    (sparse prefill, dense decoding); write the rows to ``job.out``."""
+def score(job: NiahScore) -> None:
+    """Score the prompts under the record's runs in its regime (:mod:`attnlab.regimes`)
+    and write the rows to ``job.out``. In the ``cache`` regime every run shares one dense
+    prefill per prompt (full attention first: its rows are both regimes'), the prompts i,
+    i + n, ... of shard ``<i>of<n>`` (from 1) only, so that n jobs share the card; in the
+    ``prefill`` regime one run scores every prompt, its prompt rows under the policy and
+    its answer decoded densely."""
+    if job.regime not in regimes.REGIMES:
+        raise UserError(f"--regime must be one of {', '.join(regimes.REGIMES)}, got {job.regime!r}")
+    if regimes.get(job.regime).dense_prefill:
+        _score_cache(job)
+    elif len(job.runs) != 1 or job.shard != "1of1":
+        raise UserError("the prefill regime scores one run over every prompt in a job")
+    else:
+        _score_prefill(job, *job.runs[0])
+
+
+def _score_prefill(job: NiahScore, policy: str, params: dict, sparsity: float) -> None:
     rows_in = niah.read_prompts(job.prompts)
     pmeta = tables.meta(job.prompts)
-    run, target, net, tokenizer = scoring.load_job(job)
+    run, target, net, tokenizer = scoring.load_job(job, policy, params, sparsity)
     rows = niah.score_niah(
         net,
         tokenizer,
@@ -78,11 +94,11 @@ def score_prefill(job: NiahScore) -> None:
         target,
         job.max_new_tokens,
         job.seed,
-        desc=f"{job.model} {job.policy} {target:g} prefill",
+        desc=f"{job.model} {policy} {target:g} prefill",
         regime="prefill",
         row_chunk=job.row_chunk,
     )
-    marks = scoring.mark_rows(rows, job.model, job.policy, run, target, job.tolerance)
+    marks = scoring.mark_rows(rows, job.model, policy, run, target, job.tolerance)
     params = json.dumps(run.params(), sort_keys=True)
     cost = choice_read_cost(run, models.model_info(job.model, net).head_dim, target)
     for r in rows:
@@ -92,12 +108,7 @@ def score_prefill(job: NiahScore) -> None:
     scoring.log_gpu_peak(job.device)
 
 
-def score_cache_runs(job: NiahCache) -> None:
-    """Score the prompts under every cache-regime run of ``job.runs`` (``[[policy,
-    params, sparsity], ...]``) on one model, one dense prefill per prompt shared by all of
-    them; write the rows to ``job.out``. ``job.shard`` ``<i>of<n>``: the prompts i, i + n,
-    ... (from 1) only, so that n jobs share the card (their tables together are the
-    whole)."""
+def _score_cache(job: NiahScore) -> None:
     import torch
 
     from attnlab import attention
