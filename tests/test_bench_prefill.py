@@ -143,4 +143,8 @@ def test_a_run_that_records_nothing_selects_the_same(smollm2):
     ]
     logits = [decoding.prefill(model, ids, r)[1] for r in runs]
     assert torch.equal(logits[0], logits[1])
-    assert runs[0].kept == runs[1].kept and runs[0].recall_sums and not runs[1].recall_sums
+    assert (
+        runs[0].recorder.kept == runs[1].recorder.kept
+        and runs[0].recorder.recall_sums
+        and not runs[1].recorder.recall_sums
+    )

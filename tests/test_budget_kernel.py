@@ -103,7 +103,7 @@ def test_a_gpu_prefill_with_the_fused_selection_equals_the_pytorch_one(name):
         runs[fused] = sparse.SparseRun(policy, 0.8, fused=fused, whole_prompt=True)
         with torch.inference_mode(), runs[fused]:
             out[fused] = model(ids, use_cache=False).logits[0]
-    assert int(runs[True].kept) == int(runs[False].kept)
+    assert int(runs[True].recorder.kept) == int(runs[False].recorder.kept)
     torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-5)
     assert runs[True].kernels == {
         "flex block-sparse, model mask, fused selection": 2,

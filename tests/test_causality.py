@@ -123,10 +123,12 @@ def test_cache_regime_rows_before_a_changed_token_keep_their_logits(tiny_llama, 
     torch.testing.assert_close(a[:n], b[:n], rtol=0, atol=ATOL)
     assert not torch.allclose(a[n:], b[n:], atol=1e-3)
     if name != "full":
-        assert run.achieved_sparsity > 0.5  # the policy acted on the decode rows
+        assert run.recorder.achieved_sparsity > 0.5  # the policy acted on the decode rows
     _, multi = _continuation_logits(model, ids, name)
     # the budgets are per row: the same count of kept pairs whichever keys near ties keep
-    assert multi.achieved_sparsity == pytest.approx(run.achieved_sparsity, abs=1e-12)
+    assert multi.recorder.achieved_sparsity == pytest.approx(
+        run.recorder.achieved_sparsity, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TWILIGHT))
@@ -138,7 +140,8 @@ def test_top_p_pruning_keeps_rows_before_a_changed_token(tiny_llama, name):
     torch.testing.assert_close(a[:n], b[:n], rtol=0, atol=ATOL)
     assert not torch.allclose(a[n:], b[n:], atol=1e-3)
     _, plain = _cache_logits(tiny_llama, ids, TWILIGHT[name][0])  # the same, top_p 0
-    assert run.achieved_sparsity > plain.achieved_sparsity  # pruned within the budget
+    # pruned within the budget
+    assert run.recorder.achieved_sparsity > plain.recorder.achieved_sparsity
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +217,8 @@ def test_flex_prefill_keeping_every_block_is_full_attention_under_the_window(tin
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     cfg = model.config
     per_head = sum(max(0, q + 1 - cfg.sliding_window) for q in range(GEMMA_T))
-    assert run.hidden == per_head * cfg.num_attention_heads * 2  # two window layers
-    assert run.kept == run.causal - run.hidden
+    assert run.recorder.hidden == per_head * cfg.num_attention_heads * 2  # two window layers
+    assert run.recorder.kept == run.recorder.causal - run.recorder.hidden
 
 
 @pytest.mark.parametrize("name", BLOCK)
@@ -233,6 +236,6 @@ def test_flex_prefill_selects_as_the_keep_mask_path_under_the_window(tiny_gemma3
         with torch.inference_mode(), runs[backend]:
             out[backend] = model(ids, use_cache=False).logits[0]
     assert runs["flex"].kernels == {"flex block-sparse, model mask": 2, "flex block-sparse": 1}
-    assert int(runs["flex"].kept) == int(runs["eager"].kept) > 0
-    assert runs["flex"].causal == runs["eager"].causal
+    assert int(runs["flex"].recorder.kept) == int(runs["eager"].recorder.kept) > 0
+    assert runs["flex"].recorder.causal == runs["eager"].recorder.causal
     torch.testing.assert_close(out["flex"], out["eager"], rtol=0, atol=1e-4)

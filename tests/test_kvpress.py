@@ -253,8 +253,8 @@ def test_kvpress_knorm_policy_keeps_the_smallest_key_norms_and_every_new_key(
     # row T + i keeps the 128 compressed keys and the i + 1 generated ones
     kept = sum(N_KEPT + i + 1 for i in range(n_rows))
     seen = sum(T + i + 1 for i in range(n_rows))
-    assert run.achieved_sparsity == pytest.approx(1 - kept / seen)
-    assert run.achieved_sparsity > 0.7
+    assert run.recorder.achieved_sparsity == pytest.approx(1 - kept / seen)
+    assert run.recorder.achieved_sparsity > 0.7
 
 
 def test_kvpress_policy_refuses_the_prefill_regime(smollm2):

@@ -27,7 +27,7 @@ def test_full_attention_perplexity_equals_the_models_own_loss(smollm2, sharded):
         attention.install(model)
     nll, tokens, run, seconds = pareto.chunk_pass(model, ids, policies.make("full"), 0.0)
     assert tokens == ids.shape[1] - 1 and seconds > 0
-    assert run.achieved_sparsity == 0.0
+    assert run.recorder.achieved_sparsity == 0.0
     assert math.exp(nll / tokens) == pytest.approx(math.exp(loss), rel=1e-4)
 
 
@@ -53,7 +53,7 @@ def test_cache_regime_scores_the_continuation_with_the_models_own_logits(smollm2
     nll_s, _, run_s, _ = pareto.chunk_pass(
         model, ids, policies.make("streamingllm"), 0.5, regime="cache"
     )
-    assert abs(run_s.achieved_sparsity - 0.5) < 0.01 and nll_s > nll
+    assert abs(run_s.recorder.achieved_sparsity - 0.5) < 0.01 and nll_s > nll
     with pytest.raises(UserError, match="strictly between 0 and 1"):
         pareto.context_length(t, 1.0)
 

@@ -31,7 +31,7 @@ def test_full_policy_equals_model_sdpa_attention(fixture, request):
     run = sparse.SparseRun(policies.make("full"))
     out = logits(model, ids, run)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    assert run.achieved_sparsity == 0.0
+    assert run.recorder.achieved_sparsity == 0.0
 
 
 @pytest.mark.parametrize("name", ["topk", "h2o", "streamingllm", "cab", "random_block"])
@@ -56,8 +56,8 @@ def test_sparse_run_reaches_its_target_and_changes_the_output(smollm2):
     dense = logits(model, ids, sparse.SparseRun(policies.make("full")))
     run = sparse.SparseRun(policies.make("topk"), 0.9, watch=[10, 11])
     out = logits(model, ids, run)
-    assert 0.895 <= run.achieved_sparsity <= 0.905
-    assert len(run.watch_kept) == info.n_layers * info.n_heads
+    assert 0.895 <= run.recorder.achieved_sparsity <= 0.905
+    assert len(run.recorder.watch_kept) == info.n_layers * info.n_heads
     assert not torch.allclose(out, dense, atol=1e-3)
 
 
@@ -86,13 +86,13 @@ def test_flex_prefill_matches_masked_attention_with_the_same_mask(name, device):
     expected = (torch.softmax(scores, -1) @ vv).transpose(1, 2)
     tol = 1e-5 if device == "cpu" else 2e-3  # compiled flex on the GPU may use TF32
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-    assert 0.5 < run.achieved_sparsity < 0.75
+    assert 0.5 < run.recorder.achieved_sparsity < 0.75
     # counted from the blocks, as the token-level mask counts them
-    assert run.kept == int(tokens.sum()) and run.causal == 4 * 100 * 101 // 2
-    assert run.watch_kept == tokens[0, :, -1][:, [5, 40]].any(-1).float().tolist()
+    assert run.recorder.kept == int(tokens.sum()) and run.recorder.causal == 4 * 100 * 101 // 2
+    assert run.recorder.watch_kept == tokens[0, :, -1][:, [5, 40]].any(-1).float().tolist()
     last = torch.softmax((q[..., -1:, :] @ kk.transpose(-1, -2))[..., 0, :] * 0.25, -1)
     recall = (last * tokens[..., -1, :]).sum(-1).mean()  # the last row's kept mass
-    assert run.recall_by_layer()["recall"] == pytest.approx([float(recall)], abs=1e-5)
+    assert run.recorder.recall_by_layer()["recall"] == pytest.approx([float(recall)], abs=1e-5)
     raw = torch.where(visible, q @ kk.transpose(-1, -2) * 0.25, float("-inf"))
     rows = sparse.SparseRun(policy, 0.7, backend="eager").mask(0, q, kk, visible, 0.25, raw)
     assert torch.equal(rows, tokens.expand_as(rows))
@@ -114,12 +114,12 @@ def test_row_chunks_choose_as_one_call_without_eviction_between_rows(gemma3, nam
     ref, whole = _chunked(model, ids, name, 0.8, 0, watch=[20, 21])
     out, chunked = _chunked(model, ids, name, 0.8, 32, watch=[20, 21])
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
-    assert (chunked.kept, chunked.causal, chunked.hidden) == (
-        whole.kept,
-        whole.causal,
-        whole.hidden,
+    assert (chunked.recorder.kept, chunked.recorder.causal, chunked.recorder.hidden) == (
+        whole.recorder.kept,
+        whole.recorder.causal,
+        whole.recorder.hidden,
     )
-    assert chunked.watch_kept == whole.watch_kept
+    assert chunked.recorder.watch_kept == whole.recorder.watch_kept
 
 
 @pytest.mark.parametrize("name", ["h2o", "snapkv"])
@@ -131,7 +131,7 @@ def test_one_row_chunks_equal_eviction_row_by_row(smollm2, name):
     ref, whole = _chunked(model, ids, name, 0.7, 0)
     out, chunked = _chunked(model, ids, name, 0.7, 1)
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-4)
-    assert chunked.kept == whole.kept
+    assert chunked.recorder.kept == whole.recorder.kept
 
 
 def test_chunked_eviction_drops_keys_between_chunks_only(smollm2):
@@ -142,7 +142,7 @@ def test_chunked_eviction_drops_keys_between_chunks_only(smollm2):
     ids = torch.randint(200, 5000, (1, 96), generator=torch.Generator().manual_seed(6))
     ref, whole = _chunked(model, ids, "h2o", 0.7, 0)
     out, chunked = _chunked(model, ids, "h2o", 0.7, 16)
-    assert abs(chunked.achieved_sparsity - whole.achieved_sparsity) < 0.01
+    assert abs(chunked.recorder.achieved_sparsity - whole.recorder.achieved_sparsity) < 0.01
     assert not torch.allclose(out, ref, atol=1e-3)
 
 
@@ -184,7 +184,7 @@ def test_attention_recall_of_a_planted_pattern():
     kept = torch.zeros(t, dtype=torch.bool)
     kept[:4] = kept[164:] = True
     oracle = p.topk(40).indices
-    by = run.recall_by_layer()
+    by = run.recorder.recall_by_layer()
     assert by["recall"] == pytest.approx([float(p[kept].sum())], abs=1e-5)
     assert by["overlap"] == pytest.approx([float(kept[oracle].float().mean())], abs=1e-6)
     assert by["oracle"] == pytest.approx([float(p.topk(40).values.sum())], abs=1e-5)
@@ -192,10 +192,10 @@ def test_attention_recall_of_a_planted_pattern():
     # a sliding window narrower than the budget: the oracle keeps every visible key
     window = torch.zeros(1, 1, t, dtype=torch.bool)
     window[..., -16:] = True
-    run.recall_sums.clear()
+    run.recorder.recall_sums.clear()
     budget = torch.tensor([[40]])
-    run.record_recall(0, q[..., -1, :], k, window, 1.0, window, budget)
-    by = run.recall_by_layer()
+    run.recorder.record_recall(0, q[..., -1, :], k, window, 1.0, window, budget)
+    by = run.recorder.recall_by_layer()
     assert by["overlap"] == [1.0]  # all 16 oracle keys kept (not 16 of a 40-key budget)
     assert by["recall"] == pytest.approx([1.0]) and by["oracle"] == pytest.approx([1.0])
 
@@ -220,7 +220,7 @@ def test_full_attention_in_sliding_window_layers_runs_flex_under_the_models_own_
         with torch.inference_mode(), attention.window_kernel(kernel), run:
             logits[kernel] = model(ids, use_cache=False).logits[0]
         kernels[kernel] = run.kernels
-        assert run.hidden == hidden and run.kept == run.causal - hidden
+        assert run.recorder.hidden == hidden and run.recorder.kept == run.recorder.causal - hidden
     assert kernels["flex"] == {"flex model mask": 15, "sdpa causal": 3}
     assert kernels["sdpa"] == {"sdpa model mask": 15, "sdpa causal": 3}
     torch.testing.assert_close(logits["flex"], logits["sdpa"], rtol=0, atol=1e-2)
@@ -245,9 +245,11 @@ def test_needle_recall_counts_the_retrieval_heads_alone():
     keep[0, 0, 52] = keep[0, 1, 50:53] = False
     run = sparse.SparseRun(policies.make("topk"), 0.5, watch=[50, 51, 52])
     visible = torch.ones(1, 1, t, dtype=torch.bool)
-    run.record_recall(0, q, k, visible, 1.0, keep, torch.tensor([[50]]))
+    run.recorder.record_recall(0, q, k, visible, 1.0, keep, torch.tensor([[50]]))
     p = torch.softmax(s, -1)
     assert p[1, 50:53].sum() < 0.05 < p[0, 50:53].sum()
     want = float(p[0, 50:52].sum() / p[0, 50:53].sum())
-    assert run.needle_recall == pytest.approx(want, abs=1e-6)
-    assert math.isnan(sparse.SparseRun(policies.make("full")).needle_recall)  # nothing kept
+    assert run.recorder.needle_recall == pytest.approx(want, abs=1e-6)
+    assert math.isnan(
+        sparse.SparseRun(policies.make("full")).recorder.needle_recall
+    )  # nothing kept

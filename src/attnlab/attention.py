@@ -236,10 +236,10 @@ def _unmasked_call(run, acts, module, query, key, value, attention_mask, scaling
     observes = layer not in run.histories and (run.regime.dense_prefill or run.followers)
     if acts and tq == tk and isinstance(attention_mask, ModelMask):  # a prefill: no dense mask
         seen = attention_mask.visible_pairs(module, query)
-        run.account_visible(layer, h, tq, tk, seen, attention_mask.last_row(query))
+        run.recorder.account_visible(layer, h, tq, tk, seen, attention_mask.last_row(query))
     elif acts:
         visible = visible_mask(attention_mask, tq, tk, query.device)
-        run.account(layer, visible.expand(-1, h, -1, -1), visible)
+        run.recorder.account(layer, visible.expand(-1, h, -1, -1), visible)
     if observes:
         visible = visible_mask(attention_mask, tq, tk, query.device)
         k = expand_kv(key, h)

@@ -240,10 +240,10 @@ def _result(prompt: Prompt, run: sparse.SparseRun, text: str) -> dict:
         "decode": run.regime.decode_mode(run.decode),
         "selection": run.selection,
         "extension": run.regime.extends(run.policy),
-        "achieved_sparsity": run.achieved_sparsity,
-        "model_sparsity": run.model_sparsity,
+        "achieved_sparsity": run.recorder.achieved_sparsity,
+        "model_sparsity": run.recorder.model_sparsity,
         "correct": correct,
-        "needle_kept": run.needle_kept,
+        "needle_kept": run.recorder.needle_kept,
         **_recall_columns(run),
         "generated": text,
     }
@@ -253,13 +253,13 @@ def _recall_columns(run: sparse.SparseRun) -> dict:
     """The run's attention-mass recall at its answering rows (see
     :meth:`attnlab.sparse.SparseRun.record_recall`): means over layers and heads, and the
     recall per layer; NaN and empty for full attention, which keeps everything."""
-    by = run.recall_by_layer()
+    by = run.recorder.recall_by_layer()
     mean = {k: float(sum(v) / len(v)) if v else float("nan") for k, v in by.items()}
     return {
         "attention_recall": mean["recall"],
         "oracle_overlap": mean["overlap"],
         "oracle_recall": mean["oracle"],
-        "needle_recall": run.needle_recall,
+        "needle_recall": run.recorder.needle_recall,
         "recall_by_layer": by["recall"],
     }
 

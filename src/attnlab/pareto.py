@@ -130,7 +130,7 @@ def score_chunks(
                 "chunk": cid,
                 "nll_sum": nll,
                 "tokens": n,
-                "achieved_sparsity": run.achieved_sparsity,
+                "achieved_sparsity": run.recorder.achieved_sparsity,
                 "seconds_per_token": float(np.median(times)) / (n + 1),  # rows timed
             }
         )

@@ -8,6 +8,7 @@ whether it kept a needle token at all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,10 +20,11 @@ RETRIEVAL_SHARE = 0.05
 
 @dataclass(kw_only=True)
 class Recorder:
-    """The records of :class:`attnlab.sparse.SparseRun` (which chooses the keys; this
-    counts and measures what it chose), which holds ``watch``: the key positions of the
-    needle's value tokens."""
+    """The records of a :class:`attnlab.sparse.SparseRun` (``run.recorder``: the run
+    chooses the keys, this counts and measures what it chose). ``watch``: the key
+    positions of the needle's value tokens."""
 
+    watch: Sequence[int] = ()
     kept: int = 0  # kept (query, key) pairs of the rows the policy acts on (or a 0-d tensor)
     causal: int = 0  # causal pairs of those rows
     hidden: int = 0  # causal pairs the model's own mask hides (sliding windows), or 0-d
@@ -64,14 +66,14 @@ class Recorder:
             kept = int(torch.count_nonzero(keep))
         self._count(b, h, tq, tk, kept, seen)
         if answering:
-            self._note_needle(layer, keep[:, :, -1], visible[:, :, -1])
+            self.note_needle(layer, keep[:, :, -1], visible[:, :, -1])
 
     def account_visible(self, layer: int, h: int, tq: int, tk: int, seen: int, last) -> None:
         """Count a call that keeps every pair its model's mask shows (full attention's
         prefill) from that count alone: ``seen`` pairs over the batch, ``last`` (B, 1, Tk)
         the last row's visible keys (for the needle)."""
         self._count(last.shape[0], h, tq, tk, seen * h, seen)
-        self._note_needle(layer, last.expand(-1, h, -1), last)
+        self.note_needle(layer, last.expand(-1, h, -1), last)
 
     def _count(self, b: int, h: int, tq: int, tk: int, kept: int, seen: int) -> None:
         causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
@@ -137,7 +139,7 @@ class Recorder:
         the layers whose own mask lets that row see it."""
         return sum(self.watch_kept) / len(self.watch_kept) if self.watch_kept else float("nan")
 
-    def _note_needle(self, layer: int, kept: torch.Tensor, visible=None) -> None:
+    def note_needle(self, layer: int, kept: torch.Tensor, visible=None) -> None:
         """At a layer's first answering row, whether it keeps a watched key, per head.
         kept: (B, H, Tk) bool; visible: (B, 1|H, Tk), None when the row sees every key.
         Layers whose own window hides the needle from the row (sliding-window layers)

@@ -10,11 +10,11 @@ on every device the selection FlexAttention runs on the GPU, in its selection fo
 
 For each call where the policy acts the run builds the keep-mask under the per-row budget
 (a row at position p keeps about (1 - s)(p + 1) keys) on top of the model's own mask
-(causality, sliding windows). What it records lives in :class:`attnlab.recall.Recorder`,
-which it extends: kept pairs counted against the causal pairs of those rows, so the
-achieved sparsity is measured, not assumed, the pairs the model's own mask hides apart
-(``model_sparsity``), and at the answering rows how much of full attention's weight its
-policy kept, per layer.
+(causality, sliding windows). What it records lives in its
+:class:`~attnlab.recall.Recorder` (``run.recorder``): kept pairs counted against the
+causal pairs of those rows, so the achieved sparsity is measured, not assumed, the pairs
+the model's own mask hides apart (``model_sparsity``), and at the answering rows how much
+of full attention's weight its policy kept, per layer.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def active() -> SparseRun | None:
 
 
 @dataclass
-class SparseRun(Recorder):
+class SparseRun:
     """A policy at a target sparsity in a regime, applied while the run is active
     (``with run:``).
 
@@ -86,6 +86,8 @@ class SparseRun(Recorder):
     fused: bool = True
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
+    # what the run records: the pairs kept, recall, the needle diagnostic
+    recorder: Recorder = field(init=False)
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
     histories: dict[int, LayerHistory] = field(default_factory=dict)
     # a causal prefill's rows and counts per (length, device), read by every causal layer
@@ -93,6 +95,7 @@ class SparseRun(Recorder):
     _token: contextvars.Token | None = None
 
     def __post_init__(self) -> None:
+        self.recorder = Recorder(watch=self.watch)
         self.regime = regimes.get(self.regime)
         if self.decode not in ("dense", "policy"):
             raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
@@ -193,9 +196,9 @@ class SparseRun(Recorder):
             keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
-        recall = self.regime.records_recall(layer not in self.recall_sums)
+        recall = self.regime.records_recall(layer not in self.recorder.recall_sums)
         if answering and self.records and recall:
-            self.record_recall(
+            self.recorder.record_recall(
                 layer,
                 q[..., -1, :],
                 k,
@@ -205,7 +208,7 @@ class SparseRun(Recorder):
                 ctx.budget[..., -1],
             )
         self.policy.remember(ctx)
-        self.account(layer, keep, visible, answering)
+        self.recorder.account(layer, keep, visible, answering)
         return keep
 
     def observe_dense(
@@ -314,14 +317,16 @@ class SparseRun(Recorder):
         self.took(kernel + (", fused selection" if lists is not None else ""), t)
         b, h = keep.shape[:2]
         last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown  # (B, H, T)
-        if self.records and layer not in self.recall_sums:
+        if self.records and layer not in self.recorder.recall_sums:
             budget = row_budget(torch.tensor([t], device=query.device), self.sparsity)
-            self.record_recall(layer, query[..., -1, :], k, shown, scaling, last, budget[None])
+            self.recorder.record_recall(
+                layer, query[..., -1, :], k, shown, scaling, last, budget[None]
+            )
         # summed on the device, read once (achieved_sparsity): no wait per layer
-        self.kept += (keep * pairs).sum()
+        self.recorder.kept += (keep * pairs).sum()
         causal = t * (t + 1) // 2
-        self.causal += b * h * causal
-        self.hidden += b * h * (causal - pairs.sum())
-        self._note_needle(layer, last, shown)
+        self.recorder.causal += b * h * causal
+        self.recorder.hidden += b * h * (causal - pairs.sum())
+        self.recorder.note_needle(layer, last, shown)
         mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
         return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask_mod, lists)

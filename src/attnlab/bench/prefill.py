@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             ms, reps = median_ms(prefill, model.device.type, args.rep_ms, args.min_reps, 50)
             r = prefill()
             impl = "attnlab" if fused else "attnlab, PyTorch selection"
-            add(name, s, ms, reps, impl, kernel(r), r.achieved_sparsity, r.selection)
+            add(name, s, ms, reps, impl, kernel(r), r.recorder.achieved_sparsity, r.selection)
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
     for r in rows:  # the side-by-side ratio, measured in this run
         r["speedup_vs_full"] = full[0] / r["ms"] if full else float("nan")
