@@ -87,9 +87,12 @@ rule bench_capture:
     threads: config["threads"]
     params:
         models=list(MODELS.values()),
+        chunk_len=CORPUS["chunk_len"],
+        mass=CAPTURE["mass"],
         out_dir=subpath(output.table, parent=True),
     shell:
         "attnlab bench capture --models {params.models} --threads {threads}"
+        " --chunk-len {params.chunk_len} --mass {params.mass}"
         " --out {params.out_dir} --fig {output.fig} > {log} 2>&1"
 
 

@@ -3,6 +3,7 @@ the rules' JSON and a person's flags making the same record, bad values refused 
 line."""
 
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -34,14 +35,7 @@ def _given(record) -> dict:
 
 @pytest.fixture(scope="module")
 def config():
-    cwd = Path.cwd()
-    try:
-        import os
-
-        os.chdir(ROOT)
-        return effective()
-    finally:
-        os.chdir(cwd)
+    return effective_at_root()
 
 
 @pytest.mark.parametrize("command", list(RECORDS))
@@ -105,3 +99,47 @@ def test_by_hand_the_settings_come_from_the_working_directorys_config(tmp_path):
     proc = _attnlab("niah-paired", "--job", "[1]", "--out", str(out), cwd=tmp_path)
     assert proc.stderr == "attnlab: error: niah-paired: --job is a JSON object of fields\n"
     assert not out.exists()
+
+
+def test_a_benchmark_by_hand_reads_the_options_it_shares_with_the_pipeline(tmp_path):
+    """``attnlab bench prefill`` without --sparsities, --threads, --device, --dtype takes
+    them from the config (their one default); outside the workflow folder it names them."""
+    from attnlab import bench
+
+    args = bench.parser("prefill").parse_args(
+        ["prefill", "--model", "m", "--prompts", "p", "--length", "8", "--policies", "full"]
+    )
+    cwd = Path.cwd()
+    try:
+        os.chdir(ROOT)
+        filled = bench.from_config(args)
+    finally:
+        os.chdir(cwd)
+    assert filled.sparsities == effective_at_root()["niah"]["sparsities"]
+    assert (filled.threads, filled.device, filled.dtype) == (2, "auto", "auto")
+    proc = _attnlab(
+        "bench",
+        "prefill",
+        "--model",
+        "m",
+        "--prompts",
+        "p",
+        "--length",
+        "8",
+        "--policies",
+        "full",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert "give --sparsities, --threads, --device, --dtype, or run from the workflow" in (
+        proc.stderr
+    )
+
+
+def effective_at_root() -> dict:
+    cwd = Path.cwd()
+    try:
+        os.chdir(ROOT)
+        return effective()
+    finally:
+        os.chdir(cwd)

@@ -38,8 +38,41 @@ def parser(name: str | None) -> argparse.ArgumentParser:
     return p
 
 
+# Options a benchmark shares with the pipeline -> the config key that holds their default:
+# left unset, they read the effective config (workflow_config.yaml in the working
+# directory), so that a default lives in the schema alone.
+CONFIG_KEYS = {
+    "models": "models",
+    "sparsities": "niah.sparsities",
+    "threads": "threads",
+    "device": "device",
+    "dtype": "dtype",
+    "chunk_len": "corpus.chunk_len",
+    "mass": "capture.mass",
+}
+
+
+def from_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with each unset option of :data:`CONFIG_KEYS` read from the effective
+    config (imported by name: only a benchmark run by hand reads it, the rules pass
+    every option)."""
+    unset = [k for k in CONFIG_KEYS if getattr(args, k, "") is None]
+    if unset:
+        from attnlab.errors import UserError
+        from attnlab.record import lookup
+
+        try:
+            config = import_module("attnlab.workflow").effective()
+        except UserError as e:
+            flags = ", ".join("--" + k.replace("_", "-") for k in unset)
+            raise UserError(f"give {flags}, or run from the workflow folder ({e})") from None
+        for key in unset:
+            setattr(args, key, lookup(config, CONFIG_KEYS[key]))
+    return args
+
+
 def main(argv: list[str]) -> None:
     """Parse ``argv`` (after ``bench``) and run the benchmark it names."""
     name = argv[0] if argv and argv[0] in BENCHMARKS else None
-    args = parser(name).parse_args(argv)
+    args = from_config(parser(name).parse_args(argv))
     import_module(f"{__name__}.{args.command}").main(args)

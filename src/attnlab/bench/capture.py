@@ -137,14 +137,15 @@ def run(args, model_name: str) -> list[dict]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``attnlab bench capture``."""
-    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    config = "(default: the config's, attnlab config)"
+    p.add_argument("--models", nargs="+", help=config)
     p.add_argument("--manifest", help="take the chunks from a corpus manifest (else help topics)")
     p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--chunk-len", type=int, default=512)
+    p.add_argument("--chunk-len", type=int, help=f"corpus.chunk_len {config}")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--mass", type=float, default=0.9)
+    p.add_argument("--mass", type=float, help=f"capture.mass {config}")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, help=config)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/bench", help="folder for capture.parquet / .csv")
     p.add_argument("--fig", default="figs/bench_capture.png", help="figure path ('' for none)")

@@ -141,12 +141,13 @@ def model_arguments(p: argparse.ArgumentParser, table: str, rep_ms: float, min_r
     p.add_argument("--prompts", required=True, help="a niah-prompts table")
     p.add_argument("--length", type=int, required=True, help="prompt length to time")
     p.add_argument("--policies", nargs="+", required=True)
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.99])
+    config = "(default: the config's, attnlab config)"
+    p.add_argument("--sparsities", type=float, nargs="+", help=f"niah.sparsities {config}")
     p.add_argument("--rep-ms", type=float, default=rep_ms, help="time budget per entry")
     p.add_argument("--min-reps", type=int, default=min_reps)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, help=config)
+    p.add_argument("--device", help=config)
+    p.add_argument("--dtype", help=config)
     p.add_argument("--out", default="results/bench", help=f"folder for {table}.parquet / .csv")
 
 
