@@ -83,9 +83,14 @@ def cache_files(grid, model):
     return [f"results/{grid}/cache/{model}/all{s}.parquet" for s in shards]
 
 
+def niah_all(wildcards):
+    """Whether a NIAH job's part is ``all`` (every run), ``all_<i>of<n>`` (a shard)."""
+    return re.fullmatch(r"all(_[0-9]+of[0-9]+)?", wildcards.part) is not None
+
+
 def niah_run(wildcards):
     """The (policy, sparsity) of a one-run NIAH part ``<policy>_<pct>``; None for ``all``."""
-    if wildcards.part.startswith("all"):
+    if niah_all(wildcards):
         return None
     policy, p = wildcards.part.rsplit("_", 1)
     return policy, sparsity(p)
@@ -104,7 +109,9 @@ def niah_runs(wildcards):
 
 def niah_shard(wildcards):
     """A NIAH job's shard of the prompts, ``<i>of<n>``, from its part (``all_<i>of<n>``)."""
-    return wildcards.part.removeprefix("all_") if "of" in wildcards.part else "1of1"
+    if niah_all(wildcards) and wildcards.part != "all":
+        return wildcards.part.removeprefix("all_")
+    return "1of1"
 
 
 def niah_score_files(wildcards=None):

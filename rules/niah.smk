@@ -58,7 +58,7 @@ rule niah_score:
         part=r"all(_[0-9]+of[0-9]+)?|[a-z0-9_]+_[0-9]+(\.[0-9]+)?",
     # a grid's cache-regime job, its longest: first in line, so that it is not left to
     # run alone
-    priority: lambda w: 10 if w.part.startswith("all") else 0
+    priority: lambda w: 10 if niah_all(w) else 0
     conda:
         "../envs/attnlab.yaml"
     threads: config["threads"]
@@ -71,6 +71,8 @@ rule niah_score:
             regime=lambda w: w.regime,
             runs=niah_runs,
             shard=niah_shard,
+            # the prefill regime's rows per call: a cache job reads none, nor reruns for it
+            row_chunk=lambda w: NIAH["row_chunk"] if w.regime == "prefill" else 0,
         ),
     shell:
         "attnlab niah-score --job {params.job:q} --prompts {input.prompts}"

@@ -143,3 +143,36 @@ def effective_at_root() -> dict:
         return effective()
     finally:
         os.chdir(cwd)
+
+
+def test_by_hand_given_settings_are_checked_and_any_policy_or_config_file_serves(tmp_path):
+    """A setting given as a flag is held to the schema (one line naming its key, nothing
+    written); a policy outside the grids gets its parameters; --configfile is read as
+    snakemake reads it."""
+    from attnlab.cli import record
+
+    out = tmp_path / "prompts.parquet"
+    args = ["--model", "smollm2-135m", "--model-info", "i.json", "--out", str(out)]
+    proc = _attnlab("niah-prompts", *args, "--haystack", "sand", cwd=ROOT)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("attnlab: error: config error at niah.haystack")
+    assert not out.exists()
+    cwd = Path.cwd()
+    try:
+        os.chdir(ROOT)
+        flags = {"model": "m", "manifest": "x", "out": "o", "regime": "cache"}
+        job = record("pareto-score", None, {**flags, "policy": "loki", "sparsity": 0.5})
+        files = {"model": "m", "prompts": "p", "out": "o", "regime": "prefill"}
+        files["configfile"] = ["configs/oracle_gap.yaml"]
+        gap = record("niah-score", None, {**files, "runs": [["topk", {}, 0.99]]})
+    finally:
+        os.chdir(cwd)
+    assert job.policy_params == policy_spec("loki", {})
+    assert gap.row_chunk == 1024 and gap.shard == "1of1"  # the study's, and one part
+
+
+def test_only_the_benchmarks_that_share_an_option_read_the_config(tmp_path):
+    from attnlab import bench
+
+    kernels = bench.from_config(bench.parser("kernels").parse_args(["kernels"]))
+    assert kernels.sparsities is None  # the kernel benchmark's own setting decides

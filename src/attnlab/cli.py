@@ -3,10 +3,11 @@
 This module only parses: each command calls one verb of its stage's module, named in
 :data:`VERBS` and imported when called, so that the rules' code inputs
 (:func:`attnlab.sources.module_sources` follows imports, not these names) hold this
-module and the stage a rule runs, never every stage. A verb takes one record
+module and the stage a rule runs, never every stage. A stage's verb takes one record
 (:mod:`attnlab.jobs`): the rules pass its settings as ``--job`` JSON and its files as
-flags; by hand the flags alone do, the settings not given read from the effective config
-(the config schema holds the defaults).
+flags; typed by hand without ``--job``, the settings not given as flags are read from the
+effective config (the config schema holds the defaults). ``plot``, ``policies``,
+``config`` and ``bench`` keep options of their own.
 
 Bad input ends with one line on stderr and exit status 1, never a traceback.
 """
@@ -18,6 +19,7 @@ import json
 import sys
 from dataclasses import fields
 from importlib import import_module
+from pathlib import Path
 
 from attnlab.errors import UserError
 
@@ -95,20 +97,30 @@ def _record_parser(sub, command: str) -> None:
     record = RECORDS[command]
     s = sub.add_parser(command, help=record.__doc__.strip().replace("%", "%%"))
     s.add_argument("--job", help="JSON: the record's fields, as the rules pass them")
+    s.add_argument(
+        "--configfile", nargs="+", help="without --job: config files on top of the workflow's"
+    )
     hints = typing.get_type_hints(record)
     for f in fields(record):
         hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        listed = typing.get_origin(hint) is list or list in map(typing.get_origin, args)
-        inner = (typing.get_args(hint) or [None])[0] if listed else None
-        kind = {int: int, float: float, dict: json.loads}.get(inner or hint, str)
+        arms = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if typing.get_origin(hint) is list:
+            arms = [hint]
+        listed = next((a for a in arms if typing.get_origin(a) is list), None)
+        base = typing.get_args(listed)[0] if listed else arms[0]
+        kind = _json if base in (list, dict) else {int: int, float: float}.get(base, str)
         if f.metadata.get("setting"):
             help_ = f"from the config: {f.metadata['setting']}"
         else:
             help_ = f.metadata.get("help", "").replace("%", "%%")
-        if hint is list:  # a JSON list (niah-score --runs)
-            kind, listed = json.loads, False
-        s.add_argument(flag(f.name), type=kind, nargs="*" if listed else None, help=help_)
+        s.add_argument(flag(f.name), type=kind, nargs="+" if listed else None, help=help_)
+
+
+def _json(text: str):
+    return json.loads(text)
+
+
+_json.__name__ = "JSON"  # argparse names a value it cannot read by its type's name
 
 
 def _plot_parser(sub) -> None:
@@ -180,6 +192,7 @@ def record(command: str, job: str | None, flags: dict):
     from attnlab.jobs import RECORDS
 
     cls = RECORDS[command]
+    configfiles = flags.pop("configfile", None) or ()
     given = {k: v for k, v in flags.items() if v is not None}
     wanted = [f for f in fields(cls) if f.metadata.get("setting") and f.name not in given]
     if job is None and not wanted:  # nothing to read from a config
@@ -194,14 +207,15 @@ def record(command: str, job: str | None, flags: dict):
     else:
         # imported by name, as the verbs are: only a person's command reads the config
         # (the rules pass --job), so the Snakefile helper is no rule's code input
-        effective = import_module("attnlab.workflow").effective
-        try:
-            config = effective()
-        except UserError as e:
+        workflow = import_module("attnlab.workflow")
+        if not Path(workflow.BASE).is_file():
             raise UserError(
-                f"{command}: without --job the settings come from workflow_config.yaml"
-                f" in the working directory ({e})"
-            ) from None
+                f"{command}: without --job the settings come from {workflow.BASE} in the"
+                " working directory, and there is none here"
+            )
+        keys = {f.name: f.metadata.get("setting") for f in fields(cls)}
+        overrides = {keys[k]: v for k, v in given.items() if keys.get(k)}
+        config = workflow.by_hand(configfiles, overrides, given.get("policy"))
         values = cls.settings(config, given)
     return cls.make({**values, **given})
 

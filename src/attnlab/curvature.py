@@ -69,7 +69,12 @@ def write_block_pairs(job: Curvature) -> None:
     from attnlab import models, tables
     from attnlab.errors import UserError
     from attnlab.niah import read_prompts
+    from attnlab.policies import fields
 
+    # CAB's fields, as its dataclass allows them (by hand, before the model loads)
+    fields.check(
+        "cab", {"block_size": job.block_size, "adjacency": job.adjacency, "graph": job.graph}
+    )
     torch.set_num_threads(job.threads)
     pick = [
         p

@@ -5,19 +5,20 @@ Each command of ``attnlab`` (:mod:`attnlab.cli`) calls its verb with one record 
 metadata names (``setting("niah.max_new_tokens")``; ``{policy}`` in a key is the record's
 own ``policy``; ``policy_params.<name>``, a used policy's every parameter, is the
 effective config's, :func:`attnlab.workflow.policy_params`), or *given* per job: a file,
-a wildcard's value, the rule's threads.
+a wildcard's value.
 
-The config schema (``schemas/config.schema.yaml``) is the one source of defaults: no
-setting has a default here. The schema stays the source, and the records are not its
-generator, because it says more than a type: allowed values, ranges, the description
-every key's documentation is generated from (``attnlab config --table``), and Snakemake
-validates a config against it before any rule runs.
+The config schema (``schemas/config.schema.yaml``) is the one source of the settings'
+defaults, and the records are not its generator: it says more than a type (allowed
+values, ranges, the description every key's documentation is generated from, ``attnlab
+config --table``), and Snakemake validates a config against it before any rule runs.
 
 A rule fills its record with :func:`job_json` (the Snakefile's ``job`` helper): every
 setting from the validated config and what the rule gives from its wildcards, as one JSON
-argument ``--job``; files and threads go as flags, as a person types them. By hand, flags
-name any field and the settings not given come from the effective config
-(``workflow_config.yaml`` in the working directory, ``attnlab config``).
+argument ``--job``; files go as flags, as a person types them, and so do threads (a
+setting, which the scheduler's ``--threads`` overrides). By hand, flags name any field;
+the settings not given come from the effective config (``workflow_config.yaml`` in the
+working directory and any ``--configfile``, ``attnlab config``), the given ones are
+checked against the schema.
 """
 
 from __future__ import annotations
@@ -92,11 +93,14 @@ class NiahScore(DeviceJob):
     prompts: str = given("the prompts table (niah-prompts)")
     out: str = given("the scores table")
     regime: str = given("cache or prefill (attnlab.regimes)")
-    runs: list = given("[[policy, params, sparsity], ...]: the prefill regime's one run")
-    shard: str = given("<i>of<n>: the i-th of n interleaved parts of the prompts")
+    runs: list = given(
+        "JSON [[policy, params, sparsity], ...]: the cache regime's every run, full"
+        " attention first; the prefill regime's one run"
+    )
+    shard: str = given("<i>of<n>: the i-th of n interleaved parts of the prompts", default="1of1")
     tolerance: float = setting("niah.sparsity_tolerance")
     max_new_tokens: int = setting("niah.max_new_tokens")
-    row_chunk: int = setting("niah.row_chunk")
+    row_chunk: int = setting("niah.row_chunk")  # the prefill regime's (the rule gives 0 else)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,11 +17,13 @@ def setting(key: str) -> Any:
     return field(metadata={"setting": key})
 
 
-def given(help: str, optional: bool = False) -> Any:
+def given(help: str, optional: bool = False, default: Any = MISSING) -> Any:
     """A field each job gives (a file, a wildcard's value); ``optional``: may be absent
-    (None)."""
+    (None); ``default``: what a job that does not give it runs with."""
     meta = {"help": help}
-    return field(default=None, metadata=meta) if optional else field(metadata=meta)
+    if optional:
+        default = None
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
 
 
 def flag(name: str) -> str:
@@ -52,7 +54,8 @@ class Job:
 
     @classmethod
     def make(cls, values: dict) -> Job:
-        """The record of ``values``: one line naming any field it lacks or does not have."""
+        """The record of ``values``: one line naming any required field missing, or any
+        field the record does not have."""
         names = {f.name for f in fields(cls)}
         if unknown := sorted(set(values) - names):
             raise UserError(f"{cls.command}: no such field {', '.join(map(flag, unknown))}")
@@ -81,7 +84,9 @@ RECORDS: dict[str, type[Job]] = {}  # command -> its record, as each is defined
 
 
 def _name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if typing.get_origin(hint) is None and hasattr(hint, "__name__"):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
 
 
 def _coerce(hint, value):
@@ -108,7 +113,8 @@ def _coerce(hint, value):
 
 def lookup(config: dict, key: str):
     """The value at a dotted ``key`` of the validated config (``policy_params.<name>``:
-    the effective config's parameters of a configured policy)."""
+    a policy's parameters, which the effective config holds for the policies the grids
+    use, :func:`attnlab.workflow.policy_params`)."""
     node = config
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:

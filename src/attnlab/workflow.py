@@ -131,7 +131,7 @@ def haystacks(value: str | list[str]) -> list[str]:
 
 def cache_shards(n: int) -> list[str]:
     """The file-name suffixes of a cache-regime job's ``n`` shards (``niah.cache_shards``):
-    ``_<i>of<n>``, or none for one job (``cache.parquet``)."""
+    ``_<i>of<n>``, or none for one job (``all.parquet``)."""
     return [""] if n == 1 else [f"_{i}of{n}" for i in range(1, n + 1)]
 
 
@@ -240,17 +240,41 @@ def policies_used(config: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def effective(configfiles=(), base: str | Path = BASE, schema: str | Path = SCHEMA) -> dict:
+def effective(
+    configfiles=(), base: str | Path = BASE, schema: str | Path = SCHEMA, top: dict | None = None
+) -> dict:
     """The config a run with these ``--configfile`` options would use (paths relative to
-    the workflow directory): defaults filled in, and ``policy_params``, each used
-    policy's every parameter (:func:`attnlab.workflow.policy_spec`)."""
+    the workflow directory), ``top`` over them: defaults filled in, and
+    ``policy_params``, each used policy's every parameter
+    (:func:`attnlab.workflow.policy_spec`)."""
     config = _read(base)
     for path in configfiles:
         config = _merge(config, _read(path))
+    config = _merge(config, top or {})
     validate(config, Path(schema).resolve())
     if errors := policy_errors(config):
         raise UserError(f"config error: {errors[0]}")
     return config | {"policy_params": policy_params(config)}
+
+
+def by_hand(configfiles=(), overrides: dict | None = None, policy: str | None = None) -> dict:
+    """The config a command typed by hand reads (:func:`attnlab.cli.record`): the
+    effective config with the settings given as flags on top (``overrides``: dotted key
+    -> value; a bad one stops with one line naming its key, as in a config file), and the
+    parameters of ``policy`` (any policy, not only the grids')."""
+    top: dict = {}
+    for key, value in (overrides or {}).items():
+        if key.startswith("policy_params."):  # a policy's field: its dataclass checks it
+            continue
+        *path, last = key.split(".")
+        node = top
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    config = effective(configfiles, top=top)
+    if policy is not None and policy not in config["policy_params"]:
+        config["policy_params"][policy] = policy_spec(policy, config["policies"])
+    return config
 
 
 def policy_params(config: dict) -> dict:

@@ -38,25 +38,34 @@ def parser(name: str | None) -> argparse.ArgumentParser:
     return p
 
 
-# Options a benchmark shares with the pipeline -> the config key that holds their default:
-# left unset, they read the effective config (workflow_config.yaml in the working
-# directory), so that a default lives in the schema alone.
-CONFIG_KEYS = {
-    "models": "models",
+# Per benchmark, the options it shares with the pipeline -> the config key that holds
+# their default: left unset, they read the effective config (workflow_config.yaml in the
+# working directory), so that a default lives in the schema alone. The kernel and decode
+# benchmarks time settings of their own (shapes, lengths).
+_MODEL_JOB = {
     "sparsities": "niah.sparsities",
     "threads": "threads",
     "device": "device",
     "dtype": "dtype",
-    "chunk_len": "corpus.chunk_len",
-    "mass": "capture.mass",
+}
+CONFIG_KEYS = {
+    "prefill": _MODEL_JOB,
+    "generate": _MODEL_JOB,
+    "capture": {
+        "models": "models",
+        "threads": "threads",
+        "chunk_len": "corpus.chunk_len",
+        "mass": "capture.mass",
+    },
 }
 
 
 def from_config(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with each unset option of :data:`CONFIG_KEYS` read from the effective
-    config (imported by name: only a benchmark run by hand reads it, the rules pass
-    every option)."""
-    unset = [k for k in CONFIG_KEYS if getattr(args, k, "") is None]
+    """``args`` with each unset option of its benchmark's :data:`CONFIG_KEYS` read from
+    the effective config (imported by name: only a benchmark run by hand reads it, the
+    rules pass these options)."""
+    keys = CONFIG_KEYS.get(args.command, {})
+    unset = [k for k in keys if getattr(args, k) is None]
     if unset:
         from attnlab.errors import UserError
         from attnlab.record import lookup
@@ -67,7 +76,7 @@ def from_config(args: argparse.Namespace) -> argparse.Namespace:
             flags = ", ".join("--" + k.replace("_", "-") for k in unset)
             raise UserError(f"give {flags}, or run from the workflow folder ({e})") from None
         for key in unset:
-            setattr(args, key, lookup(config, CONFIG_KEYS[key]))
+            setattr(args, key, lookup(config, keys[key]))
     return args
 
 
