@@ -52,6 +52,13 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
     topk = bench.filter(pl.col("policy") == "topk")["achieved_sparsity"].to_list()
     assert abs(topk[0] - 0.5) < 0.02 and abs(topk[1] - 0.8) < 0.02
     assert bench.filter(pl.col("policy") == "full")["speedup_vs_full"].to_list() == [1.0]
+    # where each entry's time went (one more pass): full attention chooses nothing, every
+    # policy spends time choosing, and the attention kernels and the rest of the model
+    # take time in every entry
+    split = dict(zip(bench["policy"], bench["selection_ms"], strict=False))
+    assert split["full"] == 0.0 and split["topk"] > 0 and split["cab"] > 0
+    assert (bench["attention_ms"] > 0).all() and (bench["rest_ms"] > 0).all()
+    assert hf["selection_ms"].is_nan().all()
 
     # a NIAH table of known accuracy at that length (and another length, left out)
     rows = [

@@ -29,6 +29,7 @@ import torch
 
 from attnlab.blocks import expand_kv
 from attnlab.masks import ModelMask, model_mask, visible_mask
+from attnlab.phases import phase
 from attnlab.policies.base import LayerHistory
 from attnlab.sparse import active
 
@@ -135,7 +136,10 @@ def attention_forward(
         if masked:  # the policy's mask; scores only if it reads them
             visible = visible_mask(attention_mask, tq, tk, query.device)
             k = expand_kv(key, h)
-            keep = run.mask(layer, query, k, visible, scaling, None, key.shape[1], module, value)
+            with phase("selection"):
+                keep = run.mask(
+                    layer, query, k, visible, scaling, None, key.shape[1], module, value
+                )
         return _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep)
     k = expand_kv(key, h)  # (B, H, Tk, D)
     v = expand_kv(value, h)
@@ -165,6 +169,18 @@ def _fused_attention(run, acts, module, query, key, value, attention_mask, scali
     with ``is_causal`` for a plain causal prefill, FlexAttention under the model's mask for
     a sliding-window prefill on CUDA, SDPA under the dense mask otherwise (decode steps). A
     ``cache``-regime prefill hands the run what its policy needs. Returns (B, Tq, H, D)."""
+    tq = query.shape[2]
+    with phase("attention"):
+        out, kernel = _fused_kernel(query, key, value, attention_mask, scaling, keep, module)
+    if run is not None:
+        run.took(kernel, tq)
+    if run is not None and keep is None:
+        _unmasked_call(run, acts, module, query, key, value, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _fused_kernel(query, key, value, attention_mask, scaling, keep, module):
+    """:func:`_fused_attention`'s kernel call: (output (B, H, Tq, D), the kernel's name)."""
     h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
     gqa = {"enable_gqa": True} if key.shape[1] != h else {}  # no copies of K and V
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -188,11 +204,7 @@ def _fused_attention(run, acts, module, query, key, value, attention_mask, scali
             sdpa(query, key, value, attn_mask=visible, scale=scaling, **gqa),
             "sdpa model mask",
         )
-    if run is not None:
-        run.took(kernel, tq)
-    if run is not None and keep is None:
-        _unmasked_call(run, acts, module, query, key, value, attention_mask, scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return out, kernel
 
 
 def chunked_attention(run, module, query, key, value, attention_mask, scaling):
@@ -216,12 +228,14 @@ def chunked_attention(run, module, query, key, value, attention_mask, scaling):
         end = tk - tq + hi  # the keys up to the chunk's last row
         q, k, v = query[..., lo:hi, :], key[..., :end, :], value[..., :end, :]
         vis = visible[..., lo:hi, :end]
-        keep = run.mask(
-            layer, q, expand_kv(k, h), vis, scaling, None, key.shape[1], module, v, hi == tq
-        )
-        out[..., lo:hi, :] = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, scale=scaling, **gqa
-        )
+        with phase("selection"):
+            keep = run.mask(
+                layer, q, expand_kv(k, h), vis, scaling, None, key.shape[1], module, v, hi == tq
+            )
+        with phase("attention"):
+            out[..., lo:hi, :] = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, scale=scaling, **gqa
+            )
     return out.transpose(1, 2).contiguous(), None
 
 

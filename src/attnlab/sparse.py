@@ -30,6 +30,7 @@ from attnlab import regimes
 from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
 from attnlab.errors import UserError
 from attnlab.masks import causal_rows
+from attnlab.phases import phase
 from attnlab.policies.base import (
     LayerHistory,
     Policy,
@@ -311,7 +312,8 @@ class SparseRun:
             shown = model_mask.last_row(query)  # the last row's visible keys (B, 1, T)
         fused = query.is_cuda and self.fused  # the selection and its lists in one kernel
         lists = (model_mask is not None) if fused else None
-        keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists)
+        with phase("selection"):
+            keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists)
         keep, lists = keep if fused else (keep, None)
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         self.took(kernel + (", fused selection" if lists is not None else ""), t)
@@ -329,4 +331,7 @@ class SparseRun:
         self.recorder.hidden += b * h * (causal - pairs.sum())
         self.recorder.note_needle(layer, last, shown)
         mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
-        return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask_mod, lists)
+        with phase("attention"):
+            return flex_block_sparse_attention(
+                query, key, value, keep, bs, scaling, mask_mod, lists
+            )

@@ -13,7 +13,11 @@ NIAH jobs' path, :mod:`attnlab.kernels.budget`) and the same selection in PyTorc
 (``attnlab, PyTorch selection``). Beside them, the same model's
 prefill through transformers' own attention implementations (``--transformers``: sdpa,
 flex_attention), the reference attnlab's full attention is measured against. Peak memory
-is the whole process's, model included.
+is the whole process's, model included. One more pass of each attnlab entry, beside the
+timed ones, splits its time (:mod:`attnlab.phases`): ``selection_ms`` (the policy
+choosing its keys or blocks), ``attention_ms`` (the attention kernels, a block policy's
+BlockMask included) and ``rest_ms`` (the rest of the model), so that the attention's share
+of the prefill, which bounds what any policy can gain, is in the table.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from attnlab.bench.timing import environment, median_ms, write_table
 from attnlab.errors import UserError
+from attnlab.phases import Phases
 
 
 def kernel(run) -> str:
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             lambda: hf_prefill(model, ids), model.device.type, args.rep_ms, args.min_reps, 50
         )
         add("full", 0.0, ms, reps, f"transformers {impl}", impl, float("nan"))
+        rows[-1].update(selection_ms=float("nan"), attention_ms=float("nan"), rest_ms=float("nan"))
     model.set_attn_implementation(attention.IMPLEMENTATION)
     for name in args.policies:
         policy = policies.make(name)
@@ -125,9 +131,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             ms, reps = median_ms(prefill, model.device.type, args.rep_ms, args.min_reps, 50)
-            r = prefill()
+            with Phases(model.device) as phases:  # one more pass: where its time goes
+                r = prefill()
             impl = "attnlab" if fused else "attnlab, PyTorch selection"
             add(name, s, ms, reps, impl, kernel(r), r.recorder.achieved_sparsity, r.selection)
+            rows[-1].update({f"{k}_ms": v for k, v in phases.ms().items() if k != "total"})
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
     for r in rows:  # the side-by-side ratio, measured in this run
         r["speedup_vs_full"] = full[0] / r["ms"] if full else float("nan")

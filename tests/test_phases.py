@@ -1,0 +1,31 @@
+"""attnlab.phases: a pass's time split into the phases the attention marks."""
+
+import time
+
+import pytest
+import torch
+
+from attnlab.phases import Phases, phase
+
+
+def test_phases_sum_their_spans_and_the_rest_is_the_remainder():
+    with Phases("cpu") as phases:
+        with phase("selection"):
+            time.sleep(0.02)
+        time.sleep(0.01)
+        for _ in range(2):
+            with phase("attention"):
+                time.sleep(0.015)
+    ms = phases.ms()
+    assert ms["selection"] >= 20 and ms["attention"] >= 30 and ms["rest"] >= 10
+    assert ms["selection"] + ms["attention"] + ms["rest"] == pytest.approx(ms["total"])
+
+
+def test_a_phase_outside_a_timer_costs_nothing_and_phases_do_not_nest():
+    with phase("selection"):  # no timer: a plain block
+        x = torch.ones(2).sum()
+    assert x == 2
+    with Phases("cpu") as phases, phase("attention"), pytest.raises(RuntimeError, match="nest"):
+        with phase("selection"):
+            pass
+    assert set(phases.spans) == {"attention"}
