@@ -63,6 +63,19 @@ def test_the_schema_is_the_one_source_of_defaults(tmp_path, monkeypatch):
     }  # policy_params included: every policy the grids run, every parameter
 
 
+def test_readmes_configuration_table_is_the_schemas_for_the_shipped_knobs():
+    """README's table is ``attnlab config --table --knobs-only``: a row per key that
+    workflow_config.yaml sets, its description and default from the schema; a knob added
+    to the file or a description or default changed in the schema fails here."""
+    from attnlab.workflow import config_table, knobs
+
+    keys = knobs(ROOT / "workflow_config.yaml", ROOT / "schemas/config.schema.yaml")
+    assert {"models", "niah.regimes", "niah.sparsities", "policies"} <= set(keys)
+    table = config_table(ROOT / "schemas/config.schema.yaml", keys)
+    assert len(table.splitlines()) == len(keys) + 2
+    assert table in (ROOT / "README.md").read_text()
+
+
 def test_the_configuration_doc_lists_every_key_of_the_schema():
     """docs/configuration.md ends with ``attnlab config --table``: every key of the schema,
     its description and default; a key added, removed or changed there fails here."""

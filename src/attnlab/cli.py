@@ -166,6 +166,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--table", action="store_true", help="every key, its meaning and default (Markdown)"
     )
+    s.add_argument(
+        "--knobs-only",
+        action="store_true",
+        help="with --table: the keys workflow_config.yaml sets (README's table)",
+    )
     sub.add_parser("bench", add_help=False, help="benchmarks: attnlab bench kernels --help")
     return p
 

@@ -302,13 +302,32 @@ def _cell(value) -> str:
     return str(value)
 
 
-def config_table(schema: str | Path = SCHEMA) -> str:
-    """Every config key of ``schema`` as a Markdown table: key, meaning, default (a
-    mapping's default by its keys). docs/configuration.md holds it, a test keeps it
+def knobs(base: str | Path = BASE, schema: str | Path = SCHEMA) -> list[str]:
+    """The documented keys (:func:`_schema_keys`) that ``base`` sets: the knobs a user is
+    expected to change, README's configuration table."""
+    documented = {key for key, _ in _schema_keys(yaml.safe_load(Path(schema).read_text()))}
+
+    def walk(node: dict, path: str = ""):
+        for key, value in node.items():
+            name = f"{path}.{key}" if path else key
+            if name in documented:
+                yield name
+            elif isinstance(value, dict):
+                yield from walk(value, name)
+
+    return list(walk(_read(base)))
+
+
+def config_table(schema: str | Path = SCHEMA, keys=None) -> str:
+    """Every config key of ``schema`` (or those of ``keys``) as a Markdown table: key,
+    meaning, default (a mapping's default by its keys). docs/configuration.md holds every
+    key, README the knobs (:func:`knobs`); a test keeps both
     current."""
     root = yaml.safe_load(Path(schema).read_text())
     lines = ["| key | meaning | default |", "| --- | --- | --- |"]
     for key, node in _schema_keys(root):
+        if keys is not None and key not in keys:
+            continue
         if "description" not in node:
             raise UserError(f"{schema}: {key} has no description")
         meaning = node["description"].replace("|", "\\|")
@@ -321,10 +340,13 @@ def config_table(schema: str | Path = SCHEMA) -> str:
     return "\n".join(lines) + "\n"
 
 
-def show_config(configfile: list[str] | None = None, table: bool = False) -> None:
+def show_config(
+    configfile: list[str] | None = None, table: bool = False, knobs_only: bool = False
+) -> None:
     """``attnlab config``: print the effective config as YAML, or (``table``) every key
-    of the schema with its meaning and default as Markdown."""
+    of the schema with its meaning and default as Markdown (``knobs_only``: the keys
+    workflow_config.yaml sets, :func:`knobs`)."""
     if table:
-        print(config_table(), end="")
+        print(config_table(keys=knobs() if knobs_only else None), end="")
         return
     print(yaml.safe_dump(effective(configfile or ()), sort_keys=False), end="")
