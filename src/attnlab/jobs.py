@@ -73,7 +73,7 @@ class NiahPrompts(Job):
     command = "niah-prompts"
     model: str = given(MODEL)
     model_info: str = given("the model's geometry (model-info)")
-    corpus: str | None = given("the corpus manifest, for the corpus haystack", optional=True)
+    corpus: str | None = given("the corpus manifest, for the corpus haystack", default=None)
     out: str = given("the prompts table")
     lengths: list[int] = setting("niah.lengths")
     depths: list[float] = setting("niah.depths")
@@ -130,8 +130,8 @@ class NiahMatched(Job):
     command = "niah-matched"
     table: str = given("a NIAH table (niah-table)")
     decode: str = given("an attnlab bench decode table (csv or parquet)")
-    prefill: str | None = given("an attnlab bench prefill table", optional=True)
-    generate: str | None = given("an attnlab bench generate table", optional=True)
+    prefill: str | None = given("an attnlab bench prefill table", default=None)
+    generate: str | None = given("an attnlab bench generate table", default=None)
     out: str = given("the matched table")
     fig: str = given("its figure")
 
@@ -175,7 +175,7 @@ class InterventionHeads(Job):
 
     command = "intervention-heads"
     model: str = given(MODEL)
-    capture_metrics: str | None = given("capture tables, where a head is auto", optional=True)
+    capture_metrics: str | None = given("capture tables, where a head is auto", default=None)
     out: str = given("heads.json")
     target: str = setting("intervention.target")
     control: str = setting("intervention.control")

@@ -72,9 +72,7 @@ def score(job: NiahScore) -> None:
     i + n, ... of shard ``<i>of<n>`` (from 1) only, so that n jobs share the card; in the
     ``prefill`` regime one run scores every prompt, its prompt rows under the policy and
     its answer decoded densely."""
-    if job.regime not in regimes.REGIMES:
-        raise UserError(f"--regime must be one of {', '.join(regimes.REGIMES)}, got {job.regime!r}")
-    if regimes.get(job.regime).dense_prefill:
+    if regimes.named(job.regime).dense_prefill:
         _score_cache(job)
     elif len(job.runs) != 1 or job.shard != "1of1":
         raise UserError("the prefill regime scores one run over every prompt in a job")

@@ -299,9 +299,7 @@ def score_corpus(job: ParetoScore) -> None:
     from attnlab import scoring, tables
     from attnlab.corpus import read_corpus
 
-    if job.regime not in regimes.REGIMES:
-        raise UserError(f"--regime must be one of {', '.join(regimes.REGIMES)}, got {job.regime!r}")
-    regime = regimes.get(job.regime)
+    regime = regimes.named(job.regime)
     tokens = read_corpus(job.manifest)
     if not 0 < job.chunks <= len(tokens):
         raise UserError(
@@ -309,7 +307,8 @@ def score_corpus(job: ParetoScore) -> None:
             "raise corpus.max_chunks or lower pareto.chunks"
         )
     first = len(tokens) - job.chunks
-    run, target, net, _ = scoring.load_job(job, whole_prompt=False)
+    run_of = (job.policy, job.policy_params, job.sparsity)
+    run, target, net, _ = scoring.load_job(job, *run_of, whole_prompt=False)
     rows = score_chunks(
         net,
         tokens[first:],

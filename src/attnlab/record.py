@@ -17,13 +17,10 @@ def setting(key: str) -> Any:
     return field(metadata={"setting": key})
 
 
-def given(help: str, optional: bool = False, default: Any = MISSING) -> Any:
-    """A field each job gives (a file, a wildcard's value); ``optional``: may be absent
-    (None); ``default``: what a job that does not give it runs with."""
-    meta = {"help": help}
-    if optional:
-        default = None
-    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
+def given(help: str, default: Any = MISSING) -> Any:
+    """A field each job gives (a file, a wildcard's value); ``default``: what a job that
+    does not give it runs with (None: the field may be absent)."""
+    return field(default=default, metadata={"help": help})
 
 
 def flag(name: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attnlab.errors import UserError
 from attnlab.policies.base import Policy, selection_form
 
 
@@ -64,6 +65,13 @@ class Regime:
 CACHE = Regime("cache", dense_prefill=True)
 PREFILL = Regime("prefill", dense_prefill=False)
 REGIMES = {r.name: r for r in (CACHE, PREFILL)}
+
+
+def named(name: str) -> Regime:
+    """The regime a job's ``--regime`` names, or one line naming the regimes there are."""
+    if name not in REGIMES:
+        raise UserError(f"--regime must be one of {', '.join(REGIMES)}, got {name!r}")
+    return REGIMES[name]
 
 
 def get(regime: str | Regime) -> Regime:

@@ -17,20 +17,17 @@ def make_policy(name: str, params: dict, target: float):
     return policy, 0.0 if policy.name == "full" else target
 
 
-def load_job(job, policy=None, params=None, sparsity=None, whole_prompt: bool = True):
-    """``(policy, sparsity, model, tokenizer)`` of a job's record: the policy from its name
-    and parameters (the record's own ``policy``, ``policy_params`` and ``sparsity`` unless
-    given), its target sparsity, and the model with attnlab's attention on the record's
-    device. ``whole_prompt`` False (teacher-forced rows): a policy asking for the prompt
-    selection form is refused before the model loads."""
+def load_job(job, policy: str, params: dict, sparsity: float, whole_prompt: bool = True):
+    """``(policy, sparsity, model, tokenizer)`` of a run of a job's record: the policy from
+    its name and parameters, its target sparsity, and the model with attnlab's attention
+    on the record's device and threads. ``whole_prompt`` False (teacher-forced rows): a
+    policy asking for the prompt selection form is refused before the model loads."""
     import torch
 
     from attnlab import attention, models
     from attnlab.policies.base import selection_form
 
     torch.set_num_threads(job.threads)
-    if policy is None:
-        policy, params, sparsity = job.policy, job.policy_params, job.sparsity
     run, target = make_policy(policy, params, sparsity)
     selection_form(run, whole_prompt)
     net, tokenizer, _ = models.load(job.model, device=job.device, dtype=job.dtype)

@@ -38,6 +38,8 @@ def parser(name: str | None) -> argparse.ArgumentParser:
     return p
 
 
+FROM_CONFIG = "(default: the config's, attnlab config)"  # the help of such an option
+
 # Per benchmark, the options it shares with the pipeline -> the config key that holds
 # their default: left unset, they read the effective config (workflow_config.yaml in the
 # working directory), so that a default lives in the schema alone. The kernel and decode

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnlab.bench import FROM_CONFIG
 from attnlab.bench.timing import PeakMemory, environment, return_freed_memory, write_table
 
 
@@ -137,7 +138,7 @@ def run(args, model_name: str) -> list[dict]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``attnlab bench capture``."""
-    config = "(default: the config's, attnlab config)"
+    config = FROM_CONFIG
     p.add_argument("--models", nargs="+", help=config)
     p.add_argument("--manifest", help="take the chunks from a corpus manifest (else help topics)")
     p.add_argument("--chunks", type=int, default=8)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab.bench import FROM_CONFIG
 from attnlab.bench.timing import environment, median_ms, write_table
 from attnlab.errors import UserError
 from attnlab.phases import Phases
@@ -149,7 +150,7 @@ def model_arguments(p: argparse.ArgumentParser, table: str, rep_ms: float, min_r
     p.add_argument("--prompts", required=True, help="a niah-prompts table")
     p.add_argument("--length", type=int, required=True, help="prompt length to time")
     p.add_argument("--policies", nargs="+", required=True)
-    config = "(default: the config's, attnlab config)"
+    config = FROM_CONFIG
     p.add_argument("--sparsities", type=float, nargs="+", help=f"niah.sparsities {config}")
     p.add_argument("--rep-ms", type=float, default=rep_ms, help="time budget per entry")
     p.add_argument("--min-reps", type=int, default=min_reps)
