@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnlab.flex import ordered_blocks
-from attnlab.kernels.budget import budget_select
+from attnlab.kernels.budget import budget_select, window_band
 from attnlab.policies.selection import INF, keep_blocks_by_budget
 
 # the compiled kernel where there is a GPU and the interpreter is off, else the interpreter
@@ -49,6 +49,32 @@ def test_fused_budget_selection_equals_the_pytorch_selection(m, seed, all_partia
         for got, sel in (((full_num, full_idx), below), ((part_num, part_idx), diag)):
             num, idx = ordered_blocks(want & sel)
             assert torch.equal(got[0], num) and torch.equal(got[1], idx)
+
+
+@pytest.mark.parametrize("m, width, seed", [(40, 5, 2), (67, 9, 3)])
+def test_a_window_band_selects_as_the_whole_row_and_lists_its_kept_blocks_alike(m, width, seed):
+    """Under a window (each query block sees ``width`` key blocks up to its own) the kernel
+    sorts each row's band alone: the same keep-mask as the PyTorch selection over whole
+    rows, the same kept blocks at the head of the lists; a causal grid has no band."""
+    score, count, budget = _case(m, seed)
+    rows = torch.arange(m, device=DEVICE)
+    band = (rows[None, :] <= rows[:, None]) & (rows[None, :] > rows[:, None] - width)
+    count = count.clamp(min=1) * band
+    count[..., 3, :] = 0  # a row that sees nothing
+    found = window_band(count)
+    assert found is not None and found[1] == width
+    first = (rows - width + 1).clamp(min=0)
+    assert torch.equal(found[0][0].long()[rows != 3], first[rows != 3])
+    want = keep_blocks_by_budget(score, count, budget)
+    keep, (_, _, part_num, part_idx) = budget_select(score, count, budget, True, found)
+    assert torch.equal(keep, want)
+    assert want.any() and not (want | ~band).all()
+    num, idx = ordered_blocks(want & band)
+    assert torch.equal(part_num, num)
+    listed = torch.arange(m, device=DEVICE) < num[..., None]
+    assert torch.equal(torch.where(listed, part_idx, 0), torch.where(listed, idx, 0))
+    causal = _case(m, seed)[1]
+    assert window_band(causal) is None
 
 
 @pytest.mark.parametrize("window", [None, 40])

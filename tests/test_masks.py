@@ -84,3 +84,32 @@ def test_a_flex_prefill_counts_the_pattern_as_the_dense_mask(monkeypatch):
     decoding.prefill(model, ids, run)
     assert run.kernels.get("flex block-sparse, model mask") == 2
     assert checked == [16, 16]  # asked by each window layer, equal each time
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the pattern's path)")
+def test_a_flex_prefill_reads_the_window_rows_from_the_pattern(monkeypatch):
+    """On CUDA a block policy's prefill reads the rows its selection needs from the
+    window's pattern, with no (T, T) mask built; they equal the dense mask's rows."""
+    from tests.tiny_models import tiny_gemma3
+
+    from attnlab import decoding, policies, sparse
+
+    checked = []
+    rows = ModelMask.rows
+
+    def checked_rows(self, index):
+        assert "dense" not in self.store  # nothing on the path built it
+        out = rows(self, index)
+        want = self.dense()[:, :, index]
+        del self.store["dense"]
+        assert torch.equal(out, want)
+        checked.append(index.numel())
+        return out
+
+    monkeypatch.setattr(ModelMask, "rows", checked_rows)
+    model = tiny_gemma3().cuda()
+    ids = torch.randint(0, 5000, (1, 200), generator=torch.Generator().manual_seed(1)).cuda()
+    run = sparse.SparseRun(policies.make("quest", block_size=16), 0.8)
+    decoding.prefill(model, ids, run)
+    assert run.kernels.get("flex block-sparse, model mask, fused selection") == 2
+    assert 13 in checked and 1 in checked  # a query block's rows, the last row

@@ -89,22 +89,25 @@ class ModelMask:
         return self._built
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The visible keys of the query rows ``index`` (R,): (B, 1, R, Tk) bool, read from
-        the dense mask (built once per forward pass and layer type; reading a few rows of
-        it is cheaper than evaluating the pattern for them in every layer)."""
-        return self.dense()[:, :, index]
+        """The visible keys of the query rows ``index`` (R,): (B, 1, R, Tk) bool. On CUDA
+        from the mask's pattern (no (T, T) tensor: a block policy's selection reads two
+        rows per query block, once per forward pass and layer type), elsewhere read from
+        the dense mask."""
+        if not index.is_cuda or "dense" in self._built:
+            return self.dense()[:, :, index]
+        bm = self.block_mask(index.device)
+        kv = torch.arange(bm.seq_lengths[1], device=index.device)
+        batch = torch.arange(bm.kv_num_blocks.shape[0], device=index.device)[:, None, None]
+        seen = bm.mask_mod(batch, torch.zeros_like(batch), index[None, :, None], kv[None, None])
+        return seen.expand(batch.shape[0], index.shape[0], kv.shape[0])[:, None]
 
     def last_row(self, query: torch.Tensor) -> torch.Tensor:
         """The last query row's visible keys: (B, 1, Tk) bool, from the mask's pattern on
         CUDA, from the dense mask elsewhere."""
         if not query.is_cuda:
             return self.dense()[:, :, -1]
-        bm = self.block_mask(query.device)
-        q_len, kv_len = bm.seq_lengths
-        batch = torch.arange(bm.kv_num_blocks.shape[0], device=query.device)[:, None]
-        kv = torch.arange(kv_len, device=query.device)[None, :]
-        q = torch.full_like(kv, q_len - 1)
-        return bm.mask_mod(batch, torch.zeros_like(batch), q, kv)[:, None, :]
+        last = torch.full((1,), query.shape[-2] - 1, device=query.device)
+        return self.rows(last)[:, :, 0]
 
     def unpadded(self) -> bool:
         """Whether no key is padding (the pattern alone decides)."""

@@ -267,11 +267,12 @@ class SparseRun:
             return keep if lists is None else (keep, None)
         if lists is None:
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
-        from attnlab.kernels.budget import MAX_BLOCKS, budget_select
+        from attnlab.kernels.budget import MAX_BLOCKS, budget_select, window_band
 
         if score.shape[-1] > MAX_BLOCKS:  # a row too long for one program's registers
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None
-        return budget_select(score, count, ctx.budget[..., ends], all_partial=lists)
+        band = ctx.cached(("band", t, bs), lambda: window_band(count)) if lists else None
+        return budget_select(score, count, ctx.budget[..., ends], lists, band)
 
     def block_mask(self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None):
         """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);
@@ -306,7 +307,7 @@ class SparseRun:
         k = expand_kv(key, query.shape[1])
         if model_mask is None:
             pairs = causal_block_pairs(t, bs, query.device)  # (Mq, Mk) visible pairs
-            shown = causal_rows(torch.tensor([t - 1], device=query.device), t)[:, :, 0]
+            shown = causal_rows(torch.full((1,), t - 1, device=query.device), t)[:, :, 0]
         else:
             pairs = model_mask.block_pairs(bs, query.device)  # once per forward pass
             shown = model_mask.last_row(query)  # the last row's visible keys (B, 1, T)
@@ -320,7 +321,7 @@ class SparseRun:
         b, h = keep.shape[:2]
         last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown  # (B, H, T)
         if self.records and layer not in self.recorder.recall_sums:
-            budget = row_budget(torch.tensor([t], device=query.device), self.sparsity)
+            budget = row_budget(torch.full((1,), t, device=query.device), self.sparsity)
             self.recorder.record_recall(
                 layer, query[..., -1, :], k, shown, scaling, last, budget[None]
             )

@@ -15,6 +15,13 @@ row in registers (``tl.sort``), takes the prefix that fits, writes the keep-mask
 index, and writes the lists from running counts: kept blocks ascending (strictly left of
 the diagonal "full", the diagonal "partial"; every kept block partial under the model's
 own mask), then the others ascending, exactly as ``flex.ordered_blocks`` orders them.
+
+Under a sliding window a query block sees a narrow band of key blocks (33 of 2048 at 32k
+tokens, a 512-token window and 16-token blocks); every other block has no visible key and
+can never be kept. :func:`window_band` finds each row's band once per forward pass, and a
+program then sorts its band alone: the same selection, the same kept blocks listed first
+(the blocks after them in the lists, which FlexAttention never reads, are the band's
+others only).
 """
 
 from __future__ import annotations
@@ -29,17 +36,19 @@ MAX_BLOCKS = 8192  # key blocks a row may have (128k tokens in blocks of 16): on
 
 @triton.jit
 def _budget_kernel(
-    score_ptr, count_ptr, budget_ptr, keep_ptr,
+    score_ptr, count_ptr, budget_ptr, lo_ptr, keep_ptr,
     full_num_ptr, full_idx_ptr, part_num_ptr, part_idx_ptr,
-    M, H, s_sc_b, s_sc_h, s_sc_m, s_ct_b, s_ct_m, s_bu_b, s_bu_h,
+    M, W, H, s_sc_b, s_sc_h, s_sc_m, s_ct_b, s_ct_m, s_bu_b, s_bu_h, s_lo_b,
     BLOCK: tl.constexpr, ALL_PARTIAL: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)  # the query block
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    cols = tl.arange(0, BLOCK)
-    in_m = cols < M
+    lo = tl.load(lo_ptr + b * s_lo_b + i)  # the row's band: key blocks lo .. lo + W - 1
+    band = tl.arange(0, BLOCK)
+    cols = lo + band
+    in_m = (band < W) & (cols < M)
     s = tl.load(score_ptr + b * s_sc_b + h * s_sc_h + i * s_sc_m + cols, mask=in_m, other=0.0)
     c = tl.load(count_ptr + b * s_ct_b + i * s_ct_m + cols, mask=in_m, other=0)
     budget = tl.load(budget_ptr + b * s_bu_b + h * s_bu_h + i)
@@ -48,19 +57,18 @@ def _budget_kernel(
     bits = s.to(tl.int32, bitcast=True)
     order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # int order: float's
     # score, then the earlier block first, then its count riding along (16 bits each)
-    key = (order << 32) | ((BLOCK - 1 - cols).to(tl.int64) << 16) | c.to(tl.int64)
+    key = (order << 32) | ((BLOCK - 1 - band).to(tl.int64) << 16) | c.to(tl.int64)
     key = tl.sort(key, descending=True)
-    rank = tl.arange(0, BLOCK)
     count = (key & 0xFFFF).to(tl.int32)
-    col = BLOCK - 1 - ((key >> 16) & 0xFFFF).to(tl.int32)
+    at = BLOCK - 1 - ((key >> 16) & 0xFFFF).to(tl.int32)  # place in the band
     o = (key >> 32).to(tl.int32)
     ninf = tl.full((1,), float("-inf"), tl.float32).to(tl.int32, bitcast=True) ^ 0x7FFFFFFF
     top = o == 0x7F800000  # +inf (positive: its bits are its order)
     bottom = o == ninf  # -inf
-    fits = (tl.cumsum(count, axis=0) <= budget) | (rank == 0)
-    keep = (fits | top) & ~bottom & (col < M)
+    fits = (tl.cumsum(count, axis=0) <= budget) | (band == 0)  # band: the rank here
+    keep = (fits | top) & ~bottom & (at < W) & (lo + at < M)
     row = (bh * M + i) * M
-    tl.store(keep_ptr + row + col, keep.to(tl.int8), mask=col < M)
+    tl.store(keep_ptr + row + lo + at, keep.to(tl.int8), mask=(at < W) & (lo + at < M))
     tl.debug_barrier()
     kept = tl.load(keep_ptr + row + cols, mask=in_m, other=0) != 0
     lists = bh * tl.num_programs(0) + i
@@ -74,15 +82,35 @@ def _budget_kernel(
 @triton.jit
 def _write_list(sel, cols, in_m, idx_ptr, num_ptr):
     # the selected blocks ascending, then the others ascending (flex.ordered_blocks)
+    sel = sel & in_m
     num = tl.sum(sel.to(tl.int32), axis=0)
     before = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    others = tl.cumsum((~sel).to(tl.int32), axis=0) - 1
+    others = tl.cumsum((~sel & in_m).to(tl.int32), axis=0) - 1
     tl.store(idx_ptr + tl.where(sel, before, num + others), cols, mask=in_m)
     tl.store(num_ptr, num)
 
 
+def window_band(count: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """Each query block's band of key blocks with a visible key: count (B or 1, 1, Mq, Mk)
+    -> its first such block (B or 1, Mq) int32 and the widest band, or None where the
+    widest is more than half the row (a causal layer: no band to gain). One wait for the
+    device, once per forward pass and mask (the caller keeps it)."""
+    seen = count[:, 0] > 0  # (B, Mq, Mk)
+    cols = torch.arange(seen.shape[-1], device=count.device)
+    lo = torch.where(seen, cols, seen.shape[-1]).amin(-1)
+    hi = torch.where(seen, cols, -1).amax(-1)
+    width = int((hi - lo + 1).clamp(min=1).max())
+    if 2 * width > seen.shape[-1]:
+        return None
+    return lo.clamp(max=seen.shape[-1] - 1).to(torch.int32), width
+
+
 def budget_select(
-    score: torch.Tensor, count: torch.Tensor, budget: torch.Tensor, all_partial: bool
+    score: torch.Tensor,
+    count: torch.Tensor,
+    budget: torch.Tensor,
+    all_partial: bool,
+    band: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The selection of ``keep_blocks_by_budget`` and the BlockMask lists of
     ``block_mask_from_keep`` (query blocks as tall as key blocks), in one kernel.
@@ -91,9 +119,10 @@ def budget_select(
     Mk) visible keys per block (< 2^16); budget: (B or 1, 1 or H, Mq) keys per query block.
     ``all_partial``: the model's own mask applies pair by pair (a window), so every kept
     block at or left of the diagonal is partial; else blocks strictly left of it are full.
+    ``band``: :func:`window_band` of ``count``, each row sorting its band alone.
     Returns the keep-mask (B, H, Mq, Mk) bool and (full_num, full_idx, part_num, part_idx),
-    each list of kept blocks ascending, then the others ascending (full_num None under
-    ``all_partial``).
+    each list of kept blocks ascending, then the others ascending (with a band, the
+    band's others only; full_num None under ``all_partial``).
     """
     b, h, m, mk = score.shape
     if m != mk or mk > MAX_BLOCKS:
@@ -101,18 +130,25 @@ def budget_select(
             f"budget_select needs square grids of at most {MAX_BLOCKS} blocks, got {m} x {mk}"
         )
     dev = score.device
+    if band is None:
+        lo, width = torch.zeros(1, m, dtype=torch.int32, device=dev), mk
+    else:
+        lo, width = band
     score = score.float().contiguous()
     count = count.to(torch.int32).expand(b, 1, m, mk).contiguous()
     budget = budget.to(torch.int64).expand(b, h, m).contiguous()
+    lo = lo.to(device=dev, dtype=torch.int32).expand(b, m).contiguous()
     keep = torch.zeros(b, h, m, mk, dtype=torch.int8, device=dev)
     lists = 1 if all_partial else 2  # no full lists under the model's own mask
     nums = [torch.empty(b, h, m, dtype=torch.int32, device=dev) for _ in range(lists)]
-    idxs = [torch.empty(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
+    # with a band, only its blocks are written: the rest of a list is zeros
+    make = torch.empty if band is None else torch.zeros
+    idxs = [make(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
     _budget_kernel[(m, b * h)](
-        score, count, budget, keep, nums[0], idxs[0], nums[-1], idxs[-1],
-        mk, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m,
-        BLOCK=triton.next_power_of_2(mk), ALL_PARTIAL=all_partial,
-        num_warps=4 if mk <= 1024 else 8,
+        score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
+        mk, width, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m, m,
+        BLOCK=max(16, triton.next_power_of_2(width)), ALL_PARTIAL=all_partial,
+        num_warps=4 if width <= 1024 else 8,
     )  # fmt: skip
     full = (None, None) if all_partial else (nums[0], idxs[0])
     return keep.view(torch.bool), (*full, nums[-1], idxs[-1])
