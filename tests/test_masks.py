@@ -60,14 +60,24 @@ def test_causal_rows_are_the_causal_mask_rows():
     assert torch.equal(causal_rows(index, T), visible_mask(None, T, T, "cpu")[:, :, index])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the pattern's path)")
-def test_a_flex_prefill_counts_the_pattern_as_the_dense_mask(monkeypatch):
-    """On CUDA a block policy's prefill counts the window's pairs per block from
-    transformers' BlockMask; the count equals the dense mask's."""
+def _quest_prefill_on_cuda():
+    """Quest's prefill of a tiny Gemma 3 on CUDA (its two window layers through the fused
+    selection)."""
     from tests.tiny_models import tiny_gemma3
 
     from attnlab import decoding, policies, sparse
 
+    model = tiny_gemma3().cuda()
+    ids = torch.randint(0, 5000, (1, 200), generator=torch.Generator().manual_seed(1)).cuda()
+    run = sparse.SparseRun(policies.make("quest", block_size=16), 0.8)
+    decoding.prefill(model, ids, run)
+    assert run.kernels.get("flex block-sparse, model mask, fused selection") == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the pattern's path)")
+def test_a_flex_prefill_counts_the_pattern_as_the_dense_mask(monkeypatch):
+    """On CUDA a block policy's prefill counts the window's pairs per block from
+    transformers' BlockMask; the count equals the dense mask's."""
     checked = []
     pairs = ModelMask.block_pairs
 
@@ -78,11 +88,7 @@ def test_a_flex_prefill_counts_the_pattern_as_the_dense_mask(monkeypatch):
         return out
 
     monkeypatch.setattr(ModelMask, "block_pairs", checked_pairs)
-    model = tiny_gemma3().cuda()
-    ids = torch.randint(0, 5000, (1, 200), generator=torch.Generator().manual_seed(1)).cuda()
-    run = sparse.SparseRun(policies.make("quest", block_size=16), 0.8)
-    decoding.prefill(model, ids, run)
-    assert run.kernels.get("flex block-sparse, model mask") == 2
+    _quest_prefill_on_cuda()
     assert checked == [16, 16]  # asked by each window layer, equal each time
 
 
@@ -90,10 +96,6 @@ def test_a_flex_prefill_counts_the_pattern_as_the_dense_mask(monkeypatch):
 def test_a_flex_prefill_reads_the_window_rows_from_the_pattern(monkeypatch):
     """On CUDA a block policy's prefill reads the rows its selection needs from the
     window's pattern, with no (T, T) mask built; they equal the dense mask's rows."""
-    from tests.tiny_models import tiny_gemma3
-
-    from attnlab import decoding, policies, sparse
-
     checked = []
     rows = ModelMask.rows
 
@@ -107,9 +109,5 @@ def test_a_flex_prefill_reads_the_window_rows_from_the_pattern(monkeypatch):
         return out
 
     monkeypatch.setattr(ModelMask, "rows", checked_rows)
-    model = tiny_gemma3().cuda()
-    ids = torch.randint(0, 5000, (1, 200), generator=torch.Generator().manual_seed(1)).cuda()
-    run = sparse.SparseRun(policies.make("quest", block_size=16), 0.8)
-    decoding.prefill(model, ids, run)
-    assert run.kernels.get("flex block-sparse, model mask, fused selection") == 2
+    _quest_prefill_on_cuda()
     assert 13 in checked and 1 in checked  # a query block's rows, the last row
