@@ -325,8 +325,9 @@ class SparseRun:
             self.recorder.record_recall(
                 layer, query[..., -1, :], k, shown, scaling, last, budget[None]
             )
-        # summed on the device, read once (achieved_sparsity): no wait per layer
-        self.recorder.kept += (keep * pairs).sum()
+        # summed on the device, read once (achieved_sparsity): no wait per layer; heads
+        # summed first, so no (B, H, Mq, Mk) integer tensor is made
+        self.recorder.kept += (keep.sum((0, 1), dtype=torch.int32) * pairs).sum()
         causal = t * (t + 1) // 2
         self.recorder.causal += b * h * causal
         self.recorder.hidden += b * h * (causal - pairs.sum())

@@ -82,5 +82,8 @@ class Quest(BlockPolicy):
     def score(self, ctx: ScoreContext) -> torch.Tensor | None:
         if ctx.layer < self.dense_layers:
             return None
-        kmin, kmax = page_bounds(ctx.k, self.block_size)
+        g = ctx.groups  # the bounds of each key/value head, then its query heads'
+        kmin, kmax = (
+            b.repeat_interleave(g, 1) for b in page_bounds(ctx.k[:, ::g], self.block_size)
+        )
         return with_must_keep_blocks(upper_bound(ctx.q, kmin, kmax), ctx.q_pos, self)
