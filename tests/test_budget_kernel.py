@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnlab.flex import ordered_blocks
-from attnlab.kernels.budget import budget_select, window_band
+from attnlab.kernels.budget import budget_select, row_bands
 from attnlab.policies.selection import INF, keep_blocks_by_budget
 
 # the compiled kernel where there is a GPU and the interpreter is off, else the interpreter
@@ -43,38 +43,49 @@ def test_fused_budget_selection_equals_the_pytorch_selection(m, seed, all_partia
     diag = torch.eye(m, dtype=torch.bool, device=DEVICE)
     if all_partial:
         assert full_num is None
-        num, idx = ordered_blocks(want & (below | diag))
-        assert torch.equal(part_num, num) and torch.equal(part_idx, idx)
+        _same_kept_lists((part_num, part_idx), ordered_blocks(want & (below | diag)))
     else:
         for got, sel in (((full_num, full_idx), below), ((part_num, part_idx), diag)):
-            num, idx = ordered_blocks(want & sel)
-            assert torch.equal(got[0], num) and torch.equal(got[1], idx)
+            _same_kept_lists(got, ordered_blocks(want & sel))
+
+
+def _same_kept_lists(got, want):
+    """The same number of kept blocks in each list and the same blocks at its head (what
+    FlexAttention reads of it)."""
+    assert torch.equal(got[0], want[0])
+    listed = torch.arange(got[1].shape[-1], device=DEVICE) < want[0][..., None]
+    assert torch.equal(torch.where(listed, got[1], 0), torch.where(listed, want[1], 0))
 
 
 @pytest.mark.parametrize("m, width, seed", [(40, 5, 2), (67, 9, 3)])
 def test_a_window_band_selects_as_the_whole_row_and_lists_its_kept_blocks_alike(m, width, seed):
     """Under a window (each query block sees ``width`` key blocks up to its own) the kernel
     sorts each row's band alone: the same keep-mask as the PyTorch selection over whole
-    rows, the same kept blocks at the head of the lists; a causal grid has no band."""
+    rows, the same kept blocks at the head of the lists."""
     score, count, budget = _case(m, seed)
     rows = torch.arange(m, device=DEVICE)
     band = (rows[None, :] <= rows[:, None]) & (rows[None, :] > rows[:, None] - width)
     count = count.clamp(min=1) * band
     count[..., 3, :] = 0  # a row that sees nothing
-    found = window_band(count)
-    assert found is not None and found[1] == width
-    first = (rows - width + 1).clamp(min=0)
-    assert torch.equal(found[0][0].long()[rows != 3], first[rows != 3])
+    first, launches = row_bands(count)
+    assert torch.equal(first[0].long()[rows != 3], (rows - width + 1).clamp(min=0)[rows != 3])
+    assert launches == [(0, m, width)]  # every band within one power of two
     want = keep_blocks_by_budget(score, count, budget)
-    keep, (_, _, part_num, part_idx) = budget_select(score, count, budget, True, found)
+    keep, (_, _, part_num, part_idx) = budget_select(score, count, budget, True)
     assert torch.equal(keep, want)
     assert want.any() and not (want | ~band).all()
-    num, idx = ordered_blocks(want & band)
-    assert torch.equal(part_num, num)
-    listed = torch.arange(m, device=DEVICE) < num[..., None]
-    assert torch.equal(torch.where(listed, part_idx, 0), torch.where(listed, idx, 0))
-    causal = _case(m, seed)[1]
-    assert window_band(causal) is None
+    _same_kept_lists((part_num, part_idx), ordered_blocks(want & band))
+
+
+def test_causal_rows_launch_by_their_width():
+    """A causal row's band ends at its own block: the rows launch in runs of one power of
+    two, the shortest together; past ``max_launches`` runs, one launch of the widest."""
+    m = 70
+    count = torch.ones(m, m, dtype=torch.long, device=DEVICE).tril()[None, None]
+    first, launches = row_bands(count)
+    assert torch.equal(first, torch.zeros(1, m, dtype=torch.int32, device=DEVICE))
+    assert launches == [(0, 16, 16), (16, 32, 32), (32, 64, 64), (64, 70, 70)]
+    assert row_bands(count, max_launches=3)[1] == [(0, 70, 70)]
 
 
 @pytest.mark.parametrize("window", [None, 40])
@@ -105,10 +116,11 @@ def test_flex_attention_from_the_fused_lists_equals_the_keep_mask_path(window):
     # every pair, so only the lists tell whole blocks from partial ones)
     a = block_mask_from_keep(keep, bs, m * bs, mask_mod)
     b = block_mask_from_lists(lists, bs, m * bs, mask_mod)
-    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None and y is None) or torch.equal(x, y), name
-    assert (a.full_kv_num_blocks is None) == (window is not None)
+    for name in ("kv", "full_kv"):
+        x, y = (getattr(bm, f"{name}_num_blocks") for bm in (a, b))
+        assert (x is None) == (y is None) == (name == "full_kv" and window is not None)
+        if x is not None:
+            _same_kept_lists((y, getattr(b, f"{name}_indices")), (x, getattr(a, f"{name}_indices")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernel)")

@@ -267,12 +267,12 @@ class SparseRun:
             return keep if lists is None else (keep, None)
         if lists is None:
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
-        from attnlab.kernels.budget import MAX_BLOCKS, budget_select, window_band
+        from attnlab.kernels.budget import MAX_BLOCKS, budget_select, row_bands
 
         if score.shape[-1] > MAX_BLOCKS:  # a row too long for one program's registers
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None
-        band = ctx.cached(("band", t, bs), lambda: window_band(count)) if lists else None
-        return budget_select(score, count, ctx.budget[..., ends], lists, band)
+        bands = ctx.cached(("bands", t, bs), lambda: row_bands(count))
+        return budget_select(score, count, ctx.budget[..., ends], lists, bands)
 
     def block_mask(self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None):
         """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);

@@ -16,12 +16,14 @@ index, and writes the lists from running counts: kept blocks ascending (strictly
 the diagonal "full", the diagonal "partial"; every kept block partial under the model's
 own mask), then the others ascending, exactly as ``flex.ordered_blocks`` orders them.
 
-Under a sliding window a query block sees a narrow band of key blocks (33 of 2048 at 32k
-tokens, a 512-token window and 16-token blocks); every other block has no visible key and
-can never be kept. :func:`window_band` finds each row's band once per forward pass, and a
-program then sorts its band alone: the same selection, the same kept blocks listed first
-(the blocks after them in the lists, which FlexAttention never reads, are the band's
-others only).
+A row sorts only its band: the key blocks from its first to its last with a visible key
+(every other block can never be kept). :func:`row_bands` finds the bands once per forward
+pass and groups the rows into launches by their band's width, rounded up to a power of
+two: under a sliding window a query block's band is 33 of 2048 blocks (32k tokens, a
+512-token window, 16-token blocks), and a causal row's band ends at its own block, so
+half the rows sort a quarter of the grid or less. The same selection, the same kept blocks
+listed first (the blocks after them in the lists, which FlexAttention never reads, are
+the band's others only).
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ MAX_BLOCKS = 8192  # key blocks a row may have (128k tokens in blocks of 16): on
 def _budget_kernel(
     score_ptr, count_ptr, budget_ptr, lo_ptr, keep_ptr,
     full_num_ptr, full_idx_ptr, part_num_ptr, part_idx_ptr,
-    M, W, H, s_sc_b, s_sc_h, s_sc_m, s_ct_b, s_ct_m, s_bu_b, s_bu_h, s_lo_b,
+    M, W, R0, H, s_sc_b, s_sc_h, s_sc_m, s_ct_b, s_ct_m, s_bu_b, s_bu_h, s_lo_b,
     BLOCK: tl.constexpr, ALL_PARTIAL: tl.constexpr,
 ):  # fmt: skip
-    i = tl.program_id(0)  # the query block
+    i = R0 + tl.program_id(0)  # the query block
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -71,7 +73,7 @@ def _budget_kernel(
     tl.store(keep_ptr + row + lo + at, keep.to(tl.int8), mask=(at < W) & (lo + at < M))
     tl.debug_barrier()
     kept = tl.load(keep_ptr + row + cols, mask=in_m, other=0) != 0
-    lists = bh * tl.num_programs(0) + i
+    lists = bh * M + i
     if ALL_PARTIAL:  # every kept block at or left of the diagonal, pair by pair
         _write_list(kept & (cols <= i), cols, in_m, part_idx_ptr + lists * M, part_num_ptr + lists)
     else:
@@ -90,19 +92,29 @@ def _write_list(sel, cols, in_m, idx_ptr, num_ptr):
     tl.store(num_ptr, num)
 
 
-def window_band(count: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """Each query block's band of key blocks with a visible key: count (B or 1, 1, Mq, Mk)
-    -> its first such block (B or 1, Mq) int32 and the widest band, or None where the
-    widest is more than half the row (a causal layer: no band to gain). One wait for the
-    device, once per forward pass and mask (the caller keeps it)."""
+def row_bands(count: torch.Tensor, max_launches: int = 12) -> tuple[torch.Tensor, list]:
+    """Each query block's band of key blocks, from its first to its last with a visible
+    key: count (B or 1, 1, Mq, Mk) -> the first (B or 1, Mq) int32, and the launches of
+    :func:`budget_select`: (first row, end row, band width) over runs of rows whose widths
+    round up to the same power of two (at least 16), or one launch of the widest band
+    where the runs would make more than ``max_launches``. One wait for the device, once
+    per forward pass and mask (the caller keeps it)."""
     seen = count[:, 0] > 0  # (B, Mq, Mk)
-    cols = torch.arange(seen.shape[-1], device=count.device)
-    lo = torch.where(seen, cols, seen.shape[-1]).amin(-1)
+    m = seen.shape[-1]
+    cols = torch.arange(m, device=count.device)
+    lo = torch.where(seen, cols, m).amin(-1)
     hi = torch.where(seen, cols, -1).amax(-1)
-    width = int((hi - lo + 1).clamp(min=1).max())
-    if 2 * width > seen.shape[-1]:
-        return None
-    return lo.clamp(max=seen.shape[-1] - 1).to(torch.int32), width
+    widths = (hi - lo + 1).clamp(min=1).amax(0).tolist()  # (Mq,) over the batch
+    launches: list[list[int]] = []
+    for i, w in enumerate(widths):
+        size = max(16, triton.next_power_of_2(w))
+        if launches and max(16, triton.next_power_of_2(launches[-1][2])) == size:
+            launches[-1][1], launches[-1][2] = i + 1, max(launches[-1][2], w)
+        else:
+            launches.append([i, i + 1, w])
+    if len(launches) > max_launches:
+        launches = [[0, len(widths), max(widths)]]
+    return lo.clamp(max=m - 1).to(torch.int32), [tuple(x) for x in launches]
 
 
 def budget_select(
@@ -110,7 +122,7 @@ def budget_select(
     count: torch.Tensor,
     budget: torch.Tensor,
     all_partial: bool,
-    band: tuple[torch.Tensor, int] | None = None,
+    bands: tuple[torch.Tensor, list] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The selection of ``keep_blocks_by_budget`` and the BlockMask lists of
     ``block_mask_from_keep`` (query blocks as tall as key blocks), in one kernel.
@@ -119,10 +131,11 @@ def budget_select(
     Mk) visible keys per block (< 2^16); budget: (B or 1, 1 or H, Mq) keys per query block.
     ``all_partial``: the model's own mask applies pair by pair (a window), so every kept
     block at or left of the diagonal is partial; else blocks strictly left of it are full.
-    ``band``: :func:`window_band` of ``count``, each row sorting its band alone.
+    ``bands``: :func:`row_bands` of ``count`` (found here when None), each row sorting
+    its band alone.
     Returns the keep-mask (B, H, Mq, Mk) bool and (full_num, full_idx, part_num, part_idx),
-    each list of kept blocks ascending, then the others ascending (with a band, the
-    band's others only; full_num None under ``all_partial``).
+    each list of kept blocks ascending, then the band's others ascending (full_num None
+    under ``all_partial``).
     """
     b, h, m, mk = score.shape
     if m != mk or mk > MAX_BLOCKS:
@@ -130,10 +143,7 @@ def budget_select(
             f"budget_select needs square grids of at most {MAX_BLOCKS} blocks, got {m} x {mk}"
         )
     dev = score.device
-    if band is None:
-        lo, width = torch.zeros(1, m, dtype=torch.int32, device=dev), mk
-    else:
-        lo, width = band
+    lo, launches = row_bands(count) if bands is None else bands
     score = score.float().contiguous()
     count = count.to(torch.int32).expand(b, 1, m, mk).contiguous()
     budget = budget.to(torch.int64).expand(b, h, m).contiguous()
@@ -141,14 +151,14 @@ def budget_select(
     keep = torch.zeros(b, h, m, mk, dtype=torch.int8, device=dev)
     lists = 1 if all_partial else 2  # no full lists under the model's own mask
     nums = [torch.empty(b, h, m, dtype=torch.int32, device=dev) for _ in range(lists)]
-    # with a band, only its blocks are written: the rest of a list is zeros
-    make = torch.empty if band is None else torch.zeros
-    idxs = [make(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
-    _budget_kernel[(m, b * h)](
-        score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
-        mk, width, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m, m,
-        BLOCK=max(16, triton.next_power_of_2(width)), ALL_PARTIAL=all_partial,
-        num_warps=4 if width <= 1024 else 8,
-    )  # fmt: skip
+    # each row writes its band's blocks: the rest of a list is zeros
+    idxs = [torch.zeros(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
+    for r0, r1, width in launches:
+        size = max(16, triton.next_power_of_2(width))
+        _budget_kernel[(r1 - r0, b * h)](
+            score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
+            mk, width, r0, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m, m,
+            BLOCK=size, ALL_PARTIAL=all_partial, num_warps=4 if size <= 1024 else 8,
+        )  # fmt: skip
     full = (None, None) if all_partial else (nums[0], idxs[0])
     return keep.view(torch.bool), (*full, nums[-1], idxs[-1])
