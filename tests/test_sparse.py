@@ -253,3 +253,38 @@ def test_needle_recall_counts_the_retrieval_heads_alone():
     assert math.isnan(
         sparse.SparseRun(policies.make("full")).recorder.needle_recall
     )  # nothing kept
+
+
+def test_a_global_layers_policy_leaves_the_window_layers_to_the_model():
+    """Quest with ``window_layers`` False (``quest_global``) acts on the global layer
+    alone: the two window layers run the model's own kernel and attend as under full
+    attention (their outputs equal, bit for bit), the global layer runs Quest's mask, and
+    the achieved sparsity counts the windows' pairs as kept."""
+    from tests.tiny_models import tiny_gemma3
+
+    model = tiny_gemma3()
+    ids = torch.randint(300, 5000, (1, 200), generator=torch.Generator().manual_seed(4))
+    out, runs = {}, {}
+    for name, policy in (
+        ("full", policies.make("full")),
+        ("quest", policies.make("quest", block_size=16)),
+        ("global", policies.make("quest", block_size=16, window_layers=False)),
+    ):
+        seen = []
+        hooks = [
+            layer.self_attn.register_forward_hook(lambda m, a, o, seen=seen: seen.append(o[0]))
+            for layer in model.model.layers
+        ]
+        runs[name] = sparse.SparseRun(policy, 0.8, whole_prompt=True)
+        with torch.inference_mode(), runs[name]:
+            model(ids, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        out[name] = seen
+    assert runs["global"].kernels == {"sdpa model mask": 2, "sdpa keep-mask": 1}
+    for layer in (0, 1):  # the window layers
+        assert torch.equal(out["global"][layer], out["full"][layer])
+        assert not torch.equal(out["quest"][layer], out["full"][layer])
+    assert not torch.allclose(out["global"][2], out["full"][2], atol=1e-3)
+    sparsity = {name: run.recorder.achieved_sparsity for name, run in runs.items()}
+    assert sparsity["full"] < sparsity["global"] < sparsity["quest"]

@@ -121,14 +121,15 @@ def attention_forward(
     h, tq, tk = query.shape[1], query.shape[2], key.shape[2]
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     acts = run is not None and run.acts(layer)
-    if acts and softcap is None and run.uses_flex(query, tq, tk) and _OBSERVER.get() is None:
+    applies = acts and not run.leaves_dense(module, attention_mask)  # else as full attention
+    if applies and softcap is None and run.uses_flex(query, tq, tk) and _OBSERVER.get() is None:
         causal = _causal(attention_mask, tq, module)
         if causal or _unpadded(attention_mask):
             model_mask = None if causal else attention_mask  # a sliding window, pair by pair
             out = run.flex_attention(layer, query, key, value, scaling, model_mask)
             return out.transpose(1, 2).contiguous(), None
     observer = _OBSERVER.get()
-    masked = acts and run.policy.name != "full"
+    masked = applies and run.policy.name != "full"
     if observer is None and softcap is None:
         keep = None
         if masked and run.chunks(tq):

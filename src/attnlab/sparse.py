@@ -29,7 +29,7 @@ import torch
 from attnlab import regimes
 from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
 from attnlab.errors import UserError
-from attnlab.masks import causal_rows
+from attnlab.masks import ModelMask, causal_rows
 from attnlab.phases import phase
 from attnlab.policies.base import (
     LayerHistory,
@@ -120,6 +120,16 @@ class SparseRun:
         """Whether the policy acts on this layer's next call: the first call of a layer is
         its prefill."""
         return self.regime.acts(layer not in self.histories, self.decode)
+
+    def leaves_dense(self, module, attention_mask) -> bool:
+        """Whether this layer runs as under full attention, its pairs counted as kept: a
+        sliding-window layer (the model's own mask is a window) under a policy that acts
+        on the global layers only (``window_layers`` False)."""
+        return (
+            not getattr(self.policy, "window_layers", True)
+            and isinstance(attention_mask, ModelMask)
+            and not attention_mask.plain_causal(module)
+        )
 
     @property
     def needs_inputs(self) -> bool:

@@ -73,6 +73,11 @@ class Quest(BlockPolicy):
     """Always keep the first page (block_size: tokens per page)."""
     dense_layers: Annotated[int, Range(0)] = 0
     """Leading layers left dense (the paper's setting: 2)."""
+    window_layers: bool = True
+    """Act in the model's sliding-window layers too (False: the global layers only, the
+    window layers left to the model's own kernel under their window, as a method written
+    for full-attention layers runs on a hybrid model; the achieved sparsity counts the
+    windows' keys)."""
 
     def read_cost(self, head_dim: int, sparsity: float) -> float:
         """Two vectors (the channel-wise minimum and maximum) per page of ``block_size``
