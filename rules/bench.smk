@@ -117,6 +117,10 @@ rule bench_prefill:
         name=model_name,
         length=max(NIAH["lengths"]),
         policies=latency_policies(),
+        # each policy as the NIAH jobs run it (a variant: its base and settings)
+        policy_params=json.dumps(
+            {p: JOB_CONFIG["policy_params"].get(p, {}) for p in latency_policies()}
+        ),
         sparsities=NIAH["sparsities"],
         device=config["device"],
         dtype=config["dtype"],
@@ -124,6 +128,7 @@ rule bench_prefill:
     shell:
         "attnlab bench prefill --model {params.name} --prompts {input.prompts}"
         " --length {params.length} --policies {params.policies}"
+        " --policy-params {params.policy_params:q}"
         " --sparsities {params.sparsities} --threads {threads} --device {params.device}"
         " --dtype {params.dtype} --out {params.out_dir} > {log} 2>&1"
 

@@ -1,6 +1,7 @@
 """The prefill benchmark times the real model under each policy, and its table joins the
 NIAH table into the accuracy-matched speed figure."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
     tables.write([p.__dict__ for p in prompts], tmp_path / "prompts.parquet")
     args = ["bench", "prefill", "--model", "smollm2-135m", "--prompts"]
     args += [str(tmp_path / "prompts.parquet"), "--length", "128", "--rep-ms", "1"]
-    args += ["--policies", "full", "topk", "cab", "--sparsities", "0.5", "0.8"]
+    args += ["--policies", "full", "topk", "cab", "cab_b32", "--sparsities", "0.5", "0.8"]
+    args += ["--policy-params", json.dumps({"cab_b32": {"base": "cab", "block_size": 32}})]
     args += ["--row-chunk", "32", "--threads", "1", "--out", str(tmp_path)]
     args += ["--transformers", "sdpa"]
     proc = subprocess.run([ATTNLAB, *args], capture_output=True, text=True)
@@ -39,6 +41,8 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
         ("topk", 0.8),
         ("cab", 0.5),
         ("cab", 0.8),
+        ("cab_b32", 0.5),  # a variant, built from its base and settings
+        ("cab_b32", 0.8),
     ]
     assert (bench["length"] == 128).all() and (bench["ms"] > 0).all()
     assert (bench["regime"] == "prefill").all()
@@ -48,6 +52,7 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
         "full": "sdpa causal x30",
         "topk": "sdpa keep-mask in row chunks x30",
         "cab": "sdpa keep-mask x30",
+        "cab_b32": "sdpa keep-mask x30",
     }
     topk = bench.filter(pl.col("policy") == "topk")["achieved_sparsity"].to_list()
     assert abs(topk[0] - 0.5) < 0.02 and abs(topk[1] - 0.8) < 0.02
@@ -55,6 +60,11 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
     # where each entry's time went (one more pass): full attention chooses nothing, every
     # policy spends time choosing, and the attention kernels and the rest of the model
     # take time in every entry
+    achieved = {
+        name: bench.filter(pl.col("policy") == name)["achieved_sparsity"].to_list()
+        for name in ("cab", "cab_b32")
+    }
+    assert achieved["cab"] != achieved["cab_b32"], achieved  # its own blocks
     split = dict(zip(bench["policy"], bench["selection_ms"], strict=False))
     assert split["full"] == 0.0 and split["topk"] > 0 and split["cab"] > 0
     assert (bench["attention_ms"] > 0).all() and (bench["rest_ms"] > 0).all()

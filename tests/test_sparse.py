@@ -288,3 +288,9 @@ def test_a_global_layers_policy_leaves_the_window_layers_to_the_model():
     assert not torch.allclose(out["global"][2], out["full"][2], atol=1e-3)
     sparsity = {name: run.recorder.achieved_sparsity for name, run in runs.items()}
     assert sparsity["full"] < sparsity["global"] < sparsity["quest"]
+    padding = torch.ones(2, 200, dtype=torch.long)
+    padding[1, :5] = 0  # a padded batch: padding is not a window, the global layer acts
+    run = sparse.SparseRun(runs["global"].policy, 0.8, whole_prompt=True)
+    with torch.inference_mode(), run:
+        model(ids.expand(2, -1), attention_mask=padding, use_cache=False)
+    assert run.kernels == {"sdpa model mask": 2, "sdpa keep-mask": 1}

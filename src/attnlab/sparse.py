@@ -125,11 +125,11 @@ class SparseRun:
         """Whether this layer runs as under full attention, its pairs counted as kept: a
         sliding-window layer (the model's own mask is a window) under a policy that acts
         on the global layers only (``window_layers`` False)."""
-        return (
-            not getattr(self.policy, "window_layers", True)
-            and isinstance(attention_mask, ModelMask)
-            and not attention_mask.plain_causal(module)
-        )
+        window = getattr(module, "sliding_window", None) is not None or (
+            isinstance(attention_mask, ModelMask)
+            and attention_mask.recipe.get("local_size") is not None
+        )  # a layer's window, not its padding: a padded global layer stays the policy's
+        return window and not getattr(self.policy, "window_layers", True)
 
     @property
     def needs_inputs(self) -> bool:

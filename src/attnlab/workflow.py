@@ -95,11 +95,9 @@ def policy_level(name: str, policies: dict) -> str:
 
 def latency_policies(prefill: list[str], policies: dict) -> list[str]:
     """The prefill benchmark's policies: full attention, then the block policies among
-    ``prefill`` (the NIAH grid's prefill regime) that are policies by name, not variants
-    (the benchmark builds each from its name)."""
-    return ["full"] + [
-        p for p in prefill if p in fields.names() and policy_level(p, policies) == "block"
-    ]
+    ``prefill`` (the NIAH grid's prefill regime), variants among them (the benchmark
+    builds each from its parameters, ``--policy-params``)."""
+    return ["full"] + [p for p in prefill if policy_level(p, policies) == "block"]
 
 
 def generate_policies(cache: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from pathlib import Path
 
 import torch
@@ -108,8 +109,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         add("full", 0.0, ms, reps, f"transformers {impl}", impl, float("nan"))
         rows[-1].update(selection_ms=float("nan"), attention_ms=float("nan"), rest_ms=float("nan"))
     model.set_attn_implementation(attention.IMPLEMENTATION)
+    specs = json.loads(args.policy_params)
     for name in args.policies:
-        policy = policies.make(name)
+        policy = policies.make(name, **specs.get(name, {}))
         # a block policy's selection in the fused Triton kernel (the default, used on CUDA
         # only) and, on CUDA, in PyTorch
         paths = [True, False] if cuda and policy.level == "block" else [True]
@@ -164,6 +166,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``attnlab bench prefill``."""
     model_arguments(p, "prefill", rep_ms=3000.0, min_reps=3)
     p.add_argument("--row-chunk", type=int, default=0, help="rows per call, token policies")
+    p.add_argument(
+        "--policy-params",
+        default="{}",
+        help="JSON: each policy's parameters as the NIAH jobs run it, by name (a variant: "
+        'its base and settings, e.g. {"quest_global": {"base": "quest", "window_layers": '
+        "false}}); a name not in it runs its defaults",
+    )
     p.add_argument(
         "--transformers",
         nargs="*",

@@ -21,7 +21,7 @@ A row sorts only its band: the key blocks from its first to its last with a visi
 pass and groups the rows into launches by their band's width, rounded up to a power of
 two: under a sliding window a query block's band is 33 of 2048 blocks (32k tokens, a
 512-token window, 16-token blocks), and a causal row's band ends at its own block, so
-half the rows sort a quarter of the grid or less. The same selection, the same kept blocks
+half the rows sort half the grid's width or less. The same selection, the same kept blocks
 listed first (the blocks after them in the lists, which FlexAttention never reads, are
 the band's others only).
 """
@@ -69,11 +69,11 @@ def _budget_kernel(
     bottom = o == ninf  # -inf
     fits = (tl.cumsum(count, axis=0) <= budget) | (band == 0)  # band: the rank here
     keep = (fits | top) & ~bottom & (at < W) & (lo + at < M)
-    row = (bh * M + i) * M
+    lists = bh.to(tl.int64) * M + i  # this row's lists; int64: B H M^2 passes 2^31
+    row = lists * M
     tl.store(keep_ptr + row + lo + at, keep.to(tl.int8), mask=(at < W) & (lo + at < M))
     tl.debug_barrier()
     kept = tl.load(keep_ptr + row + cols, mask=in_m, other=0) != 0
-    lists = bh * M + i
     if ALL_PARTIAL:  # every kept block at or left of the diagonal, pair by pair
         _write_list(kept & (cols <= i), cols, in_m, part_idx_ptr + lists * M, part_num_ptr + lists)
     else:
