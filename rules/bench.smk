@@ -117,10 +117,7 @@ rule bench_prefill:
         name=model_name,
         length=max(NIAH["lengths"]),
         policies=latency_policies(),
-        # each policy as the NIAH jobs run it (a variant: its base and settings)
-        policy_params=json.dumps(
-            {p: JOB_CONFIG["policy_params"].get(p, {}) for p in latency_policies()}
-        ),
+        policy_params=latency_params(),  # each as its NIAH jobs run it (a variant too)
         sparsities=NIAH["sparsities"],
         device=config["device"],
         dtype=config["dtype"],

@@ -17,6 +17,7 @@ from attnlab.workflow import cache_shards as workflow_cache_shards
 from attnlab.workflow import gpu_job_kind as workflow_gpu_job_kind
 from attnlab.workflow import haystacks as workflow_haystacks
 from attnlab.workflow import gpu_mem_gb as workflow_gpu_mem_gb
+from attnlab.workflow import latency_params as workflow_latency_params
 from attnlab.workflow import latency_policies as workflow_latency_policies
 from attnlab.workflow import policy_module as workflow_policy_module
 from attnlab.workflow import policy_errors as workflow_policy_errors
@@ -149,6 +150,11 @@ def latency_policies():
     """The prefill benchmark's policies: full attention and the prefill-regime block
     policies of the NIAH grid (the ones FlexAttention runs)."""
     return workflow_latency_policies(NIAH["regimes"]["prefill"], config["policies"])
+
+
+def latency_params():
+    """Their parameters as the NIAH jobs run them (:func:`attnlab.workflow.latency_params`)."""
+    return workflow_latency_params(latency_policies(), config["policies"])
 
 
 def generate_policies():

@@ -125,11 +125,13 @@ class SparseRun:
         """Whether this layer runs as under full attention, its pairs counted as kept: a
         sliding-window layer (the model's own mask is a window) under a policy that acts
         on the global layers only (``window_layers`` False)."""
-        window = getattr(module, "sliding_window", None) is not None or (
+        if getattr(self.policy, "window_layers", True):
+            return False
+        # a layer's window, not its padding: a padded global layer stays the policy's
+        return getattr(module, "sliding_window", None) is not None or (
             isinstance(attention_mask, ModelMask)
             and attention_mask.recipe.get("local_size") is not None
-        )  # a layer's window, not its padding: a padded global layer stays the policy's
-        return window and not getattr(self.policy, "window_layers", True)
+        )
 
     @property
     def needs_inputs(self) -> bool:

@@ -11,6 +11,7 @@ their source, :mod:`attnlab.policies.fields`).
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import yaml
@@ -98,6 +99,12 @@ def latency_policies(prefill: list[str], policies: dict) -> list[str]:
     ``prefill`` (the NIAH grid's prefill regime), variants among them (the benchmark
     builds each from its parameters, ``--policy-params``)."""
     return ["full"] + [p for p in prefill if policy_level(p, policies) == "block"]
+
+
+def latency_params(names: list[str], policies: dict) -> str:
+    """``attnlab bench prefill --policy-params`` for the policies ``names``: each one's
+    parameters as its NIAH jobs run it (:func:`policy_spec`), as JSON."""
+    return json.dumps({n: policy_spec(n, policies) for n in names})
 
 
 def generate_policies(cache: list[str]) -> list[str]:

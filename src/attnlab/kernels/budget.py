@@ -28,6 +28,8 @@ the band's others only).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -105,16 +107,20 @@ def row_bands(count: torch.Tensor, max_launches: int = 12) -> tuple[torch.Tensor
     lo = torch.where(seen, cols, m).amin(-1)
     hi = torch.where(seen, cols, -1).amax(-1)
     widths = (hi - lo + 1).clamp(min=1).amax(0).tolist()  # (Mq,) over the batch
-    launches: list[list[int]] = []
-    for i, w in enumerate(widths):
-        size = max(16, triton.next_power_of_2(w))
-        if launches and max(16, triton.next_power_of_2(launches[-1][2])) == size:
-            launches[-1][1], launches[-1][2] = i + 1, max(launches[-1][2], w)
-        else:
-            launches.append([i, i + 1, w])
+    launches, r0 = [], 0
+    for _, run in itertools.groupby(widths, _sort_size):
+        run = list(run)
+        launches.append((r0, r0 + len(run), max(run)))
+        r0 += len(run)
     if len(launches) > max_launches:
-        launches = [[0, len(widths), max(widths)]]
-    return lo.clamp(max=m - 1).to(torch.int32), [tuple(x) for x in launches]
+        launches = [(0, len(widths), max(widths))]
+    return lo.clamp(max=m - 1).to(torch.int32), launches
+
+
+def _sort_size(width: int) -> int:
+    """The row length a program sorts for a band of ``width`` blocks (``tl.sort``: a power
+    of two)."""
+    return max(16, triton.next_power_of_2(width))
 
 
 def budget_select(
@@ -154,7 +160,7 @@ def budget_select(
     # each row writes its band's blocks: the rest of a list is zeros
     idxs = [torch.zeros(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
     for r0, r1, width in launches:
-        size = max(16, triton.next_power_of_2(width))
+        size = _sort_size(width)
         _budget_kernel[(r1 - r0, b * h)](
             score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
             mk, width, r0, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m, m,
