@@ -72,7 +72,6 @@ def test_readmes_configuration_table_is_the_schemas_for_the_shipped_knobs():
     keys = knobs(ROOT / "workflow_config.yaml", ROOT / "schemas/config.schema.yaml")
     assert {"models", "niah.regimes", "niah.sparsities", "policies"} <= set(keys)
     table = config_table(ROOT / "schemas/config.schema.yaml", keys)
-    assert len(table.splitlines()) == len(keys) + 2
     assert table in (ROOT / "README.md").read_text()
 
 

@@ -101,7 +101,7 @@ def test_by_hand_the_settings_come_from_the_working_directorys_config(tmp_path):
     assert not out.exists()
 
 
-def test_a_benchmark_by_hand_reads_the_options_it_shares_with_the_pipeline(tmp_path):
+def test_a_benchmark_by_hand_reads_the_options_it_shares_with_the_pipeline(tmp_path, monkeypatch):
     """``attnlab bench prefill`` without --sparsities, --threads, --device, --dtype takes
     them from the config (their one default); outside the workflow folder it names them."""
     from attnlab import bench
@@ -109,14 +109,15 @@ def test_a_benchmark_by_hand_reads_the_options_it_shares_with_the_pipeline(tmp_p
     args = bench.parser("prefill").parse_args(
         ["prefill", "--model", "m", "--prompts", "p", "--length", "8", "--policies", "full"]
     )
-    cwd = Path.cwd()
-    try:
-        os.chdir(ROOT)
-        filled = bench.from_config(args)
-    finally:
-        os.chdir(cwd)
-    assert filled.sparsities == effective_at_root()["niah"]["sparsities"]
-    assert (filled.threads, filled.device, filled.dtype) == (2, "auto", "auto")
+    monkeypatch.chdir(ROOT)
+    filled = bench.from_config(args)
+    config = effective()
+    assert filled.sparsities == config["niah"]["sparsities"]
+    assert (filled.threads, filled.device, filled.dtype) == (
+        config["threads"],
+        config["device"],
+        config["dtype"],
+    )
     proc = _attnlab(
         "bench",
         "prefill",
@@ -145,7 +146,9 @@ def effective_at_root() -> dict:
         os.chdir(cwd)
 
 
-def test_by_hand_given_settings_are_checked_and_any_policy_or_config_file_serves(tmp_path):
+def test_by_hand_given_settings_are_checked_and_any_policy_or_config_file_serves(
+    tmp_path, monkeypatch
+):
     """A setting given as a flag is held to the schema (one line naming its key, nothing
     written); a policy outside the grids gets its parameters; --configfile is read as
     snakemake reads it."""
@@ -157,21 +160,17 @@ def test_by_hand_given_settings_are_checked_and_any_policy_or_config_file_serves
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
     assert proc.stderr.startswith("attnlab: error: config error at niah.haystack")
     assert not out.exists()
-    cwd = Path.cwd()
-    try:
-        os.chdir(ROOT)
-        flags = {"model": "m", "manifest": "x", "out": "o", "regime": "cache"}
-        job = record("pareto-score", None, {**flags, "policy": "loki", "sparsity": 0.5})
-        files = {"model": "m", "prompts": "p", "out": "o", "regime": "prefill"}
-        files["configfile"] = ["configs/oracle_gap.yaml"]
-        gap = record("niah-score", None, {**files, "runs": [["topk", {}, 0.99]]})
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(ROOT)
+    flags = {"model": "m", "manifest": "x", "out": "o", "regime": "cache"}
+    job = record("pareto-score", None, {**flags, "policy": "loki", "sparsity": 0.5})
+    files = {"model": "m", "prompts": "p", "out": "o", "regime": "prefill"}
+    files["configfile"] = ["configs/oracle_gap.yaml"]
+    gap = record("niah-score", None, {**files, "runs": [["topk", {}, 0.99]]})
     assert job.policy_params == policy_spec("loki", {})
     assert gap.row_chunk == 1024 and gap.shard == "1of1"  # the study's, and one part
 
 
-def test_only_the_benchmarks_that_share_an_option_read_the_config(tmp_path):
+def test_only_the_benchmarks_that_share_an_option_read_the_config():
     from attnlab import bench
 
     kernels = bench.from_config(bench.parser("kernels").parse_args(["kernels"]))

@@ -65,9 +65,10 @@ class Phases:
     def _elapsed(self, start, end) -> float:
         return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
-    def ms(self, names=("selection", "attention")) -> dict[str, float]:
-        """Milliseconds of each phase of ``names`` (0 where it never ran), of the whole
-        pass (``total``) and of the rest of it (``rest``)."""
+    def ms(self) -> dict[str, float]:
+        """Milliseconds of each phase (``selection``, ``attention``; 0 where it never ran),
+        of the whole pass (``total``) and of the rest of it (``rest``)."""
+        names = ("selection", "attention")
         if self.cuda:
             torch.cuda.synchronize()
         out = {n: sum(self._elapsed(a, b) for a, b in self.spans.get(n, [])) for n in names}

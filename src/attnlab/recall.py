@@ -64,7 +64,7 @@ class Recorder:
             kept = int(torch.count_nonzero(keep[:, :1])) * h
         else:
             kept = int(torch.count_nonzero(keep))
-        self._count(b, h, tq, tk, kept, seen)
+        self.count(b, h, tq, tk, kept, seen)
         if answering:
             self.note_needle(layer, keep[:, :, -1], visible[:, :, -1])
 
@@ -72,10 +72,10 @@ class Recorder:
         """Count a call that keeps every pair its model's mask shows (full attention's
         prefill) from that count alone: ``seen`` pairs over the batch, ``last`` (B, 1, Tk)
         the last row's visible keys (for the needle)."""
-        self._count(last.shape[0], h, tq, tk, seen * h, seen)
+        self.count(last.shape[0], h, tq, tk, seen * h, seen)
         self.note_needle(layer, last.expand(-1, h, -1), last)
 
-    def _count(self, b: int, h: int, tq: int, tk: int, kept: int, seen: int) -> None:
+    def count(self, b: int, h: int, tq: int, tk: int, kept: int, seen: int) -> None:
         causal = (tq * (2 * tk - tq + 1)) // 2  # rows at tk - tq .. tk - 1 see p + 1 keys
         self.kept += kept
         self.causal += causal * b * h

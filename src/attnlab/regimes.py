@@ -69,9 +69,10 @@ REGIMES = {r.name: r for r in (CACHE, PREFILL)}
 
 def named(name: str) -> Regime:
     """The regime a job's ``--regime`` names, or one line naming the regimes there are."""
-    if name not in REGIMES:
-        raise UserError(f"--regime must be one of {', '.join(REGIMES)}, got {name!r}")
-    return REGIMES[name]
+    try:
+        return get(name)
+    except ValueError:
+        raise UserError(f"--regime must be one of {', '.join(REGIMES)}, got {name!r}") from None
 
 
 def get(regime: str | Regime) -> Regime:

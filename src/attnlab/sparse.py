@@ -339,10 +339,8 @@ class SparseRun:
             )
         # summed on the device, read once (achieved_sparsity): no wait per layer; heads
         # summed first, so no (B, H, Mq, Mk) integer tensor is made
-        self.recorder.kept += (keep.sum((0, 1), dtype=torch.int32) * pairs).sum()
-        causal = t * (t + 1) // 2
-        self.recorder.causal += b * h * causal
-        self.recorder.hidden += b * h * (causal - pairs.sum())
+        kept = (keep.sum((0, 1), dtype=torch.int32) * pairs).sum()
+        self.recorder.count(b, h, t, t, kept, b * pairs.sum())
         self.recorder.note_needle(layer, last, shown)
         mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
         with phase("attention"):

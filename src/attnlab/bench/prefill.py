@@ -72,7 +72,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     cuda = model.device.type == "cuda"
     rows = []
 
-    def add(policy, s, ms, reps, implementation, kernel_used, achieved, selection="causal"):
+    def add(
+        policy, s, ms, reps, implementation, kernel_used, achieved, selection="causal", split=None
+    ):
+        nan = float("nan")  # split: the pass's phases (attnlab entries), else not measured
+        split = split or {"selection": nan, "attention": nan, "rest": nan}
         rows.append(
             {
                 "model": args.model,
@@ -88,6 +92,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "kernel": kernel_used,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                **{f"{k}_ms": split[k] for k in ("selection", "attention", "rest")},
             }
         )
         print(
@@ -107,11 +112,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             lambda: hf_prefill(model, ids), model.device.type, args.rep_ms, args.min_reps, 50
         )
         add("full", 0.0, ms, reps, f"transformers {impl}", impl, float("nan"))
-        rows[-1].update(selection_ms=float("nan"), attention_ms=float("nan"), rest_ms=float("nan"))
     model.set_attn_implementation(attention.IMPLEMENTATION)
-    specs = json.loads(args.policy_params)
     for name in args.policies:
-        policy = policies.make(name, **specs.get(name, {}))
+        policy = policies.make(name, **args.policy_params.get(name, {}))
         # a block policy's selection in the fused Triton kernel (the default, used on CUDA
         # only) and, on CUDA, in PyTorch
         paths = [True, False] if cuda and policy.level == "block" else [True]
@@ -137,8 +140,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             with Phases(model.device) as phases:  # one more pass: where its time goes
                 r = prefill()
             impl = "attnlab" if fused else "attnlab, PyTorch selection"
-            add(name, s, ms, reps, impl, kernel(r), r.recorder.achieved_sparsity, r.selection)
-            rows[-1].update({f"{k}_ms": v for k, v in phases.ms().items() if k != "total"})
+            achieved = r.recorder.achieved_sparsity
+            add(name, s, ms, reps, impl, kernel(r), achieved, r.selection, phases.ms())
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
     for r in rows:  # the side-by-side ratio, measured in this run
         r["speedup_vs_full"] = full[0] / r["ms"] if full else float("nan")
@@ -168,7 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-chunk", type=int, default=0, help="rows per call, token policies")
     p.add_argument(
         "--policy-params",
-        default="{}",
+        type=json.loads,
+        default={},
         help="JSON: each policy's parameters as the NIAH jobs run it, by name (a variant: "
         'its base and settings, e.g. {"quest_global": {"base": "quest", "window_layers": '
         "false}}); a name not in it runs its defaults",
