@@ -9,19 +9,23 @@ scatter, then two more sorts for the BlockMask's lists (:func:`attnlab.flex.
 block_mask_from_keep`), each a pass over a (B, H, Mq, Mk) grid: at 32k tokens and
 16-token blocks a 2048 x 2048 grid per head, a dozen kernels per layer.
 
-Here one program owns one query block's row: it packs each block's score (as an
-order-preserving integer), its index and its visible keys into one 64-bit key, sorts the
-row in registers (``tl.sort``), takes the prefix that fits, writes the keep-mask back by
-index, and writes the lists from running counts: kept blocks ascending (strictly left of
-the diagonal "full", the diagonal "partial"; every kept block partial under the model's
-own mask), then the others ascending, exactly as ``flex.ordered_blocks`` orders them.
+Here one program owns one query block's row, in registers, and sorts nothing: the prefix
+of the sorted row that fits is every block whose score (as an order-preserving integer)
+lies above a threshold, then the blocks at the threshold, earliest first, while they fit.
+The threshold is found by a binary search over the 2^32 integer orders (33 halvings, each
+a masked sum over the row: fewer steps than a bitonic sort's 66 at 2048 blocks, none of
+them a shuffle across the row), the ties by a prefix sum. The program writes the
+keep-mask in column order and the lists from running counts: kept blocks ascending
+(strictly left of the diagonal "full", the diagonal "partial"; every kept block partial
+under the model's own mask), then the others ascending, exactly as
+``flex.ordered_blocks`` orders them.
 
-A row sorts only its band: the key blocks from its first to its last with a visible key
+A row searches only its band: the key blocks from its first to its last with a visible key
 (every other block can never be kept). :func:`row_bands` finds the bands once per forward
 pass and groups the rows into launches by their band's width, rounded up to a power of
 two: under a sliding window a query block's band is 33 of 2048 blocks (32k tokens, a
 512-token window, 16-token blocks), and a causal row's band ends at its own block, so
-half the rows sort half the grid's width or less. The same selection, the same kept blocks
+half the rows search half the grid's width or less. The same selection, the same kept blocks
 listed first (the blocks after them in the lists, which FlexAttention never reads, are
 the band's others only).
 """
@@ -35,7 +39,7 @@ import triton
 import triton.language as tl
 
 MAX_BLOCKS = 8192  # key blocks a row may have (128k tokens in blocks of 16): one program
-# sorts its row in registers
+# holds its row in registers
 
 
 @triton.jit
@@ -59,23 +63,31 @@ def _budget_kernel(
     s = tl.where(c == 0, float("-inf"), s.to(tl.float32) + 0.0)  # + 0.0: -0.0 is +0.0
     s = tl.where(in_m, s, float("-inf"))
     bits = s.to(tl.int32, bitcast=True)
-    order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # int order: float's
-    # score, then the earlier block first, then its count riding along (16 bits each)
-    key = (order << 32) | ((BLOCK - 1 - band).to(tl.int64) << 16) | c.to(tl.int64)
-    key = tl.sort(key, descending=True)
-    count = (key & 0xFFFF).to(tl.int32)
-    at = BLOCK - 1 - ((key >> 16) & 0xFFFF).to(tl.int32)  # place in the band
-    o = (key >> 32).to(tl.int32)
+    o = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order: the float's
+    # The sorted row's prefix that fits is every block above a threshold order t, then the
+    # blocks at t, earliest first, while they fit: t is the largest order whose blocks at
+    # or above it exceed the budget (a binary search over the 2^32 orders, 33 halvings of
+    # a sum over the row), none where the whole row fits (t below every order).
+    o64 = o.to(tl.int64)
+    lo_t = budget * 0 - 2**31 - 1  # its blocks and above exceed the budget (a scalar)
+    hi_t = budget * 0 + 2**31  # its blocks and above fit (none)
+    for _ in range(33):  # 2^32 + 1 orders between them, halved 33 times: adjacent
+        mid = (lo_t + hi_t) >> 1
+        over = tl.sum(tl.where(o64 >= mid, c, 0), axis=0) > budget
+        go = hi_t - lo_t > 1
+        lo_t = tl.where(go & over, mid, lo_t)
+        hi_t = tl.where(go & ~over, mid, hi_t)
+    above = o64 > lo_t
+    tie = o64 == lo_t
+    used = tl.sum(tl.where(above, c, 0), axis=0)
+    fits = above | (tie & (used + tl.cumsum(tl.where(tie, c, 0), axis=0) <= budget))
+    best = tl.max(o, axis=0)  # the row's first in order: the best, the earliest of equals
+    first = (o == best) & (band == tl.min(tl.where(o == best, band, BLOCK), axis=0))
     ninf = tl.full((1,), float("-inf"), tl.float32).to(tl.int32, bitcast=True) ^ 0x7FFFFFFF
     top = o == 0x7F800000  # +inf (positive: its bits are its order)
-    bottom = o == ninf  # -inf
-    fits = (tl.cumsum(count, axis=0) <= budget) | (band == 0)  # band: the rank here
-    keep = (fits | top) & ~bottom & (at < W) & (lo + at < M)
+    kept = (fits | first | top) & (o != ninf) & in_m  # not -inf
     lists = bh.to(tl.int64) * M + i  # this row's lists; int64: B H M^2 passes 2^31
-    row = lists * M
-    tl.store(keep_ptr + row + lo + at, keep.to(tl.int8), mask=(at < W) & (lo + at < M))
-    tl.debug_barrier()
-    kept = tl.load(keep_ptr + row + cols, mask=in_m, other=0) != 0
+    tl.store(keep_ptr + lists * M + cols, kept.to(tl.int8), mask=in_m)
     if ALL_PARTIAL:  # every kept block at or left of the diagonal, pair by pair
         _write_list(kept & (cols <= i), cols, in_m, part_idx_ptr + lists * M, part_num_ptr + lists)
     else:
@@ -108,7 +120,7 @@ def row_bands(count: torch.Tensor, max_launches: int = 12) -> tuple[torch.Tensor
     hi = torch.where(seen, cols, -1).amax(-1)
     widths = (hi - lo + 1).clamp(min=1).amax(0).tolist()  # (Mq,) over the batch
     launches, r0 = [], 0
-    for _, run in itertools.groupby(widths, _sort_size):
+    for _, run in itertools.groupby(widths, _row_size):
         run = list(run)
         launches.append((r0, r0 + len(run), max(run)))
         r0 += len(run)
@@ -117,9 +129,8 @@ def row_bands(count: torch.Tensor, max_launches: int = 12) -> tuple[torch.Tensor
     return lo.clamp(max=m - 1).to(torch.int32), launches
 
 
-def _sort_size(width: int) -> int:
-    """The row length a program sorts for a band of ``width`` blocks (``tl.sort``: a power
-    of two)."""
+def _row_size(width: int) -> int:
+    """The row length a program holds for a band of ``width`` blocks (a power of two)."""
     return max(16, triton.next_power_of_2(width))
 
 
@@ -137,7 +148,7 @@ def budget_select(
     Mk) visible keys per block (< 2^16); budget: (B or 1, 1 or H, Mq) keys per query block.
     ``all_partial``: the model's own mask applies pair by pair (a window), so every kept
     block at or left of the diagonal is partial; else blocks strictly left of it are full.
-    ``bands``: :func:`row_bands` of ``count`` (found here when None), each row sorting
+    ``bands``: :func:`row_bands` of ``count`` (found here when None), each row searching
     its band alone.
     Returns the keep-mask (B, H, Mq, Mk) bool and (full_num, full_idx, part_num, part_idx),
     each list of kept blocks ascending, then the band's others ascending (full_num None
@@ -160,7 +171,7 @@ def budget_select(
     # each row writes its band's blocks: the rest of a list is zeros
     idxs = [torch.zeros(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
     for r0, r1, width in launches:
-        size = _sort_size(width)
+        size = _row_size(width)
         _budget_kernel[(r1 - r0, b * h)](
             score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
             mk, width, r0, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m, m,
