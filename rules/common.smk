@@ -19,6 +19,8 @@ from attnlab.workflow import haystacks as workflow_haystacks
 from attnlab.workflow import gpu_mem_gb as workflow_gpu_mem_gb
 from attnlab.workflow import latency_params as workflow_latency_params
 from attnlab.workflow import latency_policies as workflow_latency_policies
+from attnlab.workflow import NIAH_PART
+from attnlab.workflow import niah_part as workflow_niah_part
 from attnlab.workflow import policy_module as workflow_policy_module
 from attnlab.workflow import policy_errors as workflow_policy_errors
 from attnlab.workflow import policy_spec as workflow_policy_spec
@@ -85,16 +87,13 @@ def cache_files(grid, model):
 
 
 def niah_all(wildcards):
-    """Whether a NIAH job's part is ``all`` (every run), ``all_<i>of<n>`` (a shard)."""
-    return re.fullmatch(r"all(_[0-9]+of[0-9]+)?", wildcards.part) is not None
+    """Whether a NIAH job's part is ``all`` (every run) or ``all_<i>of<n>`` (a shard)."""
+    return niah_run(wildcards) is None
 
 
 def niah_run(wildcards):
     """The (policy, sparsity) of a one-run NIAH part ``<policy>_<pct>``; None for ``all``."""
-    if niah_all(wildcards):
-        return None
-    policy, p = wildcards.part.rsplit("_", 1)
-    return policy, sparsity(p)
+    return workflow_niah_part(wildcards.part)[0]
 
 
 def niah_runs(wildcards):
@@ -110,9 +109,7 @@ def niah_runs(wildcards):
 
 def niah_shard(wildcards):
     """A NIAH job's shard of the prompts, ``<i>of<n>``, from its part (``all_<i>of<n>``)."""
-    if niah_all(wildcards) and wildcards.part != "all":
-        return wildcards.part.removeprefix("all_")
-    return "1of1"
+    return workflow_niah_part(wildcards.part)[1]
 
 
 def niah_score_files(wildcards=None):

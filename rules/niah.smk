@@ -55,7 +55,7 @@ rule niah_score:
     wildcard_constraints:
         grid="niah|ablation",
         regime="cache|prefill",
-        part=r"all(_[0-9]+of[0-9]+)?|[a-z0-9_]+_[0-9]+(\.[0-9]+)?",
+        part=NIAH_PART,
     # a grid's cache-regime job, its longest: first in line, so that it is not left to
     # run alone
     priority: lambda w: 10 if niah_all(w) else 0

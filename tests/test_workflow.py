@@ -2,8 +2,11 @@
 
 import shutil
 
+import pytest
+
+from attnlab.errors import UserError
 from attnlab.sources import module_sources
-from attnlab.workflow import model_key, pct, sparsity
+from attnlab.workflow import cache_shards, model_key, niah_part, pct, sparsity
 from workflow_helpers import copy_workflow, planned_jobs, snakemake
 
 
@@ -11,6 +14,18 @@ def test_sparsity_file_names_round_trip():
     for s in (0.9, 0.95, 0.99, 0.995):
         assert sparsity(pct(s)) == s
     assert pct(0.99) == "99" and model_key("EleutherAI/pythia-410m") == "EleutherAI--pythia-410m"
+
+
+def test_niah_part_names_read_back_as_their_run_and_shard():
+    """The parts the workflow names (the cache regime's shards, a prefill run's
+    ``<policy>_<pct>``) read back as what made them; anything else is refused."""
+    assert [niah_part(f"all{s}") for s in cache_shards(1)] == [(None, "1of1")]
+    assert [niah_part(f"all{s}")[1] for s in cache_shards(3)] == ["1of3", "2of3", "3of3"]
+    for policy in ("quest", "quest_global", "cab_sparq"):
+        assert niah_part(f"{policy}_{pct(0.995)}") == ((policy, 0.995), "1of1")
+    for bad in ("Quest_99", "quest", "all_1of2x", "quest_99_"):
+        with pytest.raises(UserError, match="a NIAH part is"):
+            niah_part(bad)
 
 
 def test_module_sources_follow_imports_transitively():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -138,6 +139,23 @@ def cache_shards(n: int) -> list[str]:
     """The file-name suffixes of a cache-regime job's ``n`` shards (``niah.cache_shards``):
     ``_<i>of<n>``, or none for one job (``all.parquet``)."""
     return [""] if n == 1 else [f"_{i}of{n}" for i in range(1, n + 1)]
+
+
+NIAH_PART = r"all(_[0-9]+of[0-9]+)?|[a-z0-9_]+_[0-9]+(\.[0-9]+)?"
+"""A NIAH job's part, its table's file name: ``all`` (every run of the grid over one
+dense prefill: the cache regime), ``all_<i>of<n>`` (its shard i of n) or
+``<policy>_<pct>`` (one run: the prefill regime)."""
+
+
+def niah_part(part: str) -> tuple[tuple[str, float] | None, str]:
+    """A NIAH part's run, (policy, sparsity) or None for every run of the grid, and its
+    shard of the prompts, ``<i>of<n>`` (``1of1`` unless the part is one)."""
+    if re.fullmatch(NIAH_PART, part) is None:
+        raise UserError(f"a NIAH part is all, all_<i>of<n> or <policy>_<pct>, got {part!r}")
+    if part == "all" or re.fullmatch(r"all_[0-9]+of[0-9]+", part):
+        return None, part.removeprefix("all").removeprefix("_") or "1of1"
+    policy, p = part.rsplit("_", 1)
+    return (policy, sparsity(p)), "1of1"
 
 
 def gpu_job_kind(policy: str | None, policies: dict) -> str:
