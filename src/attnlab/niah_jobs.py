@@ -107,22 +107,17 @@ def _score_prefill(job: NiahScore, policy: str, params: dict, sparsity: float) -
 
 
 def _score_cache(job: NiahScore) -> None:
-    import torch
-
-    from attnlab import attention
-
-    torch.set_num_threads(job.threads)
     part, parts = _shard(job.shard)
     rows_in = niah.read_prompts(job.prompts)[part - 1 :: parts]
     pmeta = tables.meta(job.prompts)
     made = []
     for name, params, target in job.runs:
         made.append((name, *scoring.make_policy(name, params, target)))
-    net, tokenizer, info = models.load(job.model, device=job.device, dtype=job.dtype)
+    net, tokenizer, info = scoring.load_model(job)  # after the policies: a bad one fails first
     settings = [job.model, job.runs, job.shard, job.max_new_tokens, job.seed, job.device]
     checkpoint = Checkpoint(job.out, [*settings, job.dtype], job.prompts)
     rows = niah.score_cache(
-        attention.install(net),
+        net,
         tokenizer,
         rows_in,
         made,

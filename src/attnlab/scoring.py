@@ -19,19 +19,27 @@ def make_policy(name: str, params: dict, target: float):
 
 def load_job(job, policy: str, params: dict, sparsity: float, whole_prompt: bool = True):
     """``(policy, sparsity, model, tokenizer)`` of a run of a job's record: the policy from
-    its name and parameters, its target sparsity, and the model with attnlab's attention
-    on the record's device and threads. ``whole_prompt`` False (teacher-forced rows): a
-    policy asking for the prompt selection form is refused before the model loads."""
+    its name and parameters, its target sparsity, and the model of :func:`load_model`.
+    ``whole_prompt`` False (teacher-forced rows): a policy asking for the prompt selection
+    form is refused before the model loads."""
+    from attnlab.policies.base import selection_form
+
+    run, target = make_policy(policy, params, sparsity)
+    selection_form(run, whole_prompt)
+    net, tokenizer, _ = load_model(job)
+    return run, target, net, tokenizer
+
+
+def load_model(job):
+    """``(model, tokenizer, info)`` of a job's record: the model with attnlab's attention
+    on the record's device and dtype, torch on the record's threads."""
     import torch
 
     from attnlab import attention, models
-    from attnlab.policies.base import selection_form
 
     torch.set_num_threads(job.threads)
-    run, target = make_policy(policy, params, sparsity)
-    selection_form(run, whole_prompt)
-    net, tokenizer, _ = models.load(job.model, device=job.device, dtype=job.dtype)
-    return run, target, attention.install(net), tokenizer
+    net, tokenizer, info = models.load(job.model, device=job.device, dtype=job.dtype)
+    return attention.install(net), tokenizer, info
 
 
 def mark_rows(
