@@ -28,3 +28,25 @@ def test_a_phase_outside_a_timer_costs_nothing_and_phases_do_not_nest():
         with phase("selection"):
             pass
     assert set(phases.spans) == {"attention"}
+
+
+@pytest.mark.parametrize("observed", [False, True])
+def test_a_policy_selection_counts_as_selection_on_every_path(observed):
+    """A block policy's prefill on the CPU (the keep-mask path) and observed (the eager
+    path that materialises the weights) both count each layer's selection as selection."""
+    from attnlab import attention, decoding, policies, sparse
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.arange(100, 164)[None]
+    run = sparse.SparseRun(policies.make("quest"), 0.75, regime="prefill", records=False)
+    seen = []
+    with Phases("cpu") as phases:
+        if observed:
+            with attention.observe(lambda layer, q, probs: seen.append(layer)):
+                decoding.prefill(model, ids, run)
+        else:
+            decoding.prefill(model, ids, run)
+    assert seen == ([0, 1] if observed else [])
+    assert len(phases.spans["selection"]) == 2  # one per layer
+    assert ("eager" in run.kernels) == observed

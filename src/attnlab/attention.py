@@ -137,10 +137,7 @@ def attention_forward(
         if masked:  # the policy's mask; scores only if it reads them
             visible = visible_mask(attention_mask, tq, tk, query.device)
             k = expand_kv(key, h)
-            with phase("selection"):
-                keep = run.mask(
-                    layer, query, k, visible, scaling, None, key.shape[1], module, value
-                )
+            keep = run.mask(layer, query, k, visible, scaling, None, key.shape[1], module, value)
         return _fused_attention(run, acts, module, query, key, value, attention_mask, scaling, keep)
     k = expand_kv(key, h)  # (B, H, Tk, D)
     v = expand_kv(value, h)
@@ -229,10 +226,9 @@ def chunked_attention(run, module, query, key, value, attention_mask, scaling):
         end = tk - tq + hi  # the keys up to the chunk's last row
         q, k, v = query[..., lo:hi, :], key[..., :end, :], value[..., :end, :]
         vis = visible[..., lo:hi, :end]
-        with phase("selection"):
-            keep = run.mask(
-                layer, q, expand_kv(k, h), vis, scaling, None, key.shape[1], module, v, hi == tq
-            )
+        keep = run.mask(
+            layer, q, expand_kv(k, h), vis, scaling, None, key.shape[1], module, v, hi == tq
+        )
         with phase("attention"):
             out[..., lo:hi, :] = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=keep, scale=scaling, **gqa

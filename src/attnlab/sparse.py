@@ -197,16 +197,17 @@ class SparseRun:
         """Keep-mask for one layer call; q: (B, H, Tq, D), k: (B, H, Tk, D) -> (B, H, Tq, Tk).
         ``answering``: the call's last row is the answering row (not so for a chunk of a
         longer call, see :meth:`account`)."""
-        ctx = self._context(layer, q, k, visible, scaling, kv_heads, module, value)
-        if scores is not None:  # already computed for the attention itself
-            ctx.provide(scores=scores)
-        if self.policy.level == "block" and q.shape[-2] == k.shape[-2]:  # a prefill
-            bs, t = self.policy.block_size, q.shape[-2]
-            blocks = self.block_selection(ctx)  # (B, H, Mq, Mk), as FlexAttention runs it
-            keep = blocks.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :t, :t]
-            keep = keep & visible
-        else:
-            keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
+        with phase("selection"):  # on every path (fused, row chunks, eager)
+            ctx = self._context(layer, q, k, visible, scaling, kv_heads, module, value)
+            if scores is not None:  # already computed for the attention itself
+                ctx.provide(scores=scores)
+            if self.policy.level == "block" and q.shape[-2] == k.shape[-2]:  # a prefill
+                bs, t = self.policy.block_size, q.shape[-2]
+                blocks = self.block_selection(ctx)  # (B, H, Mq, Mk), as FlexAttention runs it
+                keep = blocks.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :t, :t]
+                keep = keep & visible
+            else:
+                keep = keep_mask(self.policy, ctx)  # (B, H, Tq, Tk)
         if self.policy.evicts:
             ctx.history.kept = keep[..., -1, :]  # the cache after these rows
         recall = self.regime.records_recall(layer not in self.recorder.recall_sums)
