@@ -137,6 +137,18 @@ def test_a_benchmark_by_hand_reads_the_options_it_shares_with_the_pipeline(tmp_p
     )
 
 
+@pytest.mark.parametrize("name", ["prefill", "generate", "capture"])
+def test_a_benchmark_option_read_from_the_config_names_its_key_and_has_no_default(name):
+    from attnlab import bench
+
+    actions = {
+        a.dest: a for a in bench.parser(name)._subparsers._group_actions[0].choices[name]._actions
+    }
+    for option, key in bench.CONFIG_KEYS[name].items():
+        assert actions[option].default is None
+        assert actions[option].help.startswith(f"{key} (default: the config's")
+
+
 def effective_at_root() -> dict:
     cwd = Path.cwd()
     try:

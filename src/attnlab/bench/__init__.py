@@ -35,10 +35,10 @@ def parser(name: str | None) -> argparse.ArgumentParser:
         sp = sub.add_parser(bench, help=text, description=text)
         if bench == name:
             import_module(f"{__name__}.{bench}").add_arguments(sp)
+            for action in sp._actions:  # an option read from the config: its key, no default
+                if (key := CONFIG_KEYS.get(bench, {}).get(action.dest)) is not None:
+                    action.help = f"{key} (default: the config's, attnlab config)"
     return p
-
-
-FROM_CONFIG = "(default: the config's, attnlab config)"  # the help of such an option
 
 # Per benchmark, the options it shares with the pipeline -> the config key that holds
 # their default: left unset, they read the effective config (workflow_config.yaml in the

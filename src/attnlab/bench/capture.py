@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnlab.bench import FROM_CONFIG
 from attnlab.bench.timing import PeakMemory, environment, return_freed_memory, write_table
 
 
@@ -138,15 +137,15 @@ def run(args, model_name: str) -> list[dict]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``attnlab bench capture``."""
-    config = FROM_CONFIG
-    p.add_argument("--models", nargs="+", help=config)
+    # an option of bench.CONFIG_KEYS left unset reads the config
+    p.add_argument("--models", nargs="+")
     p.add_argument("--manifest", help="take the chunks from a corpus manifest (else help topics)")
     p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--chunk-len", type=int, help=f"corpus.chunk_len {config}")
+    p.add_argument("--chunk-len", type=int)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--mass", type=float, help=f"capture.mass {config}")
+    p.add_argument("--mass", type=float)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, help=config)
+    p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="results/bench", help="folder for capture.parquet / .csv")
     p.add_argument("--fig", default="figs/bench_capture.png", help="figure path ('' for none)")

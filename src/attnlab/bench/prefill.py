@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from attnlab.bench import FROM_CONFIG
 from attnlab.bench.timing import environment, median_ms, write_table
 from attnlab.errors import UserError
 from attnlab.phases import Phases
@@ -155,13 +154,13 @@ def model_arguments(p: argparse.ArgumentParser, table: str, rep_ms: float, min_r
     p.add_argument("--prompts", required=True, help="a niah-prompts table")
     p.add_argument("--length", type=int, required=True, help="prompt length to time")
     p.add_argument("--policies", nargs="+", required=True)
-    config = FROM_CONFIG
-    p.add_argument("--sparsities", type=float, nargs="+", help=f"niah.sparsities {config}")
+    # an option of bench.CONFIG_KEYS left unset reads the config
+    p.add_argument("--sparsities", type=float, nargs="+")
     p.add_argument("--rep-ms", type=float, default=rep_ms, help="time budget per entry")
     p.add_argument("--min-reps", type=int, default=min_reps)
-    p.add_argument("--threads", type=int, help=config)
-    p.add_argument("--device", help=config)
-    p.add_argument("--dtype", help=config)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype")
     p.add_argument("--out", default="results/bench", help=f"folder for {table}.parquet / .csv")
 
 
