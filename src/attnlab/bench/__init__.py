@@ -40,6 +40,7 @@ def parser(name: str | None) -> argparse.ArgumentParser:
                     action.help = f"{key} (default: the config's, attnlab config)"
     return p
 
+
 # Per benchmark, the options it shares with the pipeline -> the config key that holds
 # their default: left unset, they read the effective config (workflow_config.yaml in the
 # working directory), so that a default lives in the schema alone. The kernel and decode
@@ -69,14 +70,18 @@ def from_config(args: argparse.Namespace) -> argparse.Namespace:
     keys = CONFIG_KEYS.get(args.command, {})
     unset = [k for k in keys if getattr(args, k) is None]
     if unset:
+        from pathlib import Path
+
         from attnlab.errors import UserError
         from attnlab.record import lookup
 
-        try:
-            config = import_module("attnlab.workflow").effective()
-        except UserError as e:
+        workflow = import_module("attnlab.workflow")
+        if not Path(workflow.BASE).is_file():  # as attnlab.cli.record guards a verb
             flags = ", ".join("--" + k.replace("_", "-") for k in unset)
-            raise UserError(f"give {flags}, or run from the workflow folder ({e})") from None
+            raise UserError(
+                f"give {flags}, or run from the workflow folder (no {workflow.BASE} here)"
+            )
+        config = workflow.effective()  # a bad config stops with its own line
         for key in unset:
             setattr(args, key, lookup(config, keys[key]))
     return args
