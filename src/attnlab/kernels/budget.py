@@ -13,8 +13,9 @@ Here one program owns one query block's row, in registers, and sorts nothing: th
 of the sorted row that fits is every block whose score (as an order-preserving integer)
 lies above a threshold, then the blocks at the threshold, earliest first, while they fit.
 The threshold is found by a binary search over the 2^32 integer orders (33 halvings, each
-a masked sum over the row: fewer steps than a bitonic sort's 66 at 2048 blocks, none of
-them a shuffle across the row), the ties by a prefix sum. The program writes the
+a masked sum over the row: fewer steps than a bitonic sort's 66 at 2048 blocks, each one
+reduction where a sort's stages exchange the row's elements; more than a sort's 21 at 64
+blocks, where a window's bands lie), the ties by a prefix sum. The program writes the
 keep-mask in column order and the lists from running counts: kept blocks ascending
 (strictly left of the diagonal "full", the diagonal "partial"; every kept block partial
 under the model's own mask), then the others ascending, exactly as
@@ -69,8 +70,9 @@ def _budget_kernel(
     # or above it exceed the budget (a binary search over the 2^32 orders, 33 halvings of
     # a sum over the row), none where the whole row fits (t below every order).
     o64 = o.to(tl.int64)
-    lo_t = budget * 0 - 2**31 - 1  # its blocks and above exceed the budget (a scalar)
-    hi_t = budget * 0 + 2**31  # its blocks and above fit (none)
+    zero = budget.to(tl.int64) * 0  # an int64 scalar, whatever the budget's type
+    lo_t = zero - 2**31 - 1  # its blocks and above exceed the budget
+    hi_t = zero + 2**31  # its blocks and above fit (none)
     for _ in range(33):  # 2^32 + 1 orders between them, halved 33 times: adjacent
         mid = (lo_t + hi_t) >> 1
         over = tl.sum(tl.where(o64 >= mid, c, 0), axis=0) > budget
