@@ -26,6 +26,9 @@ def test_niah_part_names_read_back_as_their_run_and_shard():
     for bad in ("Quest_99", "quest", "all_1of2x", "quest_99_"):
         with pytest.raises(UserError, match="a NIAH part is"):
             niah_part(bad)
+    for bad in ("all_0of3", "all_4of3"):
+        with pytest.raises(UserError, match="1 <= i <= n"):
+            niah_part(bad)
 
 
 def test_module_sources_follow_imports_transitively():

@@ -152,8 +152,12 @@ def niah_part(part: str) -> tuple[tuple[str, float] | None, str]:
     shard of the prompts, ``<i>of<n>`` (``1of1`` unless the part is one)."""
     if re.fullmatch(NIAH_PART, part) is None:
         raise UserError(f"a NIAH part is all, all_<i>of<n> or <policy>_<pct>, got {part!r}")
-    if part == "all" or re.fullmatch(r"all_[0-9]+of[0-9]+", part):
-        return None, part.removeprefix("all").removeprefix("_") or "1of1"
+    if shard := re.fullmatch(r"all_([0-9]+)of([0-9]+)", part):
+        if not 1 <= int(shard[1]) <= int(shard[2]):
+            raise UserError(f"NIAH part {part}: shard i of n needs 1 <= i <= n")
+        return None, part.removeprefix("all_")
+    if part == "all":
+        return None, "1of1"
     policy, p = part.rsplit("_", 1)
     return (policy, sparsity(p)), "1of1"
 
