@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnlab.flex import ordered_blocks
-from attnlab.kernels.budget import budget_select, row_bands
+from attnlab.kernels.budget import budget_select, causal_bands, row_bands
 from attnlab.policies.selection import INF, keep_blocks_by_budget
 
 # the compiled kernel where there is a GPU and the interpreter is off, else the interpreter
@@ -86,6 +86,15 @@ def test_causal_rows_launch_by_their_width():
     assert torch.equal(first, torch.zeros(1, m, dtype=torch.int32, device=DEVICE))
     assert launches == [(0, 16, 16), (16, 32, 32), (32, 64, 64), (64, 70, 70)]
     assert row_bands(count, max_launches=3)[1] == [(0, 70, 70)]
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 70, 300])
+def test_a_causal_grid_s_bands_are_made_on_the_host_as_read_from_the_device(m):
+    count = torch.ones(m, m, dtype=torch.long, device=DEVICE).tril()[None, None] * 16
+    count[..., -1, :] = count[..., -1, :].clamp(max=5)  # a ragged last block
+    for most in (12, 3):
+        got, want = causal_bands(m, DEVICE, most), row_bands(count, most)
+        assert torch.equal(got[0], want[0]) and got[1] == want[1]
 
 
 @pytest.mark.parametrize("window", [None, 40])

@@ -280,11 +280,16 @@ class SparseRun:
             return keep if lists is None else (keep, None)
         if lists is None:
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
-        from attnlab.kernels.budget import MAX_BLOCKS, budget_select, row_bands
+        from attnlab.kernels.budget import MAX_BLOCKS, budget_select, causal_bands, row_bands
 
-        if score.shape[-1] > MAX_BLOCKS:  # a row too long for one program's registers
+        m = score.shape[-1]
+        if m > MAX_BLOCKS:  # a row too long for one program's registers
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None
-        bands = ctx.cached(("bands", t, bs), lambda: row_bands(count))
+        # a causal prefill's bands are known on the host; a window's are read once per pass
+        causal = lists is False
+        bands = ctx.cached(
+            ("bands", t, bs), lambda: causal_bands(m, dev) if causal else row_bands(count)
+        )
         return budget_select(score, count, ctx.budget[..., ends], lists, bands)
 
     def block_mask(self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None):

@@ -121,6 +121,17 @@ def row_bands(count: torch.Tensor, max_launches: int = 12) -> tuple[torch.Tensor
     lo = torch.where(seen, cols, m).amin(-1)
     hi = torch.where(seen, cols, -1).amax(-1)
     widths = (hi - lo + 1).clamp(min=1).amax(0).tolist()  # (Mq,) over the batch
+    return lo.clamp(max=m - 1).to(torch.int32), _launches(widths, max_launches)
+
+
+def causal_bands(m: int, device, max_launches: int = 12) -> tuple[torch.Tensor, list]:
+    """:func:`row_bands` of a causal grid of ``m`` query blocks (block i sees key blocks 0
+    to i), made on the host: no wait for the device."""
+    first = torch.zeros(1, m, dtype=torch.int32, device=device)
+    return first, _launches(list(range(1, m + 1)), max_launches)
+
+
+def _launches(widths: list[int], max_launches: int) -> list[tuple[int, int, int]]:
     launches, r0 = [], 0
     for _, run in itertools.groupby(widths, _row_size):
         run = list(run)
@@ -128,7 +139,7 @@ def row_bands(count: torch.Tensor, max_launches: int = 12) -> tuple[torch.Tensor
         r0 += len(run)
     if len(launches) > max_launches:
         launches = [(0, len(widths), max(widths))]
-    return lo.clamp(max=m - 1).to(torch.int32), launches
+    return launches
 
 
 def _row_size(width: int) -> int:
