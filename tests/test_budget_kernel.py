@@ -133,7 +133,7 @@ def test_flex_attention_from_the_fused_lists_equals_the_keep_mask_path(window):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernel)")
-@pytest.mark.parametrize("name", ["quest", "cab", "xattention"])
+@pytest.mark.parametrize("name", ["quest", "cab", "coarse_magnitude", "xattention"])
 def test_a_gpu_prefill_with_the_fused_selection_equals_the_pytorch_one(name):
     """On CUDA, a block policy's prefill with the fused selection keeps exactly the pairs
     the PyTorch selection keeps, with the same logits (Gemma's window layers and its

@@ -15,9 +15,10 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from attnlab.kernels import reference as ref  # noqa: E402
+from attnlab.kernels.adjacency import coarse_adjacency  # noqa: E402
 from attnlab.kernels.cab import cab_select  # noqa: E402
 from attnlab.kernels.coarsen import coarsen_max_l2  # noqa: E402
-from attnlab.kernels.curvature import coarse_adjacency, forman_ricci  # noqa: E402
+from attnlab.kernels.curvature import forman_ricci  # noqa: E402
 from attnlab.kernels.select import (  # noqa: E402
     score_and_select,
     top_blocks,
@@ -268,36 +269,51 @@ def test_cab_select_keeps_the_selection_the_prefill_regime_scores(lam, graph, sp
 
 
 def test_kernel_benchmark_times_the_scored_selection():
-    """``attnlab bench kernels`` times CAB at the selection the prefill regime scores: its
-    rows say so, and the density they time is that of SparseRun's prompt-form selection
-    on the same Q and K."""
+    """``attnlab bench kernels`` times CAB at the selections the prefill regime scores, in
+    both forms: its rows say which, and the density each times is that of SparseRun's
+    selection in that form on the same Q and K."""
     from attnlab import policies, sparse
     from attnlab.bench import kernels as kb
+    from attnlab.bench.budgets import must_keep_mask, scored_blocks_per_query_block
     from attnlab.blocks import causal_block_pairs
 
     n, s = 256, 0.75
     cfg = kb.cpu_variant()
     cfg.heads = cfg.kv_heads = 2
     cfg.head_dim, cfg.block_size, cfg.sparsities = 16, 16, (s,)
-    cfg.rep_ms, cfg.min_reps, cfg.methods = 1.0, 1, ("cab_flex",)
-    (row,) = kb._bench_length(cfg, n, "cpu", torch.Generator().manual_seed(0), print)
-    assert row["selection"] == "prompt"
+    cfg.rep_ms, cfg.min_reps, cfg.methods = 1.0, 1, ("cab_flex", "cab_causal_flex")
+    rows = kb._bench_length(cfg, n, "cpu", torch.Generator().manual_seed(0), print)
+    assert [(r["method"], r["selection"]) for r in rows] == [
+        ("cab_flex_s75", "prompt"),
+        ("cab_causal_flex_s75", "causal"),
+    ]
 
     gen = torch.Generator().manual_seed(0)  # the benchmark's Q and K
     q, k = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(2))
-    policy = policies.make("cab", block_size=16, selection="prompt", lam=cfg.lam,
-                           adjacency=cfg.adjacency, graph=cfg.graph)  # fmt: skip
-    run = sparse.SparseRun(policy, s, whole_prompt=True)
-    keep = run.block_mask(0, q, k, cfg.head_dim**-0.5)
-    pairs = (keep * causal_block_pairs(n, 16)).sum().item()
-    assert row["density"] == pytest.approx(pairs / (2 * n * (n + 1) / 2), rel=1e-12)
+    m, scaling = n // 16, cfg.head_dim**-0.5
+    budget = scored_blocks_per_query_block(n, 16, s)
+    kept = {}
+    for row in rows:
+        form = row["selection"]
+        policy = policies.make("cab", block_size=16, selection=form, lam=cfg.lam,
+                               adjacency=cfg.adjacency, graph=cfg.graph)  # fmt: skip
+        run = sparse.SparseRun(policy, s, whole_prompt=True)
+        kept[form] = run.block_mask(0, q, k, scaling)
+        pairs = (kept[form] * causal_block_pairs(n, 16)).sum().item()
+        assert row["density"] == pytest.approx(pairs / (2 * n * (n + 1) / 2), rel=1e-12)
+        # the benchmark's predictor in this form selects those very blocks
+        sel = kb._torch_selection(q, k, cfg, budget, must_keep_mask(m, 1, 1), scaling, form)
+        assert torch.equal(sel.mask, kept[form])
+    assert not torch.equal(kept["prompt"], kept["causal"])  # the forms differ here
 
 
-def test_cab_select_keeps_the_scored_selection_on_a_real_prompt(smollm2):
-    """The same equality on a real model's Q and K: SmolLM2 (GQA, 9 query heads over 3)
-    on a 512-token passkey prompt, layer 10 after RoPE. Real scores can nearly tie at a
-    budget's edge; the query blocks whose kept and dropped scores are 1e-3 or more apart
-    (float noise is below 1e-5) must match exactly, and they must be most of them."""
+@pytest.mark.parametrize("form", ["prompt", "causal"])
+def test_cab_select_keeps_the_scored_selection_on_a_real_prompt(smollm2, form):
+    """The same equality on a real model's Q and K, in both selection forms: SmolLM2 (GQA,
+    9 query heads over 3) on a 512-token passkey prompt, layer 10 after RoPE. Real scores
+    can nearly tie at a budget's edge; the query blocks whose kept and dropped scores are
+    1e-3 or more apart (float noise is below 1e-5) must match exactly, and they must be
+    most of them."""
     from attnlab import hooks, niah, policies, sparse
     from attnlab.bench.budgets import must_keep_mask, scored_blocks_per_query_block
     from attnlab.blocks import expand_kv
@@ -315,12 +331,12 @@ def test_cab_select_keeps_the_scored_selection_on_a_real_prompt(smollm2):
     q, k = (t.to(DEVICE) for t in store["qk"])
     h, bs, s = q.shape[1], 16, 0.9
     scaling = q.shape[-1] ** -0.5
-    run = sparse.SparseRun(policies.make("cab", selection="prompt"), s, whole_prompt=True)
+    run = sparse.SparseRun(policies.make("cab", selection=form), s, whole_prompt=True)
     scored = run.block_mask(10, q, expand_kv(k, h), scaling, kv_heads=k.shape[1])
     m = 512 // bs
     budget = scored_blocks_per_query_block(512, bs, s).to(DEVICE)
     must = must_keep_mask(m, 1, 1).to(DEVICE)
-    sel = cab_select(q, k, bs, scaling, budget, must_keep=must, write_score=True,
+    sel = cab_select(q, k, bs, scaling, budget, form=form, must_keep=must, write_score=True,
                      write_mask=True, precision="ieee")  # fmt: skip
     clear = _edge_gaps(sel.score, budget, must) > 1e-3  # (1, H, M): no tie to break
     assert clear.float().mean() > 0.8

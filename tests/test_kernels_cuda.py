@@ -56,7 +56,8 @@ def test_coarsen_bf16_equals_reference_exactly(coarse):
 
 @pytest.mark.parametrize("adjacency", ["softmax", "scores"])
 def test_adjacency_and_forman_ricci_match_reference(coarse, adjacency):
-    from attnlab.kernels.curvature import coarse_adjacency, forman_ricci
+    from attnlab.kernels.adjacency import coarse_adjacency
+    from attnlab.kernels.curvature import forman_ricci
 
     _, _, qc, kc = coarse
     a = coarse_adjacency(qc, kc, SCALING, adjacency)

@@ -306,6 +306,7 @@ class SparseRun:
         else:
             cache, rows = model_mask.store, model_mask.rows
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
+        ctx.triton = lists is not None  # the fused path: the policy's Triton scores too
         keep = self.block_selection(ctx, lists)
         self.policy.remember(ctx)
         return keep

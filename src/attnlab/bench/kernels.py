@@ -1,8 +1,10 @@
 """Kernel benchmark: the CAB predictor and block-sparse attention against dense attention.
 
 ``attnlab bench kernels`` times, side by side in one process and on the same inputs, dense
-causal attention (SDPA flash, SDPA cuDNN, flex) and CAB (the Triton predictor alone, and
-predictor + BlockMask + flex block-sparse attention at each sparsity), for B = 1, H = 32,
+causal attention (SDPA flash, SDPA cuDNN, flex) and CAB in each selection form the prefill
+regime scores (``prompt``: the whole prompt's graph; ``causal``: each query block chosen by
+its first row; the ``selection`` column says which): the Triton predictor alone, and
+predictor + BlockMask + flex block-sparse attention at each sparsity, for B = 1, H = 32,
 D = 128, bf16 and N from 16k to 128k, then writes a table (CSV always, Parquet when pyarrow
 imports) and ``figs/bench_kernels.png``. Without CUDA it runs a small-N CPU variant with the
 PyTorch predictor and eager flex, so the pipeline runs everywhere. The kernels' checks
@@ -41,9 +43,12 @@ class KernelBench:
     dtype: str = "bfloat16"
     block_size: int = 64  # CAB score blocks (tokens)
     # score rows pooled per selected query block: 1 is the selection the prefill regime
-    # scores (CAB's prompt form); 2 (2 x 64 = 128 tokens, flex's own tile) a faster
-    # selection no scoring path makes, its rows marked so
+    # scores; 2 (2 x 64 = 128 tokens, flex's own tile) a faster selection no scoring path
+    # makes, its rows marked so
     q_group: int = 1
+    # CAB's selection forms timed (DESIGN): "prompt" rows are named cab_*, "causal" ones
+    # cab_causal_*
+    forms: tuple[str, ...] = ("prompt", "causal")
     sparsities: tuple[float, ...] = (0.90, 0.95, 0.99)
     lam: float = 1.0
     adjacency: str = "softmax"
@@ -77,11 +82,19 @@ def _sdpa(backend):
     return run
 
 
-def _torch_selection(q, k, cfg: KernelBench, keep, must, scaling):
-    """The plain-PyTorch predictor, with its selection as flex block lists."""
+def _torch_selection(q, k, cfg: KernelBench, keep, must, scaling, form="prompt"):
+    """The plain-PyTorch predictor in selection ``form``, as flex block lists."""
     from attnlab.kernels import reference as ref
 
-    score = ref.cab_block_scores(q, k, cfg.block_size, scaling, cfg.lam, cfg.adjacency, cfg.graph)
+    if form == "prompt":
+        score = ref.cab_block_scores(
+            q, k, cfg.block_size, scaling, cfg.lam, cfg.adjacency, cfg.graph
+        )
+    else:  # each query block's first row
+        starts = torch.arange(0, q.shape[-2], cfg.block_size, device=q.device)
+        score = ref.cab_row_scores(
+            q, k, starts, cfg.block_size, scaling, cfg.lam, cfg.adjacency, cfg.graph
+        )
     mask = ref.top_blocks_grouped(score, keep, cfg.q_group, must)  # (B, H, Mg, M)
     mg, m = mask.shape[-2:]
     first = (torch.arange(mg, device=mask.device) * cfg.q_group)[:, None]
@@ -94,11 +107,11 @@ def _torch_selection(q, k, cfg: KernelBench, keep, must, scaling):
     return SimpleNamespace(q_group=cfg.q_group, mask=mask, score=score, **lists)
 
 
-def _gpu_selection(q, k, cfg: KernelBench, keep, must, scaling, **kw):
+def _gpu_selection(q, k, cfg: KernelBench, keep, must, scaling, form="prompt", **kw):
     from attnlab.kernels.cab import cab_select
 
     return cab_select(
-        q, k, cfg.block_size, scaling, keep, lam=cfg.lam, adjacency=cfg.adjacency,
+        q, k, cfg.block_size, scaling, keep, form=form, lam=cfg.lam, adjacency=cfg.adjacency,
         graph=cfg.graph, must_keep=must, q_group=cfg.q_group, precision=cfg.precision,
         adjacency_blocks=(cfg.adjacency_block_m, cfg.adjacency_block_n),
         adjacency_warps=cfg.adjacency_warps,
@@ -166,10 +179,9 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
         for _ in range(2)
     )
     predictor = _gpu_selection if device == "cuda" else _torch_selection
-    form = "prompt" if cfg.q_group == 1 else f"pooled {cfg.q_group} rows (not scored)"
     rows = []
 
-    def timed(method, fn, **extra):
+    def timed(method, fn, selection="dense", **extra):
         if cfg.methods and not any(method.startswith(w) for w in cfg.methods):
             return
         try:
@@ -178,8 +190,7 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
         except Exception as err:  # a backend that cannot run this shape is a row, not a crash
             msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
             row = _row(device, method, n, float("nan"), 0, status=msg)
-        # which selection a CAB row times: the scored one (CAB's prompt form) or pooled
-        row["selection"] = form if method.startswith("cab") else "dense"
+        row["selection"] = selection  # which selection a CAB row times
         rows.append(row)
         status = row["status"] if row["status"] != "ok" else ""
         eff = row["tflops_effective"]
@@ -201,45 +212,51 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
 
     m = n_blocks(n, cfg.block_size)
     must = must_keep_mask(m, cfg.q_group, cfg.sink_blocks).to(device)
-    predictor_flops = 4 * cfg.head_dim * m * (m + 1) / 2 + 2 * m**3 / 6  # two sweeps, A @ A
-    predictor_flops *= cfg.batch * cfg.heads
     s_max = max(cfg.sparsities)
     keep_max = scored_blocks_per_query_block(n, cfg.block_size, s_max, cfg.q_group).to(device)
-    timed(
-        "cab_predictor",
-        lambda: predictor(q, k, cfg, keep_max, must, scaling),
-        sparsity=s_max,
-        flops=predictor_flops,
-    )
-    if device == "cuda" and cfg.reference_predictor:
+    for form in cfg.forms:
+        name = "cab_" if form == "prompt" else f"cab_{form}_"
+        select = dict(form=form)
+        label = form if cfg.q_group == 1 else f"{form}, pooled {cfg.q_group} rows (not scored)"
+        # two sweeps per coarse graph (the causal form has two: first rows, whole blocks),
+        # and A @ A over its non-zero sixth (the directed graph's count)
+        graphs = 1 if form == "prompt" else 2
+        flops = 4 * cfg.head_dim * m * (m + 1) / 2 * graphs + 2 * m**3 / 6
+        flops *= cfg.batch * cfg.heads
         timed(
-            "cab_predictor_torch",
-            lambda: _torch_selection(q, k, cfg, keep_max, must, scaling),
-            sparsity=s_max,
-            flops=predictor_flops,
-        )
+            f"{name}predictor",
+            lambda select=select: predictor(q, k, cfg, keep_max, must, scaling, **select),
+            label, sparsity=s_max, flops=flops,
+        )  # fmt: skip
+        if device == "cuda" and cfg.reference_predictor:
+            timed(
+                f"{name}predictor_torch",
+                lambda select=select: _torch_selection(
+                    q, k, cfg, keep_max, must, scaling, **select
+                ),
+                label, sparsity=s_max, flops=flops,
+            )  # fmt: skip
+        for s in cfg.sparsities:
+            keep = scored_blocks_per_query_block(n, cfg.block_size, s, cfg.q_group).to(device)
+            sel = predictor(q, k, cfg, keep, must, scaling, **select)
+            pairs = kept_pairs(sel, cfg.block_size, n)
+            sparse = dict(
+                sparsity=s,
+                density=pairs / causal_pairs,
+                flops=4 * cfg.head_dim * pairs,
+                dense_flops=dense_flops,
+            )
 
-    for s in cfg.sparsities:
-        keep = scored_blocks_per_query_block(n, cfg.block_size, s, cfg.q_group).to(device)
-        sel = predictor(q, k, cfg, keep, must, scaling)
-        pairs = kept_pairs(sel, cfg.block_size, n)
-        sparse = dict(
-            sparsity=s,
-            density=pairs / causal_pairs,
-            flops=4 * cfg.head_dim * pairs,
-            dense_flops=dense_flops,
-        )
+            def flex_only(sel=sel):
+                return flex_attention_from_selection(q, k, v, sel, cfg.block_size, scaling)
 
-        def flex_only(sel=sel):
-            return flex_attention_from_selection(q, k, v, sel, cfg.block_size, scaling)
+            def end_to_end(keep=keep, select=select):
+                chosen = predictor(q, k, cfg, keep, must, scaling, **select)
+                return flex_attention_from_selection(q, k, v, chosen, cfg.block_size, scaling)
 
-        def end_to_end(keep=keep):
-            chosen = predictor(q, k, cfg, keep, must, scaling)
-            return flex_attention_from_selection(q, k, v, chosen, cfg.block_size, scaling)
-
-        tag = f"s{round(s * 100)}"
-        timed(f"cab_flex_{tag}", flex_only, **sparse)
-        timed(f"cab_e2e_{tag}", end_to_end, **sparse)
+            tag = f"s{round(s * 100)}"
+            timed(f"{name}flex_{tag}", flex_only, label, **sparse)
+            timed(f"{name}e2e_{tag}", end_to_end, label, **sparse)
     return rows
 
 
@@ -307,6 +324,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int)
     p.add_argument("--block-size", type=int)
     p.add_argument("--q-group", type=int)
+    p.add_argument("--forms", nargs="+", choices=("prompt", "causal"), help="CAB's selection forms")
     p.add_argument("--sparsities", type=float, nargs="+")
     p.add_argument("--methods", nargs="+", help="only methods starting with these names")
     p.add_argument("--rep-ms", type=float)
@@ -323,6 +341,7 @@ def setting(args: argparse.Namespace) -> KernelBench:
         "head_dim": args.head_dim,
         "block_size": args.block_size,
         "q_group": args.q_group,
+        "forms": tuple(args.forms) if args.forms else None,
         "sparsities": tuple(args.sparsities) if args.sparsities else None,
         "methods": tuple(args.methods) if args.methods else None,
         "rep_ms": args.rep_ms,

@@ -1,7 +1,7 @@
 """Curvature-masking kernels: plain-PyTorch references and their Triton versions.
 
-``reference`` holds the definitions (and runs anywhere); ``coarsen``, ``curvature``,
-``select`` and ``cab`` hold the Triton kernels, which need a CUDA GPU or
+``reference`` holds the definitions (and runs anywhere); ``coarsen``, ``adjacency``,
+``curvature``, ``select`` and ``cab`` hold the Triton kernels, which need a CUDA GPU or
 ``TRITON_INTERPRET=1`` set before they are first imported. The Triton names below load
 on first use, so importing the references never imports Triton.
 """
@@ -10,8 +10,8 @@ from importlib import import_module
 
 _LAZY = {
     "coarsen_max_l2": "coarsen",
-    "coarse_adjacency": "curvature",
-    "adjacency_and_degrees": "curvature",
+    "coarse_adjacency": "adjacency",
+    "adjacency_and_degrees": "adjacency",
     "forman_ricci": "curvature",
     "forman_ricci_from_degrees": "curvature",
     "BlockSelection": "select",

@@ -1,11 +1,13 @@
-"""The CAB mask predictor on the GPU: Q, K -> block selection.
+"""The CAB mask predictor on the GPU: Q, K -> block selection, in either selection form.
 
-coarsen Q and K (max-L2) -> adjacency A with its degrees -> Forman-Ricci F on the lower
-tiles -> fused z-score blend and per-query-block top-k. Only A (bf16 or float32) and F
-(float32), M x M per head, cross launches, each written and read once; everything else
-stays on chip. On the H100 at 128k tokens, 32 heads, block 64 the whole predictor takes
+Prompt form: coarsen Q and K (max-L2) -> adjacency A with its degrees -> Forman-Ricci F
+on the lower tiles -> fused z-score blend and per-query-block top-k. Only A (bf16 or
+float32) and F (float32), M x M per head, cross launches, each written and read once;
+everything else stays on chip. On the H100 at 128k tokens, 32 heads, block 64 this takes
 1.8 ms (precision="bf16"): coarsening 0.74 (reading Q and K, at the memory's speed),
-adjacency 0.25, curvature 0.34, score and top-k 0.53.
+adjacency 0.25, curvature 0.34, score and top-k 0.53. Causal form: a second adjacency
+sweep forms each block's row as its first row sees it, and the curvature takes prefix
+degrees (:func:`attnlab.kernels.curvature.causal_forman_ricci`); not yet timed.
 
 Granularity. Scores are formed between 64-token blocks (M = N / 64). The selection is made
 per query block of ``q_group`` score rows, pooling their scores by max, over 64-token key
@@ -20,10 +22,14 @@ precision of the selection where it matters, in which distant keys are kept.
 from __future__ import annotations
 
 import torch
+import triton
 
+from attnlab.kernels.adjacency import adjacency_and_degrees
 from attnlab.kernels.coarsen import coarsen_max_l2
-from attnlab.kernels.curvature import adjacency_and_degrees, forman_ricci_from_degrees
+from attnlab.kernels.curvature import causal_forman_ricci, forman_ricci_from_degrees
 from attnlab.kernels.select import BlockSelection, score_and_select
+
+FORMS = ("prompt", "causal")
 
 
 def cab_select(
@@ -31,8 +37,9 @@ def cab_select(
     k: torch.Tensor,
     block_size: int,
     scaling: float,
-    keep: torch.Tensor,
+    keep: torch.Tensor | None,
     *,
+    form: str = "prompt",
     lam: float = 1.0,
     adjacency: str = "softmax",
     graph: str = "symmetric",
@@ -50,33 +57,42 @@ def cab_select(
     """Score key blocks with CAB and keep the best ones per query block.
 
     q: (B, H, N, D), k: (B, Hkv, N, D), the same full causal prefix. keep: (Mg,) int key
-    blocks kept per query group, Mg = ceil(M / q_group), M = ceil(N / block_size);
-    must_keep: optional (Mg, M) bool (sinks, the diagonal), counted toward keep.
-    The scores equal ``reference.cab_block_scores`` (up to float32 rounding and, on the
-    GPU, tf32 in A @ A) and the selection equals ``reference.top_blocks_grouped`` on
-    them. Returns a ``BlockSelection`` with the lists, the mask and the scores asked for.
-    ``precision="bf16"`` stores A in bf16 and multiplies it on the tensor cores as it is
-    (the fast setting on a GPU); "tf32" and "ieee" keep A in float32.
+    blocks kept per query group, Mg = ceil(M / q_group), M = ceil(N / block_size), or None
+    for the scores alone (``write_score``); must_keep: optional (Mg, M) bool (sinks, the
+    diagonal), counted toward keep. ``form`` is the selection form (DESIGN): "prompt", each
+    query block scored from the whole prompt's coarse graph, whose scores equal
+    ``reference.cab_block_scores``; "causal", each query block scored by its first row from
+    blocks at or before it (its own block's representatives are that row's query and key,
+    degrees are prefix sums over query blocks), whose scores equal
+    ``reference.cab_row_scores`` at the blocks' first rows. Equal up to float32 rounding
+    and, on the GPU, tf32 or bf16 in the products; the selection equals
+    ``reference.top_blocks_grouped`` on them. Returns a ``BlockSelection`` with the lists,
+    the mask and the scores asked for. ``precision="bf16"`` stores A in bf16 and
+    multiplies it on the tensor cores as it is (the fast setting on a GPU); "tf32" and
+    "ieee" keep A in float32. The causal form's curvature tiles are ``curvature_block / 2``
+    (it reads two graphs per tile).
     """
-    qc = coarsen_max_l2(q, block_size)  # (B, H, M, D)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     kc = coarsen_max_l2(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
-    a, d_out, d_in = adjacency_and_degrees(
-        qc,
-        kc,
-        scaling,
-        adjacency,
-        fill_upper=False,
-        precision=precision,
-        a_dtype=a_dtype,
-        block_m=adjacency_blocks[0],
-        block_n=adjacency_blocks[1],
-        align=curvature_block,
+    sweep = dict(
+        precision=precision, a_dtype=a_dtype, block_n=adjacency_blocks[1],
         num_warps=adjacency_warps,
-    )  # (B, H, M, M), (B, H, M), (B, H, M)
-    f = None
-    if lam != 0.0:
-        f = forman_ricci_from_degrees(a, d_out, d_in, graph, precision, curvature_block)
+    )  # fmt: skip
+    if form == "prompt":
+        a, d_out, d_in = adjacency_and_degrees(
+            coarsen_max_l2(q, block_size), kc, scaling, adjacency, fill_upper=False,
+            block_m=adjacency_blocks[0], align=curvature_block, **sweep,
+        )  # (B, H, M, M), (B, H, M), (B, H, M)  # fmt: skip
+        f = None
+        if lam != 0.0:
+            f = forman_ricci_from_degrees(a, d_out, d_in, graph, precision, curvature_block)
+    else:
+        a, f = _causal_graph(
+            q, k, kc, block_size, scaling, lam, adjacency, graph, adjacency_blocks[0],
+            curvature_block // 2, sweep,
+        )  # fmt: skip
     return score_and_select(
         f if f is not None else a,
         keep,
@@ -89,3 +105,53 @@ def cab_select(
         write_indices=write_indices,
         num_warps=select_warps,
     )
+
+
+def _causal_graph(q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep):
+    """The causal form's coarse rows A_row (B, H, M, M) (query block b's row as its first
+    row sees it) and their curvature F, or None with lam = 0."""
+    m = kc.shape[2]
+    tile = max(16, min(tile, triton.next_power_of_2(m)))
+    block_m = min(block_m, tile)  # strips inside tiles: the tiles' prefix sums are strips'
+    first = slice(None, None, block_size)  # each block's first row: its query and key
+    a_row, d_row, _ = adjacency_and_degrees(
+        q[:, :, first], kc, scaling, adjacency, fill_upper=False, block_m=block_m,
+        align=tile, kd=k[:, :, first], **sweep,
+    )  # fmt: skip
+    if lam == 0.0:
+        return a_row, None
+    a_full, d_full, strips = adjacency_and_degrees(
+        coarsen_max_l2(q, block_size), kc, scaling, adjacency, fill_upper=False,
+        block_m=block_m, align=tile, per_strip=True, **sweep,
+    )  # fmt: skip
+    # the column sums of the complete blocks' rows before each tile, from the strips'
+    per = tile // block_m
+    done = strips.cumsum(1)[:, per - 1 :: per]  # (B * H, tiles, M): rows before tile t + 1
+    prefix = torch.nn.functional.pad(done, (0, 0, 1, 0))[:, : triton.cdiv(m, tile)]
+    f = causal_forman_ricci(
+        a_row, a_full, d_row, d_full, prefix.contiguous(), graph, sweep["precision"], tile
+    )
+    return a_row, f
+
+
+def cab_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    scaling: float,
+    form: str,
+    *,
+    lam: float = 1.0,
+    adjacency: str = "softmax",
+    graph: str = "symmetric",
+    precision: str = "ieee",
+) -> torch.Tensor:
+    """CAB's block scores in selection ``form`` from the Triton kernels, no selection:
+    (B, H, M, M) float32, -inf beyond each query block (see :func:`cab_select`). The
+    scoring path's predictor on the GPU (float32 A and products by default, so that the
+    scores are the reference's up to summation order)."""
+    return cab_select(
+        q, k, block_size, scaling, None, form=form, lam=lam, adjacency=adjacency,
+        graph=graph, write_score=True, write_mask=False, write_indices=False,
+        precision=precision,
+    ).score  # fmt: skip

@@ -1,19 +1,12 @@
-"""Triton kernels: coarse adjacency between blocks and its Forman-Ricci curvature.
+"""Triton kernels: Forman-Ricci curvature of the coarse graph, in CAB's two forms.
 
-Two launches. ``_adjacency_kernel`` gives each program a strip of query blocks (the
-longest strips first) and sweeps their causal key blocks twice, flash-attention style: once
-for the row maximum and sum (or the row minimum, for raw scores), once to write the
-normalised rows of A. The same sweep leaves the row sums (out-degrees) and per-strip column
-sums (in-degrees) behind, so no pass over A is spent on degrees. ``_forman_ricci_kernel``
-gives each program one lower-triangular tile of F and accumulates the tile of A @ A over
-only the k with j <= k <= i, where both factors can be non-zero: a sixth of a dense
-M x M x M product, ordered longest first so that the triangle's uneven work balances.
-
-A is block-causal. In the fused pipeline the adjacency kernel writes its zeros above the
-diagonal only as far as the curvature tile's edge, the curvature kernel reads nothing
-beyond, and the tiles wholly above the diagonal are never written or read. Measured on the
-H100 at 128k tokens, 32 heads, block 64 (M = 2048): adjacency 0.25 ms with A in bf16, and
-~100 GFLOP of A @ A in 0.34 ms with 128 x 128 tiles in bf16 (1.5 ms in tf32 from a float32 A).
+``_forman_ricci_kernel`` (the prompt form: the whole prompt's graph) gives each program
+one lower-triangular tile of F and accumulates the tile of A @ A over only the k with
+j <= k <= i, where both factors can be non-zero: a sixth of a dense M x M x M product,
+ordered longest first so that the triangle's uneven work balances. The tiles wholly above
+the diagonal are never written or read. Measured on the H100 at 128k tokens, 32 heads,
+block 64 (M = 2048): ~100 GFLOP of A @ A in 0.34 ms with 128 x 128 tiles in bf16 (1.5 ms
+in tf32 from a float32 A). A comes from :mod:`attnlab.kernels.adjacency`.
 """
 
 from __future__ import annotations
@@ -22,124 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-PRECISIONS = ("ieee", "tf32", "bf16")
-
-
-@triton.jit
-def _mm(x, y, acc, PRECISION: tl.constexpr):
-    if PRECISION == "bf16":
-        acc = tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), acc)
-    elif PRECISION == "native":
-        acc = tl.dot(x, y, acc)
-    else:
-        acc = tl.dot(x, y, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _adjacency_kernel(
-    qc_ptr,
-    kc_ptr,
-    a_ptr,
-    rowsum_ptr,
-    colsum_ptr,
-    H,
-    GROUPS,
-    Mq,
-    Mk,
-    D,
-    q_offset,
-    scaling,
-    sq_b,
-    sq_h,
-    sq_m,
-    sq_d,
-    sk_b,
-    sk_h,
-    sk_m,
-    sk_d,
-    sa_bh,
-    sa_m,
-    sa_n,
-    sc_bh,
-    sc_r,
-    SOFTMAX: tl.constexpr,
-    FILL_UPPER: tl.constexpr,
-    ALIGN: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BD: tl.constexpr,
-):
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest strips first
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = pid * BM + tl.arange(0, BM)
-    dd = tl.arange(0, BD)
-    row_ok = rows < Mq
-    q = tl.load(
-        qc_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_m + dd[None, :] * sq_d,
-        mask=row_ok[:, None] & (dd < D)[None, :],
-        other=0.0,
-    )  # (BM, BD)
-    k_base = kc_ptr + b * sk_b + (h // GROUPS) * sk_h
-    hi = tl.minimum(Mk, q_offset + (pid + 1) * BM)  # causal columns of this strip end here
-
-    if SOFTMAX:
-        m_i = tl.full((BM,), float("-inf"), tl.float32)
-    else:
-        m_i = tl.full((BM,), float("inf"), tl.float32)
-    l_i = tl.zeros((BM,), tl.float32)
-    for j0 in range(0, hi, BN):
-        cols = j0 + tl.arange(0, BN)
-        kt = tl.load(
-            k_base + cols[None, :] * sk_m + dd[:, None] * sk_d,
-            mask=(cols < Mk)[None, :] & (dd < D)[:, None],
-            other=0.0,
-        )  # (BD, BN)
-        s = _mm(q, kt, tl.zeros((BM, BN), tl.float32), PRECISION) * scaling
-        causal = (cols[None, :] <= rows[:, None] + q_offset) & (cols < Mk)[None, :]
-        if SOFTMAX:
-            s = tl.where(causal, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-            m_i = m_new
-        else:
-            m_i = tl.minimum(m_i, tl.min(tl.where(causal, s, float("inf")), axis=1))
-
-    m_safe = tl.where((m_i == float("-inf")) | (m_i == float("inf")), 0.0, m_i)
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    if FILL_UPPER:
-        stop = Mk
-    else:  # zeros above the diagonal up to the curvature tile's edge, which reads them
-        stop = tl.minimum(Mk, tl.cdiv(q_offset + (pid + 1) * BM, ALIGN) * ALIGN)
-    rowsum = tl.zeros((BM,), tl.float32)
-    a_base = a_ptr + bh * sa_bh
-    for j0 in range(0, stop, BN):
-        cols = j0 + tl.arange(0, BN)
-        kt = tl.load(
-            k_base + cols[None, :] * sk_m + dd[:, None] * sk_d,
-            mask=(cols < Mk)[None, :] & (dd < D)[:, None],
-            other=0.0,
-        )
-        s = _mm(q, kt, tl.zeros((BM, BN), tl.float32), PRECISION) * scaling
-        causal = (cols[None, :] <= rows[:, None] + q_offset) & (cols < Mk)[None, :]
-        causal = causal & row_ok[:, None]
-        if SOFTMAX:
-            p = tl.exp(s - m_safe[:, None]) / l_safe[:, None]
-        else:
-            p = s - m_safe[:, None]
-        p = tl.where(causal, p, 0.0)  # (BM, BN)
-        tl.store(
-            a_base + rows[:, None] * sa_m + cols[None, :] * sa_n,
-            p.to(a_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & (cols < Mk)[None, :],
-        )
-        rowsum += tl.sum(p, axis=1)
-        tl.store(colsum_ptr + bh * sc_bh + pid * sc_r + cols, tl.sum(p, axis=0), mask=cols < Mk)
-    tl.store(rowsum_ptr + bh * Mq + rows, rowsum, mask=row_ok)
+from attnlab.kernels.adjacency import _check_precision, _mm
 
 
 @triton.jit
@@ -228,77 +104,6 @@ def _lower_tiles(n_tiles: int, device: torch.device) -> tuple[torch.Tensor, torc
     return _TILE_CACHE[key]
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-
-def adjacency_and_degrees(
-    qc: torch.Tensor,
-    kc: torch.Tensor,
-    scaling: float,
-    adjacency: str = "softmax",
-    q_offset: int = 0,
-    fill_upper: bool = True,
-    precision: str = "tf32",
-    a_dtype: torch.dtype = torch.float32,
-    block_m: int = 64,
-    block_n: int = 64,
-    align: int = 128,
-    num_warps: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coarse adjacency A with its row sums and column sums, in one sweep.
-
-    qc: (B, H, Mq, D) coarse queries of blocks q_offset .. q_offset + Mq - 1; kc: (B, Hkv,
-    Mk, D) coarse keys, H a multiple of Hkv. Returns A (B, H, Mq, Mk) in ``a_dtype`` as in
-    ``reference.coarse_adjacency``, and its float32 row sums (B, H, Mq) and column sums
-    (B, H, Mk). With ``fill_upper=False`` each strip of ``block_m`` rows writes its zeros
-    above the diagonal only up to the next multiple of ``align`` columns (the curvature
-    tile), and leaves the rest unwritten. ``precision`` applies to float32 inputs; bf16 and
-    fp16 inputs use the tensor cores as they are.
-    """
-    if adjacency not in ("softmax", "scores"):
-        raise ValueError(f"adjacency must be 'softmax' or 'scores', got {adjacency!r}")
-    _check_precision(precision)
-    b, h, mq, d = qc.shape
-    hkv, mk = kc.shape[1], kc.shape[2]
-    if h % hkv:
-        raise ValueError(f"{h} query heads are not a multiple of {hkv} key heads")
-    if kc.dtype != qc.dtype:
-        kc = kc.to(qc.dtype)
-    if not qc.is_cuda:  # the CPU interpreter multiplies bf16 bit patterns, not values
-        qc, kc, precision = qc.float(), kc.float(), "ieee"
-    block_m = max(16, min(block_m, triton.next_power_of_2(mq)))
-    block_n = max(16, min(block_n, triton.next_power_of_2(mk)))
-    n_strips = triton.cdiv(mq, block_m)
-    a = torch.empty(b, h, mq, mk, dtype=a_dtype, device=qc.device)  # (B, H, Mq, Mk)
-    rowsum = torch.empty(b, h, mq, dtype=torch.float32, device=qc.device)
-    colsum = torch.zeros(b * h, n_strips, mk, dtype=torch.float32, device=qc.device)
-    _adjacency_kernel[(n_strips, b * h)](
-        qc, kc, a, rowsum, colsum,
-        h, h // hkv, mq, mk, d, q_offset, float(scaling),
-        *qc.stride(), *kc.stride(),
-        mq * mk, a.stride(2), a.stride(3), colsum.stride(0), colsum.stride(1),
-        SOFTMAX=adjacency == "softmax", FILL_UPPER=fill_upper, ALIGN=max(align, block_n),
-        PRECISION=precision if qc.dtype == torch.float32 else "native",
-        BM=block_m, BN=block_n, BD=max(16, triton.next_power_of_2(d)),
-        num_warps=num_warps,
-    )  # fmt: skip
-    return a, rowsum, colsum.sum(1).view(b, h, mk)  # deterministic in-degree sum
-
-
-def coarse_adjacency(
-    qc: torch.Tensor,
-    kc: torch.Tensor,
-    scaling: float,
-    adjacency: str = "softmax",
-    q_offset: int = 0,
-    precision: str = "tf32",
-) -> torch.Tensor:
-    """Triton version of ``reference.coarse_adjacency``: (B, H, Mq, Mk) float32 A."""
-    return adjacency_and_degrees(qc, kc, scaling, adjacency, q_offset, True, precision)[0]
-
-
 def forman_ricci_from_degrees(
     a: torch.Tensor,
     d_out: torch.Tensor,
@@ -366,3 +171,108 @@ def forman_ricci(
     if graph == "symmetric":
         return torch.where(upper, f.transpose(-1, -2), f)
     return torch.where(upper, -d_out.unsqueeze(-1) - d_in.unsqueeze(-2), f)
+
+
+@triton.jit
+def _causal_curvature_kernel(
+    ar_ptr, af_ptr, pre_ptr, d_row_ptr, d_key_ptr, f_ptr, tile_i_ptr, tile_j_ptr,
+    M, s_bh, s_m, s_pre_bh, s_pre_t,
+    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    # F of the causal form, one lower tile: row b is query block b's first row, A_row[b]
+    # its coarse row (blocks 0..b), A_full the complete blocks' rows (only those before b
+    # are read for row b)
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    it = tl.load(tile_i_ptr + t)
+    jt = tl.load(tile_j_ptr + t)
+    rows = it * BT + tl.arange(0, BT)
+    cols = jt * BT + tl.arange(0, BT)
+    ok = (rows < M)[:, None] & (cols < M)[None, :] & (cols[None, :] <= rows[:, None])
+    ar_base = ar_ptr + bh * s_bh
+    af_base = af_ptr + bh * s_bh
+    acc = tl.zeros((BT, BT), tl.float32)  # sum over k < b of A_row[b, k] X[k, j]
+    sq = tl.zeros((BT,), tl.float32)  # sum over k < b of W_row[b, k]^2
+    k_lo = 0
+    if not SYMMETRIC:  # A_full[k, j] is zero for k < j
+        k_lo = jt * BT
+    for k0 in range(k_lo, tl.minimum((it + 1) * BT, M), BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(
+            ar_base + rows[:, None] * s_m + ks[None, :],
+            mask=(rows < M)[:, None] & (ks[None, :] < rows[:, None]),
+            other=0.0,
+        ).to(tl.float32)  # (BT, BK): the row's weights on complete blocks
+        if SYMMETRIC:
+            x = 0.5 * x
+            sq += tl.sum(x * x, axis=1)
+            y = _sym_tile(af_base, ks, cols, M, s_m, 1)
+        else:
+            y = _tile(af_base, ks, cols, M, s_m, 1, False)
+        acc = _mm(x, y.to(tl.float32), acc, PRECISION)
+    a = tl.load(ar_base + rows[:, None] * s_m + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    a_bb = tl.load(ar_base + rows * s_m + rows, mask=rows < M, other=0.0).to(tl.float32)
+    # in-weight of j from query blocks before b: complete tiles' prefix + this tile's rows
+    lower = tl.load(af_base + rows[:, None] * s_m + cols[None, :], mask=ok, other=0.0)
+    r = tl.arange(0, BT)
+    tri = (r[None, :] < r[:, None]).to(tl.float32)  # rows i of the tile before row b
+    pre = tl.load(pre_ptr + bh * s_pre_bh + it * s_pre_t + cols, mask=cols < M, other=0.0)
+    before = _mm(tri, lower.to(tl.float32), tl.zeros((BT, BT), tl.float32), PRECISION)
+    before += pre[None, :]
+    d_row = tl.load(d_row_ptr + bh * M + rows, mask=rows < M, other=0.0)
+    d_key = tl.load(d_key_ptr + bh * M + cols, mask=cols < M, other=0.0)
+    diag = cols[None, :] == rows[:, None]
+    if SYMMETRIC:
+        w = tl.where(diag, 0.0, 0.5 * a)
+        d_own = 0.5 * (d_row - a_bb)
+        d_j = 0.5 * (d_key[None, :] + before + a)
+        f = 4.0 * w - d_own[:, None] - d_j + 3.0 * acc
+        f = tl.where(diag, (-2.0 * d_own + 3.0 * sq)[:, None], f)
+    else:  # two hops through complete blocks, and through b itself
+        f = 4.0 * a - d_row[:, None] - (before + a) + 3.0 * (acc + a_bb[:, None] * a)
+    tl.store(f_ptr + bh * s_bh + rows[:, None] * s_m + cols[None, :], f, mask=ok)
+
+
+def causal_forman_ricci(
+    a_row: torch.Tensor,
+    a_full: torch.Tensor,
+    d_row: torch.Tensor,
+    d_full: torch.Tensor,
+    prefix: torch.Tensor,
+    graph: str = "symmetric",
+    precision: str = "tf32",
+    block: int = 64,
+    block_k: int = 32,
+) -> torch.Tensor:
+    """Forman-Ricci curvature of CAB's causal form, as ``reference.cab_row_scores`` forms
+    it at each query block's first row (degrees over blocks at or before the row's).
+
+    a_row: (B, H, M, M) block b's row as its first row sees it (zero beyond b); a_full:
+    (B, H, M, M) the complete blocks' rows, both zero above their diagonals inside the
+    diagonal tiles of ``block``; d_row: (B, H, M) a_row's row sums; d_full: (B, H, M)
+    a_full's row sums; prefix: (B * H, ceil(M / block), M) column sums of a_full over the
+    rows before each tile of ``block`` rows. Returns F (B, H, M, M) float32, written on
+    and below the diagonal: symmetric, 4 W_bj - D(b) - D(j) + 3 (W_row W_full)_bj with
+    W = (A + A^T) / 2 without self-loops and the degrees of blocks 0..b, the diagonal
+    -2 D(b) + 3 |W_row|^2; directed, 4 A_bj - D_out(b) - D_in(j) + 3 (A A)_bj with j's
+    in-degree from query blocks 0..b.
+    """
+    if graph not in ("directed", "symmetric"):
+        raise ValueError(f"graph must be 'directed' or 'symmetric', got {graph!r}")
+    _check_precision(precision)
+    b, h, m, _ = a_row.shape
+    if not a_row.is_cuda:
+        precision = "ieee"
+    d_key = d_full
+    if graph == "symmetric":  # j's complete row and column, without its self-loop twice
+        d_key = d_full - 2.0 * torch.diagonal(a_full, dim1=-2, dim2=-1).float()
+    tile_i, tile_j = _lower_tiles(triton.cdiv(m, block), a_row.device)
+    f = torch.empty(b, h, m, m, dtype=torch.float32, device=a_row.device)  # (B, H, M, M)
+    _causal_curvature_kernel[(tile_i.numel(), b * h)](
+        a_row.contiguous(), a_full.contiguous(), prefix, d_row.contiguous(),
+        d_key.contiguous(), f, tile_i, tile_j,
+        m, m * m, m, prefix.stride(0), prefix.stride(1),
+        SYMMETRIC=graph == "symmetric", PRECISION=precision, BT=block,
+        BK=max(16, min(block_k, block)), num_warps=4,
+    )  # fmt: skip
+    return f

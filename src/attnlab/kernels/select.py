@@ -43,7 +43,7 @@ def _score_select_kernel(
     G: tl.constexpr, G_POW2: tl.constexpr, BLOCK: tl.constexpr,
     FROM_SCORE: tl.constexpr, USE_F: tl.constexpr, USE_A: tl.constexpr,
     HAS_MUST: tl.constexpr, WRITE_SCORE: tl.constexpr,
-    WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr,
+    WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr, SELECT: tl.constexpr,
 ):  # fmt: skip
     g = g_offset + tl.program_id(0)
     bh = tl.program_id(1)
@@ -72,64 +72,65 @@ def _score_select_kernel(
         if WRITE_SCORE:
             sc_ptrs = score_ptr + bh * s_sc_bh + rows[:, None] * s_sc_m + cols[None, :]
             tl.store(sc_ptrs, s, mask=tile_ok)
-    pooled = tl.max(s, axis=0) + 0.0  # (BLOCK,); + 0.0 turns -0.0 into +0.0
+    if SELECT:  # not when only the scores are asked for
+        pooled = tl.max(s, axis=0) + 0.0  # (BLOCK,); + 0.0 turns -0.0 into +0.0
 
-    n_causal = tl.minimum(M, g * G + G)
-    k = tl.minimum(tl.load(keep_ptr + g), n_causal)
-    if HAS_MUST:
-        must = tl.load(must_ptr + g * s_must_g + cols, mask=in_m, other=0) != 0
-        if not FROM_SCORE:
-            must = must & (cols < n_causal)
-        pooled = tl.where(must, float("inf"), pooled)
-    pooled = tl.where(in_m, pooled, float("-inf"))
+        n_causal = tl.minimum(M, g * G + G)
+        k = tl.minimum(tl.load(keep_ptr + g), n_causal)
+        if HAS_MUST:
+            must = tl.load(must_ptr + g * s_must_g + cols, mask=in_m, other=0) != 0
+            if not FROM_SCORE:
+                must = must & (cols < n_causal)
+            pooled = tl.where(must, float("inf"), pooled)
+        pooled = tl.where(in_m, pooled, float("-inf"))
 
-    # bisection for a threshold with exactly k keys at or above it; it stops early once
-    # one falls between the k-th and (k+1)-th largest score and otherwise converges on
-    # the k-th largest itself (ties)
-    bits = pooled.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
-    lo = tl.min(key, axis=0).to(tl.int64)  # count(key >= lo) >= k throughout
-    hi = tl.max(key, axis=0).to(tl.int64)  # the k-th largest key is <= hi throughout
-    count_lo = k * 0 + BLOCK
-    # z-scores: the k-th largest mostly lies in [0.25, 16), 2^25 keys instead of 2^32,
-    # which halves the steps; two counts check whether it does
-    count_quarter = tl.sum((key >= _KEY_QUARTER).to(tl.int32), axis=0)
-    from_quarter = (count_quarter >= k) & (k > 0)
-    lo = tl.where(from_quarter, lo * 0 + _KEY_QUARTER, lo)
-    count_lo = tl.where(from_quarter, count_quarter, count_lo)
-    below_16 = tl.sum((key >= _KEY_SIXTEEN).to(tl.int32), axis=0) < k
-    hi = tl.where(below_16, hi * 0 + (_KEY_SIXTEEN - 1), hi)
-    while (lo < hi) & (count_lo != k):
-        mid = lo + (hi - lo + 1) // 2
-        count = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-        ok = count >= k
-        lo = tl.where(ok, mid, lo)
-        count_lo = tl.where(ok, count, count_lo)
-        hi = tl.where(ok, hi, mid - 1)
-    kth = lo.to(tl.int32)
-    above = key > kth
-    tied = key == kth
-    need = k - tl.sum(above.to(tl.int32), axis=0)
-    sel = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need))
-    sel = sel & (pooled > float("-inf"))
-    if HAS_MUST:
-        sel = sel | must
-    sel = sel & in_m
+        # bisection for a threshold with exactly k keys at or above it; it stops early once
+        # one falls between the k-th and (k+1)-th largest score and otherwise converges on
+        # the k-th largest itself (ties)
+        bits = pooled.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order == float order
+        lo = tl.min(key, axis=0).to(tl.int64)  # count(key >= lo) >= k throughout
+        hi = tl.max(key, axis=0).to(tl.int64)  # the k-th largest key is <= hi throughout
+        count_lo = k * 0 + BLOCK
+        # z-scores: the k-th largest mostly lies in [0.25, 16), 2^25 keys instead of 2^32,
+        # which halves the steps; two counts check whether it does
+        count_quarter = tl.sum((key >= _KEY_QUARTER).to(tl.int32), axis=0)
+        from_quarter = (count_quarter >= k) & (k > 0)
+        lo = tl.where(from_quarter, lo * 0 + _KEY_QUARTER, lo)
+        count_lo = tl.where(from_quarter, count_quarter, count_lo)
+        below_16 = tl.sum((key >= _KEY_SIXTEEN).to(tl.int32), axis=0) < k
+        hi = tl.where(below_16, hi * 0 + (_KEY_SIXTEEN - 1), hi)
+        while (lo < hi) & (count_lo != k):
+            mid = lo + (hi - lo + 1) // 2
+            count = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+            ok = count >= k
+            lo = tl.where(ok, mid, lo)
+            count_lo = tl.where(ok, count, count_lo)
+            hi = tl.where(ok, hi, mid - 1)
+        kth = lo.to(tl.int32)
+        above = key > kth
+        tied = key == kth
+        need = k - tl.sum(above.to(tl.int32), axis=0)
+        sel = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need))
+        sel = sel & (pooled > float("-inf"))
+        if HAS_MUST:
+            sel = sel | must
+        sel = sel & in_m
 
-    if WRITE_MASK:
-        tl.store(mask_ptr + bh * s_mask_bh + g * s_mask_g + cols, sel.to(tl.int8), mask=in_m)
-    if WRITE_IDX:
-        # kept blocks left of the query block are whole for all its queries, the rest
-        # reach the diagonal; one prefix sum places both lists in ascending order
-        first = g * G
-        is_full = cols < first
-        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        n_full = tl.sum((sel & is_full).to(tl.int32), axis=0)
-        row_off = bh * s_idx_bh + g * s_idx_g
-        tl.store(full_idx_ptr + row_off + pos, cols, mask=sel & is_full)
-        tl.store(part_idx_ptr + row_off + pos - n_full, cols, mask=sel & ~is_full)
-        tl.store(full_num_ptr + bh * Mg + g, n_full)
-        tl.store(part_num_ptr + bh * Mg + g, tl.sum(sel.to(tl.int32), axis=0) - n_full)
+        if WRITE_MASK:
+            tl.store(mask_ptr + bh * s_mask_bh + g * s_mask_g + cols, sel.to(tl.int8), mask=in_m)
+        if WRITE_IDX:
+            # kept blocks left of the query block are whole for all its queries, the rest
+            # reach the diagonal; one prefix sum places both lists in ascending order
+            first = g * G
+            is_full = cols < first
+            pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            n_full = tl.sum((sel & is_full).to(tl.int32), axis=0)
+            row_off = bh * s_idx_bh + g * s_idx_g
+            tl.store(full_idx_ptr + row_off + pos, cols, mask=sel & is_full)
+            tl.store(part_idx_ptr + row_off + pos - n_full, cols, mask=sel & ~is_full)
+            tl.store(full_num_ptr + bh * Mg + g, n_full)
+            tl.store(part_num_ptr + bh * Mg + g, tl.sum(sel.to(tl.int32), axis=0) - n_full)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class BlockSelection:
 
 def score_and_select(
     src: torch.Tensor,
-    keep: torch.Tensor,
+    keep: torch.Tensor | None,
     *,
     a: torch.Tensor | None = None,
     lam: float = 1.0,
@@ -173,7 +174,8 @@ def score_and_select(
     selected as it is. Otherwise ``src`` is the curvature F (read on and below the
     diagonal only) and ``a`` the adjacency, needed when lam < 1; the kernel forms
     lam * z(-F) + (1 - lam) * z(A) per row as ``reference.cab_block_scores`` does.
-    keep: (Mg,) key blocks per query group, Mg = ceil(M / q_group); must_keep: (Mg, M)
+    keep: (Mg,) key blocks per query group, Mg = ceil(M / q_group), or None where only the
+    scores are written (``write_score`` alone: no selection is made); must_keep: (Mg, M)
     bool, kept whatever their score and counted toward keep (from F, only its causal
     entries count: a later key block cannot be attended). Groups of q_group rows are
     pooled by the max of their scores before the top-k. Launches are banded by row
@@ -186,6 +188,13 @@ def score_and_select(
     use_a = not from_score and lam != 1.0
     if use_a and a is None:
         raise ValueError("lam < 1 needs the adjacency a")
+    select = write_mask or write_indices
+    if not select and not write_score:
+        raise ValueError("nothing to write: ask for the score, the mask or the lists")
+    if keep is None:
+        if select:
+            raise ValueError("a selection needs keep")
+        keep = torch.zeros(mg, dtype=torch.int32, device=dev)
     keep = keep.to(device=dev, dtype=torch.int32).contiguous()
     if keep.shape != (mg,):
         raise ValueError(f"keep must have shape ({mg},), got {tuple(keep.shape)}")
@@ -219,7 +228,7 @@ def score_and_select(
             G=q_group, G_POW2=triton.next_power_of_2(q_group), BLOCK=block,
             FROM_SCORE=from_score, USE_F=use_f, USE_A=use_a,
             HAS_MUST=must is not None, WRITE_SCORE=write_score,
-            WRITE_MASK=write_mask, WRITE_IDX=write_indices,
+            WRITE_MASK=write_mask, WRITE_IDX=write_indices, SELECT=select,
             num_warps=max(1, min(num_warps, block // 256)),
         )  # fmt: skip
     return BlockSelection(

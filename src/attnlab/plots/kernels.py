@@ -37,11 +37,14 @@ def _int(value) -> str:
 
 
 def _label(method: str) -> str:
+    form = ""
+    if method.startswith("cab_causal_"):  # the causal selection form's rows
+        method, form = "cab_" + method.removeprefix("cab_causal_"), ", causal form"
     if method.startswith("cab_e2e_s"):
-        return f"CAB end to end, {method.removeprefix('cab_e2e_s')}% sparse"
+        return f"CAB end to end, {method.removeprefix('cab_e2e_s')}% sparse{form}"
     if method.startswith("cab_flex_s"):
-        return f"CAB flex kernel alone, {method.removeprefix('cab_flex_s')}% sparse"
-    return LABELS.get(method, method)
+        return f"CAB flex kernel alone, {method.removeprefix('cab_flex_s')}% sparse{form}"
+    return LABELS.get(method, method) + form
 
 
 def plot_kernel_speed(table: str | Path, out: str | Path) -> Path:

@@ -88,6 +88,7 @@ class ScoreContext:
     # what is read from the model's mask, kept for the next layers under the same mask (a
     # block policy's prefill through FlexAttention: one forward pass and layer type)
     mask_cache: dict | None = None
+    triton: bool = False  # a block policy may score with its Triton kernels (fused prefill)
 
     def provide(self, **values: torch.Tensor) -> None:
         """Hand over cached properties computed elsewhere (the attention's own ``scores``,
@@ -217,6 +218,7 @@ class ScoreContext:
             history=self.history,
             kv_heads=self.kv_heads,
             mask_cache=self.mask_cache,
+            triton=self.triton,
         )
         if self.computed("scores"):
             sub.provide(scores=self.scores[..., index, :])

@@ -27,7 +27,8 @@ class CAB(BlockPolicy):
     those of the block so far), so a later token never reaches an earlier row. Its own
     form for a prompt given whole (``selection: prompt``, the research plan's) scores
     each query block from the whole prompt's coarse graph, degrees over every query block
-    (:func:`~attnlab.kernels.reference.cab_block_scores`, what the Triton kernels compute).
+    (:func:`~attnlab.kernels.reference.cab_block_scores`). The Triton kernels compute both
+    forms (:mod:`attnlab.kernels.cab`); the fused GPU prefill scores with them.
     """
 
     name = "cab"
@@ -112,15 +113,44 @@ class CAB(BlockPolicy):
         """The prompt form with the block's representative as its query (``query:
         block``): every query block's row of the whole prompt's curvature scores; else the
         chosen row's scores (the query-aware variant and the blends with another
-        predictor: the block's last query)."""
-        if form != "prompt" or self.query != "block" or self.blends_other:
+        predictor: the block's last query). On the fused path (``ctx.triton``) both forms
+        come from the Triton kernels (:func:`attnlab.kernels.cab.cab_scores`, the same
+        scores up to float32 summation order) where they compute this variant."""
+        if self.triton_scores(ctx, rows):
+            from attnlab.kernels.cab import cab_scores
+
+            groups = ctx.groups  # the key/value heads themselves, not their expansion
+            score = cab_scores(
+                ctx.q, ctx.k[:, ::groups], self.block_size, ctx.scaling, form, lam=self.lam,
+                adjacency=self.adjacency, graph=self.graph,
+            )  # fmt: skip
+        elif form != "prompt" or self.query != "block" or self.blends_other:
             return super().block_scores(ctx, rows, form)
-        q = ctx.q_all[..., : ctx.k.shape[-2], :]
-        score = cab_block_scores(
-            q, ctx.k, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
-        )  # (B, H, M, M)
+        else:
+            q = ctx.q_all[..., : ctx.k.shape[-2], :]
+            score = cab_block_scores(
+                q, ctx.k, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
+            )  # (B, H, M, M)
         return self.among_candidates(
             with_must_keep_blocks(score, ctx.q_pos[rows], self), ctx.rows(rows)
+        )
+
+    def triton_scores(self, ctx: ScoreContext, rows: torch.Tensor) -> bool:
+        """Whether the Triton kernels score this prefill: the fused path, a whole prefill
+        (no earlier rows; one row per query block), CAB's own query (``query: block``,
+        no other predictor blended), a graph the kernels form (softmax or scores;
+        symmetric or directed, any graph without curvature), blocks of a power of two."""
+        t = ctx.q.shape[-2]
+        return (
+            ctx.triton
+            and ctx.history.q is None
+            and ctx.k.shape[-2] == t
+            and rows.numel() == -(-t // self.block_size)
+            and self.query == "block"
+            and not self.blends_other
+            and self.adjacency in ("softmax", "scores")
+            and (self.graph in ("symmetric", "directed") or self.lam == 0.0)
+            and self.block_size & (self.block_size - 1) == 0
         )
 
     def among_candidates(self, score: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""CAB's Triton predictor in both selection forms (DESIGN: Selection forms) equals the
+PyTorch scoring path, and the fused prefill's selection takes it: ``causal`` (each query
+block scored by its first row, degrees over blocks at or before it) and ``prompt`` (the
+whole prompt's coarse graph). The interpreter on the CPU, compiled with
+TRITON_INTERPRET=0 on a GPU."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from attnlab import policies, sparse  # noqa: E402
+from attnlab.blocks import expand_kv  # noqa: E402
+from attnlab.kernels import reference as ref  # noqa: E402
+from attnlab.kernels.cab import cab_select  # noqa: E402
+
+ON_GPU = os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# z-scores of float32 curvature: a row whose few entries nearly tie amplifies the
+# summation order's rounding (1e-7 relative) by |F| / std; 1e-3 is far above that here
+Z_TOL = dict(rtol=1e-4, atol=1e-3)
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "lam, adjacency, graph, n, bs, tile",
+    [
+        (1.0, "softmax", "symmetric", 83, 8, 128),  # ragged last block, one tile
+        (1.0, "softmax", "directed", 150, 4, 32),  # 38 blocks: tiles of 16 and their prefix
+        (0.5, "scores", "symmetric", 300, 4, 64),  # 75 blocks in tiles of 32
+        (0.3, "scores", "directed", 300, 4, 64),
+        (0.0, "softmax", "symmetric", 83, 8, 128),  # coarse magnitude: no curvature
+    ],
+)
+def test_causal_form_scores_equal_the_first_rows_scores(lam, adjacency, graph, n, bs, tile):
+    """The causal form's scores are ``reference.cab_row_scores`` at each block's first row
+    (GQA, the last block ragged), and its selection and lists are exact on them."""
+    q, k = _rand(1, 2, n, 16, seed=1), _rand(1, 1, n, 16, seed=2)
+    m, q_group = -(-n // bs), 2
+    mg = -(-m // q_group)
+    keep = torch.arange(mg, device=DEVICE) % 4 + 2
+    must = torch.zeros(mg, m, dtype=torch.bool, device=DEVICE)
+    must[:, 0] = True
+    sel = cab_select(
+        q, k, bs, 0.25, keep, form="causal", lam=lam, adjacency=adjacency, graph=graph,
+        must_keep=must, q_group=q_group, write_score=True, write_mask=True, precision="ieee",
+        curvature_block=tile,
+    )  # fmt: skip
+    starts = torch.arange(0, n, bs, device=DEVICE)
+    expected = ref.cab_row_scores(q, k, starts, bs, 0.25, lam, adjacency, graph)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(sel.score), finite)
+    torch.testing.assert_close(sel.score[finite], expected[finite], **Z_TOL)
+    assert torch.equal(sel.mask, ref.top_blocks_grouped(sel.score, keep, q_group, must))
+    for g in range(mg):  # the lists hold the mask's blocks, the partial ones reaching the diagonal
+        for num, idx in ((sel.full_num, sel.full_idx), (sel.partial_num, sel.partial_idx)):
+            kept = idx[0, 1, g, : num[0, 1, g]]
+            assert bool(sel.mask[0, 1, g, kept.long()].all())
+        assert int(sel.full_num[0, 1, g] + sel.partial_num[0, 1, g]) == int(sel.mask[0, 1, g].sum())
+
+
+def test_a_causal_first_row_reads_no_later_token():
+    """Changing the tokens after a block's first row leaves that block's causal scores
+    unchanged (the prompt form's change: it reads the whole prompt)."""
+    n, bs = 96, 8
+    q, k = _rand(1, 2, n, 16, seed=3), _rand(1, 1, n, 16, seed=4)
+    q2, k2 = q.clone(), k.clone()
+    q2[..., 41:, :] += 1.0  # after block 5's first row (token 40)
+    k2[..., 41:, :] -= 1.0
+    kw = dict(write_score=True, write_mask=False, write_indices=False, precision="ieee")
+    for form, same in (("causal", True), ("prompt", False)):
+        a, b = (
+            cab_select(x, y, bs, 0.25, None, form=form, **kw).score for x, y in ((q, k), (q2, k2))
+        )
+        assert torch.equal(a[..., :6, :], b[..., :6, :]) == same
+
+
+def _clear_edges(score: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Per (head, query block), the gap between the lowest kept and the highest dropped
+    finite score (a budget keeps a prefix of the ranking): where it is wide, float
+    rounding cannot change the selection. (B, H, M)."""
+    finite = torch.isfinite(score)
+    low = score.masked_fill(~(kept & finite), torch.inf).amin(-1)
+    high = score.masked_fill(kept | ~finite, -torch.inf).amax(-1)
+    return low - high
+
+
+@pytest.mark.parametrize("form", ["causal", "prompt"])
+@pytest.mark.parametrize("name", ["cab", "coarse_magnitude"])
+@pytest.mark.parametrize("graph", ["symmetric", "directed"])
+def test_the_fused_prefill_scores_cab_with_the_kernels_and_selects_the_same(
+    name, form, graph, monkeypatch
+):
+    """A block policy's fused prefill selection (``lists``: the budget kernel's path)
+    scores CAB with the Triton kernels and keeps the blocks the PyTorch path keeps
+    wherever rounding cannot decide (GQA, ragged last block, 90% sparsity)."""
+    import attnlab.kernels.cab as cab_kernels
+
+    calls = []
+    real = cab_kernels.cab_scores
+    monkeypatch.setattr(
+        cab_kernels, "cab_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    n, bs, scaling = 200, 16, 0.25
+    q, k = _rand(1, 4, n, 16, seed=5), expand_kv(_rand(1, 2, n, 16, seed=6), 4)
+    policy = policies.make(name, block_size=bs, graph=graph, selection=form)
+    keeps, scores = {}, {}
+    for fused in (False, True):
+        run = sparse.SparseRun(policy, 0.9, whole_prompt=True)
+        keep = run.block_mask(0, q, k, scaling, kv_heads=2, lists=False if fused else None)
+        keeps[fused] = keep[0] if fused else keep
+        fresh = sparse.SparseRun(policy, 0.9, whole_prompt=True)  # no layer history yet
+        ctx = fresh._context(0, q, k, None, scaling, 2, rows=run_rows(n), cache={})
+        ctx.triton = fused
+        starts = torch.arange(0, n, bs, device=DEVICE)
+        rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)
+        scores[fused] = policy.block_scores(ctx, rows, form)
+    assert len(calls) == 2  # the fused selection and the fused scores above
+    finite = torch.isfinite(scores[False]) & (scores[False] < torch.inf)
+    assert torch.equal(torch.isfinite(scores[True]), torch.isfinite(scores[False]))
+    torch.testing.assert_close(scores[True][finite], scores[False][finite], **Z_TOL)
+    clear = _clear_edges(scores[False], keeps[False]) > 1e-3
+    assert clear.float().mean() > 0.9
+    assert torch.equal(keeps[True][clear], keeps[False][clear])
+
+
+def run_rows(n):
+    from attnlab.masks import causal_rows
+
+    return lambda index: causal_rows(index, n)
