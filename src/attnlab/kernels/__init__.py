@@ -1,9 +1,10 @@
 """Curvature-masking kernels: plain-PyTorch references and their Triton versions.
 
 ``reference`` holds the definitions (and runs anywhere); ``coarsen``, ``adjacency``,
-``curvature``, ``select`` and ``cab`` hold the Triton kernels, which need a CUDA GPU or
-``TRITON_INTERPRET=1`` set before they are first imported. The Triton names below load
-on first use, so importing the references never imports Triton.
+``curvature``, ``select`` and ``cab`` hold CAB's Triton kernels, ``xattention``
+XAttention's estimate and ``budget`` every block policy's budgeted choice. They need a
+CUDA GPU or ``TRITON_INTERPRET=1`` set before they are first imported. The Triton names
+below load on first use, so importing the references never imports Triton.
 """
 
 from importlib import import_module
@@ -19,6 +20,8 @@ _LAZY = {
     "top_blocks": "select",
     "top_blocks_grouped": "select",
     "cab_select": "cab",
+    "cab_scores": "cab",
+    "block_shares": "xattention",
 }
 
 __all__ = sorted(_LAZY)

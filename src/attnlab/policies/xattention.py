@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from attnlab.blocks import n_blocks
+from attnlab.blocks import expand_kv, n_blocks
 from attnlab.errors import UserError
 from attnlab.policies.base import (
     INF,
@@ -74,17 +74,35 @@ class XAttention(BlockPolicy):
             raise TypeError("stride must divide block_size and threshold lie in (0, 1]")
 
     def shares(
-        self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, scaling: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_pos: torch.Tensor,
+        scaling: float,
+        kernel: bool = False,
     ) -> torch.Tensor:
         """Estimated attention share of each key block for each row: (B, H, Tq, Mk).
 
-        q: (B, H, N, D) every query so far, k: (B, H, Nk, D), both from position 0. A
-        strided query (``stride`` rows) and its antidiagonal keys are used once every
+        q: (B, H, N, D) every query so far, k: (B, H or Hkv, Nk, D), both from position 0.
+        A strided query (``stride`` rows) and its antidiagonal keys are used once every
         row of it exists: row t sums the strided queries of its query block that are
         complete at t, or, before the first one is, those of the previous query block. So
-        a row's choice depends on tokens at or before it alone.
+        a row's choice depends on tokens at or before it alone. ``kernel``: the same sums
+        from the Triton kernel (:func:`attnlab.kernels.xattention.block_shares`, no
+        (N / stride)^2 estimate in memory; float32 up to summation order).
         """
         s, per = self.stride, self.block_size // self.stride
+        done = torch.div(q_pos + 1, s, rounding_mode="floor")  # complete strided queries
+        first = torch.div(q_pos, self.block_size, rounding_mode="floor") * per
+        early = done <= first  # no complete strided query in the row's block yet
+        hi = torch.where(early, first, done)
+        lo = torch.where(early, first - per, first).clamp(min=0)
+        if kernel:
+            from attnlab.kernels.xattention import block_shares
+
+            blocks = block_shares(q, k, lo, hi, s, self.block_size, scaling)
+            return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-12)
+        k = expand_kv(k, q.shape[1])
         est = antidiagonal_scores(q, k, s) * scaling / s  # mean over the antidiagonal
         n_q, n_k = est.shape[-2:]
         causal = (
@@ -92,16 +110,23 @@ class XAttention(BlockPolicy):
         )
         probs = torch.softmax(est.masked_fill(~causal, float("-inf")), dim=-1)
         upto = torch.nn.functional.pad(probs.cumsum(-2), (0, 0, 1, 0))  # sums of groups < i
-        done = torch.div(q_pos + 1, s, rounding_mode="floor")  # complete strided queries
-        first = torch.div(q_pos, self.block_size, rounding_mode="floor") * per
-        early = done <= first  # no complete strided query in the row's block yet
-        hi = torch.where(early, first, done)
-        lo = torch.where(early, first - per, first).clamp(min=0)
         rows = upto[..., hi, :] - upto[..., lo, :]  # (B, H, Tq, n_k)
         mk = n_blocks(k.shape[-2], self.block_size)
         rows = torch.nn.functional.pad(rows, (0, mk * per - n_k))
         blocks = rows.view(*rows.shape[:-1], mk, per).sum(-1)  # (B, H, Tq, Mk)
         return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    def triton_shares(self, ctx: ScoreContext) -> bool:
+        """Whether the Triton kernel forms the shares: the fused path, rows of a whole
+        prefill (every query from position 0 at hand), a power of two strided queries
+        per block."""
+        per = self.block_size // self.stride
+        return (
+            ctx.triton
+            and ctx.history.q is None
+            and ctx.q_all.shape[-2] == ctx.k.shape[-2]
+            and per & (per - 1) == 0
+        )
 
     def thresholds(self, layer: int, share: torch.Tensor) -> torch.Tensor | float:
         """The layer's threshold: one per query head, (H, 1, 1), where calibrated."""
@@ -117,7 +142,9 @@ class XAttention(BlockPolicy):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]
-        share = self.shares(q, ctx.k, ctx.q_pos, ctx.scaling)  # (B, H, Tq, Mk)
+        kernel = self.triton_shares(ctx)
+        k = ctx.k[:, :: ctx.groups] if kernel else ctx.k  # the key/value heads themselves
+        share = self.shares(q, k, ctx.q_pos, ctx.scaling, kernel)  # (B, H, Tq, Mk)
         # only the blocks the model's own mask lets the row see share its attention (a
         # sliding window hides the rest; the estimate itself runs over every causal key)
         share = share * (ctx.blocks_seen(self.block_size) > 0)

@@ -1,0 +1,134 @@
+"""Triton kernel: XAttention's antidiagonal estimate, summed into key blocks per row.
+
+One program takes one scored row of a whole prefill and the strided queries it sums (a
+range of at most block_size / stride, see ``XAttention.shares``), and sweeps their causal
+strided keys twice, flash-attention style: once for each strided query's softmax maximum
+and sum, once to add its probabilities into key blocks. The (T / S) x (T / S) estimate,
+its softmax and its running sums over queries are never written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnlab.kernels.adjacency import _mm
+
+
+@triton.jit
+def _estimate(
+    q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d, scaling,
+    S: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    # antidiagonal sums of the stride x stride tiles: strided query i's token i*S + S-1-s
+    # with strided key j's token j*S + s, as in ``antidiagonal_scores``, then scaled as
+    # ``XAttention.shares`` scales them (a mean over the antidiagonal)
+    dd = tl.arange(0, BD)
+    acc = tl.zeros((BI, BN), tl.float32)
+    for s in tl.static_range(S):
+        qrow = ii * S + (S - 1 - s)
+        qt = tl.load(
+            q_base + qrow[:, None] * sq_n + dd[None, :] * sq_d,
+            mask=(row_ok & (qrow < T))[:, None] & (dd < D)[None, :],
+            other=0.0,
+        )  # (BI, BD)
+        krow = jj * S + s
+        kt = tl.load(
+            k_base + krow[None, :] * sk_n + dd[:, None] * sk_d,
+            mask=(krow < Tk)[None, :] & (dd < D)[:, None],
+            other=0.0,
+        )  # (BD, BN)
+        acc = _mm(qt, kt, acc, PRECISION)
+    return acc * scaling / S
+
+
+@triton.jit
+def _block_share_kernel(
+    q_ptr, k_ptr, lo_ptr, hi_ptr, out_ptr,
+    H, GROUPS, T, Tk, NK, MK, D, scaling,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, so_bh, so_r,
+    S: tl.constexpr, PER: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    lo = tl.load(lo_ptr + r)
+    hi = tl.load(hi_ptr + r)
+    ii = lo + tl.arange(0, BI)  # the strided queries the row sums
+    row_ok = ii < hi
+    q_base = q_ptr + b * sq_b + h * sq_h
+    k_base = k_ptr + b * sk_b + (h // GROUPS) * sk_h
+    stop = tl.minimum(hi, NK)  # strided keys up to the last strided query's own
+    m_i = tl.full((BI,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BI,), tl.float32)
+    for j0 in range(0, stop, BN):
+        jj = j0 + tl.arange(0, BN)
+        est = _estimate(q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d,
+                        scaling, S, BI, BN, BD, PRECISION)  # fmt: skip
+        causal = (jj[None, :] <= ii[:, None]) & (jj < NK)[None, :]
+        est = tl.where(causal, est, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(est, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(est - m_safe[:, None]), axis=1)
+        m_i = m_new
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    for j0 in range(0, stop, BN):
+        jj = j0 + tl.arange(0, BN)
+        est = _estimate(q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d,
+                        scaling, S, BI, BN, BD, PRECISION)  # fmt: skip
+        causal = (jj[None, :] <= ii[:, None]) & (jj < NK)[None, :] & row_ok[:, None]
+        p = tl.where(causal, tl.exp(est - m_safe[:, None]) / l_safe[:, None], 0.0)
+        blocks = tl.sum(tl.reshape(tl.sum(p, axis=0), (BN // PER, PER)), axis=1)
+        kb = j0 // PER + tl.arange(0, BN // PER)
+        tl.store(out_ptr + bh * so_bh + r * so_r + kb, blocks, mask=kb < MK)
+
+
+def block_shares(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    stride: int,
+    block_size: int,
+    scaling: float,
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """For each row r, the softmax-normalised antidiagonal estimate of the strided queries
+    lo[r] .. hi[r] - 1 (at most block_size / stride of them), summed over them and into key
+    blocks of ``block_size``: (B, H, R, Mk) float32, unnormalised, as ``XAttention.shares``
+    forms it before dividing by the row's total.
+
+    q: (B, H, T, D), k: (B, Hkv, Tk, D), both from position 0, H a multiple of Hkv; lo,
+    hi: (R,) int. ``block_size / stride`` must be a power of two. bf16 and fp16 inputs
+    multiply on the tensor cores (their products are exact in float32), float32 inputs in
+    full float32.
+    """
+    b, h, t, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    per = block_size // stride
+    if block_size % stride or per & (per - 1):
+        raise ValueError(f"block_size / stride must be a power of two, got {block_size}/{stride}")
+    if h % hkv:
+        raise ValueError(f"{h} query heads are not a multiple of {hkv} key heads")
+    if not q.is_cuda:  # the CPU interpreter multiplies bf16 bit patterns, not values
+        q, k = q.float(), k.float()
+    precision = "ieee" if q.dtype == torch.float32 else "native"
+    k = k.to(q.dtype)
+    nk, mk = triton.cdiv(tk, stride), triton.cdiv(tk, block_size)
+    rows = lo.numel()
+    block_n = max(16, per, min(block_n, triton.next_power_of_2(nk)))
+    out = torch.zeros(b * h, rows, mk, dtype=torch.float32, device=q.device)
+    _block_share_kernel[(rows, b * h)](
+        q, k, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), out,
+        h, h // hkv, t, tk, nk, mk, d, float(scaling),
+        *q.stride(), *k.stride(), out.stride(0), out.stride(1),
+        S=stride, PER=per, BI=max(16, triton.next_power_of_2(per)), BN=block_n,
+        BD=max(16, triton.next_power_of_2(d)), PRECISION=precision, num_warps=num_warps,
+    )  # fmt: skip
+    return out.view(b, h, rows, mk)

@@ -1,0 +1,92 @@
+"""XAttention's Triton estimate (``kernels.xattention.block_shares``) equals the PyTorch
+shares, and the fused prefill's selection takes it. The interpreter on the CPU, compiled
+with TRITON_INTERPRET=0 on a GPU."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from attnlab import policies, sparse  # noqa: E402
+from attnlab.blocks import expand_kv  # noqa: E402
+from attnlab.kernels.xattention import block_shares  # noqa: E402
+from attnlab.policies.xattention import XAttention  # noqa: E402
+
+ON_GPU = os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "t, block_size, stride, d",
+    [(200, 32, 4, 16), (257, 16, 2, 16), (100, 16, 1, 8), (300, 64, 8, 32)],
+)
+def test_block_shares_equal_the_pytorch_shares(t, block_size, stride, d):
+    """Every block's first and last row (the causal and prompt forms' rows) and rows
+    inside blocks, with GQA and a ragged last block: the kernel's shares are
+    ``XAttention.shares``' up to float32 summation order."""
+    q, k = _rand(1, 2, t, d, seed=1), _rand(1, 1, t, d, seed=2)
+    policy = XAttention(block_size=block_size, stride=stride)
+    starts = torch.arange(0, t, block_size, device=DEVICE)
+    inside = torch.randint(0, t, (6,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    for q_pos in (starts, (starts + block_size - 1).clamp(max=t - 1), inside):
+        want = policy.shares(q, expand_kv(k, 2), q_pos, 0.3)
+        got = policy.shares(q, k, q_pos, 0.3, kernel=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert bool((want.sum(-1)[..., q_pos >= block_size] > 0.99).all())  # shares, not 0
+
+
+def test_block_shares_refuse_a_stride_that_does_not_split_blocks_in_powers_of_two():
+    q = _rand(1, 1, 64, 16, seed=4)
+    with pytest.raises(ValueError, match="power of two"):
+        block_shares(q, q, torch.zeros(1), torch.ones(1), 4, 24, 0.3)
+
+
+def _margins(share: torch.Tensor, threshold: float, must: torch.Tensor) -> torch.Tensor:
+    """Per (head, query block), how far its blocks' cumulative shares stay from the
+    threshold, and its shares from each other (``XAttention.score``'s two decisions):
+    where both are wide, float rounding cannot change the blocks it keeps. (B, H, M)."""
+    first = (share * must).sum(-1, keepdim=True)
+    ranked = share.masked_fill(must, -1.0).sort(-1, descending=True).values.clamp(min=0)
+    before = first + ranked.cumsum(-1) - ranked
+    gaps = (ranked[..., :-1] - ranked[..., 1:]).masked_fill(ranked[..., 1:] == 0, torch.inf)
+    return torch.minimum((before - threshold).abs().amin(-1), gaps.amin(-1))
+
+
+@pytest.mark.parametrize("form", ["causal", "prompt"])
+def test_the_fused_prefill_takes_the_kernel_and_selects_the_same(form, monkeypatch):
+    """A fused prefill selection (the budget kernel's path) forms XAttention's shares with
+    the kernel and keeps the blocks the PyTorch path keeps wherever rounding cannot decide
+    (GQA, ragged last block, both forms)."""
+    import attnlab.kernels.xattention as kernels
+
+    calls = []
+    real = kernels.block_shares
+    monkeypatch.setattr(kernels, "block_shares", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    n, bs, scaling = 300, 32, 0.25
+    q, k = _rand(1, 4, n, 16, seed=5), expand_kv(_rand(1, 2, n, 16, seed=6), 4)
+    policy = policies.make("xattention", block_size=bs, stride=4, selection=form)
+    keeps = {}
+    for fused in (False, True):
+        run = sparse.SparseRun(policy, 0.8, whole_prompt=True)
+        keep = run.block_mask(0, q, k, scaling, kv_heads=2, lists=False if fused else None)
+        keeps[fused] = keep[0] if fused else keep
+    assert len(calls) == 1
+    # the decisions' margins, from the PyTorch shares of the rows the form reads
+    starts = torch.arange(0, n, bs, device=DEVICE)
+    rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)
+    share = policy.shares(q, k, rows, scaling)
+    must = torch.zeros_like(share, dtype=torch.bool)
+    must[..., 0] = True
+    must[..., torch.arange(len(rows)), torch.arange(len(rows))] = True
+    clear = _margins(share, policy.threshold, must) > 1e-4
+    assert clear.float().mean() > 0.8
+    assert torch.equal(keeps[True][clear], keeps[False][clear])
+    assert not keeps[True].all()  # the selection drops blocks
