@@ -31,12 +31,14 @@ SLOW_FILES = [
     "test_e2e_induction.py",
     "test_workflow.py",
     "test_gpu_profile.py",
+    "test_kernels_compile.py",
 ]
 
 
 # The real models' fixtures: a test that takes one, or that runs Snakemake or the command
-# line on the real models (the files below), is marked e2e; the rest is the fast tier
-# (`make test-fast`: pytest -m "not e2e"), its models the tiny ones of tiny_models.py.
+# line on the real models, or compiles the GPU kernels (the files below), is marked e2e;
+# the rest is the fast tier (`make test-fast`: pytest -m "not e2e"), its models the tiny
+# ones of tiny_models.py.
 REAL_MODEL_FIXTURES = {"smollm2", "gemma3"}
 E2E_FILES = {*SLOW_FILES, "test_bench_capture.py", "test_bench_prefill.py"}
 

@@ -33,7 +33,7 @@ def _mm(x, y, acc, PRECISION: tl.constexpr):
 @triton.jit
 def _strip_scores(
     q, k_base, rows, cols, dd, D, Mk, sk_m, sk_d, q_offset, scaling, s_diag,
-    DIAG_KEY: tl.constexpr, PRECISION: tl.constexpr,
+    DIAG_KEY: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     # scaled scores of a strip of coarse queries against key blocks ``cols``, and which
     # are causal; with DIAG_KEY the diagonal is the row's own pair (s_diag)
@@ -42,7 +42,7 @@ def _strip_scores(
         mask=(cols < Mk)[None, :] & (dd < D)[:, None],
         other=0.0,
     )  # (BD, BN)
-    s = _mm(q, kt, tl.zeros((q.shape[0], cols.shape[0]), tl.float32), PRECISION) * scaling
+    s = _mm(q, kt, tl.zeros((BM, BN), tl.float32), PRECISION) * scaling
     if DIAG_KEY:
         s = tl.where(cols[None, :] == rows[:, None] + q_offset, s_diag[:, None], s)
     causal = (cols[None, :] <= rows[:, None] + q_offset) & (cols < Mk)[None, :]
@@ -127,7 +127,7 @@ def _adjacency_kernel(
         cols = j0 + tl.arange(0, BN)
         s, causal = _strip_scores(
             q, k_base, rows, cols, dd, D, Mk, sk_m, sk_d, q_offset, scaling, s_diag,
-            DIAG_KEY, PRECISION,
+            DIAG_KEY, PRECISION, BM, BN,
         )  # fmt: skip
         if SOFTMAX:
             s = tl.where(causal, s, float("-inf"))
@@ -150,7 +150,7 @@ def _adjacency_kernel(
         cols = j0 + tl.arange(0, BN)
         s, causal = _strip_scores(
             q, k_base, rows, cols, dd, D, Mk, sk_m, sk_d, q_offset, scaling, s_diag,
-            DIAG_KEY, PRECISION,
+            DIAG_KEY, PRECISION, BM, BN,
         )  # fmt: skip
         causal = causal & row_ok[:, None]
         if SOFTMAX:

@@ -122,6 +122,10 @@ def block_shares(
     k = k.to(q.dtype)
     nk, mk = triton.cdiv(tk, stride), triton.cdiv(tk, block_size)
     rows = lo.numel()
+    if precision == "ieee":  # float32 tiles: one stage, narrower (shared memory, sm_90)
+        block_n, stages = min(block_n, 32), 1
+    else:
+        stages = 2
     block_n = max(16, per, min(block_n, triton.next_power_of_2(nk)))
     out = torch.zeros(b * h, rows, mk, dtype=torch.float32, device=q.device)
     _block_share_kernel[(rows, b * h)](
@@ -130,5 +134,6 @@ def block_shares(
         *q.stride(), *k.stride(), out.stride(0), out.stride(1),
         S=stride, PER=per, BI=max(16, triton.next_power_of_2(per)), BN=block_n,
         BD=max(16, triton.next_power_of_2(d)), PRECISION=precision, num_warps=num_warps,
+        num_stages=stages,
     )  # fmt: skip
     return out.view(b, h, rows, mk)

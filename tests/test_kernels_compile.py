@@ -1,0 +1,98 @@
+"""The Triton predictors compile for an H100/H200 (sm_90) as the GPU paths launch them,
+within its shared memory, on a machine without a GPU: Triton's own compiler and ptxas,
+in a subprocess with the interpreter off. Running them is the CUDA tests' part."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+SHARED_MAX = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+
+# (module, kernel, pointer dtypes by parameter, constexprs, num_warps, num_stages): the
+# launches of the scoring path (Gemma-3-270M: D = 256, bf16 Q and K, float32 A) and of
+# the kernel benchmark (bf16 A)
+LAUNCHES = [
+    ("adjacency", "_adjacency_kernel", {"qc": "bf16", "kc": "bf16", "kd": "bf16", "a": "fp32"},
+     dict(SOFTMAX=True, DIAG_KEY=True, FILL_UPPER=False, ALIGN=64, PRECISION="native",
+          BM=64, BN=64, BD=256), 4, 3),
+    ("adjacency", "_adjacency_kernel", {"qc": "bf16", "kc": "bf16", "kd": "bf16", "a": "bf16"},
+     dict(SOFTMAX=False, DIAG_KEY=False, FILL_UPPER=False, ALIGN=128, PRECISION="native",
+          BM=64, BN=64, BD=128), 4, 3),
+    ("curvature", "_causal_curvature_kernel", {"ar": "fp32", "af": "fp32"},
+     dict(SYMMETRIC=True, PRECISION="ieee", BT=64, BK=32), 4, 3),
+    ("curvature", "_causal_curvature_kernel", {"ar": "fp32", "af": "fp32"},
+     dict(SYMMETRIC=False, PRECISION="ieee", BT=64, BK=32), 4, 3),
+    ("curvature", "_causal_curvature_kernel", {"ar": "bf16", "af": "bf16"},
+     dict(SYMMETRIC=True, PRECISION="bf16", BT=64, BK=32), 4, 3),
+    ("select", "_score_select_kernel", {"must": "u8", "mask": "i8"},
+     dict(G=1, G_POW2=1, BLOCK=2048, FROM_SCORE=False, USE_F=True, USE_A=True, HAS_MUST=False,
+          WRITE_SCORE=True, WRITE_MASK=False, WRITE_IDX=False, SELECT=False), 4, 3),
+    ("xattention", "_block_share_kernel", {"q": "bf16", "k": "bf16"},
+     dict(S=8, PER=16, BI=16, BN=64, BD=256, PRECISION="native"), 4, 2),
+    ("xattention", "_block_share_kernel", {"q": "fp32", "k": "fp32"},
+     dict(S=8, PER=16, BI=16, BN=32, BD=256, PRECISION="ieee"), 4, 1),
+]  # fmt: skip
+
+INT_POINTERS = {"keep", "full_num", "full_idx", "part_num", "part_idx", "lo", "hi", "tile_i",
+                "tile_j"}  # fmt: skip
+
+
+def _compile_all() -> list[dict]:
+    """Compile every launch (TRITON_INTERPRET=0 in this process): name, shared bytes or
+    the error's first line."""
+    import importlib
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = []
+    for module, name, dtypes, consts, warps, stages in LAUNCHES:
+        fn = getattr(importlib.import_module(f"attnlab.kernels.{module}"), name)
+        params = list(inspect.signature(fn.fn).parameters)
+        sig = {}
+        for p in params:
+            base = p.removesuffix("_ptr")
+            if p in consts:
+                sig[p] = "constexpr"
+            elif p.endswith("_ptr"):
+                sig[p] = "*i32" if base in INT_POINTERS else f"*{dtypes.get(base, 'fp32')}"
+            else:
+                sig[p] = "fp32" if p in ("scaling", "lam") else "i32"
+        src = ASTSource(fn, sig, {(params.index(k),): v for k, v in consts.items()})
+        try:
+            kernel = triton.compile(
+                src,
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": warps, "num_stages": stages},
+            )
+            out.append({"kernel": name, "shared": kernel.metadata.shared})
+        except Exception as err:  # noqa: BLE001 (reported by the test)
+            out.append({"kernel": name, "error": f"{type(err).__name__}: {err}"[:400]})
+    return out
+
+
+def test_the_gpu_paths_kernels_compile_for_sm90_within_shared_memory():
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this Triton has no CUDA backend")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(LAUNCHES)
+    for launch, result in zip(LAUNCHES, results, strict=True):
+        assert "error" not in result, (launch[1], launch[3], result["error"])
+        assert result["shared"] <= SHARED_MAX, (launch[1], launch[3], result["shared"])
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
