@@ -8,9 +8,10 @@ with their layer counts (``SparseRun.kernels``): full attention PyTorch's fused 
 causal or under the model's own mask (sliding-window layers); a block policy
 FlexAttention's block-sparse kernel in causal layers on CUDA; a token-level policy SDPA
 under its keep-mask (in row chunks with ``--row-chunk``). On CUDA each block policy is
-timed twice side by side: its selection in the fused Triton kernel (``attnlab``, the
-NIAH jobs' path, :mod:`attnlab.kernels.budget`) and the same selection in PyTorch
-(``attnlab, PyTorch selection``). Beside them, the same model's
+timed twice side by side: its selection through the Triton kernels (``attnlab``, the
+NIAH jobs' path: the budget kernel, :mod:`attnlab.kernels.budget`, and CAB's and
+XAttention's predictors, :mod:`attnlab.kernels.cab`, :mod:`attnlab.kernels.xattention`)
+and the same selection in PyTorch (``attnlab, PyTorch selection``). Beside them, the same model's
 prefill through transformers' own attention implementations (``--transformers``: sdpa,
 flex_attention), the reference attnlab's full attention is measured against. Peak memory
 is the whole process's, model included. One more pass of each attnlab entry, beside the
