@@ -30,18 +30,21 @@ def _rand(*shape, seed):
 
 
 @pytest.mark.parametrize(
-    "lam, adjacency, graph, n, bs, tile",
+    "lam, adjacency, graph, n, bs, tile, strip",
     [
-        (1.0, "softmax", "symmetric", 83, 8, 128),  # ragged last block, one tile
-        (1.0, "softmax", "directed", 150, 4, 32),  # 38 blocks: tiles of 16 and their prefix
-        (0.5, "scores", "symmetric", 300, 4, 64),  # 75 blocks in tiles of 32
-        (0.3, "scores", "directed", 300, 4, 64),
-        (0.0, "softmax", "symmetric", 83, 8, 128),  # coarse magnitude: no curvature
+        (1.0, "softmax", "symmetric", 83, 8, 128, 64),  # ragged last block, one tile
+        (1.0, "softmax", "directed", 150, 4, 32, 64),  # 38 blocks: tiles of 16, their prefix
+        (0.5, "scores", "symmetric", 300, 4, 64, 64),  # 75 blocks in tiles of 32
+        (0.3, "scores", "directed", 300, 4, 64, 64),
+        (0.0, "softmax", "symmetric", 83, 8, 128, 64),  # coarse magnitude: no curvature
+        (1.0, "softmax", "symmetric", 600, 4, 128, 16),  # 4 strips of 16 rows per tile
+        (1.0, "softmax", "directed", 600, 4, 128, 8),  # strips of 8 asked: 16 (the least)
     ],
 )
-def test_causal_form_scores_equal_the_first_rows_scores(lam, adjacency, graph, n, bs, tile):
+def test_causal_form_scores_equal_the_first_rows_scores(lam, adjacency, graph, n, bs, tile, strip):
     """The causal form's scores are ``reference.cab_row_scores`` at each block's first row
-    (GQA, the last block ragged), and its selection and lists are exact on them."""
+    (GQA, the last block ragged, several adjacency strips per curvature tile), and its
+    selection and lists are exact on them."""
     q, k = _rand(1, 2, n, 16, seed=1), _rand(1, 1, n, 16, seed=2)
     m, q_group = -(-n // bs), 2
     mg = -(-m // q_group)
@@ -51,7 +54,7 @@ def test_causal_form_scores_equal_the_first_rows_scores(lam, adjacency, graph, n
     sel = cab_select(
         q, k, bs, 0.25, keep, form="causal", lam=lam, adjacency=adjacency, graph=graph,
         must_keep=must, q_group=q_group, write_score=True, write_mask=True, precision="ieee",
-        curvature_block=tile,
+        curvature_block=tile, adjacency_blocks=(strip, 64),
     )  # fmt: skip
     starts = torch.arange(0, n, bs, device=DEVICE)
     expected = ref.cab_row_scores(q, k, starts, bs, 0.25, lam, adjacency, graph)
@@ -92,15 +95,38 @@ def _clear_edges(score: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return low - high
 
 
+def _gemma_qk(layer: int = 2):
+    """A QK-norm model's Q and K (tiny Gemma 3, random weights, 200 tokens, after RoPE):
+    every token's norm nearly equal, so that max-L2 coarsening decides between near
+    ties; layer 2 is its global one."""
+    from tests.tiny_models import tiny_gemma3
+
+    from attnlab import hooks
+
+    model = tiny_gemma3()
+    ids = torch.randint(300, 5000, (1, 200), generator=torch.Generator().manual_seed(2))
+    store = {}
+
+    def keep(i, q, k, q_rot, k_rot):
+        if i == layer:
+            store["qk"] = (q_rot.float().to(DEVICE), k_rot.float().to(DEVICE))
+
+    with torch.no_grad(), hooks.at_rope(model, after=keep):
+        model(ids, use_cache=False)
+    return store["qk"]
+
+
 @pytest.mark.parametrize("form", ["causal", "prompt"])
 @pytest.mark.parametrize("name", ["cab", "coarse_magnitude"])
-@pytest.mark.parametrize("graph", ["symmetric", "directed"])
+@pytest.mark.parametrize("graph, inputs", [("symmetric", "random"), ("directed", "random"),
+                                           ("symmetric", "qk_norm")])  # fmt: skip
 def test_the_fused_prefill_scores_cab_with_the_kernels_and_selects_the_same(
-    name, form, graph, monkeypatch
+    name, form, graph, inputs, monkeypatch
 ):
     """A block policy's fused prefill selection (``lists``: the budget kernel's path)
     scores CAB with the Triton kernels and keeps the blocks the PyTorch path keeps
-    wherever rounding cannot decide (GQA, ragged last block, 90% sparsity)."""
+    wherever rounding cannot decide (GQA, ragged last block, 90% sparsity); on a QK-norm
+    model's near-tied norms, the very blocks (its representatives are the reference's)."""
     import attnlab.kernels.cab as cab_kernels
 
     calls = []
@@ -108,16 +134,22 @@ def test_the_fused_prefill_scores_cab_with_the_kernels_and_selects_the_same(
     monkeypatch.setattr(
         cab_kernels, "cab_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
-    n, bs, scaling = 200, 16, 0.25
-    q, k = _rand(1, 4, n, 16, seed=5), expand_kv(_rand(1, 2, n, 16, seed=6), 4)
+    bs, scaling = 16, 0.25
+    if inputs == "random":
+        n, kv = 200, 2
+        q, k = _rand(1, 4, n, 16, seed=5), _rand(1, kv, n, 16, seed=6)
+    else:
+        q, k = _gemma_qk()
+        n, kv = q.shape[-2], k.shape[1]
+    k = expand_kv(k, 4)
     policy = policies.make(name, block_size=bs, graph=graph, selection=form)
     keeps, scores = {}, {}
     for fused in (False, True):
         run = sparse.SparseRun(policy, 0.9, whole_prompt=True)
-        keep = run.block_mask(0, q, k, scaling, kv_heads=2, lists=False if fused else None)
+        keep = run.block_mask(0, q, k, scaling, kv_heads=kv, lists=False if fused else None)
         keeps[fused] = keep[0] if fused else keep
         fresh = sparse.SparseRun(policy, 0.9, whole_prompt=True)  # no layer history yet
-        ctx = fresh._context(0, q, k, None, scaling, 2, rows=run_rows(n), cache={})
+        ctx = fresh._context(0, q, k, None, scaling, kv, rows=run_rows(n), cache={})
         ctx.triton = fused
         starts = torch.arange(0, n, bs, device=DEVICE)
         rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)

@@ -21,9 +21,12 @@ precision of the selection where it matters, in which distant keys are kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 
+from attnlab.kernels import reference
 from attnlab.kernels.adjacency import adjacency_and_degrees
 from attnlab.kernels.coarsen import coarsen_max_l2
 from attnlab.kernels.curvature import causal_forman_ricci, forman_ricci_from_degrees
@@ -53,6 +56,7 @@ def cab_select(
     adjacency_warps: int = 4,
     curvature_block: int = 128,
     select_warps: int = 4,
+    coarsen: Callable[[torch.Tensor, int], torch.Tensor] = coarsen_max_l2,
 ) -> BlockSelection:
     """Score key blocks with CAB and keep the best ones per query block.
 
@@ -70,11 +74,12 @@ def cab_select(
     the mask and the scores asked for. ``precision="bf16"`` stores A in bf16 and
     multiplies it on the tensor cores as it is (the fast setting on a GPU); "tf32" and
     "ieee" keep A in float32. The causal form's curvature tiles are ``curvature_block / 2``
-    (it reads two graphs per tile).
+    (it reads two graphs per tile). ``coarsen``: the max-L2 coarsening, (B, H, N, D) ->
+    (B, H, M, D), the Triton kernel by default (see :func:`cab_scores`).
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    kc = coarsen_max_l2(k, block_size)  # (B, Hkv, M, D)
+    kc = coarsen(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
     sweep = dict(
         precision=precision, a_dtype=a_dtype, block_n=adjacency_blocks[1],
@@ -82,7 +87,7 @@ def cab_select(
     )  # fmt: skip
     if form == "prompt":
         a, d_out, d_in = adjacency_and_degrees(
-            coarsen_max_l2(q, block_size), kc, scaling, adjacency, fill_upper=False,
+            coarsen(q, block_size), kc, scaling, adjacency, fill_upper=False,
             block_m=adjacency_blocks[0], align=curvature_block, **sweep,
         )  # (B, H, M, M), (B, H, M), (B, H, M)  # fmt: skip
         f = None
@@ -91,7 +96,7 @@ def cab_select(
     else:
         a, f = _causal_graph(
             q, k, kc, block_size, scaling, lam, adjacency, graph, adjacency_blocks[0],
-            curvature_block // 2, sweep,
+            curvature_block // 2, sweep, coarsen,
         )  # fmt: skip
     return score_and_select(
         f if f is not None else a,
@@ -107,12 +112,14 @@ def cab_select(
     )
 
 
-def _causal_graph(q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep):
+def _causal_graph(
+    q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep, coarsen
+):
     """The causal form's coarse rows A_row (B, H, M, M) (query block b's row as its first
     row sees it) and their curvature F, or None with lam = 0."""
     m = kc.shape[2]
     tile = max(16, min(tile, triton.next_power_of_2(m)))
-    block_m = min(block_m, tile)  # strips inside tiles: the tiles' prefix sums are strips'
+    block_m = max(16, min(block_m, tile))  # strips inside tiles: the tiles' prefix sums
     first = slice(None, None, block_size)  # each block's first row: its query and key
     a_row, d_row, _ = adjacency_and_degrees(
         q[:, :, first], kc, scaling, adjacency, fill_upper=False, block_m=block_m,
@@ -121,7 +128,7 @@ def _causal_graph(q, k, kc, block_size, scaling, lam, adjacency, graph, block_m,
     if lam == 0.0:
         return a_row, None
     a_full, d_full, strips = adjacency_and_degrees(
-        coarsen_max_l2(q, block_size), kc, scaling, adjacency, fill_upper=False,
+        coarsen(q, block_size), kc, scaling, adjacency, fill_upper=False,
         block_m=block_m, align=tile, per_strip=True, **sweep,
     )  # fmt: skip
     # the column sums of the complete blocks' rows before each tile, from the strips'
@@ -148,10 +155,13 @@ def cab_scores(
 ) -> torch.Tensor:
     """CAB's block scores in selection ``form`` from the Triton kernels, no selection:
     (B, H, M, M) float32, -inf beyond each query block (see :func:`cab_select`). The
-    scoring path's predictor on the GPU (float32 A and products by default, so that the
-    scores are the reference's up to summation order)."""
+    scoring path's predictor on the GPU: float32 A and products by default, and the
+    blocks' representatives chosen by the reference's own coarsening, so that the scores
+    are the reference's up to summation order. (A kernel's sum of squares rounds apart
+    from PyTorch's, and where the norms nearly tie, as under a QK-norm, another token
+    would stand for the block.)"""
     return cab_select(
         q, k, block_size, scaling, None, form=form, lam=lam, adjacency=adjacency,
         graph=graph, write_score=True, write_mask=False, write_indices=False,
-        precision=precision,
+        precision=precision, coarsen=reference.coarsen_max_l2,
     ).score  # fmt: skip

@@ -119,9 +119,10 @@ class CAB(BlockPolicy):
         if self.triton_scores(ctx, rows):
             from attnlab.kernels.cab import cab_scores
 
-            groups = ctx.groups  # the key/value heads themselves, not their expansion
+            # the keys expanded to the query heads, as the reference coarsens them: the
+            # same representatives bit for bit (cab_scores)
             score = cab_scores(
-                ctx.q, ctx.k[:, ::groups], self.block_size, ctx.scaling, form, lam=self.lam,
+                ctx.q, ctx.k, self.block_size, ctx.scaling, form, lam=self.lam,
                 adjacency=self.adjacency, graph=self.graph,
             )  # fmt: skip
         elif form != "prompt" or self.query != "block" or self.blends_other:
