@@ -30,6 +30,8 @@ LAUNCHES = [
      dict(SYMMETRIC=False, PRECISION="ieee", BT=64, BK=32), 4, 3),
     ("curvature", "_causal_curvature_kernel", {"ar": "bf16", "af": "bf16"},
      dict(SYMMETRIC=True, PRECISION="bf16", BT=64, BK=32), 4, 3),
+    ("curvature", "_forman_ricci_kernel", {"a": "fp32"},
+     dict(SYMMETRIC=True, PRECISION="ieee", BT=128, BK=16, EVEN=True), 8, 3),
     ("select", "_score_select_kernel", {"must": "u8", "mask": "i8"},
      dict(G=1, G_POW2=1, BLOCK=2048, FROM_SCORE=False, USE_F=True, USE_A=True, HAS_MUST=False,
           WRITE_SCORE=True, WRITE_MASK=False, WRITE_IDX=False, SELECT=False), 4, 3),

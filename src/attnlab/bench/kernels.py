@@ -3,7 +3,8 @@
 ``attnlab bench kernels`` times, side by side in one process and on the same inputs, dense
 causal attention (SDPA flash, SDPA cuDNN, flex) and CAB in each selection form the prefill
 regime scores (``prompt``: the whole prompt's graph; ``causal``: each query block chosen by
-its first row; the ``selection`` column says which): the Triton predictor alone, and
+its first row; the ``selection`` column says which): the Triton predictor as the scoring
+path runs it (float32 A, ``--precision bf16`` a faster one, marked not scored) alone, and
 predictor + BlockMask + flex block-sparse attention at each sparsity, for B = 1, H = 32,
 D = 128, bf16 and N from 16k to 128k, then writes a table (CSV always, Parquet when pyarrow
 imports) and ``figs/bench_kernels.png``. Without CUDA it runs a small-N CPU variant with the
@@ -54,7 +55,10 @@ class KernelBench:
     adjacency: str = "softmax"
     graph: str = "symmetric"
     sink_blocks: int = 1
-    precision: str = "bf16"  # of A and A @ A in the Triton predictor
+    # of A and A @ A in the Triton predictor: "ieee" (float32, with the reference's
+    # coarsening) is the scoring path's predictor (kernels.cab.cab_scores); "bf16" and
+    # "tf32" are faster selections no scoring path makes, their rows marked so
+    precision: str = "ieee"
     adjacency_block_m: int = 64
     adjacency_block_n: int = 64
     adjacency_warps: int = 4
@@ -108,8 +112,11 @@ def _torch_selection(q, k, cfg: KernelBench, keep, must, scaling, form="prompt")
 
 
 def _gpu_selection(q, k, cfg: KernelBench, keep, must, scaling, form="prompt", **kw):
+    from attnlab.kernels import reference
     from attnlab.kernels.cab import cab_select
 
+    if cfg.precision == "ieee":  # the scoring path's representatives (cab_scores)
+        kw.setdefault("coarsen", reference.coarsen_max_l2)
     return cab_select(
         q, k, cfg.block_size, scaling, keep, form=form, lam=cfg.lam, adjacency=cfg.adjacency,
         graph=cfg.graph, must_keep=must, q_group=cfg.q_group, precision=cfg.precision,
@@ -217,7 +224,9 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
     for form in cfg.forms:
         name = "cab_" if form == "prompt" else f"cab_{form}_"
         select = dict(form=form)
-        label = form if cfg.q_group == 1 else f"{form}, pooled {cfg.q_group} rows (not scored)"
+        apart = [f"pooled {cfg.q_group} rows"] * (cfg.q_group > 1)
+        apart += [f"{cfg.precision} A"] * (cfg.precision != "ieee" and device == "cuda")
+        label = f"{', '.join([form, *apart])} (not scored)" if apart else form
         # two sweeps per coarse graph (the causal form has two: first rows, whole blocks),
         # and A @ A over its non-zero sixth (the directed graph's count)
         graphs = 1 if form == "prompt" else 2
@@ -325,6 +334,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int)
     p.add_argument("--q-group", type=int)
     p.add_argument("--forms", nargs="+", choices=("prompt", "causal"), help="CAB's selection forms")
+    p.add_argument(
+        "--precision",
+        choices=("ieee", "tf32", "bf16"),
+        help="of CAB's A and A @ A (ieee: the scoring path's; the others are not scored)",
+    )
     p.add_argument("--sparsities", type=float, nargs="+")
     p.add_argument("--methods", nargs="+", help="only methods starting with these names")
     p.add_argument("--rep-ms", type=float)
@@ -342,6 +356,7 @@ def setting(args: argparse.Namespace) -> KernelBench:
         "block_size": args.block_size,
         "q_group": args.q_group,
         "forms": tuple(args.forms) if args.forms else None,
+        "precision": args.precision,
         "sparsities": tuple(args.sparsities) if args.sparsities else None,
         "methods": tuple(args.methods) if args.methods else None,
         "rep_ms": args.rep_ms,
