@@ -35,6 +35,10 @@ LAUNCHES = [
     ("select", "_score_select_kernel", {"must": "u8", "mask": "i8"},
      dict(G=1, G_POW2=1, BLOCK=2048, FROM_SCORE=False, USE_F=True, USE_A=True, HAS_MUST=False,
           WRITE_SCORE=True, WRITE_MASK=False, WRITE_IDX=False, SELECT=False), 4, 3),
+    ("quest", "_bound_kernel", {"q": "bf16", "lo": "bf16", "hi": "bf16"},
+     dict(BM=64, BN=64, BD=64, PRECISION="native"), 4, 3),
+    ("quest", "_bound_kernel", {"q": "fp32", "lo": "fp32", "hi": "fp32"},
+     dict(BM=64, BN=64, BD=64, PRECISION="ieee"), 4, 3),
     ("xattention", "_block_share_kernel", {"q": "bf16", "k": "bf16"},
      dict(S=8, PER=16, BI=16, BN=64, BD=256, PRECISION="native"), 4, 2),
     ("xattention", "_block_share_kernel", {"q": "fp32", "k": "fp32"},
@@ -64,7 +68,8 @@ def _compile_all() -> list[dict]:
             if p in consts:
                 sig[p] = "constexpr"
             elif p.endswith("_ptr"):
-                sig[p] = "*i32" if base in INT_POINTERS else f"*{dtypes.get(base, 'fp32')}"
+                kind = dtypes.get(base, "i32" if base in INT_POINTERS else "fp32")
+                sig[p] = f"*{kind}"
             else:
                 sig[p] = "fp32" if p in ("scaling", "lam") else "i32"
         src = ASTSource(fn, sig, {(params.index(k),): v for k, v in consts.items()})

@@ -9,8 +9,8 @@ causal or under the model's own mask (sliding-window layers); a block policy
 FlexAttention's block-sparse kernel in causal layers on CUDA; a token-level policy SDPA
 under its keep-mask (in row chunks with ``--row-chunk``). On CUDA each block policy is
 timed twice side by side: its selection through the Triton kernels (``attnlab``, the
-NIAH jobs' path: the budget kernel, :mod:`attnlab.kernels.budget`, and CAB's and
-XAttention's predictors, :mod:`attnlab.kernels.cab`, :mod:`attnlab.kernels.xattention`)
+NIAH jobs' path: the budget kernel, :mod:`attnlab.kernels.budget`, and CAB's, XAttention's
+and Quest's predictors, :mod:`attnlab.kernels.cab`, ``xattention``, ``quest``)
 and the same selection in PyTorch (``attnlab, PyTorch selection``). Beside them, the same model's
 prefill through transformers' own attention implementations (``--transformers``: sdpa,
 flex_attention), the reference attnlab's full attention is measured against. Peak memory

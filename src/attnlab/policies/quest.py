@@ -88,7 +88,11 @@ class Quest(BlockPolicy):
         if ctx.layer < self.dense_layers:
             return None
         g = ctx.groups  # the bounds of each key/value head, then its query heads'
-        kmin, kmax = (
-            b.repeat_interleave(g, 1) for b in page_bounds(ctx.k[:, ::g], self.block_size)
-        )
-        return with_must_keep_blocks(upper_bound(ctx.q, kmin, kmax), ctx.q_pos, self)
+        bounds = page_bounds(ctx.k[:, ::g], self.block_size)
+        if ctx.triton:  # the fused prefill: the same bound from the tensor cores
+            from attnlab.kernels.quest import page_bound
+
+            bound = page_bound(ctx.q, *bounds)
+        else:
+            bound = upper_bound(ctx.q, *(b.repeat_interleave(g, 1) for b in bounds))
+        return with_must_keep_blocks(bound, ctx.q_pos, self)

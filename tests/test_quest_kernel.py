@@ -1,0 +1,62 @@
+"""Quest's page bound from the Triton kernel (``kernels.quest.page_bound``) equals the
+PyTorch bound, and the fused prefill's selection takes it. The interpreter on the CPU,
+compiled with TRITON_INTERPRET=0 on a GPU."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from tests.test_cab_forms import DEVICE, _clear_edges, _gemma_qk, _rand, run_rows  # noqa: E402
+
+from attnlab import policies, sparse  # noqa: E402
+from attnlab.blocks import expand_kv  # noqa: E402
+from attnlab.kernels.quest import page_bound  # noqa: E402
+from attnlab.policies.quest import page_bounds, upper_bound  # noqa: E402
+
+
+@pytest.mark.parametrize("tq, t, d, page", [(13, 200, 24, 16), (70, 300, 16, 8), (1, 40, 96, 16)])
+def test_page_bound_equals_the_pytorch_bound(tq, t, d, page):
+    """GQA (4 query heads over 2), a ragged last page, a head dim not a power of two."""
+    q, k = _rand(1, 4, tq, d, seed=1), _rand(1, 2, t, d, seed=2)
+    kmin, kmax = page_bounds(k, page)
+    want = upper_bound(q, *(b.repeat_interleave(2, 1) for b in (kmin, kmax)))
+    torch.testing.assert_close(page_bound(q, kmin, kmax), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inputs", ["random", "qk_norm"])
+def test_the_fused_prefill_bounds_quest_with_the_kernel_and_selects_the_same(inputs, monkeypatch):
+    """A fused prefill selection (the budget kernel's path) bounds Quest's pages with the
+    kernel and keeps the blocks the PyTorch path keeps wherever rounding cannot decide."""
+    import attnlab.kernels.quest as kernels
+
+    calls = []
+    real = kernels.page_bound
+    monkeypatch.setattr(kernels, "page_bound", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    if inputs == "random":
+        q, k = _rand(1, 4, 200, 16, seed=5), _rand(1, 2, 200, 16, seed=6)
+    else:
+        q, k = _gemma_qk()
+    n, kv, bs = q.shape[-2], k.shape[1], 16
+    k = expand_kv(k, 4)
+    policy = policies.make("quest", block_size=bs)
+    keeps, scores = {}, {}
+    for fused in (False, True):
+        run = sparse.SparseRun(policy, 0.8, whole_prompt=True)
+        keep = run.block_mask(0, q, k, 0.25, kv_heads=kv, lists=False if fused else None)
+        keeps[fused] = keep[0] if fused else keep
+        ctx = run._context(0, q, k, None, 0.25, kv, rows=run_rows(n), cache={})
+        ctx.triton = fused
+        scores[fused] = policy.block_scores(ctx, torch.arange(0, n, bs, device=DEVICE), "causal")
+    assert len(calls) == 2
+    finite = scores[False] < torch.inf  # the own page is kept whatever its bound
+    torch.testing.assert_close(scores[True][finite], scores[False][finite], rtol=1e-5, atol=1e-5)
+    m = scores[False].shape[-1]
+    later = torch.ones(m, m, dtype=torch.bool, device=DEVICE).triu(1)  # pages never seen
+    clear = _clear_edges(scores[False].masked_fill(later, -torch.inf), keeps[False]) > 1e-3
+    assert clear.float().mean() > 0.9
+    assert torch.equal(keeps[True][clear], keeps[False][clear])
