@@ -167,3 +167,29 @@ def run_rows(n):
     from attnlab.masks import causal_rows
 
     return lambda index: causal_rows(index, n)
+
+
+def test_the_kernels_score_only_the_variants_they_form():
+    """The fused path's predicate: CAB's own query and graphs, a whole prefill; the others
+    (and any later call, or the path without lists) keep the PyTorch scores."""
+    n, bs = 64, 16
+    q, k = _rand(1, 2, n, 16, seed=7), _rand(1, 2, n, 16, seed=8)
+    run = sparse.SparseRun(policies.make("cab"), 0.9, whole_prompt=True)
+    ctx = run._context(0, q, k, None, 0.25, 2, rows=run_rows(n), cache={})
+    rows = torch.arange(0, n, bs, device=DEVICE)
+
+    def takes(ctx=ctx, **params):
+        return policies.make("cab", block_size=bs, **params).triton_scores(ctx, rows)
+
+    assert not takes()  # ctx.triton is off: the keep-mask path
+    ctx.triton = True
+    assert takes() and takes(graph="directed") and takes(lam=0.0, graph="rowsum")
+    assert not takes(query="row")
+    assert not takes(adjacency="dot")
+    assert not takes(graph="rowsum")
+    assert not takes(magnitude="quest", lam=0.5)
+    rows24 = torch.arange(0, n, 24, device=DEVICE)  # one per block of 24: not a power of 2
+    assert not policies.make("cab", block_size=24).triton_scores(ctx, rows24)
+    assert policies.make("cab", block_size=32).triton_scores(ctx, rows[::2])
+    ctx.history.q = q  # a later call: earlier rows in the history
+    assert not takes()

@@ -228,9 +228,12 @@ def _bench_length(cfg: KernelBench, n: int, device: str, gen, log) -> list[dict]
         apart += [f"{cfg.precision} A"] * (cfg.precision != "ieee" and device == "cuda")
         label = f"{', '.join([form, *apart])} (not scored)" if apart else form
         # two sweeps per coarse graph (the causal form has two: first rows, whole blocks),
-        # and A @ A over its non-zero sixth (the directed graph's count)
+        # and the product's multiply-adds as the curvature kernels loop: k from j to i for
+        # the directed graph (a sixth of M^3), from 0 to M (prompt) or to i (causal) for
+        # the symmetric one
         graphs = 1 if form == "prompt" else 2
-        flops = 4 * cfg.head_dim * m * (m + 1) / 2 * graphs + 2 * m**3 / 6
+        share = 1 / 6 if cfg.graph == "directed" else 1 / 2 if form == "prompt" else 1 / 3
+        flops = 4 * cfg.head_dim * m * (m + 1) / 2 * graphs + 2 * m**3 * share
         flops *= cfg.batch * cfg.heads
         timed(
             f"{name}predictor",
