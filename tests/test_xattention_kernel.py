@@ -11,17 +11,12 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from tests.test_cab_forms import DEVICE, _rand  # noqa: E402
+
 from attnlab import policies, sparse  # noqa: E402
 from attnlab.blocks import expand_kv  # noqa: E402
 from attnlab.kernels.xattention import block_shares  # noqa: E402
 from attnlab.policies.xattention import XAttention  # noqa: E402
-
-ON_GPU = os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-
-def _rand(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from attnlab.errors import UserError
 from attnlab.record import RECORDS, Job, given, setting
 
 MODEL = "smollm2-135m, gemma3-270m (installed), a GGUF file or a Hugging Face id"
@@ -313,3 +314,15 @@ class Curvature(ModelJob):
     graph: str = setting("policy_params.cab.graph")
     device: str = setting("device")
     dtype: str = setting("dtype")
+
+
+def shard_of(text: str, name: str = "--shard") -> tuple[int, int]:
+    """``<i>of<n>`` (a NiahScore's ``shard``) as (i, n), 1 <= i <= n; else one line naming
+    ``name``."""
+    try:
+        part, parts = (int(x) for x in text.split("of"))
+    except ValueError:
+        raise UserError(f"{name} must be <i>of<n> (e.g. 2of4), got {text!r}") from None
+    if not 1 <= part <= parts:
+        raise UserError(f"{name} {text}: shard i of n needs 1 <= i <= n")
+    return part, parts

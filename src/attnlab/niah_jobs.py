@@ -11,7 +11,7 @@ from pathlib import Path
 
 from attnlab import models, niah, regimes, scoring, tables
 from attnlab.errors import UserError
-from attnlab.jobs import NiahPrompts, NiahScore, NiahTable
+from attnlab.jobs import NiahPrompts, NiahScore, NiahTable, shard_of
 from attnlab.policies.selection import twilight
 
 
@@ -107,7 +107,7 @@ def _score_prefill(job: NiahScore, policy: str, params: dict, sparsity: float) -
 
 
 def _score_cache(job: NiahScore) -> None:
-    part, parts = _shard(job.shard)
+    part, parts = shard_of(job.shard)
     rows_in = niah.read_prompts(job.prompts)[part - 1 :: parts]
     pmeta = tables.meta(job.prompts)
     made = []
@@ -146,17 +146,6 @@ def _score_cache(job: NiahScore) -> None:
     tables.write(rows, job.out, meta=meta)
     checkpoint.path.unlink(missing_ok=True)
     scoring.log_gpu_peak(job.device)
-
-
-def _shard(text: str) -> tuple[int, int]:
-    """``<i>of<n>`` as (i, n), 1 <= i <= n."""
-    try:
-        part, parts = (int(x) for x in text.split("of"))
-    except ValueError:
-        raise UserError(f"--shard must be <i>of<n> (e.g. 2of4), got {text!r}") from None
-    if not 1 <= part <= parts:
-        raise UserError(f"--shard {text}: i must be in 1..n")
-    return part, parts
 
 
 class Checkpoint:

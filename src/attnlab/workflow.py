@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from attnlab.errors import UserError
+from attnlab.jobs import shard_of
 from attnlab.policies import fields
 
 
@@ -152,12 +153,12 @@ def niah_part(part: str) -> tuple[tuple[str, float] | None, str]:
     shard of the prompts, ``<i>of<n>`` (``1of1`` unless the part is one)."""
     if re.fullmatch(NIAH_PART, part) is None:
         raise UserError(f"a NIAH part is all, all_<i>of<n> or <policy>_<pct>, got {part!r}")
-    if shard := re.fullmatch(r"all_([0-9]+)of([0-9]+)", part):
-        if not 1 <= int(shard[1]) <= int(shard[2]):
-            raise UserError(f"NIAH part {part}: shard i of n needs 1 <= i <= n")
-        return None, part.removeprefix("all_")
     if part == "all":
         return None, "1of1"
+    if part.startswith("all_"):
+        shard = part.removeprefix("all_")
+        shard_of(shard, f"NIAH part {part}, shard")  # the job's own check of --shard
+        return None, shard
     policy, p = part.rsplit("_", 1)
     return (policy, sparsity(p)), "1of1"
 

@@ -151,11 +151,10 @@ def cab_scores(
     lam: float = 1.0,
     adjacency: str = "softmax",
     graph: str = "symmetric",
-    precision: str = "ieee",
 ) -> torch.Tensor:
     """CAB's block scores in selection ``form`` from the Triton kernels, no selection:
     (B, H, M, M) float32, -inf beyond each query block (see :func:`cab_select`). The
-    scoring path's predictor on the GPU: float32 A and products by default, and the
+    scoring path's predictor on the GPU: float32 A and products, and the
     blocks' representatives chosen by the reference's own coarsening, so that the scores
     are the reference's up to summation order. (A kernel's sum of squares rounds apart
     from PyTorch's, and where the norms nearly tie, as under a QK-norm, another token
@@ -163,5 +162,5 @@ def cab_scores(
     return cab_select(
         q, k, block_size, scaling, None, form=form, lam=lam, adjacency=adjacency,
         graph=graph, write_score=True, write_mask=False, write_indices=False,
-        precision=precision, coarsen=reference.coarsen_max_l2,
+        precision="ieee", coarsen=reference.coarsen_max_l2,
     ).score  # fmt: skip
