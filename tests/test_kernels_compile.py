@@ -43,6 +43,10 @@ LAUNCHES = [
      dict(S=8, PER=16, BI=16, BN=64, BD=256, PRECISION="native"), 4, 2),
     ("xattention", "_block_share_kernel", {"q": "fp32", "k": "fp32"},
      dict(S=8, PER=16, BI=16, BN=32, BD=256, PRECISION="ieee"), 4, 1),
+    ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
+     dict(BLOCK=2048, ALL_PARTIAL=False), 8, 3),  # a causal layer's longest rows at 32k
+    ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
+     dict(BLOCK=64, ALL_PARTIAL=True), 4, 3),  # a sliding window's band
 ]  # fmt: skip
 
 INT_POINTERS = {"keep", "full_num", "full_idx", "part_num", "part_idx", "lo", "hi", "tile_i",

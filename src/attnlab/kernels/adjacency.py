@@ -91,7 +91,7 @@ def _adjacency_kernel(
     BD: tl.constexpr,
 ):
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest strips first
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     b = bh // H
     h = bh % H
     rows = pid * BM + tl.arange(0, BM)

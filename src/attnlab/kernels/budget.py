@@ -51,7 +51,7 @@ def _budget_kernel(
     BLOCK: tl.constexpr, ALL_PARTIAL: tl.constexpr,
 ):  # fmt: skip
     i = R0 + tl.program_id(0)  # the query block
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     b = bh // H
     h = bh % H
     lo = tl.load(lo_ptr + b * s_lo_b + i)  # the row's band: key blocks lo .. lo + W - 1
@@ -88,7 +88,7 @@ def _budget_kernel(
     ninf = tl.full((1,), float("-inf"), tl.float32).to(tl.int32, bitcast=True) ^ 0x7FFFFFFF
     top = o == 0x7F800000  # +inf (positive: its bits are its order)
     kept = (fits | first | top) & (o != ninf) & in_m  # not -inf
-    lists = bh.to(tl.int64) * M + i  # this row's lists; int64: B H M^2 passes 2^31
+    lists = bh * M + i  # this row's lists
     tl.store(keep_ptr + lists * M + cols, kept.to(tl.int8), mask=in_m)
     if ALL_PARTIAL:  # every kept block at or left of the diagonal, pair by pair
         _write_list(kept & (cols <= i), cols, in_m, part_idx_ptr + lists * M, part_num_ptr + lists)
@@ -174,10 +174,12 @@ def budget_select(
         )
     dev = score.device
     lo, launches = row_bands(count) if bands is None else bands
-    score = score.float().contiguous()
-    count = count.to(torch.int32).expand(b, 1, m, mk).contiguous()
-    budget = budget.to(torch.int64).expand(b, h, m).contiguous()
-    lo = lo.to(device=dev, dtype=torch.int32).expand(b, m).contiguous()
+    # no copies where the inputs are already the kernel's (a broadcast batch or head is a
+    # stride of 0): each layer's selection reads its pass's counts, bands and budgets as made
+    score = _rows_contiguous(score.float())
+    count = _rows_contiguous(count.to(torch.int32)).expand(b, 1, m, mk)
+    budget = _rows_contiguous(budget.to(torch.int64)).expand(b, h, m)
+    lo = _rows_contiguous(lo.to(device=dev, dtype=torch.int32)).expand(b, m)
     keep = torch.zeros(b, h, m, mk, dtype=torch.int8, device=dev)
     lists = 1 if all_partial else 2  # no full lists under the model's own mask
     nums = [torch.empty(b, h, m, dtype=torch.int32, device=dev) for _ in range(lists)]
@@ -187,8 +189,15 @@ def budget_select(
         size = _row_size(width)
         _budget_kernel[(r1 - r0, b * h)](
             score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
-            mk, width, r0, h, h * m * mk, m * mk, mk, m * mk, mk, h * m, m, m,
+            mk, width, r0, h, *score.stride()[:3], count.stride(0), count.stride(2),
+            *budget.stride()[:2], lo.stride(0),
             BLOCK=size, ALL_PARTIAL=all_partial, num_warps=4 if size <= 1024 else 8,
         )  # fmt: skip
     full = (None, None) if all_partial else (nums[0], idxs[0])
     return keep.view(torch.bool), (*full, nums[-1], idxs[-1])
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself where its last dimension is contiguous (the kernel's rows), else a
+    contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()

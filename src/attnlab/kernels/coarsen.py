@@ -32,7 +32,7 @@ def _coarsen_max_l2_kernel(
     BLOCK_D: tl.constexpr,
 ):
     m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     b = bh // H
     h = bh % H
     tok = m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)

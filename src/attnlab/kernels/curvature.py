@@ -58,7 +58,7 @@ def _forman_ricci_kernel(
     EVEN: tl.constexpr,
 ):
     t = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     it = tl.load(tile_i_ptr + t)
     jt = tl.load(tile_j_ptr + t)
     rows = it * BT + tl.arange(0, BT)
@@ -183,7 +183,7 @@ def _causal_curvature_kernel(
     # its coarse row (blocks 0..b), A_full the complete blocks' rows (only those before b
     # are read for row b)
     t = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     it = tl.load(tile_i_ptr + t)
     jt = tl.load(tile_j_ptr + t)
     rows = it * BT + tl.arange(0, BT)

@@ -23,7 +23,7 @@ def _bound_kernel(
     sq_b, sq_h, sq_t, sq_d, sp_b, sp_h, sp_p, sp_d, so_bh, so_t,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(2)
+    bh = tl.program_id(2).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     b = bh // H
     h = bh % H
     rows = tl.program_id(0) * BM + tl.arange(0, BM)

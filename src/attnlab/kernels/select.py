@@ -46,7 +46,7 @@ def _score_select_kernel(
     WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr, SELECT: tl.constexpr,
 ):  # fmt: skip
     g = g_offset + tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     cols = tl.arange(0, BLOCK)  # BLOCK covers the causal part of the row
     in_m = cols < M
     r = tl.arange(0, G_POW2)

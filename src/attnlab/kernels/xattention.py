@@ -53,7 +53,7 @@ def _block_share_kernel(
     BD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     b = bh // H
     h = bh % H
     lo = tl.load(lo_ptr + r)
