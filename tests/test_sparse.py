@@ -294,3 +294,31 @@ def test_a_global_layers_policy_leaves_the_window_layers_to_the_model():
     with torch.inference_mode(), run:
         model(ids.expand(2, -1), attention_mask=padding, use_cache=False)
     assert run.kernels == {"sdpa model mask": 2, "sdpa keep-mask": 1}
+
+
+@pytest.mark.parametrize("name", ["quest", "random_block"])
+def test_a_prefills_layers_build_what_their_mask_gives_once(name, monkeypatch):
+    """Through FlexAttention, the layers of a causal prefill under one block policy read
+    the rows' positions and budgets, the must-keep blocks and the pairs per block from
+    the pass's store: built by the first layer, read by the others, the same selection
+    as a run that builds them afresh for its one layer."""
+    from attnlab.policies import selection
+
+    built = {"budgets": 0, "must keep": 0, "pairs": 0}
+
+    def counted(fn, what):
+        return lambda *a, **kw: built.__setitem__(what, built[what] + 1) or fn(*a, **kw)
+
+    monkeypatch.setattr(sparse, "row_budget", counted(sparse.row_budget, "budgets"))
+    monkeypatch.setattr(selection, "block_of", counted(selection.block_of, "must keep"))
+    monkeypatch.setattr(sparse, "causal_block_pairs", counted(sparse.causal_block_pairs, "pairs"))
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, h, 120, 16, generator=g) for h in (4, 1, 1))
+    policy = policies.make(name, block_size=16)
+    run = sparse.SparseRun(policy, 0.7, backend="flex", records=False)
+    outs = [run.flex_attention(layer, q, k, v, 0.25) for layer in range(3)]
+    assert built == {"budgets": 1, "must keep": 1, "pairs": 1}
+    for layer in range(3):  # each layer alone, nothing shared
+        alone = sparse.SparseRun(policy, 0.7, backend="flex", records=False)
+        alone.histories = {i: sparse.LayerHistory() for i in range(layer)}
+        assert torch.equal(alone.flex_attention(layer, q, k, v, 0.25), outs[layer])

@@ -161,13 +161,22 @@ class SparseRun:
         cache=None,
     ) -> ScoreContext:
         tq, tk = q.shape[-2], k.shape[-2]
-        q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
+
+        def rows_and_budgets():  # once per forward pass where there is a mask cache
+            q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
+            return q_pos, row_budget(q_pos + 1, self.sparsity)[None, None]  # (1, 1, Tq)
+
+        key = ("budgets", tq, tk, self.sparsity)
+        made = rows_and_budgets() if cache is None else cache.get(key)
+        if made is None:
+            made = cache[key] = rows_and_budgets()
+        q_pos, budget = made
         return ScoreContext(
             q=q,
             k=k,
             visible=visible,
             q_pos=q_pos,
-            budget=row_budget(q_pos + 1, self.sparsity)[None, None],  # (1, 1, Tq)
+            budget=budget,
             scaling=scaling,
             layer=layer,
             seed=self.seed,
@@ -290,7 +299,10 @@ class SparseRun:
         bands = ctx.cached(
             ("bands", t, bs), lambda: causal_bands(m, dev) if causal else row_bands(count)
         )
-        return budget_select(score, count, ctx.budget[..., ends], lists, bands)
+        count = ctx.cached(("seen, int32", t, bs), lambda: count.to(torch.int32))
+        made = lambda: (ends, ctx.budget, ctx.budget[..., ends])  # noqa: E731
+        budget = ctx.cached(("budgets of", id(ends), id(ctx.budget)), made)[2]
+        return budget_select(score, count, budget, lists, bands)
 
     def block_mask(self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None):
         """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);
@@ -299,17 +311,40 @@ class SparseRun:
         is kept in the mask's store, or for a causal prefill on the run, for the next
         layers. Returns (B, H, Mq, Mk) bool kept blocks (and the BlockMask's lists with
         ``lists``, see :meth:`block_selection`)."""
-        t = q.shape[-2]
-        if model_mask is None:  # only the rows the selection reads are built
-            cache = self._causal_cache.setdefault((t, q.device), {})
-            rows = functools.partial(causal_rows, tk=t)
-        else:
-            cache, rows = model_mask.store, model_mask.rows
+        cache, rows = self._pass_store(q, model_mask)
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
         ctx.triton = lists is not None  # the fused path: the policy's Triton scores too
         keep = self.block_selection(ctx, lists)
         self.policy.remember(ctx)
         return keep
+
+    def _pass_store(self, q: torch.Tensor, model_mask=None):
+        """Where a prefill keeps what every layer under its mask reads (the mask's store,
+        or for a causal prefill the run's, per length and device), and how the mask's
+        rows are built (for a causal prefill only the rows the selection reads)."""
+        if model_mask is None:
+            t = q.shape[-2]
+            return (
+                self._causal_cache.setdefault((t, q.device), {}),
+                functools.partial(causal_rows, tk=t),
+            )
+        return model_mask.store, model_mask.rows
+
+    def _pass_pairs(self, query: torch.Tensor, model_mask=None):
+        """A prefill's visible pairs per (query block, key block) (Mq, Mk) long, their sum
+        and the last row's visible keys (B or 1, 1, T) bool: once per forward pass and
+        mask (every layer under it reads them)."""
+        t, bs, dev = query.shape[-2], self.policy.block_size, query.device
+        cache = self._pass_store(query, model_mask)[0]
+        if ("pairs", bs) not in cache:
+            if model_mask is None:
+                pairs = causal_block_pairs(t, bs, dev)
+                shown = causal_rows(torch.full((1,), t - 1, device=dev), t)[:, :, 0]
+            else:
+                pairs = model_mask.block_pairs(bs, dev)  # once per forward pass
+                shown = model_mask.last_row(query)  # the last row's visible keys (B, 1, T)
+            cache["pairs", bs] = pairs, pairs.sum(), shown
+        return cache["pairs", bs]
 
     def flex_attention(self, layer, query, key, value, scaling, model_mask=None):
         """Prefill under a block policy through FlexAttention's block-sparse kernel, under
@@ -322,14 +357,11 @@ class SparseRun:
         """
         from attnlab.flex import flex_block_sparse_attention
 
-        t, bs = query.shape[-2], self.policy.block_size
-        k = expand_kv(key, query.shape[1])
-        if model_mask is None:
-            pairs = causal_block_pairs(t, bs, query.device)  # (Mq, Mk) visible pairs
-            shown = causal_rows(torch.full((1,), t - 1, device=query.device), t)[:, :, 0]
-        else:
-            pairs = model_mask.block_pairs(bs, query.device)  # once per forward pass
-            shown = model_mask.last_row(query)  # the last row's visible keys (B, 1, T)
+        t, bs, h = query.shape[-2], self.policy.block_size, query.shape[1]
+        # the keys as the selection reads them, per query head: one key/value head is a
+        # view of it (no copy), several are repeated
+        k = key.expand(-1, h, -1, -1) if key.shape[1] == 1 else expand_kv(key, h)
+        pairs, total, shown = self._pass_pairs(query, model_mask)
         fused = query.is_cuda and self.fused  # the selection and its lists in one kernel
         lists = (model_mask is not None) if fused else None
         with phase("selection"):
@@ -338,8 +370,11 @@ class SparseRun:
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         self.took(kernel + (", fused selection" if lists is not None else ""), t)
         b, h = keep.shape[:2]
-        last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown  # (B, H, T)
-        if self.records and layer not in self.recorder.recall_sums:
+        recall = self.records and layer not in self.recorder.recall_sums
+        watching = len(self.recorder.watch) > 0
+        if recall or watching:  # the last row's kept keys (B, H, T)
+            last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown
+        if recall:
             budget = row_budget(torch.full((1,), t, device=query.device), self.sparsity)
             self.recorder.record_recall(
                 layer, query[..., -1, :], k, shown, scaling, last, budget[None]
@@ -347,8 +382,9 @@ class SparseRun:
         # summed on the device, read once (achieved_sparsity): no wait per layer; heads
         # summed first, so no (B, H, Mq, Mk) integer tensor is made
         kept = (keep.sum((0, 1), dtype=torch.int32) * pairs).sum()
-        self.recorder.count(b, h, t, t, kept, b * pairs.sum())
-        self.recorder.note_needle(layer, last, shown)
+        self.recorder.count(b, h, t, t, kept, b * total)
+        if watching:
+            self.recorder.note_needle(layer, last, shown)
         mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
         with phase("attention"):
             return flex_block_sparse_attention(

@@ -18,7 +18,7 @@ from typing import Annotated, ClassVar, Literal
 
 import torch
 
-from attnlab.blocks import block_of, visible_per_block
+from attnlab.blocks import visible_per_block
 from attnlab.errors import UserError
 from attnlab.policies.fields import Range
 from attnlab.policies.selection import (
@@ -203,6 +203,8 @@ class ScoreContext:
         (from one of its rows) or compresses a cache at the end of a prompt (the last
         row). ``received``: carry the attention every key received over all rows (a pass
         over them all), as of the last row."""
+        make = lambda: (index, self.budget, self.q_pos[index], self.budget[..., index])  # noqa: E731
+        q_pos, budget = self.cached(("of rows", id(index), id(self.budget)), make)[2:]
         sub = ScoreContext(
             module=self.module,
             value=self.value,
@@ -210,8 +212,8 @@ class ScoreContext:
             q=self.q[..., index, :],
             k=self.k,
             visible=self.visible_rows(index),
-            q_pos=self.q_pos[index],
-            budget=self.budget[..., index],
+            q_pos=q_pos,
+            budget=budget,
             scaling=self.scaling,
             layer=self.layer,
             seed=self.seed,
@@ -294,7 +296,8 @@ class Selector(Policy):
 
 @dataclass
 class BlockPolicy(Selector):
-    """A policy that ranks key blocks; :func:`with_must_keep_blocks` reads its two flags.
+    """A policy that ranks key blocks; ``selection.with_must_keep_blocks`` reads its two
+    flags.
 
     In the prefill regime a block policy chooses once per query block (the granularity a
     block-sparse kernel runs), in one of two forms (DESIGN: Selection form): ``causal``,
@@ -375,26 +378,3 @@ def _evicting_keep(policy: Policy, score: torch.Tensor, ctx: ScoreContext) -> to
     if policy.static_eviction or not ctx.row_eviction:
         return select_tokens(score, ctx.visible & alive_keys(kept, score.shape[-1]), ctx.budget)
     return select_evicting(score, ctx.visible, ctx.budget, kept)
-
-
-def must_keep_blocks(q_pos: torch.Tensor, mk: int, policy: BlockPolicy) -> torch.Tensor:
-    """The key blocks a block policy keeps whatever their score: the query's own block
-    and block 0, where the policy asks for them. q_pos: (Tq,) -> (Tq, Mk) bool."""
-    own = block_of(q_pos, policy.block_size).unsqueeze(-1)  # (Tq, 1)
-    blocks = torch.arange(mk, device=q_pos.device)
-    must = torch.zeros(own.shape[0], mk, dtype=torch.bool, device=q_pos.device)
-    if policy.keep_diagonal:
-        must |= blocks == own
-    if policy.sink_block:
-        must |= blocks == 0
-    return must
-
-
-def with_must_keep_blocks(
-    score: torch.Tensor, q_pos: torch.Tensor, policy: BlockPolicy
-) -> torch.Tensor:
-    """Set +inf on the query's own block and block 0 where the policy asks for them.
-
-    score: (B, H, Tq, Mk) block scores of the rows at positions q_pos.
-    """
-    return score.masked_fill(must_keep_blocks(q_pos, score.shape[-1], policy), INF)

@@ -9,10 +9,10 @@ import torch
 
 from attnlab.blocks import block_of
 from attnlab.kernels.reference import cab_block_scores, cab_row_scores, causal_zscore
-from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext
 from attnlab.policies.fields import Range
 from attnlab.policies.quest import candidate_pages, page_bounds, upper_bound
-from attnlab.policies.selection import INF
+from attnlab.policies.selection import INF, with_must_keep_blocks
 from attnlab.policies.sparq import SparQ
 
 
@@ -73,7 +73,7 @@ class CAB(BlockPolicy):
         )  # (B, H, Tq, M)
         if other:
             score = self.blend(score, ctx)
-        return self.among_candidates(with_must_keep_blocks(score, ctx.q_pos, self), ctx)
+        return self.among_candidates(with_must_keep_blocks(score, ctx.q_pos, self, ctx), ctx)
 
     @property
     def blends_other(self) -> bool:
@@ -132,9 +132,8 @@ class CAB(BlockPolicy):
             score = cab_block_scores(
                 q, ctx.k, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
             )  # (B, H, M, M)
-        return self.among_candidates(
-            with_must_keep_blocks(score, ctx.q_pos[rows], self), ctx.rows(rows)
-        )
+        sub = ctx.rows(rows)
+        return self.among_candidates(with_must_keep_blocks(score, sub.q_pos, self, sub), sub)
 
     def triton_scores(self, ctx: ScoreContext, rows: torch.Tensor) -> bool:
         """Whether the Triton kernels score this prefill: the fused path, a whole prefill

@@ -8,14 +8,17 @@ from typing import Annotated
 import torch
 
 from attnlab.blocks import n_blocks
-from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext
 from attnlab.policies.fields import Range
-from attnlab.policies.selection import INF
+from attnlab.policies.selection import INF, with_must_keep_blocks
 
 
-def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+def page_bounds(
+    k: torch.Tensor, page: int, float32: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel minimum and maximum of the keys of each page: k (B, H, T, D) ->
-    two (B, H, P, D) tensors; the last page may be ragged."""
+    two (B, H, P, D) tensors, float32 or (``float32`` False) the keys' own dtype; the
+    last page may be ragged."""
     b, h, t, d = k.shape
     n = n_blocks(t, page)
     pad = n * page - t
@@ -23,7 +26,8 @@ def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]
     # values), and no float32 copy of every key
     lo = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("inf")) if pad else k
     hi = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf")) if pad else k
-    return lo.view(b, h, n, page, d).amin(3).float(), hi.view(b, h, n, page, d).amax(3).float()
+    lo, hi = lo.view(b, h, n, page, d).amin(3), hi.view(b, h, n, page, d).amax(3)
+    return (lo.float(), hi.float()) if float32 else (lo, hi)
 
 
 def upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -88,11 +92,11 @@ class Quest(BlockPolicy):
         if ctx.layer < self.dense_layers:
             return None
         g = ctx.groups  # the bounds of each key/value head, then its query heads'
-        bounds = page_bounds(ctx.k[:, ::g], self.block_size)
         if ctx.triton:  # the fused prefill: the same bound from the tensor cores
             from attnlab.kernels.quest import page_bound
 
-            bound = page_bound(ctx.q, *bounds)
+            bound = page_bound(ctx.q, *page_bounds(ctx.k[:, ::g], self.block_size, False))
         else:
+            bounds = page_bounds(ctx.k[:, ::g], self.block_size)
             bound = upper_bound(ctx.q, *(b.repeat_interleave(g, 1) for b in bounds))
-        return with_must_keep_blocks(bound, ctx.q_pos, self)
+        return with_must_keep_blocks(bound, ctx.q_pos, self, ctx)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.blocks import block_of, n_blocks
-from attnlab.policies.base import BlockPolicy, ScoreContext, with_must_keep_blocks
+from attnlab.policies.base import BlockPolicy, ScoreContext
+from attnlab.policies.selection import with_must_keep_blocks
 
 
 @dataclass
@@ -21,12 +22,13 @@ class RandomBlock(BlockPolicy):
     label = "random blocks"
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        b, h, tq, _ = ctx.q.shape
-        mk = n_blocks(ctx.k.shape[-2], self.block_size)
-        m = max(mk, int(block_of(ctx.q_pos[-1:], self.block_size)) + 1)
+        b, h = ctx.q.shape[:2]
+        # every row's own block is among the keys' (the cache holds every key): no
+        # wait for the device to read the last row's block
+        m = n_blocks(ctx.k.shape[-2], self.block_size)
         table = _draw(ctx.seed * 100_003 + ctx.layer, (b, h, m, m), ctx.q.device)
-        score = table[:, :, block_of(ctx.q_pos, self.block_size), :mk]
-        return with_must_keep_blocks(score, ctx.q_pos, self)
+        score = table[:, :, block_of(ctx.q_pos, self.block_size)]
+        return with_must_keep_blocks(score, ctx.q_pos, self, ctx)
 
 
 _TABLES: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}  # the latest per layer

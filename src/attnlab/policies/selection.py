@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attnlab.blocks import visible_per_block
+from attnlab.blocks import block_of, visible_per_block
 
 INF = float("inf")
 
@@ -129,3 +129,32 @@ def twilight(policy) -> bool:
     """Whether ``policy`` prunes its budget's keys to its ``top_p`` after choosing them
     (:class:`~attnlab.policies.base.Selector`; two-stage prunes inside its own score)."""
     return bool(getattr(policy, "top_p", 0.0)) and not policy.prunes_itself
+
+
+def must_keep_blocks(q_pos: torch.Tensor, mk: int, policy, ctx=None) -> torch.Tensor:
+    """The key blocks a block policy keeps whatever their score: the query's own block
+    and block 0, where the policy asks for them (its ``keep_diagonal``, ``sink_block``).
+    q_pos: (Tq,) -> (Tq, Mk) bool; with ``ctx`` (a ScoreContext) made once per ``q_pos``
+    tensor and mask (every layer's selection of a prefill reads the same rows)."""
+
+    def make():
+        own = block_of(q_pos, policy.block_size).unsqueeze(-1)  # (Tq, 1)
+        blocks = torch.arange(mk, device=q_pos.device)
+        must = torch.zeros(own.shape[0], mk, dtype=torch.bool, device=q_pos.device)
+        if policy.keep_diagonal:
+            must |= blocks == own
+        if policy.sink_block:
+            must |= blocks == 0
+        return q_pos, must
+
+    if ctx is None:
+        return make()[1]
+    flags = (policy.block_size, policy.keep_diagonal, policy.sink_block)
+    return ctx.cached(("must keep", id(q_pos), mk, flags), make)[1]
+
+
+def with_must_keep_blocks(score: torch.Tensor, q_pos: torch.Tensor, policy, ctx=None):
+    """Set +inf on the query's own block and block 0 where the policy asks for them
+    (:func:`must_keep_blocks`). score: (B, H, Tq, Mk) block scores of the rows at
+    positions q_pos."""
+    return score.masked_fill(must_keep_blocks(q_pos, score.shape[-1], policy, ctx), INF)

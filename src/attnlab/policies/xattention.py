@@ -9,14 +9,9 @@ import torch
 
 from attnlab.blocks import expand_kv, n_blocks
 from attnlab.errors import UserError
-from attnlab.policies.base import (
-    INF,
-    BlockPolicy,
-    ScoreContext,
-    must_keep_blocks,
-    with_must_keep_blocks,
-)
+from attnlab.policies.base import INF, BlockPolicy, ScoreContext
 from attnlab.policies.fields import Range
+from attnlab.policies.selection import must_keep_blocks, with_must_keep_blocks
 
 
 def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Tensor:
@@ -149,7 +144,7 @@ class XAttention(BlockPolicy):
         # sliding window hides the rest; the estimate itself runs over every causal key)
         share = share * (ctx.blocks_seen(self.block_size) > 0)
         share = share / share.sum(-1, keepdim=True).clamp(min=1e-12)
-        must = must_keep_blocks(ctx.q_pos, share.shape[-1], self)  # (Tq, Mk)
+        must = must_keep_blocks(ctx.q_pos, share.shape[-1], self, ctx)  # (Tq, Mk)
         first = (share * must).sum(-1, keepdim=True)  # counted before any other block
         order = share.masked_fill(must, -1.0).sort(dim=-1, descending=True)
         ranked = order.values.clamp(min=0)
@@ -158,4 +153,4 @@ class XAttention(BlockPolicy):
             -1, order.indices, before < self.thresholds(ctx.layer, share)
         )
         score = torch.where(needed, INF if self.threshold_only else share, -INF)
-        return with_must_keep_blocks(score, ctx.q_pos, self)
+        return with_must_keep_blocks(score, ctx.q_pos, self, ctx)
