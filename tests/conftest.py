@@ -73,7 +73,7 @@ def gemma3():
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A tiny random-weight Llama (tiny_models.py), attnlab attention."""
-    from tiny_models import tiny_llama
+    from tests.tiny_models import tiny_llama
 
     return tiny_llama()
 
@@ -81,7 +81,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def tiny_gemma3():
     """A tiny random-weight Gemma 3 with sliding-window layers, attnlab attention."""
-    from tiny_models import tiny_gemma3
+    from tests.tiny_models import tiny_gemma3
 
     return tiny_gemma3()
 

@@ -35,7 +35,7 @@ def test_a_policy_selection_counts_as_selection_on_every_path(observed):
     """A block policy's prefill on the CPU (the keep-mask path) and observed (the eager
     path that materialises the weights) both count each layer's selection as selection."""
     from attnlab import attention, decoding, policies, sparse
-    from tiny_models import tiny_llama
+    from tests.tiny_models import tiny_llama
 
     model = tiny_llama()
     ids = torch.arange(100, 164)[None]
