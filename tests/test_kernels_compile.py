@@ -46,7 +46,7 @@ LAUNCHES = [
     ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
      dict(BLOCK=2048, ALL_PARTIAL=False), 8, 3),  # a causal layer's longest rows at 32k
     ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
-     dict(BLOCK=64, ALL_PARTIAL=True), 4, 3),  # a sliding window's band
+     dict(BLOCK=64, ALL_PARTIAL=True), 1, 3),  # a sliding window's band
 ]  # fmt: skip
 
 INT_POINTERS = {"keep", "full_num", "full_idx", "part_num", "part_idx", "lo", "hi", "tile_i",

@@ -142,6 +142,13 @@ def _launches(widths: list[int], max_launches: int) -> list[tuple[int, int, int]
     return launches
 
 
+def _warps(size: int) -> int:
+    """Warps of a program holding a row of ``size`` blocks: about 8 blocks a thread, so a
+    window's band (64 or fewer) sums within one warp, with no barrier between warps in
+    each of the search's 33 sums."""
+    return max(1, min(8, size // 256))
+
+
 def _row_size(width: int) -> int:
     """The row length a program holds for a band of ``width`` blocks (a power of two)."""
     return max(16, triton.next_power_of_2(width))
@@ -191,7 +198,7 @@ def budget_select(
             score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
             mk, width, r0, h, *score.stride()[:3], count.stride(0), count.stride(2),
             *budget.stride()[:2], lo.stride(0),
-            BLOCK=size, ALL_PARTIAL=all_partial, num_warps=4 if size <= 1024 else 8,
+            BLOCK=size, ALL_PARTIAL=all_partial, num_warps=_warps(size),
         )  # fmt: skip
     full = (None, None) if all_partial else (nums[0], idxs[0])
     return keep.view(torch.bool), (*full, nums[-1], idxs[-1])
