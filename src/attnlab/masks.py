@@ -110,9 +110,12 @@ class ModelMask:
         return self.rows(last)[:, :, 0]
 
     def unpadded(self) -> bool:
-        """Whether no key is padding (the pattern alone decides)."""
-        padding = self.recipe.get("attention_mask")
-        return padding is None or bool(padding.all())
+        """Whether no key is padding (the pattern alone decides); read once per forward
+        pass (a padding mask's read waits for the device)."""
+        if "unpadded" not in self._built:
+            padding = self.recipe.get("attention_mask")
+            self._built["unpadded"] = padding is None or bool(padding.all())
+        return self._built["unpadded"]
 
     def plain_causal(self, module: torch.nn.Module) -> bool:
         """Whether the mask is causal and nothing else (no window, no padding, no extra
