@@ -34,8 +34,9 @@ def test_a_phase_outside_a_timer_costs_nothing_and_phases_do_not_nest():
 def test_a_policy_selection_counts_as_selection_on_every_path(observed):
     """A block policy's prefill on the CPU (the keep-mask path) and observed (the eager
     path that materialises the weights) both count each layer's selection as selection."""
-    from attnlab import attention, decoding, policies, sparse
     from tests.tiny_models import tiny_llama
+
+    from attnlab import attention, decoding, policies, sparse
 
     model = tiny_llama()
     ids = torch.arange(100, 164)[None]
