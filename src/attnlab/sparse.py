@@ -376,8 +376,8 @@ class SparseRun:
             last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown
         if recall:
             budget = row_budget(torch.full((1,), t, device=query.device), self.sparsity)
-            self.recorder.record_recall(
-                layer, query[..., -1, :], k, shown, scaling, last, budget[None]
+            self.recorder.record_recall(  # the keys repeated, as every path records them
+                layer, query[..., -1, :], expand_kv(key, h), shown, scaling, last, budget[None]
             )
         # summed on the device, read once (achieved_sparsity): no wait per layer; heads
         # summed first, so no (B, H, Mq, Mk) integer tensor is made
