@@ -7,15 +7,10 @@ never re-admits one. Must-keep entries score +inf and are kept whatever the budg
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from attnlab.blocks import block_of, visible_per_block
-
-if TYPE_CHECKING:
-    from attnlab.policies.base import BlockPolicy
 
 INF = float("inf")
 
@@ -136,9 +131,10 @@ def twilight(policy) -> bool:
     return bool(getattr(policy, "top_p", 0.0)) and not policy.prunes_itself
 
 
-def must_keep_blocks(q_pos: torch.Tensor, mk: int, policy: BlockPolicy, ctx=None) -> torch.Tensor:
+def must_keep_blocks(q_pos: torch.Tensor, mk: int, policy, ctx=None) -> torch.Tensor:
     """The key blocks a block policy keeps whatever their score: the query's own block
-    and block 0, where the policy asks for them (its ``keep_diagonal``, ``sink_block``).
+    and block 0, where the ``policy`` (a BlockPolicy) asks for them (its ``keep_diagonal``,
+    ``sink_block``).
     q_pos: (Tq,) -> (Tq, Mk) bool; with ``ctx`` (a ScoreContext) made once per ``q_pos``
     tensor and mask (every layer's selection of a prefill reads the same rows)."""
 
@@ -159,7 +155,7 @@ def must_keep_blocks(q_pos: torch.Tensor, mk: int, policy: BlockPolicy, ctx=None
 
 
 def with_must_keep_blocks(
-    score: torch.Tensor, q_pos: torch.Tensor, policy: BlockPolicy, ctx=None
+    score: torch.Tensor, q_pos: torch.Tensor, policy, ctx=None
 ) -> torch.Tensor:
     """Set +inf on the query's own block and block 0 where the policy asks for them
     (:func:`must_keep_blocks`). score: (B, H, Tq, Mk) block scores of the rows at
