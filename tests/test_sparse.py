@@ -320,5 +320,4 @@ def test_a_prefills_layers_build_what_their_mask_gives_once(name, monkeypatch):
     assert built == {"budgets": 1, "must keep": 1, "pairs": 1}
     for layer in range(3):  # each layer alone, nothing shared
         alone = sparse.SparseRun(policy, 0.7, backend="flex", records=False)
-        alone.histories = {i: sparse.LayerHistory() for i in range(layer)}
         assert torch.equal(alone.flex_attention(layer, q, k, v, 0.25), outs[layer])

@@ -161,16 +161,12 @@ class SparseRun:
         cache=None,
     ) -> ScoreContext:
         tq, tk = q.shape[-2], k.shape[-2]
-
-        def rows_and_budgets():  # once per forward pass where there is a mask cache
-            q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
-            return q_pos, row_budget(q_pos + 1, self.sparsity)[None, None]  # (1, 1, Tq)
-
+        store = {} if cache is None else cache  # once per forward pass where there is one
         key = ("budgets", tq, tk, self.sparsity)
-        made = rows_and_budgets() if cache is None else cache.get(key)
-        if made is None:
-            made = cache[key] = rows_and_budgets()
-        q_pos, budget = made
+        if key not in store:
+            q_pos = torch.arange(tk - tq, tk, device=q.device)  # the cache holds every key
+            store[key] = q_pos, row_budget(q_pos + 1, self.sparsity)[None, None]  # (1, 1, Tq)
+        q_pos, budget = store[key]
         return ScoreContext(
             q=q,
             k=k,

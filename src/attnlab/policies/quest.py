@@ -92,11 +92,12 @@ class Quest(BlockPolicy):
         if ctx.layer < self.dense_layers:
             return None
         g = ctx.groups  # the bounds of each key/value head, then its query heads'
-        if ctx.triton:  # the fused prefill: the same bound from the tensor cores
+        # the fused prefill's kernel takes the extremes in the keys' dtype (exact products)
+        bounds = page_bounds(ctx.k[:, ::g], self.block_size, float32=not ctx.triton)
+        if ctx.triton:  # the same bound from the tensor cores
             from attnlab.kernels.quest import page_bound
 
-            bound = page_bound(ctx.q, *page_bounds(ctx.k[:, ::g], self.block_size, False))
+            bound = page_bound(ctx.q, *bounds)
         else:
-            bounds = page_bounds(ctx.k[:, ::g], self.block_size)
             bound = upper_bound(ctx.q, *(b.repeat_interleave(g, 1) for b in bounds))
         return with_must_keep_blocks(bound, ctx.q_pos, self, ctx)
