@@ -40,7 +40,9 @@ LAUNCHES = [
     ("quest", "_bound_kernel", {"q": "fp32", "lo": "fp32", "hi": "fp32"},
      dict(BM=64, BN=64, BD=64, PRECISION="ieee"), 4, 3),
     ("xattention", "_block_share_kernel", {"q": "bf16", "k": "bf16"},
-     dict(S=8, PER=16, BI=16, BN=64, BD=256, PRECISION="native"), 4, 2),
+     dict(S=8, PER=16, BI=16, BN=32, BD=256, PRECISION="native"), 4, 1),
+    ("xattention", "_block_share_kernel", {"q": "bf16", "k": "bf16"},
+     dict(S=8, PER=16, BI=16, BN=64, BD=128, PRECISION="native"), 4, 2),
     ("xattention", "_block_share_kernel", {"q": "fp32", "k": "fp32"},
      dict(S=8, PER=16, BI=16, BN=32, BD=256, PRECISION="ieee"), 4, 1),
     ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
@@ -49,13 +51,25 @@ LAUNCHES = [
      dict(BLOCK=64, ALL_PARTIAL=True), 1, 3),  # a sliding window's band
 ]  # fmt: skip
 
+# the strides each launch passes as 1 (a contiguous last dimension): Triton compiles an int
+# argument equal to 1 as a constant, and one that is a multiple of 16 as aligned, which
+# lets it vectorise and pipeline the loads through shared memory
+UNIT_STRIDES = {
+    "_adjacency_kernel": {"sq_d", "sk_d", "sd_d", "sa_n"},
+    "_forman_ricci_kernel": {"sa_n", "sf_n"},
+    "_bound_kernel": {"sq_d", "sp_d"},
+    "_block_share_kernel": {"sq_d", "sk_d"},
+}
+
 INT_POINTERS = {"keep", "full_num", "full_idx", "part_num", "part_idx", "lo", "hi", "tile_i",
                 "tile_j"}  # fmt: skip
 
 
 def _compile_all() -> list[dict]:
-    """Compile every launch (TRITON_INTERPRET=0 in this process): name, shared bytes or
-    the error's first line."""
+    """Compile every launch as the runtime specialises it (TRITON_INTERPRET=0 in this
+    process): unit strides constant, pointers and every other int aligned to 16 (its most
+    specialised form, so the most shared memory); name, shared bytes or the error's first
+    line."""
     import importlib
     import inspect
 
@@ -66,17 +80,22 @@ def _compile_all() -> list[dict]:
     for module, name, dtypes, consts, warps, stages in LAUNCHES:
         fn = getattr(importlib.import_module(f"attnlab.kernels.{module}"), name)
         params = list(inspect.signature(fn.fn).parameters)
-        sig = {}
-        for p in params:
+        consts = {**consts, **dict.fromkeys(UNIT_STRIDES.get(name, ()), 1)}
+        sig, aligned = {}, {}
+        for i, p in enumerate(params):
             base = p.removesuffix("_ptr")
             if p in consts:
                 sig[p] = "constexpr"
             elif p.endswith("_ptr"):
                 kind = dtypes.get(base, "i32" if base in INT_POINTERS else "fp32")
                 sig[p] = f"*{kind}"
+                aligned[(i,)] = [["tt.divisibility", 16]]
             else:
                 sig[p] = "fp32" if p in ("scaling", "lam") else "i32"
-        src = ASTSource(fn, sig, {(params.index(k),): v for k, v in consts.items()})
+                if sig[p] == "i32":  # as if a multiple of 16: the most it can specialise
+                    aligned[(i,)] = [["tt.divisibility", 16]]
+        constexprs = {(params.index(k),): v for k, v in consts.items()}
+        src = ASTSource(fn, sig, constexprs, aligned)
         try:
             kernel = triton.compile(
                 src,

@@ -122,7 +122,7 @@ def block_shares(
     k = k.to(q.dtype)
     nk, mk = triton.cdiv(tk, stride), triton.cdiv(tk, block_size)
     rows = lo.numel()
-    if precision == "ieee":  # float32 tiles: one stage, narrower (shared memory, sm_90)
+    if precision == "ieee" or d > 128:  # wide tiles: one stage, narrower (shared memory)
         block_n, stages = min(block_n, 32), 1
     else:
         stages = 2
