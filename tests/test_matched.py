@@ -74,21 +74,23 @@ def test_a_prefill_speed_counts_only_for_the_selection_form_scored():
     )
 
     def bench(form):
+        # full attention's attention 12 ms; CAB's selection 2 ms and attention 4 ms
         return pl.DataFrame(
             [
-                dict(
-                    policy="cab",
-                    selection=form,
-                    implementation="attnlab",
-                    target_sparsity=0.9,
-                    speedup_vs_full=1.5,
+                dict(policy=p, selection=f, implementation="attnlab", target_sparsity=s,
+                     speedup_vs_full=x, selection_ms=sel, attention_ms=att)
+                for p, f, s, x, sel, att in (
+                    ("full", "causal", 0.0, 1.0, 0.0, 12.0),
+                    ("cab", form, 0.9, 1.5, 2.0, 4.0),
                 )
             ]
-        )
+        )  # fmt: skip
 
-    timed = points(niah, 4096, None, bench("prompt"), "m")["end_to_end_speedup"].to_list()
-    other = points(niah, 4096, None, bench("causal"), "m")["end_to_end_speedup"].to_list()
-    assert timed == [1.5] and math.isnan(other[0])
+    timed = points(niah, 4096, None, bench("prompt"), "m")
+    other = points(niah, 4096, None, bench("causal"), "m")
+    assert timed["end_to_end_speedup"].to_list() == [1.5]
+    assert timed["attention_speedup"].to_list() == [2.0]  # 12 / (2 + 4): the predictor counts
+    assert math.isnan(other["end_to_end_speedup"][0]) and math.isnan(other["attention_speedup"][0])
 
 
 def test_cache_end_to_end_speed_is_the_real_models_decode_of_the_scored_policy():

@@ -17,6 +17,7 @@ from attnlab.plots.styles import ordered, policy_styles
 PANELS = (
     ("cache", "attention_speedup", "cache regime: one decode step's attention"),
     ("cache", "end_to_end_speedup", "cache regime: the real model's decode step"),
+    ("prefill", "attention_speedup", "prefill regime: selection and attention"),
     ("prefill", "end_to_end_speedup", "prefill regime: the whole prefill"),
 )
 MARKERS = {0.9: "o", 0.95: "s", 0.99: "^"}  # target sparsity; others: "D"
