@@ -21,8 +21,8 @@ from attnlab.policies.xattention import XAttention  # noqa: E402
 
 @pytest.mark.parametrize(
     "t, block_size, stride, d",
-    [(200, 32, 4, 16), (257, 16, 2, 16), (100, 16, 1, 8), (300, 64, 8, 32)],
-)
+    [(200, 32, 4, 16), (257, 16, 2, 16), (100, 16, 1, 8), (300, 64, 8, 32), (300, 128, 8, 256)],
+)  # the last: Gemma-3-270M's block, stride and head dim (one stage of narrower tiles)
 def test_block_shares_equal_the_pytorch_shares(t, block_size, stride, d):
     """Every block's first and last row (the causal and prompt forms' rows) and rows
     inside blocks, with GQA and a ragged last block: the kernel's shares are
