@@ -12,6 +12,15 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+
+def xattention_tiles(d, stride, per, nk, precision):
+    """(constexprs, warps, stages) of XAttention's estimate as ``block_shares`` picks them."""
+    from attnlab.kernels.xattention import launch_tiles
+
+    tiles, stages = launch_tiles(d, stride, per, nk, precision)
+    return tiles, 4, stages
+
+
 SHARED_MAX = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
 # (module, kernel, pointer dtypes by parameter, constexprs, num_warps, num_stages): the
@@ -39,12 +48,10 @@ LAUNCHES = [
      dict(BM=64, BN=64, BD=64, PRECISION="native"), 4, 3),
     ("quest", "_bound_kernel", {"q": "fp32", "lo": "fp32", "hi": "fp32"},
      dict(BM=64, BN=64, BD=64, PRECISION="ieee"), 4, 3),
-    ("xattention", "_block_share_kernel", {"q": "bf16", "k": "bf16"},
-     dict(S=8, PER=16, BI=16, BN=32, BD=256, PRECISION="native"), 4, 1),
-    ("xattention", "_block_share_kernel", {"q": "bf16", "k": "bf16"},
-     dict(S=8, PER=16, BI=16, BN=64, BD=128, PRECISION="native"), 4, 2),
-    ("xattention", "_block_share_kernel", {"q": "fp32", "k": "fp32"},
-     dict(S=8, PER=16, BI=16, BN=32, BD=256, PRECISION="ieee"), 4, 1),
+    # XAttention's estimate as block_shares launches it (its own tile choice) at 32k
+    *[("xattention", "_block_share_kernel", {"q": dt, "k": dt},
+       *xattention_tiles(d, 8, 16, 4096, "ieee" if dt == "fp32" else "native"))
+      for dt, d in (("bf16", 256), ("bf16", 128), ("fp32", 256))],
     ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
      dict(BLOCK=2048, ALL_PARTIAL=False), 8, 3),  # a causal layer's longest rows at 32k
     ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},

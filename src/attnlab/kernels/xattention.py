@@ -122,18 +122,31 @@ def block_shares(
     k = k.to(q.dtype)
     nk, mk = triton.cdiv(tk, stride), triton.cdiv(tk, block_size)
     rows = lo.numel()
-    if precision == "ieee" or d > 128:  # wide tiles: one stage, narrower (shared memory)
-        block_n, stages = min(block_n, 32), 1
-    else:
-        stages = 2
-    block_n = max(16, per, min(block_n, triton.next_power_of_2(nk)))
+    tiles, stages = launch_tiles(d, stride, per, nk, precision, block_n)
     out = torch.zeros(b * h, rows, mk, dtype=torch.float32, device=q.device)
     _block_share_kernel[(rows, b * h)](
         q, k, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), out,
         h, h // hkv, t, tk, nk, mk, d, float(scaling),
         *q.stride(), *k.stride(), out.stride(0), out.stride(1),
-        S=stride, PER=per, BI=max(16, triton.next_power_of_2(per)), BN=block_n,
-        BD=max(16, triton.next_power_of_2(d)), PRECISION=precision, num_warps=num_warps,
-        num_stages=stages,
+        **tiles, num_warps=num_warps, num_stages=stages,
     )  # fmt: skip
     return out.view(b, h, rows, mk)
+
+
+def launch_tiles(
+    d: int, stride: int, per: int, nk: int, precision: str, block_n: int = 64
+) -> tuple[dict, int]:
+    """The estimate kernel's constexprs and pipeline stages for head dim ``d``, ``per``
+    strided queries a row, ``nk`` strided keys (the compile check launches these too).
+    float32 tiles and head dims over 128 take one stage of at most 32 keys: two stages of
+    64 at D = 256 in bf16 ask for 320 KiB of shared memory, over sm_90's 227."""
+    if precision == "ieee" or d > 128:
+        block_n, stages = min(block_n, 32), 1
+    else:
+        stages = 2
+    block_n = max(16, per, min(block_n, triton.next_power_of_2(nk)))
+    tiles = dict(
+        S=stride, PER=per, BI=max(16, triton.next_power_of_2(per)), BN=block_n,
+        BD=max(16, triton.next_power_of_2(d)), PRECISION=precision,
+    )  # fmt: skip
+    return tiles, stages
