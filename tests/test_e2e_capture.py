@@ -2,6 +2,7 @@
 help topics, a killed capture job and its resumption."""
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -50,9 +51,8 @@ def kill_capture_after_one_shard(workdir):
     proc = subprocess.Popen(
         cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    work = workdir / "results/capture/gemma3-270m"
     deadline = time.monotonic() + 900
-    while not list(work.glob(".capture-work-*/metrics/*.parquet")):
+    while not _shards_done(workdir):
         assert proc.poll() is None and time.monotonic() < deadline, "capture never wrote a shard"
         time.sleep(0.1)
     jobs = [
@@ -68,10 +68,31 @@ def kill_capture_after_one_shard(workdir):
     left = {
         "snakemake_rc": proc.returncode,
         "metrics_exists": (workdir / target).exists(),
-        "shards_done": len(list(work.glob(".capture-work-*/metrics/*.parquet"))),
+        "shards_done": len(_shards_done(workdir)),
         "planned": planned_jobs(snakemake(workdir, "-n", target)),
     }
     (workdir / "killed.json").write_text(json.dumps(left))
+
+
+def _shards_done(workdir) -> list[str]:
+    """The shards a rerun takes as finished: its metrics file and, for a shard with Q/K
+    rows (offset below the config's qk_chunks), its Q/K file too, which the capture
+    writes after the metrics: a metrics file alone is a shard cut off mid-write."""
+    from attnlab.capture import QK_SUFFIX
+
+    manifest = workdir / "results/corpus/gemma3-270m/manifest.json"
+    qk_chunks = yaml.safe_load((workdir / "tiny.yaml").read_text())["capture"]["qk_chunks"]
+    done = []
+    for work in (workdir / "results/capture/gemma3-270m").glob(".capture-work-*"):
+        offset = 0
+        for shard in json.loads(manifest.read_text())["shards"]:
+            stem = Path(shard["file"]).stem
+            finished = (work / "metrics" / f"{stem}.parquet").exists() and (
+                offset >= qk_chunks or (work / "qk" / f"{stem}{QK_SUFFIX}").exists()
+            )
+            done += [stem] if finished else []
+            offset += shard["chunks"]
+    return done
 
 
 def _read(path: str) -> bytes:
