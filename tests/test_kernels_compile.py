@@ -14,11 +14,15 @@ triton = pytest.importorskip("triton")
 
 
 def xattention_tiles(d, stride, per, nk, precision):
-    """(constexprs, warps, stages) of XAttention's estimate as ``block_shares`` picks them."""
-    from attnlab.kernels.xattention import launch_tiles
+    """(constexprs, warps, stages) of XAttention's estimate as ``block_shares`` picks them
+    (its tiles and its default warps)."""
+    import inspect
+
+    from attnlab.kernels.xattention import block_shares, launch_tiles
 
     tiles, stages = launch_tiles(d, stride, per, nk, precision)
-    return tiles, 4, stages
+    warps = inspect.signature(block_shares).parameters["num_warps"].default
+    return tiles, warps, stages
 
 
 SHARED_MAX = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
