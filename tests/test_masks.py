@@ -6,13 +6,16 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from attnlab.blocks import visible_block_pairs
+from attnlab.blocks import visible_block_pairs, visible_per_block
 from attnlab.masks import (
     ModelMask,
     _block_mask_of,
     _block_mask_pairs,
+    block_counts_of_block_mask,
+    causal_block_counts,
     causal_rows,
     pairs_per_block,
+    rows_of_block_mask,
     visible_mask,
 )
 
@@ -58,6 +61,38 @@ def test_pairs_per_block_from_a_block_mask_equal_the_dense_count(block_size):
 def test_causal_rows_are_the_causal_mask_rows():
     index = torch.tensor([0, 5, 63, 64, 599])
     assert torch.equal(causal_rows(index, T), visible_mask(None, T, T, "cpu")[:, :, index])
+
+
+def _query_blocks(block_size):
+    starts = torch.arange(0, T, block_size)
+    return starts, (starts + block_size - 1).clamp(max=T - 1)
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+def test_rows_and_block_counts_read_on_the_listed_blocks_equal_the_dense_mask(block_size):
+    """A query block's rows and the keys its first or last row sees per key block, read
+    through the BlockMask's lists alone (the window's, and one made from a dense mask with
+    a padded batch row): the dense mask's, ragged edges included."""
+    starts, ends = _query_blocks(block_size)
+    padded = _dense().expand(2, 1, T, T).clone()
+    padded[1, :, :, :40] = False  # the second row's first 40 keys are padding
+    bms = [
+        (create_block_mask(window, 1, None, T, T, device="cpu", _compile=False), _dense()),
+        (_block_mask_of(padded), padded),
+    ]
+    for bm, dense in bms:
+        for index in (starts, ends, torch.tensor([T - 1])):
+            assert torch.equal(rows_of_block_mask(bm, index), dense[:, :, index])
+        want = visible_per_block(dense[:, :, starts] | dense[:, :, ends], block_size)
+        got = block_counts_of_block_mask(bm, starts, ends, block_size, store={})
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_causal_block_counts_are_the_causal_rows_counts(block_size):
+    starts, ends = _query_blocks(block_size)
+    want = visible_per_block(causal_rows(starts, T) | causal_rows(ends, T), block_size)
+    assert torch.equal(causal_block_counts(starts, ends, block_size, T), want)
 
 
 def _quest_prefill_on_cuda():
@@ -111,3 +146,24 @@ def test_a_flex_prefill_reads_the_window_rows_from_the_pattern(monkeypatch):
     monkeypatch.setattr(ModelMask, "rows", checked_rows)
     _quest_prefill_on_cuda()
     assert 13 in checked and 1 in checked  # a query block's rows, the last row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the pattern's path)")
+def test_a_flex_prefill_counts_each_query_blocks_keys_from_the_pattern(monkeypatch):
+    """On CUDA a block policy's prefill counts the keys each query block's rows see per
+    key block from the window's BlockMask; the counts equal the dense mask's."""
+    checked = []
+    counts = ModelMask.block_counts
+
+    def checked_counts(self, starts, ends, block_size):
+        out = counts(self, starts, ends, block_size)
+        dense = self.dense()
+        del self.store["dense"]
+        want = visible_per_block(dense[:, :, starts] | dense[:, :, ends], block_size)
+        assert torch.equal(out, want)
+        checked.append(block_size)
+        return out
+
+    monkeypatch.setattr(ModelMask, "block_counts", checked_counts)
+    _quest_prefill_on_cuda()
+    assert checked == [16]  # once per forward pass, for every window layer

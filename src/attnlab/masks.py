@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attnlab.blocks import visible_per_block
+
 
 @dataclass(eq=False)
 class ModelMask:
@@ -90,16 +92,22 @@ class ModelMask:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The visible keys of the query rows ``index`` (R,): (B, 1, R, Tk) bool. On CUDA
-        from the mask's pattern (no (T, T) tensor: a block policy's selection reads two
-        rows per query block, once per forward pass and layer type), elsewhere read from
-        the dense mask."""
+        from the mask's pattern over the key blocks its BlockMask lists for each row
+        (:func:`rows_of_block_mask`: no (T, T) tensor, nor an (R, T) pattern to evaluate),
+        elsewhere read from the dense mask."""
         if not index.is_cuda or "dense" in self._built:
             return self.dense()[:, :, index]
-        bm = self.block_mask(index.device)
-        kv = torch.arange(bm.seq_lengths[1], device=index.device)
-        batch = torch.arange(bm.kv_num_blocks.shape[0], device=index.device)[:, None, None]
-        seen = bm.mask_mod(batch, torch.zeros_like(batch), index[None, :, None], kv[None, None])
-        return seen.expand(batch.shape[0], index.shape[0], kv.shape[0])[:, None]
+        return rows_of_block_mask(self.block_mask(index.device), index, self._built)
+
+    def block_counts(self, starts: torch.Tensor, ends: torch.Tensor, block_size: int):
+        """Keys of each key block of ``block_size`` that the row ``starts[i]`` or the row
+        ``ends[i]`` sees (both rows of one query block): (B, 1, R, Mk) long. On CUDA from
+        the pattern over the listed blocks (:func:`block_counts_of_block_mask`), elsewhere
+        from the dense mask's rows."""
+        bm = self.block_mask(starts.device) if starts.is_cuda else None
+        if bm is None or "dense" in self._built or any(b % block_size for b in bm.BLOCK_SIZE):
+            return visible_per_block(self.rows(starts) | self.rows(ends), block_size)
+        return block_counts_of_block_mask(bm, starts, ends, block_size, self._built)
 
     def last_row(self, query: torch.Tensor) -> torch.Tensor:
         """The last query row's visible keys: (B, 1, Tk) bool, from the mask's pattern on
@@ -191,6 +199,85 @@ def pairs_per_block(bm, block_size: int) -> torch.Tensor:
         cols = (kj[:, None] * rk + torch.arange(rk, device=dev))[:, None, :].expand(-1, rq, rk)
         pairs.index_put_((rows, cols), per, accumulate=True)
     return pairs[: -(-q_len // block_size), : -(-kv_len // block_size)]
+
+
+def _listed(bm, store: dict | None = None):
+    """Every key block a BlockMask lists (partial or full) for each of its query blocks,
+    head 0: ids (B, Mq, N) long and whether listed (B, Mq, N) bool, N the most any query
+    block lists (one wait for the device, once per ``store``: a forward pass's mask)."""
+    if store is not None and "listed" in store:
+        return store["listed"]
+    lists = [(bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)]
+    lists = [(num, idx) for num, idx in lists if num is not None]
+    most = torch.stack([num.max() for num, _ in lists]).tolist()  # the one wait
+    ids, ok = [], []
+    for (num, idx), n in zip(lists, most, strict=True):
+        ids.append(idx[:, 0, :, :n].long())
+        ok.append(torch.arange(n, device=idx.device) < num[:, 0, :, None])
+    out = torch.cat(ids, -1), torch.cat(ok, -1)
+    if store is not None:
+        store["listed"] = out
+    return out
+
+
+def _listed_keys(bm, index: torch.Tensor, store: dict | None):
+    """The keys of the blocks listed for each row of ``index`` (R,) and the rows'
+    visibility of them: keys (B, R, N * kb) long (within the lengths), seen (B, R, N * kb)
+    bool, the block ids (B, R, N) and whether listed (B, R, N)."""
+    ids, ok = _listed(bm, store)
+    qb, kb = bm.BLOCK_SIZE
+    kv_len = bm.seq_lengths[1]
+    parent = index // qb
+    ids, ok = ids[:, parent], ok[:, parent]  # (B, R, N)
+    keys = ids[..., None] * kb + torch.arange(kb, device=index.device)  # (B, R, N, kb)
+    inside = ok[..., None] & (keys < kv_len)
+    keys = keys.clamp(max=kv_len - 1).flatten(-2)
+    batch = torch.arange(ids.shape[0], device=index.device)[:, None, None]
+    seen = bm.mask_mod(batch, torch.zeros_like(batch), index[None, :, None], keys)
+    return keys, seen & inside.flatten(-2), ids, ok
+
+
+def rows_of_block_mask(bm, index: torch.Tensor, store: dict | None = None) -> torch.Tensor:
+    """The visible keys of the rows ``index`` (R,) of a BlockMask's pattern: its
+    ``mask_mod`` read only on the key blocks listed for each row's query block, every
+    other key unseen. Returns (B, 1, R, Tk) bool, the dense mask's rows."""
+    kv_len = bm.seq_lengths[1]
+    keys, seen, _, _ = _listed_keys(bm, index, store)
+    out = torch.zeros(*seen.shape[:2], kv_len + 1, dtype=torch.bool, device=index.device)
+    # keys outside the lists or the lengths go to a spare column: no two writes collide
+    out.scatter_(2, torch.where(seen, keys, kv_len), seen)
+    return out[:, None, :, :kv_len]
+
+
+def block_counts_of_block_mask(
+    bm, starts: torch.Tensor, ends: torch.Tensor, block_size: int, store: dict | None = None
+) -> torch.Tensor:
+    """Keys of each key block of ``block_size`` (dividing the BlockMask's blocks) that the
+    row ``starts[i]`` or ``ends[i]`` (of one query block of the BlockMask) sees, read on
+    the listed blocks alone: (B, 1, R, Mk) long, ``visible_per_block`` of the rows'
+    union."""
+    kv_len = bm.seq_lengths[1]
+    mk, per = -(-kv_len // block_size), bm.BLOCK_SIZE[1] // block_size
+    _, first, ids, ok = _listed_keys(bm, starts, store)
+    _, last, _, _ = _listed_keys(bm, ends, store)
+    b, r, n = ids.shape
+    sums = (first | last).view(b, r, n, per, block_size).sum(-1)  # (B, R, N, per)
+    cols = ids[..., None] * per + torch.arange(per, device=ids.device)
+    cols = torch.where(ok[..., None] & (cols < mk), cols, mk).flatten(-2)
+    out = torch.zeros(b, r, mk + 1, dtype=torch.long, device=ids.device)
+    out.scatter_(2, cols, sums.flatten(-2))  # unlisted blocks go to a spare column
+    return out[:, None, :, :mk]
+
+
+def causal_block_counts(
+    starts: torch.Tensor, ends: torch.Tensor, block_size: int, tk: int
+) -> torch.Tensor:
+    """:meth:`ModelMask.block_counts` of a plain causal prefill of ``tk`` tokens, by
+    formula: a row at p sees the keys up to p. Returns (1, 1, R, Mk) long."""
+    last = torch.maximum(starts, ends)[:, None] + 1  # keys before it: (R, 1)
+    first = torch.arange(0, tk, block_size, device=starts.device)  # each key block's first
+    end = (first + block_size).clamp(max=tk)
+    return (torch.minimum(last, end) - first).clamp(min=0)[None, None]
 
 
 def causal_rows(index: torch.Tensor, tk: int) -> torch.Tensor:

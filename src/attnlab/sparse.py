@@ -29,7 +29,7 @@ import torch
 from attnlab import regimes
 from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
 from attnlab.errors import UserError
-from attnlab.masks import ModelMask, causal_rows
+from attnlab.masks import ModelMask, causal_block_counts, causal_rows
 from attnlab.phases import phase
 from attnlab.policies.base import (
     LayerHistory,
@@ -275,6 +275,8 @@ class SparseRun:
         ends = ctx.cached(("ends", t, bs), lambda: (starts + bs - 1).clamp(max=t - 1))
 
         def seen():  # (B, 1, Mq, Mk): once per mask where the mask's rows are cached
+            if ctx.visible is None and ctx.row_blocks is not None:
+                return ctx.row_blocks(starts, ends, bs)
             return visible_per_block(ctx.visible_rows(starts) | ctx.visible_rows(ends), bs)
 
         count = ctx.cached(("seen", t, bs), seen)
@@ -307,8 +309,9 @@ class SparseRun:
         is kept in the mask's store, or for a causal prefill on the run, for the next
         layers. Returns (B, H, Mq, Mk) bool kept blocks (and the BlockMask's lists with
         ``lists``, see :meth:`block_selection`)."""
-        cache, rows = self._pass_store(q, model_mask)
+        cache, rows, counts = self._pass_store(q, model_mask)
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
+        ctx.row_blocks = counts
         ctx.triton = lists is not None  # the fused path: the policy's Triton scores too
         keep = self.block_selection(ctx, lists)
         self.policy.remember(ctx)
@@ -316,15 +319,18 @@ class SparseRun:
 
     def _pass_store(self, q: torch.Tensor, model_mask=None):
         """Where a prefill keeps what every layer under its mask reads (the mask's store,
-        or for a causal prefill the run's, per length and device), and how the mask's
-        rows are built (for a causal prefill only the rows the selection reads)."""
+        or for a causal prefill the run's, per length and device), how the mask's rows
+        are built (for a causal prefill only the rows the selection reads) and how the
+        keys two rows of a query block see are counted per key block (causal: by formula;
+        a window: from its BlockMask on CUDA)."""
         if model_mask is None:
             t = q.shape[-2]
             return (
                 self._causal_cache.setdefault((t, q.device), {}),
                 functools.partial(causal_rows, tk=t),
+                functools.partial(causal_block_counts, tk=t),
             )
-        return model_mask.store, model_mask.rows
+        return model_mask.store, model_mask.rows, model_mask.block_counts
 
     def _pass_pairs(self, query: torch.Tensor, model_mask=None):
         """A prefill's visible pairs per (query block, key block) (Mq, Mk) long, their sum

@@ -85,6 +85,9 @@ class ScoreContext:
     # the visible keys of some rows, (R,) -> (B, 1, R, Tk) bool, where the prefill reads
     # the mask a set of rows at a time (a block policy's FlexAttention path): visible_rows
     row_mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # there, the keys per key block that either of two rows of each query block sees,
+    # (starts, ends, block_size) -> (B, 1, R, Mk) long, counted without those rows
+    row_blocks: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
     # what is read from the model's mask, kept for the next layers under the same mask (a
     # block policy's prefill through FlexAttention: one forward pass and layer type)
     mask_cache: dict | None = None
