@@ -116,3 +116,22 @@ def test_prompt_form_is_refused_for_teacher_forced_rows():
         sparse.SparseRun(policies.make("cab", selection="prompt"), 0.9)
     run = sparse.SparseRun(policies.make("cab", selection="causal"), 0.9, whole_prompt=True)
     assert run.selection == "causal"
+
+
+@pytest.mark.parametrize(
+    "diagonal, sink", [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_must_keep_blocks_marked_in_place_equal_the_masked_scores(diagonal, sink):
+    """A fused prefill marks its own score's must-keep blocks in place (the rows' own
+    blocks and block 0, as the policy asks): the same scores as marking a copy."""
+    from attnlab.policies.selection import with_must_keep_blocks
+
+    policy = policies.make("quest", block_size=16, keep_diagonal=diagonal, sink_block=sink)
+    q_pos = torch.arange(0, 300, 16)  # each query block's first row
+    score = torch.randn(2, 3, q_pos.numel(), 19, generator=torch.Generator().manual_seed(0))
+    want = with_must_keep_blocks(score, q_pos, policy)
+    got = with_must_keep_blocks(score.clone(), q_pos, policy, in_place=True)
+    assert torch.equal(got, want)
+    assert int(torch.isinf(want).sum()) == 2 * 3 * q_pos.numel() * (diagonal + sink) - 2 * 3 * (
+        diagonal and sink
+    )  # block 0's first row: its own block is block 0

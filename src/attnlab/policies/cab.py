@@ -73,7 +73,8 @@ class CAB(BlockPolicy):
         )  # (B, H, Tq, M)
         if other:
             score = self.blend(score, ctx)
-        return self.among_candidates(with_must_keep_blocks(score, ctx.q_pos, self, ctx), ctx)
+        must = with_must_keep_blocks(score, ctx.q_pos, self, ctx, in_place=ctx.triton)
+        return self.among_candidates(must, ctx)
 
     @property
     def blends_other(self) -> bool:
@@ -133,7 +134,8 @@ class CAB(BlockPolicy):
                 q, ctx.k, self.block_size, ctx.scaling, self.lam, self.adjacency, self.graph
             )  # (B, H, M, M)
         sub = ctx.rows(rows)
-        return self.among_candidates(with_must_keep_blocks(score, sub.q_pos, self, sub), sub)
+        must = with_must_keep_blocks(score, sub.q_pos, self, sub, in_place=ctx.triton)
+        return self.among_candidates(must, sub)
 
     def triton_scores(self, ctx: ScoreContext, rows: torch.Tensor) -> bool:
         """Whether the Triton kernels score this prefill: the fused path, a whole prefill

@@ -100,4 +100,4 @@ class Quest(BlockPolicy):
             bound = page_bound(ctx.q, *bounds)
         else:
             bound = upper_bound(ctx.q, *(b.repeat_interleave(g, 1) for b in bounds))
-        return with_must_keep_blocks(bound, ctx.q_pos, self, ctx)
+        return with_must_keep_blocks(bound, ctx.q_pos, self, ctx, in_place=ctx.triton)

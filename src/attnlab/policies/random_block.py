@@ -28,7 +28,7 @@ class RandomBlock(BlockPolicy):
         m = n_blocks(ctx.k.shape[-2], self.block_size)
         table = _draw(ctx.seed * 100_003 + ctx.layer, (b, h, m, m), ctx.q.device)
         score = table[:, :, block_of(ctx.q_pos, self.block_size)]
-        return with_must_keep_blocks(score, ctx.q_pos, self, ctx)
+        return with_must_keep_blocks(score, ctx.q_pos, self, ctx, in_place=ctx.triton)
 
 
 _TABLES: dict[tuple, tuple[tuple[int, ...], torch.Tensor]] = {}  # the latest per layer

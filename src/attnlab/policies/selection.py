@@ -155,9 +155,26 @@ def must_keep_blocks(q_pos: torch.Tensor, mk: int, policy, ctx=None) -> torch.Te
 
 
 def with_must_keep_blocks(
-    score: torch.Tensor, q_pos: torch.Tensor, policy, ctx=None
+    score: torch.Tensor, q_pos: torch.Tensor, policy, ctx=None, in_place: bool = False
 ) -> torch.Tensor:
     """Set +inf on the query's own block and block 0 where the policy asks for them
     (:func:`must_keep_blocks`). score: (B, H, Tq, Mk) block scores of the rows at
-    positions q_pos."""
-    return score.masked_fill(must_keep_blocks(q_pos, score.shape[-1], policy, ctx), INF)
+    positions q_pos. ``in_place``: ``score`` is the caller's own new tensor and every
+    row's own block lies among its Mk (a prefill's), so only those entries are written
+    (a fused prefill's 2048 x 2048 grid per head is not read and rewritten)."""
+    if not (in_place and score.is_contiguous()):
+        return score.masked_fill(must_keep_blocks(q_pos, score.shape[-1], policy, ctx), INF)
+
+    def make():  # the flat (row, block) entries
+        rows = torch.arange(q_pos.shape[0], device=q_pos.device) * score.shape[-1]
+        own = block_of(q_pos, policy.block_size)
+        cols = [own] * policy.keep_diagonal + [torch.zeros_like(own)] * policy.sink_block
+        return q_pos, torch.cat([rows + c for c in cols]) if cols else own[:0]
+
+    flags = (policy.block_size, policy.keep_diagonal, policy.sink_block, score.shape[-1])
+    key = ("must keep at", id(q_pos), flags)
+    at = (make() if ctx is None else ctx.cached(key, make))[1]
+    # index_fill_ takes the value as a number (an indexed assignment would copy it to
+    # the device and wait there)
+    score.view(*score.shape[:-2], -1).index_fill_(-1, at, INF)
+    return score

@@ -153,4 +153,4 @@ class XAttention(BlockPolicy):
             -1, order.indices, before < self.thresholds(ctx.layer, share)
         )
         score = torch.where(needed, INF if self.threshold_only else share, -INF)
-        return with_must_keep_blocks(score, ctx.q_pos, self, ctx)
+        return with_must_keep_blocks(score, ctx.q_pos, self, ctx, in_place=ctx.triton)
