@@ -33,17 +33,17 @@ def tiny_llama(seed: int = 0):
     return _build(LlamaForCausalLM, config, seed)
 
 
-def tiny_gemma3(seed: int = 0):
-    """Gemma 3: two sliding-window layers (WINDOW keys) then a global one, 4 query heads
-    over one key/value head, head dim 16."""
+def tiny_gemma3(seed: int = 0, window_layers: int = 2):
+    """Gemma 3: ``window_layers`` sliding-window layers (WINDOW keys) then a global one,
+    4 query heads over one key/value head, head dim 16."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(
         **COMMON,
-        num_hidden_layers=3,
+        num_hidden_layers=window_layers + 1,
         num_key_value_heads=1,
         sliding_window=WINDOW,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        layer_types=["sliding_attention"] * window_layers + ["full_attention"],
     )
     return _build(Gemma3ForCausalLM, config, seed)
 
