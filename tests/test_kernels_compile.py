@@ -25,6 +25,25 @@ def xattention_tiles(d, stride, per, nk, precision):
     return tiles, warps, stages
 
 
+def quest_tiles(dtype):
+    """(constexprs, warps, stages) of Quest's bound as ``page_bound`` launches it at 32k."""
+    import torch
+
+    from attnlab.kernels.quest import BOUND_WARPS, bound_tiles
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    return bound_tiles(2048, 2048, 256, dt), BOUND_WARPS, 3
+
+
+def budget_shape(width, all_partial):
+    """(constexprs, warps, stages) of the budget kernel as ``budget_select`` launches a
+    band of ``width`` blocks."""
+    from attnlab.kernels.budget import launch_shape
+
+    size, warps = launch_shape(width)
+    return dict(BLOCK=size, ALL_PARTIAL=all_partial), warps, 3
+
+
 SHARED_MAX = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
 # (module, kernel, pointer dtypes by parameter, constexprs, num_warps, num_stages): the
@@ -48,18 +67,16 @@ LAUNCHES = [
     ("select", "_score_select_kernel", {"must": "u8", "mask": "i8"},
      dict(G=1, G_POW2=1, BLOCK=2048, FROM_SCORE=False, USE_F=True, USE_A=True, HAS_MUST=False,
           WRITE_SCORE=True, WRITE_MASK=False, WRITE_IDX=False, SELECT=False), 4, 3),
-    ("quest", "_bound_kernel", {"q": "bf16", "lo": "bf16", "hi": "bf16"},
-     dict(BM=64, BN=64, BD=64, PRECISION="native"), 4, 3),
-    ("quest", "_bound_kernel", {"q": "fp32", "lo": "fp32", "hi": "fp32"},
-     dict(BM=64, BN=64, BD=64, PRECISION="ieee"), 4, 3),
+    # Quest's bound as page_bound launches it at 32k (2048 rows and pages of 16 keys)
+    *[("quest", "_bound_kernel", {"q": dt, "lo": dt, "hi": dt}, *quest_tiles(dt))
+      for dt in ("bf16", "fp32")],
     # XAttention's estimate as block_shares launches it (its own tile choice) at 32k
     *[("xattention", "_block_share_kernel", {"q": dt, "k": dt},
        *xattention_tiles(d, 8, 16, 4096, "ieee" if dt == "fp32" else "native"))
       for dt, d in (("bf16", 256), ("bf16", 128), ("fp32", 256))],
-    ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
-     dict(BLOCK=2048, ALL_PARTIAL=False), 8, 3),  # a causal layer's longest rows at 32k
-    ("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
-     dict(BLOCK=64, ALL_PARTIAL=True), 1, 3),  # a sliding window's band
+    # a causal layer's longest rows at 32k (2048 blocks), a sliding window's band (33)
+    *[("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
+       *budget_shape(width, partial)) for width, partial in ((2048, False), (33, True))],
 ]  # fmt: skip
 
 # the strides each launch passes as 1 (a contiguous last dimension): Triton compiles an int

@@ -149,6 +149,13 @@ def _warps(size: int) -> int:
     return max(1, min(8, size // 256))
 
 
+def launch_shape(width: int) -> tuple[int, int]:
+    """The row a program holds and its warps, for a band of ``width`` blocks (the compile
+    check builds the same)."""
+    size = _row_size(width)
+    return size, _warps(size)
+
+
 def _row_size(width: int) -> int:
     """The row length a program holds for a band of ``width`` blocks (a power of two)."""
     return max(16, triton.next_power_of_2(width))
@@ -193,12 +200,12 @@ def budget_select(
     # each row writes its band's blocks: the rest of a list is zeros
     idxs = [torch.zeros(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
     for r0, r1, width in launches:
-        size = _row_size(width)
+        size, warps = launch_shape(width)
         _budget_kernel[(r1 - r0, b * h)](
             score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
             mk, width, r0, h, *score.stride()[:3], count.stride(0), count.stride(2),
             *budget.stride()[:2], lo.stride(0),
-            BLOCK=size, ALL_PARTIAL=all_partial, num_warps=_warps(size),
+            BLOCK=size, ALL_PARTIAL=all_partial, num_warps=warps,
         )  # fmt: skip
     full = (None, None) if all_partial else (nums[0], idxs[0])
     return keep.view(torch.bool), (*full, nums[-1], idxs[-1])

@@ -65,15 +65,27 @@ def page_bound(
     if not q.is_cuda:  # the CPU interpreter multiplies bf16 bit patterns, not values
         q = q.float()
     kmin, kmax = kmin.to(q.dtype).contiguous(), kmax.to(q.dtype).contiguous()
-    precision = "ieee" if q.dtype == torch.float32 else "native"
-    bm = max(16, min(block, triton.next_power_of_2(tq)))
-    bn = max(16, min(block, triton.next_power_of_2(p)))
-    bd = max(16, min(64, triton.next_power_of_2(d)))
+    tiles = bound_tiles(tq, p, d, q.dtype, block)
     out = torch.empty(b * h, tq, p, dtype=torch.float32, device=q.device)
-    _bound_kernel[(triton.cdiv(tq, bm), triton.cdiv(p, bn), b * h)](
+    grid = (triton.cdiv(tq, tiles["BM"]), triton.cdiv(p, tiles["BN"]), b * h)
+    _bound_kernel[grid](
         q, kmin, kmax, out,
         h, h // hkv, tq, p, d,
         *q.stride(), *kmin.stride(), out.stride(0), out.stride(1),
-        BM=bm, BN=bn, BD=bd, PRECISION=precision, num_warps=4,
+        **tiles, num_warps=BOUND_WARPS,
     )  # fmt: skip
     return out.view(b, h, tq, p)
+
+
+BOUND_WARPS = 4
+
+
+def bound_tiles(tq: int, p: int, d: int, dtype: torch.dtype, block: int = 64) -> dict:
+    """The constants :func:`page_bound` launches its kernel with for ``tq`` rows, ``p``
+    pages of ``d`` channels in ``dtype`` (the compile check builds the same)."""
+    return dict(
+        BM=max(16, min(block, triton.next_power_of_2(tq))),
+        BN=max(16, min(block, triton.next_power_of_2(p))),
+        BD=max(16, min(64, triton.next_power_of_2(d))),
+        PRECISION="ieee" if dtype == torch.float32 else "native",
+    )
