@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
+from attnlab import masks
 from attnlab.blocks import visible_block_pairs, visible_per_block
 from attnlab.masks import (
     ModelMask,
@@ -69,10 +70,15 @@ def _query_blocks(block_size):
 
 
 @pytest.mark.parametrize("block_size", [16, 64, 128])
-def test_rows_and_block_counts_read_on_the_listed_blocks_equal_the_dense_mask(block_size):
+@pytest.mark.parametrize("keys_at_once", [masks.KEYS_AT_ONCE, 1000])
+def test_rows_and_block_counts_read_on_the_listed_blocks_equal_the_dense_mask(
+    block_size, keys_at_once, monkeypatch
+):
     """A query block's rows and the keys its first or last row sees per key block, read
     through the BlockMask's lists alone (the window's, and one made from a dense mask with
-    a padded batch row): the dense mask's, ragged edges included."""
+    a padded batch row), in one step or in steps of a few rows: the dense mask's, ragged
+    edges included."""
+    monkeypatch.setattr(masks, "KEYS_AT_ONCE", keys_at_once)
     starts, ends = _query_blocks(block_size)
     padded = _dense().expand(2, 1, T, T).clone()
     padded[1, :, :, :40] = False  # the second row's first 40 keys are padding

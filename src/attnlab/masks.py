@@ -237,15 +237,29 @@ def _listed_keys(bm, index: torch.Tensor, store: dict | None):
     return keys, seen & inside.flatten(-2), ids, ok
 
 
+KEYS_AT_ONCE = 1 << 24  # listed keys read per step (int64 positions: 128 MiB a batch row)
+
+
+def _row_steps(bm, index: torch.Tensor, store: dict | None):
+    """``index`` in steps of rows whose listed keys number at most KEYS_AT_ONCE (one step
+    under a window; more where every block is listed), so no step's positions outgrow
+    a dense row's."""
+    n = _listed(bm, store)[0].shape[-1] * bm.BLOCK_SIZE[1]
+    step = max(1, KEYS_AT_ONCE // max(1, n))
+    return [(i, index[i : i + step]) for i in range(0, index.shape[0], step)]
+
+
 def rows_of_block_mask(bm, index: torch.Tensor, store: dict | None = None) -> torch.Tensor:
     """The visible keys of the rows ``index`` (R,) of a BlockMask's pattern: its
     ``mask_mod`` read only on the key blocks listed for each row's query block, every
     other key unseen. Returns (B, 1, R, Tk) bool, the dense mask's rows."""
     kv_len = bm.seq_lengths[1]
-    keys, seen, _, _ = _listed_keys(bm, index, store)
-    out = torch.zeros(*seen.shape[:2], kv_len + 1, dtype=torch.bool, device=index.device)
-    # keys outside the lists or the lengths go to a spare column: no two writes collide
-    out.scatter_(2, torch.where(seen, keys, kv_len), seen)
+    b = bm.kv_num_blocks.shape[0]
+    out = torch.zeros(b, index.shape[0], kv_len + 1, dtype=torch.bool, device=index.device)
+    for i, rows in _row_steps(bm, index, store):
+        keys, seen, _, _ = _listed_keys(bm, rows, store)
+        # keys outside the lists or the lengths go to a spare column: no two writes collide
+        out[:, i : i + rows.shape[0]].scatter_(2, torch.where(seen, keys, kv_len), seen)
     return out[:, None, :, :kv_len]
 
 
@@ -258,14 +272,17 @@ def block_counts_of_block_mask(
     union."""
     kv_len = bm.seq_lengths[1]
     mk, per = -(-kv_len // block_size), bm.BLOCK_SIZE[1] // block_size
-    _, first, ids, ok = _listed_keys(bm, starts, store)
-    _, last, _, _ = _listed_keys(bm, ends, store)
-    b, r, n = ids.shape
-    sums = (first | last).view(b, r, n, per, block_size).sum(-1)  # (B, R, N, per)
-    cols = ids[..., None] * per + torch.arange(per, device=ids.device)
-    cols = torch.where(ok[..., None] & (cols < mk), cols, mk).flatten(-2)
-    out = torch.zeros(b, r, mk + 1, dtype=torch.long, device=ids.device)
-    out.scatter_(2, cols, sums.flatten(-2))  # unlisted blocks go to a spare column
+    b = bm.kv_num_blocks.shape[0]
+    out = torch.zeros(b, starts.shape[0], mk + 1, dtype=torch.long, device=starts.device)
+    for i, rows in _row_steps(bm, starts, store):
+        _, first, ids, ok = _listed_keys(bm, rows, store)
+        _, last, _, _ = _listed_keys(bm, ends[i : i + rows.shape[0]], store)
+        r, n = ids.shape[1:]
+        sums = (first | last).view(b, r, n, per, block_size).sum(-1)  # (B, R, N, per)
+        cols = ids[..., None] * per + torch.arange(per, device=ids.device)
+        cols = torch.where(ok[..., None] & (cols < mk), cols, mk).flatten(-2)
+        # unlisted blocks go to a spare column
+        out[:, i : i + r].scatter_(2, cols, sums.flatten(-2))
     return out[:, None, :, :mk]
 
 
