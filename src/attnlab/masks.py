@@ -221,20 +221,24 @@ def _listed(bm, store: dict | None = None):
 
 
 def _listed_keys(bm, index: torch.Tensor, store: dict | None):
-    """The keys of the blocks listed for each row of ``index`` (R,) and the rows'
-    visibility of them: keys (B, R, N * kb) long (within the lengths), seen (B, R, N * kb)
-    bool, the block ids (B, R, N) and whether listed (B, R, N)."""
+    """The keys of the blocks listed for each row of ``index`` (R,): keys (B, R, N * kb)
+    long (clamped within the lengths), whether each is listed and inside them (B, R,
+    N * kb) bool, the block ids (B, R, N) and whether listed (B, R, N)."""
     ids, ok = _listed(bm, store)
     qb, kb = bm.BLOCK_SIZE
     kv_len = bm.seq_lengths[1]
     parent = index // qb
     ids, ok = ids[:, parent], ok[:, parent]  # (B, R, N)
     keys = ids[..., None] * kb + torch.arange(kb, device=index.device)  # (B, R, N, kb)
-    inside = ok[..., None] & (keys < kv_len)
-    keys = keys.clamp(max=kv_len - 1).flatten(-2)
-    batch = torch.arange(ids.shape[0], device=index.device)[:, None, None]
+    inside = (ok[..., None] & (keys < kv_len)).flatten(-2)
+    return keys.clamp(max=kv_len - 1).flatten(-2), inside, ids, ok
+
+
+def _sees(bm, index: torch.Tensor, keys: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Whether each row of ``index`` (R,) sees its listed ``keys`` (B, R, K): (B, R, K)."""
+    batch = torch.arange(keys.shape[0], device=index.device)[:, None, None]
     seen = bm.mask_mod(batch, torch.zeros_like(batch), index[None, :, None], keys)
-    return keys, seen & inside.flatten(-2), ids, ok
+    return seen & inside
 
 
 KEYS_AT_ONCE = 1 << 24  # listed keys read per step (int64 positions: 128 MiB a batch row)
@@ -257,7 +261,8 @@ def rows_of_block_mask(bm, index: torch.Tensor, store: dict | None = None) -> to
     b = bm.kv_num_blocks.shape[0]
     out = torch.zeros(b, index.shape[0], kv_len + 1, dtype=torch.bool, device=index.device)
     for i, rows in _row_steps(bm, index, store):
-        keys, seen, _, _ = _listed_keys(bm, rows, store)
+        keys, inside, _, _ = _listed_keys(bm, rows, store)
+        seen = _sees(bm, rows, keys, inside)
         # keys outside the lists or the lengths go to a spare column: no two writes collide
         out[:, i : i + rows.shape[0]].scatter_(2, torch.where(seen, keys, kv_len), seen)
     return out[:, None, :, :kv_len]
@@ -275,10 +280,12 @@ def block_counts_of_block_mask(
     b = bm.kv_num_blocks.shape[0]
     out = torch.zeros(b, starts.shape[0], mk + 1, dtype=torch.long, device=starts.device)
     for i, rows in _row_steps(bm, starts, store):
-        _, first, ids, ok = _listed_keys(bm, rows, store)
-        _, last, _, _ = _listed_keys(bm, ends[i : i + rows.shape[0]], store)
+        # a query block's two rows share its listed blocks: their keys are built once
+        keys, inside, ids, ok = _listed_keys(bm, rows, store)
+        last = ends[i : i + rows.shape[0]]
+        seen = _sees(bm, rows, keys, inside) | _sees(bm, last, keys, inside)
         r, n = ids.shape[1:]
-        sums = (first | last).view(b, r, n, per, block_size).sum(-1)  # (B, R, N, per)
+        sums = seen.view(b, r, n, per, block_size).sum(-1)  # (B, R, N, per)
         cols = ids[..., None] * per + torch.arange(per, device=ids.device)
         cols = torch.where(ok[..., None] & (cols < mk), cols, mk).flatten(-2)
         # unlisted blocks go to a spare column

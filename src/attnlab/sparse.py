@@ -275,7 +275,7 @@ class SparseRun:
         ends = ctx.cached(("ends", t, bs), lambda: (starts + bs - 1).clamp(max=t - 1))
 
         def seen():  # (B, 1, Mq, Mk): once per mask where the mask's rows are cached
-            if ctx.visible is None and ctx.row_blocks is not None:
+            if ctx.row_blocks is not None:
                 return ctx.row_blocks(starts, ends, bs)
             return visible_per_block(ctx.visible_rows(starts) | ctx.visible_rows(ends), bs)
 

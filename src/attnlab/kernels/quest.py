@@ -15,6 +15,8 @@ import triton.language as tl
 
 from attnlab.kernels.adjacency import _mm
 
+BOUND_WARPS = 4  # page_bound's launches (the compile check's too)
+
 
 @triton.jit
 def _bound_kernel(
@@ -75,9 +77,6 @@ def page_bound(
         **tiles, num_warps=BOUND_WARPS,
     )  # fmt: skip
     return out.view(b, h, tq, p)
-
-
-BOUND_WARPS = 4
 
 
 def bound_tiles(tq: int, p: int, d: int, dtype: torch.dtype, block: int = 64) -> dict:
