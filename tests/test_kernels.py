@@ -61,6 +61,15 @@ def test_coarsen_reads_strided_inputs():
     assert torch.equal(coarsen_max_l2(x, 4), ref.coarsen_max_l2(x, 4))
 
 
+def test_reference_coarsens_an_expanded_key_head_once():
+    """One key head expanded to four query heads (a view, as a fused prefill passes it):
+    the representatives of a contiguous copy, themselves a view of one head's."""
+    k = _rand(2, 1, 45, 12, seed=3, dtype=torch.bfloat16)
+    out = ref.coarsen_max_l2(k.expand(2, 4, 45, 12), 8)
+    assert torch.equal(out, ref.coarsen_max_l2(k.expand(2, 4, 45, 12).contiguous(), 8))
+    assert out.shape == (2, 4, 6, 12) and out.stride(1) == 0
+
+
 @pytest.mark.parametrize("adjacency", ["softmax", "scores"])
 @pytest.mark.parametrize("q_offset, mq", [(0, 9), (3, 6)])
 def test_adjacency_matches_reference_with_gqa(adjacency, q_offset, mq):

@@ -28,6 +28,9 @@ def coarsen_max_l2(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     b, h, n, d = x.shape
     m = n_blocks(n, block_size)
+    if h > 1 and x.stride(1) == 0:  # one key head expanded to the query heads (a view):
+        # its representatives once, the same view of them (no float32 copy per head)
+        return coarsen_max_l2(x[:, :1], block_size).expand(b, h, m, d)
     pad = m * block_size - n
     norms = x.float().pow(2).sum(-1)  # (B, H, N)
     if pad:
