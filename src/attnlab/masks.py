@@ -7,9 +7,11 @@ and ``mask_function(b, h, q_idx, kv_idx)``, the pattern itself (causal, a window
 ``attnlab`` attention registers :func:`model_mask`, which keeps that recipe in a
 :class:`ModelMask`. A plain causal layer then runs PyTorch's fused kernel with
 ``is_causal`` and a sliding-window layer FlexAttention with a ``BlockMask`` of the same
-pattern (O((T / 128)^2) memory), so full attention holds no (T, T) tensor; a path that
-reads the mask as a tensor (a policy's keep-mask, the run's accounting) builds the dense
-bool mask once per forward pass and layer type.
+pattern (O((T / 128)^2) memory), so full attention holds no (T, T) tensor; what a block
+policy's prefill reads of a plain sliding window (rows, keys per block, pairs) are
+formulas of the window (:mod:`attnlab.windows`); a path that reads the mask as a tensor
+(a policy's keep-mask, the run's accounting) builds the dense bool mask once per forward
+pass and layer type.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from attnlab.blocks import visible_per_block
+from attnlab.windows import (
+    window_block_counts,
+    window_block_pairs,
+    window_of,
+    window_pair_count,
+    window_rows,
+)
 
 
 @dataclass(eq=False)
@@ -54,13 +63,16 @@ class ModelMask:
 
     def visible_pairs(self, module: torch.nn.Module, query: torch.Tensor) -> int:
         """The (query, key) pairs a prefill's mask shows, summed over the batch, for
-        ``query`` (B, H, T, D): B t (t + 1) / 2 where the mask is plain causal; on CUDA from
-        the BlockMask, whole blocks by their area and partial ones (the window's edges,
-        the diagonal) pair by pair, with no (T, T) tensor; elsewhere from the dense mask."""
+        ``query`` (B, H, T, D): B t (t + 1) / 2 where the mask is plain causal, by formula
+        under a plain sliding window; on CUDA from the BlockMask, whole blocks by their
+        area and partial ones (the window's edges, the diagonal) pair by pair, with no (T,
+        T) tensor; elsewhere from the dense mask."""
         if "pairs" not in self._built:
             b, t = query.shape[0], query.shape[-2]
             if self.plain_causal(module):
                 pairs = b * t * (t + 1) // 2
+            elif self.window() is not None:
+                pairs = b * window_pair_count(t, self.window())
             elif query.is_cuda:
                 pairs = _block_mask_pairs(self.block_mask(query.device))
             else:
@@ -71,14 +83,18 @@ class ModelMask:
     def block_pairs(self, block_size: int, device=None) -> torch.Tensor:
         """Visible pairs per (query block, key block) of a prefill under this mask (its
         first batch row), (Mq, Mk) long; counted once per forward pass and block size,
-        for every layer of this type. On CUDA from the BlockMask (:func:`pairs_per_block`,
-        no (T, T) tensor), elsewhere from the dense mask."""
+        for every layer of this type. By formula under a plain sliding window; on CUDA from
+        the BlockMask (:func:`pairs_per_block`, no (T, T) tensor), elsewhere from the
+        dense mask."""
         key = ("block_pairs", block_size)
         if key not in self._built:
             from attnlab.blocks import visible_block_pairs
 
             bm = self.block_mask(device) if _is_cuda(device) else None
-            if bm is not None and all(b % block_size == 0 for b in bm.BLOCK_SIZE):
+            if self.window() is not None:
+                t, dev = self.recipe["q_length"], device or self.recipe.get("device")
+                self._built[key] = window_block_pairs(t, block_size, self.window(), dev)
+            elif bm is not None and all(b % block_size == 0 for b in bm.BLOCK_SIZE):
                 self._built[key] = pairs_per_block(bm, block_size)
             else:
                 self._built[key] = visible_block_pairs(self.dense()[0, 0], block_size)
@@ -94,7 +110,9 @@ class ModelMask:
         """The visible keys of the query rows ``index`` (R,): (B, 1, R, Tk) bool. On CUDA
         from the mask's pattern over the key blocks its BlockMask lists for each row
         (:func:`rows_of_block_mask`: no (T, T) tensor, nor an (R, T) pattern to evaluate),
-        elsewhere read from the dense mask."""
+        elsewhere read from the dense mask; by formula under a plain sliding window."""
+        if self.window() is not None:
+            return window_rows(index, self.recipe["kv_length"], self.window())
         if not index.is_cuda or "dense" in self._built:
             return self.dense()[:, :, index]
         return rows_of_block_mask(self.block_mask(index.device), index, self._built)
@@ -103,7 +121,10 @@ class ModelMask:
         """Keys of each key block of ``block_size`` that the row ``starts[i]`` or the row
         ``ends[i]`` sees (both rows of one query block): (B, 1, R, Mk) long. On CUDA from
         the pattern over the listed blocks (:func:`block_counts_of_block_mask`), elsewhere
-        from the dense mask's rows."""
+        from the dense mask's rows; by formula under a plain sliding window."""
+        if self.window() is not None:
+            tk = self.recipe["kv_length"]
+            return window_block_counts(starts, ends, block_size, tk, self.window())
         bm = self.block_mask(starts.device) if starts.is_cuda else None
         if bm is None or "dense" in self._built or any(b % block_size for b in bm.BLOCK_SIZE):
             return visible_per_block(self.rows(starts) | self.rows(ends), block_size)
@@ -111,11 +132,19 @@ class ModelMask:
 
     def last_row(self, query: torch.Tensor) -> torch.Tensor:
         """The last query row's visible keys: (B, 1, Tk) bool, from the mask's pattern on
-        CUDA, from the dense mask elsewhere."""
-        if not query.is_cuda:
+        CUDA or under a plain sliding window, from the dense mask elsewhere."""
+        if not query.is_cuda and self.window() is None:
             return self.dense()[:, :, -1]
         last = torch.full((1,), query.shape[-2] - 1, device=query.device)
         return self.rows(last)[:, :, 0]
+
+    def window(self) -> int | None:
+        """The window w where this mask is a sliding window and nothing else over an
+        unpadded prefill (:func:`attnlab.windows.window_of`): its rows, counts and pairs
+        are then formulas of w, on every device. Found once per forward pass."""
+        if "window" not in self._built:
+            self._built["window"] = window_of(self.recipe) if self.unpadded() else None
+        return self._built["window"]
 
     def unpadded(self) -> bool:
         """Whether no key is padding (the pattern alone decides); read once per forward

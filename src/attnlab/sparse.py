@@ -310,6 +310,11 @@ class SparseRun:
         layers. Returns (B, H, Mq, Mk) bool kept blocks (and the BlockMask's lists with
         ``lists``, see :meth:`block_selection`)."""
         cache, rows, counts = self._pass_store(q, model_mask)
+        if lists and model_mask.window() is not None:  # the fused kernel's bands by formula
+            from attnlab.kernels.budget import window_bands
+
+            t, bs = q.shape[-2], self.policy.block_size
+            cache.setdefault(("bands", t, bs), window_bands(t, bs, model_mask.window(), q.device))
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
         ctx.row_blocks = counts
         ctx.triton = lists is not None  # the fused path: the policy's Triton scores too

@@ -132,6 +132,23 @@ def causal_bands(m: int, device, max_launches: int = 12) -> tuple[torch.Tensor, 
     return first, list(_causal_launches(m, max_launches))
 
 
+def window_bands(t: int, block_size: int, w: int, device, max_launches: int = 12):
+    """:func:`row_bands` of a prefill of ``t`` tokens under a sliding window of ``w`` keys
+    (query block i's rows see from key block (i bs - w + 1) / bs to block i), made on the
+    host: no wait for the device (the first blocks made there, not copied to it)."""
+    starts = torch.arange(0, t, block_size, device=device)
+    first = ((starts - w + 1).clamp(min=0) // block_size).to(torch.int32)[None]
+    return first, list(_window_launches(t, block_size, w, max_launches))
+
+
+@functools.cache
+def _window_launches(t: int, block_size: int, w: int, max_launches: int):
+    starts = range(0, t, block_size)
+    first = [max(0, s - w + 1) // block_size for s in starts]
+    last = [(min(s + block_size, t) - 1) // block_size for s in starts]
+    return tuple(_launches([hi - lo + 1 for lo, hi in zip(first, last, strict=True)], max_launches))
+
+
 @functools.cache
 def _causal_launches(m: int, max_launches: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(_launches(list(range(1, m + 1)), max_launches))

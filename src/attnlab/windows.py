@@ -1,0 +1,90 @@
+"""A sliding-window prefill's mask by formula: row q of a prefill of t tokens sees the keys
+q - w < k <= q (transformers' ``sliding_window_causal_mask_function``).
+
+What a block policy's prefill reads of the model's mask (rows, keys per key block, pairs
+per block pair) computed from t, w and the block size alone: no (T, T) mask, no BlockMask
+walked, no wait for the device. :func:`window_of` says when a mask is such a window;
+:class:`attnlab.masks.ModelMask` then answers from here, on every device, with the values
+its other paths read from the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnlab.blocks import n_blocks
+
+
+def window_of(recipe: dict) -> int | None:
+    """The window w of a mask recipe (the keywords transformers passes a mask function)
+    that is a sliding window and nothing else over a prefill of t tokens (no offsets,
+    0 < w < t), checked on its pattern's rows 0, 1, w - 1, w, w + 1 and t - 1 on the host;
+    else None. Padding is the caller's to rule out."""
+    w, t = recipe.get("local_size"), recipe.get("q_length")
+    if not (isinstance(w, int) and isinstance(t, int) and 0 < w < t):
+        return None
+    if recipe.get("kv_length") != t or recipe.get("q_offset") != 0 or recipe.get("kv_offset"):
+        return None
+    rows = torch.tensor(sorted({0, 1, w - 1, w, w + 1, t - 1} & set(range(t))))
+    zero = torch.zeros((), dtype=torch.long)
+    want = window_rows(rows, t, w)[0, 0]
+    try:
+        seen = recipe["mask_function"](zero, zero, rows[:, None], torch.arange(t)[None, :])
+        return w if torch.equal(torch.as_tensor(seen).bool().expand_as(want), want) else None
+    except Exception:  # a pattern that does not take host tensors: not ours to read
+        return None
+
+
+def window_rows(index: torch.Tensor, tk: int, w: int) -> torch.Tensor:
+    """The visible keys of rows ``index`` (R,): (1, 1, R, Tk) bool."""
+    k = torch.arange(tk, device=index.device)
+    q = index[:, None]
+    return ((k <= q) & (k > q - w))[None, None]
+
+
+def _keys_per_block(lo: torch.Tensor, hi: torch.Tensor, block_size: int, tk: int):
+    """Keys lo..hi (inclusive, none where hi < lo) in each key block: (R,) -> (R, Mk)."""
+    first = torch.arange(0, tk, block_size, device=lo.device)
+    end = (first + block_size).clamp(max=tk)
+    return (torch.minimum(hi[:, None] + 1, end) - torch.maximum(lo[:, None], first)).clamp(min=0)
+
+
+def window_block_counts(
+    starts: torch.Tensor, ends: torch.Tensor, block_size: int, tk: int, w: int
+) -> torch.Tensor:
+    """Keys of each key block that row ``starts[i]`` or row ``ends[i]`` sees: the two
+    windows' keys less their overlap. Returns (1, 1, R, Mk) long."""
+    lo_s, lo_e = (starts - w + 1).clamp(min=0), (ends - w + 1).clamp(min=0)
+
+    def keys(lo, hi):
+        return _keys_per_block(lo, hi, block_size, tk)
+
+    both = keys(torch.maximum(lo_s, lo_e), torch.minimum(starts, ends))
+    return (keys(lo_s, starts) + keys(lo_e, ends) - both)[None, None]
+
+
+def window_block_pairs(t: int, block_size: int, w: int, device=None) -> torch.Tensor:
+    """Visible pairs per (query block, key block): each row's keys per key block over the
+    few key blocks its query block's rows reach, summed per query block. Returns (Mq, Mk)
+    long, as ``blocks.visible_block_pairs`` of the dense mask."""
+    m = n_blocks(t, block_size)
+    reach = -(-(w - 1) // block_size) + 2  # key blocks a query block's rows reach, at most
+    q = torch.arange(t, device=device)
+    block = q // block_size
+    first = (block * block_size - w + 1).clamp(min=0) // block_size  # its first key block
+    cols = first[:, None] + torch.arange(reach, device=device)  # (T, reach)
+    lo, hi = (q - w + 1).clamp(min=0)[:, None], q[:, None]
+    start = cols * block_size
+    end = (start + block_size).clamp(max=t)
+    per_row = (torch.minimum(hi + 1, end) - torch.maximum(lo, start)).clamp(min=0)
+    per = torch.zeros(m, reach, dtype=torch.long, device=device).index_add_(0, block, per_row)
+    pairs = torch.zeros(m, m + reach, dtype=torch.long, device=device)  # spare columns
+    rows = torch.arange(m, device=device) * block_size
+    base = (rows - w + 1).clamp(min=0) // block_size
+    pairs.scatter_(1, base[:, None] + torch.arange(reach, device=device), per)
+    return pairs[:, :m]
+
+
+def window_pair_count(t: int, w: int) -> int:
+    """Pairs a window shows over a prefill of t tokens: sum over q of min(q + 1, w)."""
+    return w * (w + 1) // 2 + max(0, t - w) * w if t >= w else t * (t + 1) // 2
