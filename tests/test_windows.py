@@ -116,3 +116,27 @@ def test_a_model_s_window_mask_answers_by_formula_as_its_dense_mask(monkeypatch)
     assert torch.equal(mask.block_counts(starts, ends, 16), want)
     assert torch.equal(mask.block_pairs(16), visible_block_pairs(dense[0, 0], 16))
     assert "dense" not in mask.store  # none of them built it
+
+
+def test_a_block_policy_s_prefill_under_the_window_s_formula_equals_the_pattern_s():
+    """A block policy's FlexAttention prefill of Gemma 3 with the window's own mask_mod
+    returns the logits it returns with the mask_mod read from the model's pattern."""
+    from attnlab import policies, sparse
+
+    model = tiny_gemma3()
+    ids = torch.randint(0, 100, (1, 90), generator=torch.Generator().manual_seed(3))
+
+    def logits():
+        run = sparse.SparseRun(policies.make("quest", block_size=16), 0.8, backend="flex")
+        with run, torch.no_grad():
+            out = model(input_ids=ids).logits  # every row's
+        assert run.kernels.get("flex block-sparse, model mask") == 2  # both window layers
+        return out
+
+    by_formula = logits()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ModelMask, "mask_mod", lambda self, device: self.block_mask(device).mask_mod)
+        assert torch.equal(by_formula, logits())
+    q, k = torch.arange(60)[:, None], torch.arange(60)[None, :]
+    mask_mod = ModelMask(_recipe(60, 24)).mask_mod("cpu")
+    assert torch.equal(mask_mod(0, 0, q, k), _dense(60, 24))

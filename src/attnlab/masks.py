@@ -24,6 +24,7 @@ from attnlab.blocks import visible_per_block
 from attnlab.windows import (
     window_block_counts,
     window_block_pairs,
+    window_mask_mod,
     window_of,
     window_pair_count,
     window_rows,
@@ -60,6 +61,13 @@ class ModelMask:
             else:
                 self._built["blocks"] = _block_mask_of(self.dense())
         return self._built["blocks"]
+
+    def mask_mod(self, device):
+        """The pattern as FlexAttention's ``mask_mod``: a plain sliding window's by formula
+        (no BlockMask built), else that of :meth:`block_mask`."""
+        if self.window() is not None:
+            return window_mask_mod(self.window())
+        return self.block_mask(device).mask_mod
 
     def visible_pairs(self, module: torch.nn.Module, query: torch.Tensor) -> int:
         """The (query, key) pairs a prefill's mask shows, summed over the batch, for

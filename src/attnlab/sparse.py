@@ -392,7 +392,7 @@ class SparseRun:
         self.recorder.count(b, h, t, t, kept, b * total)
         if watching:
             self.recorder.note_needle(layer, last, shown)
-        mask_mod = None if model_mask is None else model_mask.block_mask(query.device).mask_mod
+        mask_mod = None if model_mask is None else model_mask.mask_mod(query.device)
         with phase("attention"):
             return flex_block_sparse_attention(
                 query, key, value, keep, bs, scaling, mask_mod, lists

@@ -10,6 +10,8 @@ its other paths read from the mask.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from attnlab.blocks import n_blocks
@@ -33,6 +35,17 @@ def window_of(recipe: dict) -> int | None:
         return w if torch.equal(torch.as_tensor(seen).bool().expand_as(want), want) else None
     except Exception:  # a pattern that does not take host tensors: not ours to read
         return None
+
+
+@functools.cache
+def window_mask_mod(w: int):
+    """FlexAttention's ``mask_mod`` of the window (one function per w, so a compiled kernel
+    meets the same one every pass)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - w)
+
+    return mask_mod
 
 
 def window_rows(index: torch.Tensor, tk: int, w: int) -> torch.Tensor:
