@@ -146,6 +146,16 @@ class ModelMask:
         last = torch.full((1,), query.shape[-2] - 1, device=query.device)
         return self.rows(last)[:, :, 0]
 
+    def block_bands(self, count: torch.Tensor, block_size: int):
+        """The budget kernel's bands (:func:`attnlab.kernels.budget.row_bands`) of the
+        counts :meth:`block_counts` gave: by formula under a plain sliding window, else
+        read from the counts (one wait for the device)."""
+        from attnlab.kernels.budget import row_bands, window_bands
+
+        if self.window() is None:
+            return row_bands(count)
+        return window_bands(self.recipe["q_length"], block_size, self.window(), count.device)
+
     def window(self) -> int | None:
         """The window w where this mask is a sliding window and nothing else over an
         unpadded prefill (:func:`attnlab.windows.window_of`): its rows, counts and pairs
@@ -334,17 +344,14 @@ def causal_block_counts(
     starts: torch.Tensor, ends: torch.Tensor, block_size: int, tk: int
 ) -> torch.Tensor:
     """:meth:`ModelMask.block_counts` of a plain causal prefill of ``tk`` tokens, by
-    formula: a row at p sees the keys up to p. Returns (1, 1, R, Mk) long."""
-    last = torch.maximum(starts, ends)[:, None] + 1  # keys before it: (R, 1)
-    first = torch.arange(0, tk, block_size, device=starts.device)  # each key block's first
-    end = (first + block_size).clamp(max=tk)
-    return (torch.minimum(last, end) - first).clamp(min=0)[None, None]
+    formula: a window as long as the prompt. Returns (1, 1, R, Mk) long."""
+    return window_block_counts(starts, ends, block_size, tk, tk)
 
 
 def causal_rows(index: torch.Tensor, tk: int) -> torch.Tensor:
     """The visible keys of rows ``index`` (R,) of a plain causal prefill of ``tk`` tokens:
     (1, 1, R, Tk) bool."""
-    return (torch.arange(tk, device=index.device) <= index[:, None])[None, None]
+    return window_rows(index, tk, tk)
 
 
 def _block_mask_of(dense: torch.Tensor, block: int = 128):

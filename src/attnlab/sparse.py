@@ -287,16 +287,14 @@ class SparseRun:
             return keep if lists is None else (keep, None)
         if lists is None:
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
-        from attnlab.kernels.budget import MAX_BLOCKS, budget_select, causal_bands, row_bands
+        from attnlab.kernels.budget import MAX_BLOCKS, budget_select, row_bands
 
         m = score.shape[-1]
         if m > MAX_BLOCKS:  # a row too long for one program's registers
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None
-        # a causal prefill's bands are known on the host; a window's are read once per pass
-        causal = lists is False
-        bands = ctx.cached(
-            ("bands", t, bs), lambda: causal_bands(m, dev) if causal else row_bands(count)
-        )
+        # a causal prefill's and a plain window's bands are made on the host, others read
+        of_counts = ctx.block_bands or (lambda count, _: row_bands(count))
+        bands = ctx.cached(("bands", t, bs), lambda: of_counts(count, bs))
         count = ctx.cached(("seen, int32", t, bs), lambda: count.to(torch.int32))
         made = lambda: (ends, ctx.budget, ctx.budget[..., ends])  # noqa: E731
         budget = ctx.cached(("budgets of", id(ends), id(ctx.budget)), made)[2]
@@ -309,14 +307,9 @@ class SparseRun:
         is kept in the mask's store, or for a causal prefill on the run, for the next
         layers. Returns (B, H, Mq, Mk) bool kept blocks (and the BlockMask's lists with
         ``lists``, see :meth:`block_selection`)."""
-        cache, rows, counts = self._pass_store(q, model_mask)
-        if lists and model_mask.window() is not None:  # the fused kernel's bands by formula
-            from attnlab.kernels.budget import window_bands
-
-            t, bs = q.shape[-2], self.policy.block_size
-            cache.setdefault(("bands", t, bs), window_bands(t, bs, model_mask.window(), q.device))
+        cache, rows, counts, bands = self._pass_store(q, model_mask)
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
-        ctx.row_blocks = counts
+        ctx.row_blocks, ctx.block_bands = counts, bands
         ctx.triton = lists is not None  # the fused path: the policy's Triton scores too
         keep = self.block_selection(ctx, lists)
         self.policy.remember(ctx)
@@ -325,17 +318,22 @@ class SparseRun:
     def _pass_store(self, q: torch.Tensor, model_mask=None):
         """Where a prefill keeps what every layer under its mask reads (the mask's store,
         or for a causal prefill the run's, per length and device), how the mask's rows
-        are built (for a causal prefill only the rows the selection reads) and how the
-        keys two rows of a query block see are counted per key block (causal: by formula;
-        a window: from its BlockMask on CUDA)."""
+        are built (for a causal prefill only the rows the selection reads), how the keys
+        two rows of a query block see are counted per key block and the budget kernel's
+        bands of those counts (causal: by formula; under the model's mask:
+        :class:`~attnlab.masks.ModelMask`'s)."""
         if model_mask is None:
             t = q.shape[-2]
-            return (
-                self._causal_cache.setdefault((t, q.device), {}),
-                functools.partial(causal_rows, tk=t),
-                functools.partial(causal_block_counts, tk=t),
-            )
-        return model_mask.store, model_mask.rows, model_mask.block_counts
+
+            def bands(count, _):
+                from attnlab.kernels.budget import causal_bands
+
+                return causal_bands(count.shape[-1], count.device)
+
+            cache = self._causal_cache.setdefault((t, q.device), {})
+            rows = functools.partial(causal_rows, tk=t)
+            return cache, rows, functools.partial(causal_block_counts, tk=t), bands
+        return model_mask.store, model_mask.rows, model_mask.block_counts, model_mask.block_bands
 
     def _pass_pairs(self, query: torch.Tensor, model_mask=None):
         """A prefill's visible pairs per (query block, key block) (Mq, Mk) long, their sum

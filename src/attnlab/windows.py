@@ -55,11 +55,17 @@ def window_rows(index: torch.Tensor, tk: int, w: int) -> torch.Tensor:
     return ((k <= q) & (k > q - w))[None, None]
 
 
+def _overlap(lo, hi, start, block_size: int, tk: int) -> torch.Tensor:
+    """Keys lo..hi (inclusive, none where hi < lo) in the key blocks starting at
+    ``start`` (broadcast together)."""
+    end = (start + block_size).clamp(max=tk)
+    return (torch.minimum(hi + 1, end) - torch.maximum(lo, start)).clamp(min=0)
+
+
 def _keys_per_block(lo: torch.Tensor, hi: torch.Tensor, block_size: int, tk: int):
-    """Keys lo..hi (inclusive, none where hi < lo) in each key block: (R,) -> (R, Mk)."""
+    """Keys lo..hi in each key block: (R,) -> (R, Mk)."""
     first = torch.arange(0, tk, block_size, device=lo.device)
-    end = (first + block_size).clamp(max=tk)
-    return (torch.minimum(hi[:, None] + 1, end) - torch.maximum(lo[:, None], first)).clamp(min=0)
+    return _overlap(lo[:, None], hi[:, None], first, block_size, tk)
 
 
 def window_block_counts(
@@ -82,19 +88,17 @@ def window_block_pairs(t: int, block_size: int, w: int, device=None) -> torch.Te
     long, as ``blocks.visible_block_pairs`` of the dense mask."""
     m = n_blocks(t, block_size)
     reach = -(-(w - 1) // block_size) + 2  # key blocks a query block's rows reach, at most
+    span = torch.arange(reach, device=device)
+    # each query block's first key block: that of its first row
+    base = (torch.arange(m, device=device) * block_size - w + 1).clamp(min=0) // block_size
     q = torch.arange(t, device=device)
     block = q // block_size
-    first = (block * block_size - w + 1).clamp(min=0) // block_size  # its first key block
-    cols = first[:, None] + torch.arange(reach, device=device)  # (T, reach)
+    cols = base[block, None] + span  # (T, reach)
     lo, hi = (q - w + 1).clamp(min=0)[:, None], q[:, None]
-    start = cols * block_size
-    end = (start + block_size).clamp(max=t)
-    per_row = (torch.minimum(hi + 1, end) - torch.maximum(lo, start)).clamp(min=0)
+    per_row = _overlap(lo, hi, cols * block_size, block_size, t)
     per = torch.zeros(m, reach, dtype=torch.long, device=device).index_add_(0, block, per_row)
     pairs = torch.zeros(m, m + reach, dtype=torch.long, device=device)  # spare columns
-    rows = torch.arange(m, device=device) * block_size
-    base = (rows - w + 1).clamp(min=0) // block_size
-    pairs.scatter_(1, base[:, None] + torch.arange(reach, device=device), per)
+    pairs.scatter_(1, base[:, None] + span, per)
     return pairs[:, :m]
 
 

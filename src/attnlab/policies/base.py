@@ -88,6 +88,8 @@ class ScoreContext:
     # there, the keys per key block that either of two rows of each query block sees,
     # (starts, ends, block_size) -> (B, 1, R, Mk) long, counted without those rows
     row_blocks: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    # and the budget kernel's bands of those counts, (count, block_size) -> (first, launches)
+    block_bands: Callable[[torch.Tensor, int], tuple] | None = None
     # what is read from the model's mask, kept for the next layers under the same mask (a
     # block policy's prefill through FlexAttention: one forward pass and layer type)
     mask_cache: dict | None = None
