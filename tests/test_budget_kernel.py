@@ -49,6 +49,27 @@ def test_fused_budget_selection_equals_the_pytorch_selection(m, seed, all_partia
             _same_kept_lists(got, ordered_blocks(want & sel))
 
 
+@pytest.mark.parametrize("m, seed, width", [(23, 1, None), (40, 2, 5)])
+def test_the_kernel_sums_the_kept_pairs_as_the_keep_mask_counts_them(m, seed, width):
+    """With the visible pairs of each block pair the kernel also returns the pairs its
+    selection keeps, every head and row summed: what the prefill's accounting counts from
+    the keep-mask, and the same selection and lists as without them."""
+    score, count, budget = _case(m, seed)
+    if width is not None:  # a window's band, as in the test below
+        rows = torch.arange(m, device=DEVICE)
+        band = (rows[None, :] <= rows[:, None]) & (rows[None, :] > rows[:, None] - width)
+        count = count.clamp(min=1) * band
+    g = torch.Generator().manual_seed(seed)
+    pairs = (torch.randint(1, 257, (m, m), generator=g) * (count[0, 0].cpu() > 0)).to(DEVICE)
+    keep, lists = budget_select(score, count, budget, width is not None)
+    again, same_lists, kept = budget_select(score, count, budget, width is not None, pairs=pairs)
+    assert torch.equal(again, keep)
+    for got, want in zip(same_lists, lists, strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+    assert kept.dtype == torch.int64 and kept.dim() == 0
+    assert kept.item() == (keep.long() * pairs).sum().item() > 0
+
+
 def _same_kept_lists(got, want):
     """The same number of kept blocks in each list and the same blocks at its head (what
     FlexAttention reads of it)."""

@@ -36,12 +36,12 @@ def quest_tiles(dtype):
 
 
 def budget_shape(width, all_partial):
-    """(constexprs, warps, stages) of the budget kernel as ``budget_select`` launches a
-    band of ``width`` blocks."""
+    """(constexprs, warps, stages) of the budget kernel as a fused prefill's
+    ``budget_select`` launches a band of ``width`` blocks (kept pairs counted)."""
     from attnlab.kernels.budget import launch_shape
 
     size, warps = launch_shape(width)
-    return dict(BLOCK=size, ALL_PARTIAL=all_partial), warps, 3
+    return dict(BLOCK=size, ALL_PARTIAL=all_partial, PAIRS=True), warps, 3
 
 
 SHARED_MAX = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
@@ -75,7 +75,8 @@ LAUNCHES = [
        *xattention_tiles(d, 8, 16, 4096, "ieee" if dt == "fp32" else "native"))
       for dt, d in (("bf16", 256), ("bf16", 128), ("fp32", 256))],
     # a causal layer's longest rows at 32k (2048 blocks), a sliding window's band (33)
-    *[("budget", "_budget_kernel", {"count": "i32", "budget": "i64", "keep": "i8"},
+    *[("budget", "_budget_kernel",
+       {"count": "i32", "budget": "i64", "keep": "i8", "pairs": "i64", "kept": "i64"},
        *budget_shape(width, partial)) for width, partial in ((2048, False), (33, True))],
 ]  # fmt: skip
 

@@ -259,7 +259,7 @@ class SparseRun:
         wanted = self.backend == "flex" or (self.backend == "auto" and query.is_cuda)
         return wanted and self.policy.level == "block" and tq == tk
 
-    def block_selection(self, ctx: ScoreContext, lists: bool | None = None):
+    def block_selection(self, ctx: ScoreContext, lists: bool | None = None, pairs=None):
         """A block policy's selection for a prefill, once per query block: from the
         block's first row (``causal``) or from all its queries (``prompt``,
         :meth:`~attnlab.policies.base.BlockPolicy.block_scores`), under the budget of its
@@ -267,7 +267,8 @@ class SparseRun:
         ctx: every row of the prefill. Returns (B, H, Mq, Mk) bool kept blocks; with
         ``lists`` (True: under the model's own mask, False: causal) also the BlockMask's
         lists, from the fused kernel (:func:`attnlab.kernels.budget.budget_select`, the
-        same selection), or None where the policy leaves the layer dense."""
+        same selection), or None where the policy leaves the layer dense, and the kept
+        pairs the kernel summed given the visible ``pairs`` per block pair (else None)."""
         t, bs = ctx.q.shape[-2], self.policy.block_size
         b, h = ctx.q.shape[:2]
         dev = ctx.q.device
@@ -284,23 +285,26 @@ class SparseRun:
         score = self.policy.block_scores(ctx, rows, self.selection)
         if score is None:  # a layer the policy leaves dense
             keep = (count > 0).expand(b, h, *count.shape[-2:])
-            return keep if lists is None else (keep, None)
+            return keep if lists is None else (keep, None, None)
         if lists is None:
             return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
         from attnlab.kernels.budget import MAX_BLOCKS, budget_select, row_bands
 
         m = score.shape[-1]
         if m > MAX_BLOCKS:  # a row too long for one program's registers
-            return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None
+            return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None, None
         # a causal prefill's and a plain window's bands are made on the host, others read
         of_counts = ctx.block_bands or (lambda count, _: row_bands(count))
         bands = ctx.cached(("bands", t, bs), lambda: of_counts(count, bs))
         count = ctx.cached(("seen, int32", t, bs), lambda: count.to(torch.int32))
         made = lambda: (ends, ctx.budget, ctx.budget[..., ends])  # noqa: E731
         budget = ctx.cached(("budgets of", id(ends), id(ctx.budget)), made)[2]
-        return budget_select(score, count, budget, lists, bands)
+        out = budget_select(score, count, budget, lists, bands, pairs)
+        return out if pairs is not None else (*out, None)
 
-    def block_mask(self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None):
+    def block_mask(
+        self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None, pairs=None
+    ):
         """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);
         model_mask: the model's own :class:`~attnlab.masks.ModelMask` (a sliding window),
         causal when None. What the selection reads of the mask (rows, counts per block)
@@ -311,7 +315,7 @@ class SparseRun:
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
         ctx.row_blocks, ctx.block_bands = counts, bands
         ctx.triton = lists is not None  # the fused path: the policy's Triton scores too
-        keep = self.block_selection(ctx, lists)
+        keep = self.block_selection(ctx, lists, pairs)
         self.policy.remember(ctx)
         return keep
 
@@ -370,8 +374,8 @@ class SparseRun:
         fused = query.is_cuda and self.fused  # the selection and its lists in one kernel
         lists = (model_mask is not None) if fused else None
         with phase("selection"):
-            keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists)
-        keep, lists = keep if fused else (keep, None)
+            keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists, pairs)
+        keep, lists, kept = keep if fused else (keep, None, None)
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         self.took(kernel + (", fused selection" if lists is not None else ""), t)
         b, h = keep.shape[:2]
@@ -384,14 +388,12 @@ class SparseRun:
             self.recorder.record_recall(  # the keys repeated, as every path records them
                 layer, query[..., -1, :], expand_kv(key, h), shown, scaling, last, budget[None]
             )
-        # summed on the device, read once (achieved_sparsity): no wait per layer; heads
-        # summed first, so no (B, H, Mq, Mk) integer tensor is made
-        kept = (keep.sum((0, 1), dtype=torch.int32) * pairs).sum()
+        # summed on the device, read once (achieved_sparsity): no wait per layer; by the
+        # fused kernel, else heads summed first, so no (B, H, Mq, Mk) integer tensor is made
+        kept = (keep.sum((0, 1), dtype=torch.int32) * pairs).sum() if kept is None else kept
         self.recorder.count(b, h, t, t, kept, b * total)
         if watching:
             self.recorder.note_needle(layer, last, shown)
-        mask_mod = None if model_mask is None else model_mask.mask_mod(query.device)
+        mask = None if model_mask is None else model_mask.mask_mod(query.device)
         with phase("attention"):
-            return flex_block_sparse_attention(
-                query, key, value, keep, bs, scaling, mask_mod, lists
-            )
+            return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask, lists)

@@ -47,9 +47,9 @@ MAX_BLOCKS = 8192  # key blocks a row may have (128k tokens in blocks of 16): on
 @triton.jit
 def _budget_kernel(
     score_ptr, count_ptr, budget_ptr, lo_ptr, keep_ptr,
-    full_num_ptr, full_idx_ptr, part_num_ptr, part_idx_ptr,
-    M, W, R0, H, s_sc_b, s_sc_h, s_sc_m, s_ct_b, s_ct_m, s_bu_b, s_bu_h, s_lo_b,
-    BLOCK: tl.constexpr, ALL_PARTIAL: tl.constexpr,
+    full_num_ptr, full_idx_ptr, part_num_ptr, part_idx_ptr, pairs_ptr, kept_ptr,
+    M, W, R0, H, s_sc_b, s_sc_h, s_sc_m, s_ct_b, s_ct_m, s_bu_b, s_bu_h, s_lo_b, s_pr_m,
+    BLOCK: tl.constexpr, ALL_PARTIAL: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     i = R0 + tl.program_id(0)  # the query block
     bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
@@ -91,6 +91,9 @@ def _budget_kernel(
     kept = (fits | first | top) & (o != ninf) & in_m  # not -inf
     lists = bh * M + i  # this row's lists
     tl.store(keep_ptr + lists * M + cols, kept.to(tl.int8), mask=in_m)
+    if PAIRS:  # the row's kept pairs (pairs: visible pairs per block pair, every row's)
+        p = tl.load(pairs_ptr + i * s_pr_m + cols, mask=in_m, other=0).to(tl.int64)
+        tl.store(kept_ptr + lists, tl.sum(tl.where(kept, p, 0), axis=0))
     if ALL_PARTIAL:  # every kept block at or left of the diagonal, pair by pair
         _write_list(kept & (cols <= i), cols, in_m, part_idx_ptr + lists * M, part_num_ptr + lists)
     else:
@@ -192,7 +195,8 @@ def budget_select(
     budget: torch.Tensor,
     all_partial: bool,
     bands: tuple[torch.Tensor, list] | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    pairs: torch.Tensor | None = None,
+):
     """The selection of ``keep_blocks_by_budget`` and the BlockMask lists of
     ``block_mask_from_keep`` (query blocks as tall as key blocks), in one kernel.
 
@@ -201,10 +205,12 @@ def budget_select(
     ``all_partial``: the model's own mask applies pair by pair (a window), so every kept
     block at or left of the diagonal is partial; else blocks strictly left of it are full.
     ``bands``: :func:`row_bands` of ``count`` (found here when None), each row searching
-    its band alone.
+    its band alone. ``pairs``: (Mq, Mk) visible token pairs per block pair, the same for
+    every batch row and head: the kept ones are summed in the same pass.
     Returns the keep-mask (B, H, Mq, Mk) bool and (full_num, full_idx, part_num, part_idx),
     each list of kept blocks ascending, then the band's others ascending (full_num None
-    under ``all_partial``).
+    under ``all_partial``); with ``pairs`` also the kept pairs, a 0-dim int64 tensor on the
+    device (no wait: the accounting of :meth:`attnlab.sparse.SparseRun.flex_attention`).
     """
     b, h, m, mk = score.shape
     if m != mk or mk > MAX_BLOCKS:
@@ -224,16 +230,20 @@ def budget_select(
     nums = [torch.empty(b, h, m, dtype=torch.int32, device=dev) for _ in range(lists)]
     # each row writes its band's blocks: the rest of a list is zeros
     idxs = [torch.zeros(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
+    counts_pairs = pairs is not None  # every row writes its own (the launches cover all)
+    rows_kept = torch.empty(b, h, m, dtype=torch.int64, device=dev) if counts_pairs else nums[-1]
+    pairs = _rows_contiguous(pairs) if counts_pairs else count  # else never read
     for r0, r1, width in launches:
         size, warps = launch_shape(width)
         _budget_kernel[(r1 - r0, b * h)](
-            score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1],
-            mk, width, r0, h, *score.stride()[:3], count.stride(0), count.stride(2),
-            *budget.stride()[:2], lo.stride(0),
-            BLOCK=size, ALL_PARTIAL=all_partial, num_warps=warps,
+            score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1], pairs,
+            rows_kept, mk, width, r0, h, *score.stride()[:3], count.stride(0), count.stride(2),
+            *budget.stride()[:2], lo.stride(0), pairs.stride(-2),
+            BLOCK=size, ALL_PARTIAL=all_partial, PAIRS=counts_pairs, num_warps=warps,
         )  # fmt: skip
     full = (None, None) if all_partial else (nums[0], idxs[0])
-    return keep.view(torch.bool), (*full, nums[-1], idxs[-1])
+    out = keep.view(torch.bool), (*full, nums[-1], idxs[-1])
+    return (*out, rows_kept.sum()) if counts_pairs else out
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
