@@ -1,6 +1,8 @@
 """Where a prefill's time goes: the policy's selection, the attention kernels and the rest
 of the model (``attnlab bench prefill``'s ``selection_ms``, ``attention_ms`` and
-``rest_ms``, from one pass beside the timed ones).
+``rest_ms``, from one pass beside the timed ones), and how long the host took to issue the
+pass (``host_ms``: on the GPU, near the pass's own time where the GPU waited for the host,
+well below it where the host ran ahead).
 
 The attention marks its two phases with :func:`phase`, which costs nothing unless a
 :class:`Phases` is active. Then each phase is bracketed by CUDA events on the GPU (recorded
@@ -54,12 +56,16 @@ class Phases:
         return time.perf_counter()
 
     def __enter__(self) -> Phases:
+        if self.cuda:  # the pass starts on an idle GPU, its first event with the host clock
+            torch.cuda.synchronize()
         self._token = _ACTIVE.set(self)
+        self._host = time.perf_counter()
         self._start = self.mark()
         return self
 
     def __exit__(self, *exc) -> None:
         self._end = self.mark()
+        self._host = time.perf_counter() - self._host
         _ACTIVE.reset(self._token)
 
     def _elapsed(self, start, end) -> float:
@@ -67,11 +73,13 @@ class Phases:
 
     def ms(self) -> dict[str, float]:
         """Milliseconds of each phase (``selection``, ``attention``; 0 where it never ran),
-        of the whole pass (``total``) and of the rest of it (``rest``)."""
+        of the whole pass (``total``), of the rest of it (``rest``) and of the host's
+        issuing it (``host``, from the ``with`` to its end)."""
         names = ("selection", "attention")
         if self.cuda:
             torch.cuda.synchronize()
         out = {n: sum(self._elapsed(a, b) for a, b in self.spans.get(n, [])) for n in names}
         out["total"] = self._elapsed(self._start, self._end)
         out["rest"] = out["total"] - sum(out[n] for n in names)
+        out["host"] = self._host * 1e3
         return out

@@ -18,7 +18,8 @@ is the whole process's, model included. One more pass of each attnlab entry, bes
 timed ones, splits its time (:mod:`attnlab.phases`): ``selection_ms`` (the policy
 choosing its keys or blocks), ``attention_ms`` (the attention kernels, a block policy's
 BlockMask included) and ``rest_ms`` (the rest of the model), so that the attention's share
-of the prefill, which bounds what any policy can gain, is in the table.
+of the prefill, which bounds what any policy can gain, is in the table; ``host_ms`` is how
+long the host took to issue that pass (where it nears the pass's time, the GPU waited).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         policy, s, ms, reps, implementation, kernel_used, achieved, selection="causal", split=None
     ):
         nan = float("nan")  # split: the pass's phases (attnlab entries), else not measured
-        split = split or {"selection": nan, "attention": nan, "rest": nan}
+        split = split or dict.fromkeys(("selection", "attention", "rest", "host"), nan)
         rows.append(
             {
                 "model": args.model,
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "kernel": kernel_used,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                **{f"{k}_ms": split[k] for k in ("selection", "attention", "rest")},
+                **{f"{k}_ms": split[k] for k in ("selection", "attention", "rest", "host")},
             }
         )
         print(
