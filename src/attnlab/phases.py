@@ -59,13 +59,13 @@ class Phases:
         if self.cuda:  # the pass starts on an idle GPU, its first event with the host clock
             torch.cuda.synchronize()
         self._token = _ACTIVE.set(self)
-        self._host = time.perf_counter()
+        self._host_start = time.perf_counter()
         self._start = self.mark()
         return self
 
     def __exit__(self, *exc) -> None:
         self._end = self.mark()
-        self._host = time.perf_counter() - self._host
+        self._host_end = time.perf_counter()
         _ACTIVE.reset(self._token)
 
     def _elapsed(self, start, end) -> float:
@@ -81,5 +81,5 @@ class Phases:
         out = {n: sum(self._elapsed(a, b) for a, b in self.spans.get(n, [])) for n in names}
         out["total"] = self._elapsed(self._start, self._end)
         out["rest"] = out["total"] - sum(out[n] for n in names)
-        out["host"] = self._host * 1e3
+        out["host"] = (self._host_end - self._host_start) * 1e3
         return out

@@ -196,7 +196,7 @@ def budget_select(
     all_partial: bool,
     bands: tuple[torch.Tensor, list] | None = None,
     pairs: torch.Tensor | None = None,
-):
+) -> tuple:
     """The selection of ``keep_blocks_by_budget`` and the BlockMask lists of
     ``block_mask_from_keep`` (query blocks as tall as key blocks), in one kernel.
 
