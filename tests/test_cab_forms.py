@@ -193,3 +193,67 @@ def test_the_kernels_score_only_the_variants_they_form():
     assert policies.make("cab", block_size=32).triton_scores(ctx, rows[::2])
     ctx.history.q = q  # a later call: earlier rows in the history
     assert not takes()
+
+
+@pytest.mark.parametrize("graph", ["symmetric", "directed"])
+def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
+    """``first``: the curvature kernels skip the product only in tiles left of every band
+    of their rows, so each query block's entries from its first key block on equal the
+    whole computation's, in both forms (tiles of 32 and 16 blocks, a 40-block window)."""
+    n, bs = 1200, 8
+    q, k = _rand(1, 2, n, 16, seed=11), _rand(1, 1, n, 16, seed=12)
+    m = n // bs
+    first = (torch.arange(m, device=DEVICE) - 39).clamp(min=0)
+    band = (torch.arange(m, device=DEVICE) >= first[:, None]) & (
+        torch.arange(m, device=DEVICE) <= torch.arange(m, device=DEVICE)[:, None]
+    )
+    kw = dict(graph=graph, write_score=True, write_indices=False, precision="ieee")
+    for form in ("prompt", "causal"):
+        whole = cab_select(q, k, bs, 0.25, None, form=form, curvature_block=32, **kw).score
+        part = cab_select(q, k, bs, 0.25, None, form=form, curvature_block=32, first=first, **kw)
+        part = part.score
+        # z-scores per row: affine, so the band keeps its order (the values move with
+        # the row's mean and spread, which the skipped tiles change)
+        for row in range(40, m):
+            ranks = [s[..., row, band[row]].argsort(dim=-1, stable=True) for s in (part, whole)]
+            assert torch.equal(*ranks), (form, row)
+    with pytest.raises(ValueError, match="lam = 1"):
+        cab_select(q, k, bs, 0.25, None, lam=0.5, first=first, **kw)
+
+
+@pytest.mark.parametrize("graph, form", [("symmetric", "prompt"), ("directed", "causal")])
+def test_under_a_window_the_fused_cab_selection_keeps_the_pytorch_one(graph, form, monkeypatch):
+    """Under a sliding window the fused selection hands CAB's curvature each block's
+    first visible key block and keeps the blocks the PyTorch path keeps wherever
+    rounding cannot decide."""
+    from tests.test_windows import _recipe
+
+    import attnlab.kernels.cab as cab_kernels
+    from attnlab.masks import ModelMask
+
+    firsts = []
+    real = cab_kernels.cab_scores
+    monkeypatch.setattr(
+        cab_kernels, "cab_scores", lambda *a, **kw: firsts.append(kw["first"]) or real(*a, **kw)
+    )
+    n, bs, w, scaling = 2400, 8, 100, 0.25  # 300 blocks: tiles of 128 and 64 skipped
+    q, k = _rand(1, 2, n, 16, seed=13), _rand(1, 1, n, 16, seed=14)
+    policy = policies.make("cab", block_size=bs, graph=graph, selection=form)
+    keeps = {}
+    for fused in (False, True):
+        mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE)))
+        run = sparse.SparseRun(policy, 0.97, whole_prompt=True)  # a few of a band's blocks
+        keep = run.block_mask(0, q, expand_kv(k, 2), scaling, 1, mask, lists=fused or None)
+        keeps[fused] = keep[0] if fused else keep
+    (first,) = firsts
+    starts = torch.arange(0, n, bs, device=DEVICE)
+    assert torch.equal(first.cpu(), ((starts.cpu() - w + 1).clamp(min=0) // bs).int())
+    ctx = sparse.SparseRun(policy, 0.97, whole_prompt=True)._context(
+        0, q, expand_kv(k, 2), None, scaling, 1, rows=run_rows(n), cache={}
+    )
+    rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)
+    score = policy.block_scores(ctx, rows, form)
+    seen = mask.block_counts(starts, (starts + bs - 1).clamp(max=n - 1), bs) > 0
+    clear = _clear_edges(score.masked_fill(~seen, -torch.inf), keeps[False]) > 1e-3
+    assert clear.float().mean() > 0.9
+    assert torch.equal(keeps[True][clear], keeps[False][clear])

@@ -90,8 +90,8 @@ UNIT_STRIDES = {
     "_block_share_kernel": {"sq_d", "sk_d"},
 }
 
-INT_POINTERS = {"keep", "full_num", "full_idx", "part_num", "part_idx", "lo", "hi", "tile_i",
-                "tile_j"}  # fmt: skip
+INT_POINTERS = {"keep", "full_num", "full_idx", "part_num", "part_idx", "lo", "hi", "first",
+                "tile_i", "tile_j"}  # fmt: skip
 
 
 def _compile_all() -> list[dict]:

@@ -38,6 +38,23 @@ def test_block_shares_equal_the_pytorch_shares(t, block_size, stride, d):
         assert bool((want.sum(-1)[..., q_pos >= block_size] > 0.99).all())  # shares, not 0
 
 
+@pytest.mark.parametrize("g", [2, 4])
+def test_rows_sharing_a_program_sum_as_rows_alone(g):
+    """``rows_per_program``: rows in any order, repeated, of any length and a ragged last
+    program give each row the sums it gets alone (up to float32 summation order)."""
+    t, bs, stride = 300, 64, 4
+    q, k = _rand(1, 2, t, 32, seed=15), _rand(1, 1, t, 32, seed=16)
+    gen = torch.Generator().manual_seed(17)
+    lo = torch.randint(0, t // stride - 16, (11,), generator=gen)
+    hi = lo + torch.randint(0, 17, (11,), generator=gen)
+    lo, hi = torch.cat([lo, lo[:1]]).to(DEVICE), torch.cat([hi, hi[:1]]).to(DEVICE)
+    alone = block_shares(q, k, lo, hi, stride, bs, 0.3, rows_per_program=1)
+    shared = block_shares(q, k, lo, hi, stride, bs, 0.3, rows_per_program=g)
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
+    n = (hi - lo).float().expand_as(alone[..., 0])  # each strided query's softmax sums to 1
+    torch.testing.assert_close(alone.sum(-1), n, rtol=1e-5, atol=1e-5)
+
+
 def test_block_shares_refuse_a_stride_that_does_not_split_blocks_in_powers_of_two():
     q = _rand(1, 1, 64, 16, seed=4)
     with pytest.raises(ValueError, match="power of two"):
@@ -85,3 +102,70 @@ def test_the_fused_prefill_takes_the_kernel_and_selects_the_same(form, monkeypat
     assert clear.float().mean() > 0.8
     assert torch.equal(keeps[True][clear], keeps[False][clear])
     assert not keeps[True].all()  # the selection drops blocks
+
+
+def test_a_row_s_first_block_leaves_its_visible_blocks_sums_unchanged():
+    """``first``: the probabilities are summed from the key tile of a row's first block
+    on, so every block from there equals the sweep from block 0 (the same tiles, the
+    same sums) and the blocks of earlier tiles stay 0."""
+    t, bs, stride = 520, 32, 4
+    q, k = _rand(1, 2, t, 16, seed=7), _rand(1, 1, t, 16, seed=8)
+    starts = torch.arange(0, t, bs, device=DEVICE)
+    lo, hi = starts // stride, (starts + bs) // stride
+    first = ((starts - 200).clamp(min=0) // bs).to(torch.int32)  # a 200-key window's edge
+    kw = dict(block_n=16, rows_per_program=1)
+    whole = block_shares(q, k, lo, hi, stride, bs, 0.3, **kw)
+    part = block_shares(q, k, lo, hi, stride, bs, 0.3, first=first, **kw)
+    kb = torch.arange(whole.shape[-1], device=DEVICE)
+    tile_first = first[:, None] * (bs // stride) // 16 * 16 // (bs // stride)  # (R, 1)
+    assert bool((first > 2).any())
+    used = kb >= tile_first
+    assert torch.equal(part[..., used], whole[..., used])
+    assert bool((part[..., ~used] == 0).all()) and bool((whole[..., ~used] > 0).any())
+    kw["rows_per_program"] = 2  # two rows a program: from the earlier row's first block
+    whole = block_shares(q, k, lo, hi, stride, bs, 0.3, **kw)
+    part = block_shares(q, k, lo, hi, stride, bs, 0.3, first=first, **kw)
+    assert torch.equal(part[..., used], whole[..., used])
+    assert bool((part[..., ~used] == 0).any()) and bool((whole[..., ~used] > 0).any())
+
+
+@pytest.mark.parametrize("form", ["causal", "prompt"])
+def test_the_fused_prefill_under_a_window_sums_from_each_row_s_first_block(form, monkeypatch):
+    """Under a sliding window the fused selection hands the kernel each row's first
+    visible block and keeps the blocks the PyTorch path keeps wherever rounding cannot
+    decide."""
+    from tests.test_windows import _recipe
+
+    import attnlab.kernels.xattention as kernels
+    from attnlab.masks import ModelMask
+
+    firsts = []
+    real = kernels.block_shares
+
+    def spy(*a, **kw):
+        firsts.append(kw["first"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "block_shares", spy)
+    n, bs, w, scaling = 300, 32, 90, 0.25
+    q, k = _rand(1, 4, n, 16, seed=9), expand_kv(_rand(1, 2, n, 16, seed=10), 4)
+    policy = policies.make("xattention", block_size=bs, stride=4, selection=form)
+    keeps = {}
+    for fused in (False, True):
+        mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE)))
+        run = sparse.SparseRun(policy, 0.5, whole_prompt=True)
+        keep = run.block_mask(0, q, k, scaling, 2, mask, lists=True if fused else None)
+        keeps[fused] = keep[0] if fused else keep
+    (first,) = firsts
+    starts = torch.arange(0, n, bs, device=DEVICE)
+    rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)
+    assert torch.equal(first.cpu(), ((rows.cpu() - w + 1).clamp(min=0) // bs).int())
+    share = policy.shares(q, k, rows, scaling)
+    share = share * (mask.block_counts(rows, rows, bs) > 0)
+    share = share / share.sum(-1, keepdim=True)
+    must = torch.zeros_like(share, dtype=torch.bool)
+    must[..., 0] = True
+    must[..., torch.arange(len(rows)), torch.arange(len(rows))] = True
+    clear = _margins(share, policy.threshold, must) > 1e-4
+    assert clear.float().mean() > 0.5
+    assert torch.equal(keeps[True][clear], keeps[False][clear])

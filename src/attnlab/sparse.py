@@ -271,8 +271,7 @@ class SparseRun:
         pairs the kernel summed given the visible ``pairs`` per block pair (else None)."""
         t, bs = ctx.q.shape[-2], self.policy.block_size
         b, h = ctx.q.shape[:2]
-        dev = ctx.q.device
-        starts = ctx.cached(("starts", t, bs), lambda: torch.arange(0, t, bs, device=dev))
+        starts = ctx.cached(("starts", t, bs), lambda: torch.arange(0, t, bs, device=ctx.q.device))
         ends = ctx.cached(("ends", t, bs), lambda: (starts + bs - 1).clamp(max=t - 1))
 
         def seen():  # (B, 1, Mq, Mk): once per mask where the mask's rows are cached
@@ -282,20 +281,22 @@ class SparseRun:
 
         count = ctx.cached(("seen", t, bs), seen)
         rows = starts if self.selection == "causal" else ends
+        if fused := lists is not None:
+            from attnlab.kernels.budget import MAX_BLOCKS, budget_select, row_bands
+
+            fused = count.shape[-1] <= MAX_BLOCKS  # else a row too long for one program
+        if fused:  # a causal prefill's and a plain window's bands are made on the host,
+            # others read; a policy's kernels may skip what lies before a block's band
+            of_counts = ctx.block_bands or (lambda count, _: row_bands(count))
+            bands = ctx.cached(("bands", t, bs), lambda: of_counts(count, bs))
+            ctx.first_blocks = ctx.cached(("firsts", t, bs), lambda: bands[0].amin(0))
         score = self.policy.block_scores(ctx, rows, self.selection)
         if score is None:  # a layer the policy leaves dense
             keep = (count > 0).expand(b, h, *count.shape[-2:])
+        elif not fused:
+            keep = keep_blocks_by_budget(score, count, ctx.budget[..., ends])
+        if score is None or not fused:
             return keep if lists is None else (keep, None, None)
-        if lists is None:
-            return keep_blocks_by_budget(score, count, ctx.budget[..., ends])
-        from attnlab.kernels.budget import MAX_BLOCKS, budget_select, row_bands
-
-        m = score.shape[-1]
-        if m > MAX_BLOCKS:  # a row too long for one program's registers
-            return keep_blocks_by_budget(score, count, ctx.budget[..., ends]), None, None
-        # a causal prefill's and a plain window's bands are made on the host, others read
-        of_counts = ctx.block_bands or (lambda count, _: row_bands(count))
-        bands = ctx.cached(("bands", t, bs), lambda: of_counts(count, bs))
         count = ctx.cached(("seen, int32", t, bs), lambda: count.to(torch.int32))
         made = lambda: (ends, ctx.budget, ctx.budget[..., ends])  # noqa: E731
         budget = ctx.cached(("budgets of", id(ends), id(ctx.budget)), made)[2]

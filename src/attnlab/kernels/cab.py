@@ -57,6 +57,7 @@ def cab_select(
     curvature_block: int = 128,
     select_warps: int = 4,
     coarsen: Callable[[torch.Tensor, int], torch.Tensor] = coarsen_max_l2,
+    first: torch.Tensor | None = None,
 ) -> BlockSelection:
     """Score key blocks with CAB and keep the best ones per query block.
 
@@ -75,10 +76,16 @@ def cab_select(
     multiplies it on the tensor cores as it is (the fast setting on a GPU); "tf32" and
     "ieee" keep A in float32. The causal form's curvature tiles are ``curvature_block / 2``
     (it reads two graphs per tile). ``coarsen``: the max-L2 coarsening, (B, H, N, D) ->
-    (B, H, M, D), the Triton kernel by default (see :func:`cab_scores`).
+    (B, H, M, D), the Triton kernel by default (see :func:`cab_scores`). ``first`` (M,)
+    int: the first key block each query block can keep (a sliding window's edge): the
+    curvature's tiles left of every band skip their product and hold values no selection
+    may read, so the scores count only on each block's band, and only with ``lam = 1``
+    (a z-score is affine per row, so the order on the band stays; a blend's would not).
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if first is not None and lam != 1.0:
+        raise ValueError("first (band-only curvature) needs lam = 1")
     kc = coarsen(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
     sweep = dict(
@@ -92,11 +99,13 @@ def cab_select(
         )  # (B, H, M, M), (B, H, M), (B, H, M)  # fmt: skip
         f = None
         if lam != 0.0:
-            f = forman_ricci_from_degrees(a, d_out, d_in, graph, precision, curvature_block)
+            f = forman_ricci_from_degrees(
+                a, d_out, d_in, graph, precision, curvature_block, first=first
+            )
     else:
         a, f = _causal_graph(
             q, k, kc, block_size, scaling, lam, adjacency, graph, adjacency_blocks[0],
-            curvature_block // 2, sweep, coarsen,
+            curvature_block // 2, sweep, coarsen, first,
         )  # fmt: skip
     return score_and_select(
         f if f is not None else a,
@@ -113,10 +122,11 @@ def cab_select(
 
 
 def _causal_graph(
-    q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep, coarsen
+    q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep, coarsen, bands
 ):
     """The causal form's coarse rows A_row (B, H, M, M) (query block b's row as its first
-    row sees it) and their curvature F, or None with lam = 0."""
+    row sees it) and their curvature F, or None with lam = 0; ``bands``: each query
+    block's first key block, or None (see :func:`cab_select`)."""
     m = kc.shape[2]
     tile = max(16, min(tile, triton.next_power_of_2(m)))
     block_m = max(16, min(block_m, tile))  # strips inside tiles: the tiles' prefix sums
@@ -136,8 +146,9 @@ def _causal_graph(
     done = strips.cumsum(1)[:, per - 1 :: per]  # (B * H, tiles, M): rows before tile t + 1
     prefix = torch.nn.functional.pad(done, (0, 0, 1, 0))[:, : triton.cdiv(m, tile)]
     f = causal_forman_ricci(
-        a_row, a_full, d_row, d_full, prefix.contiguous(), graph, sweep["precision"], tile
-    )
+        a_row, a_full, d_row, d_full, prefix.contiguous(), graph, sweep["precision"], tile,
+        first=bands,
+    )  # fmt: skip
     return a_row, f
 
 
@@ -151,6 +162,7 @@ def cab_scores(
     lam: float = 1.0,
     adjacency: str = "softmax",
     graph: str = "symmetric",
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CAB's block scores in selection ``form`` from the Triton kernels, no selection:
     (B, H, M, M) float32, -inf beyond each query block (see :func:`cab_select`). The
@@ -158,9 +170,10 @@ def cab_scores(
     blocks' representatives chosen by the reference's own coarsening, so that the scores
     are the reference's up to summation order. (A kernel's sum of squares rounds apart
     from PyTorch's, and where the norms nearly tie, as under a QK-norm, another token
-    would stand for the block.)"""
+    would stand for the block.) ``first``: each query block's first key block; the scores
+    then count on the bands alone (see :func:`cab_select`)."""
     return cab_select(
         q, k, block_size, scaling, None, form=form, lam=lam, adjacency=adjacency,
         graph=graph, write_score=True, write_mask=False, write_indices=False,
-        precision="ieee", coarsen=reference.coarsen_max_l2,
+        precision="ieee", coarsen=reference.coarsen_max_l2, first=first,
     ).score  # fmt: skip

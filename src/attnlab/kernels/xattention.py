@@ -3,8 +3,10 @@
 One program takes one scored row of a whole prefill and the strided queries it sums (a
 range of at most block_size / stride, see ``XAttention.shares``), and sweeps their causal
 strided keys twice, flash-attention style: once for each strided query's softmax maximum
-and sum, once to add its probabilities into key blocks. The (T / S) x (T / S) estimate,
-its softmax and its running sums over queries are never written.
+and sum (over every causal strided key, as the estimate is defined), once to add its
+probabilities into key blocks, from the first key block the row can keep on (a sliding
+window's edge: the blocks before it are left 0). The (T / S) x (T / S) estimate, its
+softmax and its running sums over queries are never written.
 """
 
 from __future__ import annotations
@@ -46,29 +48,32 @@ def _estimate(
 
 @triton.jit
 def _block_share_kernel(
-    q_ptr, k_ptr, lo_ptr, hi_ptr, out_ptr,
-    H, GROUPS, T, Tk, NK, MK, D, scaling,
+    q_ptr, k_ptr, lo_ptr, hi_ptr, first_ptr, out_ptr,
+    R, H, GROUPS, T, Tk, NK, MK, D, scaling,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, so_bh, so_r,
-    S: tl.constexpr, PER: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr,
-    BD: tl.constexpr, PRECISION: tl.constexpr,
+    S: tl.constexpr, PER: tl.constexpr, G: tl.constexpr, BI: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0)
+    # G rows a program, so that the strided keys stream past G * BI strided queries at once
+    rr = tl.program_id(0) * G + tl.arange(0, G)
     bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     b = bh // H
     h = bh % H
-    lo = tl.load(lo_ptr + r)
-    hi = tl.load(hi_ptr + r)
-    ii = lo + tl.arange(0, BI)  # the strided queries the row sums
-    row_ok = ii < hi
+    r_ok = rr < R
+    lo = tl.load(lo_ptr + rr, mask=r_ok, other=0)
+    hi = tl.load(hi_ptr + rr, mask=r_ok, other=0)
+    t = tl.arange(0, BI)
+    ii = tl.reshape(lo[:, None] + t[None, :], (G * BI,))  # the strided queries each row sums
+    row_ok = tl.reshape(t[None, :] < (hi - lo)[:, None], (G * BI,))
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + (h // GROUPS) * sk_h
-    stop = tl.minimum(hi, NK)  # strided keys up to the last strided query's own
-    m_i = tl.full((BI,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BI,), tl.float32)
+    stop = tl.minimum(tl.max(hi, axis=0), NK)  # strided keys up to the last query's own
+    m_i = tl.full((G * BI,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G * BI,), tl.float32)
     for j0 in range(0, stop, BN):
         jj = j0 + tl.arange(0, BN)
         est = _estimate(q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d,
-                        scaling, S, BI, BN, BD, PRECISION)  # fmt: skip
+                        scaling, S, G * BI, BN, BD, PRECISION)  # fmt: skip
         causal = (jj[None, :] <= ii[:, None]) & (jj < NK)[None, :]
         est = tl.where(causal, est, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(est, axis=1))
@@ -77,15 +82,20 @@ def _block_share_kernel(
         m_i = m_new
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    for j0 in range(0, stop, BN):
+    # the probabilities from the key tile of the rows' first key block on: the same tiles,
+    # so the same sums, as a sweep from 0 gives those blocks
+    first = tl.min(tl.load(first_ptr + rr, mask=r_ok, other=MK), axis=0)
+    for j0 in range((first * PER // BN) * BN, stop, BN):
         jj = j0 + tl.arange(0, BN)
         est = _estimate(q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d,
-                        scaling, S, BI, BN, BD, PRECISION)  # fmt: skip
+                        scaling, S, G * BI, BN, BD, PRECISION)  # fmt: skip
         causal = (jj[None, :] <= ii[:, None]) & (jj < NK)[None, :] & row_ok[:, None]
         p = tl.where(causal, tl.exp(est - m_safe[:, None]) / l_safe[:, None], 0.0)
-        blocks = tl.sum(tl.reshape(tl.sum(p, axis=0), (BN // PER, PER)), axis=1)
+        per_row = tl.sum(tl.reshape(p, (G, BI, BN)), axis=1)  # (G, BN)
+        blocks = tl.sum(tl.reshape(per_row, (G, BN // PER, PER)), axis=2)
         kb = j0 // PER + tl.arange(0, BN // PER)
-        tl.store(out_ptr + bh * so_bh + r * so_r + kb, blocks, mask=kb < MK)
+        ptrs = out_ptr + bh * so_bh + rr[:, None] * so_r + kb[None, :]
+        tl.store(ptrs, blocks, mask=r_ok[:, None] & (kb < MK)[None, :])
 
 
 def block_shares(
@@ -98,16 +108,22 @@ def block_shares(
     scaling: float,
     block_n: int = 64,
     num_warps: int = 4,
+    first: torch.Tensor | None = None,
+    rows_per_program: int | None = None,
 ) -> torch.Tensor:
     """For each row r, the softmax-normalised antidiagonal estimate of the strided queries
     lo[r] .. hi[r] - 1 (at most block_size / stride of them), summed over them and into key
     blocks of ``block_size``: (B, H, R, Mk) float32, unnormalised, as ``XAttention.shares``
-    forms it before dividing by the row's total.
+    forms it before dividing by the row's total. ``first`` (R,) int: the first key block
+    row r needs (a sliding window's first visible one); the blocks before it may stay 0
+    (those of its first key tile are summed), the softmax still runs over every causal
+    strided key. None: from block 0.
 
     q: (B, H, T, D), k: (B, Hkv, Tk, D), both from position 0, H a multiple of Hkv; lo,
     hi: (R,) int. ``block_size / stride`` must be a power of two. bf16 and fp16 inputs
     multiply on the tensor cores (their products are exact in float32), float32 inputs in
-    full float32.
+    full float32. ``rows_per_program`` (a power of two; None: :func:`launch_tiles`' choice)
+    rows share one sweep of the strided keys.
     """
     b, h, t, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -122,11 +138,13 @@ def block_shares(
     k = k.to(q.dtype)
     nk, mk = triton.cdiv(tk, stride), triton.cdiv(tk, block_size)
     rows = lo.numel()
-    tiles, stages = launch_tiles(d, stride, per, nk, precision, block_n)
+    tiles, stages = launch_tiles(d, stride, per, nk, precision, block_n, rows_per_program)
     out = torch.zeros(b * h, rows, mk, dtype=torch.float32, device=q.device)
-    _block_share_kernel[(rows, b * h)](
-        q, k, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), out,
-        h, h // hkv, t, tk, nk, mk, d, float(scaling),
+    first = torch.zeros_like(lo) if first is None else first
+    _block_share_kernel[(triton.cdiv(rows, tiles["G"]), b * h)](
+        q, k, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(),
+        first.to(torch.int32).contiguous(), out,
+        rows, h, h // hkv, t, tk, nk, mk, d, float(scaling),
         *q.stride(), *k.stride(), out.stride(0), out.stride(1),
         **tiles, num_warps=num_warps, num_stages=stages,
     )  # fmt: skip
@@ -134,19 +152,31 @@ def block_shares(
 
 
 def launch_tiles(
-    d: int, stride: int, per: int, nk: int, precision: str, block_n: int = 64
+    d: int,
+    stride: int,
+    per: int,
+    nk: int,
+    precision: str,
+    block_n: int = 64,
+    rows_per_program: int | None = None,
 ) -> tuple[dict, int]:
     """The estimate kernel's constexprs and pipeline stages for head dim ``d``, ``per``
     strided queries a row, ``nk`` strided keys (the compile check launches these too).
     float32 tiles and head dims over 128 take one stage of at most 32 keys: two stages of
-    64 at D = 256 in bf16 ask for 320 KiB of shared memory, over sm_90's 227."""
+    64 at D = 256 in bf16 ask for 320 KiB of shared memory, over sm_90's 227. There, two
+    rows share a program (``G``), so each strided key read meets both rows' queries: their
+    strided queries (2 x 16 x 8 x 256 in bf16, 128 KiB) and 64 keys a step take 160 KiB."""
     if precision == "ieee" or d > 128:
         block_n, stages = min(block_n, 32), 1
     else:
         stages = 2
+    g = rows_per_program or (2 if precision != "ieee" and d > 128 else 1)
+    if g > 1 and precision != "ieee":
+        block_n = 64
     block_n = max(16, per, min(block_n, triton.next_power_of_2(nk)))
+    bi = max(16, triton.next_power_of_2(per))
     tiles = dict(
-        S=stride, PER=per, BI=max(16, triton.next_power_of_2(per)), BN=block_n,
-        BD=max(16, triton.next_power_of_2(d)), PRECISION=precision,
+        S=stride, PER=per, G=g, BI=bi, BN=block_n, BD=max(16, triton.next_power_of_2(d)),
+        PRECISION=precision,
     )  # fmt: skip
     return tiles, stages

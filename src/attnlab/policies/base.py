@@ -94,6 +94,8 @@ class ScoreContext:
     # block policy's prefill through FlexAttention: one forward pass and layer type)
     mask_cache: dict | None = None
     triton: bool = False  # a block policy may score with its Triton kernels (fused prefill)
+    # there, the first key block each query block sees (Mq,): before it a kernel may skip
+    first_blocks: torch.Tensor | None = None
 
     def provide(self, **values: torch.Tensor) -> None:
         """Hand over cached properties computed elsewhere (the attention's own ``scores``,

@@ -122,9 +122,12 @@ class CAB(BlockPolicy):
 
             # the keys expanded to the query heads, as the reference coarsens them: the
             # same representatives bit for bit (cab_scores)
+            # pure curvature skips the products left of a window's bands (per-row
+            # z-scores keep the bands' order), a blend with A reads whole rows
+            first = ctx.first_blocks if self.lam == 1.0 else None
             score = cab_scores(
                 ctx.q, ctx.k, self.block_size, ctx.scaling, form, lam=self.lam,
-                adjacency=self.adjacency, graph=self.graph,
+                adjacency=self.adjacency, graph=self.graph, first=first,
             )  # fmt: skip
         elif form != "prompt" or self.query != "block" or self.blends_other:
             return super().block_scores(ctx, rows, form)

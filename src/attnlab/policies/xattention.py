@@ -75,6 +75,7 @@ class XAttention(BlockPolicy):
         q_pos: torch.Tensor,
         scaling: float,
         kernel: bool = False,
+        first_block: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Estimated attention share of each key block for each row: (B, H, Tq, Mk).
 
@@ -84,7 +85,9 @@ class XAttention(BlockPolicy):
         complete at t, or, before the first one is, those of the previous query block. So
         a row's choice depends on tokens at or before it alone. ``kernel``: the same sums
         from the Triton kernel (:func:`attnlab.kernels.xattention.block_shares`, no
-        (N / stride)^2 estimate in memory; float32 up to summation order).
+        (N / stride)^2 estimate in memory; float32 up to summation order); ``first_block``
+        (Tq,): there, the first key block each row can keep (the blocks before it are
+        not summed, and may be 0: a sliding window's rows).
         """
         s, per = self.stride, self.block_size // self.stride
         done = torch.div(q_pos + 1, s, rounding_mode="floor")  # complete strided queries
@@ -95,7 +98,7 @@ class XAttention(BlockPolicy):
         if kernel:
             from attnlab.kernels.xattention import block_shares
 
-            blocks = block_shares(q, k, lo, hi, s, self.block_size, scaling)
+            blocks = block_shares(q, k, lo, hi, s, self.block_size, scaling, first=first_block)
             return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-12)
         k = expand_kv(k, q.shape[1])
         est = antidiagonal_scores(q, k, s) * scaling / s  # mean over the antidiagonal
@@ -139,10 +142,13 @@ class XAttention(BlockPolicy):
         q = ctx.q_all[..., : ctx.k.shape[-2], :]
         kernel = self.triton_shares(ctx)
         k = ctx.k[:, :: ctx.groups] if kernel else ctx.k  # the key/value heads themselves
-        share = self.shares(q, k, ctx.q_pos, ctx.scaling, kernel)  # (B, H, Tq, Mk)
         # only the blocks the model's own mask lets the row see share its attention (a
-        # sliding window hides the rest; the estimate itself runs over every causal key)
-        share = share * (ctx.blocks_seen(self.block_size) > 0)
+        # sliding window hides the rest; the estimate itself runs over every causal key),
+        # so the kernel sums none before a row's first visible block
+        seen = ctx.blocks_seen(self.block_size) > 0  # (B, 1 or H, Tq, Mk)
+        first_block = seen.flatten(0, 1).any(0).int().argmax(-1) if kernel else None  # (Tq,)
+        share = self.shares(q, k, ctx.q_pos, ctx.scaling, kernel, first_block)  # (B, H, Tq, Mk)
+        share = share * seen
         share = share / share.sum(-1, keepdim=True).clamp(min=1e-12)
         must = must_keep_blocks(ctx.q_pos, share.shape[-1], self, ctx)  # (Tq, Mk)
         first = (share * must).sum(-1, keepdim=True)  # counted before any other block
