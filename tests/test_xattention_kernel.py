@@ -39,11 +39,12 @@ def test_block_shares_equal_the_pytorch_shares(t, block_size, stride, d):
 
 
 @pytest.mark.parametrize("g", [2, 4])
-def test_rows_sharing_a_program_sum_as_rows_alone(g):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: tensor cores on a GPU
+def test_rows_sharing_a_program_sum_as_rows_alone(g, dtype):
     """``rows_per_program``: rows in any order, repeated, of any length and a ragged last
     program give each row the sums it gets alone (up to float32 summation order)."""
     t, bs, stride = 300, 64, 4
-    q, k = _rand(1, 2, t, 32, seed=15), _rand(1, 1, t, 32, seed=16)
+    q, k = (_rand(1, h, t, 32, seed=15 + h).to(dtype) for h in (2, 1))
     gen = torch.Generator().manual_seed(17)
     lo = torch.randint(0, t // stride - 16, (11,), generator=gen)
     hi = lo + torch.randint(0, 17, (11,), generator=gen)

@@ -171,8 +171,8 @@ def launch_tiles(
     else:
         stages = 2
     g = rows_per_program or (2 if precision != "ieee" and d > 128 else 1)
-    if g > 1 and precision != "ieee":
-        block_n = 64
+    if g > 1 and precision != "ieee":  # one stage: the rows' queries fill shared memory
+        block_n, stages = 64, 1
     block_n = max(16, per, min(block_n, triton.next_power_of_2(nk)))
     bi = max(16, triton.next_power_of_2(per))
     tiles = dict(
