@@ -120,11 +120,11 @@ class CAB(BlockPolicy):
         if self.triton_scores(ctx, rows):
             from attnlab.kernels.cab import cab_scores
 
-            # the keys expanded to the query heads, as the reference coarsens them: the
-            # same representatives bit for bit (cab_scores)
             # pure curvature skips the products left of a window's bands (per-row
             # z-scores keep the bands' order), a blend with A reads whole rows
             first = ctx.first_blocks if self.lam == 1.0 else None
+            # the keys expanded to the query heads, as the reference coarsens them: the
+            # same representatives bit for bit (cab_scores)
             score = cab_scores(
                 ctx.q, ctx.k, self.block_size, ctx.scaling, form, lam=self.lam,
                 adjacency=self.adjacency, graph=self.graph, first=first,
