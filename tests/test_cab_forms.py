@@ -213,10 +213,14 @@ def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
         part = cab_select(q, k, bs, 0.25, None, form=form, curvature_block=32, first=first, **kw)
         part = part.score
         # z-scores per row: affine, so the band keeps its order (the values move with
-        # the row's mean and spread, which the skipped tiles change)
+        # the row's mean and spread, which the skipped tiles change; rounding may tie two
+        # of them, never swap them)
         for row in range(40, m):
-            ranks = [s[..., row, band[row]].argsort(dim=-1, stable=True) for s in (part, whole)]
-            assert torch.equal(*ranks), (form, row)
+            w, p = (s[..., row, band[row]] for s in (whole, part))
+            order = w.argsort(dim=-1)
+            w, p = w.gather(-1, order), p.gather(-1, order)
+            rising = w[..., 1:] > w[..., :-1]
+            assert bool((p[..., 1:] >= p[..., :-1])[rising].all()), (form, row)
     with pytest.raises(ValueError, match="lam = 1"):
         cab_select(q, k, bs, 0.25, None, lam=0.5, first=first, **kw)
 

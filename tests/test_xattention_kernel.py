@@ -73,6 +73,16 @@ def _margins(share: torch.Tensor, threshold: float, must: torch.Tensor) -> torch
     return torch.minimum((before - threshold).abs().amin(-1), gaps.amin(-1))
 
 
+def _decided(share: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, H, M) where rounding cannot change the blocks of one row per query block
+    (block 0 and the row's own block kept first): its :func:`_margins` wide."""
+    m = share.shape[-2]
+    must = torch.zeros_like(share, dtype=torch.bool)
+    must[..., 0] = True
+    must[..., torch.arange(m), torch.arange(m)] = True
+    return _margins(share, threshold, must) > 1e-4
+
+
 @pytest.mark.parametrize("form", ["causal", "prompt"])
 def test_the_fused_prefill_takes_the_kernel_and_selects_the_same(form, monkeypatch):
     """A fused prefill selection (the budget kernel's path) forms XAttention's shares with
@@ -95,11 +105,7 @@ def test_the_fused_prefill_takes_the_kernel_and_selects_the_same(form, monkeypat
     # the decisions' margins, from the PyTorch shares of the rows the form reads
     starts = torch.arange(0, n, bs, device=DEVICE)
     rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)
-    share = policy.shares(q, k, rows, scaling)
-    must = torch.zeros_like(share, dtype=torch.bool)
-    must[..., 0] = True
-    must[..., torch.arange(len(rows)), torch.arange(len(rows))] = True
-    clear = _margins(share, policy.threshold, must) > 1e-4
+    clear = _decided(policy.shares(q, k, rows, scaling), policy.threshold)
     assert clear.float().mean() > 0.8
     assert torch.equal(keeps[True][clear], keeps[False][clear])
     assert not keeps[True].all()  # the selection drops blocks
@@ -163,10 +169,6 @@ def test_the_fused_prefill_under_a_window_sums_from_each_row_s_first_block(form,
     assert torch.equal(first.cpu(), ((rows.cpu() - w + 1).clamp(min=0) // bs).int())
     share = policy.shares(q, k, rows, scaling)
     share = share * (mask.block_counts(rows, rows, bs) > 0)
-    share = share / share.sum(-1, keepdim=True)
-    must = torch.zeros_like(share, dtype=torch.bool)
-    must[..., 0] = True
-    must[..., torch.arange(len(rows)), torch.arange(len(rows))] = True
-    clear = _margins(share, policy.threshold, must) > 1e-4
+    clear = _decided(share / share.sum(-1, keepdim=True), policy.threshold)
     assert clear.float().mean() > 0.5
     assert torch.equal(keeps[True][clear], keeps[False][clear])

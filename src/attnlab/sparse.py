@@ -295,13 +295,13 @@ class SparseRun:
             keep = (count > 0).expand(b, h, *count.shape[-2:])
         elif not fused:
             keep = keep_blocks_by_budget(score, count, ctx.budget[..., ends])
-        if score is None or not fused:
-            return keep if lists is None else (keep, None, None)
-        count = ctx.cached(("seen, int32", t, bs), lambda: count.to(torch.int32))
-        made = lambda: (ends, ctx.budget, ctx.budget[..., ends])  # noqa: E731
-        budget = ctx.cached(("budgets of", id(ends), id(ctx.budget)), made)[2]
-        out = budget_select(score, count, budget, lists, bands, pairs)
-        return out if pairs is not None else (*out, None)
+        else:
+            count = ctx.cached(("seen, int32", t, bs), lambda: count.to(torch.int32))
+            made = lambda: (ends, ctx.budget, ctx.budget[..., ends])  # noqa: E731
+            budget = ctx.cached(("budgets of", id(ends), id(ctx.budget)), made)[2]
+            out = budget_select(score, count, budget, lists, bands, pairs)
+            return out if pairs is not None else (*out, None)
+        return keep if lists is None else (keep, None, None)
 
     def block_mask(
         self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None, pairs=None

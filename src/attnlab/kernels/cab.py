@@ -122,11 +122,11 @@ def cab_select(
 
 
 def _causal_graph(
-    q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep, coarsen, bands
+    q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep, coarsen, firsts
 ):
     """The causal form's coarse rows A_row (B, H, M, M) (query block b's row as its first
-    row sees it) and their curvature F, or None with lam = 0; ``bands``: each query
-    block's first key block, or None (see :func:`cab_select`)."""
+    row sees it) and their curvature F, or None with lam = 0; ``firsts``: each query
+    block's first key block, or None (``first`` of :func:`cab_select`)."""
     m = kc.shape[2]
     tile = max(16, min(tile, triton.next_power_of_2(m)))
     block_m = max(16, min(block_m, tile))  # strips inside tiles: the tiles' prefix sums
@@ -147,7 +147,7 @@ def _causal_graph(
     prefix = torch.nn.functional.pad(done, (0, 0, 1, 0))[:, : triton.cdiv(m, tile)]
     f = causal_forman_ricci(
         a_row, a_full, d_row, d_full, prefix.contiguous(), graph, sweep["precision"], tile,
-        first=bands,
+        first=firsts,
     )  # fmt: skip
     return a_row, f
 
