@@ -2,13 +2,18 @@
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from attnlab import flex
 from attnlab.flex import (
     block_mask_from_keep,
     flex_attention_from_selection,
     flex_block_sparse_attention,
+    listed,
+    ordered_blocks,
+    tiled_block_mask,
 )
 from attnlab.kernels import reference as ref
 
@@ -104,3 +109,75 @@ def test_selection_path_attends_whole_query_groups():
     out = flex_attention_from_selection(q, k, v, _selection_from_mask(mask, q_group), kv_block, 0.3)
     expected = _masked_attention(q, k, v, _token_mask(mask, q_group * kv_block, kv_block, n), 0.3)
     torch.testing.assert_close(out, expected, **TOL)
+
+
+def _window(size):
+    return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < size)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("tile", [(64, 16), (128, 64), (32, 32), (16, 64)])
+@pytest.mark.parametrize("n", [128, 150])  # 150: neither the blocks nor the tiles whole
+def test_a_selection_run_in_coarser_tiles_attends_exactly_its_pairs(n, tile, window):
+    """Tiles of several blocks, each pair looked up in the selection, attend the same
+    pairs as tiles of the block: masked softmax over the kept blocks (under the window)."""
+    q, k, v = _qkv(n, seed=5)
+    m = -(-n // 16)
+    keep = _random_keep(1, 4, m, m, seed=6)
+    keep[:, 1, :, : m // 2] = True  # whole tiles below the diagonal: listed as full
+    token_keep = _token_mask(keep, 16, 16, n)
+    mask_mod = None if window is None else _window(window)
+    if window is not None:
+        t = torch.arange(n, device=DEVICE)
+        token_keep &= (t[:, None] - t[None, :]) < window
+    out = flex_block_sparse_attention(q, k, v, keep, 16, 0.3, mask_mod, tile=tile)
+    torch.testing.assert_close(out, _masked_attention(q, k, v, token_keep, 0.3), **TOL)
+    block_mask, padded = tiled_block_mask(keep, 16, tile, mask_mod)
+    assert padded % max(tile) == 0 and padded >= n
+    if window is None and tile[0] < 128:  # head 1's whole tiles below a query tile are
+        # full (the mask_mod skipped); no 128-row tile has one here
+        assert int(block_mask.full_kv_num_blocks[0, 1].sum()) > 0
+    if window is None:  # the CPU's flex applies the mask_mod to every tile: check the
+        # full lists themselves, no key of a full tile after its query tile's first row
+        for (h, i), num in np.ndenumerate(block_mask.full_kv_num_blocks[0].cpu().numpy()):
+            kv = block_mask.full_kv_indices[0, h, i, :num].cpu()
+            assert bool(((kv + 1) * tile[1] <= i * tile[0]).all())
+
+
+def test_listed_gives_the_sorted_lists_first_entries():
+    keep = _random_keep(2, 3, 9, 33, seed=7)
+    keep[0, 0, 0] = True
+    keep[0, 0, 1] = False
+    num, idx = listed(keep)
+    want_num, want_idx = ordered_blocks(keep)
+    assert torch.equal(num, want_num)
+    first = torch.arange(33, device=DEVICE) < num[..., None]
+    assert torch.equal(torch.where(first, idx, -1), torch.where(first, want_idx, -1))
+
+
+def test_a_window_layer_s_selection_runs_in_the_window_tile(tiny_gemma3, monkeypatch):
+    """A block policy's prefill of Gemma 3 runs its window layers' selection in
+    flex.WINDOW_TILE (its causal layers in tiles of the block), with the logits it has in
+    tiles of the block."""
+    from attnlab import policies, sparse
+
+    ids = torch.randint(0, 100, (1, 150), generator=torch.Generator().manual_seed(8))
+    tiles = []
+    real = flex.tiled_block_mask
+
+    def spy(keep, block_size, tile, mask_mod):
+        tiles.append(tile)
+        return real(keep, block_size, tile, mask_mod)
+
+    monkeypatch.setattr(flex, "tiled_block_mask", spy)
+    quest = policies.make("quest", block_size=16)
+
+    def logits(tiled):
+        run = sparse.SparseRun(quest, 0.8, backend="flex", tiles=tiled)
+        with run, torch.no_grad():
+            return tiny_gemma3(input_ids=ids.to(tiny_gemma3.device)).logits
+
+    in_tiles = logits(True)
+    assert tiles == [flex.WINDOW_TILE] * 2  # both window layers, no causal one
+    torch.testing.assert_close(in_tiles, logits(False), rtol=1e-5, atol=1e-5)
+    assert len(tiles) == 2

@@ -27,6 +27,13 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from attnlab.blocks import n_blocks
 
+# the tile a selection of 16-token blocks runs in under a sliding window (query x key
+# tokens, :func:`tiled_block_mask`): at Gemma 3's shapes on one H100 (32k, D = 256, a
+# 512-key window) 0.55-0.60 ms a layer at 90-95% where 16 x 16 tiles take 0.86-0.93 and
+# the dense window 0.42; in causal layers the selection's own 16 x 16 tiles were faster
+# (benchmarks_ref/flex_tiles_h100.txt)
+WINDOW_TILE = (64, 16)
+
 
 def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
@@ -114,6 +121,18 @@ def ordered_blocks(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
+def listed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ordered_blocks` without a sort: the kept indices ascending first, by a prefix
+    sum; the entries after them are never read (flex reads a row's first ``num``)."""
+    mk = keep.shape[-1]
+    slot = keep.cumsum(-1, dtype=torch.int32)
+    num = slot[..., -1].contiguous()
+    slot = torch.where(keep, slot - 1, mk - 1).long()  # the unkept all write the last slot
+    cols = torch.arange(mk, dtype=torch.int32, device=keep.device).expand_as(slot)
+    idx = torch.zeros(keep.shape, dtype=torch.int32, device=keep.device)
+    return num, idx.scatter_(-1, slot, torch.where(keep, cols, 0))
+
+
 def block_mask_from_keep(
     block_keep: torch.Tensor, block_size: int, n: int, mask_mod=None
 ) -> BlockMask:
@@ -154,6 +173,50 @@ def block_mask_from_lists(lists, block_size: int, n: int, mask_mod=None) -> Bloc
     )
 
 
+def tiled_block_mask(keep: torch.Tensor, block_size: int, tile: tuple[int, int], mask_mod=None):
+    """The token pairs of :func:`block_mask_from_keep` in coarser BlockMask blocks of
+    ``tile`` (query x key tokens, multiples of ``block_size``): a tile is listed where it
+    holds a kept block, and its ``mask_mod`` looks each pair's block up in ``keep``, so
+    the kernel runs its own tile over exactly the selection's pairs. A tile whose blocks
+    are all kept and wholly below the diagonal (no model mask) is full. keep: (B, H, M, M)
+    bool. Returns the BlockMask and the tokens it covers (a multiple of the tile)."""
+    tq, tk = tile
+    b, h, m, _ = keep.shape
+    span = max(tq, tk)
+    n = -(-m * block_size // span) * span
+    mb, mq, mk = n // block_size, n // tq, n // tk
+    padded = keep.contiguous()  # (B, H, n / block, n / block): every looked-up pair in range
+    if mb > m:
+        padded = keep.new_zeros(b, h, mb, mb)
+        padded[..., :m, :m] = keep
+    tiles = padded.view(b, h, mq, tq // block_size, mk, tk // block_size)
+    held = tiles.any(5).any(3)  # (B, H, n / tq, n / tk)
+    inner = causal_mask if mask_mod is None else mask_mod
+
+    def pair_kept(b, h, q_idx, kv_idx):
+        return inner(b, h, q_idx, kv_idx) & padded[b, h, q_idx // block_size, kv_idx // block_size]
+
+    full_num = full_idx = None
+    if mask_mod is None:
+        q0 = torch.arange(mq, device=keep.device)[:, None] * tq
+        below = torch.arange(1, mk + 1, device=keep.device)[None, :] * tk <= q0
+        full = tiles.all(5).all(3) & below
+        held &= ~full
+        full_num, full_idx = listed(full)
+    part_num, part_idx = listed(held)
+    block_mask = BlockMask.from_kv_blocks(
+        part_num,
+        part_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=tile,
+        mask_mod=pair_kept,
+        seq_lengths=(n, n),
+        compute_q_blocks=False,
+    )
+    return block_mask, n
+
+
 def _pad_tokens(x: torch.Tensor, n_pad: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, n_pad)) if n_pad else x
 
@@ -167,6 +230,7 @@ def flex_block_sparse_attention(
     scaling: float,
     mask_mod=None,
     lists=None,
+    tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention restricted to the kept blocks, through FlexAttention.
 
@@ -177,27 +241,28 @@ def flex_block_sparse_attention(
     allows. A query row with nothing kept gets zeros. Returns (B, H, N, D). Forward only
     (the BlockMask has no transposed lists). ``lists``: (full_num, full_idx, part_num,
     part_idx) of ``block_keep`` as :func:`block_mask_from_keep` would make them, where
-    the caller has them (:func:`attnlab.kernels.budget.budget_select`).
+    the caller has them (:func:`attnlab.kernels.budget.budget_select`). ``tile``:
+    (query, key) tokens, multiples of ``block_size``, in which the kernel runs the same
+    pairs (:func:`tiled_block_mask`; the lists are not read); None, or a tile not made of
+    whole blocks: tiles of the block.
     """
     b, h, n, _ = q.shape
     m = block_keep.shape[-1]
     if m * block_size < n or (m - 1) * block_size >= n:
         raise ValueError(f"block_keep has {m} blocks, N = {n} needs {n_blocks(n, block_size)}")
     keep = block_keep.to(device=q.device, dtype=torch.bool).expand(b, h, m, m)
-    n_pad = m * block_size - n
-    if lists is None:
-        block_mask = block_mask_from_keep(keep, block_size, n + n_pad, mask_mod)
+    whole = tile is not None and all(t % block_size == 0 for t in tile)
+    if whole and max(tile) > block_size:
+        block_mask, padded = tiled_block_mask(keep, block_size, tile, mask_mod)
+        options = kernel_options(*tile)
     else:
-        block_mask = block_mask_from_lists(lists, block_size, n + n_pad, mask_mod)
-    out = run_flex(
-        _pad_tokens(q, n_pad),
-        _pad_tokens(k, n_pad),
-        _pad_tokens(v, n_pad),
-        block_mask,
-        scaling,
-        kernel_options(block_size, block_size),
-    )
-    return out[:, :, :n]
+        padded, options = m * block_size, kernel_options(block_size, block_size)
+        if lists is None:
+            block_mask = block_mask_from_keep(keep, block_size, padded, mask_mod)
+        else:
+            block_mask = block_mask_from_lists(lists, block_size, padded, mask_mod)
+    q, k, v = (_pad_tokens(x, padded - n) for x in (q, k, v))
+    return run_flex(q, k, v, block_mask, scaling, options)[:, :, :n]
 
 
 def block_mask_from_selection(selection, kv_block: int, n: int) -> BlockMask:

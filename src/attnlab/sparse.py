@@ -82,9 +82,10 @@ class SparseRun:
     whole_prompt: bool = False
     records: bool = True  # recall at the answering rows (False: timing the policy alone)
     # a block policy's GPU prefill selects and lists its blocks in one Triton kernel
-    # (kernels.budget); False: the same selection in PyTorch (attnlab bench prefill times
-    # both side by side; the kernel is the faster)
+    # (kernels.budget; fused False: in PyTorch), a window layer's in flex.WINDOW_TILE (the
+    # same pairs; tiles False: tiles of the block); attnlab bench prefill times each way
     fused: bool = True
+    tiles: bool = True
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
     # what the run records: the pairs kept, recall, the needle diagnostic
@@ -358,18 +359,16 @@ class SparseRun:
 
     def flex_attention(self, layer, query, key, value, scaling, model_mask=None):
         """Prefill under a block policy through FlexAttention's block-sparse kernel, under
-        the model's own mask where it is not plain causal (``model_mask``, a
-        :class:`~attnlab.masks.ModelMask`: a sliding window), applied pair by pair. The
-        selection reads the mask a set of rows at a time (a causal layer builds only those
-        rows) and the kept pairs are counted per block, from the BlockMask on CUDA.
+        the model's own mask where it is not plain causal (``model_mask``, a ModelMask: a
+        sliding window), applied pair by pair. The selection reads the mask a set of rows
+        at a time (a causal layer builds only those rows) and counts the kept pairs.
 
         query: (B, H, T, D); key, value: (B, Hkv, T, D). Returns (B, H, T, D).
         """
-        from attnlab.flex import flex_block_sparse_attention
+        from attnlab.flex import WINDOW_TILE, flex_block_sparse_attention
 
-        t, bs, h = query.shape[-2], self.policy.block_size, query.shape[1]
-        # the keys as the selection reads them, per query head: one key/value head is a
-        # view of it (no copy), several are repeated
+        t, bs, (b, h) = query.shape[-2], self.policy.block_size, query.shape[:2]
+        # the keys per query head the selection reads: one key/value head's a view, else copies
         k = key.expand(-1, h, -1, -1) if key.shape[1] == 1 else expand_kv(key, h)
         pairs, total, shown = self._pass_pairs(query, model_mask)
         fused = query.is_cuda and self.fused  # the selection and its lists in one kernel
@@ -379,7 +378,6 @@ class SparseRun:
         keep, lists, kept = keep if fused else (keep, None, None)
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         self.took(kernel + (", fused selection" if lists is not None else ""), t)
-        b, h = keep.shape[:2]
         recall = self.records and layer not in self.recorder.recall_sums
         watching = len(self.recorder.watch) > 0
         if recall or watching:  # the last row's kept keys (B, H, T)
@@ -389,12 +387,14 @@ class SparseRun:
             self.recorder.record_recall(  # the keys repeated, as every path records them
                 layer, query[..., -1, :], expand_kv(key, h), shown, scaling, last, budget[None]
             )
-        # summed on the device, read once (achieved_sparsity): no wait per layer; by the
-        # fused kernel, else heads summed first, so no (B, H, Mq, Mk) integer tensor is made
+        # summed on the device (by the fused kernel, else over heads first), read once
         kept = (keep.sum((0, 1), dtype=torch.int32) * pairs).sum() if kept is None else kept
         self.recorder.count(b, h, t, t, kept, b * total)
         if watching:
             self.recorder.note_needle(layer, last, shown)
         mask = None if model_mask is None else model_mask.mask_mod(query.device)
+        tile = WINDOW_TILE if self.tiles and mask is not None else None
         with phase("attention"):
-            return flex_block_sparse_attention(query, key, value, keep, bs, scaling, mask, lists)
+            return flex_block_sparse_attention(
+                query, key, value, keep, bs, scaling, mask, lists, tile
+            )

@@ -33,6 +33,7 @@ import torch
 
 from attnlab.bench.timing import environment, median_ms, write_table
 from attnlab.errors import UserError
+from attnlab.flex import WINDOW_TILE
 from attnlab.phases import Phases
 
 
@@ -116,12 +117,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     model.set_attn_implementation(attention.IMPLEMENTATION)
     for name in args.policies:
         policy = policies.make(name, **args.policy_params.get(name, {}))
-        # a block policy's selection in the fused Triton kernel (the default, used on CUDA
-        # only) and, on CUDA, in PyTorch
-        paths = [True, False] if cuda and policy.level == "block" else [True]
-        for s, fused in itertools.product([0.0] if name == "full" else args.sparsities, paths):
+        # (fused, tiles): a block policy's selection in the fused Triton kernel (the
+        # default, used on CUDA only) and, on CUDA, in PyTorch; blocks of which flex's
+        # window tile is made also in tiles of the block
+        paths = [(True, True)]
+        if cuda and policy.level == "block":
+            paths.append((False, True))
+            if all(t % policy.block_size == 0 for t in WINDOW_TILE):
+                paths.append((True, False))
+        sparsities = [0.0] if name == "full" else args.sparsities
+        for s, (fused, tiles) in itertools.product(sparsities, paths):
 
-            def prefill(policy=policy, s=s, fused=fused):
+            def prefill(policy=policy, s=s, fused=fused, tiles=tiles):
                 r = sparse.SparseRun(
                     policy,
                     s,
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     whole_prompt=True,
                     records=False,  # the policy alone: no recall against full attention
                     fused=fused,
+                    tiles=tiles,
                 )
                 decoding.prefill(model, ids, r)
                 return r
@@ -141,6 +149,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             with Phases(model.device) as phases:  # one more pass: where its time goes
                 r = prefill()
             impl = "attnlab" if fused else "attnlab, PyTorch selection"
+            impl += "" if tiles else ", tiles of the block"
             achieved = r.recorder.achieved_sparsity
             add(name, s, ms, reps, impl, kernel(r), achieved, r.selection, phases.ms())
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
