@@ -156,9 +156,9 @@ def test_listed_gives_the_sorted_lists_first_entries():
 
 
 def test_a_window_layer_s_selection_runs_in_the_window_tile(tiny_gemma3, monkeypatch):
-    """A block policy's prefill of Gemma 3 runs its window layers' selection in
-    flex.WINDOW_TILE (its causal layers in tiles of the block), with the logits it has in
-    tiles of the block."""
+    """A block policy's prefill of Gemma 3 with ``tiles`` runs its window layers'
+    selection in flex.WINDOW_TILE (its causal layers in tiles of the block), with the
+    logits it has in tiles of the block."""
     from attnlab import policies, sparse
 
     ids = torch.randint(0, 100, (1, 150), generator=torch.Generator().manual_seed(8))
@@ -173,11 +173,11 @@ def test_a_window_layer_s_selection_runs_in_the_window_tile(tiny_gemma3, monkeyp
     quest = policies.make("quest", block_size=16)
 
     def logits(tiled):
-        run = sparse.SparseRun(quest, 0.8, backend="flex", tiles=tiled)
+        run = sparse.SparseRun(quest, 0.8, backend="flex", **({"tiles": True} if tiled else {}))
         with run, torch.no_grad():
             return tiny_gemma3(input_ids=ids.to(tiny_gemma3.device)).logits
 
     in_tiles = logits(True)
     assert tiles == [flex.WINDOW_TILE] * 2  # both window layers, no causal one
     torch.testing.assert_close(in_tiles, logits(False), rtol=1e-5, atol=1e-5)
-    assert len(tiles) == 2
+    assert len(tiles) == 2  # tiles of the block, the default: none made

@@ -27,11 +27,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from attnlab.blocks import n_blocks
 
-# the tile a selection of 16-token blocks runs in under a sliding window (query x key
-# tokens, :func:`tiled_block_mask`): at Gemma 3's shapes on one H100 (32k, D = 256, a
-# 512-key window) 0.55-0.60 ms a layer at 90-95% where 16 x 16 tiles take 0.86-0.93 and
-# the dense window 0.42; in causal layers the selection's own 16 x 16 tiles were faster
-# (benchmarks_ref/flex_tiles_h100.txt)
+# the tile in which a selection of 16-token blocks may run under a sliding window (query
+# x key tokens, :func:`tiled_block_mask`; ``SparseRun.tiles``, off by default). Alone, at
+# Gemma 3's shapes on one H100 (32k, D = 256, a 512-key window) it took 0.55-0.60 ms a
+# layer at 90-95% where 16 x 16 tiles took 0.86-0.93 (the dense window 0.42), and as
+# long at 99% (benchmarks_ref/flex_tiles_h100.txt); in the real prefill its lists cost
+# more than that gains: ~1 ms faster at 90%, ~3 ms slower at 99% (results_ref/long_context)
 WINDOW_TILE = (64, 16)
 
 

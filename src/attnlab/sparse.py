@@ -82,10 +82,10 @@ class SparseRun:
     whole_prompt: bool = False
     records: bool = True  # recall at the answering rows (False: timing the policy alone)
     # a block policy's GPU prefill selects and lists its blocks in one Triton kernel
-    # (kernels.budget; fused False: in PyTorch), a window layer's in flex.WINDOW_TILE (the
-    # same pairs; tiles False: tiles of the block); attnlab bench prefill times each way
+    # (kernels.budget; fused False: in PyTorch); tiles: a window layer's in flex.WINDOW_TILE
+    # (the same pairs; slower at 99%) instead of its blocks; bench prefill times each way
     fused: bool = True
-    tiles: bool = True
+    tiles: bool = False
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
     # what the run records: the pairs kept, recall, the needle diagnostic
