@@ -1,8 +1,9 @@
 """Where a prefill's time goes: the policy's selection, the attention kernels and the rest
 of the model (``attnlab bench prefill``'s ``selection_ms``, ``attention_ms`` and
 ``rest_ms``, from one pass beside the timed ones), and how long the host took to issue the
-pass (``host_ms``: on the GPU, near the pass's own time where the GPU waited for the host,
-well below it where the host ran ahead).
+pass (``host_ms``: on the GPU, well below the pass's own time where the host ran ahead;
+near it where the GPU waited for the host, or where a host far ahead blocked on a full
+launch queue: an upper bound of the host's share).
 
 The attention marks its two phases with :func:`phase`, which costs nothing unless a
 :class:`Phases` is active. Then each phase is bracketed by CUDA events on the GPU (recorded
