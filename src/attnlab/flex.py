@@ -32,7 +32,7 @@ from attnlab.blocks import n_blocks
 # Gemma 3's shapes on one H100 (32k, D = 256, a 512-key window) it took 0.55-0.60 ms a
 # layer at 90-95% where 16 x 16 tiles took 0.86-0.93 (the dense window 0.42), and as
 # long at 99% (benchmarks_ref/flex_tiles_h100.txt); in the real prefill its lists cost
-# more than that gains: ~1 ms faster at 90%, ~3 ms slower at 99% (results_ref/long_context)
+# about what it gains: 1.1-5.3 ms faster at 90%, 1.8-9.9 slower at 99% (results_ref)
 WINDOW_TILE = (64, 16)
 
 

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     model = attention.install(model)
     ids = prompt_ids(args.prompts, args.length, model.device)
     cuda = model.device.type == "cuda"
+    windowed = any(getattr(m, "sliding_window", None) for m in model.modules())
     rows = []
 
     def add(
@@ -121,11 +122,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         policy = policies.make(name, **args.policy_params.get(name, {}))
         # (fused, tiles): a block policy's selection in the fused Triton kernel (the
         # default, used on CUDA only) and, on CUDA, in PyTorch; blocks of which flex's
-        # window tile is made also with the window layers in that tile
+        # window tile is made also with a model's window layers in that tile
         paths = [(True, False)]
         if cuda and policy.level == "block":
             paths.append((False, False))
-            if all(t % policy.block_size == 0 for t in WINDOW_TILE):
+            if windowed and all(t % policy.block_size == 0 for t in WINDOW_TILE):
                 paths.append((True, True))
         sparsities = [0.0] if name == "full" else args.sparsities
         for s, (fused, tiles) in itertools.product(sparsities, paths):
