@@ -60,3 +60,59 @@ def test_the_fused_prefill_bounds_quest_with_the_kernel_and_selects_the_same(inp
     clear = _clear_edges(scores[False].masked_fill(later, -torch.inf), keeps[False]) > 1e-3
     assert clear.float().mean() > 0.9
     assert torch.equal(keeps[True][clear], keeps[False][clear])
+
+
+def test_bands_skip_only_tiles_outside_every_row_s_band():
+    """With each row's first and last page, a tile of pages wholly outside every band of
+    its rows is not multiplied (its bounds -inf); every bound inside a band is the whole
+    computation's, bit for bit (129 rows over 150 pages in tiles of 64, a 66-page window:
+    the last row's band starts at a tile's last page and ends at a tile's first)."""
+    q, k = _rand(1, 4, 129, 16, seed=3), _rand(1, 2, 150 * 8, 16, seed=4)
+    kmin, kmax = page_bounds(k, 8)
+    rows = torch.arange(129, device=DEVICE)
+    first, last = (rows - 65).clamp(min=0), rows
+    whole = page_bound(q, kmin, kmax)
+    part = page_bound(q, kmin, kmax, bands=(first, last))
+    pages = torch.arange(150, device=DEVICE)
+    band = (pages >= first[:, None]) & (pages <= last[:, None])
+    assert torch.equal(part[..., band], whole[..., band])
+    skipped = part == -torch.inf
+    assert bool(skipped[..., ~band].any()) and not bool(skipped[..., band].any())
+    assert torch.equal(part[~skipped], whole[~skipped])
+
+
+def test_the_fused_prefill_under_a_window_bounds_each_row_s_band(monkeypatch):
+    """Under a sliding window the fused selection hands the kernel each query block's
+    band (its window's first page, its own) and keeps the blocks the PyTorch path keeps
+    wherever rounding cannot decide."""
+    from tests.test_windows import _recipe
+
+    import attnlab.kernels.quest as kernels
+    from attnlab.masks import ModelMask
+
+    bands = []
+    real = kernels.page_bound
+    monkeypatch.setattr(
+        kernels, "page_bound", lambda *a, **kw: bands.append(kw["bands"]) or real(*a, **kw)
+    )
+    n, bs, w = 2400, 8, 100  # 300 blocks: tiles of 64 left of every band
+    q, k = _rand(1, 4, n, 16, seed=15), expand_kv(_rand(1, 2, n, 16, seed=16), 4)
+    policy = policies.make("quest", block_size=bs)
+    keeps = {}
+    for fused in (False, True):
+        mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE)))
+        run = sparse.SparseRun(policy, 0.97, whole_prompt=True)  # a few of a band's blocks
+        keep = run.block_mask(0, q, k, 0.25, 2, mask, lists=True if fused else None)
+        keeps[fused] = keep[0] if fused else keep
+    ((first, last),) = bands
+    starts = torch.arange(0, n, bs, device=DEVICE)
+    assert torch.equal(first.cpu(), ((starts.cpu() - w + 1).clamp(min=0) // bs).int())
+    assert torch.equal(last.cpu(), starts.cpu() // bs)
+    ctx = sparse.SparseRun(policy, 0.97, whole_prompt=True)._context(
+        0, q, k, None, 0.25, 2, rows=run_rows(n), cache={}
+    )
+    score = policy.block_scores(ctx, starts, "causal")
+    seen = mask.block_counts(starts, (starts + bs - 1).clamp(max=n - 1), bs) > 0
+    clear = _clear_edges(score.masked_fill(~seen, -torch.inf), keeps[False]) > 1e-3
+    assert clear.float().mean() > 0.9
+    assert torch.equal(keeps[True][clear], keeps[False][clear])

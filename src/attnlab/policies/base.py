@@ -333,7 +333,9 @@ class BlockPolicy(Selector):
         (``prompt``: a row that has every query of its block before it) -> (B, H, Mq, Mk)
         or None (keep every block). A policy whose method scores a block otherwise in the
         prompt form (CAB's whole graph) overrides this."""
-        return self.score(ctx.rows(rows))
+        sub = ctx.rows(rows)
+        sub.first_blocks = ctx.first_blocks  # one row per query block: where its band starts
+        return self.score(sub)
 
 
 def selection_form(policy: Policy, whole_prompt: bool) -> str:

@@ -94,10 +94,20 @@ class Quest(BlockPolicy):
         g = ctx.groups  # the bounds of each key/value head, then its query heads'
         # the fused prefill's kernel takes the extremes in the keys' dtype (exact products)
         bounds = page_bounds(ctx.k[:, ::g], self.block_size, float32=not ctx.triton)
-        if ctx.triton:  # the same bound from the tensor cores
+        if ctx.triton:  # the same bound from the tensor cores, on each row's band alone
             from attnlab.kernels.quest import page_bound
 
-            bound = page_bound(ctx.q, *bounds)
+            bound = page_bound(ctx.q, *bounds, bands=self._bands(ctx))
         else:
             bound = upper_bound(ctx.q, *(b.repeat_interleave(g, 1) for b in bounds))
         return with_must_keep_blocks(bound, ctx.q_pos, self, ctx, in_place=ctx.triton)
+
+    def _bands(self, ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A fused prefill's rows (one per query block): the first and last page each can
+        keep (its window's edge, its own page), outside which its bounds are never read;
+        None where the rows are not one per query block."""
+        first = ctx.first_blocks
+        if first is None or first.shape[-1] != ctx.q.shape[-2]:
+            return None
+        own = lambda: (ctx.q_pos, ctx.q_pos // self.block_size)  # noqa: E731
+        return first, ctx.cached(("own page", id(ctx.q_pos), self.block_size), own)[1]
