@@ -26,13 +26,14 @@ def xattention_tiles(d, stride, per, nk, precision):
 
 
 def quest_tiles(dtype):
-    """(constexprs, warps, stages) of Quest's bound as ``page_bound`` launches it at 32k."""
+    """(constexprs, warps, stages) of Quest's bound as ``page_bound`` launches it at 32k
+    (a fused prefill's: with the rows' bands)."""
     import torch
 
     from attnlab.kernels.quest import BOUND_WARPS, bound_tiles
 
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    return bound_tiles(2048, 2048, 256, dt), BOUND_WARPS, 3
+    return {**bound_tiles(2048, 2048, 256, dt), "BANDS": True}, BOUND_WARPS, 3
 
 
 def budget_shape(width, all_partial):
@@ -91,7 +92,7 @@ UNIT_STRIDES = {
 }
 
 INT_POINTERS = {"keep", "full_num", "full_idx", "part_num", "part_idx", "lo", "hi", "first",
-                "tile_i", "tile_j"}  # fmt: skip
+                "last", "tile_i", "tile_j"}  # fmt: skip
 
 
 def _compile_all() -> list[dict]:

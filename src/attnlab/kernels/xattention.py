@@ -21,25 +21,28 @@ from attnlab.kernels.adjacency import _mm
 @triton.jit
 def _estimate(
     q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d, scaling,
-    S: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    S: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     # antidiagonal sums of the stride x stride tiles: strided query i's token i*S + S-1-s
     # with strided key j's token j*S + s, as in ``antidiagonal_scores``, then scaled as
-    # ``XAttention.shares`` scales them (a mean over the antidiagonal)
+    # ``XAttention.shares`` scales them (a mean over the antidiagonal); one product of
+    # S * D terms, taken BD channels of one s at a time (DP: D rounded up to BD)
     dd = tl.arange(0, BD)
     acc = tl.zeros((BI, BN), tl.float32)
-    for s in tl.static_range(S):
+    for kk in range(0, S * DP, BD):
+        s = kk // DP
+        ch = kk - s * DP + dd
         qrow = ii * S + (S - 1 - s)
         qt = tl.load(
-            q_base + qrow[:, None] * sq_n + dd[None, :] * sq_d,
-            mask=(row_ok & (qrow < T))[:, None] & (dd < D)[None, :],
+            q_base + qrow[:, None] * sq_n + ch[None, :] * sq_d,
+            mask=(row_ok & (qrow < T))[:, None] & (ch < D)[None, :],
             other=0.0,
         )  # (BI, BD)
         krow = jj * S + s
         kt = tl.load(
-            k_base + krow[None, :] * sk_n + dd[:, None] * sk_d,
-            mask=(krow < Tk)[None, :] & (dd < D)[:, None],
+            k_base + krow[None, :] * sk_n + ch[:, None] * sk_d,
+            mask=(krow < Tk)[None, :] & (ch < D)[:, None],
             other=0.0,
         )  # (BD, BN)
         acc = _mm(qt, kt, acc, PRECISION)
@@ -52,7 +55,7 @@ def _block_share_kernel(
     R, H, GROUPS, T, Tk, NK, MK, D, scaling,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, so_bh, so_r,
     S: tl.constexpr, PER: tl.constexpr, G: tl.constexpr, BI: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # G rows a program, so that the strided keys stream past G * BI strided queries at once
     rr = tl.program_id(0) * G + tl.arange(0, G)
@@ -73,7 +76,7 @@ def _block_share_kernel(
     for j0 in range(0, stop, BN):
         jj = j0 + tl.arange(0, BN)
         est = _estimate(q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d,
-                        scaling, S, G * BI, BN, BD, PRECISION)  # fmt: skip
+                        scaling, S, G * BI, BN, BD, DP, PRECISION)  # fmt: skip
         causal = (jj[None, :] <= ii[:, None]) & (jj < NK)[None, :]
         est = tl.where(causal, est, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(est, axis=1))
@@ -88,7 +91,7 @@ def _block_share_kernel(
     for j0 in range((first * PER // BN) * BN, stop, BN):
         jj = j0 + tl.arange(0, BN)
         est = _estimate(q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d,
-                        scaling, S, G * BI, BN, BD, PRECISION)  # fmt: skip
+                        scaling, S, G * BI, BN, BD, DP, PRECISION)  # fmt: skip
         causal = (jj[None, :] <= ii[:, None]) & (jj < NK)[None, :] & row_ok[:, None]
         p = tl.where(causal, tl.exp(est - m_safe[:, None]) / l_safe[:, None], 0.0)
         per_row = tl.sum(tl.reshape(p, (G, BI, BN)), axis=1)  # (G, BN)
@@ -162,21 +165,21 @@ def launch_tiles(
 ) -> tuple[dict, int]:
     """The estimate kernel's constexprs and pipeline stages for head dim ``d``, ``per``
     strided queries a row, ``nk`` strided keys (the compile check launches these too).
-    float32 tiles and head dims over 128 take one stage of at most 32 keys: two stages of
-    64 at D = 256 in bf16 ask for 320 KiB of shared memory, over sm_90's 227. There, two
-    rows share a program (``G``), so each strided key read meets both rows' queries: their
-    strided queries (2 x 16 x 8 x 256 in bf16, 128 KiB) and 64 keys a step take 160 KiB."""
-    if precision == "ieee" or d > 128:
-        block_n, stages = min(block_n, 32), 1
-    else:
-        stages = 2
-    g = rows_per_program or (2 if precision != "ieee" and d > 128 else 1)
-    if g > 1 and precision != "ieee":  # one stage: the rows' queries fill shared memory
-        block_n, stages = 64, 1
-    block_n = max(16, per, min(block_n, triton.next_power_of_2(nk)))
+    The product runs over S * d terms, 64 channels a step, so shared memory holds a step's
+    tiles whatever the head dim. On the tensor cores (bf16, fp16) rows share a program
+    (``G``) until it holds 64 strided queries, the tile a warp group multiplies, and each
+    strided key read meets them all; float32 tiles (the interpreter's, ``ieee``) take one
+    row and at most 32 keys."""
     bi = max(16, triton.next_power_of_2(per))
+    if precision == "ieee":
+        g, block_n, stages = 1, min(block_n, 32), 2
+    else:
+        g, stages = max(1, 64 // bi), 3
+    g = rows_per_program or g
+    block_n = max(16, per, min(block_n, triton.next_power_of_2(nk)))
+    bd = min(64, max(16, triton.next_power_of_2(d)))
     tiles = dict(
-        S=stride, PER=per, G=g, BI=bi, BN=block_n, BD=max(16, triton.next_power_of_2(d)),
+        S=stride, PER=per, G=g, BI=bi, BN=block_n, BD=bd, DP=triton.cdiv(d, bd) * bd,
         PRECISION=precision,
     )  # fmt: skip
     return tiles, stages
