@@ -156,7 +156,7 @@ def test_listed_gives_the_sorted_lists_first_entries():
 
 
 def test_a_window_layer_s_selection_runs_in_the_window_tile(tiny_gemma3, monkeypatch):
-    """A block policy's prefill of Gemma 3 with ``tiles`` runs its window layers'
+    """A block policy's prefill of Gemma 3 with ``tiles="window"`` runs its window layers'
     selection in flex.WINDOW_TILE (its causal layers in tiles of the block), with the
     logits it has in tiles of the block."""
     from attnlab import policies, sparse
@@ -173,11 +173,65 @@ def test_a_window_layer_s_selection_runs_in_the_window_tile(tiny_gemma3, monkeyp
     quest = policies.make("quest", block_size=16)
 
     def logits(tiled):
-        run = sparse.SparseRun(quest, 0.8, backend="flex", **({"tiles": True} if tiled else {}))
+        run = sparse.SparseRun(quest, 0.8, backend="flex", tiles="window" if tiled else "block")
         with run, torch.no_grad():
             return tiny_gemma3(input_ids=ids.to(tiny_gemma3.device)).logits
 
     in_tiles = logits(True)
     assert tiles == [flex.WINDOW_TILE] * 2  # both window layers, no causal one
     torch.testing.assert_close(in_tiles, logits(False), rtol=1e-5, atol=1e-5)
-    assert len(tiles) == 2  # tiles of the block, the default: none made
+    assert len(tiles) == 2  # tiles of the block: none made
+
+
+def test_whole_query_tiles_run_in_the_model_mask_s_tiles_and_the_rest_in_blocks():
+    """Under a window, ``whole``: the query tiles of the model's BlockMask in which every
+    block keeps all it sees run as that mask, the others in tiles of the block; together
+    masked softmax over the kept pairs, a head whose tile misses one block left in blocks."""
+    from tests.test_windows import _recipe
+
+    from attnlab.masks import ModelMask
+
+    n, w, bs = 384, 40, 16
+    q, k, v = _qkv(n, seed=9)
+    model = ModelMask(_recipe(n, w, device=torch.device(DEVICE), batch_size=1))
+    pairs = model.block_pairs(bs, DEVICE)
+    seen = pairs > 0  # (M, M) blocks each query block sees
+    keep = _random_keep(1, 4, n // bs, n // bs, seed=10) & seen
+    keep[:, :, 16:] = seen[16:]  # the last tile of 128 rows keeps all it sees
+    keep[0, 1, 20, 20 - 2] = False  # ... but for one block of head 1
+    t = torch.arange(n, device=DEVICE)
+    token_keep = _token_mask(keep, bs, bs, n) & ((t[:, None] - t[None, :]) < w)
+    whole = (model.block_mask(DEVICE), seen.sum(-1))
+    tiles = flex.whole_tiles(keep.sum(-1), whole[1], 8)
+    want = torch.tensor([False, False, True], device=DEVICE)
+    assert torch.equal(tiles[0], torch.stack([want, torch.zeros_like(want), want, want]))
+    out = flex_block_sparse_attention(q, k, v, keep, bs, 0.3, _window(w), whole=whole)
+    torch.testing.assert_close(out, _masked_attention(q, k, v, token_keep, 0.3), **TOL)
+
+
+def test_a_window_layer_s_whole_tiles_run_apart_in_a_prefill(tiny_gemma3):
+    """A block policy's prefill of Gemma 3 whose budget reaches the window runs its window
+    layers' whole tiles apart (both window layers; the global one in blocks), with the
+    logits of the same selection as a keep-mask."""
+    from attnlab import policies, sparse
+
+    ids = torch.randint(0, 100, (1, 384), generator=torch.Generator().manual_seed(11))
+    quest = policies.make("quest", block_size=16)
+    runs = {
+        "flex": sparse.SparseRun(quest, 0.8, backend="flex"),
+        "block": sparse.SparseRun(quest, 0.8, backend="flex", tiles="block"),
+        "eager": sparse.SparseRun(quest, 0.8, backend="eager"),
+    }
+    logits = {}
+    for backend, run in runs.items():
+        with run, torch.no_grad():
+            logits[backend] = tiny_gemma3(input_ids=ids.to(tiny_gemma3.device)).logits
+    apart = {k: n for k, n in runs["flex"].kernels.items() if "whole tiles apart" in k}
+    assert list(apart.values()) == [2]
+    assert not any("whole tiles apart" in k for k in runs["block"].kernels)
+    for other in ("block", "eager"):
+        torch.testing.assert_close(logits["flex"], logits[other], rtol=1e-5, atol=1e-5)
+    sparsity = {r.recorder.achieved_sparsity for r in runs.values()}
+    assert len(sparsity) == 1 and sparsity.pop() > 0.5
+    with pytest.raises(ValueError, match="tiles must be"):
+        sparse.SparseRun(quest, 0.8, tiles="window tile")

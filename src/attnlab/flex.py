@@ -232,6 +232,7 @@ def flex_block_sparse_attention(
     mask_mod=None,
     lists=None,
     tile: tuple[int, int] | None = None,
+    whole=None,
 ) -> torch.Tensor:
     """Causal attention restricted to the kept blocks, through FlexAttention.
 
@@ -245,25 +246,69 @@ def flex_block_sparse_attention(
     the caller has them (:func:`attnlab.kernels.budget.budget_select`). ``tile``:
     (query, key) tokens, multiples of ``block_size``, in which the kernel runs the same
     pairs (:func:`tiled_block_mask`; the lists are not read); None, or a tile not made of
-    whole blocks: tiles of the block.
+    whole blocks: tiles of the block. ``whole``: (the model's own mask as a BlockMask, the
+    key blocks each query block sees (M,)), with its ``mask_mod``: the query tiles of that
+    BlockMask whose every query block keeps every block it sees run in its tiles, the
+    others in tiles of the block (:func:`whole_tiles`; N a multiple of its tile).
     """
     b, h, n, _ = q.shape
     m = block_keep.shape[-1]
     if m * block_size < n or (m - 1) * block_size >= n:
         raise ValueError(f"block_keep has {m} blocks, N = {n} needs {n_blocks(n, block_size)}")
     keep = block_keep.to(device=q.device, dtype=torch.bool).expand(b, h, m, m)
-    whole = tile is not None and all(t % block_size == 0 for t in tile)
-    if whole and max(tile) > block_size:
+    in_tiles = tile is not None and all(t % block_size == 0 for t in tile)
+    if in_tiles and max(tile) > block_size:
         block_mask, padded = tiled_block_mask(keep, block_size, tile, mask_mod)
         options = kernel_options(*tile)
     else:
         padded, options = m * block_size, kernel_options(block_size, block_size)
+        rows = None if whole is None or mask_mod is None else whole[0].BLOCK_SIZE[0]
+        if rows is not None and rows > block_size and rows % block_size == 0 == n % rows:
+            return _whole_tiles_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole)
         if lists is None:
             block_mask = block_mask_from_keep(keep, block_size, padded, mask_mod)
         else:
             block_mask = block_mask_from_lists(lists, block_size, padded, mask_mod)
     q, k, v = (_pad_tokens(x, padded - n) for x in (q, k, v))
     return run_flex(q, k, v, block_mask, scaling, options)[:, :, :n]
+
+
+def whole_tiles(kept: torch.Tensor, visible: torch.Tensor, per: int) -> torch.Tensor:
+    """Query tiles of ``per`` query blocks in which every block keeps every key block it
+    sees: kept (B, H, M) blocks kept per query block, visible (M,) blocks it sees, M a
+    multiple of ``per`` -> (B, H, M / per) bool."""
+    b, h, m = kept.shape
+    return (kept >= visible).view(b, h, m // per, per).all(-1)
+
+
+def _whole_tiles_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole):
+    """``flex_block_sparse_attention`` under the model's mask with ``whole``: its query
+    tiles whose blocks keep all they see run as the model's own mask, in its BlockMask's
+    tiles (the same pairs), the others in tiles of the block; a row that a call lists no
+    block for gets zeros there, so the two outputs add."""
+    model, visible = whole
+    if lists is None:
+        lists = (None, None, *ordered_blocks(keep.tril()))
+    num, idx = lists[2], lists[3]
+    per = model.BLOCK_SIZE[0] // block_size
+    tiles = whole_tiles(num, visible, per)  # (B, H, Mq / per)
+    rest = torch.where(tiles.repeat_interleave(per, -1), 0, num)
+    sparse = block_mask_from_lists((None, None, rest, idx), block_size, q.shape[-2], mask_mod)
+    out = run_flex(q, k, v, sparse, scaling, kernel_options(block_size, block_size))
+    b, h = tiles.shape[:2]
+
+    def rows(num, idx):  # the model's lists, only the whole tiles' rows listing blocks
+        return (None, None) if num is None else (num * tiles, idx.expand(b, h, -1, -1).contiguous())
+
+    dense = BlockMask.from_kv_blocks(
+        *rows(model.kv_num_blocks, model.kv_indices),
+        *rows(model.full_kv_num_blocks, model.full_kv_indices),
+        BLOCK_SIZE=model.BLOCK_SIZE,
+        mask_mod=model.mask_mod,
+        seq_lengths=model.seq_lengths,
+        compute_q_blocks=False,
+    )
+    return out + run_flex(q, k, v, dense, scaling)
 
 
 def block_mask_from_selection(selection, kv_block: int, n: int) -> BlockMask:

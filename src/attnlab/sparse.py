@@ -10,11 +10,10 @@ on every device the selection FlexAttention runs on the GPU, in its selection fo
 
 For each call where the policy acts the run builds the keep-mask under the per-row budget
 (a row at position p keeps about (1 - s)(p + 1) keys) on top of the model's own mask
-(causality, sliding windows). What it records lives in its
-:class:`~attnlab.recall.Recorder` (``run.recorder``): kept pairs counted against the
-causal pairs of those rows, so the achieved sparsity is measured, not assumed, the pairs
-the model's own mask hides apart (``model_sparsity``), and at the answering rows how much
-of full attention's weight its policy kept, per layer.
+(causality, sliding windows). Its :class:`~attnlab.recall.Recorder` (``run.recorder``)
+records the kept pairs against the causal pairs of those rows (the achieved sparsity,
+measured), those the model's own mask hides (``model_sparsity``), and at the answering
+rows how much of full attention's weight its policy kept, per layer.
 """
 
 from __future__ import annotations
@@ -54,15 +53,13 @@ def active() -> SparseRun | None:
 
 @dataclass
 class SparseRun:
-    """A policy at a target sparsity in a regime, applied while the run is active
-    (``with run:``).
+    """A policy at a target sparsity in a regime, applied while the run is active (``with run:``).
 
-    ``watch`` holds key positions (the needle's value tokens) whose retention by the
-    answering row is recorded per layer and head as the ``needle_kept`` diagnostic: the
-    last prompt row in the ``prefill`` regime, the first generated token's row in
-    ``cache``. ``followers`` are ``cache``-regime runs that share this run's dense prefill
-    (a full-attention run's): each records from it what its policy needs (see
-    :func:`generate_shared`).
+    ``watch``: key positions (the needle's value tokens) whose retention by the answering
+    row (the last prompt row in ``prefill``, the first generated token's in ``cache``) is
+    recorded per layer and head (``needle_kept``). ``followers``: ``cache``-regime runs that
+    share this run's dense prefill (a full-attention run's), each recording from it what
+    its policy needs (:func:`generate_shared`).
     """
 
     policy: Policy
@@ -81,15 +78,14 @@ class SparseRun:
     # its prompt form (policies.base.selection_form); ``selection``: the prefill's form
     whole_prompt: bool = False
     records: bool = True  # recall at the answering rows (False: timing the policy alone)
-    # a block policy's GPU prefill selects and lists its blocks in one Triton kernel
-    # (kernels.budget; fused False: in PyTorch); tiles: a window layer's in flex.WINDOW_TILE
-    # (the same pairs; slower at 99%) instead of its blocks; bench prefill times each way
+    # fused: a GPU prefill's selection and lists in one Triton kernel (kernels.budget), else
+    # in PyTorch; tiles, the window layers' (the same pairs): "whole" query tiles of the
+    # model's BlockMask apart, "block" tiles of the block alone, "window" flex.WINDOW_TILE
     fused: bool = True
-    tiles: bool = False
+    tiles: str = "whole"
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
-    # what the run records: the pairs kept, recall, the needle diagnostic
-    recorder: Recorder = field(init=False)
+    recorder: Recorder = field(init=False)  # the pairs kept, recall, the needle diagnostic
     kernels: dict[str, int] = field(default_factory=dict)  # layer calls per attention kernel
     histories: dict[int, LayerHistory] = field(default_factory=dict)
     # a causal prefill's rows and counts per (length, device), read by every causal layer
@@ -101,6 +97,8 @@ class SparseRun:
         self.regime = regimes.get(self.regime)
         if self.decode not in ("dense", "policy"):
             raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
+        if self.tiles not in ("whole", "block", "window"):
+            raise ValueError(f"tiles must be 'whole', 'block' or 'window', got {self.tiles!r}")
         if self.row_chunk < 0:
             raise ValueError(f"row_chunk must be >= 0, got {self.row_chunk}")
         if twilight(self.policy) and not self.regime.dense_prefill:
@@ -118,8 +116,7 @@ class SparseRun:
         _ACTIVE.reset(self._token)
 
     def acts(self, layer: int) -> bool:
-        """Whether the policy acts on this layer's next call: the first call of a layer is
-        its prefill."""
+        """Whether the policy acts on this layer's next call (a layer's first: its prefill)."""
         return self.regime.acts(layer not in self.histories, self.decode)
 
     def leaves_dense(self, module, attention_mask) -> bool:
@@ -255,8 +252,7 @@ class SparseRun:
 
     def uses_flex(self, query: torch.Tensor, tq: int, tk: int) -> bool:
         """Whether a call runs through FlexAttention: a block policy's prefill, on CUDA
-        (``backend="auto"``) or wherever ``backend="flex"`` asks for it (elsewhere the
-        same selection runs as a keep-mask, :meth:`mask`)."""
+        (``backend="auto"``) or wherever ``backend="flex"`` asks (else a keep-mask)."""
         wanted = self.backend == "flex" or (self.backend == "auto" and query.is_cuda)
         return wanted and self.policy.level == "block" and tq == tk
 
@@ -366,6 +362,7 @@ class SparseRun:
         query: (B, H, T, D); key, value: (B, Hkv, T, D). Returns (B, H, T, D).
         """
         from attnlab.flex import WINDOW_TILE, flex_block_sparse_attention
+        from attnlab.windows import whole_rows
 
         t, bs, (b, h) = query.shape[-2], self.policy.block_size, query.shape[:2]
         # the keys per query head the selection reads: one key/value head's a view, else copies
@@ -376,7 +373,12 @@ class SparseRun:
         with phase("selection"):
             keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists, pairs)
         keep, lists, kept = keep if fused else (keep, None, None)
+        mask = None if model_mask is None else model_mask.mask_mod(query.device)
+        tile = WINDOW_TILE if self.tiles == "window" and mask is not None else None
+        apart = self.tiles == "whole" and mask is not None
+        whole = whole_rows(model_mask, bs, self.sparsity, pairs) if apart else None
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
+        kernel += ", whole tiles apart" if whole is not None else ""
         self.took(kernel + (", fused selection" if lists is not None else ""), t)
         recall = self.records and layer not in self.recorder.recall_sums
         watching = len(self.recorder.watch) > 0
@@ -392,9 +394,7 @@ class SparseRun:
         self.recorder.count(b, h, t, t, kept, b * total)
         if watching:
             self.recorder.note_needle(layer, last, shown)
-        mask = None if model_mask is None else model_mask.mask_mod(query.device)
-        tile = WINDOW_TILE if self.tiles and mask is not None else None
         with phase("attention"):
             return flex_block_sparse_attention(
-                query, key, value, keep, bs, scaling, mask, lists, tile
+                query, key, value, keep, bs, scaling, mask, lists, tile, whole
             )

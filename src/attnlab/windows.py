@@ -105,3 +105,36 @@ def window_block_pairs(t: int, block_size: int, w: int, device=None) -> torch.Te
 def window_pair_count(t: int, w: int) -> int:
     """Pairs a window shows over a prefill of t tokens: sum over q of min(q + 1, w)."""
     return w * (w + 1) // 2 + max(0, t - w) * w if t >= w else t * (t + 1) // 2
+
+
+@functools.cache
+def tiles_may_keep_whole(t: int, block_size: int, w: int, sparsity: float, tile: int) -> bool:
+    """Whether, in a prefill of t tokens under a window of w keys at ``sparsity``, some
+    tile of ``tile`` query rows may keep every key its query blocks see: each block's keys
+    (those its first or its last row sees) within the budget of its last row (the rows
+    past about w / (1 - sparsity))."""
+    from attnlab.policies.base import row_budget
+
+    starts = torch.arange(0, t, block_size)
+    ends = (starts + block_size - 1).clamp(max=t - 1)
+    fits = ends - (starts - w + 1).clamp(min=0) + 1 <= row_budget(ends + 1, sparsity)
+    per = tile // block_size
+    return bool(fits[: len(fits) // per * per].view(-1, per).all(-1).any())
+
+
+def whole_rows(model_mask, block_size: int, sparsity: float, pairs: torch.Tensor):
+    """``flex_block_sparse_attention``'s ``whole`` for a prefill under ``model_mask`` (a
+    :class:`~attnlab.masks.ModelMask`): under a plain sliding window where some tile of its
+    BlockMask may keep all its rows see (:func:`tiles_may_keep_whole`), that BlockMask and
+    the key blocks each query block sees (from ``pairs``, visible pairs per block pair, kept
+    in the mask's store); else None."""
+    w, t = model_mask.window(), model_mask.recipe["q_length"]
+    if w is None or model_mask.recipe["kv_length"] != t:
+        return None
+    blocks = model_mask.block_mask(pairs.device)
+    if not tiles_may_keep_whole(t, block_size, w, sparsity, blocks.BLOCK_SIZE[0]):
+        return None
+    store = model_mask.store
+    if ("visible blocks", block_size) not in store:
+        store["visible blocks", block_size] = (pairs > 0).sum(-1, dtype=torch.int32)
+    return blocks, store["visible blocks", block_size]

@@ -11,9 +11,12 @@ under its keep-mask (in row chunks with ``--row-chunk``). On CUDA each block pol
 timed twice side by side: its selection through the Triton kernels (``attnlab``, the
 NIAH jobs' path: the budget kernel, :mod:`attnlab.kernels.budget`, and CAB's, XAttention's
 and Quest's predictors, :mod:`attnlab.kernels.cab`, ``xattention``, ``quest``)
-and the same selection in PyTorch (``attnlab, PyTorch selection``); a policy of 16-token
-blocks also runs its window layers in flex's 64 x 16 tile (``attnlab, 64 x 16 window
-tiles``, :data:`attnlab.flex.WINDOW_TILE`: the same pairs). Beside them, the same model's
+and the same selection in PyTorch (``attnlab, PyTorch selection``). Under a sliding
+window both run the query tiles of the model's own BlockMask whose every block keeps all
+it sees in that BlockMask's tiles (``SparseRun.tiles``, the kernel's ``whole tiles
+apart``); a policy of blocks smaller than those tiles is also timed with its window
+layers in tiles of the block alone (``attnlab, window layers in tiles of the block``: the
+same pairs). Beside them, the same model's
 prefill through transformers' own attention implementations (``--transformers``: sdpa,
 flex_attention), the reference attnlab's full attention is measured against. Peak memory
 is the whole process's, model included. One more pass of each attnlab entry, beside the
@@ -35,7 +38,6 @@ import torch
 
 from attnlab.bench.timing import environment, median_ms, write_table
 from attnlab.errors import UserError
-from attnlab.flex import WINDOW_TILE
 from attnlab.phases import Phases
 
 
@@ -121,13 +123,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name in args.policies:
         policy = policies.make(name, **args.policy_params.get(name, {}))
         # (fused, tiles): a block policy's selection in the fused Triton kernel (the
-        # default, used on CUDA only) and, on CUDA, in PyTorch; blocks of which flex's
-        # window tile is made also with a model's window layers in that tile
-        paths = [(True, False)]
+        # default, used on CUDA only) and, on CUDA, in PyTorch; blocks smaller than the
+        # window BlockMask's 128-row tiles also with the window layers in tiles of the block
+        paths = [(True, "whole")]
         if cuda and policy.level == "block":
-            paths.append((False, False))
-            if windowed and all(t % policy.block_size == 0 for t in WINDOW_TILE):
-                paths.append((True, True))
+            paths.append((False, "whole"))
+            if windowed and policy.block_size < 128:
+                paths.append((True, "block"))
         sparsities = [0.0] if name == "full" else args.sparsities
         for s, (fused, tiles) in itertools.product(sparsities, paths):
 
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             with Phases(model.device) as phases:  # one more pass: where its time goes
                 r = prefill()
             impl = "attnlab" if fused else "attnlab, PyTorch selection"
-            impl += f", {WINDOW_TILE[0]} x {WINDOW_TILE[1]} window tiles" if tiles else ""
+            impl += ", window layers in tiles of the block" if tiles == "block" else ""
             achieved = r.recorder.achieved_sparsity
             add(name, s, ms, reps, impl, kernel(r), achieved, r.selection, phases.ms())
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
