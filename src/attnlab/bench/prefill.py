@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         # window BlockMask's 128-row tiles also with the window layers in tiles of the block
         paths = [(True, "whole")]
         if cuda and policy.level == "block":
-            paths.append((False, "whole"))
+            paths += [(False, "whole")] * args.pytorch_selection
             if windowed and policy.block_size < 128:
                 paths.append((True, "block"))
         sparsities = [0.0] if name == "full" else args.sparsities
@@ -191,6 +191,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="JSON: each policy's parameters as the NIAH jobs run it, by name (a variant: "
         'its base and settings, e.g. {"quest_global": {"base": "quest", "window_layers": '
         "false}}); a name not in it runs its defaults",
+    )
+    p.add_argument(
+        "--pytorch-selection",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, also time each block policy's selection in PyTorch",
     )
     p.add_argument(
         "--transformers",
