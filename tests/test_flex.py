@@ -235,3 +235,26 @@ def test_a_window_layer_s_whole_tiles_run_apart_in_a_prefill(tiny_gemma3):
     assert len(sparsity) == 1 and sparsity.pop() > 0.5
     with pytest.raises(ValueError, match="tiles must be"):
         sparse.SparseRun(quest, 0.8, tiles="window tile")
+
+
+def test_whole_rows_only_where_a_model_tile_may_keep_what_it_sees():
+    """``windows.whole_rows``: under a 100-key window over 1024 tokens, blocks of 16 at 50%
+    (rows past about 230 keep their window) take whole tiles apart; not at 95% (no row's
+    budget reaches it), nor blocks as tall as the model's tiles, nor a causal mask."""
+    from tests.test_windows import _recipe
+
+    from attnlab.masks import ModelMask
+    from attnlab.windows import whole_rows
+
+    mask = ModelMask(_recipe(1024, 100, device=torch.device(DEVICE), batch_size=1))
+    made = whole_rows(mask, 16, 0.5, mask.block_pairs(16, DEVICE))
+    assert made is not None and made[0].BLOCK_SIZE[0] == 128
+    assert torch.equal(made[1], (mask.block_pairs(16, DEVICE) > 0).sum(-1, dtype=torch.int32))
+    assert whole_rows(mask, 16, 0.95, mask.block_pairs(16, DEVICE)) is None
+    assert whole_rows(mask, 128, 0.5, mask.block_pairs(128, DEVICE)) is None
+    from transformers.masking_utils import causal_mask_function
+
+    causal = ModelMask(
+        _recipe(1024, 100, local_size=None, mask_function=causal_mask_function, batch_size=1)
+    )
+    assert whole_rows(causal, 16, 0.5, causal.block_pairs(16, DEVICE)) is None

@@ -122,17 +122,20 @@ def tiles_may_keep_whole(t: int, block_size: int, w: int, sparsity: float, tile:
     return bool(fits[: len(fits) // per * per].view(-1, per).all(-1).any())
 
 
-def whole_rows(model_mask, block_size: int, sparsity: float, pairs: torch.Tensor):
+def whole_rows(model_mask, block_size: int, sparsity: float, pairs: torch.Tensor, tile=128):
     """``flex_block_sparse_attention``'s ``whole`` for a prefill under ``model_mask`` (a
-    :class:`~attnlab.masks.ModelMask`): under a plain sliding window where some tile of its
-    BlockMask may keep all its rows see (:func:`tiles_may_keep_whole`), that BlockMask and
-    the key blocks each query block sees (from ``pairs``, visible pairs per block pair, kept
-    in the mask's store); else None."""
+    :class:`~attnlab.masks.ModelMask`): under a plain sliding window whose BlockMask's query
+    tiles (``tile`` rows, a multiple of ``block_size`` above it, dividing the prefill) may
+    keep all their rows see (:func:`tiles_may_keep_whole`), that BlockMask and the key
+    blocks each query block sees (from ``pairs``, visible pairs per block pair, kept in the
+    mask's store); else None."""
     w, t = model_mask.window(), model_mask.recipe["q_length"]
-    if w is None or model_mask.recipe["kv_length"] != t:
+    if w is None or model_mask.recipe["kv_length"] != t or t % tile or tile % block_size:
         return None
-    blocks = model_mask.block_mask(pairs.device)
-    if not tiles_may_keep_whole(t, block_size, w, sparsity, blocks.BLOCK_SIZE[0]):
+    if tile == block_size or not tiles_may_keep_whole(t, block_size, w, sparsity, tile):
+        return None
+    blocks = model_mask.block_mask(pairs.device)  # once per forward pass
+    if blocks.BLOCK_SIZE[0] != tile:
         return None
     store = model_mask.store
     if ("visible blocks", block_size) not in store:
