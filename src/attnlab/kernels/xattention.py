@@ -109,7 +109,7 @@ def block_shares(
     stride: int,
     block_size: int,
     scaling: float,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: int = 4,
     first: torch.Tensor | None = None,
     rows_per_program: int | None = None,
@@ -160,7 +160,7 @@ def launch_tiles(
     per: int,
     nk: int,
     precision: str,
-    block_n: int = 64,
+    block_n: int = 128,
     rows_per_program: int | None = None,
 ) -> tuple[dict, int]:
     """The estimate kernel's constexprs and pipeline stages for head dim ``d``, ``per``
@@ -168,8 +168,10 @@ def launch_tiles(
     The product runs over S * d terms, 64 channels a step, so shared memory holds a step's
     tiles whatever the head dim. On the tensor cores (bf16, fp16) rows share a program
     (``G``) until it holds 64 strided queries, the tile a warp group multiplies, and each
-    strided key read meets them all; float32 tiles (the interpreter's, ``ieee``) take one
-    row and at most 32 keys."""
+    strided key read meets them all, 128 keys a step (at Gemma-3-270M's shapes on an H100,
+    benchmarks_ref/xattention_estimate_h100.txt: 1.64 ms a global layer at 32k where 64
+    keys a step took 2.29 and the whole head dim at once, 32 queries a program, 3.61);
+    float32 tiles (the interpreter's, ``ieee``) take one row and at most 32 keys."""
     bi = max(16, triton.next_power_of_2(per))
     if precision == "ieee":
         g, block_n, stages = 1, min(block_n, 32), 2

@@ -1,0 +1,75 @@
+"""Microbench: a window layer's selection at Gemma-3-270M's shapes (32k, H=4, Hkv=1, D=256,
+bf16, a 512-key window, 16-token blocks), each row's budget (1 - s)(t + 1) keys over
+random scores, the blocks of rows whose budget holds their window all kept: FlexAttention
+in tiles of the block against whole query tiles apart (flex_block_sparse_attention's
+``whole``: the model's 128-row BlockMask for tiles whose blocks keep all they see; here
+forced at every sparsity, where SparseRun asks for it only if some tile may keep whole),
+and the dense window. Run from the repository root:
+PYTHONPATH=src python benchmarks_ref/window_whole_tiles_h100.py 32768"""
+
+import sys
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from attnlab import flex
+from attnlab.policies.base import row_budget
+from attnlab.windows import window_block_pairs, window_mask_mod
+
+dev, T, H, D, BS, W = "cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 32768, 4, 256, 16, 512
+torch.manual_seed(0)
+q = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16)
+k = torch.randn(1, 1, T, D, device=dev, dtype=torch.bfloat16)
+v = torch.randn(1, 1, T, D, device=dev, dtype=torch.bfloat16)
+sc = D**-0.5
+mm = window_mask_mod(W)
+model = create_block_mask(mm, 1, None, T, T, device=dev)
+
+
+def timeit(fn, reps=30):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+pairs = window_block_pairs(T, BS, W, dev)
+seen = pairs > 0
+nvis = seen.sum(-1, dtype=torch.int32)
+m = T // BS
+starts = torch.arange(0, T, BS, device=dev)
+ends = starts + BS - 1
+print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+print("dense window %.3f ms" % timeit(lambda: flex.run_flex(q, k, v, model, sc)), flush=True)
+for s in (0.9, 0.95, 0.99):
+    budget = row_budget(ends + 1, s)  # keys
+    score = torch.rand(1, H, m, m, device=dev).masked_fill(~seen, -1)
+    order = score.argsort(-1, descending=True)
+    cnt = torch.gather(pairs.clamp(max=BS).expand(1, H, m, m) * 0 + (pairs > 0) * BS, -1, order)
+    fits = cnt.cumsum(-1) <= budget[None, None, :, None]
+    keep = torch.zeros(1, H, m, m, dtype=torch.bool, device=dev).scatter_(-1, order, fits) & seen
+    keep |= torch.eye(m, dtype=torch.bool, device=dev)
+    full = (ends - (starts - W + 1).clamp(min=0) + 1) <= budget
+    keep[:, :, full] = seen[full]
+    lists = (None, None, *flex.ordered_blocks(keep.tril()))
+    a = timeit(lambda: flex.flex_block_sparse_attention(q, k, v, keep, BS, sc, mm, lists))
+    b = timeit(
+        lambda: flex.flex_block_sparse_attention(
+            q, k, v, keep, BS, sc, mm, lists, whole=(model, nvis)
+        )
+    )
+    o1 = flex.flex_block_sparse_attention(q, k, v, keep, BS, sc, mm, lists)
+    o2 = flex.flex_block_sparse_attention(q, k, v, keep, BS, sc, mm, lists, whole=(model, nvis))
+    tiles = flex.whole_tiles(lists[2], nvis, 8).float().mean().item()
+    print(
+        f"s={s}: blocks {a:.3f} ms | whole tiles apart {b:.3f} ms (whole tiles {tiles:.2f}, max diff {(o1 - o2).abs().max().item():.1e})",
+        flush=True,
+    )
