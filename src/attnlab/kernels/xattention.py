@@ -1,7 +1,8 @@
 """Triton kernel: XAttention's antidiagonal estimate, summed into key blocks per row.
 
-One program takes one scored row of a whole prefill and the strided queries it sums (a
-range of at most block_size / stride, see ``XAttention.shares``), and sweeps their causal
+One program takes scored rows of a whole prefill (``G``, :func:`launch_tiles`) and the
+strided queries each sums (a range of at most block_size / stride, see
+``XAttention.shares``), and sweeps their causal
 strided keys twice, flash-attention style: once for each strided query's softmax maximum
 and sum (over every causal strided key, as the estimate is defined), once to add its
 probabilities into key blocks, from the first key block the row can keep on (a sliding
