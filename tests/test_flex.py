@@ -1,5 +1,6 @@
 """FlexAttention over a block selection equals masked softmax attention with the same mask."""
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -258,3 +259,30 @@ def test_whole_rows_only_where_a_model_tile_may_keep_what_it_sees():
         _recipe(1024, 100, local_size=None, mask_function=causal_mask_function, batch_size=1)
     )
     assert whole_rows(causal, 16, 0.5, causal.block_pairs(16, DEVICE)) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"),
+    reason="needs CUDA and TRITON_INTERPRET=0",
+)
+def test_on_the_gpu_whole_window_tiles_keep_the_logits_of_tiles_of_the_block():
+    """On CUDA (compiled flex, the fused selection, transformers' own BlockMask of the
+    window) a prefill taking its window layers' whole tiles apart gives the logits and
+    the sparsity of the same selection in tiles of the block."""
+    from tests.tiny_models import tiny_gemma3
+
+    from attnlab import policies, sparse
+
+    model = tiny_gemma3().cuda()
+    ids = torch.randint(0, 100, (1, 384), generator=torch.Generator().manual_seed(12))
+    quest = policies.make("quest", block_size=16)
+    runs = {t: sparse.SparseRun(quest, 0.8, tiles=t) for t in ("whole", "block")}
+    logits = {}
+    for tiles, run in runs.items():
+        with run, torch.no_grad():
+            logits[tiles] = model(input_ids=ids.cuda()).logits
+    assert any("whole tiles apart, fused selection" in k for k in runs["whole"].kernels)
+    torch.testing.assert_close(logits["whole"], logits["block"], rtol=1e-4, atol=1e-4)
+    sparsity = {r.recorder.achieved_sparsity for r in runs.values()}
+    assert len(sparsity) == 1
