@@ -6,6 +6,7 @@ import sys
 import time
 
 import torch
+from _events import median_event_ms
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 for name in ("recompile_limit", "cache_size_limit"):
@@ -25,19 +26,7 @@ M = T // FB
 
 
 def timeit(fn, reps=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    return median_event_ms(fn, reps)
 
 
 def lists(keep):

@@ -9,6 +9,7 @@ CUDA events. Run from the repository root:
 PYTHONPATH=src python benchmarks_ref/selection_pieces_h100.py 32768"""
 
 import torch
+from _events import median_event_ms
 import triton
 from attnlab.kernels import reference
 from attnlab.kernels.coarsen import coarsen_max_l2 as coarsen_triton
@@ -32,21 +33,10 @@ M = T // BS
 
 
 def timeit(fn, reps=20):
-    if dev == "cpu":
+    if dev == "cpu":  # a check under the interpreter: each piece runs once, untimed
         fn()
         return 0.0
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    return median_event_ms(fn, reps)
 
 
 print(

@@ -10,6 +10,7 @@ PYTHONPATH=src python benchmarks_ref/window_whole_tiles_h100.py 32768"""
 import sys
 
 import torch
+from _events import median_event_ms
 from torch.nn.attention.flex_attention import create_block_mask
 
 from attnlab import flex
@@ -27,18 +28,7 @@ model = create_block_mask(mm, 1, None, T, T, device=dev)
 
 
 def timeit(fn, reps=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    return median_event_ms(fn, reps)
 
 
 pairs = window_block_pairs(T, BS, W, dev)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _events import median_event_ms
 
 from attnlab.kernels import xattention as new
 
@@ -34,18 +35,7 @@ sc = D**-0.5
 
 
 def timeit(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    return median_event_ms(fn, reps)
 
 
 mq, per = T // BS, BS // ST

@@ -28,7 +28,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from attnlab.blocks import n_blocks
 
 # the tile in which a selection of 16-token blocks may run under a sliding window (query
-# x key tokens, :func:`tiled_block_mask`; ``SparseRun.tiles``, off by default). Alone, at
+# x key tokens, :func:`tiled_block_mask`; ``SparseRun.tiles = "window"``). Alone, at
 # Gemma 3's shapes on one H100 (32k, D = 256, a 512-key window) it took 0.55-0.60 ms a
 # layer at 90-95% where 16 x 16 tiles took 0.86-0.93 (the dense window 0.42), and as
 # long at 99% (benchmarks_ref/flex_tiles_h100.txt); in the real prefill its lists cost
@@ -144,16 +144,21 @@ def block_mask_from_keep(
     ``mask_mod`` (the model's own mask: a sliding window) every kept block is partial,
     that mask applied pair by pair.
     """
+    lists = keep_lists(block_keep, mask_mod is not None)
+    return block_mask_from_lists(lists, block_size, n, mask_mod)
+
+
+def keep_lists(block_keep: torch.Tensor, all_partial: bool) -> tuple:
+    """The lists (full_num, full_idx, part_num, part_idx) of :func:`block_mask_from_keep`:
+    blocks strictly below the diagonal full, diagonal ones partial, or (``all_partial``,
+    under the model's own mask) every kept block at or left of the diagonal partial and no
+    full lists."""
     m = block_keep.shape[-1]
     below = torch.ones(m, m, dtype=torch.bool, device=block_keep.device).tril(-1)
     diag = torch.eye(m, dtype=torch.bool, device=block_keep.device)
-    if mask_mod is None:
-        full_num, full_idx = ordered_blocks(block_keep & below)
-        part_num, part_idx = ordered_blocks(block_keep & diag)
-    else:
-        full_num = full_idx = None
-        part_num, part_idx = ordered_blocks(block_keep & (below | diag))
-    return block_mask_from_lists((full_num, full_idx, part_num, part_idx), block_size, n, mask_mod)
+    if all_partial:
+        return (None, None, *ordered_blocks(block_keep & (below | diag)))
+    return (*ordered_blocks(block_keep & below), *ordered_blocks(block_keep & diag))
 
 
 def block_mask_from_lists(lists, block_size: int, n: int, mask_mod=None) -> BlockMask:
@@ -287,9 +292,7 @@ def _whole_tiles_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whol
     tiles (the same pairs), the others in tiles of the block; a row that a call lists no
     block for gets zeros there, so the two outputs add."""
     model, visible = whole
-    if lists is None:
-        lists = (None, None, *ordered_blocks(keep.tril()))
-    num, idx = lists[2], lists[3]
+    num, idx = (keep_lists(keep, all_partial=True) if lists is None else lists)[2:]
     per = model.BLOCK_SIZE[0] // block_size
     tiles = whole_tiles(num, visible, per)  # (B, H, Mq / per)
     rest = torch.where(tiles.repeat_interleave(per, -1), 0, num)
