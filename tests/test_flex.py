@@ -238,6 +238,26 @@ def test_a_window_layer_s_whole_tiles_run_apart_in_a_prefill(tiny_gemma3):
         sparse.SparseRun(quest, 0.8, tiles="window tile")
 
 
+def test_auto_tiles_take_whole_tiles_apart_under_64_token_blocks_alone(tiny_gemma3):
+    """``tiles="auto"`` (the default): a 16-token-block policy takes its window layers'
+    whole tiles apart, a 64-token-block one runs them in tiles of the block, unless told
+    ``tiles="whole"`` (at 50% both may keep a whole window tile)."""
+    from attnlab import policies, sparse
+    from attnlab.windows import tile_form
+
+    assert [tile_form("auto", b) for b in (16, 32, 64, 128)] == ["whole"] * 2 + ["block"] * 2
+    assert tile_form("window", 16) == "window" and tile_form("whole", 64) == "whole"
+    ids = torch.randint(0, 100, (1, 384), generator=torch.Generator().manual_seed(13))
+    apart = {}
+    for bs, tiles in [(16, "auto"), (64, "auto"), (64, "whole")]:
+        quest = policies.make("quest", block_size=bs)
+        run = sparse.SparseRun(quest, 0.5, backend="flex", tiles=tiles)
+        with run, torch.no_grad():
+            tiny_gemma3(input_ids=ids.to(tiny_gemma3.device))
+        apart[bs, tiles] = sum(n for k, n in run.kernels.items() if "whole tiles apart" in k)
+    assert apart == {(16, "auto"): 2, (64, "auto"): 0, (64, "whole"): 2}
+
+
 def test_whole_rows_only_where_a_model_tile_may_keep_what_it_sees():
     """``windows.whole_rows``: under a 100-key window over 1024 tokens, blocks of 16 at 50%
     (rows past about 230 keep their window) take whole tiles apart; not at 95% (no row's

@@ -30,13 +30,7 @@ from attnlab.blocks import causal_block_pairs, expand_kv, visible_per_block
 from attnlab.errors import UserError
 from attnlab.masks import ModelMask, causal_block_counts, causal_rows
 from attnlab.phases import phase
-from attnlab.policies.base import (
-    LayerHistory,
-    Policy,
-    ScoreContext,
-    keep_mask,
-    row_budget,
-)
+from attnlab.policies.base import LayerHistory, Policy, ScoreContext, keep_mask, row_budget
 from attnlab.policies.selection import keep_blocks_by_budget, twilight
 from attnlab.recall import Recorder
 from attnlab.regimes import Regime
@@ -80,9 +74,10 @@ class SparseRun:
     records: bool = True  # recall at the answering rows (False: timing the policy alone)
     # fused: a GPU prefill's selection and lists in one Triton kernel (kernels.budget), else
     # in PyTorch; tiles, the window layers' (the same pairs): "whole" query tiles of the
-    # model's BlockMask apart, "block" tiles of the block alone, "window" flex.WINDOW_TILE
+    # model's BlockMask apart, "block" tiles of the block alone, "window" flex.WINDOW_TILE,
+    # "auto" whole under windows.WHOLE_BELOW-token blocks, else block
     fused: bool = True
-    tiles: str = "whole"
+    tiles: str = "auto"
     selection: str = field(init=False, default="causal")
     followers: list[SparseRun] = field(default_factory=list)
     recorder: Recorder = field(init=False)  # the pairs kept, recall, the needle diagnostic
@@ -97,8 +92,8 @@ class SparseRun:
         self.regime = regimes.get(self.regime)
         if self.decode not in ("dense", "policy"):
             raise ValueError(f"decode must be 'dense' or 'policy', got {self.decode!r}")
-        if self.tiles not in ("whole", "block", "window"):
-            raise ValueError(f"tiles must be 'whole', 'block' or 'window', got {self.tiles!r}")
+        if self.tiles not in ("auto", "whole", "block", "window"):
+            raise ValueError(f"tiles must be auto, whole, block or window, got {self.tiles!r}")
         if self.row_chunk < 0:
             raise ValueError(f"row_chunk must be >= 0, got {self.row_chunk}")
         if twilight(self.policy) and not self.regime.dense_prefill:
@@ -362,7 +357,7 @@ class SparseRun:
         query: (B, H, T, D); key, value: (B, Hkv, T, D). Returns (B, H, T, D).
         """
         from attnlab.flex import WINDOW_TILE, flex_block_sparse_attention
-        from attnlab.windows import whole_rows
+        from attnlab.windows import tile_form, whole_rows
 
         t, bs, (b, h) = query.shape[-2], self.policy.block_size, query.shape[:2]
         # the keys per query head the selection reads: one key/value head's a view, else copies
@@ -374,8 +369,9 @@ class SparseRun:
             keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists, pairs)
         keep, lists, kept = keep if fused else (keep, None, None)
         mask = None if model_mask is None else model_mask.mask_mod(query.device)
-        tile = WINDOW_TILE if self.tiles == "window" and mask is not None else None
-        apart = self.tiles == "whole" and mask is not None
+        form = tile_form(self.tiles, bs)
+        tile = WINDOW_TILE if form == "window" and mask is not None else None
+        apart = form == "whole" and mask is not None
         whole = whole_rows(model_mask, bs, self.sparsity, pairs) if apart else None
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         kernel += ", whole tiles apart" if whole is not None else ""

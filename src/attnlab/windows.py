@@ -107,6 +107,20 @@ def window_pair_count(t: int, w: int) -> int:
     return w * (w + 1) // 2 + max(0, t - w) * w if t >= w else t * (t + 1) // 2
 
 
+# a window layer's whole query tiles run apart (``SparseRun.tiles = "auto"``) for blocks
+# under WHOLE_BELOW tokens: the model's tiles beat 16-token ones, where 64-token tiles ran
+# as fast and the second call cost more (results_ref/long_context/README.md)
+WHOLE_BELOW = 64
+
+
+def tile_form(tiles: str, block_size: int) -> str:
+    """``SparseRun.tiles`` as a prefill runs it: "auto" is "whole" for blocks under
+    WHOLE_BELOW tokens, else "block"; any other form as it is."""
+    if tiles != "auto":
+        return tiles
+    return "whole" if block_size < WHOLE_BELOW else "block"
+
+
 @functools.cache
 def tiles_may_keep_whole(t: int, block_size: int, w: int, sparsity: float, tile: int) -> bool:
     """Whether, in a prefill of t tokens under a window of w keys at ``sparsity``, some

@@ -12,11 +12,13 @@ timed twice side by side: its selection through the Triton kernels (``attnlab``,
 NIAH jobs' path: the budget kernel, :mod:`attnlab.kernels.budget`, and CAB's, XAttention's
 and Quest's predictors, :mod:`attnlab.kernels.cab`, ``xattention``, ``quest``)
 and the same selection in PyTorch (``attnlab, PyTorch selection``). Under a sliding
-window both run the query tiles of the model's own BlockMask whose every block keeps all
-it sees in that BlockMask's tiles (``SparseRun.tiles``, the kernel's ``whole tiles
-apart``); a policy of blocks smaller than those tiles is also timed with its window
-layers in tiles of the block alone (``attnlab, window layers in tiles of the block``: the
-same pairs). Beside them, the same model's
+window both run as ``SparseRun.tiles = "auto"`` does: a policy of blocks under
+``windows.WHOLE_BELOW`` tokens runs the query tiles of the model's own BlockMask whose
+every block keeps all it sees in that BlockMask's tiles (the kernel's ``whole tiles
+apart``), a larger one its tiles of the block; a policy of blocks smaller than those
+tiles is also timed in the other form, the same pairs (``attnlab, window layers in tiles
+of the block``, or ``attnlab, window layers' whole tiles apart``). Beside them, the same
+model's
 prefill through transformers' own attention implementations (``--transformers``: sdpa,
 flex_attention), the reference attnlab's full attention is measured against. Peak memory
 is the whole process's, model included. One more pass of each attnlab entry, beside the
@@ -69,7 +71,7 @@ def prompt_ids(path: str, length: int, device) -> torch.Tensor:
 def run(args: argparse.Namespace) -> list[dict]:
     """One row per (policy, target sparsity): median prefill milliseconds, repetitions,
     achieved sparsity, peak memory and the kernel."""
-    from attnlab import attention, decoding, models, policies, sparse
+    from attnlab import attention, decoding, models, policies, sparse, windows
 
     torch.set_num_threads(args.threads)
     model, _, _ = models.load(args.model, device=args.device, dtype=args.dtype)
@@ -124,12 +126,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         policy = policies.make(name, **args.policy_params.get(name, {}))
         # (fused, tiles): a block policy's selection in the fused Triton kernel (the
         # default, used on CUDA only) and, on CUDA, in PyTorch; blocks smaller than the
-        # window BlockMask's 128-row tiles also with the window layers in tiles of the block
-        paths = [(True, "whole")]
+        # window BlockMask's 128-row tiles also with the window layers in the other form
+        paths = [(True, "auto")]
         if cuda and policy.level == "block":
-            paths += [(False, "whole")] * args.pytorch_selection
+            paths += [(False, "auto")] * args.pytorch_selection
             if windowed and policy.block_size < 128:
-                paths.append((True, "block"))
+                other = {"whole": "block", "block": "whole"}
+                paths.append((True, other[windows.tile_form("auto", policy.block_size)]))
         sparsities = [0.0] if name == "full" else args.sparsities
         for s, (fused, tiles) in itertools.product(sparsities, paths):
 
@@ -154,7 +157,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             with Phases(model.device) as phases:  # one more pass: where its time goes
                 r = prefill()
             impl = "attnlab" if fused else "attnlab, PyTorch selection"
-            impl += ", window layers in tiles of the block" if tiles == "block" else ""
+            impl += {
+                "auto": "",
+                "block": ", window layers in tiles of the block",
+                "whole": ", window layers' whole tiles apart",
+            }[tiles]
             achieved = r.recorder.achieved_sparsity
             add(name, s, ms, reps, impl, kernel(r), achieved, r.selection, phases.ms())
     full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
