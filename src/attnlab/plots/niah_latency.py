@@ -53,7 +53,8 @@ def accuracy_latency(niah_table: str | Path, bench_table: str | Path) -> pl.Data
 def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Path) -> None:
     """Prefill-regime NIAH accuracy against real-model prefill latency at the benchmark's
     length: one colour per policy (the same in every NIAH figure), its target sparsities
-    written beside the points; full attention a grey star."""
+    written beside the points; full attention a grey star. The kernels each point took
+    (they differ with the sparsity) are the benchmark table's, not the legend's."""
     df = accuracy_latency(niah_table, bench_table)
     regimes = df["regime"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, len(regimes), squeeze=False, sharey=True)
@@ -64,8 +65,8 @@ def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Pat
         for policy in ordered(d["policy"].unique()):
             p = d.filter(pl.col("policy") == policy).sort("target_sparsity")
             style = {"marker": "*", "s": 140} if policy == "full" else {"s": 36}
-            label = f"{policy} ({p['kernel'][0]})"
-            ax.scatter(p["ms"], p["accuracy"], label=label, zorder=3, c=[colors[policy]], **style)
+            c = [colors[policy]]  # the kernels each point took: the table's ``kernel``
+            ax.scatter(p["ms"], p["accuracy"], label=policy, zorder=3, c=c, **style)
             if policy != "full":
                 ax.plot(p["ms"], p["accuracy"], alpha=0.4, color=colors[policy])
                 for row in p.iter_rows(named=True):
@@ -75,7 +76,7 @@ def plot_latency(niah_table: str | Path, bench_table: str | Path, out: str | Pat
         ax.set_xlabel("prefill latency (ms, median)")
         ax.set_title(REGIME_TITLES.get(regime, regime), fontsize=9)
     axes[0][0].set_ylabel("retrieval accuracy")
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     length = pl.read_parquet(bench_table)["length"][0]
     fig.suptitle(f"Accuracy against prefill latency at {length} tokens", fontsize=10)
     save_figure(fig, out)
