@@ -18,9 +18,8 @@ every block keeps all it sees in that BlockMask's tiles (the kernel's ``whole ti
 apart``), a larger one its tiles of the block; a policy of blocks smaller than those
 tiles is also timed in the other form, the same pairs (``attnlab, window layers in tiles
 of the block``, or ``attnlab, window layers' whole tiles apart``). Beside them, the same
-model's
-prefill through transformers' own attention implementations (``--transformers``: sdpa,
-flex_attention), the reference attnlab's full attention is measured against. Peak memory
+model's prefill through transformers' own attention implementations (``--transformers``:
+sdpa, flex_attention), the reference attnlab's full attention is measured against. Peak memory
 is the whole process's, model included. One more pass of each attnlab entry, beside the
 timed ones, splits its time (:mod:`attnlab.phases`): ``selection_ms`` (the policy
 choosing its keys or blocks), ``attention_ms`` (the attention kernels, a block policy's
