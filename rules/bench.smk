@@ -96,9 +96,10 @@ rule bench_capture:
         " --out {params.out_dir} --fig {output.fig} > {log} 2>&1"
 
 
-# Real-model prefill latency at the longest NIAH length, per prefill-regime block policy
-# and NIAH sparsity beside full attention, timed on the config's device (the GPU profile
-# gives it the card alone): the speed half of the NIAH study's latency figure.
+# Real-model prefill latency at the longest NIAH length, per prefill-regime policy (block
+# ones, then token-level ones in their row chunks) and NIAH sparsity beside full
+# attention, timed on the config's device (the GPU profile gives it the card alone): the
+# speed half of the NIAH study's latency figure.
 rule bench_prefill:
     input:
         prompts="results/niah/{model}/prompts.parquet",
@@ -119,13 +120,14 @@ rule bench_prefill:
         policies=latency_policies(),
         policy_params=latency_params(),  # each as its NIAH jobs run it (a variant too)
         sparsities=NIAH["sparsities"],
+        row_chunk=NIAH["row_chunk"],  # a token-level policy's rows per call, as scored
         device=config["device"],
         dtype=config["dtype"],
         out_dir=subpath(output.table, parent=True),
     shell:
         "attnlab bench prefill --model {params.name} --prompts {input.prompts}"
         " --length {params.length} --policies {params.policies}"
-        " --policy-params {params.policy_params:q}"
+        " --policy-params {params.policy_params:q} --row-chunk {params.row_chunk}"
         " --sparsities {params.sparsities} --threads {threads} --device {params.device}"
         " --dtype {params.dtype} --out {params.out_dir} > {log} 2>&1"
 

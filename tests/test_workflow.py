@@ -181,11 +181,20 @@ def test_the_gpu_profile_puts_each_model_job_on_the_card_within_its_memory(tmp_p
     proc = snakemake(
         tmp_path,
         "-n",
+        "-p",
         "--profile",
         "profiles/gpu",
         "--configfile=configs/long_context.yaml",
         "niah_study",
     )
+    # the prefill benchmark times every prefill-regime policy, token-level ones in the row
+    # chunks their NIAH jobs take
+    bench = next(ln for ln in proc.stdout.splitlines() if "attnlab bench prefill" in ln)
+    policies = bench.split("--policies ")[1].split(" --")[0].split()
+    assert policies[:2] == ["full", "cab"] and policies[-4:] == [
+        "topk", "h2o", "streamingllm", "snapkv"
+    ]  # fmt: skip
+    assert "--row-chunk 1024" in bench
     claims = {}
     for rule, wildcards, res in re.findall(
         r"^(?:local)?rule (\w+):.*?(?:wildcards: ([^\n]*)\n.*?)?resources: ([^\n]*)",

@@ -98,9 +98,11 @@ def policy_level(name: str, policies: dict) -> str:
 
 def latency_policies(prefill: list[str], policies: dict) -> list[str]:
     """The prefill benchmark's policies: full attention, then the block policies among
-    ``prefill`` (the NIAH grid's prefill regime), variants among them (the benchmark
+    ``prefill`` (the NIAH grid's prefill regime), then its token-level ones (timed in the
+    row chunks their NIAH jobs take, ``--row-chunk``), variants among them (the benchmark
     builds each from its parameters, ``--policy-params``)."""
-    return ["full"] + [p for p in prefill if policy_level(p, policies) == "block"]
+    block = [p for p in prefill if policy_level(p, policies) == "block"]
+    return ["full", *block, *(p for p in prefill if p not in block)]
 
 
 def latency_params(names: list[str], policies: dict) -> str:
