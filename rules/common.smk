@@ -144,8 +144,8 @@ def prefill_latency_table(wildcards):
 
 
 def latency_policies():
-    """The prefill benchmark's policies: full attention and the prefill-regime block
-    policies of the NIAH grid (the ones FlexAttention runs)."""
+    """The prefill benchmark's policies: full attention, the prefill-regime block policies
+    of the NIAH grid (the ones FlexAttention runs), then its token-level ones."""
     return workflow_latency_policies(NIAH["regimes"]["prefill"], config["policies"])
 
 

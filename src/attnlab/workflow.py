@@ -102,7 +102,7 @@ def latency_policies(prefill: list[str], policies: dict) -> list[str]:
     row chunks their NIAH jobs take, ``--row-chunk``), variants among them (the benchmark
     builds each from its parameters, ``--policy-params``)."""
     block = [p for p in prefill if policy_level(p, policies) == "block"]
-    return ["full", *block, *(p for p in prefill if p not in block)]
+    return ["full", *block, *(p for p in prefill if p not in block and p != "full")]
 
 
 def latency_params(names: list[str], policies: dict) -> str:
