@@ -25,10 +25,6 @@ v = torch.randn(1, HKV, T, D, device=dev, dtype=torch.bfloat16)
 M = T // FB
 
 
-def timeit(fn, reps=30):
-    return median_event_ms(fn, reps)
-
-
 def lists(keep):
     num = keep.sum(-1, dtype=torch.int32)
     idx = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
@@ -105,7 +101,7 @@ def run(bm, opts):
 print(torch.__version__, torch.cuda.get_device_name(), "T", T, flush=True)
 sdpa_k = k.expand(1, H, T, D)
 sdpa_v = v.expand(1, H, T, D)
-print("sdpa causal %.3f ms" % timeit(lambda: torch.nn.functional.scaled_dot_product_attention(
+print("sdpa causal %.3f ms" % median_event_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
     q, sdpa_k, sdpa_v, is_causal=True)), flush=True)
 full = torch.ones(1, 1, M, M, dtype=torch.bool, device=dev).tril()
 for window in (False, True):
@@ -120,7 +116,7 @@ for window in (False, True):
         lambda b, h, qi, ki: qi >= ki)
     bm0 = BlockMask.from_kv_blocks(n_, i_, None, None, BLOCK_SIZE=128, mask_mod=mm0,
                                    seq_lengths=(T, T), compute_q_blocks=False)
-    print(f"{kind} dense flex128 {timeit(lambda: run(bm0, None)):.3f} ms", flush=True)
+    print(f"{kind} dense flex128 {median_event_ms(lambda: run(bm0, None)):.3f} ms", flush=True)
     for sp in (0.9, 0.95, 0.99):
         for mix in (0.8, 0.2):
             keep = selection(sp, mix, window)
@@ -128,7 +124,7 @@ for window in (False, True):
             bm = fine_mask(keep, window)
             fo = {"BLOCK_M": FB, "BLOCK_N": FB}
             out = run(bm, fo)
-            t16 = timeit(lambda: run(bm, fo))
+            t16 = median_event_ms(lambda: run(bm, fo))
             ref = out.float()
             line = f"{kind} s={sp} mix={mix} fine{FB} {t16:.3f}"
             for qb, kb in [t for t in ((128, 64), (64, 64), (128, 32), (64, 32), (128, 16), (64, 16)) if t[0] >= FB and t[1] >= FB and t != (FB, FB)]:
@@ -143,7 +139,7 @@ for window in (False, True):
                             opts = None
                         out2 = run(bm2, opts)
                         err = (out2.float() - ref).abs().max().item()
-                        tt = timeit(lambda: run(bm2, opts))
+                        tt = median_event_ms(lambda: run(bm2, opts))
                         line += f" | {qb}x{kb}{'F' if use_full else ''} {tt:.3f} (d{dens:.3f} e{err:.1e})"
                     except Exception as e:  # noqa: BLE001
                         line += f" | {qb}x{kb} ERR {type(e).__name__}: {str(e)[:80]}"

@@ -104,7 +104,6 @@ for g in (1, 2, 4):
 from attnlab.kernels.quest import page_bound
 from attnlab.kernels.budget import budget_select, causal_bands, window_bands
 from attnlab.policies.quest import page_bounds
-from attnlab.masks import causal_block_counts
 
 rows = torch.arange(0, T, BS, device=dev)
 qr = q[:, :, rows]

@@ -27,10 +27,6 @@ mm = window_mask_mod(W)
 model = create_block_mask(mm, 1, None, T, T, device=dev)
 
 
-def timeit(fn, reps=30):
-    return median_event_ms(fn, reps)
-
-
 pairs = window_block_pairs(T, BS, W, dev)
 seen = pairs > 0
 nvis = seen.sum(-1, dtype=torch.int32)
@@ -38,20 +34,20 @@ m = T // BS
 starts = torch.arange(0, T, BS, device=dev)
 ends = starts + BS - 1
 print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-print("dense window %.3f ms" % timeit(lambda: flex.run_flex(q, k, v, model, sc)), flush=True)
+print("dense window %.3f ms" % median_event_ms(lambda: flex.run_flex(q, k, v, model, sc)), flush=True)
 for s in (0.9, 0.95, 0.99):
     budget = row_budget(ends + 1, s)  # keys
     score = torch.rand(1, H, m, m, device=dev).masked_fill(~seen, -1)
     order = score.argsort(-1, descending=True)
-    cnt = torch.gather(pairs.clamp(max=BS).expand(1, H, m, m) * 0 + (pairs > 0) * BS, -1, order)
+    cnt = torch.gather((pairs > 0).expand(1, H, m, m) * BS, -1, order)
     fits = cnt.cumsum(-1) <= budget[None, None, :, None]
     keep = torch.zeros(1, H, m, m, dtype=torch.bool, device=dev).scatter_(-1, order, fits) & seen
     keep |= torch.eye(m, dtype=torch.bool, device=dev)
     full = (ends - (starts - W + 1).clamp(min=0) + 1) <= budget
     keep[:, :, full] = seen[full]
     lists = (None, None, *flex.ordered_blocks(keep.tril()))
-    a = timeit(lambda: flex.flex_block_sparse_attention(q, k, v, keep, BS, sc, mm, lists))
-    b = timeit(
+    a = median_event_ms(lambda: flex.flex_block_sparse_attention(q, k, v, keep, BS, sc, mm, lists))
+    b = median_event_ms(
         lambda: flex.flex_block_sparse_attention(
             q, k, v, keep, BS, sc, mm, lists, whole=(model, nvis)
         )

@@ -107,6 +107,8 @@ def window_pair_count(t: int, w: int) -> int:
     return w * (w + 1) // 2 + max(0, t - w) * w if t >= w else t * (t + 1) // 2
 
 
+# the query rows of a tile of the model's own BlockMask (transformers builds it in 128s)
+MODEL_TILE = 128
 # a window layer's whole query tiles run apart (``SparseRun.tiles = "auto"``) for blocks
 # under WHOLE_BELOW tokens: the model's tiles beat 16-token ones, where 64-token tiles ran
 # as fast and the second call cost more (results_ref/long_context/README.md)
@@ -136,7 +138,9 @@ def tiles_may_keep_whole(t: int, block_size: int, w: int, sparsity: float, tile:
     return bool(fits[: len(fits) // per * per].view(-1, per).all(-1).any())
 
 
-def whole_rows(model_mask, block_size: int, sparsity: float, pairs: torch.Tensor, tile=128):
+def whole_rows(
+    model_mask, block_size: int, sparsity: float, pairs: torch.Tensor, tile: int = MODEL_TILE
+):
     """``flex_block_sparse_attention``'s ``whole`` for a prefill under ``model_mask`` (a
     :class:`~attnlab.masks.ModelMask`): under a plain sliding window whose BlockMask's query
     tiles (``tile`` rows, a multiple of ``block_size`` above it, dividing the prefill) may

@@ -125,11 +125,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         policy = policies.make(name, **args.policy_params.get(name, {}))
         # (fused, tiles): a block policy's selection in the fused Triton kernel (the
         # default, used on CUDA only) and, on CUDA, in PyTorch; blocks smaller than the
-        # window BlockMask's 128-row tiles also with the window layers in the other form
+        # window BlockMask's tiles also with the window layers in the other form
         paths = [(True, "auto")]
         if cuda and policy.level == "block":
             paths += [(False, "auto")] * args.pytorch_selection
-            if windowed and policy.block_size < 128:
+            if windowed and policy.block_size < windows.MODEL_TILE:
                 other = {"whole": "block", "block": "whole"}
                 paths.append((True, other[windows.tile_form("auto", policy.block_size)]))
         sparsities = [0.0] if name == "full" else args.sparsities
