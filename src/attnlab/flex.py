@@ -251,10 +251,11 @@ def flex_block_sparse_attention(
     the caller has them (:func:`attnlab.kernels.budget.budget_select`). ``tile``:
     (query, key) tokens, multiples of ``block_size``, in which the kernel runs the same
     pairs (:func:`tiled_block_mask`; the lists are not read); None, or a tile not made of
-    whole blocks: tiles of the block. ``whole``: (the model's own mask as a BlockMask, the
-    key blocks each query block sees (M,)), with its ``mask_mod``: the query tiles of that
-    BlockMask whose every query block keeps every block it sees run in its tiles, the
-    others in tiles of the block (:func:`whole_tiles`; N a multiple of its tile).
+    whole blocks: tiles of the block. ``whole``: (r, k0, the model's own mask as a
+    BlockMask of its rows from r over its keys from k0), with its ``mask_mod``, where the
+    caller knows that every row from r keeps every key that mask shows it (a multiple of
+    the block; ``windows.whole_rows``): those rows run as that mask, in its tiles, the
+    rows before r in tiles of the block; ``block_keep``'s rows from r are not read.
     """
     b, h, n, _ = q.shape
     m = block_keep.shape[-1]
@@ -267,9 +268,8 @@ def flex_block_sparse_attention(
         options = kernel_options(*tile)
     else:
         padded, options = m * block_size, kernel_options(block_size, block_size)
-        rows = None if whole is None or mask_mod is None else whole[0].BLOCK_SIZE[0]
-        if rows is not None and rows > block_size and rows % block_size == 0 == n % rows:
-            return _whole_tiles_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole)
+        if whole is not None and mask_mod is not None:
+            return _whole_rows_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole)
         if lists is None:
             block_mask = block_mask_from_keep(keep, block_size, padded, mask_mod)
         else:
@@ -278,40 +278,27 @@ def flex_block_sparse_attention(
     return run_flex(q, k, v, block_mask, scaling, options)[:, :, :n]
 
 
-def whole_tiles(kept: torch.Tensor, visible: torch.Tensor, per: int) -> torch.Tensor:
-    """Query tiles of ``per`` query blocks in which every block keeps every key block it
-    sees: kept (B, H, M) blocks kept per query block, visible (M,) blocks it sees, M a
-    multiple of ``per`` -> (B, H, M / per) bool."""
-    b, h, m = kept.shape
-    return (kept >= visible).view(b, h, m // per, per).all(-1)
-
-
-def _whole_tiles_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole):
-    """``flex_block_sparse_attention`` under the model's mask with ``whole``: its query
-    tiles whose blocks keep all they see run as the model's own mask, in its BlockMask's
-    tiles (the same pairs), the others in tiles of the block; a row that a call lists no
-    block for gets zeros there, so the two outputs add."""
-    model, visible = whole
-    num, idx = (keep_lists(keep, all_partial=True) if lists is None else lists)[2:]
-    per = model.BLOCK_SIZE[0] // block_size
-    tiles = whole_tiles(num, visible, per)  # (B, H, Mq / per)
-    rest = torch.where(tiles.repeat_interleave(per, -1), 0, num)
-    sparse = block_mask_from_lists((None, None, rest, idx), block_size, q.shape[-2], mask_mod)
-    out = run_flex(q, k, v, sparse, scaling, kernel_options(block_size, block_size))
-    b, h = tiles.shape[:2]
-
-    def rows(num, idx):  # the model's lists, only the whole tiles' rows listing blocks
-        return (None, None) if num is None else (num * tiles, idx.expand(b, h, -1, -1).contiguous())
-
-    dense = BlockMask.from_kv_blocks(
-        *rows(model.kv_num_blocks, model.kv_indices),
-        *rows(model.full_kv_num_blocks, model.full_kv_indices),
-        BLOCK_SIZE=model.BLOCK_SIZE,
-        mask_mod=model.mask_mod,
-        seq_lengths=model.seq_lengths,
-        compute_q_blocks=False,
+def _whole_rows_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole):
+    """``flex_block_sparse_attention`` under the model's mask with ``whole``: the rows from
+    r as the model's own mask over the keys from k0, the rows before r in tiles of the
+    block under their lists (sliced: no list, no program for the rows after r); the two
+    outputs stacked."""
+    r, k0, rows = whole
+    if r % block_size:
+        raise ValueError(f"whole rows from {r}: not a multiple of the block {block_size}")
+    bottom = run_flex(q[:, :, r:], k[:, :, k0:], v[:, :, k0:], rows, scaling)
+    if r == 0:
+        return bottom
+    m = r // block_size
+    if lists is None:
+        lists = keep_lists(keep[..., :m, :m], all_partial=True)
+    else:  # a row's kept blocks, its first ``num`` entries, lie before its own block's end
+        lists = [x if x is None else x[..., :m, :m] if x.dim() == 4 else x[..., :m] for x in lists]
+    head = block_mask_from_lists(lists, block_size, r, mask_mod)
+    top = run_flex(
+        q[:, :, :r], k[:, :, :r], v[:, :, :r], head, scaling, kernel_options(block_size, block_size)
     )
-    return out + run_flex(q, k, v, dense, scaling)
+    return torch.cat((top, bottom), 2)
 
 
 def block_mask_from_selection(selection, kv_block: int, n: int) -> BlockMask:

@@ -371,8 +371,8 @@ class SparseRun:
         mask = None if model_mask is None else model_mask.mask_mod(query.device)
         form = tile_form(self.tiles, bs)
         tile = WINDOW_TILE if form == "window" and mask is not None else None
-        apart = form == "whole" and mask is not None
-        whole = whole_rows(model_mask, bs, self.sparsity, pairs) if apart else None
+        apart = form == "whole" and mask is not None and self.policy.keeps_what_fits()
+        whole = whole_rows(model_mask, bs, self.sparsity, query.device) if apart else None
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         kernel += ", whole tiles apart" if whole is not None else ""
         self.took(kernel + (", fused selection" if lists is not None else ""), t)

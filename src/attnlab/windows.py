@@ -124,38 +124,80 @@ def tile_form(tiles: str, block_size: int) -> str:
 
 
 @functools.cache
-def tiles_may_keep_whole(t: int, block_size: int, w: int, sparsity: float, tile: int) -> bool:
-    """Whether, in a prefill of t tokens under a window of w keys at ``sparsity``, some
-    tile of ``tile`` query rows may keep every key its query blocks see: each block's keys
-    (those its first or its last row sees) within the budget of its last row (the rows
-    past about w / (1 - sparsity))."""
+def whole_from(t: int, block_size: int, w: int, sparsity: float, tile: int) -> int:
+    """The first row of the last run of ``tile``-row query tiles of a prefill of t tokens
+    (a multiple of ``tile``) under a window of w keys at ``sparsity`` whose every block may
+    keep every key it sees: its keys (those its first or its last row sees) within the
+    budget of its last row (the rows past about w / (1 - sparsity)); t where the last tile
+    may not."""
     from attnlab.policies.base import row_budget
 
     starts = torch.arange(0, t, block_size)
     ends = (starts + block_size - 1).clamp(max=t - 1)
     fits = ends - (starts - w + 1).clamp(min=0) + 1 <= row_budget(ends + 1, sparsity)
-    per = tile // block_size
-    return bool(fits[: len(fits) // per * per].view(-1, per).all(-1).any())
+    whole = fits.view(-1, tile // block_size).all(-1)
+    short = torch.nonzero(~whole)
+    return 0 if len(short) == 0 else (int(short[-1]) + 1) * tile
 
 
-def whole_rows(
-    model_mask, block_size: int, sparsity: float, pairs: torch.Tensor, tile: int = MODEL_TILE
-):
+@functools.cache
+def shifted_window_mask_mod(w: int, q0: int, k0: int):
+    """:func:`window_mask_mod` of rows from q0 over keys from k0 (one function per
+    offsets, so a compiled kernel meets the same one every layer)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_idx + q0, kv_idx + k0
+        return (k <= q) & (k > q - w)
+
+    return mask_mod
+
+
+def whole_rows(model_mask, block_size: int, sparsity: float, device, tile: int = MODEL_TILE):
     """``flex_block_sparse_attention``'s ``whole`` for a prefill under ``model_mask`` (a
-    :class:`~attnlab.masks.ModelMask`): under a plain sliding window whose BlockMask's query
-    tiles (``tile`` rows, a multiple of ``block_size`` above it, dividing the prefill) may
-    keep all their rows see (:func:`tiles_may_keep_whole`), that BlockMask and the key
-    blocks each query block sees (from ``pairs``, visible pairs per block pair, kept in the
-    mask's store); else None."""
+    :class:`~attnlab.masks.ModelMask`): under a plain sliding window, where the last query
+    tiles of its BlockMask (``tile`` rows, a multiple of ``block_size`` above it, dividing
+    the prefill) may keep every key their rows see (:func:`whole_from`), their first row r,
+    the first key k0 they see (rounded down to a tile) and that BlockMask's rows from r
+    over the keys from k0 (kept in the mask's store: once per forward pass); else None.
+    A policy's rows past r keep every key they see only where it keeps what fits its
+    budget (``BlockPolicy.keeps_what_fits``): the caller's to ask."""
     w, t = model_mask.window(), model_mask.recipe["q_length"]
     if w is None or model_mask.recipe["kv_length"] != t or t % tile or tile % block_size:
         return None
-    if tile == block_size or not tiles_may_keep_whole(t, block_size, w, sparsity, tile):
-        return None
-    blocks = model_mask.block_mask(pairs.device)  # once per forward pass
-    if blocks.BLOCK_SIZE[0] != tile:
+    r = whole_from(t, block_size, w, sparsity, tile) if tile > block_size else t
+    if r >= t:
         return None
     store = model_mask.store
-    if ("visible blocks", block_size) not in store:
-        store["visible blocks", block_size] = (pairs > 0).sum(-1, dtype=torch.int32)
-    return blocks, store["visible blocks", block_size]
+    if ("whole rows", r, tile) not in store:
+        blocks = model_mask.block_mask(device)
+        k0 = max(0, r - w + 1) // tile * tile
+        made = None
+        if blocks.BLOCK_SIZE == (tile, tile):
+            made = r, k0, rows_of(blocks, r, k0, shifted_window_mask_mod(w, r, k0))
+        store["whole rows", r, tile] = made
+    return store["whole rows", r, tile]
+
+
+def rows_of(blocks, r: int, k0: int, mask_mod):
+    """The BlockMask ``blocks``' query rows from r over its keys from k0 (both multiples of
+    its tiles), the pairs of ``mask_mod`` (the same pattern, shifted)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    tq, tk = blocks.BLOCK_SIZE
+    n_q, n_k = blocks.seq_lengths
+    cols = -(-(n_k - k0) // tk)
+
+    def part(num, idx):  # a row's listed key tiles are its first ``num``: all from k0 on
+        if num is None:
+            return None, None
+        idx = (idx[..., r // tq :, :] - k0 // tk).clamp(min=0)[..., :cols]
+        return num[..., r // tq :].contiguous(), idx.contiguous()
+
+    return BlockMask.from_kv_blocks(
+        *part(blocks.kv_num_blocks, blocks.kv_indices),
+        *part(blocks.full_kv_num_blocks, blocks.full_kv_indices),
+        BLOCK_SIZE=blocks.BLOCK_SIZE,
+        mask_mod=mask_mod,
+        seq_lengths=(n_q - r, n_k - k0),
+        compute_q_blocks=False,
+    )

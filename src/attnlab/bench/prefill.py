@@ -13,11 +13,12 @@ NIAH jobs' path: the budget kernel, :mod:`attnlab.kernels.budget`, and CAB's, XA
 and Quest's predictors, :mod:`attnlab.kernels.cab`, ``xattention``, ``quest``)
 and the same selection in PyTorch (``attnlab, PyTorch selection``). Under a sliding
 window both run as ``SparseRun.tiles = "auto"`` does: a policy of blocks under
-``windows.WHOLE_BELOW`` tokens runs the query tiles of the model's own BlockMask whose
-every block keeps all it sees in that BlockMask's tiles (the kernel's ``whole tiles
-apart``), a larger one its tiles of the block; a policy of blocks smaller than those
-tiles is also timed in the other form, the same pairs (``attnlab, window layers in tiles
-of the block``, or ``attnlab, window layers' whole tiles apart``). Beside them, the same
+``windows.WHOLE_BELOW`` tokens that keeps what fits its budget runs the rows past the
+budget's reach of the window (they keep every key they see) as the model's own mask, in
+its BlockMask's tiles (the kernel's ``whole tiles apart``), a larger one its tiles of the
+block; such a policy of blocks smaller than those tiles is also timed in the other form,
+the same pairs (``attnlab, window layers in tiles of the block``, or ``attnlab, window
+layers' whole tiles apart``). Beside them, the same
 model's prefill through transformers' own attention implementations (``--transformers``:
 sdpa, flex_attention), the reference attnlab's full attention is measured against. Peak memory
 is the whole process's, model included. One more pass of each attnlab entry, beside the
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         paths = [(True, "auto")]
         if cuda and policy.level == "block":
             paths += [(False, "auto")] * args.pytorch_selection
-            if windowed and policy.block_size < windows.MODEL_TILE:
+            if windowed and policy.block_size < windows.MODEL_TILE and policy.keeps_what_fits():
                 other = {"whole": "block", "block": "whole"}
                 paths.append((True, other[windows.tile_form("auto", policy.block_size)]))
         sparsities = [0.0] if name == "full" else args.sparsities

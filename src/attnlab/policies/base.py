@@ -327,6 +327,12 @@ class BlockPolicy(Selector):
     all its queries ("prompt"); "paper": the method's own form where a prompt is given
     whole (NIAH), "causal" where rows predict their text's next token (perplexity)."""
 
+    def keeps_what_fits(self) -> bool:
+        """Whether a query block whose visible keys all fit its budget keeps every block it
+        sees (no visible block scored -inf): a sliding-window layer's rows past the
+        budget's reach then run as the model's own mask (``windows.whole_rows``)."""
+        return True
+
     def block_scores(self, ctx: ScoreContext, rows: torch.Tensor, form: str) -> torch.Tensor | None:
         """Key-block scores of each query block of a prefill in selection ``form``, from
         the row of that block in ``rows`` (Mq,): its first (``causal``) or its last

@@ -158,6 +158,10 @@ class CAB(BlockPolicy):
             and self.block_size & (self.block_size - 1) == 0
         )
 
+    def keeps_what_fits(self) -> bool:
+        """Not with a Quest stage: a block outside its candidates scores -inf."""
+        return not self.candidates
+
     def among_candidates(self, score: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
         """``score`` (B, H, Tq, M) of the rows of ``ctx`` with every block outside the
         Quest stage's candidates at -inf (must-keep blocks stay); as is without

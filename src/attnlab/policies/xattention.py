@@ -138,6 +138,10 @@ class XAttention(BlockPolicy):
             )
         return torch.tensor(per_head, device=share.device, dtype=share.dtype)[:, None, None]
 
+    def keeps_what_fits(self) -> bool:
+        """No: a block past the threshold's share scores -inf, whatever the budget."""
+        return False
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         q = ctx.q_all[..., : ctx.k.shape[-2], :]
         kernel = self.triton_shares(ctx)
