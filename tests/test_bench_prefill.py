@@ -57,6 +57,12 @@ def test_prefill_bench_times_each_policy_and_joins_its_accuracy(smollm2, tmp_pat
     topk = bench.filter(pl.col("policy") == "topk")["achieved_sparsity"].to_list()
     assert abs(topk[0] - 0.5) < 0.02 and abs(topk[1] - 0.8) < 0.02
     assert bench.filter(pl.col("policy") == "full")["speedup_vs_full"].to_list() == [1.0]
+    # each entry against full attention timed in the same rounds
+    assert (bench["full_ms"] > 0).all() and (hf["full_ms"] > 0).all()
+    ratio = pl.concat([bench, hf]).select(
+        pl.col("full_ms") / pl.col("ms") - pl.col("speedup_vs_full")
+    )
+    assert ratio.to_series().abs().max() < 1e-12
     # where each entry's time went (one more pass): full attention chooses nothing, every
     # policy spends time choosing, and the attention kernels and the rest of the model
     # take time in every entry
@@ -168,3 +174,16 @@ def test_a_run_that_records_nothing_selects_the_same(smollm2):
         and runs[0].recorder.recall_sums
         and not runs[1].recorder.recall_sums
     )
+
+
+def test_rounds_time_every_function_once_per_round_in_order():
+    """``median_ms_rounds``: after two warm-up calls of each, every round calls each
+    function once, in order, and each gets its own median over the same rounds."""
+    from attnlab.bench.timing import median_ms_rounds
+
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    timed = median_ms_rounds(fns, "cpu", rep_ms=0.0, min_reps=4, max_reps=4)
+    assert [reps for _, reps in timed] == [4, 4, 4]
+    assert calls == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 5  # the estimate's too
+    assert all(ms >= 0 for ms, _ in timed)

@@ -18,11 +18,15 @@ budget's reach of the window (they keep every key they see) as the model's own m
 its BlockMask's tiles (the kernel's ``whole tiles apart``), a larger one its tiles of the
 block; such a policy of blocks smaller than those tiles is also timed in the other form,
 the same pairs (``attnlab, window layers in tiles of the block``, or ``attnlab, window
-layers' whole tiles apart``). Beside them, the same
-model's prefill through transformers' own attention implementations (``--transformers``:
-sdpa, flex_attention), the reference attnlab's full attention is measured against. Peak memory
-is the whole process's, model included. One more pass of each attnlab entry, beside the
-timed ones, splits its time (:mod:`attnlab.phases`): ``selection_ms`` (the policy
+layers' whole tiles apart``). Beside them, the same model's prefill through transformers'
+own attention implementations (``--transformers``: sdpa, flex_attention), the reference
+attnlab's full attention is measured against. Each entry is timed in rounds with attnlab's
+full attention and its other paths (one call of each per round,
+:func:`attnlab.bench.timing.median_ms_rounds`): ``full_ms`` is full attention's median
+over the entry's rounds and ``speedup_vs_full`` the ratio to it, so that a slower stretch
+of the machine slows both sides of every ratio alike. Peak memory is the whole process's
+over the entry's split pass, model included: one more pass of each attnlab entry, beside
+the timed ones, splits its time (:mod:`attnlab.phases`): ``selection_ms`` (the policy
 choosing its keys or blocks), ``attention_ms`` (the attention kernels, a block policy's
 BlockMask included) and ``rest_ms`` (the rest of the model), so that the attention's share
 of the prefill, which bounds what any policy can gain, is in the table; ``host_ms`` is how
@@ -32,13 +36,12 @@ long the host took to issue that pass (where it nears the pass's time, the GPU w
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
 import torch
 
-from attnlab.bench.timing import environment, median_ms, write_table
+from attnlab.bench.timing import environment, median_ms_rounds, write_table
 from attnlab.errors import UserError
 from attnlab.phases import Phases
 
@@ -82,9 +85,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
 
     def add(
-        policy, s, ms, reps, implementation, kernel_used, achieved, selection="causal", split=None
+        policy, s, timed, implementation, kernel_used, achieved, selection="causal", split=None
     ):
-        nan = float("nan")  # split: the pass's phases (attnlab entries), else not measured
+        """timed: (median ms, repetitions, full attention's median ms in the same rounds)."""
+        (ms, reps, full_ms), nan = timed, float("nan")
+        # split: the pass's phases (attnlab entries), else not measured
         split = split or dict.fromkeys(("selection", "attention", "rest", "host"), nan)
         rows.append(
             {
@@ -98,6 +103,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "achieved_sparsity": achieved,
                 "ms": ms,
                 "reps": reps,
+                "full_ms": full_ms,
                 "kernel": kernel_used,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -109,19 +115,48 @@ def run(args: argparse.Namespace) -> list[dict]:
             f"  ({reps} reps, {kernel_used})"
         )
 
-    for impl in args.transformers:  # the model's own attention, no attnlab run
+    def attnlab_prefill(policy, s, fused=True, tiles="auto"):
+        def prefill():
+            r = sparse.SparseRun(
+                policy,
+                s,
+                regime="prefill",
+                row_chunk=args.row_chunk,
+                whole_prompt=True,
+                records=False,  # the policy alone: no recall against full attention
+                fused=fused,
+                tiles=tiles,
+            )
+            decoding.prefill(model, ids, r)
+            return r
+
+        return prefill
+
+    # full attention, timed in rounds with every entry: each row's speedup side by side
+    full = attnlab_prefill(policies.make("full", **args.policy_params.get("full", {})), 0.0)
+
+    def hf(impl):  # the model's own attention implementation, no attnlab run
+        def prefill():
+            model.set_attn_implementation(impl)
+            try:
+                hf_prefill(model, ids)
+            finally:
+                model.set_attn_implementation(attention.IMPLEMENTATION)
+
+        return prefill
+
+    for impl in args.transformers:
         if impl == "flex_attention" and not cuda:  # its mask compiles C++ code on the CPU
             print("transformers flex_attention: timed on CUDA only, skipped here")
             continue
-        model.set_attn_implementation(impl)
+        (full_ms, _), (ms, reps) = median_ms_rounds(
+            [full, hf(impl)], model.device.type, args.rep_ms, args.min_reps, 50
+        )
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        ms, reps = median_ms(
-            lambda: hf_prefill(model, ids), model.device.type, args.rep_ms, args.min_reps, 50
-        )
-        add("full", 0.0, ms, reps, f"transformers {impl}", impl, float("nan"))
-    model.set_attn_implementation(attention.IMPLEMENTATION)
+        hf(impl)()  # its peak memory
+        add("full", 0.0, (ms, reps, full_ms), f"transformers {impl}", impl, float("nan"))
     for name in args.policies:
         policy = policies.make(name, **args.policy_params.get(name, {}))
         # (fused, tiles): a block policy's selection in the fused Triton kernel (the
@@ -133,40 +168,31 @@ def run(args: argparse.Namespace) -> list[dict]:
             if windowed and policy.block_size < windows.MODEL_TILE and policy.keeps_what_fits():
                 other = {"whole": "block", "block": "whole"}
                 paths.append((True, other[windows.tile_form("auto", policy.block_size)]))
-        sparsities = [0.0] if name == "full" else args.sparsities
-        for s, (fused, tiles) in itertools.product(sparsities, paths):
-
-            def prefill(policy=policy, s=s, fused=fused, tiles=tiles):
-                r = sparse.SparseRun(
-                    policy,
-                    s,
-                    regime="prefill",
-                    row_chunk=args.row_chunk,
-                    whole_prompt=True,
-                    records=False,  # the policy alone: no recall against full attention
-                    fused=fused,
-                    tiles=tiles,
-                )
-                decoding.prefill(model, ids, r)
-                return r
-
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            ms, reps = median_ms(prefill, model.device.type, args.rep_ms, args.min_reps, 50)
-            with Phases(model.device) as phases:  # one more pass: where its time goes
-                r = prefill()
-            impl = "attnlab" if fused else "attnlab, PyTorch selection"
-            impl += {
-                "auto": "",
-                "block": ", window layers in tiles of the block",
-                "whole": ", window layers' whole tiles apart",
-            }[tiles]
-            achieved = r.recorder.achieved_sparsity
-            add(name, s, ms, reps, impl, kernel(r), achieved, r.selection, phases.ms())
-    full = [r["ms"] for r in rows if r["policy"] == "full" and r["implementation"] == "attnlab"]
-    for r in rows:  # the side-by-side ratio, measured in this run
-        r["speedup_vs_full"] = full[0] / r["ms"] if full else float("nan")
+        for s in [0.0] if name == "full" else args.sparsities:
+            # the entry's paths and full attention, in rounds: side by side
+            fns = [attnlab_prefill(policy, s, *path) for path in paths]
+            fns = fns if name == "full" else [full, *fns]
+            timed = median_ms_rounds(fns, model.device.type, args.rep_ms, args.min_reps, 50)
+            full_ms = timed[0][0]
+            for (fused, tiles), prefill, (ms, reps) in zip(
+                paths, fns[-len(paths) :], timed[-len(paths) :], strict=True
+            ):
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                with Phases(model.device) as phases:  # one more pass: where its time goes
+                    r = prefill()
+                impl = "attnlab" if fused else "attnlab, PyTorch selection"
+                impl += {
+                    "auto": "",
+                    "block": ", window layers in tiles of the block",
+                    "whole": ", window layers' whole tiles apart",
+                }[tiles]
+                achieved = r.recorder.achieved_sparsity
+                entry = (ms, reps, full_ms)
+                add(name, s, entry, impl, kernel(r), achieved, r.selection, phases.ms())
+    for r in rows:  # the side-by-side ratio, measured in this run (its rounds)
+        r["speedup_vs_full"] = r["full_ms"] / r["ms"]
     return rows
 
 

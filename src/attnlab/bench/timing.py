@@ -21,42 +21,58 @@ import torch
 def median_ms(
     fn, device: str, rep_ms: float, min_reps: int, max_reps: int = 100
 ) -> tuple[float, int]:
-    """Median wall time of fn() in ms, after two warm-up calls (compilation included there).
+    """Median wall time of fn() in ms and its repetitions (:func:`median_ms_rounds` of fn
+    alone)."""
+    return median_ms_rounds([fn], device, rep_ms, min_reps, max_reps)[0]
+
+
+def median_ms_rounds(
+    fns, device: str, rep_ms: float, min_reps: int, max_reps: int = 100
+) -> list[tuple[float, int]]:
+    """Median wall time in ms of each of ``fns`` and its repetitions, timed in rounds
+    (each round runs every fn once, in order), so that a slower stretch of the machine
+    (another tenant, a host stall) falls on all of them alike and their ratios hold; after
+    two warm-up calls of each (compilation included there), as many rounds as ``rep_ms``
+    per fn allows, between ``min_reps`` and ``max_reps``.
 
     On CUDA each run is bracketed by events and preceded by a write of 256 MiB so that no
     run finds its inputs in L2 from the one before.
     """
     cuda = device == "cuda"
-    for _ in range(2):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        flush = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-    else:
-        t0 = time.perf_counter()
-        fn()
-    estimate = (time.perf_counter() - t0) * 1e3
-    reps = max(min_reps, min(max_reps, int(rep_ms / max(estimate, 1e-3))))
-    times = []
-    for _ in range(reps):
+    for fn in fns:
+        for _ in range(2):
+            fn()
+    flush = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda") if cuda else None
+
+    def sync() -> None:
         if cuda:
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            times.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    for fn in fns:
+        fn()
+    sync()
+    estimate = (time.perf_counter() - t0) * 1e3 / len(fns)
+    reps = max(min_reps, min(max_reps, int(rep_ms / max(estimate, 1e-3))))
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, got in zip(fns, times, strict=True):
+            if cuda:
+                flush.zero_()
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn()
+                end.record()
+                got.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                got.append((time.perf_counter() - t0) * 1e3)
+    sync()
     if cuda:
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in times]
-    return statistics.median(times), reps
+        times = [[s.elapsed_time(e) for s, e in got] for got in times]
+    return [(statistics.median(got), reps) for got in times]
 
 
 def return_freed_memory() -> bool:
