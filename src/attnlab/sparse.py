@@ -73,8 +73,8 @@ class SparseRun:
     whole_prompt: bool = False
     records: bool = True  # recall at the answering rows (False: timing the policy alone)
     # fused: a GPU prefill's selection and lists in one Triton kernel (kernels.budget), else
-    # in PyTorch; tiles, the window layers' (the same pairs): "whole" query tiles of the
-    # model's BlockMask apart, "block" tiles of the block alone, "window" flex.WINDOW_TILE,
+    # in PyTorch; tiles, the window layers' (the same pairs): "whole" rows (past the budget's
+    # reach) apart, "block" tiles of the block alone, "window" flex.WINDOW_TILE,
     # "auto" whole under windows.WHOLE_BELOW-token blocks, else block
     fused: bool = True
     tiles: str = "auto"

@@ -109,9 +109,9 @@ def window_pair_count(t: int, w: int) -> int:
 
 # the query rows of a tile of the model's own BlockMask (transformers builds it in 128s)
 MODEL_TILE = 128
-# a window layer's whole query tiles run apart (``SparseRun.tiles = "auto"``) for blocks
-# under WHOLE_BELOW tokens: the model's tiles beat 16-token ones, where 64-token tiles ran
-# as fast and the second call cost more (results_ref/long_context/README.md)
+# a window layer's whole rows run apart in the model's tiles (``SparseRun.tiles = "auto"``)
+# for blocks under WHOLE_BELOW tokens: the model's tiles beat 16-token ones, where 64-token
+# tiles ran as fast and the second call cost more (results_ref/long_context/README.md)
 WHOLE_BELOW = 64
 
 
