@@ -187,3 +187,18 @@ def test_rounds_time_every_function_once_per_round_in_order():
     assert [reps for _, reps in timed] == [4, 4, 4]
     assert calls == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 5  # the estimate's too
     assert all(ms >= 0 for ms, _ in timed)
+
+
+def test_every_policy_the_figures_know_has_its_own_colour():
+    """``policy_styles``: a colour per policy, the same in every figure, no two alike
+    (the study draws more policies than one 20-colour map holds)."""
+    from attnlab.plots.styles import POLICY_ORDER, policy_styles
+
+    styles = policy_styles(["kvpress:KnormPress"])
+    assert len(POLICY_ORDER) > 20 and set(styles) >= {*POLICY_ORDER, "kvpress:KnormPress"}
+    colours = [
+        tuple(s["color"]) if not isinstance(s["color"], str) else s["color"]
+        for s in styles.values()
+    ]
+    assert len(set(colours)) == len(colours)
+    assert policy_styles(["cab"])["cab"] == styles["cab"]

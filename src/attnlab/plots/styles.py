@@ -73,9 +73,11 @@ def ordered(policies) -> list[str]:
 def policy_styles(policies) -> dict[str, dict]:
     """One line style per policy, the same in every figure: full attention dark grey and
     dashed, the top-k oracle (the ceiling) black and dotted, the others a colour fixed by
-    their place in POLICY_ORDER (policies outside it after, in name order)."""
+    their place in POLICY_ORDER (policies outside it after, in name order): tab20's
+    colours, then tab20b's, distinct for the first 40."""
     others = [p for p in ordered([*POLICY_ORDER, *policies]) if p not in ("full", "topk")]
-    styles = {p: {"color": plt.cm.tab20(i % 20)} for i, p in enumerate(others)}
+    palette = [*plt.cm.tab20.colors, *plt.cm.tab20b.colors]
+    styles = {p: {"color": palette[i % len(palette)]} for i, p in enumerate(others)}
     styles["full"] = {"color": "0.35", "linestyle": "--", "zorder": 4}
     styles["topk"] = {"color": "black", "linestyle": ":", "zorder": 4}
     return styles
