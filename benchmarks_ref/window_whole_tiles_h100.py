@@ -17,7 +17,6 @@ from attnlab import flex
 from attnlab.policies.base import row_budget
 from attnlab.windows import (
     rows_of,
-    shifted_window_mask_mod,
     whole_from,
     window_block_pairs,
     window_mask_mod,
@@ -59,7 +58,7 @@ for s in (0.9, 0.95, 0.99):
         print(f"s={s}: blocks {a:.3f} ms | no whole rows", flush=True)
         continue
     k0 = max(0, r - W + 1) // 128 * 128
-    whole = (r, k0, rows_of(model, r, k0, shifted_window_mask_mod(W, r, k0)))
+    whole = (r, k0, rows_of(model, r, k0, window_mask_mod(W, r, k0)))
     b = median_event_ms(
         lambda: flex.flex_block_sparse_attention(q, k, v, keep, BS, sc, mm, lists, whole=whole)
     )

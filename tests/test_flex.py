@@ -192,7 +192,7 @@ def test_whole_rows_run_as_the_model_mask_and_the_rows_before_them_in_blocks():
     from tests.test_windows import _recipe
 
     from attnlab.masks import ModelMask
-    from attnlab.windows import rows_of, shifted_window_mask_mod
+    from attnlab.windows import rows_of, window_mask_mod
 
     n, w, bs, r = 384, 40, 16, 256
     q, k, v = _qkv(n, seed=9)
@@ -204,7 +204,7 @@ def test_whole_rows_run_as_the_model_mask_and_the_rows_before_them_in_blocks():
     want[:, :, r // bs :] = seen[r // bs :]
     token_keep = _token_mask(want, bs, bs, n) & ((t[:, None] - t[None, :]) < w)
     k0 = (r - w + 1) // 128 * 128
-    rows = rows_of(model.block_mask(DEVICE), r, k0, shifted_window_mask_mod(w, r, k0))
+    rows = rows_of(model.block_mask(DEVICE), r, k0, window_mask_mod(w, r, k0))
     assert rows.seq_lengths == (n - r, n - k0)
     expected = _masked_attention(q, k, v, token_keep, 0.3)
     for lists in (None, flex.keep_lists(keep, all_partial=True)):
@@ -290,7 +290,7 @@ def test_auto_tiles_take_whole_tiles_apart_under_64_token_blocks_alone(tiny_gemm
 
 def test_whole_rows_only_where_a_model_tile_may_keep_what_it_sees():
     """``windows.whole_rows``: under a 100-key window over 1024 tokens, blocks of 16 at 50%
-    (rows past about 230 keep their window) take whole tiles apart; not at 95% (no row's
+    (rows past about 230 keep their window) take whole rows apart; not at 95% (no row's
     budget reaches it), nor blocks as tall as the model's tiles, nor a causal mask."""
     from tests.test_windows import _recipe
 

@@ -38,14 +38,21 @@ def window_of(recipe: dict) -> int | None:
 
 
 @functools.cache
-def window_mask_mod(w: int):
-    """FlexAttention's ``mask_mod`` of the window (one function per w, so a compiled kernel
-    meets the same one every pass)."""
+def window_mask_mod(w: int, q0: int = 0, k0: int = 0):
+    """FlexAttention's ``mask_mod`` of the window, of rows from q0 over keys from k0 (one
+    function per window and offsets, so a compiled kernel meets the same one every pass)."""
+    if not (q0 or k0):
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (kv_idx > q_idx - w)
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (kv_idx > q_idx - w)
 
-    return mask_mod
+        return mask_mod
+
+    def shifted(b, h, q_idx, kv_idx):
+        q, k = q_idx + q0, kv_idx + k0
+        return (k <= q) & (k > q - w)
+
+    return shifted
 
 
 def window_rows(index: torch.Tensor, tk: int, w: int) -> torch.Tensor:
@@ -140,18 +147,6 @@ def whole_from(t: int, block_size: int, w: int, sparsity: float, tile: int) -> i
     return 0 if len(short) == 0 else (int(short[-1]) + 1) * tile
 
 
-@functools.cache
-def shifted_window_mask_mod(w: int, q0: int, k0: int):
-    """:func:`window_mask_mod` of rows from q0 over keys from k0 (one function per
-    offsets, so a compiled kernel meets the same one every layer)."""
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        q, k = q_idx + q0, kv_idx + k0
-        return (k <= q) & (k > q - w)
-
-    return mask_mod
-
-
 def whole_rows(model_mask, block_size: int, sparsity: float, device, tile: int = MODEL_TILE):
     """``flex_block_sparse_attention``'s ``whole`` for a prefill under ``model_mask`` (a
     :class:`~attnlab.masks.ModelMask`): under a plain sliding window, where the last query
@@ -173,7 +168,7 @@ def whole_rows(model_mask, block_size: int, sparsity: float, device, tile: int =
         k0 = max(0, r - w + 1) // tile * tile
         made = None
         if blocks.BLOCK_SIZE == (tile, tile):
-            made = r, k0, rows_of(blocks, r, k0, shifted_window_mask_mod(w, r, k0))
+            made = r, k0, rows_of(blocks, r, k0, window_mask_mod(w, r, k0))
         store["whole rows", r, tile] = made
     return store["whole rows", r, tile]
 
