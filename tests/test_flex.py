@@ -256,6 +256,9 @@ def test_a_window_layer_s_whole_rows_run_apart_in_a_prefill(tiny_gemma3, name, p
             hook.remove()
     taken = {k: n for k, n in runs["flex"].kernels.items() if "whole tiles apart" in k}
     assert sum(taken.values()) == apart
+    # a prefix-closed policy (Quest) chose for the rows before them alone
+    alone = sum(n for k, n in taken.items() if "the rows before them chosen alone" in k)
+    assert alone == (apart if policy.prefix_closed else 0)
     assert not any("whole tiles apart" in k for k in runs["block"].kernels)
     for other in ("block", "eager"):
         torch.testing.assert_close(first["flex"], first[other], rtol=1e-5, atol=1e-5)

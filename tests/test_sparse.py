@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attnlab import attention, policies, sparse
+from attnlab import attention, block_prefill, policies, sparse
 
 
 def logits(model, ids, run=None):
@@ -311,7 +311,9 @@ def test_a_prefills_layers_build_what_their_mask_gives_once(name, monkeypatch):
 
     monkeypatch.setattr(sparse, "row_budget", counted(sparse.row_budget, "budgets"))
     monkeypatch.setattr(selection, "block_of", counted(selection.block_of, "must keep"))
-    monkeypatch.setattr(sparse, "causal_block_pairs", counted(sparse.causal_block_pairs, "pairs"))
+    monkeypatch.setattr(
+        block_prefill, "causal_block_pairs", counted(block_prefill.causal_block_pairs, "pairs")
+    )
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, h, 120, 16, generator=g) for h in (4, 1, 1))
     policy = policies.make(name, block_size=16)

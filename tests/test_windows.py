@@ -140,3 +140,43 @@ def test_a_block_policy_s_prefill_under_the_window_s_formula_equals_the_pattern_
     q, k = torch.arange(60)[:, None], torch.arange(60)[None, :]
     mask_mod = ModelMask(_recipe(60, 24)).mask_mod("cpu")
     assert torch.equal(mask_mod(0, 0, q, k), _dense(60, 24))
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("quest", {}),
+        ("quest", {"selection": "causal"}),
+        ("cab", {}),
+        ("cab", {"graph": "directed", "selection": "causal"}),
+        ("coarse_magnitude", {}),
+        ("random_block", {}),
+        ("xattention", {"stride": 8}),
+    ],
+)
+def test_a_prefix_closed_policy_chooses_for_its_first_rows_as_the_prefill_cut_there(name, params):
+    """``BlockPolicy.prefix_closed``: a policy that claims it chooses for the first r rows
+    of a window's prefill what the prefill cut there (``windows.prefix_of``, the window's
+    mask over r tokens) chooses; random blocks (a draw per prompt length) and CAB (the
+    prompt's graph; degrees summed over query blocks) do not claim it."""
+    from attnlab import policies, sparse
+    from attnlab.windows import prefix_of
+
+    t, w, r, bs = 320, 40, 192, 16
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 4, t, 16, generator=g) for _ in range(2))
+    mask = ModelMask(_recipe(t, w, batch_size=1))
+    cut = prefix_of(mask, r)
+    assert (cut.recipe["q_length"], cut.recipe["kv_length"], cut.window()) == (r, r, w)
+    assert prefix_of(mask, r) is cut and prefix_of(mask, w) is None  # a cut within the window
+    policy = policies.make(name, block_size=bs, **params)
+    run = sparse.SparseRun(policy, 0.7, backend="flex", whole_prompt=True)
+    whole = run.block_mask(0, q, k, 0.25, 4, mask)
+    first = run.block_mask(0, q[..., :r, :], k[..., :r, :], 0.25, 4, cut)
+    m = r // bs
+    assert first.shape[-2:] == (m, m) and not whole[..., :m, m:].any()
+    assert policy.prefix_closed == (name in ("quest", "xattention"))
+    if policy.prefix_closed:
+        assert torch.equal(first, whole[..., :m, :m])
+    seen = cut.block_counts(torch.arange(0, r, bs), torch.arange(bs - 1, r, bs), bs) > 0
+    assert first.sum() < 4 * seen.sum()  # four heads chose, none kept every block it sees
