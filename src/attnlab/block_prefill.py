@@ -6,8 +6,7 @@ the same on every path), made once per query block, in the fused Triton kernel o
 what every layer under one mask reads (rows, counts per block, bands, pairs) is built once
 per forward pass and kept in that mask's store (a causal prefill's, on the run). Under a
 sliding window, the rows past the budget's reach keep every key they see and run as the
-model's own mask (``windows.whole_rows``); a ``prefix_closed`` policy then chooses for the
-rows before them alone, as the prefill cut there.
+model's own mask (``windows.whole_rows``).
 """
 
 from __future__ import annotations
@@ -49,30 +48,6 @@ class BlockPrefill:
         keep = self.block_selection(ctx, lists, pairs)
         self.policy.remember(ctx)
         return keep
-
-    def _chosen_before(self, layer, q, k, scaling, kv_heads, model_mask, cut, lists):
-        """:meth:`block_mask` of a window layer whose rows from r keep every key they see
-        (``windows.whole_rows``) under a ``prefix_closed`` policy: the rows before r choose
-        as the prefill cut there (``cut``, the mask of its r tokens), the rows from r keep
-        every block they see, counted with their pairs (once per forward pass)."""
-        r, bs, (b, h) = cut.recipe["q_length"], self.policy.block_size, q.shape[:2]
-        out = self.block_mask(
-            layer, q[..., :r, :], k[..., :r, :], scaling, kv_heads, cut, lists,
-            self._pass_pairs(q[..., :r, :], cut)[0],
-        )  # fmt: skip
-        top, lists, kept = out if lists is not None else (out, None, None)
-        whole = self._context(layer, q, k, None, scaling, kv_heads, cache=model_mask.store)
-        self.policy.remember(whole)  # every row's, as the whole prefill's selection leaves
-        if ("rows from", r, bs) not in model_mask.store:
-            starts = torch.arange(r, q.shape[-2], bs, device=q.device)
-            ends = (starts + bs - 1).clamp(max=q.shape[-2] - 1)
-            rest = model_mask.block_counts(starts, ends, bs) > 0  # (B or 1, 1, Mq - m, Mk)
-            pairs = self._pass_pairs(q, model_mask)[0][r // bs :].sum()
-            model_mask.store["rows from", r, bs] = rest, pairs
-        rest, pairs = model_mask.store["rows from", r, bs]
-        top = torch.nn.functional.pad(top, (0, rest.shape[-1] - top.shape[-1]))
-        keep = torch.cat((top, rest.expand(b, h, -1, -1)), 2)
-        return keep if lists is None else (keep, lists, kept + b * h * pairs)
 
     def _pass_store(self, q: torch.Tensor, model_mask=None):
         """Where a prefill keeps what every layer under its mask reads (the mask's store,
@@ -119,7 +94,7 @@ class BlockPrefill:
         query: (B, H, T, D); key, value: (B, Hkv, T, D). Returns (B, H, T, D).
         """
         from attnlab.flex import WINDOW_TILE, flex_block_sparse_attention
-        from attnlab.windows import prefix_of, tile_form, whole_rows
+        from attnlab.windows import tile_form, whole_rows
 
         t, bs, (b, h) = query.shape[-2], self.policy.block_size, query.shape[:2]
         # the keys per query head the selection reads: one key/value head's a view, else copies
@@ -127,24 +102,17 @@ class BlockPrefill:
         pairs, total, shown = self._pass_pairs(query, model_mask)
         fused = query.is_cuda and self.fused  # the selection and its lists in one kernel
         lists = (model_mask is not None) if fused else None
+        with phase("selection"):
+            keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists, pairs)
+        keep, lists, kept = keep if fused else (keep, None, None)
         mask = None if model_mask is None else model_mask.mask_mod(query.device)
         form = tile_form(self.tiles, bs)
         tile = WINDOW_TILE if form == "window" and mask is not None else None
         apart = form == "whole" and mask is not None and self.policy.keeps_what_fits()
         whole = whole_rows(model_mask, bs, self.sparsity, query.device) if apart else None
-        cut = whole is not None and whole[0] > 0 and self.policy.prefix_closed
-        cut = prefix_of(model_mask, whole[0]) if cut else None
-        args = layer, query, k, scaling, key.shape[1], model_mask
-        with phase("selection"):
-            if cut is None:
-                keep = self.block_mask(*args, lists, pairs)
-            else:
-                keep = self._chosen_before(*args, cut, lists)
-        keep, lists, kept = keep if fused else (keep, None, None)
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         kernel += ", whole tiles apart" if whole is not None else ""
-        kernel += ", fused selection" if lists is not None else ""
-        self.took(kernel + (", the rows before them chosen alone" if cut is not None else ""), t)
+        self.took(kernel + (", fused selection" if lists is not None else ""), t)
         recall = self.records and layer not in self.recorder.recall_sums
         watching = len(self.recorder.watch) > 0
         if recall or watching:  # the last row's kept keys (B, H, T)

@@ -255,7 +255,8 @@ def flex_block_sparse_attention(
     BlockMask of its rows from r over its keys from k0), with its ``mask_mod``, where the
     caller knows that every row from r keeps every key that mask shows it (a multiple of
     the block; ``windows.whole_rows``): those rows run as that mask, in its tiles, the
-    rows before r in tiles of the block; ``block_keep``'s rows from r are not read.
+    rows before r in tiles of the block; ``block_keep``'s rows from r are not read, and
+    the output lies over a (B, N, H, D) tensor, as the model reads it next.
     """
     b, h, n, _ = q.shape
     m = block_keep.shape[-1]
@@ -281,24 +282,27 @@ def flex_block_sparse_attention(
 def _whole_rows_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole):
     """``flex_block_sparse_attention`` under the model's mask with ``whole``: the rows from
     r as the model's own mask over the keys from k0, the rows before r in tiles of the
-    block under their lists (sliced: no list, no program for the rows after r); the two
-    outputs stacked."""
+    block under their lists (sliced: no list, no program for the rows after r), each
+    output copied into its rows of one (B, N, H, D) tensor (the model's next layout: the
+    copy it would make of one stacked output)."""
     r, k0, rows = whole
     if r % block_size:
         raise ValueError(f"whole rows from {r}: not a multiple of the block {block_size}")
-    bottom = run_flex(q[:, :, r:], k[:, :, k0:], v[:, :, k0:], rows, scaling)
+    b, h, n, d = q.shape
+    out = q.new_empty(b, n, h, d).transpose(1, 2)  # (B, H, N, D) over (B, N, H, D)
+    out[:, :, r:] = run_flex(q[:, :, r:], k[:, :, k0:], v[:, :, k0:], rows, scaling)
     if r == 0:
-        return bottom
+        return out
     m = r // block_size
     if lists is None:
         lists = keep_lists(keep[..., :m, :m], all_partial=True)
     else:  # a row's kept blocks, its first ``num`` entries, lie before its own block's end
         lists = [x if x is None else x[..., :m, :m] if x.dim() == 4 else x[..., :m] for x in lists]
     head = block_mask_from_lists(lists, block_size, r, mask_mod)
-    top = run_flex(
+    out[:, :, :r] = run_flex(
         q[:, :, :r], k[:, :, :r], v[:, :, :r], head, scaling, kernel_options(block_size, block_size)
     )
-    return torch.cat((top, bottom), 2)
+    return out
 
 
 def block_mask_from_selection(selection, kv_block: int, n: int) -> BlockMask:

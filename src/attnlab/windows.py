@@ -173,21 +173,6 @@ def whole_rows(model_mask, block_size: int, sparsity: float, device, tile: int =
     return store["whole rows", r, tile]
 
 
-def prefix_of(model_mask, r: int):
-    """``model_mask`` (a plain sliding window's :class:`~attnlab.masks.ModelMask`) over its
-    first r rows and keys: the mask of the prefill cut there, kept in its store (once per
-    forward pass); None where the cut is no window (r within it: every earlier key seen)."""
-    store = model_mask.store
-    if ("prefix", r) not in store:
-        recipe = {**model_mask.recipe, "q_length": r, "kv_length": r}
-        if recipe.get("attention_mask") is not None:  # all ones, as the window's
-            recipe["attention_mask"] = recipe["attention_mask"][:, :r]
-        cut = type(model_mask)(recipe)
-        cut.store["unpadded"] = model_mask.unpadded()  # read once, not again
-        store["prefix", r] = cut if cut.window() is not None else None
-    return store["prefix", r]
-
-
 def rows_of(blocks, r: int, k0: int, mask_mod):
     """The BlockMask ``blocks``' query rows from r over its keys from k0 (both multiples of
     its tiles), the pairs of ``mask_mod`` (the same pattern, shifted)."""

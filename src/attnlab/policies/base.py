@@ -316,10 +316,6 @@ class BlockPolicy(Selector):
 
     level: ClassVar[str] = "block"
     paper_selection: ClassVar[str] = "causal"  # the method's own form, for a whole prompt
-    # a prefill's selection for its first rows is that of the prefill cut after them (each
-    # block scored from its own rows and the keys before them): a window layer's rows past
-    # the budget's reach then choose nothing (SparseRun.flex_attention)
-    prefix_closed: ClassVar[bool] = True
     block_size: Annotated[int, Range(1)] = 16
     """Tokens per block."""
     keep_diagonal: bool = True

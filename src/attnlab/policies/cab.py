@@ -35,9 +35,6 @@ class CAB(BlockPolicy):
     label = "CAB"
     needs_query_history = True
     paper_selection = "prompt"
-    # the prompt form reads the whole prompt's graph; the causal form's degrees sum over
-    # query blocks, whose sums over a shorter prompt no test holds bit-equal
-    prefix_closed = False
     lam: Annotated[float, Range(0, 1)] = 1.0
     """Weight of curvature against coarse magnitude (1 = pure curvature)."""
     adjacency: Literal["softmax", "scores", "dot"] = "softmax"

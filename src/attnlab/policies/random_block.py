@@ -20,7 +20,6 @@ class RandomBlock(BlockPolicy):
 
     name = "random_block"
     label = "random blocks"
-    prefix_closed = False  # one draw per prompt length
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         b, h = ctx.q.shape[:2]
