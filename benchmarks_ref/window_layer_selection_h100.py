@@ -2,9 +2,10 @@
 Hkv=1, D=256, bf16, a 512-key window, 16-token blocks) through
 ``SparseRun.flex_attention``, its selection included (the fused kernel), then the
 (B, T, H, D) copy the model makes of the output: the rows before the whole rows chosen
-alone (``prefix_closed``) against every row chosen, the output stacked in (B, H, T, D)
-(one copy more, as a stacked output costs) and tiles of the block, beside the dense
-window under the model's BlockMask. Each a second layer under the same mask (what every
+alone (``prefix_closed``, a path of 21f2a66 not kept after this run: without it, that form
+is every row chosen) against every row chosen, the output stacked in (B, H, T, D) (one
+copy more, as a stacked output costs) and tiles of the block, beside the dense window
+under the model's BlockMask. Each a second layer under the same mask (what every
 layer after the first pays). Run from the repository root:
 PYTHONPATH=src python benchmarks_ref/window_layer_selection_h100.py 32768"""
 

@@ -212,6 +212,13 @@ def test_whole_rows_run_as_the_model_mask_and_the_rows_before_them_in_blocks():
             q, k, v, keep, bs, 0.3, _window(w), lists, whole=(r, k0, rows)
         )
         torch.testing.assert_close(out, expected, **TOL)
+        assert out.transpose(1, 2).is_contiguous()  # (B, N, H, D): the layout read next
+    # every row whole (r = 0): the model's mask alone, whatever the selection
+    every = rows_of(model.block_mask(DEVICE), 0, 0, window_mask_mod(w))
+    out = flex_block_sparse_attention(q, k, v, keep, bs, 0.3, _window(w), whole=(0, 0, every))
+    window = _token_mask(seen.expand(1, 4, -1, -1), bs, bs, n) & ((t[:, None] - t[None, :]) < w)
+    torch.testing.assert_close(out, _masked_attention(q, k, v, window, 0.3), **TOL)
+    assert out.transpose(1, 2).is_contiguous()
     with pytest.raises(ValueError, match="not a multiple of the block"):
         flex_block_sparse_attention(q, k, v, keep, bs, 0.3, _window(w), whole=(r + 8, k0, rows))
 
