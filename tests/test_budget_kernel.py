@@ -64,10 +64,41 @@ def test_the_kernel_sums_the_kept_pairs_as_the_keep_mask_counts_them(m, seed, wi
     keep, lists = budget_select(score, count, budget, width is not None)
     again, same_lists, kept = budget_select(score, count, budget, width is not None, pairs=pairs)
     assert torch.equal(again, keep)
-    for got, want in zip(same_lists, lists, strict=True):
+    for got, want in zip(same_lists[::2], lists[::2], strict=True):  # (num, idx) each
         assert (got is None and want is None) or torch.equal(got, want)
+    _same_kept_lists(same_lists[2:], lists[2:])
+    if width is None:
+        _same_kept_lists(same_lists[:2], lists[:2])
     assert kept.dtype == torch.int64 and kept.dim() == 0
     assert kept.item() == (keep.long() * pairs).sum().item() > 0
+
+
+@pytest.mark.parametrize("all_partial", [False, True])
+def test_rows_selects_the_first_query_blocks_alone(all_partial):
+    """``rows``: the first query blocks choose as they do among every row (the same
+    keep-mask rows, the same lists), the later rows of the keep-mask stay False and their
+    pairs are not counted; rows 0: nothing chosen, nothing counted."""
+    m, cut = 23, 9
+    score, count, budget = _case(m, 1)
+    pairs = (torch.arange(1, m * m + 1).view(m, m) * (count[0, 0].cpu() > 0)).to(DEVICE)
+    keep, lists, kept = budget_select(score, count, budget, all_partial, pairs=pairs)
+    part, part_lists, part_kept = budget_select(
+        score, count, budget, all_partial, pairs=pairs, rows=cut
+    )
+    assert torch.equal(part[..., :cut, :], keep[..., :cut, :])
+    assert keep[..., cut:, :].any() and not part[..., cut:, :].any()
+
+    def first_rows(x):  # a list's first query blocks, (num, idx)
+        return x if x is None else x[..., :cut, :] if x.dim() == 4 else x[..., :cut]
+
+    head, got = [first_rows(x) for x in lists], [first_rows(x) for x in part_lists]
+    for i in range(0, len(head), 2):
+        if head[i] is not None:
+            _same_kept_lists(got[i : i + 2], head[i : i + 2])
+    assert part_kept.item() == (keep[..., :cut, :].long() * pairs[:cut]).sum().item()
+    assert part_kept.item() < kept.item()
+    none = budget_select(score, count, budget, all_partial, pairs=pairs, rows=0)
+    assert not none[0].any() and none[2].item() == 0
 
 
 def _same_kept_lists(got, want):

@@ -325,20 +325,22 @@ def test_whole_rows_only_where_a_model_tile_may_keep_what_it_sees():
     not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"),
     reason="needs CUDA and TRITON_INTERPRET=0",
 )
-@pytest.mark.parametrize("dense_layers", [0, 1])
-def test_on_the_gpu_whole_window_tiles_keep_the_logits_of_tiles_of_the_block(dense_layers):
+@pytest.mark.parametrize(
+    "name, params", [("quest", {}), ("quest", {"dense_layers": 1}), ("cab", {})]
+)
+def test_on_the_gpu_whole_window_tiles_keep_the_logits_of_tiles_of_the_block(name, params):
     """On CUDA (compiled flex, the fused selection, transformers' own BlockMask of the
-    window) a prefill taking its window layers' whole tiles apart (also in a window layer
-    Quest leaves dense) gives the logits and the sparsity of the same selection in tiles
-    of the block."""
+    window) a prefill taking its window layers' whole tiles apart (the fused kernels
+    choosing for the rows before them alone; also in a window layer Quest leaves dense)
+    gives the logits and the sparsity of the same selection in tiles of the block."""
     from tests.tiny_models import tiny_gemma3
 
     from attnlab import policies, sparse
 
     model = tiny_gemma3().cuda()
     ids = torch.randint(0, 100, (1, 384), generator=torch.Generator().manual_seed(12))
-    quest = policies.make("quest", block_size=16, dense_layers=dense_layers)
-    runs = {t: sparse.SparseRun(quest, 0.8, tiles=t) for t in ("whole", "block")}
+    policy = policies.make(name, block_size=16, **params)
+    runs = {t: sparse.SparseRun(policy, 0.8, tiles=t) for t in ("whole", "block")}
     logits = {}
     for tiles, run in runs.items():
         with run, torch.no_grad():

@@ -116,3 +116,50 @@ def test_the_fused_prefill_under_a_window_bounds_each_row_s_band(monkeypatch):
     clear = _clear_edges(score.masked_fill(~seen, -torch.inf), keeps[False]) > 1e-3
     assert clear.float().mean() > 0.9
     assert torch.equal(keeps[True][clear], keeps[False][clear])
+
+
+@pytest.mark.parametrize("name", ["quest", "cab"])
+def test_the_fused_prefill_chooses_for_the_rows_before_the_whole_rows_alone(name, monkeypatch):
+    """With ``chosen`` (the query blocks before a window's whole rows) the fused selection
+    keeps, for those blocks, what it keeps choosing for every block; the later blocks'
+    scores are skipped (their band past the last block) and their rows not chosen, and
+    the kept pairs count every pair those whole rows see."""
+    from tests.test_windows import _recipe
+
+    import attnlab.kernels.cab as cab_kernels
+    import attnlab.kernels.quest as kernels
+    from attnlab.masks import ModelMask
+
+    firsts = []
+    spy = {"quest": (kernels, "page_bound"), "cab": (cab_kernels, "cab_scores")}[name]
+    real = getattr(*spy)
+    at = {"quest": lambda kw: kw["bands"][0], "cab": lambda kw: kw["first"]}[name]
+    monkeypatch.setattr(*spy, lambda *a, **kw: firsts.append(at(kw)) or real(*a, **kw))
+    n, bs, w, cut = 1200, 8, 100, 60  # 150 query blocks, the last 90 whole
+    q, k = _rand(1, 4, n, 16, seed=17), expand_kv(_rand(1, 2, n, 16, seed=18), 4)
+    policy = policies.make(name, block_size=bs)
+    out = {}
+    for chosen in (None, cut):
+        mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE)))
+        run = sparse.SparseRun(policy, 0.9, whole_prompt=True)
+        pairs = mask.block_pairs(bs, torch.device(DEVICE))
+        out[chosen] = run.block_mask(0, q, k, 0.25, 2, mask, True, pairs, chosen)
+    every, part = out[None], out[cut]
+    assert torch.equal(part[0][..., :cut, :], every[0][..., :cut, :])
+    assert not part[0][..., cut:, :].any() and every[0][..., cut:, :].any()
+    num, idx = part[1][2][..., :cut], part[1][3][..., :cut, :]
+    assert torch.equal(num, every[1][2][..., :cut])
+    listed = torch.arange(idx.shape[-1], device=DEVICE) < num[..., None]
+    assert torch.equal(idx[listed], every[1][3][..., :cut, :][listed])
+    whole = (pairs[cut:] * (mask.block_counts(*_edges(n, bs), bs)[0, 0, cut:] > 0)).sum()
+    assert whole == pairs[cut:].sum()  # the whole rows' pairs: every one they see
+    want = (part[0][0, :, :cut].long().sum(0) * pairs[:cut]).sum() + 4 * whole
+    assert part[2].item() == want.item()
+    m = n // bs
+    assert torch.equal(firsts[1][cut:].cpu(), torch.full((m - cut,), m, dtype=firsts[1].dtype))
+    assert torch.equal(firsts[1][:cut].cpu(), firsts[0][:cut].cpu())
+
+
+def _edges(n, bs):
+    starts = torch.arange(0, n, bs, device=DEVICE)
+    return starts, (starts + bs - 1).clamp(max=n - 1)

@@ -6,7 +6,8 @@ the same on every path), made once per query block, in the fused Triton kernel o
 what every layer under one mask reads (rows, counts per block, bands, pairs) is built once
 per forward pass and kept in that mask's store (a causal prefill's, on the run). Under a
 sliding window, the rows past the budget's reach keep every key they see and run as the
-model's own mask (``windows.whole_rows``).
+model's own mask (``windows.whole_rows``); the fused kernels choose for the rows before
+them alone.
 """
 
 from __future__ import annotations
@@ -33,17 +34,27 @@ class BlockPrefill:
         return wanted and self.policy.level == "block" and tq == tk
 
     def block_mask(
-        self, layer, q, k, scaling, kv_heads=None, model_mask=None, lists=None, pairs=None
+        self,
+        layer,
+        q,
+        k,
+        scaling,
+        kv_heads=None,
+        model_mask=None,
+        lists=None,
+        pairs=None,
+        chosen=None,
     ):
         """:meth:`block_selection` of a prefill for FlexAttention; q, k: (B, H, T, D);
         model_mask: the model's own :class:`~attnlab.masks.ModelMask` (a sliding window),
         causal when None. What the selection reads of the mask (rows, counts per block)
         is kept in the mask's store, or for a causal prefill on the run, for the next
-        layers. Returns (B, H, Mq, Mk) bool kept blocks (and the BlockMask's lists with
-        ``lists``, see :meth:`block_selection`)."""
+        layers. ``chosen``: the query blocks that choose, the later ones keeping every key
+        they see (``ScoreContext.chosen_blocks``). Returns (B, H, Mq, Mk) bool kept blocks
+        (and the BlockMask's lists with ``lists``, see :meth:`block_selection`)."""
         cache, rows, counts, bands = self._pass_store(q, model_mask)
         ctx = self._context(layer, q, k, None, scaling, kv_heads, rows=rows, cache=cache)
-        ctx.row_blocks, ctx.block_bands = counts, bands
+        ctx.row_blocks, ctx.block_bands, ctx.chosen_blocks = counts, bands, chosen
         ctx.triton = lists is not None  # the fused path: the policy's Triton scores too
         keep = self.block_selection(ctx, lists, pairs)
         self.policy.remember(ctx)
@@ -102,20 +113,26 @@ class BlockPrefill:
         pairs, total, shown = self._pass_pairs(query, model_mask)
         fused = query.is_cuda and self.fused  # the selection and its lists in one kernel
         lists = (model_mask is not None) if fused else None
-        with phase("selection"):
-            keep = self.block_mask(layer, query, k, scaling, key.shape[1], model_mask, lists, pairs)
-        keep, lists, kept = keep if fused else (keep, None, None)
         mask = None if model_mask is None else model_mask.mask_mod(query.device)
         form = tile_form(self.tiles, bs)
         tile = WINDOW_TILE if form == "window" and mask is not None else None
         apart = form == "whole" and mask is not None and self.policy.keeps_what_fits()
         whole = whole_rows(model_mask, bs, self.sparsity, query.device) if apart else None
+        # the fused kernels choose for the rows before the whole rows alone
+        chosen = whole[0] // bs if whole is not None and fused else None
+        with phase("selection"):
+            keep = self.block_mask(
+                layer, query, k, scaling, key.shape[1], model_mask, lists, pairs, chosen
+            )
+        keep, lists, kept = keep if fused else (keep, None, None)
         kernel = "flex block-sparse" + ("" if model_mask is None else ", model mask")
         kernel += ", whole tiles apart" if whole is not None else ""
         self.took(kernel + (", fused selection" if lists is not None else ""), t)
         recall = self.records and layer not in self.recorder.recall_sums
         watching = len(self.recorder.watch) > 0
-        if recall or watching:  # the last row's kept keys (B, H, T)
+        if (recall or watching) and chosen is not None:  # the last row's kept keys (B, H, T)
+            last = shown.expand(b, h, t)  # a whole row: every key it sees
+        elif recall or watching:
             last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown
         if recall:
             budget = row_budget(torch.full((1,), t, device=query.device), self.sparsity)

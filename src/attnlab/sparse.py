@@ -254,7 +254,11 @@ class SparseRun(BlockPrefill):
         ``lists`` (True: under the model's own mask, False: causal) also the BlockMask's
         lists, from the fused kernel (:func:`attnlab.kernels.budget.budget_select`, the
         same selection), or None where the policy leaves the layer dense, and the kept
-        pairs the kernel summed given the visible ``pairs`` per block pair (else None)."""
+        pairs the kernel summed given the visible ``pairs`` per block pair (else None).
+        With ``ctx.chosen_blocks`` the fused path chooses for the query blocks before it
+        alone: those from it keep every key they see (a window's whole rows, which run
+        apart), their rows of the keep-mask and lists are not written, their pairs counted
+        as kept."""
         t, bs = ctx.q.shape[-2], self.policy.block_size
         b, h = ctx.q.shape[:2]
         starts = ctx.cached(("starts", t, bs), lambda: torch.arange(0, t, bs, device=ctx.q.device))
@@ -271,11 +275,15 @@ class SparseRun(BlockPrefill):
             from attnlab.kernels.budget import MAX_BLOCKS, budget_select, row_bands
 
             fused = count.shape[-1] <= MAX_BLOCKS  # else a row too long for one program
+        chosen = ctx.chosen_blocks if fused else None  # the query blocks that choose
         if fused:  # a causal prefill's and a plain window's bands are made on the host,
-            # others read; a policy's kernels may skip what lies before a block's band
+            # others read; a policy's kernels may skip what lies before a block's band,
+            # and every block of the rows that keep what they see (a band past the last)
             of_counts = ctx.block_bands or (lambda count, _: row_bands(count))
             bands = ctx.cached(("bands", t, bs), lambda: of_counts(count, bs))
-            ctx.first_blocks = ctx.cached(("firsts", t, bs), lambda: bands[0].amin(0))
+            ctx.first_blocks = ctx.cached(
+                ("firsts", t, bs, chosen), lambda: _firsts(bands[0].amin(0), chosen)
+            )
         score = self.policy.block_scores(ctx, rows, self.selection)
         if score is None:  # a layer the policy leaves dense
             keep = (count > 0).expand(b, h, *count.shape[-2:])
@@ -285,6 +293,22 @@ class SparseRun(BlockPrefill):
             count = ctx.cached(("seen, int32", t, bs), lambda: count.to(torch.int32))
             made = lambda: (ends, ctx.budget, ctx.budget[..., ends])  # noqa: E731
             budget = ctx.cached(("budgets of", id(ends), id(ctx.budget)), made)[2]
-            out = budget_select(score, count, budget, lists, bands, pairs)
-            return out if pairs is not None else (*out, None)
+            out = budget_select(score, count, budget, lists, bands, pairs, chosen)
+            if pairs is None:
+                return (*out, None)
+            if chosen is not None:  # the rows from there keep every pair they see
+                whole = ctx.cached(("pairs from", t, bs, chosen), lambda: pairs[chosen:].sum())
+                out = (*out[:2], out[2] + b * h * whole)
+            return out
         return keep if lists is None else (keep, None, None)
+
+
+def _firsts(first: torch.Tensor, chosen: int | None) -> torch.Tensor:
+    """Each query block's first key block (Mq,) as a fused prefill's score kernels read
+    it: from ``chosen`` on (the blocks that keep every key they see) past the last block,
+    so that no tile of theirs alone is multiplied."""
+    if chosen is None:
+        return first
+    first = first.clone()
+    first[chosen:] = first.shape[-1]
+    return first

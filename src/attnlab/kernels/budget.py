@@ -196,6 +196,7 @@ def budget_select(
     all_partial: bool,
     bands: tuple[torch.Tensor, list] | None = None,
     pairs: torch.Tensor | None = None,
+    rows: int | None = None,
 ) -> tuple:
     """The selection of ``keep_blocks_by_budget`` and the BlockMask lists of
     ``block_mask_from_keep`` (query blocks as tall as key blocks), in one kernel.
@@ -211,6 +212,10 @@ def budget_select(
     each list of kept blocks ascending, then the band's others ascending (full_num None
     under ``all_partial``); with ``pairs`` also the kept pairs, a 0-dim int64 tensor on the
     device (no wait: the accounting of :meth:`attnlab.sparse.SparseRun.flex_attention`).
+    ``rows``: only the first ``rows`` query blocks are selected (the keep-mask's later
+    rows stay False, their lists and kept pairs are neither written nor summed); None:
+    every one. A list's entries after its band are not written (FlexAttention reads a
+    row's first ``num``).
     """
     b, h, m, mk = score.shape
     if m != mk or mk > MAX_BLOCKS:
@@ -228,12 +233,16 @@ def budget_select(
     keep = torch.zeros(b, h, m, mk, dtype=torch.int8, device=dev)
     lists = 1 if all_partial else 2  # no full lists under the model's own mask
     nums = [torch.empty(b, h, m, dtype=torch.int32, device=dev) for _ in range(lists)]
-    # each row writes its band's blocks: the rest of a list is zeros
-    idxs = [torch.zeros(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
-    counts_pairs = pairs is not None  # every row writes its own (the launches cover all)
+    # each row writes its band's blocks, the rest of a list is never read: not cleared
+    idxs = [torch.empty(b, h, m, mk, dtype=torch.int32, device=dev) for _ in range(lists)]
+    counts_pairs = pairs is not None  # every row chosen writes its own
     rows_kept = torch.empty(b, h, m, dtype=torch.int64, device=dev) if counts_pairs else nums[-1]
     pairs = _rows_contiguous(pairs) if counts_pairs else count  # else never read
+    rows = m if rows is None else max(0, min(rows, m))
     for r0, r1, width in launches:
+        r1 = min(r1, rows)
+        if r1 <= r0:
+            continue
         size, warps = launch_shape(width)
         _budget_kernel[(r1 - r0, b * h)](
             score, count, budget, lo, keep, nums[0], idxs[0], nums[-1], idxs[-1], pairs,
@@ -243,7 +252,7 @@ def budget_select(
         )  # fmt: skip
     full = (None, None) if all_partial else (nums[0], idxs[0])
     out = keep.view(torch.bool), (*full, nums[-1], idxs[-1])
-    return (*out, rows_kept.sum()) if counts_pairs else out
+    return (*out, rows_kept[..., :rows].sum()) if counts_pairs else out
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:

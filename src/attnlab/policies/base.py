@@ -96,6 +96,9 @@ class ScoreContext:
     triton: bool = False  # a block policy may score with its Triton kernels (fused prefill)
     # there, the first key block each query block sees (Mq,): before it a kernel may skip
     first_blocks: torch.Tensor | None = None
+    # and the query blocks that choose: those from this one on keep every key they see (a
+    # window's whole rows, run apart), their scores never read; None: every block chooses
+    chosen_blocks: int | None = None
 
     def provide(self, **values: torch.Tensor) -> None:
         """Hand over cached properties computed elsewhere (the attention's own ``scores``,
