@@ -140,7 +140,7 @@ def test_the_fused_prefill_chooses_for_the_rows_before_the_whole_rows_alone(name
     policy = policies.make(name, block_size=bs)
     out = {}
     for chosen in (None, cut):
-        mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE)))
+        mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE), batch_size=1))
         run = sparse.SparseRun(policy, 0.9, whole_prompt=True)
         pairs = mask.block_pairs(bs, torch.device(DEVICE))
         out[chosen] = run.block_mask(0, q, k, 0.25, 2, mask, True, pairs, chosen)
