@@ -61,6 +61,18 @@ def test_coarsen_reads_strided_inputs():
     assert torch.equal(coarsen_max_l2(x, 4), ref.coarsen_max_l2(x, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_norms_kernel_sums_each_tokens_squares(dtype):
+    """The norms by which the scoring path's coarsening ranks tokens on CUDA: a strided
+    input, a head dim that is not a power of two, a ragged last tile of tokens."""
+    from attnlab.kernels.coarsen import squared_norms
+
+    x = _rand(2, 70, 3, 40, seed=4, dtype=dtype).transpose(1, 2)  # (B, H, N, D) view
+    out = squared_norms(x)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 70)
+    torch.testing.assert_close(out, x.float().pow(2).sum(-1), rtol=1e-6, atol=0)
+
+
 def test_reference_coarsens_an_expanded_key_head_once():
     """One key head expanded to four query heads (a view, as a fused prefill passes it):
     the representatives of a contiguous copy, themselves a view of one head's."""

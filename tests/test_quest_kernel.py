@@ -118,12 +118,13 @@ def test_the_fused_prefill_under_a_window_bounds_each_row_s_band(monkeypatch):
     assert torch.equal(keeps[True][clear], keeps[False][clear])
 
 
-@pytest.mark.parametrize("name", ["quest", "cab"])
+@pytest.mark.parametrize("name", ["quest", "cab", "coarse_magnitude"])
 def test_the_fused_prefill_chooses_for_the_rows_before_the_whole_rows_alone(name, monkeypatch):
     """With ``chosen`` (the query blocks before a window's whole rows) the fused selection
     keeps, for those blocks, what it keeps choosing for every block; the later blocks'
-    scores are skipped (their band past the last block) and their rows not chosen, and
-    the kept pairs count every pair those whole rows see."""
+    scores are skipped (their band past the last block; coarse magnitude's rows of A not
+    formed) and their rows not chosen, and the kept pairs count every pair those whole
+    rows see."""
     from tests.test_windows import _recipe
 
     import attnlab.kernels.cab as cab_kernels
@@ -131,9 +132,13 @@ def test_the_fused_prefill_chooses_for_the_rows_before_the_whole_rows_alone(name
     from attnlab.masks import ModelMask
 
     firsts = []
-    spy = {"quest": (kernels, "page_bound"), "cab": (cab_kernels, "cab_scores")}[name]
+    spy = (kernels, "page_bound") if name == "quest" else (cab_kernels, "cab_scores")
     real = getattr(*spy)
-    at = {"quest": lambda kw: kw["bands"][0], "cab": lambda kw: kw["first"]}[name]
+    at = {
+        "quest": lambda kw: kw["bands"][0],
+        "cab": lambda kw: kw["first"],
+        "coarse_magnitude": lambda kw: kw["rows"],
+    }[name]
     monkeypatch.setattr(*spy, lambda *a, **kw: firsts.append(at(kw)) or real(*a, **kw))
     n, bs, w, cut = 1200, 8, 100, 60  # 150 query blocks, the last 90 whole
     q, k = _rand(1, 4, n, 16, seed=17), expand_kv(_rand(1, 2, n, 16, seed=18), 4)
@@ -154,6 +159,9 @@ def test_the_fused_prefill_chooses_for_the_rows_before_the_whole_rows_alone(name
     # the chosen rows' kept pairs, then every pair the whole rows see, in each of 4 heads
     want = (part[0][0, :, :cut].long().sum(0) * pairs[:cut]).sum() + 4 * pairs[cut:].sum()
     assert part[2].item() == want.item()
+    if name == "coarse_magnitude":  # the first cut query blocks' rows of A alone
+        assert firsts == [None, cut]
+        return
     m = n // bs
     assert torch.equal(firsts[1][cut:].cpu(), torch.full((m - cut,), m, dtype=firsts[1].dtype))
     assert torch.equal(firsts[1][:cut].cpu(), firsts[0][:cut].cpu())

@@ -58,6 +58,7 @@ def cab_select(
     select_warps: int = 4,
     coarsen: Callable[[torch.Tensor, int], torch.Tensor] = coarsen_max_l2,
     first: torch.Tensor | None = None,
+    rows: int | None = None,
 ) -> BlockSelection:
     """Score key blocks with CAB and keep the best ones per query block.
 
@@ -81,11 +82,20 @@ def cab_select(
     curvature's tiles left of every band skip their product and hold values no selection
     may read, so the scores count only on each block's band, and only with ``lam = 1``
     (a z-score is affine per row, so the order on the band stays; a blend's would not).
+    ``rows``: with ``lam = 0`` (coarse magnitude, whose query block's scores are its own
+    row of A alone, in either form) only the first ``rows`` query blocks are scored (the
+    score alone, ``keep`` None): their queries alone are coarsened and multiplied, the
+    later rows of the score stay -inf; None: every query block.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if first is not None and lam != 1.0:
         raise ValueError("first (band-only curvature) needs lam = 1")
+    if rows is not None:
+        if lam != 0.0 or keep is not None:
+            raise ValueError("rows (the first query blocks scored alone) needs lam = 0, no keep")
+        # a row of A reads its own block's queries alone (one row at least: no empty grid)
+        q = q[:, :, : max(rows, 1) * block_size]
     kc = coarsen(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
     sweep = dict(
@@ -163,6 +173,7 @@ def cab_scores(
     adjacency: str = "softmax",
     graph: str = "symmetric",
     first: torch.Tensor | None = None,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """CAB's block scores in selection ``form`` from the Triton kernels, no selection:
     (B, H, M, M) float32, -inf beyond each query block (see :func:`cab_select`). The
@@ -171,9 +182,10 @@ def cab_scores(
     are the reference's up to summation order. (A kernel's sum of squares rounds apart
     from PyTorch's, and where the norms nearly tie, as under a QK-norm, another token
     would stand for the block.) ``first``: each query block's first key block; the scores
-    then count on the bands alone (see :func:`cab_select`)."""
+    then count on the bands alone; ``rows``: coarse magnitude's first query blocks scored
+    alone (see :func:`cab_select`)."""
     return cab_select(
         q, k, block_size, scaling, None, form=form, lam=lam, adjacency=adjacency,
         graph=graph, write_score=True, write_mask=False, write_indices=False,
-        precision="ieee", coarsen=reference.coarsen_max_l2, first=first,
+        precision="ieee", coarsen=reference.coarsen_max_l2, first=first, rows=rows,
     ).score  # fmt: skip

@@ -20,6 +20,21 @@ ADJACENCIES = ("softmax", "scores", "dot")
 GRAPHS = ("symmetric", "directed", "rowsum")
 
 
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """Each token's squared L2 norm in float32, x (B, H, N, D) -> (B, H, N): the order by
+    which max-L2 coarsening ranks a block's tokens. PyTorch's ``x.float().pow(2).sum(-1)``
+    off CUDA; on CUDA one Triton kernel (:func:`attnlab.kernels.coarsen.squared_norms`: one
+    pass over x, where PyTorch's makes three over a float32 copy). Each sums in its own
+    order, as PyTorch's own sums do on different devices: where two tokens' norms tie up
+    to rounding, the device decides which stands for the block (a bf16 or fp16 value's
+    square is exact in float32; only the sum rounds)."""
+    if x.is_cuda:
+        from attnlab.kernels.coarsen import squared_norms as on_gpu
+
+        return on_gpu(x)
+    return x.float().pow(2).sum(-1)
+
+
 def coarsen_max_l2(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Represent each block of ``block_size`` tokens by its token of largest L2 norm.
 
@@ -32,7 +47,7 @@ def coarsen_max_l2(x: torch.Tensor, block_size: int) -> torch.Tensor:
         # its representatives once, the same view of them (no float32 copy per head)
         return coarsen_max_l2(x[:, :1], block_size).expand(b, h, m, d)
     pad = m * block_size - n
-    norms = x.float().pow(2).sum(-1)  # (B, H, N)
+    norms = squared_norms(x)  # (B, H, N)
     if pad:
         norms = torch.nn.functional.pad(norms, (0, pad), value=-1.0)
     idx = norms.view(b, h, m, block_size).argmax(-1)  # (B, H, M) first max wins
@@ -212,7 +227,7 @@ def prefix_max_l2_index(x: torch.Tensor, block_size: int) -> torch.Tensor:
     b, h, n, _ = x.shape
     m = n_blocks(n, block_size)
     pad = m * block_size - n
-    norms = x.float().pow(2).sum(-1)  # (B, H, N)
+    norms = squared_norms(x)  # (B, H, N)
     if pad:
         norms = torch.nn.functional.pad(norms, (0, pad), value=-1.0)
     norms = norms.view(b, h, m, block_size)

@@ -37,7 +37,7 @@ def _zscore(x, causal, cnt):
 def _score_select_kernel(
     src_ptr, a_ptr, score_ptr, keep_ptr, must_ptr, mask_ptr,
     full_num_ptr, full_idx_ptr, part_num_ptr, part_idx_ptr,
-    M, Mg, g_offset, lam,
+    M, Mq, Mg, g_offset, lam,
     s_src_bh, s_src_m, s_a_bh, s_a_m, s_sc_bh, s_sc_m,
     s_must_g, s_mask_bh, s_mask_g, s_idx_bh, s_idx_g,
     G: tl.constexpr, G_POW2: tl.constexpr, BLOCK: tl.constexpr,
@@ -51,7 +51,7 @@ def _score_select_kernel(
     in_m = cols < M
     r = tl.arange(0, G_POW2)
     rows = g * G + r  # the score rows pooled into this query block
-    row_ok = (r < G) & (rows < M)
+    row_ok = (r < G) & (rows < Mq)
     tile_ok = row_ok[:, None] & in_m[None, :]  # (G_POW2, BLOCK)
     if FROM_SCORE:
         ptrs = src_ptr + bh * s_src_bh + rows[:, None] * s_src_m + cols[None, :]
@@ -168,7 +168,9 @@ def score_and_select(
     num_warps: int = 4,
     band_floor: int = 128,
 ) -> BlockSelection:
-    """Run the fused score and top-k kernel on (B, H, M, M) rows.
+    """Run the fused score and top-k kernel on (B, H, M, M) rows, or on the first Mq rows
+    of a score alone: ``src`` (and ``a``) (B, H, Mq, M), Mq <= M, where only the scores
+    are written (the score's later rows stay -inf).
 
     With ``from_score=True``, ``src`` is a ready score (-inf where not allowed) and is
     selected as it is. Otherwise ``src`` is the curvature F (read on and below the
@@ -181,9 +183,11 @@ def score_and_select(
     pooled by the max of their scores before the top-k. Launches are banded by row
     length, so that a query block near the start holds a short row, not all M columns.
     """
-    b, h, m, _ = src.shape
+    b, h, mq, m = src.shape
     mg = triton.cdiv(m, q_group)
     dev = src.device
+    if mq > m or (mq < m and (write_mask or write_indices or from_score or q_group != 1)):
+        raise ValueError(f"{mq} of {m} rows: only a score from F or A may leave rows out")
     use_f = not from_score and lam != 0.0
     use_a = not from_score and lam != 1.0
     if use_a and a is None:
@@ -217,13 +221,15 @@ def score_and_select(
     dummy = src
     a_arg = a.contiguous() if use_a else dummy
     for g0, g1, block in _bands(m, mg, q_group, from_score, band_floor):
+        if (g1 := min(g1, mq)) <= g0:  # q_group 1 where rows are left out
+            continue
         _score_select_kernel[(g1 - g0, b * h)](
             src, a_arg, score if score is not None else dummy, keep,
             must if must is not None else keep, mask if mask is not None else dummy,
             full_num if write_indices else keep, full_idx if write_indices else keep,
             part_num if write_indices else keep, part_idx if write_indices else keep,
-            m, mg, g0, float(lam),
-            m * m, m, m * m, m, m * m, m,
+            m, mq, mg, g0, float(lam),
+            mq * m, m, mq * m, m, m * m, m,
             m, mg * m, m, mg * m, m,
             G=q_group, G_POW2=triton.next_power_of_2(q_group), BLOCK=block,
             FROM_SCORE=from_score, USE_F=use_f, USE_A=use_a,

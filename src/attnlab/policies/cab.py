@@ -123,11 +123,14 @@ class CAB(BlockPolicy):
             # pure curvature skips the products left of a window's bands (per-row
             # z-scores keep the bands' order), a blend with A reads whole rows
             first = ctx.first_blocks if self.lam == 1.0 else None
+            # coarse magnitude: a query block's scores are its own row of A, so the rows
+            # that keep what they see (a window's whole rows) are not scored
+            chosen = ctx.chosen_blocks if self.lam == 0.0 else None
             # the keys expanded to the query heads, as the reference coarsens them: the
             # same representatives bit for bit (cab_scores)
             score = cab_scores(
                 ctx.q, ctx.k, self.block_size, ctx.scaling, form, lam=self.lam,
-                adjacency=self.adjacency, graph=self.graph, first=first,
+                adjacency=self.adjacency, graph=self.graph, first=first, rows=chosen,
             )  # fmt: skip
         elif form != "prompt" or self.query != "block" or self.blends_other:
             return super().block_scores(ctx, rows, form)
