@@ -179,11 +179,11 @@ def cab_scores(
     (B, H, M, M) float32, -inf beyond each query block (see :func:`cab_select`). The
     scoring path's predictor on the GPU: float32 A and products, and the
     blocks' representatives chosen by the reference's own coarsening, so that the scores
-    are the reference's up to summation order. (A kernel's sum of squares rounds apart
-    from PyTorch's, and where the norms nearly tie, as under a QK-norm, another token
-    would stand for the block.) ``first``: each query block's first key block; the scores
-    then count on the bands alone; ``rows``: coarse magnitude's first query blocks scored
-    alone (see :func:`cab_select`)."""
+    are the reference's up to summation order. (The coarsening kernel's sum of squares
+    rounds apart from the norms the reference reads, and where they nearly tie, as under
+    a QK-norm, another token would stand for the block.) ``first``: each query block's
+    first key block; the scores then count on the bands alone; ``rows``: coarse
+    magnitude's first query blocks scored alone (see :func:`cab_select`)."""
     return cab_select(
         q, k, block_size, scaling, None, form=form, lam=lam, adjacency=adjacency,
         graph=graph, write_score=True, write_mask=False, write_indices=False,
