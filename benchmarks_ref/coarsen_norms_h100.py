@@ -1,6 +1,6 @@
 """Check and microbench: the squared norms by which max-L2 coarsening ranks a block's tokens
 on CUDA, from the Triton kernel (``kernels.coarsen.squared_norms``, what the scoring path
-reads) against PyTorch's ``x.float().pow(2).sum(-1)`` (what it read before).
+reads) against PyTorch's ``x.float().pow(2).sum(-1)`` (the reference's off CUDA).
 
 Check: on every prompt of a prompts table (the long-context study's 15), every layer of
 Gemma-3-270M, its post-RoPE queries and keys as attnlab's attention sees them, blocks of
@@ -8,9 +8,10 @@ Gemma-3-270M, its post-RoPE queries and keys as attnlab's attention sees them, b
 representatives of every row (``reference.prefix_max_l2_index``, the cache regime's own
 block) from either norm, counted where they differ. Timing: the coarsening of one layer's
 queries (4 heads) and its one key head expanded, at the prompt's length, medians of 30
-CUDA-event timings. Run from the repository root:
+CUDA-event timings. Run as:
 
-PYTHONPATH=src python benchmarks_ref/coarsen_norms_h100.py results/niah/gemma3-270m/prompts.parquet
+cd benchmarks_ref && PYTHONPATH=../src python coarsen_norms_h100.py \
+    ../results/niah/gemma3-270m/prompts.parquet
 """
 
 import sys

@@ -118,6 +118,28 @@ def test_the_fused_prefill_under_a_window_bounds_each_row_s_band(monkeypatch):
     assert torch.equal(keeps[True][clear], keeps[False][clear])
 
 
+def test_rows_too_long_for_the_budget_kernel_choose_every_block(monkeypatch):
+    """Where a row has more key blocks than one program holds the selection falls back to
+    PyTorch, which chooses for every query block: coarse magnitude then scores them all,
+    whatever ``chosen`` the fused path would have cut at."""
+    from tests.test_windows import _recipe
+
+    import attnlab.kernels.budget as budget
+    from attnlab.masks import ModelMask
+
+    monkeypatch.setattr(budget, "MAX_BLOCKS", 64)  # 150 blocks: too long for one program
+    n, bs, w, cut = 1200, 8, 100, 60
+    q, k = _rand(1, 4, n, 16, seed=17), expand_kv(_rand(1, 2, n, 16, seed=18), 4)
+    policy = policies.make("coarse_magnitude", block_size=bs)
+    out = {}
+    for chosen in (None, cut):
+        mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE), batch_size=1))
+        run = sparse.SparseRun(policy, 0.9, whole_prompt=True)
+        pairs = mask.block_pairs(bs, torch.device(DEVICE))
+        out[chosen] = run.block_mask(0, q, k, 0.25, 2, mask, True, pairs, chosen)[0]
+    assert torch.equal(out[cut], out[None]) and out[None][..., cut:, :].any()
+
+
 @pytest.mark.parametrize("name", ["quest", "cab", "coarse_magnitude"])
 def test_the_fused_prefill_chooses_for_the_rows_before_the_whole_rows_alone(name, monkeypatch):
     """With ``chosen`` (the query blocks before a window's whole rows) the fused selection

@@ -276,6 +276,7 @@ class SparseRun(BlockPrefill):
 
             fused = count.shape[-1] <= MAX_BLOCKS  # else a row too long for one program
         chosen = ctx.chosen_blocks if fused else None  # the query blocks that choose
+        ctx.chosen_blocks = chosen  # as the policy's scores read it (none on the PyTorch path)
         if fused:  # a causal prefill's and a plain window's bands are made on the host,
             # others read; a policy's kernels may skip what lies before a block's band,
             # and every block of the rows that keep what they see (a band past the last)

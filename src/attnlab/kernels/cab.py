@@ -84,16 +84,19 @@ def cab_select(
     (a z-score is affine per row, so the order on the band stays; a blend's would not).
     ``rows``: with ``lam = 0`` (coarse magnitude, whose query block's scores are its own
     row of A alone, in either form) only the first ``rows`` query blocks are scored (the
-    score alone, ``keep`` None): their queries alone are coarsened and multiplied, the
-    later rows of the score stay -inf; None: every query block.
+    score alone: ``keep`` None, ``write_score`` alone): their queries alone are coarsened
+    and multiplied, the later rows of the score stay -inf (``rows = 0`` scores block 0
+    still: no empty grid); None: every query block.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if first is not None and lam != 1.0:
         raise ValueError("first (band-only curvature) needs lam = 1")
     if rows is not None:
-        if lam != 0.0 or keep is not None:
-            raise ValueError("rows (the first query blocks scored alone) needs lam = 0, no keep")
+        if lam != 0.0 or keep is not None or write_mask or write_indices:
+            raise ValueError(
+                "rows (the first query blocks scored alone) needs lam = 0 and the score alone"
+            )
         # a row of A reads its own block's queries alone (one row at least: no empty grid)
         q = q[:, :, : max(rows, 1) * block_size]
     kc = coarsen(k, block_size)  # (B, Hkv, M, D)
@@ -179,9 +182,9 @@ def cab_scores(
     (B, H, M, M) float32, -inf beyond each query block (see :func:`cab_select`). The
     scoring path's predictor on the GPU: float32 A and products, and the
     blocks' representatives chosen by the reference's own coarsening, so that the scores
-    are the reference's up to summation order. (The coarsening kernel's sum of squares
-    rounds apart from the norms the reference reads, and where they nearly tie, as under
-    a QK-norm, another token would stand for the block.) ``first``: each query block's
+    are the reference's up to summation order. (The coarsening kernel sums each token's
+    squares in its own order, and where norms nearly tie, as under a QK-norm, another
+    token could stand for the block.) ``first``: each query block's
     first key block; the scores then count on the bands alone; ``rows``: coarse
     magnitude's first query blocks scored alone (see :func:`cab_select`)."""
     return cab_select(

@@ -23,15 +23,19 @@ GRAPHS = ("symmetric", "directed", "rowsum")
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
     """Each token's squared L2 norm in float32, x (B, H, N, D) -> (B, H, N): the order by
     which max-L2 coarsening ranks a block's tokens. PyTorch's ``x.float().pow(2).sum(-1)``
-    off CUDA; on CUDA one Triton kernel (:func:`attnlab.kernels.coarsen.squared_norms`: one
-    pass over x, where PyTorch's makes three over a float32 copy). Each sums in its own
-    order, as PyTorch's own sums do on different devices: where two tokens' norms tie up
-    to rounding, the device decides which stands for the block (a bf16 or fp16 value's
-    square is exact in float32; only the sum rounds)."""
+    off CUDA (and without Triton); on CUDA one Triton kernel
+    (:func:`attnlab.kernels.coarsen.squared_norms`: one pass over x, where PyTorch's makes
+    three over a float32 copy). Each sums in its own order, as PyTorch's own sums do on
+    different devices: where two tokens' norms tie up to rounding, the device decides
+    which stands for the block (a bf16 or fp16 value's square is exact in float32; only
+    the sum rounds)."""
     if x.is_cuda:
-        from attnlab.kernels.coarsen import squared_norms as on_gpu
-
-        return on_gpu(x)
+        try:  # Triton is the ``gpu`` extra
+            from attnlab.kernels.coarsen import squared_norms as on_gpu
+        except ImportError:
+            pass
+        else:
+            return on_gpu(x)
     return x.float().pow(2).sum(-1)
 
 

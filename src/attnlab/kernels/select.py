@@ -186,12 +186,16 @@ def score_and_select(
     b, h, mq, m = src.shape
     mg = triton.cdiv(m, q_group)
     dev = src.device
-    if mq > m or (mq < m and (write_mask or write_indices or from_score or q_group != 1)):
+    if mq > m:
+        raise ValueError(f"src has {mq} rows of {m} blocks: at most {m}")
+    if mq < m and (write_mask or write_indices or from_score or q_group != 1):
         raise ValueError(f"{mq} of {m} rows: only a score from F or A may leave rows out")
     use_f = not from_score and lam != 0.0
     use_a = not from_score and lam != 1.0
     if use_a and a is None:
         raise ValueError("lam < 1 needs the adjacency a")
+    if use_a and a.shape != src.shape:
+        raise ValueError(f"a {tuple(a.shape)} must have src's shape {tuple(src.shape)}")
     select = write_mask or write_indices
     if not select and not write_score:
         raise ValueError("nothing to write: ask for the score, the mask or the lists")
