@@ -229,16 +229,18 @@ def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
 @pytest.mark.parametrize("adjacency", ["softmax", "scores"])
 def test_coarse_magnitude_scores_the_first_rows_alone(form, adjacency):
     """``rows`` (lam = 0: a query block's scores are its own row of A): the first rows'
-    scores equal the whole computation's bit for bit, the later rows are -inf, whatever
-    the count (none, one, all, past the last; a ragged last block)."""
-    n, bs = 300, 8  # 38 blocks, the last of 4 tokens
+    scores equal the whole computation's bit for bit (on a GPU too: one strip of the
+    adjacency's rows at least, tiled as the whole grid's), the later rows are -inf,
+    whatever the count (none, one, all, past the last; a ragged last block)."""
+    n, bs = 700, 8  # 88 blocks, the last of 4 tokens
     q, k = _rand(1, 2, n, 16, seed=13), _rand(1, 1, n, 16, seed=14)
     m = -(-n // bs)
     kw = dict(form=form, lam=0.0, adjacency=adjacency, write_score=True, write_indices=False)
+    kw["adjacency_blocks"] = (16, 64)  # strips of 16 rows
     whole = cab_select(q, k, bs, 0.25, None, **kw).score
     for rows in (0, 1, 17, m - 1, m, m + 3):
         part = cab_select(q, k, bs, 0.25, None, rows=rows, **kw).score
-        r = min(max(rows, 1), m)  # block 0 is scored even for none
+        r = min(max(rows, 16), m)  # one strip of rows at least
         assert torch.equal(part[..., :r, :], whole[..., :r, :]), rows
         assert bool((part[..., r:, :] == -torch.inf).all()), rows
     with pytest.raises(ValueError, match="lam = 0"):

@@ -85,8 +85,9 @@ def cab_select(
     ``rows``: with ``lam = 0`` (coarse magnitude, whose query block's scores are its own
     row of A alone, in either form) only the first ``rows`` query blocks are scored (the
     score alone: ``keep`` None, ``write_score`` alone): their queries alone are coarsened
-    and multiplied, the later rows of the score stay -inf (``rows = 0`` scores block 0
-    still: no empty grid); None: every query block.
+    and multiplied (one strip of ``adjacency_blocks[0]`` rows at least: their scores
+    then equal the whole grid's bit for bit), the later rows of the score stay -inf;
+    None: every query block.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -97,8 +98,9 @@ def cab_select(
             raise ValueError(
                 "rows (the first query blocks scored alone) needs lam = 0 and the score alone"
             )
-        # a row of A reads its own block's queries alone (one row at least: no empty grid)
-        q = q[:, :, : max(rows, 1) * block_size]
+        # a row of A reads its own block's queries alone; one strip of rows at least, so
+        # that the products tile (and round) as the whole grid's, bit for bit
+        q = q[:, :, : max(rows, adjacency_blocks[0], 1) * block_size]
     kc = coarsen(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
     sweep = dict(
