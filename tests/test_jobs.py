@@ -132,8 +132,9 @@ def test_a_benchmark_by_hand_reads_the_options_it_shares_with_the_pipeline(tmp_p
         cwd=tmp_path,
     )
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
-    assert "give --sparsities, --threads, --device, --dtype, or run from the workflow" in (
-        proc.stderr
+    assert (
+        "give --sparsities, --threads, --device, --dtype, --row-chunk, or run from the workflow"
+        in proc.stderr
     )
 
 

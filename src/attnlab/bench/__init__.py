@@ -52,7 +52,7 @@ _MODEL_JOB = {
     "dtype": "dtype",
 }
 CONFIG_KEYS = {
-    "prefill": _MODEL_JOB,
+    "prefill": {**_MODEL_JOB, "row_chunk": "niah.row_chunk"},
     "generate": _MODEL_JOB,
     "capture": {
         "models": "models",

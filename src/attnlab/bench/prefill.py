@@ -215,7 +215,7 @@ def model_arguments(p: argparse.ArgumentParser, table: str, rep_ms: float, min_r
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``attnlab bench prefill``."""
     model_arguments(p, "prefill", rep_ms=3000.0, min_reps=3)
-    p.add_argument("--row-chunk", type=int, default=0, help="rows per call, token policies")
+    p.add_argument("--row-chunk", type=int)  # a token policy's rows per call, as scored
     p.add_argument(
         "--policy-params",
         type=json.loads,
