@@ -130,10 +130,11 @@ class BlockPrefill:
         self.took(kernel + (", fused selection" if lists is not None else ""), t)
         recall = self.records and layer not in self.recorder.recall_sums
         watching = len(self.recorder.watch) > 0
-        if (recall or watching) and chosen is not None:  # the last row's kept keys (B, H, T)
-            last = shown.expand(b, h, t)  # a whole row: every key it sees
-        elif recall or watching:
-            last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown
+        if recall or watching:  # the last row's kept keys (B, H, T)
+            if chosen is not None:  # a whole row (not chosen): every key it sees
+                last = shown.expand(b, h, t)
+            else:
+                last = keep[:, :, -1].repeat_interleave(bs, -1)[..., :t] & shown
         if recall:
             budget = row_budget(torch.full((1,), t, device=query.device), self.sparsity)
             self.recorder.record_recall(  # the keys repeated, as every path records them
