@@ -15,9 +15,9 @@ lies above a threshold, then the blocks at the threshold, earliest first, while 
 The threshold is found by a binary search over the 2^32 integer orders (33 halvings, each
 a masked sum over the row: fewer steps than a bitonic sort's 66 at 2048 blocks, each one
 reduction where a sort's stages exchange the row's elements), the ties by a prefix sum.
-A row of at most ``RANK_MAX`` blocks (a window's band) needs no search: each block fits
-where the keys of the blocks before it in the sorted row (higher orders, and equal ones
-to its left), every pair of the row compared at once, and its own fit; the same
+A row of at most ``RANK_MAX`` blocks (a window's band) needs no search: a block fits where
+its keys and those of the blocks before it in the sorted row (higher orders, and equal
+ones to its left) fit the budget, every pair of the row compared at once; the same
 prefix, in one reduction where the search takes 33 in sequence. The program writes the
 keep-mask in column order and the lists from running counts: kept blocks ascending
 (strictly left of the diagonal "full", the diagonal "partial"; every kept block partial
