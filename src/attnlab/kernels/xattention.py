@@ -2,12 +2,16 @@
 
 One program takes scored rows of a whole prefill (``G``, :func:`launch_tiles`) and the
 strided queries each sums (a range of at most block_size / stride, see
-``XAttention.shares``), and sweeps their causal
-strided keys twice, flash-attention style: once for each strided query's softmax maximum
-and sum (over every causal strided key, as the estimate is defined), once to add its
-probabilities into key blocks, from the first key block the row can keep on (a sliding
-window's edge: the blocks before it are left 0). The (T / S) x (T / S) estimate, its
-softmax and its running sums over queries are never written.
+``XAttention.shares``), and sweeps their causal strided keys once, flash-attention style:
+each strided query's softmax maximum and sum run over every causal strided key (as the
+estimate is defined), and from the key tile of the first key block the row can keep on (a
+sliding window's edge: the blocks before it are left 0) each tile's exponentials, taken
+against the running maximum, are summed into key blocks per strided query and set aside
+with that maximum. At the end each query's sums are rescaled to its final maximum and sum
+and added over the row's queries: no second sweep recomputes the products once the maxima
+are known (a causal layer's products twice), at the cost of a float set aside per strided
+query and key block (16 MiB at 32k tokens, 4 heads, stride 8, 128-token blocks). The
+(T / S) x (T / S) estimate and its softmax are never written.
 """
 
 from __future__ import annotations
@@ -52,14 +56,17 @@ def _estimate(
 
 @triton.jit
 def _block_share_kernel(
-    q_ptr, k_ptr, lo_ptr, hi_ptr, first_ptr, out_ptr,
+    q_ptr, k_ptr, lo_ptr, hi_ptr, first_ptr, out_ptr, u_ptr, mt_ptr,
     R, H, GROUPS, T, Tk, NK, MK, D, scaling,
-    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, so_bh, so_r,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, so_bh, so_r, su_p, su_i, smt_p, smt_i,
     S: tl.constexpr, PER: tl.constexpr, G: tl.constexpr, BI: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # G rows a program, so that the strided keys stream past G * BI strided queries at once
-    rr = tl.program_id(0) * G + tl.arange(0, G)
+    # one sweep: each key tile's exponentials, taken against the running maximum, summed
+    # into key blocks per strided query and kept aside with that maximum; at the end each
+    # query's sums rescaled to its final maximum and total, summed over the row's queries
+    pid = tl.program_id(0)
+    rr = pid * G + tl.arange(0, G)
     bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
     b = bh // H
     h = bh % H
@@ -72,6 +79,11 @@ def _block_share_kernel(
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + (h // GROUPS) * sk_h
     stop = tl.minimum(tl.max(hi, axis=0), NK)  # strided keys up to the last query's own
+    first = tl.min(tl.load(first_ptr + rr, mask=r_ok, other=MK), axis=0)
+    j_first = (first * PER // BN) * BN  # the key tile of the rows' first key block
+    loc = tl.arange(0, G * BI)
+    u_base = u_ptr + (bh * tl.num_programs(0) + pid) * su_p
+    mt_base = mt_ptr + (bh * tl.num_programs(0) + pid) * smt_p
     m_i = tl.full((G * BI,), float("-inf"), tl.float32)
     l_i = tl.zeros((G * BI,), tl.float32)
     for j0 in range(0, stop, BN):
@@ -82,22 +94,24 @@ def _block_share_kernel(
         est = tl.where(causal, est, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(est, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(est - m_safe[:, None]), axis=1)
+        e = tl.exp(est - m_safe[:, None])
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(e, axis=1)
         m_i = m_new
+        if j0 >= j_first:
+            kb = j0 // PER + tl.arange(0, BN // PER)
+            u = tl.sum(tl.reshape(e, (G * BI, BN // PER, PER)), axis=2)
+            tl.store(u_base + loc[:, None] * su_i + kb[None, :], u)
+            tl.store(mt_base + loc * smt_i + j0 // BN, m_safe)
+    tl.debug_barrier()  # the sums above, written by this program's threads, read below
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    # the probabilities from the key tile of the rows' first key block on: the same tiles,
-    # so the same sums, as a sweep from 0 gives those blocks
-    first = tl.min(tl.load(first_ptr + rr, mask=r_ok, other=MK), axis=0)
-    for j0 in range((first * PER // BN) * BN, stop, BN):
-        jj = j0 + tl.arange(0, BN)
-        est = _estimate(q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d,
-                        scaling, S, G * BI, BN, BD, DP, PRECISION)  # fmt: skip
-        causal = (jj[None, :] <= ii[:, None]) & (jj < NK)[None, :] & row_ok[:, None]
-        p = tl.where(causal, tl.exp(est - m_safe[:, None]) / l_safe[:, None], 0.0)
-        per_row = tl.sum(tl.reshape(p, (G, BI, BN)), axis=1)  # (G, BN)
-        blocks = tl.sum(tl.reshape(per_row, (G, BN // PER, PER)), axis=2)
+    for j0 in range(j_first, stop, BN):
         kb = j0 // PER + tl.arange(0, BN // PER)
+        u = tl.load(u_base + loc[:, None] * su_i + kb[None, :])
+        mt = tl.load(mt_base + loc * smt_i + j0 // BN)
+        scale = tl.where(row_ok, tl.exp(mt - m_safe) / l_safe, 0.0)
+        p = u * scale[:, None]
+        blocks = tl.sum(tl.reshape(p, (G, BI, BN // PER)), axis=1)  # (G, BN / PER)
         ptrs = out_ptr + bh * so_bh + rr[:, None] * so_r + kb[None, :]
         tl.store(ptrs, blocks, mask=r_ok[:, None] & (kb < MK)[None, :])
 
@@ -145,11 +159,18 @@ def block_shares(
     tiles, stages = launch_tiles(d, stride, per, nk, precision, block_n, rows_per_program)
     out = torch.zeros(b * h, rows, mk, dtype=torch.float32, device=q.device)
     first = torch.zeros_like(lo) if first is None else first
-    _block_share_kernel[(triton.cdiv(rows, tiles["G"]), b * h)](
+    progs, rows_at = triton.cdiv(rows, tiles["G"]), tiles["G"] * tiles["BI"]
+    n_tiles = triton.cdiv(nk, tiles["BN"])
+    # each program's strided queries' sums per key block, and the maximum they were taken
+    # against per key tile (the tiles before the rows' first block's are never written)
+    u = torch.empty(b * h, progs, rows_at, n_tiles * tiles["BN"] // per, device=q.device)
+    mt = torch.empty(b * h, progs, rows_at, n_tiles, device=q.device)
+    _block_share_kernel[(progs, b * h)](
         q, k, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(),
-        first.to(torch.int32).contiguous(), out,
+        first.to(torch.int32).contiguous(), out, u, mt,
         rows, h, h // hkv, t, tk, nk, mk, d, float(scaling),
         *q.stride(), *k.stride(), out.stride(0), out.stride(1),
+        u.stride(1), u.stride(2), mt.stride(1), mt.stride(2),
         **tiles, num_warps=num_warps, num_stages=stages,
     )  # fmt: skip
     return out.view(b, h, rows, mk)
@@ -170,8 +191,9 @@ def launch_tiles(
     tiles whatever the head dim. On the tensor cores (bf16, fp16) rows share a program
     (``G``) until it holds 64 strided queries, the tile a warp group multiplies, and each
     strided key read meets them all, 128 keys a step (at Gemma-3-270M's shapes on an H100,
-    benchmarks_ref/xattention_estimate_h100.txt: 1.64 ms a global layer at 32k where 64
-    keys a step took 2.29 and the whole head dim at once, 32 queries a program, 3.61);
+    benchmarks_ref/xattention_estimate_h100.txt, timed with two sweeps at 1317760: 1.64 ms
+    a global layer at 32k where 64 keys a step took 2.29 and the whole head dim at once,
+    32 queries a program, 3.61);
     float32 tiles (the interpreter's, ``ieee``) take one row and at most 32 keys."""
     bi = max(16, triton.next_power_of_2(per))
     if precision == "ieee":
