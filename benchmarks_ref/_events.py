@@ -1,9 +1,27 @@
 """The timing loop of the benchmarks_ref microbenchmarks: the median of CUDA-event times of
 ``reps`` launches after 3 warm-ups (no L2 flush between them, unlike attnlab's
-``bench.timing.median_ms``). Imported by the scripts beside it, run from the repository
-root as ``python benchmarks_ref/<script>.py``."""
+``bench.timing.median_ms``), and a module as a commit had it. Imported by the scripts
+beside it, run from the repository root as ``python benchmarks_ref/<script>.py``."""
+
+import importlib.util
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
+
+
+def module_at(commit: str, path: str, file: str | None = None):
+    """The module ``path`` (e.g. src/attnlab/kernels/xattention.py) as ``commit`` had it,
+    from git, or from ``file`` where given (a checkout without that commit); loaded from a
+    file, since Triton reads a kernel's source."""
+    if file is None:
+        file = Path(tempfile.mkdtemp()) / Path(path).name
+        file.write_bytes(subprocess.check_output(["git", "show", f"{commit}:{path}"]))
+    spec = importlib.util.spec_from_file_location(f"{Path(path).stem}_{commit}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def median_event_ms(fn, reps: int = 30) -> float:
