@@ -1,7 +1,8 @@
 """The timing loop of the benchmarks_ref microbenchmarks: the median of CUDA-event times of
 ``reps`` launches after 3 warm-ups (no L2 flush between them, unlike attnlab's
-``bench.timing.median_ms``), and a module as a commit had it. Imported by the scripts
-beside it, run from the repository root as ``python benchmarks_ref/<script>.py``."""
+``bench.timing.median_ms``), the profiler's GPU time of named kernels, and a module as a
+commit had it. Imported by the scripts beside it, run from the repository root as
+``python benchmarks_ref/<script>.py``."""
 
 import importlib.util
 import subprocess
@@ -9,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def module_at(commit: str, path: str, file: str | None = None):
@@ -37,3 +39,18 @@ def median_event_ms(fn, reps: int = 30) -> float:
         torch.cuda.synchronize()
         ts.append(a.elapsed_time(b))
     return sorted(ts)[len(ts) // 2]
+
+
+def kernel_ms(fn, match: str, reps: int = 20) -> float:
+    """The profiler's GPU time per call of the kernels whose name holds ``match`` ("" for
+    every kernel), over ``reps`` calls after 3 warm-ups: no host time in it."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    gpu = [e.device_time for e in prof.events() if e.device_type == cuda and match in e.name]
+    return sum(gpu) / 1e3 / reps

@@ -11,8 +11,7 @@ PYTHONPATH=src python benchmarks_ref/xattention_sweeps_h100.py 32768 [old.py]"""
 import sys
 
 import torch
-from _events import median_event_ms, module_at
-from torch.profiler import ProfilerActivity, profile
+from _events import kernel_ms, median_event_ms, module_at
 
 from attnlab.kernels import xattention as new
 
@@ -24,21 +23,6 @@ torch.manual_seed(0)
 q = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16)
 k = torch.randn(1, 1, T, D, device=dev, dtype=torch.bfloat16)
 sc = D**-0.5
-
-
-def kernel_ms(fn, reps=20):
-    """The profiler's GPU time of the estimate kernel per call (no host time)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    events = prof.events()
-    cuda = torch.autograd.DeviceType.CUDA
-    gpu = [e.device_time for e in events if e.device_type == cuda and "share" in e.name]
-    return sum(gpu) / 1e3 / reps
 
 
 mq, per = T // BS, BS // ST
@@ -56,7 +40,7 @@ for fb, name in ((None, "causal"), (xf, "window")):
     times = []
     for mod in (old, new):
         fn = lambda mod=mod, fb=fb: mod.block_shares(q, k, lo, hi, ST, BS, sc, first=fb)  # noqa: E731
-        times += [median_event_ms(fn, 20), kernel_ms(fn)]
+        times += [median_event_ms(fn, 20), kernel_ms(fn, "share")]
     print(
         f"{name}: two sweeps {times[0]:.3f} ms (kernel {times[1]:.3f}) | one sweep"
         f" {times[2]:.3f} ms (kernel {times[3]:.3f}) | max rel diff {e:.1e}",
