@@ -128,6 +128,22 @@ def test_forman_ricci_of_a_small_graph_follows_the_definition(graph):
     torch.testing.assert_close(f, expected, **F_TOL)
 
 
+@pytest.mark.parametrize("graph", ["directed", "symmetric"])
+def test_curvature_tiles_cover_the_lower_triangle_once_longest_loop_first(graph):
+    """Each graph's launch order holds every lower tile once, its longest k-loops first:
+    i - j for the directed graph (k from j to i), the row for the symmetric one (every k,
+    or every k up to i in the causal form)."""
+    from attnlab.kernels.curvature import _lower_tiles
+
+    ti, tj = (t.tolist() for t in _lower_tiles(7, torch.device("cpu"), graph))
+    pairs = list(zip(ti, tj, strict=True))
+    assert sorted(pairs) == [(i, j) for i in range(7) for j in range(i + 1)]
+    loop = [i - j if graph == "directed" else i for i, j in pairs]
+    assert loop == sorted(loop, reverse=True)
+    if graph == "symmetric":  # a row's tiles from its diagonal leftwards (a window's first)
+        assert pairs[:3] == [(6, 6), (6, 5), (6, 4)]
+
+
 def _scores(m, seed):
     s = _rand(1, 2, m, m, seed=seed)
     s[..., 4] = s[..., 2]  # ties between key blocks
