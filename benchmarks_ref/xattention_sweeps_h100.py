@@ -23,8 +23,6 @@ torch.manual_seed(0)
 q = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16)
 k = torch.randn(1, 1, T, D, device=dev, dtype=torch.bfloat16)
 sc = D**-0.5
-
-
 mq, per = T // BS, BS // ST
 lo = torch.arange(mq, device=dev) * per
 hi = lo + per
