@@ -350,3 +350,40 @@ def test_on_the_gpu_whole_window_tiles_keep_the_logits_of_tiles_of_the_block(nam
     torch.testing.assert_close(logits["whole"], logits["block"], rtol=1e-4, atol=1e-4)
     sparsity = {r.recorder.achieved_sparsity for r in runs.values()}
     assert len(sparsity) == 1
+
+
+def test_launch_settings_go_with_their_tiles_alone():
+    """16-row tiles launch in ``SMALL_TILE_WARPS`` warps, wider ones in flex's default;
+    a dense pattern's fewer stages are for heads of 129-256 channels alone."""
+    assert flex.kernel_options(16, 16) == {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2}
+    assert "num_warps" not in flex.kernel_options(64, 16)
+    assert flex.kernel_options(128, 64) == {"BLOCK_N": 64}
+    assert flex.dense_options(256) == {"num_stages": 2}
+    assert flex.dense_options(128) is None and flex.dense_options(512) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"),
+    reason="needs CUDA and TRITON_INTERPRET=0",
+)
+@pytest.mark.parametrize("d", [64, 256])
+def test_on_the_gpu_launch_settings_give_the_default_s_output_bit_for_bit(d):
+    """The compiled kernel in ``kernel_options``' warps and ``dense_options``' stages
+    gives exactly the output of flex's defaults for the same tiles: a block-sparse
+    selection of 16-token blocks and a sliding window in 128-token blocks, bf16, GQA."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from attnlab.windows import window_mask_mod
+
+    n, scaling = 1024, d**-0.5
+    q, k, v = (x.bfloat16() for x in _qkv(n, heads=4, kv_heads=1, d=d, seed=3))
+    g = torch.Generator().manual_seed(4)
+    keep = (torch.rand(1, 4, n // 16, n // 16, generator=g) < 0.2).to(DEVICE)
+    blocks = block_mask_from_keep(keep, 16, n)
+    tuned = flex.run_flex(q, k, v, blocks, scaling, flex.kernel_options(16, 16))
+    default = flex.run_flex(q, k, v, blocks, scaling, {"BLOCK_M": 16, "BLOCK_N": 16})
+    assert torch.equal(tuned, default)
+    window = create_block_mask(window_mask_mod(100), 1, 1, n, n, device=DEVICE, BLOCK_SIZE=128)
+    tuned = flex.run_flex(q, k, v, window, scaling, flex.dense_options(d))
+    assert torch.equal(tuned, flex.run_flex(q, k, v, window, scaling))

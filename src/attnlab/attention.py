@@ -190,12 +190,10 @@ def _fused_kernel(query, key, value, attention_mask, scaling, keep, module):
     elif tq == tk and _causal(attention_mask, tq, module):
         out, kernel = sdpa(query, key, value, is_causal=True, scale=scaling, **gqa), "sdpa causal"
     elif _window_flex(attention_mask, query, tq, tk):
-        from attnlab.flex import run_flex
+        from attnlab.flex import dense_options, run_flex
 
-        out, kernel = (
-            run_flex(query, key, value, attention_mask.block_mask(query.device), scaling),
-            "flex model mask",
-        )
+        blocks, options = attention_mask.block_mask(query.device), dense_options(query.shape[-1])
+        out, kernel = run_flex(query, key, value, blocks, scaling, options), "flex model mask"
     else:
         visible = visible_mask(attention_mask, tq, tk, query.device)
         out, kernel = (
