@@ -353,10 +353,12 @@ def test_on_the_gpu_whole_window_tiles_keep_the_logits_of_tiles_of_the_block(nam
 
 
 def test_launch_settings_go_with_their_tiles_alone():
-    """16-row tiles launch in ``SMALL_TILE_WARPS`` warps, wider ones in flex's default;
-    a dense pattern's fewer stages are for heads of 129-256 channels alone."""
-    assert flex.kernel_options(16, 16) == {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2}
-    assert "num_warps" not in flex.kernel_options(64, 16)
+    """16-row tiles of heads of 64 channels or more launch in ``SMALL_TILE_WARPS`` warps,
+    other tiles and narrower heads in flex's default; a dense pattern's fewer stages are
+    for heads of 129-256 channels alone."""
+    assert flex.kernel_options(16, 16, 256) == {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2}
+    assert flex.kernel_options(16, 16, 16) == {"BLOCK_M": 16, "BLOCK_N": 16}
+    assert "num_warps" not in flex.kernel_options(64, 16, 256)
     assert flex.kernel_options(128, 64) == {"BLOCK_N": 64}
     assert flex.dense_options(256) == {"num_stages": 2}
     assert flex.dense_options(128) is None and flex.dense_options(512) is None
@@ -381,9 +383,9 @@ def test_on_the_gpu_launch_settings_give_the_default_s_output_bit_for_bit(d):
     g = torch.Generator().manual_seed(4)
     keep = (torch.rand(1, 4, n // 16, n // 16, generator=g) < 0.2).to(DEVICE)
     blocks = block_mask_from_keep(keep, 16, n)
-    tuned = flex.run_flex(q, k, v, blocks, scaling, flex.kernel_options(16, 16))
+    tuned = flex.run_flex(q, k, v, blocks, scaling, flex.kernel_options(16, 16, d))
     default = flex.run_flex(q, k, v, blocks, scaling, {"BLOCK_M": 16, "BLOCK_N": 16})
-    assert torch.equal(tuned, default)
+    assert "num_warps" in flex.kernel_options(16, 16, d) and torch.equal(tuned, default)
     window = create_block_mask(window_mask_mod(100), 1, 1, n, n, device=DEVICE, BLOCK_SIZE=128)
     tuned = flex.run_flex(q, k, v, window, scaling, flex.dense_options(d))
     assert torch.equal(tuned, flex.run_flex(q, k, v, window, scaling))

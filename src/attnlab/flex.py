@@ -51,21 +51,24 @@ def _compiled_flex():
 
 
 # Launch settings, measured on one H100 at Gemma-3-270M's 32k shapes (D = 256;
-# benchmarks_ref/flex_launch_h100.txt), each with the default's output bit for bit: a
-# 16-row tile in 2 warps, not the default 4 (a block-sparse layer of 16-token blocks at
-# 95%: 1.40 -> 0.94 ms; at 99% 0.33 -> 0.24), and the model's own dense pattern in 128-token
-# blocks (a sliding window) at D > 128 through 2 pipeline stages, not 3 (0.35 -> 0.28 ms)
+# benchmarks_ref/flex_launch_h100.txt), each with the default's output bit for bit (at
+# head dims 64 and 256: tests/test_flex.py): a 16-row tile of a head of 64 channels or more
+# in 2 warps, not the default 4 (a block-sparse layer of 16-token blocks at 95%: 1.40 ->
+# 0.94 ms; at 99% 0.33 -> 0.24; at head dim 16 the rounding differs, so narrower heads
+# keep 4), and the model's own dense pattern in 128-token blocks (a sliding window) at
+# head dims 129-256 through 2 pipeline stages, not 3 (0.35 -> 0.28 ms)
 SMALL_TILE_WARPS = 2
+SMALL_TILE_MIN_HEAD = 64
 WIDE_HEAD_STAGES = 2
 
 
-def kernel_options(q_block: int, kv_block: int) -> dict | None:
-    """Flex tile sizes (and the launch settings above) for a BlockMask of q_block x
-    kv_block tokens, or None for defaults."""
+def kernel_options(q_block: int, kv_block: int, head_dim: int = 0) -> dict | None:
+    """Flex tile sizes (and the launch settings above, for ``head_dim`` channels) for a
+    BlockMask of q_block x kv_block tokens, or None for defaults."""
     opts = {}
     if q_block < 128:
         opts["BLOCK_M"] = q_block
-    if q_block <= 16:
+    if q_block <= 16 and head_dim >= SMALL_TILE_MIN_HEAD:
         opts["num_warps"] = SMALL_TILE_WARPS
     if kv_block < 64:
         opts["BLOCK_N"] = kv_block
@@ -285,9 +288,9 @@ def flex_block_sparse_attention(
     in_tiles = tile is not None and all(t % block_size == 0 for t in tile)
     if in_tiles and max(tile) > block_size:
         block_mask, padded = tiled_block_mask(keep, block_size, tile, mask_mod)
-        options = kernel_options(*tile)
+        options = kernel_options(*tile, q.shape[-1])
     else:
-        padded, options = m * block_size, kernel_options(block_size, block_size)
+        padded, options = m * block_size, kernel_options(block_size, block_size, q.shape[-1])
         if whole is not None and mask_mod is not None:
             return _whole_rows_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole)
         if lists is None:
@@ -319,9 +322,8 @@ def _whole_rows_apart(q, k, v, keep, block_size, scaling, mask_mod, lists, whole
     else:  # a row's kept blocks, its first ``num`` entries, lie before its own block's end
         lists = [x if x is None else x[..., :m, :m] if x.dim() == 4 else x[..., :m] for x in lists]
     head = block_mask_from_lists(lists, block_size, r, mask_mod)
-    out[:, :, :r] = run_flex(
-        q[:, :, :r], k[:, :, :r], v[:, :, :r], head, scaling, kernel_options(block_size, block_size)
-    )
+    options = kernel_options(block_size, block_size, d)
+    out[:, :, :r] = run_flex(q[:, :, :r], k[:, :, :r], v[:, :, :r], head, scaling, options)
     return out
 
 
@@ -359,4 +361,4 @@ def flex_attention_from_selection(
     if n % q_block:
         raise ValueError(f"N = {n} is not a multiple of the query block {q_block}")
     block_mask = block_mask_from_selection(selection, kv_block, n)
-    return run_flex(q, k, v, block_mask, scaling, kernel_options(q_block, kv_block))
+    return run_flex(q, k, v, block_mask, scaling, kernel_options(q_block, kv_block, q.shape[-1]))
