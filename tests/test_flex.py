@@ -354,13 +354,14 @@ def test_on_the_gpu_whole_window_tiles_keep_the_logits_of_tiles_of_the_block(nam
 
 def test_launch_settings_go_with_their_tiles_alone():
     """16-row tiles of heads of 64 channels or more launch in ``SMALL_TILE_WARPS`` warps,
-    other tiles and narrower heads in flex's default; a dense pattern's fewer stages are
-    for heads of 129-256 channels alone."""
+    other tiles and narrower heads in flex's default; flex's default tiles take fewer
+    stages for heads of 129-256 channels alone."""
     assert flex.kernel_options(16, 16, 256) == {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2}
     assert flex.kernel_options(16, 16, 16) == {"BLOCK_M": 16, "BLOCK_N": 16}
     assert "num_warps" not in flex.kernel_options(64, 16, 256)
-    assert flex.kernel_options(128, 64) == {"BLOCK_N": 64}
-    assert flex.dense_options(256) == {"num_stages": 2}
+    assert flex.kernel_options(128, 64, 256) == {"BLOCK_N": 64}
+    assert flex.kernel_options(128, 128, 256) == flex.dense_options(256) == {"num_stages": 2}
+    assert flex.kernel_options(128, 128, 128) is None
     assert flex.dense_options(128) is None and flex.dense_options(512) is None
 
 
@@ -372,8 +373,9 @@ def test_launch_settings_go_with_their_tiles_alone():
 @pytest.mark.parametrize("d", [64, 256])
 def test_on_the_gpu_launch_settings_give_the_default_s_output_bit_for_bit(d):
     """The compiled kernel in ``kernel_options``' warps and ``dense_options``' stages
-    gives exactly the output of flex's defaults for the same tiles: a block-sparse
-    selection of 16-token blocks and a sliding window in 128-token blocks, bf16, GQA."""
+    gives exactly the output of flex's defaults for the same tiles: block-sparse
+    selections of 16- and 128-token blocks and a sliding window in 128-token blocks, bf16,
+    GQA."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     from attnlab.windows import window_mask_mod
@@ -389,3 +391,6 @@ def test_on_the_gpu_launch_settings_give_the_default_s_output_bit_for_bit(d):
     window = create_block_mask(window_mask_mod(100), 1, 1, n, n, device=DEVICE, BLOCK_SIZE=128)
     tuned = flex.run_flex(q, k, v, window, scaling, flex.dense_options(d))
     assert torch.equal(tuned, flex.run_flex(q, k, v, window, scaling))
+    blocks = block_mask_from_keep(keep[..., ::8, ::8], 128, n)  # XAttention's blocks
+    tuned = flex.run_flex(q, k, v, blocks, scaling, flex.kernel_options(128, 128, d))
+    assert torch.equal(tuned, flex.run_flex(q, k, v, blocks, scaling))
