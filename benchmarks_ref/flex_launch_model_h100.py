@@ -1,0 +1,86 @@
+"""In-model A/B of FlexAttention's launch settings: a 32k prefill of a Gemma-3-270M of the
+real config (gemma3_270m_config.json beside this script) and random weights, bf16, under
+the old settings (flex's defaults: 16-row tiles in 4 warps, the default tiles in 3 stages)
+and the new (``flex.SMALL_TILE_WARPS``, ``flex.WIDE_HEAD_STAGES``). Per policy and sparsity:
+the profiler's GPU time of every kernel of one prefill and of flex's, CUDA-event medians of
+6 prefills each, old and new alternating (host-bound here: read the kernel times), and
+whether the last logits are equal bit for bit. Run from the repository root:
+PYTHONPATH=src python benchmarks_ref/flex_launch_model_h100.py 32768 [policy:sparsity,...]"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+from attnlab import attention, decoding, flex, policies, sparse, workflow
+
+T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
+CASES = "full:0,quest:0.95,quest:0.99,coarse_magnitude:0.95,coarse_magnitude:0.99,"
+CASES += "cab_directed:0.99,xattention:0.99,cab_b64:0.95"
+SETTINGS = {"old": (4, 3), "new": (2, 2)}  # (16-row tiles' warps, default tiles' stages)
+raw = json.loads((Path(__file__).parent / "gemma3_270m_config.json").read_text())
+skip = ("architectures", "dtype", "transformers_version")
+cfg = Gemma3TextConfig(**{k: v for k, v in raw.items() if not k.startswith("_") and k not in skip})
+cfg._attn_implementation = "eager"
+torch.manual_seed(0)
+model = attention.install(Gemma3ForCausalLM(cfg).to(dtype=torch.bfloat16).eval().cuda())
+ids = torch.randint(10, 200000, (1, T), device="cuda")
+params = yaml.safe_load(open("workflow_config.yaml"))["policies"]
+
+
+def prefill(name: str, s: float):
+    policy = policies.make(name, **workflow.policy_spec(name, params))
+    run = sparse.SparseRun(policy, s, regime="prefill", whole_prompt=True, records=False)
+    return decoding.prefill(model, ids, run)[1]
+
+
+def event_ms(fn) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b)
+
+
+def kernel_ms(fn) -> tuple[float, float]:
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    flex_ms = sum(e.device_time for e in gpu if "flex_attention" in e.name)
+    return sum(e.device_time for e in gpu) / 1e3, flex_ms / 1e3
+
+
+print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+with torch.inference_mode():
+    for case in (sys.argv[2] if len(sys.argv) > 2 else CASES).split(","):
+        name, s = case.split(":")
+
+        def fn(name=name, s=float(s)):
+            return prefill(name, s)
+
+        logits, kernels, events = {}, {}, {"old": [], "new": []}
+        for which in SETTINGS:
+            flex.SMALL_TILE_WARPS, flex.WIDE_HEAD_STAGES = SETTINGS[which]
+            logits[which] = fn()
+            fn()
+            kernels[which] = kernel_ms(fn)
+        for _ in range(6):
+            for which in SETTINGS:
+                flex.SMALL_TILE_WARPS, flex.WIDE_HEAD_STAGES = SETTINGS[which]
+                events[which].append(event_ms(fn))
+        (old, old_flex), (new, new_flex) = kernels["old"], kernels["new"]
+        a, b = (statistics.median(events[w]) for w in SETTINGS)
+        same = torch.equal(logits["old"], logits["new"])
+        print(
+            f"{name} {s}: kernels {old:.2f} -> {new:.2f} ms (flex {old_flex:.2f} ->"
+            f" {new_flex:.2f}), events median {a:.2f} -> {b:.2f} ms, logits equal: {same}",
+            flush=True,
+        )
