@@ -75,6 +75,11 @@ LAUNCHES = [
     *[("xattention", "_block_share_kernel", {"q": dt, "k": dt},
        *xattention_tiles(d, 8, 16, 4096, "ieee" if dt == "fp32" else "native"))
       for dt, d in (("bf16", 256), ("bf16", 128), ("fp32", 256))],
+    # and the pass that joins its splits
+    *[("xattention", "_block_share_finish", {},
+       {n: v for n, v in xattention_tiles(256, 8, 16, 4096, p)[0].items()
+        if n in ("PER", "G", "BI", "BN")}, xattention_tiles(256, 8, 16, 4096, p)[1], 3)
+      for p in ("native", "ieee")],
     # a causal layer's longest rows at 32k (2048 blocks), a sliding window's band (33)
     *[("budget", "_budget_kernel",
        {"count": "i32", "budget": "i64", "keep": "i8", "pairs": "i64", "kept": "i64"},

@@ -56,6 +56,25 @@ def test_rows_sharing_a_program_sum_as_rows_alone(g, dtype):
     torch.testing.assert_close(alone.sum(-1), n, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sweep_split_among_programs_sums_as_one(dtype):
+    """``split_keys``: rows whose strided keys several programs sweep (splits of 16, 32 and
+    48 keys, the last ragged; two rows a program, a window's first blocks), each query's
+    maximum and total joined over its splits, give the sums of one sweep (up to float32
+    summation order)."""
+    t, bs, stride = 520, 32, 4
+    q, k = (_rand(1, h, t, 16, seed=20 + h).to(dtype) for h in (2, 1))
+    starts = torch.arange(0, t, bs, device=DEVICE)
+    lo, hi = starts // stride, (starts + bs) // stride
+    first = ((starts - 200).clamp(min=0) // bs).to(torch.int32)
+    kw = dict(block_n=16, rows_per_program=2, first=first)
+    one = block_shares(q, k, lo, hi, stride, bs, 0.3, split_keys=10**6, **kw)
+    assert bool((one > 0).any())
+    for keys in (16, 32, 48):  # 9, 5 and 3 splits of 9 key tiles
+        split = block_shares(q, k, lo, hi, stride, bs, 0.3, split_keys=keys, **kw)
+        torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+
+
 def test_block_shares_refuse_a_stride_that_does_not_split_blocks_in_powers_of_two():
     q = _rand(1, 1, 64, 16, seed=4)
     with pytest.raises(ValueError, match="power of two"):

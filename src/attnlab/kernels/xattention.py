@@ -22,6 +22,11 @@ import triton.language as tl
 
 from attnlab.kernels.adjacency import _mm
 
+# strided keys one program of the estimate sweeps: a causal layer's later rows' sweeps
+# split among programs, so that they take no longer than the earlier rows' (at 32k and
+# stride 8, 4096 strided keys: up to 4 splits)
+SPLIT_KEYS = 1024
+
 
 @triton.jit
 def _estimate(
@@ -55,38 +60,49 @@ def _estimate(
 
 
 @triton.jit
-def _block_share_kernel(
-    q_ptr, k_ptr, lo_ptr, hi_ptr, first_ptr, out_ptr, u_ptr, mt_ptr,
-    R, H, GROUPS, T, Tk, NK, MK, D, scaling,
-    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, so_bh, so_r, su_p, su_i, smt_p, smt_i,
-    S: tl.constexpr, PER: tl.constexpr, G: tl.constexpr, BI: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    # one sweep: each key tile's exponentials, taken against the running maximum, summed
-    # into key blocks per strided query and kept aside with that maximum; at the end each
-    # query's sums rescaled to its final maximum and total, summed over the row's queries
-    pid = tl.program_id(0)
-    rr = pid * G + tl.arange(0, G)
-    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
-    b = bh // H
-    h = bh % H
+def _rows(lo_ptr, hi_ptr, first_ptr, R, NK, MK, G: tl.constexpr, BI: tl.constexpr):
+    # a program's rows, their strided queries (G * BI), the strided keys up to its last
+    # query's own and the first key tile any of its rows sums
+    rr = tl.program_id(0) * G + tl.arange(0, G)
     r_ok = rr < R
     lo = tl.load(lo_ptr + rr, mask=r_ok, other=0)
     hi = tl.load(hi_ptr + rr, mask=r_ok, other=0)
     t = tl.arange(0, BI)
     ii = tl.reshape(lo[:, None] + t[None, :], (G * BI,))  # the strided queries each row sums
     row_ok = tl.reshape(t[None, :] < (hi - lo)[:, None], (G * BI,))
+    stop = tl.minimum(tl.max(hi, axis=0), NK)
+    first = tl.min(tl.load(first_ptr + rr, mask=r_ok, other=MK), axis=0)
+    return rr, r_ok, ii, row_ok, stop, first
+
+
+@triton.jit
+def _block_share_kernel(
+    q_ptr, k_ptr, lo_ptr, hi_ptr, first_ptr, u_ptr, mt_ptr, ml_ptr,
+    R, H, GROUPS, T, Tk, NK, MK, D, SPLIT, scaling,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, su_p, su_i, smt_p, smt_i, sml_p, sml_s,
+    S: tl.constexpr, PER: tl.constexpr, G: tl.constexpr, BI: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # one split of a program's strided keys (SPLIT of them from split * SPLIT): each key
+    # tile's exponentials, taken against the split's running maximum, summed into key
+    # blocks per strided query and kept aside with that maximum; the split's maximum and
+    # total per query at the end (:func:`_block_share_finish` joins the splits)
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)  # int64 offsets: B H T D may pass 2^31
+    b = bh // H
+    h = bh % H
+    rr, r_ok, ii, row_ok, stop, first = _rows(lo_ptr, hi_ptr, first_ptr, R, NK, MK, G, BI)
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + (h // GROUPS) * sk_h
-    stop = tl.minimum(tl.max(hi, axis=0), NK)  # strided keys up to the last query's own
-    first = tl.min(tl.load(first_ptr + rr, mask=r_ok, other=MK), axis=0)
     j_first = (first * PER // BN) * BN  # the key tile of the rows' first key block
     loc = tl.arange(0, G * BI)
-    u_base = u_ptr + (bh * tl.num_programs(0) + pid) * su_p
-    mt_base = mt_ptr + (bh * tl.num_programs(0) + pid) * smt_p
+    at = bh * tl.num_programs(0) + pid
+    u_base = u_ptr + at * su_p
+    mt_base = mt_ptr + at * smt_p
     m_i = tl.full((G * BI,), float("-inf"), tl.float32)
     l_i = tl.zeros((G * BI,), tl.float32)
-    for j0 in range(0, stop, BN):
+    for j0 in range(split * SPLIT, tl.minimum(stop, split * SPLIT + SPLIT), BN):
         jj = j0 + tl.arange(0, BN)
         est = _estimate(q_base, k_base, ii, jj, row_ok, T, Tk, D, sq_n, sq_d, sk_n, sk_d,
                         scaling, S, G * BI, BN, BD, DP, PRECISION)  # fmt: skip
@@ -102,8 +118,37 @@ def _block_share_kernel(
             u = tl.sum(tl.reshape(e, (G * BI, BN // PER, PER)), axis=2)
             tl.store(u_base + loc[:, None] * su_i + kb[None, :], u)
             tl.store(mt_base + loc * smt_i + j0 // BN, m_safe)
-    tl.debug_barrier()  # the sums above, written by this program's threads, read below
+    ml_base = ml_ptr + at * sml_p + split * sml_s
+    tl.store(ml_base + loc, m_i)
+    tl.store(ml_base + G * BI + loc, l_i)
+
+
+@triton.jit
+def _block_share_finish(
+    lo_ptr, hi_ptr, first_ptr, out_ptr, u_ptr, mt_ptr, ml_ptr, R, NK, MK, SPLITS,
+    so_bh, so_r, su_p, su_i, smt_p, smt_i, sml_p, sml_s,
+    PER: tl.constexpr, G: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    # a program's splits joined (each query's maximum and total over every split), each
+    # key tile's sums rescaled to them and added over the row's queries into key blocks
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rr, r_ok, ii, row_ok, stop, first = _rows(lo_ptr, hi_ptr, first_ptr, R, NK, MK, G, BI)
+    j_first = (first * PER // BN) * BN
+    loc = tl.arange(0, G * BI)
+    at = bh * tl.num_programs(0) + pid
+    u_base = u_ptr + at * su_p
+    mt_base = mt_ptr + at * smt_p
+    ml_base = ml_ptr + at * sml_p
+    m_i = tl.full((G * BI,), float("-inf"), tl.float32)
+    for split in range(0, SPLITS):
+        m_i = tl.maximum(m_i, tl.load(ml_base + split * sml_s + loc))
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.zeros((G * BI,), tl.float32)
+    for split in range(0, SPLITS):
+        m_s = tl.load(ml_base + split * sml_s + loc)
+        l_s = tl.load(ml_base + split * sml_s + G * BI + loc)
+        l_i += tl.where(l_s > 0.0, l_s * tl.exp(m_s - m_safe), 0.0)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     for j0 in range(j_first, stop, BN):
         kb = j0 // PER + tl.arange(0, BN // PER)
@@ -128,6 +173,7 @@ def block_shares(
     num_warps: int = 4,
     first: torch.Tensor | None = None,
     rows_per_program: int | None = None,
+    split_keys: int | None = None,
 ) -> torch.Tensor:
     """For each row r, the softmax-normalised antidiagonal estimate of the strided queries
     lo[r] .. hi[r] - 1 (at most block_size / stride of them), summed over them and into key
@@ -141,7 +187,8 @@ def block_shares(
     hi: (R,) int. ``block_size / stride`` must be a power of two. bf16 and fp16 inputs
     multiply on the tensor cores (their products are exact in float32), float32 inputs in
     full float32. ``rows_per_program`` (a power of two; None: :func:`launch_tiles`' choice)
-    rows share one sweep of the strided keys.
+    rows share one sweep of the strided keys, in splits of ``split_keys`` strided keys
+    (rounded up to whole key tiles; None: ``SPLIT_KEYS``), each its own program.
     """
     b, h, t, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -161,17 +208,26 @@ def block_shares(
     first = torch.zeros_like(lo) if first is None else first
     progs, rows_at = triton.cdiv(rows, tiles["G"]), tiles["G"] * tiles["BI"]
     n_tiles = triton.cdiv(nk, tiles["BN"])
+    split = triton.cdiv(max(1, split_keys or SPLIT_KEYS), tiles["BN"]) * tiles["BN"]
+    splits = triton.cdiv(n_tiles * tiles["BN"], split)
     # each program's strided queries' sums per key block, and the maximum they were taken
-    # against per key tile (the tiles before the rows' first block's are never written)
+    # against per key tile (the tiles before the rows' first block's are never written);
+    # each split's maximum and total per query
     u = torch.empty(b * h, progs, rows_at, n_tiles * tiles["BN"] // per, device=q.device)
     mt = torch.empty(b * h, progs, rows_at, n_tiles, device=q.device)
-    _block_share_kernel[(progs, b * h)](
-        q, k, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(),
-        first.to(torch.int32).contiguous(), out, u, mt,
-        rows, h, h // hkv, t, tk, nk, mk, d, float(scaling),
-        *q.stride(), *k.stride(), out.stride(0), out.stride(1),
-        u.stride(1), u.stride(2), mt.stride(1), mt.stride(2),
+    ml = torch.empty(b * h, progs, splits, 2 * rows_at, device=q.device)
+    lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+    first = first.to(torch.int32).contiguous()
+    _block_share_kernel[(progs, splits, b * h)](
+        q, k, lo, hi, first, u, mt, ml, rows, h, h // hkv, t, tk, nk, mk, d, split,
+        float(scaling), *q.stride(), *k.stride(), u.stride(1), u.stride(2), mt.stride(1),
+        mt.stride(2), ml.stride(1), ml.stride(2),
         **tiles, num_warps=num_warps, num_stages=stages,
+    )  # fmt: skip
+    _block_share_finish[(progs, b * h)](
+        lo, hi, first, out, u, mt, ml, rows, nk, mk, splits, out.stride(0), out.stride(1),
+        u.stride(1), u.stride(2), mt.stride(1), mt.stride(2), ml.stride(1), ml.stride(2),
+        PER=per, G=tiles["G"], BI=tiles["BI"], BN=tiles["BN"], num_warps=num_warps,
     )  # fmt: skip
     return out.view(b, h, rows, mk)
 
