@@ -1,7 +1,8 @@
 """The timing loop of the benchmarks_ref microbenchmarks: the median of CUDA-event times of
 ``reps`` launches after 3 warm-ups (no L2 flush between them, unlike attnlab's
-``bench.timing.median_ms``), the profiler's GPU time of named kernels, and a module as a
-commit had it. Imported by the scripts beside it, run from the repository root as
+``bench.timing.median_ms``), the profiler's GPU time of named kernels, a module as a
+commit had it, and XAttention's estimate's inputs at Gemma-3-270M's shapes. Imported by
+the scripts beside it, run from the repository root as
 ``python benchmarks_ref/<script>.py``."""
 
 import importlib.util
@@ -54,3 +55,17 @@ def kernel_ms(fn, match: str, reps: int = 20) -> float:
     cuda = torch.autograd.DeviceType.CUDA
     gpu = [e.device_time for e in prof.events() if e.device_type == cuda and match in e.name]
     return sum(gpu) / 1e3 / reps
+
+
+def xattention_inputs(t: int, dev: str = "cuda"):
+    """XAttention's estimate at Gemma-3-270M's shapes (H=4, Hkv=1, D=256, bf16, block 128,
+    stride 8) over t tokens, seed 0: q, k, the scaling, each query block's strided queries
+    (lo, hi: one row per block) and a 512-key window's first visible block per row."""
+    h, d, bs, st = 4, 256, 128, 8
+    torch.manual_seed(0)
+    q = torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, 1, t, d, device=dev, dtype=torch.bfloat16)
+    mq, per = t // bs, bs // st
+    lo = torch.arange(mq, device=dev) * per
+    first = ((torch.arange(mq, device=dev) * bs - 511).clamp(min=0) // bs).to(torch.int32)
+    return q, k, d**-0.5, lo, lo + per, first

@@ -11,26 +11,18 @@ PYTHONPATH=src python benchmarks_ref/xattention_sweeps_h100.py 32768 [old.py]"""
 import sys
 
 import torch
-from _events import kernel_ms, median_event_ms, module_at
+from _events import kernel_ms, median_event_ms, module_at, xattention_inputs
 
 from attnlab.kernels import xattention as new
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 old = module_at("4700461", "src/attnlab/kernels/xattention.py", (sys.argv[2:] or [None])[0])
-dev = "cuda"
-H, D, BS, ST = 4, 256, 128, 8
-torch.manual_seed(0)
-q = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16)
-k = torch.randn(1, 1, T, D, device=dev, dtype=torch.bfloat16)
-sc = D**-0.5
-mq, per = T // BS, BS // ST
-lo = torch.arange(mq, device=dev) * per
-hi = lo + per
-xf = ((torch.arange(mq, device=dev) * BS - 511).clamp(min=0) // BS).to(torch.int32)
+BS, ST = 128, 8
+q, k, sc, lo, hi, xf = xattention_inputs(T)
 print(torch.__version__, torch.cuda.get_device_name(), flush=True)
 for fb, name in ((None, "causal"), (xf, "window")):
     first = torch.zeros_like(lo) if fb is None else fb
-    used = torch.arange(T // BS, device=dev)[None, :] >= first[:, None]  # the blocks read
+    used = torch.arange(T // BS, device=q.device)[None, :] >= first[:, None]  # the blocks read
     a = old.block_shares(q, k, lo, hi, ST, BS, sc, first=fb)
     b = new.block_shares(q, k, lo, hi, ST, BS, sc, first=fb)
     m = used & (a > 0)
