@@ -3,8 +3,8 @@ Gemma-3-270M's shapes (32k, H=4, Hkv=1, D=256, bf16, block 128, stride 8), one r
 query block, every causal key (a global layer) and from a 512-key window's first block (a
 window layer): the kernel of acb8893 (each program sweeps its rows' every strided key;
 read from git, or from the file given as the second argument) against the current one,
-whose sweeps split among programs every ``split_keys`` strided keys (512 to 4096; 4096:
-one split at 32k) and a second kernel joins. Each timed by CUDA events around the call
+whose sweeps split among programs every ``split_keys`` strided keys (128 to 4096;
+4096: one split at 32k) and a second kernel joins. Each timed by CUDA events around the call
 and by the profiler's GPU time of the estimate's kernels. Run from the repository root:
 PYTHONPATH=src python benchmarks_ref/xattention_splits_h100.py 32768 [old.py]"""
 
@@ -30,7 +30,7 @@ for fb, name in ((None, "causal"), (xf, "window")):
 
     line = f"{name}: one sweep {median_event_ms(one, 20):.3f} ms (kernel"
     line += f" {kernel_ms(one, 'share'):.3f})"
-    for keys in (512, 1024, 2048, 4096):
+    for keys in (128, 256, 512, 1024, 2048, 4096):
 
         def split(fb=fb, keys=keys):
             return new.block_shares(q, k, lo, hi, ST, BS, sc, first=fb, split_keys=keys)

@@ -53,8 +53,8 @@ def _compiled_flex():
 # Launch settings, measured on one H100 at Gemma-3-270M's 32k shapes (D = 256;
 # benchmarks_ref/flex_launch_h100.txt), each with the default's output bit for bit (at
 # head dims 64 and 256: tests/test_flex.py): a 16-row tile of a head of 64 channels or more
-# in 2 warps, not the default 4 (a block-sparse layer of 16-token blocks at 95%: 1.40 ->
-# 0.94 ms; at 99% 0.33 -> 0.24; at head dim 16 the rounding differs, so narrower heads
+# in 2 warps, not the default 4 (a block-sparse layer of 16-token blocks at 95%: 1.41 ->
+# 0.95 ms; at 99% 0.33 -> 0.24; at head dim 16 the rounding differs, so narrower heads
 # keep 4), and flex's default tiles (64 x 32 at these head dims) at head dims 129-256
 # through 2 pipeline stages, not 3: the model's own dense window in 128-token blocks 0.35 ->
 # 0.28 ms, a block-sparse layer of 128-token blocks 0.45 -> 0.38 at 95% (64 x 64 tiles

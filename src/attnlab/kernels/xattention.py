@@ -2,16 +2,18 @@
 
 One program takes scored rows of a whole prefill (``G``, :func:`launch_tiles`) and the
 strided queries each sums (a range of at most block_size / stride, see
-``XAttention.shares``), and sweeps their causal strided keys once, flash-attention style:
+``XAttention.shares``), and sweeps one split of their causal strided keys (``SPLIT_KEYS``
+of them; the later rows of a causal layer have several) once, flash-attention style:
 each strided query's softmax maximum and sum run over every causal strided key (as the
 estimate is defined), and from the key tile of the first key block the row can keep on (a
 sliding window's edge: the blocks before it are left 0) each tile's exponentials, taken
-against the running maximum, are summed into key blocks per strided query and set aside
-with that maximum. At the end each query's sums are rescaled to its final maximum and sum
-and added over the row's queries: no second sweep recomputes the products once the maxima
-are known (a causal layer's products twice), at the cost of a float set aside per strided
-query and key block (16 MiB at 32k tokens, 4 heads, stride 8, 128-token blocks). The
-(T / S) x (T / S) estimate and its softmax are never written.
+against the split's running maximum, are summed into key blocks per strided query and set
+aside with that maximum; each split keeps its maximum and sum per query. A second kernel
+joins the splits (each query's maximum and sum over all of them), rescales the sums to
+them and adds them over the row's queries: no second sweep recomputes the products once
+the maxima are known (a causal layer's products twice), at the cost of a float set aside
+per strided query and key block (16 MiB at 32k tokens, 4 heads, stride 8, 128-token
+blocks). The (T / S) x (T / S) estimate and its softmax are never written.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from attnlab.kernels.adjacency import _mm
 
 # strided keys one program of the estimate sweeps: a causal layer's later rows' sweeps
 # split among programs, so that they take no longer than the earlier rows' (at 32k and
-# stride 8, 4096 strided keys: up to 4 splits)
-SPLIT_KEYS = 1024
+# stride 8, 4096 strided keys: up to 8 splits). At Gemma-3-270M's 32k shapes on one H100
+# (benchmarks_ref/xattention_splits_h100.txt, profiler kernel time) a global layer's
+# estimate took 0.77 ms in one sweep a program, 0.44 in splits of 512 keys (0.42-0.43 in
+# 128-256, 0.48 in 1024, 0.61 in 2048), a window layer's 0.73 and 0.41
+SPLIT_KEYS = 512
 
 
 @triton.jit

@@ -1,11 +1,14 @@
-"""In-model A/B of FlexAttention's launch settings: a 32k prefill of a Gemma-3-270M of the
-real config (gemma3_270m_config.json beside this script) and random weights, bf16, under
-the old settings (flex's defaults: 16-row tiles in 4 warps, the default tiles in 3 stages)
-and the new (``flex.SMALL_TILE_WARPS``, ``flex.WIDE_HEAD_STAGES``). Per policy and sparsity:
-the profiler's GPU time of every kernel of one prefill and of flex's, CUDA-event medians of
-6 prefills each, old and new alternating (host-bound here: read the kernel times), and
-whether the last logits are equal bit for bit. Run from the repository root:
-PYTHONPATH=src python benchmarks_ref/flex_launch_model_h100.py 32768 [policy:sparsity,...]"""
+"""In-model A/B on a 32k prefill of a Gemma-3-270M of the real config
+(gemma3_270m_config.json beside this script) and random weights, bf16: ``flex``,
+FlexAttention's launch settings, old (flex's defaults: 16-row tiles in 4 warps, the
+default tiles in 3 stages) against new (``flex.SMALL_TILE_WARPS``,
+``flex.WIDE_HEAD_STAGES``); ``splits``, XAttention's estimate with every program sweeping
+its rows' strided keys in one split (old) against splits of
+``kernels.xattention.SPLIT_KEYS`` (new). Per policy and sparsity: the profiler's GPU time
+of every kernel of one prefill and of flex's, CUDA-event medians of 6 prefills each, old
+and new alternating (host-bound here: read the kernel times), and whether the last logits
+are equal bit for bit. Run from the repository root:
+PYTHONPATH=src python benchmarks_ref/model_ab_h100.py flex|splits 32768 [policy:sparsity,...]"""
 
 import json
 import statistics
@@ -18,11 +21,26 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from attnlab import attention, decoding, flex, policies, sparse, workflow
+from attnlab.kernels import xattention
 
-T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
-CASES = "full:0,quest:0.95,quest:0.99,coarse_magnitude:0.95,coarse_magnitude:0.99,"
-CASES += "cab_directed:0.99,xattention:0.99,cab_b64:0.95"
-SETTINGS = {"old": (4, 3), "new": (2, 2)}  # (16-row tiles' warps, default tiles' stages)
+WHAT = sys.argv[1]
+T = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
+CASES = {
+    "flex": "full:0,quest:0.95,quest:0.99,coarse_magnitude:0.95,coarse_magnitude:0.99,"
+    "cab_directed:0.99,xattention:0.99,cab_b64:0.95",
+    "splits": "full:0,xattention:0.95,xattention:0.99",
+}[WHAT]
+# flex: (16-row tiles' warps, default tiles' stages); splits: strided keys a program sweeps
+SETTINGS = {"flex": {"old": (4, 3), "new": (2, 2)}, "splits": {"old": 10**9, "new": 512}}[WHAT]
+
+
+def use(which: str) -> None:
+    if WHAT == "flex":
+        flex.SMALL_TILE_WARPS, flex.WIDE_HEAD_STAGES = SETTINGS[which]
+    else:
+        xattention.SPLIT_KEYS = SETTINGS[which]
+
+
 raw = json.loads((Path(__file__).parent / "gemma3_270m_config.json").read_text())
 skip = ("architectures", "dtype", "transformers_version")
 cfg = Gemma3TextConfig(**{k: v for k, v in raw.items() if not k.startswith("_") and k not in skip})
@@ -60,7 +78,7 @@ def kernel_ms(fn) -> tuple[float, float]:
 
 print(torch.__version__, torch.cuda.get_device_name(), flush=True)
 with torch.inference_mode():
-    for case in (sys.argv[2] if len(sys.argv) > 2 else CASES).split(","):
+    for case in (sys.argv[3] if len(sys.argv) > 3 else CASES).split(","):
         name, s = case.split(":")
 
         def fn(name=name, s=float(s)):
@@ -68,13 +86,13 @@ with torch.inference_mode():
 
         logits, kernels, events = {}, {}, {"old": [], "new": []}
         for which in SETTINGS:
-            flex.SMALL_TILE_WARPS, flex.WIDE_HEAD_STAGES = SETTINGS[which]
+            use(which)
             logits[which] = fn()
             fn()
             kernels[which] = kernel_ms(fn)
         for _ in range(6):
             for which in SETTINGS:
-                flex.SMALL_TILE_WARPS, flex.WIDE_HEAD_STAGES = SETTINGS[which]
+                use(which)
                 events[which].append(event_ms(fn))
         (old, old_flex), (new, new_flex) = kernels["old"], kernels["new"]
         a, b = (statistics.median(events[w]) for w in SETTINGS)
