@@ -355,14 +355,14 @@ def test_on_the_gpu_whole_window_tiles_keep_the_logits_of_tiles_of_the_block(nam
 def test_launch_settings_go_with_their_tiles_alone():
     """16-row tiles of heads of 64 channels or more launch in ``SMALL_TILE_WARPS`` warps,
     other tiles and narrower heads in flex's default; flex's default tiles take fewer
-    stages for heads of 129-256 channels alone."""
+    stages at head dim 256 alone."""
     assert flex.kernel_options(16, 16, 256) == {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2}
     assert flex.kernel_options(16, 16, 16) == {"BLOCK_M": 16, "BLOCK_N": 16}
     assert "num_warps" not in flex.kernel_options(64, 16, 256)
     assert flex.kernel_options(128, 64, 256) == {"BLOCK_N": 64}
     assert flex.kernel_options(128, 128, 256) == flex.dense_options(256) == {"num_stages": 2}
     assert flex.kernel_options(128, 128, 128) is None
-    assert flex.dense_options(128) is None and flex.dense_options(512) is None
+    assert flex.dense_options(128) is None and flex.dense_options(192) is None
 
 
 @pytest.mark.cuda

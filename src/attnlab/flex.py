@@ -55,8 +55,8 @@ def _compiled_flex():
 # head dims 64 and 256: tests/test_flex.py): a 16-row tile of a head of 64 channels or more
 # in 2 warps, not the default 4 (a block-sparse layer of 16-token blocks at 95%: 1.41 ->
 # 0.95 ms; at 99% 0.33 -> 0.24; at head dim 16 the rounding differs, so narrower heads
-# keep 4), and flex's default tiles (64 x 32 at these head dims) at head dims 129-256
-# through 2 pipeline stages, not 3: the model's own dense window in 128-token blocks 0.35 ->
+# keep 4), and flex's default tiles at head dim 256 (64 x 32 in bf16 on the H100) through
+# 2 pipeline stages, not 3: the model's own dense window in 128-token blocks 0.35 ->
 # 0.28 ms, a block-sparse layer of 128-token blocks 0.45 -> 0.38 at 95% (64 x 64 tiles
 # ran slower in 2 stages and keep 3)
 SMALL_TILE_WARPS = 2
@@ -81,9 +81,9 @@ def kernel_options(q_block: int, kv_block: int, head_dim: int = 0) -> dict | Non
 
 def dense_options(head_dim: int) -> dict | None:
     """Launch settings of flex's default tiles (the model's own BlockMask, blocks of 128
-    tokens or more): 2 pipeline stages for heads wider than 128 and at most 256, whose
-    default tiles run 3; else None."""
-    return {"num_stages": WIDE_HEAD_STAGES} if 128 < head_dim <= 256 else None
+    tokens or more): 2 pipeline stages at head dim 256 (Gemma 3's, measured), whose
+    default tiles run 3; else None (other head dims take other default tiles)."""
+    return {"num_stages": WIDE_HEAD_STAGES} if head_dim == 256 else None
 
 
 def run_flex(
