@@ -4,11 +4,13 @@ FlexAttention's launch settings, old (flex's defaults: 16-row tiles in 4 warps, 
 default tiles in 3 stages) against new (``flex.SMALL_TILE_WARPS``,
 ``flex.WIDE_HEAD_STAGES``); ``splits``, XAttention's estimate with every program sweeping
 its rows' strided keys in one split (old) against splits of
-``kernels.xattention.SPLIT_KEYS`` (new). Per policy and sparsity: the profiler's GPU time
-of every kernel of one prefill and of flex's, CUDA-event medians of 6 prefills each, old
-and new alternating (host-bound here: read the kernel times), and whether the last logits
-are equal bit for bit. Run from the repository root:
-PYTHONPATH=src python benchmarks_ref/model_ab_h100.py flex|splits 32768 [policy:sparsity,...]"""
+``kernels.xattention.SPLIT_KEYS`` (new); ``threshold``, XAttention's threshold in
+PyTorch (old) against its kernel (``kernels.xattention.THRESHOLD_BLOCKS``, new). Per
+policy and sparsity: the profiler's GPU time of every kernel of one prefill and of
+flex's, CUDA-event medians of 6 prefills each, old and new alternating (host-bound here:
+read the kernel times), and whether the last logits are equal bit for bit. Run from the
+repository root:
+PYTHONPATH=src python benchmarks_ref/model_ab_h100.py flex|splits|threshold 32768 [cases]"""
 
 import json
 import statistics
@@ -29,16 +31,24 @@ CASES = {
     "flex": "full:0,quest:0.95,quest:0.99,coarse_magnitude:0.95,coarse_magnitude:0.99,"
     "cab_directed:0.99,xattention:0.99,cab_b64:0.95",
     "splits": "full:0,xattention:0.95,xattention:0.99",
+    "threshold": "full:0,xattention:0.95,xattention:0.99",
 }[WHAT]
 # flex: (16-row tiles' warps, default tiles' stages); splits: strided keys a program sweeps
-SETTINGS = {"flex": {"old": (4, 3), "new": (2, 2)}, "splits": {"old": 10**9, "new": 512}}[WHAT]
+# threshold: the most key blocks XAttention's fused threshold takes (0: its PyTorch tail)
+SETTINGS = {
+    "flex": {"old": (4, 3), "new": (2, 2)},
+    "splits": {"old": 10**9, "new": 512},
+    "threshold": {"old": 0, "new": 512},
+}[WHAT]
 
 
 def use(which: str) -> None:
     if WHAT == "flex":
         flex.SMALL_TILE_WARPS, flex.WIDE_HEAD_STAGES = SETTINGS[which]
-    else:
+    elif WHAT == "splits":
         xattention.SPLIT_KEYS = SETTINGS[which]
+    else:
+        xattention.THRESHOLD_BLOCKS = SETTINGS[which]
 
 
 raw = json.loads((Path(__file__).parent / "gemma3_270m_config.json").read_text())

@@ -75,6 +75,9 @@ LAUNCHES = [
     *[("xattention", "_block_share_kernel", {"q": dt, "k": dt},
        *xattention_tiles(d, 8, 16, 4096, "ieee" if dt == "fp32" else "native"))
       for dt, d in (("bf16", 256), ("bf16", 128), ("fp32", 256))],
+    # its scores from the sums, a row of 512 blocks (64k tokens in blocks of 128)
+    ("xattention", "_threshold_kernel", {"seen": "u8", "must": "u8"},
+     dict(BLOCK=512, CH=32, THRESHOLD_ONLY=False), 4, 3),
     # and the pass that joins its splits
     *[("xattention", "_block_share_finish", {},
        {n: v for n, v in xattention_tiles(256, 8, 16, 4096, p)[0].items()

@@ -120,7 +120,7 @@ def test_the_fused_prefill_takes_the_kernel_and_selects_the_same(form, monkeypat
         run = sparse.SparseRun(policy, 0.8, whole_prompt=True)
         keep = run.block_mask(0, q, k, scaling, kv_heads=2, lists=False if fused else None)
         keeps[fused] = keep[0] if fused else keep
-    assert len(calls) == 1
+    assert len(calls) == 1  # the sums, and from them the scores in one kernel too
     # the decisions' margins, from the PyTorch shares of the rows the form reads
     starts = torch.arange(0, n, bs, device=DEVICE)
     rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)
@@ -128,6 +128,49 @@ def test_the_fused_prefill_takes_the_kernel_and_selects_the_same(form, monkeypat
     assert clear.float().mean() > 0.8
     assert torch.equal(keeps[True][clear], keeps[False][clear])
     assert not keeps[True].all()  # the selection drops blocks
+
+
+@pytest.mark.parametrize("threshold_only", [False, True])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_the_fused_threshold_scores_as_the_pytorch_tail(threshold_only, per_head):
+    """``threshold_scores`` (one kernel a row) against ``XAttention.threshold_scores`` (a
+    sort, a prefix sum and a scatter) with the must-keep blocks' +inf: rows that see a
+    window of their blocks, must-keep blocks (block 0, the row's own), 37 blocks (a
+    ragged width), per-head thresholds; equal decisions wherever rounding cannot decide,
+    equal shares to float32 rounding. Leaving the must-keep blocks' share out, or counting
+    a block above itself, fails."""
+    from attnlab.kernels.xattention import threshold_scores
+
+    g = torch.Generator().manual_seed(31)
+    rows, mk, heads = 20, 37, 3
+    blocks = torch.rand(2, heads, rows, mk, generator=g) ** 4  # a few blocks dominate
+    pos = torch.arange(rows)[:, None] + 15
+    cols = torch.arange(mk)[None, :]
+    seen = ((cols <= pos) & (cols > pos - 12))[None, None]  # (1, 1, R, Mk): a window
+    must = (cols == 0) | (cols == pos)
+    blocks, seen, must = blocks.to(DEVICE), seen.to(DEVICE), must.to(DEVICE)
+    policy = XAttention(block_size=16, stride=4, threshold_only=threshold_only)
+    if per_head:
+        policy.head_thresholds = {"0": [0.5, 0.8, 0.95]}
+    thresholds = policy.thresholds(0, blocks)
+    got = threshold_scores(blocks, seen, must, thresholds, threshold_only)
+    share = blocks / blocks.sum(-1, keepdim=True)
+    want = policy.threshold_scores(share, seen, must, 0).masked_fill(must, torch.inf)
+    seen_share = share * seen
+    seen_share = seen_share / seen_share.sum(-1, keepdim=True)
+    if per_head:
+        margins = torch.stack(
+            [_margins(seen_share[:, h], t, must) for h, t in enumerate([0.5, 0.8, 0.95])], 1
+        )
+    else:
+        margins = _margins(seen_share, policy.threshold, must)
+    clear = margins > 1e-5
+    assert clear.float().mean() > 0.5  # most rows: the comparison is not empty
+    kept_got, kept_want = got > -torch.inf, want > -torch.inf
+    assert torch.equal(kept_got[clear], kept_want[clear])
+    assert bool(kept_want.any(-1).all()) and not bool(kept_want[..., ~must[0]].all())
+    both = kept_got & kept_want
+    torch.testing.assert_close(got[both], want[both], rtol=1e-5, atol=1e-7)
 
 
 def test_a_row_s_first_block_leaves_its_visible_blocks_sums_unchanged():

@@ -31,6 +31,9 @@ from attnlab.kernels.adjacency import _mm
 # estimate took 0.77 ms in one sweep a program, 0.44 in splits of 512 keys (0.42-0.43 in
 # 128-256, 0.48 in 1024, 0.61 in 2048), a window layer's 0.73 and 0.41
 SPLIT_KEYS = 512
+# key blocks a row of the fused threshold ranks at once (64k tokens in blocks of 128); a
+# longer row's shares are ranked by PyTorch's sort
+THRESHOLD_BLOCKS = 512
 
 
 @triton.jit
@@ -164,6 +167,96 @@ def _block_share_finish(
         blocks = tl.sum(tl.reshape(p, (G, BI, BN // PER)), axis=1)  # (G, BN / PER)
         ptrs = out_ptr + bh * so_bh + rr[:, None] * so_r + kb[None, :]
         tl.store(ptrs, blocks, mask=r_ok[:, None] & (kb < MK)[None, :])
+
+
+@triton.jit
+def _threshold_kernel(
+    blocks_ptr, seen_ptr, must_ptr, thr_ptr, out_ptr, MK, H,
+    sb_bh, sb_r, ss_b, ss_h, ss_r, ss_k, sm_r, so_bh, so_r,
+    BLOCK: tl.constexpr, CH: tl.constexpr, THRESHOLD_ONLY: tl.constexpr,
+):  # fmt: skip
+    # one row: its shares (the block sums over their total, the unseen blocks' dropped,
+    # over the seen ones' total), then per block the share of the blocks ranked above it
+    # (the must-keep blocks' first; a higher share, or an equal one to its left), every
+    # pair of the row compared at once, CH blocks at a time
+    r = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    row = blocks_ptr + bh * sb_bh + r * sb_r
+    seen_row = seen_ptr + b * ss_b + h * ss_h + r * ss_r
+    must_row = must_ptr + r * sm_r
+    i = tl.arange(0, BLOCK)
+    ok = i < MK
+    raw = tl.load(row + i, mask=ok, other=0.0)
+    total = tl.maximum(tl.sum(raw, axis=0), 1e-12)
+    part = tl.where(tl.load(seen_row + i * ss_k, mask=ok, other=0) != 0, raw / total, 0.0)
+    seen_total = tl.maximum(tl.sum(part, axis=0), 1e-12)
+    share = part / seen_total
+    must = tl.load(must_row + i, mask=ok, other=0) != 0
+    first = tl.sum(tl.where(must, share, 0.0), axis=0)
+    key = tl.where(must | ~ok, -1.0, share)  # the must-keep blocks rank last, share 0
+    mass = tl.maximum(key, 0.0)
+    thr = tl.load(thr_ptr + h)
+    for c0 in range(0, BLOCK, CH):
+        j = c0 + tl.arange(0, CH)
+        ok_j = j < MK
+        raw_j = tl.load(row + j, mask=ok_j, other=0.0)
+        seen_j = tl.load(seen_row + j * ss_k, mask=ok_j, other=0) != 0
+        share_j = tl.where(seen_j, raw_j / total, 0.0) / seen_total
+        must_j = tl.load(must_row + j, mask=ok_j, other=0) != 0
+        key_j = tl.where(must_j | ~ok_j, -1.0, share_j)
+        above = (key[:, None] > key_j[None, :]) | (
+            (key[:, None] == key_j[None, :]) & (i[:, None] < j[None, :])
+        )
+        before = first + tl.sum(tl.where(above, mass[:, None], 0.0), axis=0)
+        if THRESHOLD_ONLY:
+            score = tl.where(before < thr, float("inf"), float("-inf"))
+        else:
+            score = tl.where(before < thr, share_j, float("-inf"))
+        score = tl.where(must_j, float("inf"), score)
+        tl.store(out_ptr + bh * so_bh + r * so_r + j, score, mask=ok_j)
+
+
+def threshold_scores(
+    blocks: torch.Tensor,
+    seen: torch.Tensor,
+    must: torch.Tensor,
+    thresholds: torch.Tensor | float,
+    threshold_only: bool = False,
+) -> torch.Tensor:
+    """``XAttention.score``'s scores from :func:`block_shares`' sums, in one kernel: each
+    row's shares among the blocks it sees, the must-keep blocks counted first, the others
+    in decreasing share (ties to the earlier block) while the share before them stays
+    under the threshold: those score their share (+inf with ``threshold_only``), the rest
+    -inf, the must-keep blocks +inf. blocks: (B, H, R, Mk) float32; seen: (B or 1, H or
+    1, R, Mk) bool; must: (R, Mk) bool; thresholds: a float or one per head ((H, 1, 1)).
+    Rows of at most ``THRESHOLD_BLOCKS`` blocks. Returns (B, H, R, Mk) float32, equal to
+    the PyTorch tail's up to float32 summation order."""
+    b, h, rows, mk = blocks.shape
+    if mk > THRESHOLD_BLOCKS:
+        raise ValueError(f"{mk} key blocks: the fused threshold takes at most {THRESHOLD_BLOCKS}")
+    blocks = blocks.float().contiguous()
+    seen, must = (_bytes(x) for x in (seen, must.to(blocks.device)))
+    seen = seen.expand(b, h, rows, mk)
+    if isinstance(thresholds, torch.Tensor):
+        thr = thresholds.to(blocks).reshape(-1).expand(h).contiguous()
+    else:  # a fill on the device, no copy from the host
+        thr = torch.full((h,), thresholds, dtype=torch.float32, device=blocks.device)
+    out = torch.empty_like(blocks)
+    size = max(16, triton.next_power_of_2(mk))
+    _threshold_kernel[(rows, b * h)](
+        blocks, seen, must, thr, out, mk, h, blocks.stride(1), blocks.stride(2),
+        *seen.stride(), must.stride(0), out.stride(1), out.stride(2),
+        BLOCK=size, CH=max(16, min(64, 16384 // size)), THRESHOLD_ONLY=threshold_only,
+    )  # fmt: skip
+    return out
+
+
+def _bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as bytes, its rows contiguous: a view where it can be."""
+    mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8)
 
 
 def block_shares(

@@ -89,17 +89,11 @@ class XAttention(BlockPolicy):
         (Tq,): there, the first key block each row can keep (the blocks before it are
         not summed, and may be 0: a sliding window's rows).
         """
-        s, per = self.stride, self.block_size // self.stride
-        done = torch.div(q_pos + 1, s, rounding_mode="floor")  # complete strided queries
-        first = torch.div(q_pos, self.block_size, rounding_mode="floor") * per
-        early = done <= first  # no complete strided query in the row's block yet
-        hi = torch.where(early, first, done)
-        lo = torch.where(early, first - per, first).clamp(min=0)
         if kernel:
-            from attnlab.kernels.xattention import block_shares
-
-            blocks = block_shares(q, k, lo, hi, s, self.block_size, scaling, first=first_block)
+            blocks = self.block_sums(q, k, q_pos, scaling, first_block)
             return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-12)
+        s, per = self.stride, self.block_size // self.stride
+        lo, hi = self.strided_queries(q_pos)
         k = expand_kv(k, q.shape[1])
         est = antidiagonal_scores(q, k, s) * scaling / s  # mean over the antidiagonal
         n_q, n_k = est.shape[-2:]
@@ -113,6 +107,23 @@ class XAttention(BlockPolicy):
         rows = torch.nn.functional.pad(rows, (0, mk * per - n_k))
         blocks = rows.view(*rows.shape[:-1], mk, per).sum(-1)  # (B, H, Tq, Mk)
         return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    def strided_queries(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The strided queries lo .. hi - 1 each row at ``q_pos`` (Tq,) sums (:meth:`shares`)."""
+        s, per = self.stride, self.block_size // self.stride
+        done = torch.div(q_pos + 1, s, rounding_mode="floor")  # complete strided queries
+        first = torch.div(q_pos, self.block_size, rounding_mode="floor") * per
+        early = done <= first  # no complete strided query in the row's block yet
+        hi = torch.where(early, first, done)
+        return torch.where(early, first - per, first).clamp(min=0), hi
+
+    def block_sums(self, q, k, q_pos, scaling, first_block=None) -> torch.Tensor:
+        """The Triton kernel's sums of :meth:`shares` before their normalisation (B, H,
+        Tq, Mk) (:func:`attnlab.kernels.xattention.block_shares`)."""
+        from attnlab.kernels.xattention import block_shares
+
+        lo, hi = self.strided_queries(q_pos)
+        return block_shares(q, k, lo, hi, self.stride, self.block_size, scaling, first=first_block)
 
     def triton_shares(self, ctx: ScoreContext) -> bool:
         """Whether the Triton kernel forms the shares: the fused path, rows of a whole
@@ -151,16 +162,30 @@ class XAttention(BlockPolicy):
         # so the kernel sums none before a row's first visible block
         seen = ctx.blocks_seen(self.block_size) > 0  # (B, 1 or H, Tq, Mk)
         first_block = seen.flatten(0, 1).any(0).int().argmax(-1) if kernel else None  # (Tq,)
+        must = must_keep_blocks(ctx.q_pos, seen.shape[-1], self, ctx)  # (Tq, Mk)
+        if kernel:  # the tail below in one kernel, where a row fits it
+            from attnlab.kernels.xattention import THRESHOLD_BLOCKS, threshold_scores
+
+            if seen.shape[-1] <= THRESHOLD_BLOCKS:
+                blocks = self.block_sums(q, k, ctx.q_pos, ctx.scaling, first_block)
+                thresholds = self.thresholds(ctx.layer, blocks)
+                return threshold_scores(blocks, seen, must, thresholds, self.threshold_only)
         share = self.shares(q, k, ctx.q_pos, ctx.scaling, kernel, first_block)  # (B, H, Tq, Mk)
+        score = self.threshold_scores(share, seen, must, ctx.layer)
+        return with_must_keep_blocks(score, ctx.q_pos, self, ctx, in_place=ctx.triton)
+
+    def threshold_scores(self, share, seen, must, layer: int) -> torch.Tensor:
+        """The scores of :meth:`score` from the rows' ``share`` (B, H, Tq, Mk), before the
+        must-keep blocks' +inf: the shares among the ``seen`` blocks (B or 1, H or 1, Tq,
+        Mk bool), the ``must`` (Tq, Mk) blocks counted first, the others in decreasing
+        share while the share before them stays under the layer's threshold."""
         share = share * seen
         share = share / share.sum(-1, keepdim=True).clamp(min=1e-12)
-        must = must_keep_blocks(ctx.q_pos, share.shape[-1], self, ctx)  # (Tq, Mk)
         first = (share * must).sum(-1, keepdim=True)  # counted before any other block
         order = share.masked_fill(must, -1.0).sort(dim=-1, descending=True)
         ranked = order.values.clamp(min=0)
         before = first + ranked.cumsum(-1) - ranked  # share of the blocks ranked above
         needed = torch.zeros_like(share, dtype=torch.bool).scatter_(
-            -1, order.indices, before < self.thresholds(ctx.layer, share)
+            -1, order.indices, before < self.thresholds(layer, share)
         )
-        score = torch.where(needed, INF if self.threshold_only else share, -INF)
-        return with_must_keep_blocks(score, ctx.q_pos, self, ctx, in_place=ctx.triton)
+        return torch.where(needed, INF if self.threshold_only else share, -INF)
