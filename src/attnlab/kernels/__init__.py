@@ -2,10 +2,10 @@
 
 ``reference`` holds the definitions (and runs anywhere); ``coarsen``, ``adjacency``,
 ``curvature``, ``select`` and ``cab`` hold CAB's Triton kernels, ``xattention``
-XAttention's estimate, ``quest`` Quest's page bound and ``budget`` every block policy's
-budgeted choice. They need a CUDA GPU or ``TRITON_INTERPRET=1`` set before they are
-first imported. The Triton names below load on first use, so importing the references
-never imports Triton.
+XAttention's estimate and threshold, ``quest`` Quest's page bound and ``budget`` every
+block policy's budgeted choice. They need a CUDA GPU or ``TRITON_INTERPRET=1`` set
+before they are first imported. The Triton names below load on first use, so importing
+the references never imports Triton.
 """
 
 from importlib import import_module
@@ -23,6 +23,7 @@ _LAZY = {
     "cab_select": "cab",
     "cab_scores": "cab",
     "block_shares": "xattention",
+    "threshold_scores": "xattention",
     "page_bound": "quest",
 }
 

@@ -14,6 +14,10 @@ them and adds them over the row's queries: no second sweep recomputes the produc
 the maxima are known (a causal layer's products twice), at the cost of a float set aside
 per strided query and key block (16 MiB at 32k tokens, 4 heads, stride 8, 128-token
 blocks). The (T / S) x (T / S) estimate and its softmax are never written.
+
+:func:`threshold_scores` then turns a row's sums into ``XAttention.score``'s scores in one
+program: the shares among the blocks the row sees, and each block's share of the blocks
+ranked above it, every pair of the row compared at once (no sort, prefix sum or scatter).
 """
 
 from __future__ import annotations
