@@ -75,6 +75,24 @@ def test_a_sweep_split_among_programs_sums_as_one(dtype):
         torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
 
 
+def test_a_split_that_sees_no_causal_key_of_a_query_adds_nothing():
+    """The causal form's rows straddle the splits' edges (two rows a program, the later
+    row's keys past the earlier row's queries) and every estimate is far below 0: a split
+    with no causal key for a query leaves its sums alone (no 0 * inf), as one sweep does;
+    a fill of 0 for its maximum made NaN here."""
+    t, bs, stride = 192, 16, 4
+    policy = XAttention(block_size=bs, stride=stride)
+    lo, hi = policy.strided_queries(torch.arange(0, t, bs, device=DEVICE))
+    g = torch.Generator().manual_seed(0)
+    k = (torch.randn(1, 1, t, 16, generator=g) * 0.1 + 3.0).to(DEVICE)
+    q = (torch.randn(1, 1, t, 16, generator=g) * 0.1 - 3.0).to(DEVICE)
+    kw = dict(block_n=16, rows_per_program=2)
+    one = block_shares(q, k, lo, hi, stride, bs, 1.0, split_keys=10**6, **kw)
+    split = block_shares(q, k, lo, hi, stride, bs, 1.0, split_keys=16, **kw)
+    assert bool(torch.isfinite(split).all())
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-30)
+
+
 def test_block_shares_refuse_a_stride_that_does_not_split_blocks_in_powers_of_two():
     q = _rand(1, 1, 64, 16, seed=4)
     with pytest.raises(ValueError, match="power of two"):
@@ -131,22 +149,24 @@ def test_the_fused_prefill_takes_the_kernel_and_selects_the_same(form, monkeypat
 
 
 @pytest.mark.parametrize("threshold_only", [False, True])
-@pytest.mark.parametrize("per_head", [False, True])
-def test_the_fused_threshold_scores_as_the_pytorch_tail(threshold_only, per_head):
+@pytest.mark.parametrize("per_head, mk", [(False, 37), (True, 37), (False, 100)])
+def test_the_fused_threshold_scores_as_the_pytorch_tail(threshold_only, per_head, mk):
     """``threshold_scores`` (one kernel a row) against ``XAttention.threshold_scores`` (a
     sort, a prefix sum and a scatter) with the must-keep blocks' +inf: rows that see a
-    window of their blocks, must-keep blocks (block 0, the row's own), 37 blocks (a
-    ragged width), per-head thresholds; equal decisions wherever rounding cannot decide,
-    equal shares to float32 rounding. Leaving the must-keep blocks' share out, or counting
-    a block above itself, fails."""
+    window of their blocks (of another width in each batch entry), must-keep blocks
+    (block 0, the row's own), 37 or 100 blocks (ragged widths; 100 in two chunks),
+    per-head thresholds; equal decisions wherever rounding cannot decide, equal shares to
+    float32 rounding. Leaving the must-keep blocks' share out, or counting a block above
+    itself, fails."""
     from attnlab.kernels.xattention import threshold_scores
 
     g = torch.Generator().manual_seed(31)
-    rows, mk, heads = 20, 37, 3
+    rows, heads = 20, 3
     blocks = torch.rand(2, heads, rows, mk, generator=g) ** 4  # a few blocks dominate
-    pos = torch.arange(rows)[:, None] + 15
+    pos = torch.arange(rows)[:, None] + mk - rows - 2
     cols = torch.arange(mk)[None, :]
-    seen = ((cols <= pos) & (cols > pos - 12))[None, None]  # (1, 1, R, Mk): a window
+    # (2, 1, R, Mk): windows of 12 and 30 blocks
+    seen = torch.stack([(cols <= pos) & (cols > pos - w) for w in (12, 30)])[:, None]
     must = (cols == 0) | (cols == pos)
     blocks, seen, must = blocks.to(DEVICE), seen.to(DEVICE), must.to(DEVICE)
     policy = XAttention(block_size=16, stride=4, threshold_only=threshold_only)
@@ -165,7 +185,7 @@ def test_the_fused_threshold_scores_as_the_pytorch_tail(threshold_only, per_head
     else:
         margins = _margins(seen_share, policy.threshold, must)
     clear = margins > 1e-5
-    assert clear.float().mean() > 0.5  # most rows: the comparison is not empty
+    assert clear.float().mean() > 0.25  # the comparison is not empty
     kept_got, kept_want = got > -torch.inf, want > -torch.inf
     assert torch.equal(kept_got[clear], kept_want[clear])
     assert bool(kept_want.any(-1).all()) and not bool(kept_want[..., ~must[0]].all())

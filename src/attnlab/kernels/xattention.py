@@ -129,7 +129,9 @@ def _block_share_kernel(
             kb = j0 // PER + tl.arange(0, BN // PER)
             u = tl.sum(tl.reshape(e, (G * BI, BN // PER, PER)), axis=2)
             tl.store(u_base + loc[:, None] * su_i + kb[None, :], u)
-            tl.store(mt_base + loc * smt_i + j0 // BN, m_safe)
+            # the maximum itself: -inf where no key of the split so far is causal for the
+            # query (u is 0 there), so that the join scales it by exp(-inf) = 0
+            tl.store(mt_base + loc * smt_i + j0 // BN, m_new)
     ml_base = ml_ptr + at * sml_p + split * sml_s
     tl.store(ml_base + loc, m_i)
     tl.store(ml_base + G * BI + loc, l_i)
@@ -315,9 +317,10 @@ def block_shares(
     # each program's strided queries' sums per key block, and the maximum they were taken
     # against per key tile (the tiles before the rows' first block's are never written);
     # each split's maximum and total per query
-    u = torch.empty(b * h, progs, rows_at, n_tiles * tiles["BN"] // per, device=q.device)
-    mt = torch.empty(b * h, progs, rows_at, n_tiles, device=q.device)
-    ml = torch.empty(b * h, progs, splits, 2 * rows_at, device=q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    u = torch.empty(b * h, progs, rows_at, n_tiles * tiles["BN"] // per, **f32)
+    mt = torch.empty(b * h, progs, rows_at, n_tiles, **f32)
+    ml = torch.empty(b * h, progs, splits, 2 * rows_at, **f32)
     lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
     first = first.to(torch.int32).contiguous()
     _block_share_kernel[(progs, splits, b * h)](
