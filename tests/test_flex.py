@@ -353,11 +353,12 @@ def test_on_the_gpu_whole_window_tiles_keep_the_logits_of_tiles_of_the_block(nam
 
 
 def test_launch_settings_go_with_their_tiles_alone():
-    """16-row tiles of heads of 64 channels or more launch in ``SMALL_TILE_WARPS`` warps,
-    other tiles and narrower heads in flex's default; flex's default tiles take fewer
-    stages at head dim 256 alone."""
+    """At head dim 256 alone (where they were measured) 16-row tiles launch in
+    ``SMALL_TILE_WARPS`` warps and flex's default tiles take fewer stages; other tiles and
+    head dims launch as flex's defaults."""
     assert flex.kernel_options(16, 16, 256) == {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2}
-    assert flex.kernel_options(16, 16, 16) == {"BLOCK_M": 16, "BLOCK_N": 16}
+    for d in (16, 64, 128):
+        assert flex.kernel_options(16, 16, d) == {"BLOCK_M": 16, "BLOCK_N": 16}
     assert "num_warps" not in flex.kernel_options(64, 16, 256)
     assert flex.kernel_options(128, 64, 256) == {"BLOCK_N": 64}
     assert flex.kernel_options(128, 128, 256) == flex.dense_options(256) == {"num_stages": 2}
@@ -370,7 +371,7 @@ def test_launch_settings_go_with_their_tiles_alone():
     not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"),
     reason="needs CUDA and TRITON_INTERPRET=0",
 )
-@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("d", [256])
 def test_on_the_gpu_launch_settings_give_the_default_s_output_bit_for_bit(d):
     """The compiled kernel in ``kernel_options``' warps and ``dense_options``' stages
     gives exactly the output of flex's defaults for the same tiles: block-sparse
@@ -387,7 +388,7 @@ def test_on_the_gpu_launch_settings_give_the_default_s_output_bit_for_bit(d):
     blocks = block_mask_from_keep(keep, 16, n)
     tuned = flex.run_flex(q, k, v, blocks, scaling, flex.kernel_options(16, 16, d))
     default = flex.run_flex(q, k, v, blocks, scaling, {"BLOCK_M": 16, "BLOCK_N": 16})
-    assert "num_warps" in flex.kernel_options(16, 16, d) and torch.equal(tuned, default)
+    assert flex.kernel_options(16, 16, d)["num_warps"] == 2 and torch.equal(tuned, default)
     window = create_block_mask(window_mask_mod(100), 1, 1, n, n, device=DEVICE, BLOCK_SIZE=128)
     tuned = flex.run_flex(q, k, v, window, scaling, flex.dense_options(d))
     assert torch.equal(tuned, flex.run_flex(q, k, v, window, scaling))

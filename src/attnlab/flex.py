@@ -50,17 +50,16 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-# Launch settings, measured on one H100 at Gemma-3-270M's 32k shapes (D = 256;
-# benchmarks_ref/flex_launch_h100.txt), each with the default's output bit for bit (at
-# head dims 64 and 256: tests/test_flex.py): a 16-row tile of a head of 64 channels or more
-# in 2 warps, not the default 4 (a block-sparse layer of 16-token blocks at 95%: 1.41 ->
-# 0.95 ms; at 99% 0.33 -> 0.24; at head dim 16 the rounding differs, so narrower heads
-# keep 4), and flex's default tiles at head dim 256 (64 x 32 in bf16 on the H100) through
-# 2 pipeline stages, not 3: the model's own dense window in 128-token blocks 0.35 ->
-# 0.28 ms, a block-sparse layer of 128-token blocks 0.45 -> 0.38 at 95% (64 x 64 tiles
-# ran slower in 2 stages and keep 3)
+# Launch settings at head dim 256 (Gemma 3's), measured on one H100 at Gemma-3-270M's 32k
+# shapes (benchmarks_ref/flex_launch_h100.txt), each with the default's output bit for bit
+# (tests/test_flex.py): a 16-row tile in 2 warps, not the default 4 (a block-sparse layer
+# of 16-token blocks at 95%: 1.41 -> 0.95 ms; at 99% 0.33 -> 0.24; at head dim 16 2 warps
+# round otherwise, and other head dims were not measured, so they keep flex's defaults),
+# and flex's default tiles (64 x 32 in bf16 on the H100) through 2 pipeline stages, not 3:
+# the model's own dense window in 128-token blocks 0.35 -> 0.28 ms, a block-sparse layer
+# of 128-token blocks 0.45 -> 0.38 at 95% (64 x 64 tiles ran slower in 2 stages and keep 3)
+TUNED_HEAD = 256
 SMALL_TILE_WARPS = 2
-SMALL_TILE_MIN_HEAD = 64
 WIDE_HEAD_STAGES = 2
 
 
@@ -70,7 +69,7 @@ def kernel_options(q_block: int, kv_block: int, head_dim: int = 0) -> dict | Non
     opts = {}
     if q_block < 128:
         opts["BLOCK_M"] = q_block
-    if q_block <= 16 and head_dim >= SMALL_TILE_MIN_HEAD:
+    if q_block <= 16 and head_dim == TUNED_HEAD:
         opts["num_warps"] = SMALL_TILE_WARPS
     if kv_block < 64:
         opts["BLOCK_N"] = kv_block
@@ -83,7 +82,7 @@ def dense_options(head_dim: int) -> dict | None:
     """Launch settings of flex's default tiles (the model's own BlockMask, blocks of 128
     tokens or more): 2 pipeline stages at head dim 256 (Gemma 3's, measured), whose
     default tiles run 3; else None (other head dims take other default tiles)."""
-    return {"num_stages": WIDE_HEAD_STAGES} if head_dim == 256 else None
+    return {"num_stages": WIDE_HEAD_STAGES} if head_dim == TUNED_HEAD else None
 
 
 def run_flex(
