@@ -254,7 +254,7 @@ def threshold_scores(
     _threshold_kernel[(rows, b * h)](
         blocks, seen, must, thr, out, mk, h, blocks.stride(1), blocks.stride(2),
         *seen.stride(), must.stride(0), out.stride(1), out.stride(2),
-        BLOCK=size, CH=max(16, min(64, 16384 // size)), THRESHOLD_ONLY=threshold_only,
+        BLOCK=size, CH=max(16, min(64, size, 16384 // size)), THRESHOLD_ONLY=threshold_only,
     )  # fmt: skip
     return out
 
