@@ -160,8 +160,14 @@ class XAttention(BlockPolicy):
         # only the blocks the model's own mask lets the row see share its attention (a
         # sliding window hides the rest; the estimate itself runs over every causal key),
         # so the kernel sums none before a row's first visible block
-        seen = ctx.blocks_seen(self.block_size) > 0  # (B, 1 or H, Tq, Mk)
-        first_block = seen.flatten(0, 1).any(0).int().argmax(-1) if kernel else None  # (Tq,)
+        counts = ctx.blocks_seen(self.block_size)  # (B, 1 or H, Tq, Mk), once per mask
+
+        def visible():  # and so the blocks seen and each row's first (Tq,), every layer's
+            seen = counts > 0
+            return counts, seen, seen.flatten(0, 1).any(0).int().argmax(-1)
+
+        seen, first_block = ctx.cached(("xattention seen", id(counts)), visible)[1:]
+        first_block = first_block if kernel else None
         must = must_keep_blocks(ctx.q_pos, seen.shape[-1], self, ctx)  # (Tq, Mk)
         if kernel:  # the tail below in one kernel, where a row fits it
             from attnlab.kernels.xattention import THRESHOLD_BLOCKS, threshold_scores
