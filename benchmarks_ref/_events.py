@@ -1,7 +1,8 @@
 """The timing loop of the benchmarks_ref microbenchmarks: the median of CUDA-event times of
 ``reps`` launches after 3 warm-ups (no L2 flush between them, unlike attnlab's
 ``bench.timing.median_ms``), the profiler's GPU time of named kernels, a module as a
-commit had it, and XAttention's estimate's inputs at Gemma-3-270M's shapes. Imported by
+commit had it, and XAttention's estimate's inputs at Gemma-3-270M's shapes and the
+difference of two of its outputs. Imported by
 the scripts beside it, run from the repository root as
 ``python benchmarks_ref/<script>.py``."""
 
@@ -69,3 +70,10 @@ def xattention_inputs(t: int, dev: str = "cuda"):
     lo = torch.arange(mq, device=dev) * per
     first = ((torch.arange(mq, device=dev) * bs - 511).clamp(min=0) // bs).to(torch.int32)
     return q, k, d**-0.5, lo, lo + per, first
+
+
+def read_rel_diff(a: torch.Tensor, b: torch.Tensor, first: torch.Tensor) -> float:
+    """The largest relative difference of two estimates' block sums (B, H, R, Mk) over the
+    blocks the rows read (from each row's ``first`` on) where ``a`` is not 0."""
+    used = torch.arange(a.shape[-1], device=a.device)[None, :] >= first[:, None]
+    return ((a - b).abs() / a.abs().clamp(min=1e-30))[used & (a > 0)].max().item()

@@ -11,7 +11,7 @@ PYTHONPATH=src python benchmarks_ref/xattention_sweeps_h100.py 32768 [old.py]"""
 import sys
 
 import torch
-from _events import kernel_ms, median_event_ms, module_at, xattention_inputs
+from _events import kernel_ms, median_event_ms, module_at, read_rel_diff, xattention_inputs
 
 from attnlab.kernels import xattention as new
 
@@ -22,11 +22,9 @@ q, k, sc, lo, hi, xf = xattention_inputs(T)
 print(torch.__version__, torch.cuda.get_device_name(), flush=True)
 for fb, name in ((None, "causal"), (xf, "window")):
     first = torch.zeros_like(lo) if fb is None else fb
-    used = torch.arange(T // BS, device=q.device)[None, :] >= first[:, None]  # the blocks read
     a = old.block_shares(q, k, lo, hi, ST, BS, sc, first=fb)
     b = new.block_shares(q, k, lo, hi, ST, BS, sc, first=fb)
-    m = used & (a > 0)
-    e = ((a - b).abs() / a.abs().clamp(min=1e-30))[m].max().item()
+    e = read_rel_diff(a, b, first)
     times = []
     for mod in (old, new):
         fn = lambda mod=mod, fb=fb: mod.block_shares(q, k, lo, hi, ST, BS, sc, first=fb)  # noqa: E731
