@@ -138,7 +138,7 @@ def test_the_fused_prefill_takes_the_kernel_and_selects_the_same(form, monkeypat
         run = sparse.SparseRun(policy, 0.8, whole_prompt=True)
         keep = run.block_mask(0, q, k, scaling, kv_heads=2, lists=False if fused else None)
         keeps[fused] = keep[0] if fused else keep
-    assert len(calls) == 1  # the sums, and from them the scores in one kernel too
+    assert len(calls) == 1  # one call of the estimate's sums for the layer
     # the decisions' margins, from the PyTorch shares of the rows the form reads
     starts = torch.arange(0, n, bs, device=DEVICE)
     rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)
