@@ -2,16 +2,19 @@
 ``reps`` launches after 3 warm-ups (no L2 flush between them, unlike attnlab's
 ``bench.timing.median_ms``), the profiler's GPU time of named kernels, a module as a
 commit had it, and XAttention's estimate's inputs at Gemma-3-270M's shapes and the
-difference of two of its outputs. Imported by
+difference of two of its outputs, and a 32k prefill of a random-weight Gemma-3-270M under a
+policy. Imported by
 the scripts beside it, run from the repository root as
 ``python benchmarks_ref/<script>.py``."""
 
 import importlib.util
+import json
 import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -77,3 +80,30 @@ def read_rel_diff(a: torch.Tensor, b: torch.Tensor, first: torch.Tensor) -> floa
     blocks the rows read (from each row's ``first`` on) where ``a`` is not 0."""
     used = torch.arange(a.shape[-1], device=a.device)[None, :] >= first[:, None]
     return ((a - b).abs() / a.abs().clamp(min=1e-30))[used & (a > 0)].max().item()
+
+
+def random_gemma_prefill(t: int):
+    """``prefill(policy, sparsity)``: the last logits of a prefill of ``t`` random token ids
+    through a Gemma-3-270M of the real config (gemma3_270m_config.json beside this file)
+    with random weights (seed 0), bf16 on CUDA, attnlab's attention installed, the policy
+    as the workflow's defaults make it, whole prompt, the prefill regime."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from attnlab import attention, decoding, policies, sparse, workflow
+
+    raw = json.loads((Path(__file__).parent / "gemma3_270m_config.json").read_text())
+    skip = ("architectures", "dtype", "transformers_version")
+    kw = {k: v for k, v in raw.items() if not k.startswith("_") and k not in skip}
+    cfg = Gemma3TextConfig(**kw)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = attention.install(Gemma3ForCausalLM(cfg).to(dtype=torch.bfloat16).eval().cuda())
+    ids = torch.randint(10, 200000, (1, t), device="cuda")
+    params = yaml.safe_load(open("workflow_config.yaml"))["policies"]
+
+    def prefill(name: str, s: float) -> torch.Tensor:
+        policy = policies.make(name, **workflow.policy_spec(name, params))
+        run = sparse.SparseRun(policy, s, regime="prefill", whole_prompt=True, records=False)
+        return decoding.prefill(model, ids, run)[1]
+
+    return prefill

@@ -12,17 +12,14 @@ read the kernel times), and whether the last logits are equal bit for bit. Run f
 repository root:
 PYTHONPATH=src python benchmarks_ref/model_ab_h100.py flex|splits|threshold 32768 [cases]"""
 
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
-import yaml
 from torch.profiler import ProfilerActivity, profile
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from attnlab import attention, decoding, flex, policies, sparse, workflow
+from _events import random_gemma_prefill
+from attnlab import flex
 from attnlab.kernels import xattention
 
 WHAT = sys.argv[1]
@@ -51,20 +48,7 @@ def use(which: str) -> None:
         xattention.THRESHOLD_BLOCKS = SETTINGS[which]
 
 
-raw = json.loads((Path(__file__).parent / "gemma3_270m_config.json").read_text())
-skip = ("architectures", "dtype", "transformers_version")
-cfg = Gemma3TextConfig(**{k: v for k, v in raw.items() if not k.startswith("_") and k not in skip})
-cfg._attn_implementation = "eager"
-torch.manual_seed(0)
-model = attention.install(Gemma3ForCausalLM(cfg).to(dtype=torch.bfloat16).eval().cuda())
-ids = torch.randint(10, 200000, (1, T), device="cuda")
-params = yaml.safe_load(open("workflow_config.yaml"))["policies"]
-
-
-def prefill(name: str, s: float):
-    policy = policies.make(name, **workflow.policy_spec(name, params))
-    run = sparse.SparseRun(policy, s, regime="prefill", whole_prompt=True, records=False)
-    return decoding.prefill(model, ids, run)[1]
+prefill = random_gemma_prefill(T)
 
 
 def event_ms(fn) -> float:

@@ -32,8 +32,8 @@ def _case(m: int, seed: int, heads: int = 2):
 @pytest.mark.parametrize("m, seed", [(5, 0), (23, 1), (100, 2)])
 @pytest.mark.parametrize("all_partial", [False, True])
 def test_fused_budget_selection_equals_the_pytorch_selection(m, seed, all_partial):
-    """Rows of up to 64 blocks rank each block among the row's others, longer rows search
-    the threshold (100 blocks: both)."""
+    """Grids of 5, 23 and 100 blocks: launches of rows 8 to 128 blocks wide, a window's
+    band's width and wider."""
     score, count, budget = _case(m, seed)
     want = keep_blocks_by_budget(score, count, budget)
     keep, (full_num, full_idx, part_num, part_idx) = budget_select(

@@ -15,10 +15,9 @@ lies above a threshold, then the blocks at the threshold, earliest first, while 
 The threshold is found by a binary search over the 2^32 integer orders (33 halvings, each
 a masked sum over the row: fewer steps than a bitonic sort's 66 at 2048 blocks, each one
 reduction where a sort's stages exchange the row's elements), the ties by a prefix sum.
-A row of at most ``RANK_MAX`` blocks (a window's band) needs no search: a block fits where
-its keys and those of the blocks before it in the sorted row (higher orders, and equal
-ones to its left) fit the budget, every pair of the row compared at once; the same
-prefix, in one reduction where the search takes 33 in sequence. The program writes the
+(Ranking each block of a window's band among the row's others in one reduction, every
+pair compared at once, made the same prefix slower than the search on an H100:
+benchmarks_ref/budget_rank_h100.txt.) The program writes the
 keep-mask in column order and the lists from running counts: kept blocks ascending
 (strictly left of the diagonal "full", the diagonal "partial"; every kept block partial
 under the model's own mask), then the others ascending, exactly as
@@ -45,7 +44,6 @@ import triton.language as tl
 
 MAX_BLOCKS = 8192  # key blocks a row may have (128k tokens in blocks of 16): one program
 # holds its row in registers
-RANK_MAX = tl.constexpr(64)  # rows of at most this many blocks rank each block (a window band)
 
 
 @triton.jit
@@ -70,32 +68,24 @@ def _budget_kernel(
     s = tl.where(in_m, s, float("-inf"))
     bits = s.to(tl.int32, bitcast=True)
     o = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order: the float's
-    if BLOCK <= RANK_MAX:  # a short row (a window's band): each block's rank, no search
-        # the keys of the blocks before it in the sorted row (descending order, ties to
-        # the earlier block), every pair of the row compared at once
-        oi, oj = o[None, :], o[:, None]
-        ahead = (oi > oj) | ((oi == oj) & (band[None, :] < band[:, None]))
-        fits = tl.sum(tl.where(ahead, c[None, :], 0), axis=1) + c <= budget
-    else:
-        # The sorted row's prefix that fits is every block above a threshold order t,
-        # then the blocks at t, earliest first, while they fit: t is the largest order
-        # whose blocks at or above it exceed the budget (a binary search over the 2^32
-        # orders, 33 halvings of a sum over the row), none where the whole row fits (t
-        # below every order).
-        o64 = o.to(tl.int64)
-        zero = budget.to(tl.int64) * 0  # an int64 scalar, whatever the budget's type
-        lo_t = zero - 2**31 - 1  # its blocks and above exceed the budget
-        hi_t = zero + 2**31  # its blocks and above fit (none)
-        for _ in range(33):  # 2^32 + 1 orders between them, halved 33 times: adjacent
-            mid = (lo_t + hi_t) >> 1
-            over = tl.sum(tl.where(o64 >= mid, c, 0), axis=0) > budget
-            go = hi_t - lo_t > 1
-            lo_t = tl.where(go & over, mid, lo_t)
-            hi_t = tl.where(go & ~over, mid, hi_t)
-        above = o64 > lo_t
-        tie = o64 == lo_t
-        used = tl.sum(tl.where(above, c, 0), axis=0)
-        fits = above | (tie & (used + tl.cumsum(tl.where(tie, c, 0), axis=0) <= budget))
+    # The sorted row's prefix that fits is every block above a threshold order t, then the
+    # blocks at t, earliest first, while they fit: t is the largest order whose blocks at
+    # or above it exceed the budget (a binary search over the 2^32 orders, 33 halvings of
+    # a sum over the row), none where the whole row fits (t below every order).
+    o64 = o.to(tl.int64)
+    zero = budget.to(tl.int64) * 0  # an int64 scalar, whatever the budget's type
+    lo_t = zero - 2**31 - 1  # its blocks and above exceed the budget
+    hi_t = zero + 2**31  # its blocks and above fit (none)
+    for _ in range(33):  # 2^32 + 1 orders between them, halved 33 times: adjacent
+        mid = (lo_t + hi_t) >> 1
+        over = tl.sum(tl.where(o64 >= mid, c, 0), axis=0) > budget
+        go = hi_t - lo_t > 1
+        lo_t = tl.where(go & over, mid, lo_t)
+        hi_t = tl.where(go & ~over, mid, hi_t)
+    above = o64 > lo_t
+    tie = o64 == lo_t
+    used = tl.sum(tl.where(above, c, 0), axis=0)
+    fits = above | (tie & (used + tl.cumsum(tl.where(tie, c, 0), axis=0) <= budget))
     best = tl.max(o, axis=0)  # the row's first in order: the best, the earliest of equals
     first = (o == best) & (band == tl.min(tl.where(o == best, band, BLOCK), axis=0))
     ninf = tl.full((1,), float("-inf"), tl.float32).to(tl.int32, bitcast=True) ^ 0x7FFFFFFF
@@ -183,11 +173,9 @@ def _launches(widths: list[int], max_launches: int) -> list[tuple[int, int, int]
 
 
 def _warps(size: int) -> int:
-    """Warps of a program holding a row of ``size`` blocks: a short row's pairs at about
-    32 a thread; a longer row's about 8 blocks a thread, so that rows up to 256 blocks sum
-    within one warp, with no barrier between warps in each of the search's 33 sums."""
-    if size <= RANK_MAX.value:
-        return max(1, size * size // 1024)
+    """Warps of a program holding a row of ``size`` blocks: about 8 blocks a thread, so a
+    window's band (64 or fewer) sums within one warp, with no barrier between warps in
+    each of the search's 33 sums."""
     return max(1, min(8, size // 256))
 
 
