@@ -1,15 +1,15 @@
 """The timing loop of the benchmarks_ref microbenchmarks: the median of CUDA-event times of
 ``reps`` launches after 3 warm-ups (no L2 flush between them, unlike attnlab's
-``bench.timing.median_ms``), the profiler's GPU time of named kernels, a module as a
-commit had it, and XAttention's estimate's inputs at Gemma-3-270M's shapes and the
-difference of two of its outputs, and a 32k prefill of a random-weight Gemma-3-270M under a
-policy. Imported by
-the scripts beside it, run from the repository root as
-``python benchmarks_ref/<script>.py``."""
+``bench.timing.median_ms``), one call's event time, the profiler's GPU time of named
+kernels, a module as a commit had it, XAttention's estimate's inputs at Gemma-3-270M's
+shapes (and the A/B setup of its scripts) and the difference of two of its outputs, and a
+32k prefill of a random-weight Gemma-3-270M under a policy. Imported by the scripts
+beside it, run from the repository root as ``python benchmarks_ref/<script>.py``."""
 
 import importlib.util
 import json
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +46,28 @@ def median_event_ms(fn, reps: int = 30) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
+def event_ms(fn) -> float:
+    """CUDA-event time of one call of ``fn`` (no warm-up)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b)
+
+
+def call_kernel_ms(fn, match: str) -> tuple[float, float]:
+    """The profiler's GPU time of one call of ``fn`` (no warm-up): every kernel's, and
+    that of the kernels whose name holds ``match``."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    matched = sum(e.device_time for e in gpu if match in e.name)
+    return sum(e.device_time for e in gpu) / 1e3, matched / 1e3
+
+
 def kernel_ms(fn, match: str, reps: int = 20) -> float:
     """The profiler's GPU time per call of the kernels whose name holds ``match`` ("" for
     every kernel), over ``reps`` calls after 3 warm-ups: no host time in it."""
@@ -73,6 +95,20 @@ def xattention_inputs(t: int, dev: str = "cuda"):
     lo = torch.arange(mq, device=dev) * per
     first = ((torch.arange(mq, device=dev) * bs - 511).clamp(min=0) // bs).to(torch.int32)
     return q, k, d**-0.5, lo, lo + per, first
+
+
+def estimate_ab(commit: str):
+    """The XAttention estimate scripts' A/B setup: T from ``sys.argv[1]`` (32768), the
+    estimate's module as ``commit`` had it (or from the file ``sys.argv[2]``), its inputs
+    at Gemma-3-270M's shapes (:func:`xattention_inputs`), the versions printed. Returns
+    that module, (q, k, scaling, lo, hi) and the two cases (name, the rows' first blocks
+    as the kernel takes them, as :func:`read_rel_diff` reads them): a global layer's
+    (None, zeros) and a 512-key window's."""
+    t = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
+    old = module_at(commit, "src/attnlab/kernels/xattention.py", (sys.argv[2:] or [None])[0])
+    q, k, sc, lo, hi, xf = xattention_inputs(t)
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    return old, (q, k, sc, lo, hi), (("causal", None, torch.zeros_like(lo)), ("window", xf, xf))
 
 
 def read_rel_diff(a: torch.Tensor, b: torch.Tensor, first: torch.Tensor) -> float:

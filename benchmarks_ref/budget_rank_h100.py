@@ -17,9 +17,8 @@ import sys
 
 import torch
 import triton.language as tl
-from torch.profiler import ProfilerActivity, profile
 
-from _events import random_gemma_prefill
+from _events import call_kernel_ms, event_ms, random_gemma_prefill
 from attnlab.kernels import budget
 
 CASES = ("quest", 0.99), ("quest", 0.9), ("coarse_magnitude", 0.99)
@@ -32,20 +31,12 @@ with torch.inference_mode():
     for name, s in CASES:
         logits[f"{name}:{s}"] = prefill(name, s).float().cpu()
         prefill(name, s)
-        with profile(activities=[ProfilerActivity.CUDA]) as p:
-            prefill(name, s)
-            torch.cuda.synchronize()
-        gpu = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        total = sum(e.device_time for e in gpu) / 1e3
-        kernel = sum(e.device_time for e in gpu if "_budget_kernel" in e.name) / 1e3
-        times = []
-        for _ in range(6):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            prefill(name, s)
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
+
+        def fn(name=name, s=s):
+            return prefill(name, s)
+
+        total, kernel = call_kernel_ms(fn, "_budget_kernel")
+        times = [event_ms(fn) for _ in range(6)]
         print(
             f"{name} {s}: kernels {total:.2f} ms, budget kernel {kernel:.3f} ms,"
             f" events median {statistics.median(times):.2f} ms",

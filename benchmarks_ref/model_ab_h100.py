@@ -16,9 +16,8 @@ import statistics
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from _events import random_gemma_prefill
+from _events import call_kernel_ms, event_ms, random_gemma_prefill
 from attnlab import flex
 from attnlab.kernels import xattention
 
@@ -51,25 +50,6 @@ def use(which: str) -> None:
 prefill = random_gemma_prefill(T)
 
 
-def event_ms(fn) -> float:
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    a.record()
-    fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b)
-
-
-def kernel_ms(fn) -> tuple[float, float]:
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        fn()
-        torch.cuda.synchronize()
-    gpu = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    flex_ms = sum(e.device_time for e in gpu if "flex_attention" in e.name)
-    return sum(e.device_time for e in gpu) / 1e3, flex_ms / 1e3
-
-
 print(torch.__version__, torch.cuda.get_device_name(), flush=True)
 with torch.inference_mode():
     for case in (sys.argv[3] if len(sys.argv) > 3 else CASES).split(","):
@@ -83,7 +63,7 @@ with torch.inference_mode():
             use(which)
             logits[which] = fn()
             fn()
-            kernels[which] = kernel_ms(fn)
+            kernels[which] = call_kernel_ms(fn, "flex_attention")
         for _ in range(6):
             for which in SETTINGS:
                 use(which)

@@ -8,20 +8,13 @@ whose sweeps split among programs every ``split_keys`` strided keys (128 to 4096
 and by the profiler's GPU time of the estimate's kernels. Run from the repository root:
 PYTHONPATH=src python benchmarks_ref/xattention_splits_h100.py 32768 [old.py]"""
 
-import sys
-
-import torch
-from _events import kernel_ms, median_event_ms, module_at, read_rel_diff, xattention_inputs
+from _events import estimate_ab, kernel_ms, median_event_ms, read_rel_diff
 
 from attnlab.kernels import xattention as new
 
-T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
-old = module_at("acb8893", "src/attnlab/kernels/xattention.py", (sys.argv[2:] or [None])[0])
 BS, ST = 128, 8
-q, k, sc, lo, hi, xf = xattention_inputs(T)
-print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-for fb, name in ((None, "causal"), (xf, "window")):
-    first = torch.zeros_like(lo) if fb is None else fb
+old, (q, k, sc, lo, hi), cases = estimate_ab("acb8893")
+for name, fb, first in cases:
     a = old.block_shares(q, k, lo, hi, ST, BS, sc, first=fb)
 
     def one(fb=fb):
