@@ -162,7 +162,7 @@ class XAttention(BlockPolicy):
         # so the kernel sums none before a row's first visible block
         counts = ctx.blocks_seen(self.block_size)  # (B, 1 or H, Tq, Mk), once per mask
 
-        def visible():  # and so the blocks seen and each row's first (Tq,), every layer's
+        def visible():  # the blocks seen and each row's first (Tq,); counts keeps its id
             seen = counts > 0
             return counts, seen, seen.flatten(0, 1).any(0).int().argmax(-1)
 
