@@ -5,10 +5,10 @@ on the lower tiles -> fused z-score blend and per-query-block top-k. Only A (bf1
 float32) and F (float32), M x M per head, cross launches, each written and read once;
 everything else stays on chip. Causal form: a second adjacency sweep forms each block's
 row as its first row sees it, and the curvature takes prefix degrees
-(:func:`attnlab.kernels.curvature.causal_forman_ricci`). On an H100 at 128k tokens, 32
+(:func:`attnlab.kernels.curvature.causal_forman_ricci`). On an H200 at 128k tokens, 32
 heads, head dim 128, 64-token blocks, the scored selection (a float32 adjacency) takes
-32.4 ms in the prompt form and 30.3 in the causal one, against 52.7 and 78.4 in PyTorch,
-a bf16 adjacency (another selection) 6.1 (benchmarks_ref/kernels_forms_h100.csv).
+25.2 ms in the prompt form and 22.9 in the causal one, against 39.9 and 52.2 in PyTorch,
+a bf16 adjacency (another selection) 6.1 (benchmarks_ref/kernels_forms_h200.csv).
 
 Granularity. Scores are formed between 64-token blocks (M = N / 64). The selection is made
 per query block of ``q_group`` score rows, pooling their scores by max, over 64-token key
