@@ -100,3 +100,17 @@ def test_the_prefill_regime_scores_one_run_a_job(tmp_path):
     assert line == "attnlab: error: the prefill regime scores one run over every prompt in a job"
     args = _niah_score(tmp_path, "decode", "[]", "1of1")
     assert "--regime must be one of cache, prefill" in refused(*args, "--out", str(out), out=out)
+
+
+def test_a_bad_policy_setting_stops_the_prefill_bench_before_the_model_loads(tmp_path):
+    """Every policy is built first: the stride that does not divide the block size is the
+    error, not the model that would have taken minutes of timing to reach it."""
+    out = tmp_path / "bench"
+    params = {"xattention": {"block_size": 32, "stride": 5}}
+    line = refused(
+        "bench", "prefill", "--model", "no-such-org/no-such-model-xyz",
+        "--prompts", str(tmp_path / "prompts.parquet"), "--length", "64",
+        "--policies", "full", "xattention", "--policy-params", json.dumps(params),
+        "--out", str(out), out=out / "prefill.parquet",
+    )  # fmt: skip
+    assert "xattention" in line and "no-such-model" not in line

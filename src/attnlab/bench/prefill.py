@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     achieved sparsity, peak memory and the kernel."""
     from attnlab import attention, decoding, models, policies, sparse, windows
 
+    for name in ["full", *args.policies]:  # a bad setting stops the run before it times
+        policies.make(name, **args.policy_params.get(name, {}))
     torch.set_num_threads(args.threads)
     model, _, _ = models.load(args.model, device=args.device, dtype=args.dtype)
     model = attention.install(model)
