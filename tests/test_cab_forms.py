@@ -201,7 +201,7 @@ def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
     of their rows, so each query block's entries from its first key block on equal the
     whole computation's, in both forms (tiles of 32 and 16 blocks, a 40-block window)."""
     n, bs = 1200, 8
-    q, k = _rand(1, 2, n, 16, seed=11), _rand(1, 1, n, 16, seed=12)
+    q, k = _rand(1, 1, n, 16, seed=11), _rand(1, 1, n, 16, seed=12)  # one head: interpreted kernels
     m = n // bs
     first = (torch.arange(m, device=DEVICE) - 39).clamp(min=0)
     band = (torch.arange(m, device=DEVICE) >= first[:, None]) & (
@@ -233,7 +233,7 @@ def test_coarse_magnitude_scores_the_first_rows_alone(form, adjacency):
     adjacency's rows at least, tiled as the whole grid's), the later rows are -inf,
     whatever the count (none, one, all, past the last; a ragged last block)."""
     n, bs = 700, 8  # 88 blocks, the last of 4 tokens
-    q, k = _rand(1, 2, n, 16, seed=13), _rand(1, 1, n, 16, seed=14)
+    q, k = _rand(1, 1, n, 16, seed=13), _rand(1, 1, n, 16, seed=14)
     m = -(-n // bs)
     kw = dict(form=form, lam=0.0, adjacency=adjacency, write_score=True, write_indices=False)
     kw["adjacency_blocks"] = (16, 64)  # strips of 16 rows
@@ -265,19 +265,20 @@ def test_under_a_window_the_fused_cab_selection_keeps_the_pytorch_one(graph, for
         cab_kernels, "cab_scores", lambda *a, **kw: firsts.append(kw["first"]) or real(*a, **kw)
     )
     n, bs, w, scaling = 2400, 8, 100, 0.25  # 300 blocks: tiles of 128 and 64 skipped
-    q, k = _rand(1, 2, n, 16, seed=13), _rand(1, 1, n, 16, seed=14)
+    # one head (the keys' heads expanded to the queries' are tested above, 4 of 1 and 2)
+    q, k = _rand(1, 1, n, 16, seed=13), _rand(1, 1, n, 16, seed=14)
     policy = policies.make("cab", block_size=bs, graph=graph, selection=form)
     keeps = {}
     for fused in (False, True):
         mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE)))
         run = sparse.SparseRun(policy, 0.97, whole_prompt=True)  # a few of a band's blocks
-        keep = run.block_mask(0, q, expand_kv(k, 2), scaling, 1, mask, lists=fused or None)
+        keep = run.block_mask(0, q, k, scaling, 1, mask, lists=fused or None)
         keeps[fused] = keep[0] if fused else keep
     (first,) = firsts
     starts = torch.arange(0, n, bs, device=DEVICE)
     assert torch.equal(first.cpu(), ((starts.cpu() - w + 1).clamp(min=0) // bs).int())
     ctx = sparse.SparseRun(policy, 0.97, whole_prompt=True)._context(
-        0, q, expand_kv(k, 2), None, scaling, 1, rows=run_rows(n), cache={}
+        0, q, k, None, scaling, 1, rows=run_rows(n), cache={}
     )
     rows = starts if form == "causal" else (starts + bs - 1).clamp(max=n - 1)
     score = policy.block_scores(ctx, rows, form)

@@ -27,7 +27,7 @@ def pareto_dir(tmp_path_factory):
             "haystack": ["corpus", "noise"],
             "cache_shards": 2,
         },
-        "pareto": {"policies": ["cab"], "sparsities": [0.75], "chunks": 3, "repeats": 2},
+        "pareto": {"policies": ["cab"], "sparsities": [0.75], "chunks": 3, "repeats": 1},
         # CAB and a named variant: the variant machinery (lambda variants are named the
         # same way, tests/test_workflow.py); baselines are ordinary policies
         "ablation": {

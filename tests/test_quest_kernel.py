@@ -96,20 +96,20 @@ def test_the_fused_prefill_under_a_window_bounds_each_row_s_band(monkeypatch):
         kernels, "page_bound", lambda *a, **kw: bands.append(kw["bands"]) or real(*a, **kw)
     )
     n, bs, w = 2400, 8, 100  # 300 blocks: tiles of 64 left of every band
-    q, k = _rand(1, 4, n, 16, seed=15), expand_kv(_rand(1, 2, n, 16, seed=16), 4)
+    q, k = _rand(1, 2, n, 16, seed=15), expand_kv(_rand(1, 1, n, 16, seed=16), 2)
     policy = policies.make("quest", block_size=bs)
     keeps = {}
     for fused in (False, True):
         mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE)))
         run = sparse.SparseRun(policy, 0.97, whole_prompt=True)  # a few of a band's blocks
-        keep = run.block_mask(0, q, k, 0.25, 2, mask, lists=True if fused else None)
+        keep = run.block_mask(0, q, k, 0.25, 1, mask, lists=True if fused else None)
         keeps[fused] = keep[0] if fused else keep
     ((first, last),) = bands
     starts = torch.arange(0, n, bs, device=DEVICE)
     assert torch.equal(first.cpu(), ((starts.cpu() - w + 1).clamp(min=0) // bs).int())
     assert torch.equal(last.cpu(), starts.cpu() // bs)
     ctx = sparse.SparseRun(policy, 0.97, whole_prompt=True)._context(
-        0, q, k, None, 0.25, 2, rows=run_rows(n), cache={}
+        0, q, k, None, 0.25, 1, rows=run_rows(n), cache={}
     )
     score = policy.block_scores(ctx, starts, "causal")
     seen = mask.block_counts(starts, (starts + bs - 1).clamp(max=n - 1), bs) > 0
@@ -163,14 +163,14 @@ def test_the_fused_prefill_chooses_for_the_rows_before_the_whole_rows_alone(name
     }[name]
     monkeypatch.setattr(*spy, lambda *a, **kw: firsts.append(at(kw)) or real(*a, **kw))
     n, bs, w, cut = 1200, 8, 100, 60  # 150 query blocks, the last 90 whole
-    q, k = _rand(1, 4, n, 16, seed=17), expand_kv(_rand(1, 2, n, 16, seed=18), 4)
+    q, k = _rand(1, 2, n, 16, seed=17), expand_kv(_rand(1, 1, n, 16, seed=18), 2)
     policy = policies.make(name, block_size=bs)
     out = {}
     for chosen in (None, cut):
         mask = ModelMask(_recipe(n, w, device=torch.device(DEVICE), batch_size=1))
         run = sparse.SparseRun(policy, 0.9, whole_prompt=True)
         pairs = mask.block_pairs(bs, torch.device(DEVICE))
-        out[chosen] = run.block_mask(0, q, k, 0.25, 2, mask, True, pairs, chosen)
+        out[chosen] = run.block_mask(0, q, k, 0.25, 1, mask, True, pairs, chosen)
     every, part = out[None], out[cut]
     assert torch.equal(part[0][..., :cut, :], every[0][..., :cut, :])
     assert not part[0][..., cut:, :].any() and every[0][..., cut:, :].any()
@@ -178,8 +178,8 @@ def test_the_fused_prefill_chooses_for_the_rows_before_the_whole_rows_alone(name
     assert torch.equal(num, every[1][2][..., :cut])
     listed = torch.arange(idx.shape[-1], device=DEVICE) < num[..., None]
     assert torch.equal(idx[listed], every[1][3][..., :cut, :][listed])
-    # the chosen rows' kept pairs, then every pair the whole rows see, in each of 4 heads
-    want = (part[0][0, :, :cut].long().sum(0) * pairs[:cut]).sum() + 4 * pairs[cut:].sum()
+    # the chosen rows' kept pairs, then every pair the whole rows see, in each of 2 heads
+    want = (part[0][0, :, :cut].long().sum(0) * pairs[:cut]).sum() + 2 * pairs[cut:].sum()
     assert part[2].item() == want.item()
     if name == "coarse_magnitude":  # the first cut query blocks' rows of A alone
         assert firsts == [None, cut]

@@ -74,8 +74,17 @@ def test_profile_runs_each_rule_as_a_slurm_job(slurm, tmp_path):
 
     cmd, env = snakemake_command(work, "--profile", "slurm-test", TARGET)
     env["SLURM_CONF"] = slurm.env["SLURM_CONF"]
+    # the local run to compare with, beside the cluster's (which waits on status checks)
+    local = copy_workflow(tmp_path / "local", TINY)
+    local_cmd, local_env = snakemake_command(local, "--cores", "2", TARGET)
     addresses = set()
-    with open(tmp_path / "snakemake.log", "w") as log:
+    with (
+        open(tmp_path / "snakemake.log", "w") as log,
+        open(tmp_path / "local.log", "w") as local_log,
+    ):
+        local_run = subprocess.Popen(
+            local_cmd, cwd=local, env=local_env, stdout=local_log, stderr=subprocess.STDOUT
+        )
         run = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while run.poll() is None and time.monotonic() < deadline:
@@ -84,8 +93,10 @@ def test_profile_runs_each_rule_as_a_slurm_job(slurm, tmp_path):
         if run.poll() is None:
             run.terminate()  # Snakemake cancels its SLURM jobs on the way out
             run.wait(60)
+        local_run.wait(max(1.0, deadline - time.monotonic()))
     output = (tmp_path / "snakemake.log").read_text()
     assert run.returncode == 0, output
+    assert local_run.returncode == 0, (tmp_path / "local.log").read_text()
     assert addresses == {"127.0.0.1"}
 
     jobs = {}
@@ -108,8 +119,6 @@ def test_profile_runs_each_rule_as_a_slurm_job(slurm, tmp_path):
         assert f"rule {rule}:" in out.read_text() and "(100%) done" in out.read_text(), out
     assert asked["niah_score"].get("gpu") == 1  # the profile's model jobs ask for a GPU
 
-    local = copy_workflow(tmp_path / "local", TINY)
-    snakemake(local, "--cores", "2", TARGET)
     files = {
         d: sorted(f.relative_to(d) for f in (d / "results").rglob("*.*")) for d in (work, local)
     }

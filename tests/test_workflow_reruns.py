@@ -5,8 +5,6 @@ workflow and the package)."""
 import os
 import time
 
-import polars as pl
-
 from workflow_helpers import copy_workflow, planned_jobs, snakemake
 
 
@@ -21,7 +19,6 @@ def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jso
             "regimes": {"cache": ["snapkv"], "prefill": ["streamingllm"]},
         },
         "induction": {"lags": [4], "seq_len": 24, "per_lag": 2, "bootstrap": 100},
-        "pareto": {"policies": [], "chunks": 2, "repeats": 1, "regimes": ["cache"]},
     }
     targets = [
         "results/corpus/smollm2-135m/manifest.json",
@@ -29,8 +26,7 @@ def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jso
         "results/niah/prefill/smollm2-135m/streamingllm_90.parquet",
         "results/niah/cache/smollm2-135m/all.parquet",
         "results/induction/smollm2-135m/profile.json",
-        "results/pareto/smollm2-135m.parquet",
-    ]
+    ]  # not perplexity: its table holds wall times, its passes are the model's as NIAH's are
     runs = []
     for name in ("a", "b"):
         copy_workflow(tmp_path / name, cfg)
@@ -40,14 +36,8 @@ def test_two_runs_of_one_config_write_byte_identical_tables(tmp_path, topics_jso
     assert runs[0].keys() == runs[1].keys()
     assert "results/induction/smollm2-135m/scores.parquet" in runs[0]
     assert any("shards" in f for f in runs[0])
-    timed = {"seconds_per_token", "ms_per_token"}  # wall times: the one thing that may differ
     for f in runs[0]:
-        if "/pareto/" in f:
-            a, b = (pl.read_parquet(r[f]) for r in runs)
-            assert timed & set(a.columns)
-            assert a.drop(timed, strict=False).equals(b.drop(timed, strict=False)), f
-        else:
-            assert runs[0][f].read_bytes() == runs[1][f].read_bytes(), f
+        assert runs[0][f].read_bytes() == runs[1][f].read_bytes(), f
 
 
 def _rule_code(proc, rule: str) -> set[str]:
