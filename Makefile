@@ -94,7 +94,7 @@ test: install slurm-deps
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The fast tier: no real model, no Snakemake run (tests/conftest.py marks those e2e); the
-# tiny random-weight models of tests/tiny_models.py stand in. About a minute on 2 cores.
+# tiny random-weight models of tests/tiny_models.py stand in. About 4 minutes on 2 cores.
 test-fast: install
 	$(PY) -m pytest -q -rs -m "not e2e" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
