@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -135,7 +134,7 @@ def random_gemma_prefill(t: int):
     torch.manual_seed(0)
     model = attention.install(Gemma3ForCausalLM(cfg).to(dtype=torch.bfloat16).eval().cuda())
     ids = torch.randint(10, 200000, (1, t), device="cuda")
-    params = yaml.safe_load(open("workflow_config.yaml"))["policies"]
+    params = workflow.effective()["policies"]  # the workflow's config, as its jobs read it
 
     def prefill(name: str, s: float) -> torch.Tensor:
         policy = policies.make(name, **workflow.policy_spec(name, params))

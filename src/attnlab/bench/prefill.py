@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     achieved sparsity, peak memory and the kernel."""
     from attnlab import attention, decoding, models, policies, sparse, windows
 
-    for name in ["full", *args.policies]:  # a bad setting stops the run before it times
-        policies.make(name, **args.policy_params.get(name, {}))
+    # every policy built before the model loads: a bad setting stops the run before it times
+    made = {name: policies.make(name, **args.policy_params.get(name, {})) for name in args.policies}
+    full_policy = policies.make("full", **args.policy_params.get("full", {}))
     torch.set_num_threads(args.threads)
     model, _, _ = models.load(args.model, device=args.device, dtype=args.dtype)
     model = attention.install(model)
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         return prefill
 
     # full attention, timed in rounds with every entry: each row's speedup side by side
-    full = attnlab_prefill(policies.make("full", **args.policy_params.get("full", {})), 0.0)
+    full = attnlab_prefill(full_policy, 0.0)
 
     def hf(impl):  # the model's own attention implementation, no attnlab run
         def prefill():
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         hf(impl)()  # its peak memory
         add("full", 0.0, (ms, reps, full_ms), f"transformers {impl}", impl, float("nan"))
     for name in args.policies:
-        policy = policies.make(name, **args.policy_params.get(name, {}))
+        policy = made[name]
         # (fused, tiles): a block policy's selection in the fused Triton kernel (the
         # default, used on CUDA only) and, on CUDA, in PyTorch; blocks smaller than the
         # window BlockMask's tiles also with the window layers in the other form
