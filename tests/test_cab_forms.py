@@ -39,6 +39,7 @@ def _rand(*shape, seed):
         (0.0, "softmax", "symmetric", 83, 8, 128, 64),  # coarse magnitude: no curvature
         (1.0, "softmax", "symmetric", 600, 4, 128, 16),  # 4 strips of 16 rows per tile
         (1.0, "softmax", "directed", 600, 4, 128, 8),  # strips of 8 asked: 16 (the least)
+        (1.0, "dot", "rowsum", 150, 4, 32, 64),  # the research plan's formula (cab_plan)
     ],
 )
 def test_causal_form_scores_equal_the_first_rows_scores(lam, adjacency, graph, n, bs, tile, strip):
@@ -67,6 +68,36 @@ def test_causal_form_scores_equal_the_first_rows_scores(lam, adjacency, graph, n
             kept = idx[0, 1, g, : num[0, 1, g]]
             assert bool(sel.mask[0, 1, g, kept.long()].all())
         assert int(sel.full_num[0, 1, g] + sel.partial_num[0, 1, g]) == int(sel.mask[0, 1, g].sum())
+
+
+@pytest.mark.parametrize(
+    "adjacency, graph, n, bs, tile", [("softmax", "symmetric", 83, 8, 128),
+                                      ("dot", "rowsum", 150, 4, 32)],
+)  # fmt: skip
+def test_the_query_aware_prompt_form_scores_equal_the_last_rows_scores(
+    adjacency, graph, n, bs, tile
+):
+    """``query="row"`` in the prompt form: each query block's scores are
+    ``reference.cab_row_scores`` at its last row with that row's own query (GQA, the last
+    block ragged); in the causal form the first row is its block's representative either
+    way, so the query-aware scores are CAB's own."""
+    q, k = _rand(1, 2, n, 16, seed=15), _rand(1, 1, n, 16, seed=16)
+    starts = torch.arange(0, n, bs, device=DEVICE)
+    kw = dict(adjacency=adjacency, graph=graph, write_score=True, write_indices=False)
+    kw |= dict(precision="ieee", curvature_block=tile, coarsen=ref.coarsen_max_l2)
+    got = cab_select(q, k, bs, 0.25, None, form="prompt", query="row", **kw).score
+    ends = (starts + bs - 1).clamp(max=n - 1)
+    expected = ref.cab_row_scores(q, k, ends, bs, 0.25, 1.0, adjacency, graph, "row")
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(got), finite)
+    torch.testing.assert_close(got[finite], expected[finite], **Z_TOL)
+    whole = ref.cab_block_scores(q, k, bs, 0.25, 1.0, adjacency, graph)
+    assert not torch.allclose(got[finite], whole[finite], **Z_TOL)  # not the block's form
+    causal = cab_select(q, k, bs, 0.25, None, form="causal", query="row", **kw).score
+    own = cab_select(q, k, bs, 0.25, None, form="causal", **kw).score
+    assert torch.equal(causal, own)
+    with pytest.raises(ValueError, match="query"):
+        cab_select(q, k, bs, 0.25, None, query="rows", **kw)
 
 
 def test_a_causal_first_row_reads_no_later_token():
@@ -127,6 +158,22 @@ def test_the_fused_prefill_scores_cab_with_the_kernels_and_selects_the_same(
     scores CAB with the Triton kernels and keeps the blocks the PyTorch path keeps
     wherever rounding cannot decide (GQA, ragged last block, 90% sparsity); on a QK-norm
     model's near-tied norms, the very blocks (its representatives are the reference's)."""
+    policy = policies.make(name, block_size=16, graph=graph, selection=form)
+    _fused_keeps_the_pytorch_selection(policy, form, inputs, monkeypatch)
+
+
+@pytest.mark.parametrize("form", ["causal", "prompt"])
+@pytest.mark.parametrize(
+    "params", [dict(query="row"), dict(adjacency="dot", graph="rowsum")]
+)  # cab_query, cab_plan
+def test_the_fused_prefill_scores_cabs_variants_with_the_kernels(params, form, monkeypatch):
+    """The query-aware variant and the research plan's formula: the same on the fused
+    path as on the PyTorch one."""
+    policy = policies.make("cab", block_size=16, selection=form, **params)
+    _fused_keeps_the_pytorch_selection(policy, form, "random", monkeypatch)
+
+
+def _fused_keeps_the_pytorch_selection(policy, form, inputs, monkeypatch):
     import attnlab.kernels.cab as cab_kernels
 
     calls = []
@@ -134,7 +181,7 @@ def test_the_fused_prefill_scores_cab_with_the_kernels_and_selects_the_same(
     monkeypatch.setattr(
         cab_kernels, "cab_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
-    bs, scaling = 16, 0.25
+    bs, scaling = policy.block_size, 0.25
     if inputs == "random":
         n, kv = 200, 2
         q, k = _rand(1, 4, n, 16, seed=5), _rand(1, kv, n, 16, seed=6)
@@ -142,7 +189,6 @@ def test_the_fused_prefill_scores_cab_with_the_kernels_and_selects_the_same(
         q, k = _gemma_qk()
         n, kv = q.shape[-2], k.shape[1]
     k = expand_kv(k, 4)
-    policy = policies.make(name, block_size=bs, graph=graph, selection=form)
     keeps, scores = {}, {}
     for fused in (False, True):
         run = sparse.SparseRun(policy, 0.9, whole_prompt=True)
@@ -184,9 +230,7 @@ def test_the_kernels_score_only_the_variants_they_form():
     assert not takes()  # ctx.triton is off: the keep-mask path
     ctx.triton = True
     assert takes() and takes(graph="directed") and takes(lam=0.0, graph="rowsum")
-    assert not takes(query="row")
-    assert not takes(adjacency="dot")
-    assert not takes(graph="rowsum")
+    assert takes(query="row") and takes(adjacency="dot", graph="rowsum")  # cab_query, cab_plan
     assert not takes(magnitude="quest", lam=0.5)
     rows24 = torch.arange(0, n, 24, device=DEVICE)  # one per block of 24: not a power of 2
     assert not policies.make("cab", block_size=24).triton_scores(ctx, rows24)
@@ -199,7 +243,8 @@ def test_the_kernels_score_only_the_variants_they_form():
 def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
     """``first``: the curvature kernels skip the product only in tiles left of every band
     of their rows, so each query block's entries from its first key block on equal the
-    whole computation's, in both forms (tiles of 32 and 16 blocks, a 40-block window)."""
+    whole computation's, in both forms (in tiles of 64 and 32 blocks whole, of 16 and 32
+    under the window, a 40-block one)."""
     n, bs = 1200, 8
     q, k = _rand(1, 1, n, 16, seed=11), _rand(1, 1, n, 16, seed=12)  # one head: interpreted kernels
     m = n // bs
@@ -208,9 +253,9 @@ def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
         torch.arange(m, device=DEVICE) <= torch.arange(m, device=DEVICE)[:, None]
     )
     kw = dict(graph=graph, write_score=True, write_indices=False, precision="ieee")
-    for form in ("prompt", "causal"):
-        whole = cab_select(q, k, bs, 0.25, None, form=form, curvature_block=32, **kw).score
-        part = cab_select(q, k, bs, 0.25, None, form=form, curvature_block=32, first=first, **kw)
+    for form, tile in (("prompt", 16), ("causal", 32)):
+        whole = cab_select(q, k, bs, 0.25, None, form=form, curvature_block=64, **kw).score
+        part = cab_select(q, k, bs, 0.25, None, form=form, first=first, band_block=tile, **kw)
         part = part.score
         # z-scores per row: affine, so the band keeps its order (the values move with
         # the row's mean and spread, which the skipped tiles change; rounding may tie two

@@ -191,8 +191,9 @@ def _dense_from_lists(sel):
 
 @pytest.mark.parametrize(
     "lam, adjacency, graph",
-    [(1.0, "softmax", "directed"), (0.5, "scores", "symmetric"), (0.0, "softmax", "directed")],
-)
+    [(1.0, "softmax", "directed"), (0.5, "scores", "symmetric"), (0.0, "softmax", "directed"),
+     (1.0, "dot", "rowsum")],  # the research plan's formula (cab_plan)
+)  # fmt: skip
 def test_cab_select_matches_reference_scores_and_selection(lam, adjacency, graph):
     n, block_size, q_group = 83, 8, 2  # ragged last block, odd number of blocks
     q = _rand(1, 2, n, 16, seed=7)

@@ -2,9 +2,10 @@
 
 ``_adjacency_kernel`` gives each program a strip of query blocks (the longest strips
 first) and sweeps their causal key blocks twice, flash-attention style: once for the row
-maximum and sum (or the row minimum, for raw scores), once to write the normalised rows of
-A. The same sweep leaves the row sums (out-degrees) and per-strip column sums (in-degrees)
-behind, so no pass over A is spent on degrees. A is block-causal; in the fused pipeline
+maximum and sum (or the row minimum, for raw scores; no first sweep for plain dot
+products), once to write the normalised rows of A. The same sweep leaves the row sums
+(out-degrees) and per-strip column sums (in-degrees) behind, so no pass over A is spent
+on degrees. A is block-causal; in the fused pipeline
 the kernel writes its zeros above the diagonal only as far as the curvature tile's edge
 (:mod:`attnlab.kernels.curvature` reads nothing beyond). Measured on the H100 at 128k
 tokens, 32 heads, block 64 (M = 2048): 0.25 ms with A in bf16.
@@ -82,6 +83,7 @@ def _adjacency_kernel(
     sc_bh,
     sc_r,
     SOFTMAX: tl.constexpr,
+    SHIFT: tl.constexpr,
     DIAG_KEY: tl.constexpr,
     FILL_UPPER: tl.constexpr,
     ALIGN: tl.constexpr,
@@ -123,7 +125,10 @@ def _adjacency_kernel(
     else:
         m_i = tl.full((BM,), float("inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
-    for j0 in range(0, hi, BN):
+    sweep = hi
+    if not SOFTMAX and not SHIFT:  # "dot": A is the scores as they are, no first sweep
+        sweep = 0
+    for j0 in range(0, sweep, BN):
         cols = j0 + tl.arange(0, BN)
         s, causal = _strip_scores(
             q, k_base, rows, cols, dd, D, Mk, sk_m, sk_d, q_offset, scaling, s_diag,
@@ -203,8 +208,8 @@ def adjacency_and_degrees(
     >= q_offset + Mq, D) keys that the diagonal pairs each query row with instead of its
     coarse key (CAB's causal form, where a block's first row stands for it), or None.
     """
-    if adjacency not in ("softmax", "scores"):
-        raise ValueError(f"adjacency must be 'softmax' or 'scores', got {adjacency!r}")
+    if adjacency not in ("softmax", "scores", "dot"):
+        raise ValueError(f"adjacency must be 'softmax', 'scores' or 'dot', got {adjacency!r}")
     _check_precision(precision)
     b, h, mq, d = qc.shape
     hkv, mk = kc.shape[1], kc.shape[2]
@@ -225,10 +230,11 @@ def adjacency_and_degrees(
     colsum = torch.zeros(b * h, n_strips, mk, dtype=torch.float32, device=qc.device)
     _adjacency_kernel[(n_strips, b * h)](
         qc, kc, kd, a, rowsum, colsum,
-        h, h // hkv, mq, mk, d, q_offset, float(scaling),
+        h, h // hkv, mq, mk, d, q_offset, 1.0 if adjacency == "dot" else float(scaling),
         *qc.stride(), *kc.stride(), *kd.stride(),
         mq * mk, a.stride(2), a.stride(3), colsum.stride(0), colsum.stride(1),
-        SOFTMAX=adjacency == "softmax", DIAG_KEY=diag_key, FILL_UPPER=fill_upper,
+        SOFTMAX=adjacency == "softmax", SHIFT=adjacency == "scores", DIAG_KEY=diag_key,
+        FILL_UPPER=fill_upper,
         ALIGN=max(align, block_n), PRECISION=precision if qc.dtype == torch.float32 else "native",
         BM=block_m, BN=block_n, BD=max(16, triton.next_power_of_2(d)),
         num_warps=num_warps,

@@ -44,6 +44,7 @@ def cab_select(
     keep: torch.Tensor | None,
     *,
     form: str = "prompt",
+    query: str = "block",
     lam: float = 1.0,
     adjacency: str = "softmax",
     graph: str = "symmetric",
@@ -56,6 +57,7 @@ def cab_select(
     adjacency_blocks: tuple[int, int] = (64, 64),
     adjacency_warps: int = 4,
     curvature_block: int = 128,
+    band_block: int = 32,
     select_warps: int = 4,
     coarsen: Callable[[torch.Tensor, int], torch.Tensor] = coarsen_max_l2,
     first: torch.Tensor | None = None,
@@ -71,18 +73,26 @@ def cab_select(
     ``reference.cab_block_scores``; "causal", each query block scored by its first row from
     blocks at or before it (its own block's representatives are that row's query and key,
     degrees are prefix sums over query blocks), whose scores equal
-    ``reference.cab_row_scores`` at the blocks' first rows. Equal up to float32 rounding
+    ``reference.cab_row_scores`` at the blocks' first rows. ``query="row"`` (the
+    query-aware variant: the scoring row's own query stands for its block) changes the
+    prompt form alone (in the causal form a block's first row is its representative
+    either way): each query block is scored by its last row, whose scores equal
+    ``reference.cab_row_scores`` there (the causal form's kernels on the last rows, the
+    block's own coarse key on the diagonal). Equal up to float32 rounding
     and, on the GPU, tf32 or bf16 in the products; the selection equals
     ``reference.top_blocks_grouped`` on them. Returns a ``BlockSelection`` with the lists,
     the mask and the scores asked for. ``precision="bf16"`` stores A in bf16 and
     multiplies it on the tensor cores as it is (the fast setting on a GPU); "tf32" and
     "ieee" keep A in float32. The causal form's curvature tiles are ``curvature_block / 2``
-    (it reads two graphs per tile). ``coarsen``: the max-L2 coarsening, (B, H, N, D) ->
-    (B, H, M, D), the Triton kernel by default (see :func:`cab_scores`). ``first`` (M,)
-    int: the first key block each query block can keep (a sliding window's edge): the
+    (it reads two graphs per tile) outside a window. ``coarsen``: the max-L2 coarsening,
+    (B, H, N, D) -> (B, H, M, D), the Triton kernel by default (see :func:`cab_scores`).
+    ``first`` (M,) int: the first key block each query block can keep (a sliding window's edge): the
     curvature's tiles left of every band skip their product and hold values no selection
     may read, so the scores count only on each block's band, and only with ``lam = 1``
     (a z-score is affine per row, so the order on the band stays; a blend's would not).
+    There the curvature's tiles are ``band_block`` in both forms: a narrow band (33 blocks
+    under Gemma 3's window in 16-token blocks) leaves fewer products outside it in small
+    tiles (a row's product runs over every k either way).
     ``rows``: with ``lam = 0`` (coarse magnitude, whose query block's scores are its own
     row of A alone, in either form) only the first ``rows`` query blocks are scored (the
     score alone: ``keep`` None, ``write_score`` alone): their queries alone are coarsened
@@ -92,6 +102,8 @@ def cab_select(
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if query not in ("block", "row"):
+        raise ValueError(f"query must be 'block' or 'row', got {query!r}")
     if first is not None and lam != 1.0:
         raise ValueError("first (band-only curvature) needs lam = 1")
     if rows is not None:
@@ -102,26 +114,26 @@ def cab_select(
         # a row of A reads its own block's queries alone; one strip of rows at least, so
         # that the products tile (and round) as the whole grid's, bit for bit
         q = q[:, :, : max(rows, adjacency_blocks[0], 1) * block_size]
+    tile = curvature_block if first is None else band_block  # the curvature's tiles
     kc = coarsen(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
     sweep = dict(
         precision=precision, a_dtype=a_dtype, block_n=adjacency_blocks[1],
         num_warps=adjacency_warps,
     )  # fmt: skip
-    if form == "prompt":
+    if form == "prompt" and query == "block":
         a, d_out, d_in = adjacency_and_degrees(
             coarsen(q, block_size), kc, scaling, adjacency, fill_upper=False,
-            block_m=adjacency_blocks[0], align=curvature_block, **sweep,
+            block_m=adjacency_blocks[0], align=tile, **sweep,
         )  # (B, H, M, M), (B, H, M), (B, H, M)  # fmt: skip
         f = None
         if lam != 0.0:
-            f = forman_ricci_from_degrees(
-                a, d_out, d_in, graph, precision, curvature_block, first=first
-            )
+            f = forman_ricci_from_degrees(a, d_out, d_in, graph, precision, tile, first=first)
     else:
         a, f = _causal_graph(
             q, k, kc, block_size, scaling, lam, adjacency, graph, adjacency_blocks[0],
-            curvature_block // 2, sweep, coarsen, first,
+            tile if first is not None else tile // 2, sweep, coarsen, first,  # see above
+            last=form == "prompt",
         )  # fmt: skip
     return score_and_select(
         f if f is not None else a,
@@ -138,18 +150,26 @@ def cab_select(
 
 
 def _causal_graph(
-    q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep, coarsen, firsts
-):
+    q, k, kc, block_size, scaling, lam, adjacency, graph, block_m, tile, sweep, coarsen, firsts,
+    *, last=False,
+):  # fmt: skip
     """The causal form's coarse rows A_row (B, H, M, M) (query block b's row as its first
-    row sees it) and their curvature F, or None with lam = 0; ``firsts``: each query
-    block's first key block, or None (``first`` of :func:`cab_select`)."""
+    row sees it, or with ``last`` its last row, that row's own query against the block's
+    coarse key: the query-aware prompt form) and their curvature F, or None with lam = 0;
+    ``firsts``: each query block's first key block, or None (``first`` of
+    :func:`cab_select`)."""
     m = kc.shape[2]
     tile = max(16, min(tile, triton.next_power_of_2(m)))
     block_m = max(16, min(block_m, tile))  # strips inside tiles: the tiles' prefix sums
-    first = slice(None, None, block_size)  # each block's first row: its query and key
+    if last:
+        n = q.shape[2]
+        ends = (torch.arange(0, n, block_size, device=q.device) + block_size - 1).clamp(max=n - 1)
+        q_row, kd = q.index_select(2, ends), None
+    else:  # each block's first row: its query and key
+        q_row, kd = q[:, :, ::block_size], k[:, :, ::block_size]
     a_row, d_row, _ = adjacency_and_degrees(
-        q[:, :, first], kc, scaling, adjacency, fill_upper=False, block_m=block_m,
-        align=tile, kd=k[:, :, first], **sweep,
+        q_row, kc, scaling, adjacency, fill_upper=False, block_m=block_m, align=tile, kd=kd,
+        **sweep,
     )  # fmt: skip
     if lam == 0.0:
         return a_row, None
@@ -175,6 +195,7 @@ def cab_scores(
     scaling: float,
     form: str,
     *,
+    query: str = "block",
     lam: float = 1.0,
     adjacency: str = "softmax",
     graph: str = "symmetric",
@@ -191,7 +212,7 @@ def cab_scores(
     first key block; the scores then count on the bands alone; ``rows``: coarse
     magnitude's first query blocks scored alone (see :func:`cab_select`)."""
     return cab_select(
-        q, k, block_size, scaling, None, form=form, lam=lam, adjacency=adjacency,
+        q, k, block_size, scaling, None, form=form, query=query, lam=lam, adjacency=adjacency,
         graph=graph, write_score=True, write_mask=False, write_indices=False,
         precision="ieee", coarsen=reference.coarsen_max_l2, first=first, rows=rows,
     ).score  # fmt: skip

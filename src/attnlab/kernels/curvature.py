@@ -18,6 +18,8 @@ import triton.language as tl
 
 from attnlab.kernels.adjacency import _check_precision, _mm
 
+GRAPHS = ("symmetric", "directed", "rowsum")  # the graphs whose curvature the kernels form
+
 
 @triton.jit
 def _tile(base, rows, cols, M, s_m, s_n, EVEN: tl.constexpr):
@@ -151,8 +153,9 @@ def forman_ricci_from_degrees(
     a: (B, H, M, M) float32 or bf16, zero above its diagonal inside the diagonal tiles of
     ``block`` (tiles wholly above are never read); d_out, d_in: (B, H, M) its row and
     column sums. Returns F (B, H, M, M) float32 whose tiles on and below the diagonal hold
-    F = 4W - D_i - D_j + 3 W @ W (W = A for "directed", (A + A^T) / 2 without its diagonal
-    for "symmetric"); tiles above the diagonal are left unwritten. ``precision`` is that of
+    F = 4W - D_i - D_j + 3 W @ W (W = A for "directed", with D_j the row sum of j for
+    "rowsum", (A + A^T) / 2 without its diagonal for "symmetric"); tiles above the
+    diagonal are left unwritten. ``precision`` is that of
     a float32 A in the product; a bf16 A multiplies as it is. ``block_k`` (the k step)
     defaults to what keeps three pipeline stages within the H100's shared memory.
     ``first`` (M,) int: the first key block each query block can keep (a sliding window's
@@ -160,8 +163,8 @@ def forman_ricci_from_degrees(
     512-key window at 32k in 16-token blocks, 105 of the 136 tiles of 128 blocks): its
     entries hold 4W - D_i - D_j, read by no selection. None: every tile whole.
     """
-    if graph not in ("directed", "symmetric"):
-        raise ValueError(f"graph must be 'directed' or 'symmetric', got {graph!r}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     _check_precision(precision)
     b, h, m, _ = a.shape
     a = a.contiguous()
@@ -172,6 +175,8 @@ def forman_ricci_from_degrees(
     if graph == "symmetric":
         deg = 0.5 * (d_out + d_in) - torch.diagonal(a, dim1=-2, dim2=-1).float()
         deg_r = deg_c = deg.contiguous()
+    elif graph == "rowsum":  # the row sums at both ends
+        deg_r = deg_c = d_out.contiguous()
     else:
         deg_r, deg_c = d_out.contiguous(), d_in.contiguous()
     block = max(16, min(block, triton.next_power_of_2(m)))
@@ -213,7 +218,8 @@ def forman_ricci(
 def _causal_curvature_kernel(
     ar_ptr, af_ptr, pre_ptr, d_row_ptr, d_key_ptr, f_ptr, tile_i_ptr, tile_j_ptr, first_ptr,
     M, s_bh, s_m, s_pre_bh, s_pre_t,
-    SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    SYMMETRIC: tl.constexpr, ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     # F of the causal form, one lower tile: row b is query block b's first row, A_row[b]
     # its coarse row (blocks 0..b), A_full the complete blocks' rows (only those before b
@@ -266,7 +272,11 @@ def _causal_curvature_kernel(
         f = 4.0 * w - d_own[:, None] - d_j + 3.0 * acc
         f = tl.where(diag, (-2.0 * d_own + 3.0 * sq)[:, None], f)
     else:  # two hops through complete blocks, and through b itself
-        f = 4.0 * a - d_row[:, None] - (before + a) + 3.0 * (acc + a_bb[:, None] * a)
+        if ROWSUM:  # j's own row sum: complete for j < b, the row's own for j = b
+            d_j = tl.where(diag, d_row[:, None], d_key[None, :])
+        else:  # j's in-degree from query blocks 0..b
+            d_j = before + a
+        f = 4.0 * a - d_row[:, None] - d_j + 3.0 * (acc + a_bb[:, None] * a)
     tl.store(f_ptr + bh * s_bh + rows[:, None] * s_m + cols[None, :], f, mask=ok)
 
 
@@ -293,10 +303,11 @@ def causal_forman_ricci(
     and below the diagonal: symmetric, 4 W_bj - D(b) - D(j) + 3 (W_row W_full)_bj with
     W = (A + A^T) / 2 without self-loops and the degrees of blocks 0..b, the diagonal
     -2 D(b) + 3 |W_row|^2; directed, 4 A_bj - D_out(b) - D_in(j) + 3 (A A)_bj with j's
-    in-degree from query blocks 0..b. ``first``: as in :func:`forman_ricci_from_degrees`.
+    in-degree from query blocks 0..b; rowsum, the same with j's row sum for D_in(j).
+    ``first``: as in :func:`forman_ricci_from_degrees`.
     """
-    if graph not in ("directed", "symmetric"):
-        raise ValueError(f"graph must be 'directed' or 'symmetric', got {graph!r}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     _check_precision(precision)
     b, h, m, _ = a_row.shape
     if not a_row.is_cuda:
@@ -310,7 +321,7 @@ def causal_forman_ricci(
         a_row.contiguous(), a_full.contiguous(), prefix, d_row.contiguous(),
         d_key.contiguous(), f, tile_i, tile_j, _firsts(first, m, a_row.device),
         m, m * m, m, prefix.stride(0), prefix.stride(1),
-        SYMMETRIC=graph == "symmetric", PRECISION=precision, BT=block,
+        SYMMETRIC=graph == "symmetric", ROWSUM=graph == "rowsum", PRECISION=precision, BT=block,
         BK=max(16, min(block_k, block)), num_warps=4,
     )  # fmt: skip
     return f

@@ -129,8 +129,9 @@ class CAB(BlockPolicy):
             # the keys expanded to the query heads, as the reference coarsens them: the
             # same representatives bit for bit (cab_scores)
             score = cab_scores(
-                ctx.q, ctx.k, self.block_size, ctx.scaling, form, lam=self.lam,
-                adjacency=self.adjacency, graph=self.graph, first=first, rows=chosen,
+                ctx.q, ctx.k, self.block_size, ctx.scaling, form, query=self.query,
+                lam=self.lam, adjacency=self.adjacency, graph=self.graph, first=first,
+                rows=chosen,
             )  # fmt: skip
         elif form != "prompt" or self.query != "block" or self.blends_other:
             return super().block_scores(ctx, rows, form)
@@ -145,19 +146,16 @@ class CAB(BlockPolicy):
 
     def triton_scores(self, ctx: ScoreContext, rows: torch.Tensor) -> bool:
         """Whether the Triton kernels score this prefill: the fused path, a whole prefill
-        (no earlier rows; one row per query block), CAB's own query (``query: block``,
-        no other predictor blended), a graph the kernels form (softmax or scores;
-        symmetric or directed, any graph without curvature), blocks of a power of two."""
+        (no earlier rows; one row per query block), no other predictor blended (either
+        query: the query-aware prompt form is the causal form's kernels on each block's
+        last row), any adjacency and graph, blocks of a power of two."""
         t = ctx.q.shape[-2]
         return (
             ctx.triton
             and ctx.history.q is None
             and ctx.k.shape[-2] == t
             and rows.numel() == -(-t // self.block_size)
-            and self.query == "block"
             and not self.blends_other
-            and self.adjacency in ("softmax", "scores")
-            and (self.graph in ("symmetric", "directed") or self.lam == 0.0)
             and self.block_size & (self.block_size - 1) == 0
         )
 
