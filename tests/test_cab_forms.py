@@ -243,8 +243,8 @@ def test_the_kernels_score_only_the_variants_they_form():
 def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
     """``first``: the curvature kernels skip the product only in tiles left of every band
     of their rows, so each query block's entries from its first key block on equal the
-    whole computation's, in both forms (in tiles of 64 and 32 blocks whole, of 16 and 32
-    under the window, a 40-block one)."""
+    whole computation's, in both forms (a 40-block window; the prompt form's tiles of 64
+    whole and of 16 under the window, ``band_block``; the causal form's of 32)."""
     n, bs = 1200, 8
     q, k = _rand(1, 1, n, 16, seed=11), _rand(1, 1, n, 16, seed=12)  # one head: interpreted kernels
     m = n // bs
@@ -253,9 +253,10 @@ def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
         torch.arange(m, device=DEVICE) <= torch.arange(m, device=DEVICE)[:, None]
     )
     kw = dict(graph=graph, write_score=True, write_indices=False, precision="ieee")
-    for form, tile in (("prompt", 16), ("causal", 32)):
-        whole = cab_select(q, k, bs, 0.25, None, form=form, curvature_block=64, **kw).score
-        part = cab_select(q, k, bs, 0.25, None, form=form, first=first, band_block=tile, **kw)
+    for form in ("prompt", "causal"):
+        kw["curvature_block"] = 64  # the causal form's tiles: 32; the prompt form's: 16 (band)
+        whole = cab_select(q, k, bs, 0.25, None, form=form, **kw).score
+        part = cab_select(q, k, bs, 0.25, None, form=form, first=first, band_block=16, **kw)
         part = part.score
         # z-scores per row: affine, so the band keeps its order (the values move with
         # the row's mean and spread, which the skipped tiles change; rounding may tie two

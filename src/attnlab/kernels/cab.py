@@ -57,7 +57,7 @@ def cab_select(
     adjacency_blocks: tuple[int, int] = (64, 64),
     adjacency_warps: int = 4,
     curvature_block: int = 128,
-    band_block: int = 32,
+    band_block: int = 16,
     select_warps: int = 4,
     coarsen: Callable[[torch.Tensor, int], torch.Tensor] = coarsen_max_l2,
     first: torch.Tensor | None = None,
@@ -84,15 +84,17 @@ def cab_select(
     the mask and the scores asked for. ``precision="bf16"`` stores A in bf16 and
     multiplies it on the tensor cores as it is (the fast setting on a GPU); "tf32" and
     "ieee" keep A in float32. The causal form's curvature tiles are ``curvature_block / 2``
-    (it reads two graphs per tile) outside a window. ``coarsen``: the max-L2 coarsening,
+    (it reads two graphs per tile). ``coarsen``: the max-L2 coarsening,
     (B, H, N, D) -> (B, H, M, D), the Triton kernel by default (see :func:`cab_scores`).
     ``first`` (M,) int: the first key block each query block can keep (a sliding window's edge): the
     curvature's tiles left of every band skip their product and hold values no selection
     may read, so the scores count only on each block's band, and only with ``lam = 1``
     (a z-score is affine per row, so the order on the band stays; a blend's would not).
-    There the curvature's tiles are ``band_block`` in both forms: a narrow band (33 blocks
+    There the prompt form's curvature tiles are ``band_block``: a narrow band (33 blocks
     under Gemma 3's window in 16-token blocks) leaves fewer products outside it in small
-    tiles (a row's product runs over every k either way).
+    tiles (a row's product runs over every k either way; the same products, so the same
+    F on the bands). The causal form keeps its tiles: its adjacency's strips fit inside
+    them, and smaller strips would sum the prefix degrees in another order.
     ``rows``: with ``lam = 0`` (coarse magnitude, whose query block's scores are its own
     row of A alone, in either form) only the first ``rows`` query blocks are scored (the
     score alone: ``keep`` None, ``write_score`` alone): their queries alone are coarsened
@@ -114,7 +116,7 @@ def cab_select(
         # a row of A reads its own block's queries alone; one strip of rows at least, so
         # that the products tile (and round) as the whole grid's, bit for bit
         q = q[:, :, : max(rows, adjacency_blocks[0], 1) * block_size]
-    tile = curvature_block if first is None else band_block  # the curvature's tiles
+    tile = curvature_block  # the curvature's tiles (a window's: band_block, prompt form)
     kc = coarsen(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
     sweep = dict(
@@ -127,13 +129,13 @@ def cab_select(
             block_m=adjacency_blocks[0], align=tile, **sweep,
         )  # (B, H, M, M), (B, H, M), (B, H, M)  # fmt: skip
         f = None
+        tile = tile if first is None else band_block
         if lam != 0.0:
             f = forman_ricci_from_degrees(a, d_out, d_in, graph, precision, tile, first=first)
     else:
         a, f = _causal_graph(
             q, k, kc, block_size, scaling, lam, adjacency, graph, adjacency_blocks[0],
-            tile if first is not None else tile // 2, sweep, coarsen, first,  # see above
-            last=form == "prompt",
+            tile // 2, sweep, coarsen, first, last=form == "prompt",
         )  # fmt: skip
     return score_and_select(
         f if f is not None else a,

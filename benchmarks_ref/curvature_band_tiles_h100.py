@@ -1,12 +1,13 @@
-"""Microbench: CAB's scores of one window layer (the scored path, ``cab_scores``: float32,
-ieee products) at Gemma-3-270M's shapes (32k tokens, H=4 query heads of one key head,
-D=256, 16-token blocks, a 512-key window: each query block's band is its 33 last key
-blocks) in the curvature tiles of ``cab_select(band_block=...)``: 128 (the tiles outside a
-window, what a window layer took before ``band_block``), 64, 32 and 16, in both selection
-forms; beside a causal layer's scores (no band). Each case checks that the scores of every
-band keep the order of the 128 tiles' scores (the entries of a band are the same products;
-the per-row z-score moves with the skipped tiles). Run from the repository root:
-PYTHONPATH=src python benchmarks_ref/curvature_band_tiles_h200.py 32768"""
+"""Microbench: CAB's scores of one window layer (the scored path, ``cab_scores``: float32
+A, ieee products) at Gemma-3-270M's shapes (32k tokens, bf16 Q and K, H=4 query heads of
+one key head, D=256, 16-token blocks, a 512-key window: each query block's band is its 33
+last key blocks) in the curvature tiles of ``cab_select(band_block=...)``: 128 (the
+tiles outside a window, what a window layer took before ``band_block``), 64, 32 and 16;
+beside a causal layer's scores (no band). Each case counts the pairs of a band's scores
+whose order differs from the 128 tiles' scores (the entries of a band are the same
+products; the per-row z-score moves with the skipped tiles). Output and the commit that
+made it: curvature_band_tiles_h100.txt. Run from the repository root:
+PYTHONPATH=src python benchmarks_ref/curvature_band_tiles_h100.py 32768"""
 
 import sys
 
@@ -17,8 +18,9 @@ from attnlab.kernels.cab import cab_scores
 
 dev, T, H, D, BS, W = "cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 32768, 4, 256, 16, 512
 torch.manual_seed(0)
-q = torch.randn(1, H, T, D, device=dev)
-k = torch.randn(1, 1, T, D, device=dev).expand(-1, H, -1, -1)  # as the fused path hands it
+q = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16)  # the model's dtype
+k = torch.randn(1, 1, T, D, device=dev, dtype=torch.bfloat16)
+k = k.expand(-1, H, -1, -1)  # as the fused path hands it
 m = T // BS
 blocks = torch.arange(m, device=dev)
 first = ((blocks * BS - W + 1).clamp(min=0) // BS).int()  # a block's first row's window edge
