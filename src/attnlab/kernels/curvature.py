@@ -221,7 +221,7 @@ def _causal_curvature_kernel(
     SYMMETRIC: tl.constexpr, ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    # F of the causal form, one lower tile: row b is query block b's first row, A_row[b]
+    # F of the causal form, one lower tile: row b is query block b's scoring row, A_row[b]
     # its coarse row (blocks 0..b), A_full the complete blocks' rows (only those before b
     # are read for row b)
     t = tl.program_id(0)
@@ -295,7 +295,8 @@ def causal_forman_ricci(
     """Forman-Ricci curvature of CAB's causal form, as ``reference.cab_row_scores`` forms
     it at each query block's first row (degrees over blocks at or before the row's).
 
-    a_row: (B, H, M, M) block b's row as its first row sees it (zero beyond b); a_full:
+    a_row: (B, H, M, M) block b's row as the row scoring it sees it (its first, or its
+    last in the query-aware prompt form; zero beyond b); a_full:
     (B, H, M, M) the complete blocks' rows, both zero above their diagonals inside the
     diagonal tiles of ``block``; d_row: (B, H, M) a_row's row sums; d_full: (B, H, M)
     a_full's row sums; prefix: (B * H, ceil(M / block), M) column sums of a_full over the
