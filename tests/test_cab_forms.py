@@ -71,27 +71,28 @@ def test_causal_form_scores_equal_the_first_rows_scores(lam, adjacency, graph, n
 
 
 @pytest.mark.parametrize(
-    "adjacency, graph, n, bs, tile", [("softmax", "symmetric", 83, 8, 128),
-                                      ("dot", "rowsum", 150, 4, 32)],
+    "lam, adjacency, graph, n, bs, tile", [(1.0, "softmax", "symmetric", 83, 8, 128),
+                                           (1.0, "dot", "rowsum", 150, 4, 32),
+                                           (0.5, "scores", "directed", 83, 8, 64)],
 )  # fmt: skip
 def test_the_query_aware_prompt_form_scores_equal_the_last_rows_scores(
-    adjacency, graph, n, bs, tile
+    lam, adjacency, graph, n, bs, tile
 ):
     """``query="row"`` in the prompt form: each query block's scores are
     ``reference.cab_row_scores`` at its last row with that row's own query (GQA, the last
-    block ragged); in the causal form the first row is its block's representative either
-    way, so the query-aware scores are CAB's own."""
+    block ragged, a blend with A); in the causal form the first row is its block's
+    representative either way, so the query-aware scores are CAB's own."""
     q, k = _rand(1, 2, n, 16, seed=15), _rand(1, 1, n, 16, seed=16)
     starts = torch.arange(0, n, bs, device=DEVICE)
-    kw = dict(adjacency=adjacency, graph=graph, write_score=True, write_indices=False)
+    kw = dict(lam=lam, adjacency=adjacency, graph=graph, write_score=True, write_indices=False)
     kw |= dict(precision="ieee", curvature_block=tile, coarsen=ref.coarsen_max_l2)
     got = cab_select(q, k, bs, 0.25, None, form="prompt", query="row", **kw).score
     ends = (starts + bs - 1).clamp(max=n - 1)
-    expected = ref.cab_row_scores(q, k, ends, bs, 0.25, 1.0, adjacency, graph, "row")
+    expected = ref.cab_row_scores(q, k, ends, bs, 0.25, lam, adjacency, graph, "row")
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(got), finite)
     torch.testing.assert_close(got[finite], expected[finite], **Z_TOL)
-    whole = ref.cab_block_scores(q, k, bs, 0.25, 1.0, adjacency, graph)
+    whole = ref.cab_block_scores(q, k, bs, 0.25, lam, adjacency, graph)
     assert not torch.allclose(got[finite], whole[finite], **Z_TOL)  # not the block's form
     causal = cab_select(q, k, bs, 0.25, None, form="causal", query="row", **kw).score
     own = cab_select(q, k, bs, 0.25, None, form="causal", **kw).score
@@ -239,7 +240,7 @@ def test_the_kernels_score_only_the_variants_they_form():
     assert not takes()
 
 
-@pytest.mark.parametrize("graph", ["symmetric", "directed"])
+@pytest.mark.parametrize("graph", ["symmetric", "directed", "rowsum"])
 def test_band_first_blocks_leave_the_bands_curvature_unchanged(graph):
     """``first``: the curvature kernels skip the product only in tiles left of every band
     of their rows, so each query block's entries from its first key block on equal the

@@ -83,7 +83,7 @@ def test_reference_coarsens_an_expanded_key_head_once():
     assert out.shape == (2, 4, 6, 12) and out.stride(1) == 0
 
 
-@pytest.mark.parametrize("adjacency", ["softmax", "scores"])
+@pytest.mark.parametrize("adjacency", ["softmax", "scores", "dot"])
 @pytest.mark.parametrize("q_offset, mq", [(0, 9), (3, 6)])
 def test_adjacency_matches_reference_with_gqa(adjacency, q_offset, mq):
     qc = _rand(1, 4, mq, 16, seed=3)
@@ -92,7 +92,7 @@ def test_adjacency_matches_reference_with_gqa(adjacency, q_offset, mq):
     torch.testing.assert_close(a, ref.coarse_adjacency(qc, kc, 0.25, adjacency, q_offset), **F_TOL)
 
 
-@pytest.mark.parametrize("graph", ["directed", "symmetric"])
+@pytest.mark.parametrize("graph", ["directed", "symmetric", "rowsum"])
 @pytest.mark.parametrize("m", [5, 21])
 def test_forman_ricci_matches_reference(graph, m):
     qc = _rand(1, 2, m, 8, seed=m)

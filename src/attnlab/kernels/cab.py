@@ -84,22 +84,25 @@ def cab_select(
     the mask and the scores asked for. ``precision="bf16"`` stores A in bf16 and
     multiplies it on the tensor cores as it is (the fast setting on a GPU); "tf32" and
     "ieee" keep A in float32. The causal form's curvature tiles are ``curvature_block / 2``
-    (it reads two graphs per tile). ``coarsen``: the max-L2 coarsening,
+    (it reads two graphs per tile), as are the query-aware prompt form's (the causal
+    form's kernels). ``coarsen``: the max-L2 coarsening,
     (B, H, N, D) -> (B, H, M, D), the Triton kernel by default (see :func:`cab_scores`).
     ``first`` (M,) int: the first key block each query block can keep (a sliding window's edge): the
     curvature's tiles left of every band skip their product and hold values no selection
     may read, so the scores count only on each block's band, and only with ``lam = 1``
     (a z-score is affine per row, so the order on the band stays; a blend's would not).
-    There the prompt form's curvature tiles are ``band_block``: a narrow band (33 blocks
-    under Gemma 3's window in 16-token blocks) leaves fewer products outside it in small
-    tiles (a row's product runs over every k either way; the same products, so the same
-    F on the bands). The causal form keeps its tiles: its adjacency's strips fit inside
-    them, and smaller strips would sum the prefix degrees in another order.
+    There the prompt form's curvature tiles are ``band_block`` (with ``query="block"``):
+    a narrow band (33 blocks under Gemma 3's window in 16-token blocks) leaves fewer
+    products outside it in small tiles (a row's product runs over every k either way; the
+    same terms, summed in steps of the tile's k, so F on the bands up to rounding). The
+    causal form keeps its tiles: its adjacency's strips fit inside them, and smaller
+    strips would sum the prefix degrees in another order.
     ``rows``: with ``lam = 0`` (coarse magnitude, whose query block's scores are its own
     row of A alone, in either form) only the first ``rows`` query blocks are scored (the
     score alone: ``keep`` None, ``write_score`` alone): their queries alone are coarsened
-    and multiplied (one strip of ``adjacency_blocks[0]`` rows at least: their scores
-    then equal the whole grid's bit for bit), the later rows of the score stay -inf;
+    (or with ``query="row"`` taken at their last rows) and multiplied (one strip of
+    ``adjacency_blocks[0]`` rows at least: their scores then equal the whole grid's bit
+    for bit), the later rows of the score stay -inf;
     None: every query block.
     """
     if form not in FORMS:
@@ -117,6 +120,8 @@ def cab_select(
         # that the products tile (and round) as the whole grid's, bit for bit
         q = q[:, :, : max(rows, adjacency_blocks[0], 1) * block_size]
     tile = curvature_block  # the curvature's tiles (a window's: band_block, prompt form)
+    # the adjacency's zeros above the diagonal reach the edge of every tile that reads them
+    align = max(tile, band_block) if first is not None else tile
     kc = coarsen(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
     sweep = dict(
@@ -126,7 +131,7 @@ def cab_select(
     if form == "prompt" and query == "block":
         a, d_out, d_in = adjacency_and_degrees(
             coarsen(q, block_size), kc, scaling, adjacency, fill_upper=False,
-            block_m=adjacency_blocks[0], align=tile, **sweep,
+            block_m=adjacency_blocks[0], align=align, **sweep,
         )  # (B, H, M, M), (B, H, M), (B, H, M)  # fmt: skip
         f = None
         tile = tile if first is None else band_block

@@ -202,7 +202,8 @@ def forman_ricci(
 
     a: (B, H, M, M); entries above the diagonal are taken as 0. Returns F (B, H, M, M)
     float32 equal to the reference everywhere: the kernel fills the lower tiles and the
-    upper ones follow in closed form (-D_i - D_j when directed, F^T when symmetric).
+    upper ones follow in closed form (-D_i - D_j when directed, with D_j the row sum of j
+    for rowsum; F^T when symmetric).
     """
     a = torch.tril(a.float())
     d_out, d_in = a.sum(-1), a.sum(-2)
@@ -211,7 +212,8 @@ def forman_ricci(
     upper = torch.ones(m, m, dtype=torch.bool, device=a.device).triu(1)
     if graph == "symmetric":
         return torch.where(upper, f.transpose(-1, -2), f)
-    return torch.where(upper, -d_out.unsqueeze(-1) - d_in.unsqueeze(-2), f)
+    d_j = d_out if graph == "rowsum" else d_in
+    return torch.where(upper, -d_out.unsqueeze(-1) - d_j.unsqueeze(-2), f)
 
 
 @triton.jit
@@ -293,7 +295,8 @@ def causal_forman_ricci(
     first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forman-Ricci curvature of CAB's causal form, as ``reference.cab_row_scores`` forms
-    it at each query block's first row (degrees over blocks at or before the row's).
+    it at each query block's scoring row (its first, or its last in the query-aware prompt
+    form; degrees over blocks at or before the row's).
 
     a_row: (B, H, M, M) block b's row as the row scoring it sees it (its first, or its
     last in the query-aware prompt form; zero beyond b); a_full:
