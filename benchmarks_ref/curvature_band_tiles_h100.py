@@ -3,7 +3,9 @@ A, ieee products) at Gemma-3-270M's shapes (32k tokens, bf16 Q and K, H=4 query 
 one key head, D=256, 16-token blocks, a 512-key window: each query block's band is its 33
 last key blocks) in the curvature tiles of ``cab_select(band_block=...)``: 128 (the
 tiles outside a window, what a window layer took before ``band_block``), 64, 32 and 16;
-beside a causal layer's scores (no band). Each case counts the pairs of a band's scores
+beside a causal layer's scores (no band). ``band_block`` sets the prompt form's tiles
+(the causal form's lines show its own tiles whatever the value; see the output's header
+for the commit where it set both). Each case counts the pairs of a band's scores
 whose order differs from the 128 tiles' scores (the entries of a band are the same
 products; the per-row z-score moves with the skipped tiles). Output and the commit that
 made it: curvature_band_tiles_h100.txt. Run from the repository root:

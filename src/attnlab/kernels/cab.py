@@ -85,12 +85,12 @@ def cab_select(
     multiplies it on the tensor cores as it is (the fast setting on a GPU); "tf32" and
     "ieee" keep A in float32. The causal form's curvature tiles are ``curvature_block / 2``
     (it reads two graphs per tile), as are the query-aware prompt form's (the causal
-    form's kernels). ``coarsen``: the max-L2 coarsening,
-    (B, H, N, D) -> (B, H, M, D), the Triton kernel by default (see :func:`cab_scores`).
-    ``first`` (M,) int: the first key block each query block can keep (a sliding window's edge): the
-    curvature's tiles left of every band skip their product and hold values no selection
-    may read, so the scores count only on each block's band, and only with ``lam = 1``
-    (a z-score is affine per row, so the order on the band stays; a blend's would not).
+    form's kernels). ``coarsen``: the max-L2 coarsening, (B, H, N, D) -> (B, H, M, D), the
+    Triton kernel by default (see :func:`cab_scores`). ``first`` (M,) int: the first key
+    block each query block can keep (a sliding window's edge): the curvature's tiles left
+    of every band skip their product and hold values no selection may read, so the
+    scores count only on each block's band, and only with ``lam = 1`` (a z-score is
+    affine per row, so the order on the band stays; a blend's would not).
     There the prompt form's curvature tiles are ``band_block`` (with ``query="block"``):
     a narrow band (33 blocks under Gemma 3's window in 16-token blocks) leaves fewer
     products outside it in small tiles (a row's product runs over every k either way; the
@@ -119,9 +119,6 @@ def cab_select(
         # a row of A reads its own block's queries alone; one strip of rows at least, so
         # that the products tile (and round) as the whole grid's, bit for bit
         q = q[:, :, : max(rows, adjacency_blocks[0], 1) * block_size]
-    tile = curvature_block  # the curvature's tiles (a window's: band_block, prompt form)
-    # the adjacency's zeros above the diagonal reach the edge of every tile that reads them
-    align = max(tile, band_block) if first is not None else tile
     kc = coarsen(k, block_size)  # (B, Hkv, M, D)
     a_dtype = torch.bfloat16 if precision == "bf16" and q.is_cuda else torch.float32
     sweep = dict(
@@ -129,18 +126,18 @@ def cab_select(
         num_warps=adjacency_warps,
     )  # fmt: skip
     if form == "prompt" and query == "block":
+        tile = curvature_block if first is None else band_block  # a window's: band tiles
         a, d_out, d_in = adjacency_and_degrees(
             coarsen(q, block_size), kc, scaling, adjacency, fill_upper=False,
-            block_m=adjacency_blocks[0], align=align, **sweep,
+            block_m=adjacency_blocks[0], align=max(tile, curvature_block), **sweep,
         )  # (B, H, M, M), (B, H, M), (B, H, M)  # fmt: skip
         f = None
-        tile = tile if first is None else band_block
         if lam != 0.0:
             f = forman_ricci_from_degrees(a, d_out, d_in, graph, precision, tile, first=first)
     else:
         a, f = _causal_graph(
             q, k, kc, block_size, scaling, lam, adjacency, graph, adjacency_blocks[0],
-            tile // 2, sweep, coarsen, first, last=form == "prompt",
+            curvature_block // 2, sweep, coarsen, first, last=form == "prompt",
         )  # fmt: skip
     return score_and_select(
         f if f is not None else a,
