@@ -100,6 +100,31 @@ def test_forman_ricci_matches_reference(graph, m):
     torch.testing.assert_close(forman_ricci(a, graph), ref.forman_ricci(a, graph), **F_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_symmetrized_reads_the_strict_lower_triangle_alone(dtype):
+    from attnlab.kernels.curvature import symmetrized
+
+    m = 70  # not a multiple of the kernel's tiles
+    a = _rand(2, 3, m, m, seed=5).to(dtype)
+    below = torch.ones(m, m, dtype=torch.bool, device=DEVICE).tril(-1)
+    low = a.masked_fill(~below, 0.0)
+    w = symmetrized(a.masked_fill(~below, float("nan")))  # the diagonal and above unread
+    assert w.dtype == dtype and torch.equal(w, 0.5 * (low + low.mT))
+
+
+@pytest.mark.parametrize("block_k", [16, 64])
+def test_symmetric_curvature_in_k_steps_past_its_tiles_matches_reference(block_k):
+    """The symmetric tile's k runs over all of M, so its step may exceed the tile (a
+    window's band tiles of 16 blocks); M = 40 leaves a ragged last step."""
+    from attnlab.kernels.curvature import forman_ricci_from_degrees
+
+    qc = _rand(1, 2, 40, 8, seed=7)
+    a = ref.coarse_adjacency(qc, qc, 0.5, "softmax")
+    f = forman_ricci_from_degrees(a, a.sum(-1), a.sum(-2), "symmetric", block=16, block_k=block_k)
+    lower = torch.ones(40, 40, dtype=torch.bool, device=DEVICE).tril()
+    torch.testing.assert_close(f[..., lower], ref.forman_ricci(a, "symmetric")[..., lower], **F_TOL)
+
+
 def _forman_by_definition(a, graph):
     """F(i, j) = 4 w_ij - deg(i) - deg(j) + 3 sum_k w_ik w_kj, by loops over a small graph."""
     m = len(a)

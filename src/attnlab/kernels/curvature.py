@@ -2,7 +2,8 @@
 
 ``_forman_ricci_kernel`` (the prompt form: the whole prompt's graph) gives each program
 one lower-triangular tile of F and accumulates the tile of A @ A over only the k with
-j <= k <= i, where both factors can be non-zero: a sixth of a dense M x M x M product,
+j <= k <= i, where both factors can be non-zero (the symmetric graph's W @ W over every k,
+W formed once by ``_symmetrize_kernel``): a sixth of a dense M x M x M product,
 ordered longest first so that the triangle's uneven work balances (:func:`_lower_tiles`).
 The tiles wholly above the diagonal are never written or read. Measured on the H100 at
 128k tokens, 32 heads, block 64 (M = 2048): ~100 GFLOP of A @ A in 0.34 ms with
@@ -19,6 +20,11 @@ import triton.language as tl
 from attnlab.kernels.adjacency import _check_precision, _mm
 
 GRAPHS = ("symmetric", "directed", "rowsum")  # the graphs whose curvature the kernels form
+# the k step of a float32 and a bf16 A, halved for the symmetric graph, whose kernel read
+# four tiles a step before W was formed once: its steps kept, so that its products sum in
+# the order the scored selections summed them (longer steps are timed and compared bit for
+# bit by benchmarks_ref/curvature_symmetrized.py)
+BLOCK_K = {False: 32, True: 64}
 
 
 @triton.jit
@@ -31,12 +37,39 @@ def _tile(base, rows, cols, M, s_m, s_n, EVEN: tl.constexpr):
 
 @triton.jit
 def _sym_tile(base, rows, cols, M, s_m, s_n):
-    # W[rows, cols] with W = (A + A^T) / 2 and a zero diagonal, from the lower triangle of A
+    # W[rows, cols] in float32, W = (A + A^T) / 2 with a zero diagonal, from A's lower triangle
     ok_low = (rows[:, None] < M) & (cols[None, :] < M) & (cols[None, :] < rows[:, None])
     low = tl.load(base + rows[:, None] * s_m + cols[None, :] * s_n, mask=ok_low, other=0.0)
     ok_up = (cols[:, None] < M) & (rows[None, :] < M) & (rows[None, :] < cols[:, None])
     up = tl.load(base + cols[:, None] * s_m + rows[None, :] * s_n, mask=ok_up, other=0.0)
-    return 0.5 * (low + tl.trans(up))
+    return 0.5 * (low.to(tl.float32) + tl.trans(up).to(tl.float32))
+
+
+@triton.jit
+def _symmetrize_kernel(a_ptr, w_ptr, M, s_bh, s_m, s_n, BT: tl.constexpr):
+    # one tile of W = (A + A^T) / 2 without its diagonal, from A's lower triangle: one of
+    # the two terms is zero, so float32 and back to A's dtype rounds as A's own arithmetic
+    # (which Triton's interpreter gets wrong in bf16)
+    bh = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BT + tl.arange(0, BT)
+    w = _sym_tile(a_ptr + bh * s_bh, rows, cols, M, s_m, s_n)
+    ok = (rows < M)[:, None] & (cols < M)[None, :]
+    out = w_ptr + bh * M * M + rows[:, None] * M + cols[None, :]
+    tl.store(out, w.to(w_ptr.dtype.element_ty), mask=ok)
+
+
+def symmetrized(a: torch.Tensor) -> torch.Tensor:
+    """W = (A + A^T) / 2 without its diagonal, (B, H, M, M) contiguous in A's dtype, from
+    the strict lower triangle of a block-causal A (nothing above the diagonal is read):
+    the symmetric graph's weights, formed once so that the curvature's products read
+    plain tiles (two loads a step, where forming W inside read four, masked, one
+    transposed)."""
+    b, h, m, _ = a.shape
+    w = torch.empty(b, h, m, m, dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(m, 64), triton.cdiv(m, 64), b * h)
+    _symmetrize_kernel[grid](a, w, m, a.stride(1), a.stride(2), a.stride(3), BT=64)
+    return w
 
 
 @triton.jit
@@ -79,13 +112,13 @@ def _forman_ricci_kernel(
     a_base = a_ptr + bh * sa_bh
     acc = tl.zeros((BT, BT), tl.float32)  # tile of A @ A (or W @ W)
     busy = _in_a_band(first_ptr, rows, jt, M, BT)
-    if SYMMETRIC:
+    if SYMMETRIC:  # a_ptr holds W (symmetrized): every k
         for k0 in range(0, tl.where(busy, M, 0), BK):
             ks = k0 + tl.arange(0, BK)
-            w_ik = _sym_tile(a_base, rows, ks, M, sa_m, sa_n)
-            w_kj = _sym_tile(a_base, ks, cols, M, sa_m, sa_n)
+            w_ik = _tile(a_base, rows, ks, M, sa_m, sa_n, EVEN)
+            w_kj = _tile(a_base, ks, cols, M, sa_m, sa_n, EVEN)
             acc = _mm(w_ik, w_kj, acc, PRECISION)
-        w = _sym_tile(a_base, rows, cols, M, sa_m, sa_n)
+        w = _tile(a_base, rows, cols, M, sa_m, sa_n, EVEN)
     else:  # A[i, k] A[k, j] can be non-zero only for j <= k <= i
         for k0 in range(jt * BT, tl.where(busy, tl.minimum((it + 1) * BT, M), jt * BT), BK):
             ks = k0 + tl.arange(0, BK)
@@ -157,7 +190,9 @@ def forman_ricci_from_degrees(
     "rowsum", (A + A^T) / 2 without its diagonal for "symmetric"); tiles above the
     diagonal are left unwritten. ``precision`` is that of
     a float32 A in the product; a bf16 A multiplies as it is. ``block_k`` (the k step)
-    defaults to what keeps three pipeline stages within the H100's shared memory.
+    defaults to what keeps three pipeline stages within the H100's shared memory
+    (:data:`BLOCK_K`); a symmetric tile's product runs over every k of W
+    (:func:`symmetrized`, formed once), so its step may pass the tile.
     ``first`` (M,) int: the first key block each query block can keep (a sliding window's
     edge); a tile wholly left of the bands of all its rows skips the product (under a
     512-key window at 32k in 16-token blocks, 105 of the 136 tiles of 128 blocks): its
@@ -180,16 +215,19 @@ def forman_ricci_from_degrees(
     else:
         deg_r, deg_c = d_out.contiguous(), d_in.contiguous()
     block = max(16, min(block, triton.next_power_of_2(m)))
-    if block_k is None:
-        block_k = (64 if a.element_size() == 2 else 32) // (2 if graph == "symmetric" else 1)
-    block_k = max(16, min(block_k, block))
+    symmetric = graph == "symmetric"
+    if block_k is None:  # the steps the scored selection was formed in (BLOCK_K)
+        block_k = BLOCK_K[a.element_size() == 2] // (2 if symmetric else 1)
+    # the directed k range starts and ends on tile edges; the symmetric one spans M
+    block_k = max(16, min(block_k, triton.next_power_of_2(m) if symmetric else block))
     tile_i, tile_j = _lower_tiles(triton.cdiv(m, block), a.device, graph)
     f = torch.empty(b, h, m, m, dtype=torch.float32, device=a.device)  # (B, H, M, M)
+    w = symmetrized(a) if symmetric else a
     _forman_ricci_kernel[(tile_i.numel(), b * h)](
-        a, deg_r, deg_c, f, tile_i, tile_j, _firsts(first, m, a.device),
-        m, m * m, a.stride(2), a.stride(3), m * m, f.stride(2), f.stride(3),
-        SYMMETRIC=graph == "symmetric", PRECISION=precision,
-        BT=block, BK=block_k, EVEN=m % block == 0,
+        w, deg_r, deg_c, f, tile_i, tile_j, _firsts(first, m, a.device),
+        m, m * m, w.stride(2), w.stride(3), m * m, f.stride(2), f.stride(3),
+        SYMMETRIC=symmetric, PRECISION=precision,
+        BT=block, BK=block_k, EVEN=m % block == 0 and m % block_k == 0,
         num_warps=8 if block >= 128 else 4, num_stages=num_stages,
     )  # fmt: skip
     return f
@@ -218,7 +256,7 @@ def forman_ricci(
 
 @triton.jit
 def _causal_curvature_kernel(
-    ar_ptr, af_ptr, pre_ptr, d_row_ptr, d_key_ptr, f_ptr, tile_i_ptr, tile_j_ptr, first_ptr,
+    ar_ptr, af_ptr, wf_ptr, pre_ptr, d_row_ptr, d_key_ptr, f_ptr, tile_i_ptr, tile_j_ptr, first_ptr,
     M, s_bh, s_m, s_pre_bh, s_pre_t,
     SYMMETRIC: tl.constexpr, ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
@@ -251,7 +289,7 @@ def _causal_curvature_kernel(
         if SYMMETRIC:
             x = 0.5 * x
             sq += tl.sum(x * x, axis=1)
-            y = _sym_tile(af_base, ks, cols, M, s_m, 1)
+            y = _tile(wf_ptr + bh * s_bh, ks, cols, M, s_m, 1, False)  # W_full, symmetrized
         else:
             y = _tile(af_base, ks, cols, M, s_m, 1, False)
         acc = _mm(x, y.to(tl.float32), acc, PRECISION)
@@ -321,8 +359,10 @@ def causal_forman_ricci(
         d_key = d_full - 2.0 * torch.diagonal(a_full, dim1=-2, dim2=-1).float()
     tile_i, tile_j = _lower_tiles(triton.cdiv(m, block), a_row.device, graph)
     f = torch.empty(b, h, m, m, dtype=torch.float32, device=a_row.device)  # (B, H, M, M)
+    a_full = a_full.contiguous()
     _causal_curvature_kernel[(tile_i.numel(), b * h)](
-        a_row.contiguous(), a_full.contiguous(), prefix, d_row.contiguous(),
+        a_row.contiguous(), a_full, symmetrized(a_full) if graph == "symmetric" else a_full,
+        prefix, d_row.contiguous(),
         d_key.contiguous(), f, tile_i, tile_j, _firsts(first, m, a_row.device),
         m, m * m, m, prefix.stride(0), prefix.stride(1),
         SYMMETRIC=graph == "symmetric", ROWSUM=graph == "rowsum", PRECISION=precision, BT=block,
