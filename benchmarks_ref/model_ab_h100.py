@@ -5,26 +5,21 @@ default tiles in 3 stages) against new (``flex.SMALL_TILE_WARPS``,
 ``flex.WIDE_HEAD_STAGES``); ``splits``, XAttention's estimate with every program sweeping
 its rows' strided keys in one split (old) against splits of
 ``kernels.xattention.SPLIT_KEYS`` (new); ``threshold``, XAttention's threshold in
-PyTorch (old) against its kernel (``kernels.xattention.THRESHOLD_BLOCKS``, new);
-``symmetrized``, the symmetric graph's curvature with W formed inside its product (the
-module of 2f6d3f3, old; from the file $OLD_CURVATURE where given, a checkout without git)
-against W formed once (``kernels.curvature.symmetrized``, new). Per
+PyTorch (old) against its kernel (``kernels.xattention.THRESHOLD_BLOCKS``, new). Per
 policy and sparsity: the profiler's GPU time of every kernel of one prefill and of
 flex's, CUDA-event medians of 6 prefills each, old and new alternating (host-bound here:
 read the kernel times), and whether the last logits are equal bit for bit. Run from the
 repository root:
-PYTHONPATH=src python benchmarks_ref/model_ab_h100.py flex|splits|threshold|symmetrized 32768
-[cases]"""
+PYTHONPATH=src python benchmarks_ref/model_ab_h100.py flex|splits|threshold 32768 [cases]"""
 
-import os
 import statistics
 import sys
 
 import torch
 
-from _events import call_kernel_ms, event_ms, module_at, random_gemma_prefill
+from _events import call_kernel_ms, event_ms, random_gemma_prefill
 from attnlab import flex
-from attnlab.kernels import cab, curvature, xattention
+from attnlab.kernels import xattention
 
 WHAT = sys.argv[1]
 T = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
@@ -33,7 +28,6 @@ CASES = {
     "cab_directed:0.99,xattention:0.99,cab_b64:0.95",
     "splits": "full:0,xattention:0.95,xattention:0.99",
     "threshold": "full:0,xattention:0.95,xattention:0.99",
-    "symmetrized": "full:0,cab:0.95,cab:0.99,cab_causal:0.99,cab_query:0.99,cab_b64:0.99",
 }[WHAT]
 # flex: (16-row tiles' warps, default tiles' stages); splits: strided keys a program sweeps
 # threshold: the most key blocks XAttention's fused threshold takes (0: its PyTorch tail)
@@ -41,20 +35,12 @@ SETTINGS = {
     "flex": {"old": (4, 3), "new": (2, 2)},
     "splits": {"old": 10**9, "new": 512},
     "threshold": {"old": 0, "new": 512},
-    "symmetrized": {"old": None, "new": curvature},
 }[WHAT]
-if WHAT == "symmetrized":
-    SETTINGS["old"] = module_at(
-        "2f6d3f3", "src/attnlab/kernels/curvature.py", os.environ.get("OLD_CURVATURE")
-    )
 
 
 def use(which: str) -> None:
     if WHAT == "flex":
         flex.SMALL_TILE_WARPS, flex.WIDE_HEAD_STAGES = SETTINGS[which]
-    elif WHAT == "symmetrized":
-        cab.forman_ricci_from_degrees = SETTINGS[which].forman_ricci_from_degrees
-        cab.causal_forman_ricci = SETTINGS[which].causal_forman_ricci
     elif WHAT == "splits":
         xattention.SPLIT_KEYS = SETTINGS[which]
     else:

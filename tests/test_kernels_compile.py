@@ -66,12 +66,15 @@ LAUNCHES = [
      dict(SYMMETRIC=False, ROWSUM=False, PRECISION="ieee", BT=64, BK=32), 4, 3),
     ("curvature", "_causal_curvature_kernel", {"ar": "fp32", "af": "fp32"},
      dict(SYMMETRIC=False, ROWSUM=True, PRECISION="ieee", BT=64, BK=32), 4, 3),
-    ("curvature", "_causal_curvature_kernel", {"ar": "bf16", "af": "bf16"},
+    ("curvature", "_causal_curvature_kernel", {"ar": "bf16", "af": "bf16", "wf": "bf16"},
      dict(SYMMETRIC=True, ROWSUM=False, PRECISION="bf16", BT=64, BK=32), 4, 3),
     ("curvature", "_forman_ricci_kernel", {"a": "fp32"},
      dict(SYMMETRIC=True, PRECISION="ieee", BT=128, BK=16, EVEN=True), 8, 3),
     ("curvature", "_forman_ricci_kernel", {"a": "fp32"},  # a window's tiles (band_block)
-     dict(SYMMETRIC=True, PRECISION="ieee", BT=16, BK=16, EVEN=True), 4, 3),
+     dict(SYMMETRIC=True, PRECISION="ieee", BT=16, BK=32, EVEN=True), 4, 3),
+    # the symmetric graph's W, formed once from A
+    *[("curvature", "_symmetrize_kernel", {"a": dt, "w": dt}, dict(BT=64), 4, 3)
+      for dt in ("fp32", "bf16")],
     ("select", "_score_select_kernel", {"must": "u8", "mask": "i8"},
      dict(G=1, G_POW2=1, BLOCK=2048, FROM_SCORE=False, USE_F=True, USE_A=True, HAS_MUST=False,
           WRITE_SCORE=True, WRITE_MASK=False, WRITE_IDX=False, SELECT=False), 4, 3),

@@ -20,10 +20,13 @@ import triton.language as tl
 from attnlab.kernels.adjacency import _check_precision, _mm
 
 GRAPHS = ("symmetric", "directed", "rowsum")  # the graphs whose curvature the kernels form
-# the k step of a float32 and a bf16 A, halved for the symmetric graph, whose kernel read
-# four tiles a step before W was formed once: its steps kept, so that its products sum in
-# the order the scored selections summed them (longer steps are timed and compared bit for
-# bit by benchmarks_ref/curvature_symmetrized.py)
+# the k step of a float32 and a bf16 A, halved for the symmetric graph in tiles of 64 and
+# more (the steps of the kernel that formed W inside its product, four tiles a step), twice
+# that in a window's band tiles (under 64 blocks): on an H100 at 32k, 16-token blocks,
+# the symmetric curvature of a causal layer 1.18 ms in steps of 16 (1.28 in 32, 1.55 in
+# 64), of a window layer's band tiles of 16 0.35 ms in steps of 32 (0.43 in 16); every
+# step's F equal bit for bit (benchmarks_ref/curvature_symmetrized_h100.txt): the float32
+# products accumulate k by k whatever the step
 BLOCK_K = {False: 32, True: 64}
 
 
@@ -216,8 +219,8 @@ def forman_ricci_from_degrees(
         deg_r, deg_c = d_out.contiguous(), d_in.contiguous()
     block = max(16, min(block, triton.next_power_of_2(m)))
     symmetric = graph == "symmetric"
-    if block_k is None:  # the steps the scored selection was formed in (BLOCK_K)
-        block_k = BLOCK_K[a.element_size() == 2] // (2 if symmetric else 1)
+    if block_k is None:  # (BLOCK_K)
+        block_k = BLOCK_K[a.element_size() == 2] // (2 if symmetric and block >= 64 else 1)
     # the directed k range starts and ends on tile edges; the symmetric one spans M
     block_k = max(16, min(block_k, triton.next_power_of_2(m) if symmetric else block))
     tile_i, tile_j = _lower_tiles(triton.cdiv(m, block), a.device, graph)

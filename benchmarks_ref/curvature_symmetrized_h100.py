@@ -8,10 +8,12 @@ equal bit for bit. Part 2: the prompt form's curvature alone in the new kernel a
 k steps (``block_k``), equal or not to the old kernel's F on the written tiles. Medians of
 CUDA-event timings (ms) after 3 warm-ups. Run from the repository root:
 
-    PYTHONPATH=src python benchmarks_ref/curvature_symmetrized.py OLD_CURVATURE_PY [T]
+    PYTHONPATH=src:benchmarks_ref python benchmarks_ref/curvature_symmetrized_h100.py \
+        OLD_CURVATURE_PY [T]
 
 with OLD_CURVATURE_PY the file src/attnlab/kernels/curvature.py of the commit before
-``symmetrized`` (e.g. ``git show 2f6d3f3:src/attnlab/kernels/curvature.py > old.py``)."""
+``symmetrized`` (e.g. ``git show 2f6d3f3:src/attnlab/kernels/curvature.py > old.py``).
+Output and the commit that made it: curvature_symmetrized_h100.txt."""
 
 import sys
 
