@@ -3,8 +3,8 @@
 Prompt form: coarsen Q and K (max-L2) -> adjacency A with its degrees -> Forman-Ricci F
 on the lower tiles -> fused z-score blend and per-query-block top-k. Only A (bf16 or
 float32), F (float32) and the symmetric graph's W (A's dtype), M x M per head, cross
-launches; everything else stays on chip. Causal form: a second adjacency sweep forms each block's
-row as its first row sees it, and the curvature takes prefix degrees
+launches; everything else stays on chip. Causal form: a second adjacency sweep forms
+each block's row as its first row sees it, and the curvature takes prefix degrees
 (:func:`attnlab.kernels.curvature.causal_forman_ricci`). On an H200 at 128k tokens, 32
 heads, head dim 128, 64-token blocks, the scored selection (a float32 adjacency) takes
 25.2 ms in the prompt form and 22.9 in the causal one, against 39.9 and 52.2 in PyTorch,
