@@ -5,7 +5,7 @@ H=4 query heads of one key head, D=256, 16-token blocks; a 512-key window's band
 global layer). Part 1: CAB's scored scores (``cab_scores``: float32 A, ieee products) per
 variant whose graph is symmetric, old and new, each with whether the two score tensors are
 equal bit for bit. Part 2: the prompt form's curvature alone in the new kernel at several
-k steps (``block_k``), equal or not to the old kernel's F on the written tiles. Medians of
+k steps (``block_k``), equal or not to the old kernel's F on and below the diagonal. Medians of
 CUDA-event timings (ms) after 3 warm-ups. Run from the repository root:
 
     PYTHONPATH=src:benchmarks_ref python benchmarks_ref/curvature_symmetrized_h100.py \

@@ -110,18 +110,23 @@ def test_symmetrized_reads_the_strict_lower_triangle_alone(dtype):
     low = a.masked_fill(~below, 0.0)
     w = symmetrized(a.masked_fill(~below, float("nan")))  # the diagonal and above unread
     assert w.dtype == dtype and torch.equal(w, 0.5 * (low + low.mT))
+    # heads before batch in memory (a strided view): the same W
+    assert torch.equal(symmetrized(a.transpose(0, 1).contiguous().transpose(0, 1)), w)
 
 
-@pytest.mark.parametrize("block_k", [16, 64])
-def test_symmetric_curvature_in_k_steps_past_its_tiles_matches_reference(block_k):
+@pytest.mark.parametrize("block_k", [16, 32, 64])
+@pytest.mark.parametrize("m", [40, 48, 64])
+def test_symmetric_curvature_in_k_steps_past_its_tiles_matches_reference(block_k, m):
     """The symmetric tile's k runs over all of M, so its step may exceed the tile (a
-    window's band tiles of 16 blocks); M = 40 leaves a ragged last step."""
+    window's band tiles of 16 blocks): M = 40 leaves ragged tiles (masked loads), M = 48
+    whole tiles but ragged steps of 32 or 64 (shortened to whole ones), M = 64 whole
+    ones (unmasked)."""
     from attnlab.kernels.curvature import forman_ricci_from_degrees
 
-    qc = _rand(1, 2, 40, 8, seed=7)
+    qc = _rand(1, 2, m, 8, seed=7)
     a = ref.coarse_adjacency(qc, qc, 0.5, "softmax")
     f = forman_ricci_from_degrees(a, a.sum(-1), a.sum(-2), "symmetric", block=16, block_k=block_k)
-    lower = torch.ones(40, 40, dtype=torch.bool, device=DEVICE).tril()
+    lower = torch.ones(m, m, dtype=torch.bool, device=DEVICE).tril()
     torch.testing.assert_close(f[..., lower], ref.forman_ricci(a, "symmetric")[..., lower], **F_TOL)
 
 

@@ -105,6 +105,7 @@ LAUNCHES = [
 UNIT_STRIDES = {
     "_adjacency_kernel": {"sq_d", "sk_d", "sd_d", "sa_n"},
     "_forman_ricci_kernel": {"sa_n", "sf_n"},
+    "_symmetrize_kernel": {"s_n"},
     "_bound_kernel": {"sq_d", "sp_d"},
     "_block_share_kernel": {"sq_d", "sk_d"},
 }

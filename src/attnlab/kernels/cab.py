@@ -94,7 +94,7 @@ def cab_select(
     There the prompt form's curvature tiles are ``band_block`` (with ``query="block"``):
     a narrow band (33 blocks under Gemma 3's window in 16-token blocks) leaves fewer
     products outside it in small tiles (a row's product runs over every k either way; the
-    same terms, summed in steps of the tile's k, so F on the bands up to rounding). The
+    same terms, summed in steps of ``block_k``, so F on the bands up to rounding). The
     causal form keeps its tiles: its adjacency's strips fit inside them, and smaller
     strips would sum the prefix degrees in another order.
     ``rows``: with ``lam = 0`` (coarse magnitude, whose query block's scores are its own

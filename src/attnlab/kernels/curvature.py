@@ -20,13 +20,13 @@ import triton.language as tl
 from attnlab.kernels.adjacency import _check_precision, _mm
 
 GRAPHS = ("symmetric", "directed", "rowsum")  # the graphs whose curvature the kernels form
-# the k step of a float32 and a bf16 A, halved for the symmetric graph in tiles of 64 and
-# more (the steps of the kernel that formed W inside its product, four tiles a step), twice
-# that in a window's band tiles (under 64 blocks): on an H100 at 32k, 16-token blocks,
-# the symmetric curvature of a causal layer 1.18 ms in steps of 16 (1.28 in 32, 1.55 in
-# 64), of a window layer's band tiles of 16 0.35 ms in steps of 32 (0.43 in 16); every
-# step's F equal bit for bit (benchmarks_ref/curvature_symmetrized_h100.txt): the float32
-# products accumulate k by k whatever the step
+# the k step of a float32 and a bf16 A, halved for the symmetric graph (the steps of the
+# kernel that formed W inside its product, four tiles a step) except for a float32 A in a
+# window's band tiles (under 64 blocks): on an H100 at 32k, 16-token blocks, ieee
+# products, the symmetric curvature of a causal layer 1.18 ms in steps of 16 (1.28 in 32,
+# 1.55 in 64), of a window layer's band tiles of 16 0.35 ms in steps of 32 (0.43 in 16);
+# every step's F equal bit for bit (benchmarks_ref/curvature_symmetrized_h100.txt: the
+# ieee products accumulate k by k whatever the step; tf32 and bf16 not compared)
 BLOCK_K = {False: 32, True: 64}
 
 
@@ -68,10 +68,11 @@ def symmetrized(a: torch.Tensor) -> torch.Tensor:
     the symmetric graph's weights, formed once so that the curvature's products read
     plain tiles (two loads a step, where forming W inside read four, masked, one
     transposed)."""
+    a = a.contiguous()  # one stride across batch and heads
     b, h, m, _ = a.shape
     w = torch.empty(b, h, m, m, dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(m, 64), triton.cdiv(m, 64), b * h)
-    _symmetrize_kernel[grid](a, w, m, a.stride(1), a.stride(2), a.stride(3), BT=64)
+    _symmetrize_kernel[grid](a, w, m, m * m, a.stride(2), a.stride(3), BT=64)
     return w
 
 
@@ -220,9 +221,12 @@ def forman_ricci_from_degrees(
     block = max(16, min(block, triton.next_power_of_2(m)))
     symmetric = graph == "symmetric"
     if block_k is None:  # (BLOCK_K)
-        block_k = BLOCK_K[a.element_size() == 2] // (2 if symmetric and block >= 64 else 1)
+        bf16 = a.element_size() == 2
+        block_k = BLOCK_K[bf16] // (2 if symmetric and (bf16 or block >= 64) else 1)
     # the directed k range starts and ends on tile edges; the symmetric one spans M
     block_k = max(16, min(block_k, triton.next_power_of_2(m) if symmetric else block))
+    while block_k > 16 and m % block_k and m % block == 0:  # whole steps: unmasked loads
+        block_k //= 2
     tile_i, tile_j = _lower_tiles(triton.cdiv(m, block), a.device, graph)
     f = torch.empty(b, h, m, m, dtype=torch.float32, device=a.device)  # (B, H, M, M)
     w = symmetrized(a) if symmetric else a
