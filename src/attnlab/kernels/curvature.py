@@ -225,7 +225,7 @@ def forman_ricci_from_degrees(
         block_k = BLOCK_K[bf16] // (2 if symmetric and (bf16 or block >= 64) else 1)
     # the directed k range starts and ends on tile edges; the symmetric one spans M
     block_k = max(16, min(block_k, triton.next_power_of_2(m) if symmetric else block))
-    while block_k > 16 and m % block_k and m % block == 0:  # whole steps: unmasked loads
+    while block_k > 16 and m % block_k and m % block == 0:  # whole steps: EVEN loads
         block_k //= 2
     tile_i, tile_j = _lower_tiles(triton.cdiv(m, block), a.device, graph)
     f = torch.empty(b, h, m, m, dtype=torch.float32, device=a.device)  # (B, H, M, M)
@@ -234,7 +234,7 @@ def forman_ricci_from_degrees(
         w, deg_r, deg_c, f, tile_i, tile_j, _firsts(first, m, a.device),
         m, m * m, w.stride(2), w.stride(3), m * m, f.stride(2), f.stride(3),
         SYMMETRIC=symmetric, PRECISION=precision,
-        BT=block, BK=block_k, EVEN=m % block == 0 and m % block_k == 0,
+        BT=block, BK=block_k, EVEN=m % block == 0,  # whole tiles, so whole steps (above)
         num_warps=8 if block >= 128 else 4, num_stages=num_stages,
     )  # fmt: skip
     return f
